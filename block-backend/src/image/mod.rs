@@ -1,0 +1,187 @@
+//! Disk image formats.
+//!
+//! Every format implements [`DiskImage`]: a byte-addressed virtual disk of [`DiskImage::size`]
+//! bytes. Methods take `&self` so one image can be shared (via `Arc`) by all queues of a
+//! device; formats synchronise internally.
+//!
+//! Images are opened once, at start-up, with [`open`]: a sandboxed daemon never opens a path
+//! afterwards (backing files included).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub mod mem;
+pub mod qcow2;
+pub mod raw;
+
+/// Errors of the image layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// An I/O error from the host file system.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image is damaged: the message names what is wrong and where.
+    #[error("corrupt image: {0}")]
+    Corrupt(String),
+    /// The image uses a feature this implementation does not support.
+    #[error("unsupported image: {0}")]
+    Unsupported(String),
+    /// An access outside the virtual disk.
+    #[error("access out of range: offset {offset} length {len} (disk size {size})")]
+    OutOfRange {
+        /// Byte offset of the access.
+        offset: u64,
+        /// Length of the access.
+        len: u64,
+        /// Virtual disk size.
+        size: u64,
+    },
+    /// A write to an image opened read-only.
+    #[error("image is read-only")]
+    ReadOnly,
+    /// The image is full (qcow2: no room for new metadata or clusters).
+    #[error("no space: {0}")]
+    NoSpace(String),
+}
+
+impl ImageError {
+    /// Wraps an I/O error with a context message.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        ImageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Result type of the image layer.
+pub type Result<T> = std::result::Result<T, ImageError>;
+
+/// On-disk format of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Plain bytes, one to one with the virtual disk.
+    Raw,
+    /// QEMU copy-on-write v2 or v3.
+    Qcow2,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        })
+    }
+}
+
+/// How the format is chosen when opening.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FormatHint {
+    /// Detect from the header (qcow2 magic, otherwise raw).
+    #[default]
+    Auto,
+    /// Force a format; opening fails if the header contradicts it (raw is always accepted).
+    Exact(Format),
+}
+
+/// Options for [`open`].
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Format selection.
+    pub format: FormatHint,
+    /// Open the image read-only: writes, discards and write-zeroes fail with
+    /// [`ImageError::ReadOnly`].
+    pub read_only: bool,
+}
+
+/// A virtual disk.
+pub trait DiskImage: Send + Sync + fmt::Debug {
+    /// The on-disk format.
+    fn format(&self) -> Format;
+
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+
+    /// Reads `buf.len()` bytes at `offset`. Unallocated areas read as zeroes (or from the
+    /// backing file). Fails with [`ImageError::OutOfRange`] past the end of the disk.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes `buf` at `offset`, allocating as needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes every completed write durable (data and metadata): `fdatasync` semantics.
+    fn flush(&self) -> Result<()>;
+
+    /// Discards a range: afterwards it may read as zeroes or as its old contents, but the
+    /// host may reclaim the space. Out-of-range requests fail.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Makes a range read as zeroes. With `unmap`, the space may be deallocated.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()>;
+}
+
+/// Checks that `[offset, offset+len)` lies inside a disk of `size` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(ImageError::OutOfRange { offset, len, size }),
+    }
+}
+
+/// Opens an image file, detecting or checking its format.
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!opts.read_only)
+        .open(path)
+        .map_err(|e| ImageError::io(format!("opening {}", path.display()), e))?;
+    let detected =
+        detect(&file).map_err(|e| ImageError::io(format!("reading {}", path.display()), e))?;
+    let format = match opts.format {
+        FormatHint::Auto => detected,
+        FormatHint::Exact(Format::Raw) => Format::Raw,
+        FormatHint::Exact(Format::Qcow2) if detected == Format::Qcow2 => Format::Qcow2,
+        FormatHint::Exact(Format::Qcow2) => {
+            return Err(ImageError::Corrupt(format!(
+                "{} has no qcow2 header (format forced to qcow2)",
+                path.display()
+            )))
+        }
+    };
+    match format {
+        Format::Raw => Ok(Box::new(raw::RawImage::new(file, opts.read_only)?)),
+        Format::Qcow2 => Ok(Box::new(qcow2::Qcow2Image::open(
+            file,
+            base_dir(path),
+            opts.read_only,
+        )?)),
+    }
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    path.parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Detects the format of an open file from its first bytes.
+pub fn detect(file: &std::fs::File) -> std::io::Result<Format> {
+    use std::os::unix::fs::FileExt;
+    let mut magic = [0u8; 4];
+    let n = file.read_at(&mut magic, 0)?;
+    Ok(if n == 4 && magic == qcow2::MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}

@@ -1,0 +1,11 @@
+//! Plumbing shared by every rqemu device daemon (`rqemu-blk`, `rqemu-net`, `rqemu-fs`, ...):
+//!
+//! * [`listen`]: the listening socket, bound to a path or inherited (`--fd N`, systemd socket
+//!   activation), validated before use;
+//! * [`signals`]: SIGTERM/SIGINT/SIGHUP handled on a dedicated thread so the daemon can
+//!   quiesce its device and flush before exiting;
+//! * [`logging`]: `tracing` to stderr, filtered by `RQEMU_LOG` (or `RUST_LOG`).
+
+pub mod listen;
+pub mod logging;
+pub mod signals;

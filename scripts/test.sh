@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every rqemu test on this machine: installs what is missing (Debian packages, guest
+# assets), then format, lint, build and the whole test suite (unit, in-process vhost-user,
+# end-to-end with QEMU and real guests, KVM payloads).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "dependencies"
+scripts/install-deps.sh
+step "guest assets"
+scripts/guest-assets.sh
+
+if [ -e /dev/kvm ]; then
+  echo "KVM: /dev/kvm present: KVM tests run"
+else
+  echo "KVM: /dev/kvm ABSENT: KVM tests will report that they cannot run" >&2
+fi
+
+step "format"
+cargo fmt --all -- --check
+step "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+step "build"
+cargo build --workspace --bins --locked
+step "tests"
+cargo test --workspace --locked -- --test-threads="${RQEMU_TEST_THREADS:-2}"

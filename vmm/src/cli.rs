@@ -1,0 +1,227 @@
+//! Command line of `rqemu-vmm` (clap derive) and conversion into a [`VmConfig`].
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+use crate::boot::BootConfig;
+use crate::devices::serial::SerialOutput;
+use crate::vm::{AccelChoice, VmConfig};
+
+/// Default kernel command line when `--cmdline` is not given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+
+/// Accelerator names on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelArg {
+    /// Linux KVM.
+    Kvm,
+    /// rqemu's software CPU.
+    Tcg,
+    /// KVM when /dev/kvm works, otherwise TCG.
+    Auto,
+}
+
+/// The kind of a vhost-user device socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// virtio-blk.
+    Blk,
+    /// virtio-net.
+    Net,
+    /// virtio-fs.
+    Fs,
+    /// Discovered by the rqemu handshake.
+    Auto,
+}
+
+/// A `--device-socket [TYPE:]PATH` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSocket {
+    /// Device kind.
+    pub kind: DeviceKind,
+    /// UNIX socket path.
+    pub path: PathBuf,
+}
+
+/// Parses `[TYPE:]PATH`; a prefix that is not a known type is part of the path.
+pub fn parse_device_socket(s: &str) -> Result<DeviceSocket, String> {
+    let (kind, path) = match s.split_once(':') {
+        Some(("blk", p)) => (DeviceKind::Blk, p),
+        Some(("net", p)) => (DeviceKind::Net, p),
+        Some(("fs", p)) => (DeviceKind::Fs, p),
+        Some(("auto", p)) => (DeviceKind::Auto, p),
+        _ => (DeviceKind::Auto, s),
+    };
+    if path.is_empty() {
+        return Err(format!("empty socket path in {s:?}"));
+    }
+    Ok(DeviceSocket {
+        kind,
+        path: PathBuf::from(path),
+    })
+}
+
+/// Parses a memory size: a number with optional K/M/G/T suffix (binary); no suffix = MiB.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 20),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid memory size {s:?}"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or_else(|| format!("memory size {s:?} is too large"))
+}
+
+/// Parses `stdio`, `none` or `file:PATH`.
+pub fn parse_serial(s: &str) -> Result<SerialOutput, String> {
+    match s {
+        "stdio" => Ok(SerialOutput::Stdio),
+        "none" => Ok(SerialOutput::None),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(SerialOutput::File(PathBuf::from(p))),
+            _ => Err(format!("expected stdio, none or file:PATH, got {s:?}")),
+        },
+    }
+}
+
+/// `rqemu-vmm` arguments.
+#[derive(Debug, Parser)]
+#[command(name = "rqemu-vmm", version, about = "rqemu virtual machine monitor")]
+pub struct Cli {
+    /// Kernel: bzImage or ELF vmlinux (PVH entry used when the ELF has a PVH note).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initramfs.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Guest RAM (e.g. 512M, 2G; no suffix = MiB).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=254))]
+    pub cpus: u32,
+    /// CPU accelerator.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// vhost-user device socket, `[blk|net|fs|auto:]PATH` (repeatable).
+    #[arg(long = "device-socket", value_parser = parse_device_socket)]
+    pub device_sockets: Vec<DeviceSocket>,
+    /// Serial console: stdio, file:PATH or none.
+    #[arg(long, default_value = "stdio", value_parser = parse_serial)]
+    pub serial: SerialOutput,
+}
+
+impl Cli {
+    /// The accelerator choice.
+    pub fn accel_choice(&self) -> AccelChoice {
+        match self.accel {
+            AccelArg::Kvm => AccelChoice::Kvm,
+            AccelArg::Tcg => AccelChoice::Tcg,
+            AccelArg::Auto => AccelChoice::Auto,
+        }
+    }
+
+    /// The machine configuration.
+    pub fn vm_config(&self) -> VmConfig {
+        VmConfig {
+            boot: BootConfig {
+                kernel: self.kernel.clone(),
+                initrd: self.initrd.clone(),
+                cmdline: self.cmdline.clone(),
+            },
+            memory: self.memory,
+            vcpus: self.cpus,
+            serial: self.serial.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("rqemu-vmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--kernel", "k"]).unwrap();
+        assert_eq!(c.memory, 512 << 20);
+        assert_eq!(c.cpus, 1);
+        assert_eq!(c.accel, AccelArg::Auto);
+        assert_eq!(c.serial, SerialOutput::Stdio);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert!(c.device_sockets.is_empty());
+        assert!(parse(&[]).is_err(), "--kernel is required");
+    }
+
+    #[test]
+    fn full_command_line() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--cmdline",
+            "quiet",
+            "--memory",
+            "2G",
+            "--cpus",
+            "4",
+            "--accel",
+            "tcg",
+            "--device-socket",
+            "blk:/a.sock",
+            "--device-socket",
+            "/b:c.sock",
+            "--serial",
+            "file:/tmp/s",
+        ])
+        .unwrap();
+        assert_eq!(c.memory, 2 << 30);
+        assert_eq!(c.cpus, 4);
+        assert_eq!(c.accel_choice(), AccelChoice::Tcg);
+        assert_eq!(c.device_sockets[0].kind, DeviceKind::Blk);
+        assert_eq!(c.device_sockets[1].kind, DeviceKind::Auto);
+        assert_eq!(c.device_sockets[1].path, PathBuf::from("/b:c.sock"));
+        assert_eq!(c.serial, SerialOutput::File("/tmp/s".into()));
+        assert_eq!(c.vm_config().boot.initrd, Some(PathBuf::from("/i")));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(parse(&["--kernel", "k", "--cpus", "0"]).is_err());
+        assert!(parse(&["--kernel", "k", "--accel", "hvf"]).is_err());
+        assert!(parse(&["--kernel", "k", "--serial", "file:"]).is_err());
+        assert!(parse(&["--kernel", "k", "--memory", "12X"]).is_err());
+        assert!(parse(&["--kernel", "k", "--device-socket", "net:"]).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64"), Ok(64 << 20));
+        assert_eq!(parse_size("4096k"), Ok(4 << 20));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert!(parse_size("99999999999999G").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("M").is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! rqemu-vmm library: the x86-64 machine model shared by the KVM and TCG accelerators.
+//!
+//! * [`accel`] — the accelerator seam ([`accel::Accelerator`], [`accel::Vcpu`]) and KVM;
+//! * [`memory`] — memfd-backed guest RAM around the 32-bit MMIO hole ([`layout`]);
+//! * [`boot`] — bzImage / ELF (64-bit entry or PVH) loading, boot_params, page tables;
+//! * [`acpi`] — RSDP, XSDT, FADT, MADT, DSDT;
+//! * [`bus`] + [`devices`] — PIO/MMIO range-map buses and the in-VMM legacy devices;
+//! * [`vm`] — assembling the machine and running vCPU threads until the guest exits;
+//! * [`cli`] — the command line of the `rqemu-vmm` binary.
+
+pub mod accel;
+pub mod acpi;
+pub mod boot;
+pub mod bus;
+pub mod cli;
+pub mod devices;
+pub mod exit;
+pub mod layout;
+pub mod memory;
+pub mod vm;

@@ -1,0 +1,205 @@
+//! Cache of decoded blocks keyed by the guest-physical address of their first instruction.
+//!
+//! A block holds straight-line decoded instructions inside one 4 KiB guest page, ending at a
+//! control-flow instruction (or earlier). Pages holding blocks are marked in a bitmap; writes
+//! to such pages (by this CPU) invalidate every block of the page. The executor that runs a
+//! block is a separate module so a JIT can replace it.
+
+use iced_x86::Instruction;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Maximum instructions per block.
+pub const MAX_BLOCK_INSNS: usize = 64;
+
+/// A cheap multiplicative hasher for u64 keys (guest-physical addresses).
+#[derive(Default)]
+pub struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type FastMap<V> = HashMap<u64, V, BuildHasherDefault<AddrHasher>>;
+
+/// Bitmap of guest-physical pages that hold cached code.
+#[derive(Debug, Default, Clone)]
+pub struct CodeBitmap {
+    bits: Vec<u64>,
+}
+
+impl CodeBitmap {
+    /// Whether the page containing `phys` holds cached code.
+    #[inline(always)]
+    pub fn is_code(&self, phys: u64) -> bool {
+        let pn = (phys >> 12) as usize;
+        match self.bits.get(pn / 64) {
+            Some(w) => w & (1 << (pn % 64)) != 0,
+            None => false,
+        }
+    }
+
+    fn set(&mut self, phys: u64, on: bool) {
+        let pn = (phys >> 12) as usize;
+        if pn / 64 >= self.bits.len() {
+            self.bits.resize(pn / 64 + 1, 0);
+        }
+        if on {
+            self.bits[pn / 64] |= 1 << (pn % 64);
+        } else {
+            self.bits[pn / 64] &= !(1 << (pn % 64));
+        }
+    }
+}
+
+/// One decoded block.
+#[derive(Debug, Clone, Default)]
+pub struct Block {
+    /// Guest-physical address of the first instruction.
+    pub phys: u64,
+    /// Virtual address the block was decoded at (`Instruction::ip` base); when it runs at a
+    /// different virtual address the executor adds the difference to RIP-relative operands
+    /// and branch targets.
+    pub vip: u64,
+    /// The instructions.
+    pub insns: Vec<Instruction>,
+}
+
+/// The block cache.
+#[derive(Debug, Default)]
+pub struct BlockCache {
+    blocks: Vec<Block>,
+    map: FastMap<u32>,
+    page_blocks: FastMap<Vec<u32>>,
+    free: Vec<u32>,
+    /// Pages holding cached code.
+    pub code: CodeBitmap,
+    /// Statistics: blocks decoded.
+    pub decoded: u64,
+    /// Statistics: pages invalidated by writes.
+    pub invalidations: u64,
+}
+
+impl BlockCache {
+    /// Looks up the block starting at `phys`.
+    #[inline]
+    pub fn lookup(&self, phys: u64) -> Option<u32> {
+        self.map.get(&phys).copied()
+    }
+
+    /// The block with index `idx`.
+    #[inline]
+    pub fn get(&self, idx: u32) -> &Block {
+        &self.blocks[idx as usize]
+    }
+
+    /// Takes an empty block (reusing a freed one's allocation) to be filled by the decoder.
+    pub fn take_empty(&mut self) -> Block {
+        match self.free.last() {
+            Some(&i) => {
+                let mut b = std::mem::take(&mut self.blocks[i as usize]);
+                b.insns.clear();
+                b
+            }
+            None => Block { insns: Vec::with_capacity(16), ..Block::default() },
+        }
+    }
+
+    /// Inserts a filled block; returns its index and whether its page just became a code page
+    /// (the caller must then drop write-TLB entries for the page).
+    pub fn insert(&mut self, block: Block) -> (u32, bool) {
+        let phys = block.phys;
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.blocks[i as usize] = block;
+                i
+            }
+            None => {
+                self.blocks.push(block);
+                (self.blocks.len() - 1) as u32
+            }
+        };
+        self.decoded += 1;
+        self.map.insert(phys, idx);
+        let page = phys & !0xFFF;
+        let new_page = !self.code.is_code(page);
+        self.code.set(page, true);
+        self.page_blocks.entry(page).or_default().push(idx);
+        (idx, new_page)
+    }
+
+    /// Drops every block of the guest-physical page containing `phys`.
+    pub fn invalidate_page(&mut self, phys: u64) {
+        let page = phys & !0xFFF;
+        if let Some(list) = self.page_blocks.get_mut(&page) {
+            self.invalidations += 1;
+            for idx in list.drain(..) {
+                let b = &self.blocks[idx as usize];
+                self.map.remove(&b.phys);
+                self.free.push(idx);
+            }
+        }
+        self.code.set(page, false);
+    }
+
+    /// Drops every block overlapping `gpa..gpa+len` (e.g. after device DMA into RAM).
+    pub fn invalidate_range(&mut self, gpa: u64, len: u64) {
+        let mut p = gpa & !0xFFF;
+        let end = gpa.saturating_add(len);
+        while p < end {
+            if self.code.is_code(p) {
+                self.invalidate_page(p);
+            }
+            p += 0x1000;
+        }
+    }
+
+    /// Drops every block.
+    pub fn invalidate_all(&mut self) {
+        self.blocks.clear();
+        self.map.clear();
+        self.page_blocks.clear();
+        self.free.clear();
+        self.code = CodeBitmap::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_lookup_invalidate() {
+        let mut c = BlockCache::default();
+        let mut b = c.take_empty();
+        b.phys = 0x5010;
+        let (i, new) = c.insert(b);
+        assert!(new);
+        let mut b = c.take_empty();
+        b.phys = 0x5020;
+        let (j, new) = c.insert(b);
+        assert!(!new);
+        assert_ne!(i, j);
+        assert_eq!(c.lookup(0x5010), Some(i));
+        assert!(c.code.is_code(0x5FFF));
+        assert!(!c.code.is_code(0x6000));
+        c.invalidate_range(0x5800, 1);
+        assert_eq!(c.lookup(0x5010), None);
+        assert_eq!(c.lookup(0x5020), None);
+        assert!(!c.code.is_code(0x5000));
+        let mut b = c.take_empty();
+        b.phys = 0x9000;
+        let (k, _) = c.insert(b);
+        assert!(k == i || k == j, "freed slot reused");
+    }
+}

@@ -1,0 +1,323 @@
+//! The vCPU: architectural state plus the TLB and block cache, and the run loop (block
+//! lookup/decoding and the interpreter-based block executor).
+
+use crate::block_cache::{Block, BlockCache, MAX_BLOCK_INSNS};
+use crate::exec::{self, vec, Ctx, Event};
+use crate::interrupt::{self, IntKind};
+use crate::memory::GuestRam;
+use crate::mmu::tlb::Tlb;
+use crate::mmu::walk::Access;
+use crate::platform::{Exit, Platform, ShutdownReason};
+use crate::state::{ArchState, SegReg, Segment};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction};
+use std::time::Instant;
+
+/// One software x86-64 CPU.
+pub struct Cpu {
+    /// Architectural registers. After changing paging/mode registers directly, call
+    /// [`Cpu::state_changed`].
+    pub arch: ArchState,
+    tlb: Box<Tlb>,
+    cache: BlockCache,
+    clock: Instant,
+    irq_shadow: bool,
+    /// Instructions retired since creation.
+    pub icount: u64,
+}
+
+impl Default for Cpu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cpu").field("arch", &self.arch).field("icount", &self.icount).finish()
+    }
+}
+
+/// Where the next instruction(s) come from.
+enum Fetch {
+    Block(u32),
+    /// An instruction crossing a page boundary (decoded every time, not cached).
+    Single(Instruction),
+}
+
+impl Cpu {
+    /// A CPU in the reset state (use `arch.set_linux_boot_state` for the 64-bit boot entry).
+    pub fn new() -> Self {
+        Cpu {
+            arch: ArchState::default(),
+            tlb: Box::default(),
+            cache: BlockCache::default(),
+            clock: Instant::now(),
+            irq_shadow: false,
+            icount: 0,
+        }
+    }
+
+    /// Must be called after the VMM changed CR0/CR3/CR4/EFER or segment state directly:
+    /// flushes the TLB.
+    pub fn state_changed(&mut self) {
+        self.tlb.flush_all();
+    }
+
+    /// Drops cached translations of guest-physical `gpa..gpa+len` (call after something
+    /// other than this CPU — device DMA, the VMM loading an image — wrote code there).
+    pub fn invalidate_code(&mut self, gpa: u64, len: u64) {
+        self.cache.invalidate_range(gpa, len);
+    }
+
+    /// Drops all cached translations.
+    pub fn invalidate_all_code(&mut self) {
+        self.cache.invalidate_all();
+    }
+
+    /// Statistics: (blocks decoded, code pages invalidated by writes).
+    pub fn cache_stats(&self) -> (u64, u64) {
+        (self.cache.decoded, self.cache.invalidations)
+    }
+
+    /// Runs until an [`Exit`]: at most about `budget` instructions (a block in flight
+    /// finishes).
+    pub fn run(&mut self, ram: &GuestRam, plat: &mut dyn Platform, budget: u64) -> Exit {
+        let start = self.icount;
+        loop {
+            if self.icount.wrapping_sub(start) >= budget {
+                return Exit::BudgetExhausted;
+            }
+            if !self.arch.long_mode_64() {
+                return Exit::Shutdown(ShutdownReason::Unsupported(format!(
+                    "not in 64-bit mode (EFER {:#x}, CS attr {:#x}) at RIP {:#x}",
+                    self.arch.efer,
+                    self.arch.seg[SegReg::Cs as usize].attr,
+                    self.arch.rip
+                )));
+            }
+            if let Err(x) = self.check_interrupts(ram, plat) {
+                return x;
+            }
+            if self.arch.halted {
+                return Exit::Halted {
+                    interrupts_enabled: self.arch.flags.other() & crate::flags::IF != 0,
+                };
+            }
+            let fetch = match self.fetch(ram, plat) {
+                Ok(f) => f,
+                Err(Event::Fault { vector, error }) => {
+                    let mut cx = self.ctx(ram, plat);
+                    let rip = cx.s.rip;
+                    if let Err(x) = interrupt::raise(&mut cx, vector, error, IntKind::Exception, rip)
+                    {
+                        return x;
+                    }
+                    continue;
+                }
+                Err(Event::Exit(x)) => return x,
+            };
+            if let Some(x) = self.exec_fetch(ram, plat, fetch) {
+                return x;
+            }
+        }
+    }
+
+    fn ctx<'a>(&'a mut self, ram: &'a GuestRam, plat: &'a mut dyn Platform) -> Ctx<'a> {
+        Ctx {
+            s: &mut self.arch,
+            tlb: &mut self.tlb,
+            ram,
+            plat,
+            code: &self.cache.code,
+            clock: &self.clock,
+            next_rip: 0,
+            delta: 0,
+            end_block: false,
+            irq_shadow: false,
+            implicit_sup: false,
+            smc: [0; 4],
+            smc_len: 0,
+            smc_overflow: false,
+            stop: None,
+        }
+    }
+
+    fn check_interrupts(&mut self, ram: &GuestRam, plat: &mut dyn Platform) -> Result<(), Exit> {
+        if self.irq_shadow {
+            self.irq_shadow = false;
+            return Ok(());
+        }
+        let nmi = plat.take_nmi();
+        let vector = if nmi {
+            Some(vec::NMI)
+        } else if self.arch.flags.other() & crate::flags::IF != 0 && plat.interrupt_pending() {
+            plat.acknowledge_interrupt()
+        } else {
+            None
+        };
+        if let Some(v) = vector {
+            self.arch.halted = false;
+            let mut cx = self.ctx(ram, plat);
+            let rip = cx.s.rip;
+            interrupt::raise(&mut cx, v, None, IntKind::External, rip)?;
+        }
+        Ok(())
+    }
+
+    /// Translates RIP and finds (or decodes) the block there.
+    fn fetch(&mut self, ram: &GuestRam, plat: &mut dyn Platform) -> Result<Fetch, Event> {
+        let rip = self.arch.rip;
+        let hit = self.ctx(ram, plat).xlate(rip, Access::Exec)?;
+        if hit.host == 0 {
+            return Err(Event::Exit(Exit::Shutdown(ShutdownReason::Unsupported(format!(
+                "instruction fetch from MMIO at RIP {rip:#x} (gpa {:#x})",
+                hit.phys
+            )))));
+        }
+        let phys = hit.phys | (rip & 0xFFF);
+        if let Some(idx) = self.cache.lookup(phys) {
+            let b = self.cache.get(idx);
+            // Same physical code reached at a different virtual page keeps working through
+            // `delta`; only the page offset must agree (always true for the same phys).
+            debug_assert_eq!(b.vip & 0xFFF, rip & 0xFFF);
+            return Ok(Fetch::Block(idx));
+        }
+        // Decode a new block from the rest of the page.
+        let off = (rip & 0xFFF) as usize;
+        let mut buf = [0u8; 4096];
+        let n = 4096 - off;
+        // SAFETY: `hit.host` is the host address of a RAM page (TLB invariant); `off + n`
+        // is 4096, so the copy stays inside the page; `buf` is a local buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping((hit.host + off) as *const u8, buf.as_mut_ptr(), n)
+        };
+        let mut block: Block = self.cache.take_empty();
+        block.phys = phys;
+        block.vip = rip;
+        let mut dec = Decoder::with_ip(64, &buf[..n], rip, DecoderOptions::NONE);
+        let mut ins = Instruction::default();
+        while block.insns.len() < MAX_BLOCK_INSNS {
+            let pos = dec.position();
+            dec.decode_out(&mut ins);
+            if ins.is_invalid() && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
+                if block.insns.is_empty() {
+                    let _ = pos;
+                    return self.fetch_crossing(ram, plat, rip, &buf[..n]);
+                }
+                break;
+            }
+            block.insns.push(ins);
+            if ins.is_invalid() || ins.flow_control() != FlowControl::Next {
+                break;
+            }
+        }
+        let (idx, new_page) = self.cache.insert(block);
+        if new_page {
+            self.tlb.flush_phys_writes(phys & !0xFFF);
+        }
+        Ok(Fetch::Block(idx))
+    }
+
+    /// Decodes one instruction that straddles a page boundary (both pages translated).
+    fn fetch_crossing(
+        &mut self,
+        ram: &GuestRam,
+        plat: &mut dyn Platform,
+        rip: u64,
+        first: &[u8],
+    ) -> Result<Fetch, Event> {
+        let mut bytes = [0u8; 15];
+        let k = first.len().min(15);
+        bytes[..k].copy_from_slice(&first[..k]);
+        let next = rip.wrapping_add(k as u64);
+        let h2 = self.ctx(ram, plat).xlate(next, Access::Exec)?;
+        if h2.host == 0 {
+            return Err(Event::Exit(Exit::Shutdown(ShutdownReason::Unsupported(
+                "instruction fetch from MMIO".into(),
+            ))));
+        }
+        // SAFETY: reads 15-k (< 4096) bytes from the start of a RAM page.
+        unsafe {
+            std::ptr::copy_nonoverlapping(h2.host as *const u8, bytes[k..].as_mut_ptr(), 15 - k)
+        };
+        let mut dec = Decoder::with_ip(64, &bytes, rip, DecoderOptions::NONE);
+        Ok(Fetch::Single(dec.decode()))
+    }
+
+    /// Executes a block (or single instruction); returns an exit if `run` must return.
+    fn exec_fetch(&mut self, ram: &GuestRam, plat: &mut dyn Platform, f: Fetch) -> Option<Exit> {
+        let Cpu { arch, tlb, cache, clock, irq_shadow, icount } = self;
+        let single;
+        let (insns, vip): (&[Instruction], u64) = match &f {
+            Fetch::Block(i) => {
+                let b = cache.get(*i);
+                (&b.insns, b.vip)
+            }
+            Fetch::Single(ins) => {
+                single = [*ins];
+                (&single, ins.ip())
+            }
+        };
+        let mut cx = Ctx {
+            s: arch,
+            tlb,
+            ram,
+            plat,
+            code: &cache.code,
+            clock,
+            next_rip: 0,
+            delta: 0,
+            end_block: false,
+            irq_shadow: false,
+            implicit_sup: false,
+            smc: [0; 4],
+            smc_len: 0,
+            smc_overflow: false,
+            stop: None,
+        };
+        cx.delta = cx.s.rip.wrapping_sub(vip);
+        let mut exit = None;
+        for ins in insns {
+            cx.next_rip = ins.next_ip().wrapping_add(cx.delta);
+            *icount += 1;
+            match exec::step(&mut cx, ins) {
+                Ok(()) => {
+                    cx.s.rip = cx.next_rip;
+                    if cx.end_block {
+                        break;
+                    }
+                }
+                Err(Event::Fault { vector, error }) => {
+                    let rip = cx.s.rip;
+                    if let Err(x) = interrupt::raise(&mut cx, vector, error, IntKind::Exception, rip)
+                    {
+                        exit = Some(x);
+                    }
+                    break;
+                }
+                Err(Event::Exit(x)) => {
+                    exit = Some(x);
+                    break;
+                }
+            }
+        }
+        if cx.irq_shadow {
+            *irq_shadow = true;
+        }
+        if exit.is_none() {
+            if let Some(r) = cx.stop {
+                exit = Some(Exit::Stop(r));
+            }
+        }
+        let (smc, smc_len, overflow) = (cx.smc, cx.smc_len, cx.smc_overflow);
+        if overflow {
+            cache.invalidate_all();
+        } else {
+            for p in &smc[..smc_len] {
+                cache.invalidate_page(*p);
+            }
+        }
+        let _ = Segment::default;
+        exit
+    }
+}

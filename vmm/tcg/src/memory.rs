@@ -1,0 +1,163 @@
+//! Guest physical RAM as seen by the TCG: a list of host-mapped regions.
+//!
+//! # Safety contract
+//!
+//! The VMM owns the mappings (memfd-backed `mmap`s). The TCG only holds raw pointers:
+//! - every region must stay mapped, readable and writable for as long as any [`GuestRam`]
+//!   built from it (and any `Cpu` running with it) is alive;
+//! - other threads and processes (device daemons doing DMA) may write the memory concurrently.
+//!   The TCG therefore never creates Rust references (`&[u8]`/`&mut [u8]`) into guest memory; all
+//!   accesses go through raw-pointer copies (`ptr::copy_nonoverlapping`, `read_unaligned`,
+//!   `write_unaligned`). Concurrent writes may be observed torn, exactly as on real hardware
+//!   for unaligned or non-atomic accesses.
+
+use thiserror::Error;
+
+/// Errors building a [`GuestRam`].
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum MemoryError {
+    /// A region has length zero, is not page aligned, or wraps around.
+    #[error("invalid RAM region at gpa {gpa:#x} (len {len:#x}): must be page aligned and non-empty")]
+    BadRegion {
+        /// Guest physical base.
+        gpa: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Two regions overlap.
+    #[error("RAM regions overlap at gpa {0:#x}")]
+    Overlap(u64),
+}
+
+/// One contiguous host mapping of guest RAM.
+#[derive(Clone, Copy, Debug)]
+pub struct RamRegion {
+    /// Guest physical base address (page aligned).
+    pub gpa: u64,
+    /// Host address of the first byte.
+    pub host: *mut u8,
+    /// Length in bytes (multiple of 4 KiB).
+    pub len: u64,
+}
+
+/// Guest physical memory: RAM regions; everything else is MMIO handled by the `Platform`.
+#[derive(Debug, Clone)]
+pub struct GuestRam {
+    regions: Vec<RamRegion>,
+    end: u64,
+}
+
+// SAFETY: GuestRam only holds raw pointers to shared mappings that, per the constructor's
+// contract, outlive it and tolerate concurrent access; it never hands out references.
+unsafe impl Send for GuestRam {}
+// SAFETY: see above; all accesses are raw-pointer copies.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// Builds the RAM map.
+    ///
+    /// # Safety
+    /// Each region's `host..host+len` must be a valid read/write mapping that outlives the
+    /// returned value and every `Cpu::run` call using it (see the module documentation).
+    pub unsafe fn new(mut regions: Vec<RamRegion>) -> Result<Self, MemoryError> {
+        regions.sort_by_key(|r| r.gpa);
+        let mut end = 0;
+        for r in &regions {
+            if r.len == 0 || r.len & 0xFFF != 0 || r.gpa & 0xFFF != 0 || r.gpa.checked_add(r.len).is_none()
+            {
+                return Err(MemoryError::BadRegion { gpa: r.gpa, len: r.len });
+            }
+            if r.gpa < end {
+                return Err(MemoryError::Overlap(r.gpa));
+            }
+            end = r.gpa + r.len;
+        }
+        Ok(GuestRam { regions, end })
+    }
+
+    /// One past the highest RAM guest-physical address.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// The regions, sorted by guest address.
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// Host pointer for `gpa` and the number of bytes remaining in its region, or `None`
+    /// when `gpa` is not RAM.
+    #[inline]
+    pub fn host_ptr(&self, gpa: u64) -> Option<(*mut u8, u64)> {
+        for r in &self.regions {
+            if gpa >= r.gpa && gpa - r.gpa < r.len {
+                let off = gpa - r.gpa;
+                // `wrapping_add` keeps this safe code; the pointer is in bounds by the check.
+                return Some((r.host.wrapping_add(off as usize), r.len - off));
+            }
+        }
+        None
+    }
+
+    /// Copies guest RAM at `gpa` into `buf`. Returns false (and copies nothing) if any byte
+    /// is not RAM.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        match self.host_ptr(gpa) {
+            Some((p, rem)) if rem >= buf.len() as u64 => {
+                // SAFETY: `p..p+buf.len()` is inside a live mapping (constructor contract);
+                // `buf` is a distinct Rust buffer, so they cannot overlap.
+                unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Copies `buf` into guest RAM at `gpa`. Returns false (and writes nothing) if any byte
+    /// is not RAM.
+    pub fn write(&self, gpa: u64, buf: &[u8]) -> bool {
+        match self.host_ptr(gpa) {
+            Some((p, rem)) if rem >= buf.len() as u64 => {
+                // SAFETY: as in `read`.
+                unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Reads a little-endian u64 (for page-table walks). `None` if not RAM.
+    #[inline]
+    pub fn read_u64(&self, gpa: u64) -> Option<u64> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b).then(|| u64::from_le_bytes(b))
+    }
+
+    /// Writes a little-endian u64. Returns false if not RAM.
+    #[inline]
+    pub fn write_u64(&self, gpa: u64, v: u64) -> bool {
+        self.write(gpa, &v.to_le_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_and_bounds() {
+        let mut buf = vec![0u8; 0x2000];
+        let r = RamRegion { gpa: 0x10000, host: buf.as_mut_ptr(), len: 0x2000 };
+        // SAFETY: `buf` outlives `ram` in this test.
+        let ram = unsafe { GuestRam::new(vec![r]) }.unwrap();
+        assert!(ram.write_u64(0x10008, 0x1122_3344_5566_7788));
+        assert_eq!(ram.read_u64(0x10008), Some(0x1122_3344_5566_7788));
+        assert_eq!(ram.read_u64(0x11FFC), None, "crosses the end");
+        assert_eq!(ram.read_u64(0xFFF8), None);
+        let bad = RamRegion { gpa: 0x10800, host: buf.as_mut_ptr(), len: 0x1000 };
+        // SAFETY: never accessed.
+        assert!(unsafe { GuestRam::new(vec![r, bad]) }.is_err());
+        drop(ram);
+        assert_eq!(buf[8], 0x88);
+    }
+}

@@ -1,0 +1,134 @@
+//! Direct-mapped software TLB: guest-virtual page → host pointer (RAM) or guest-physical page
+//! (MMIO), one array per access kind. Entries are tagged with the privilege (user/supervisor)
+//! they were checked for.
+
+use super::walk::Access;
+
+/// Number of entries per access kind.
+pub const TLB_SIZE: usize = 512;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Entry {
+    /// `page | VALID | (USER if filled for CPL 3)`; 0 = invalid.
+    tag: u64,
+    /// Host address of the page, or 0 for MMIO.
+    host: usize,
+    /// Guest-physical page.
+    phys: u64,
+    global: bool,
+}
+
+const VALID: u64 = 1;
+const USER: u64 = 2;
+
+/// A hit: where the page lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hit {
+    /// Host address of the page start, 0 if MMIO.
+    pub host: usize,
+    /// Guest-physical page address.
+    pub phys: u64,
+}
+
+/// The software TLB.
+#[derive(Clone, Debug)]
+pub struct Tlb {
+    e: [[Entry; TLB_SIZE]; 3],
+}
+
+impl Default for Tlb {
+    fn default() -> Self {
+        Tlb { e: [[Entry::default(); TLB_SIZE]; 3] }
+    }
+}
+
+#[inline]
+fn tag(va: u64, user: bool) -> u64 {
+    (va & !0xFFF) | VALID | if user { USER } else { 0 }
+}
+
+#[inline]
+fn slot(va: u64) -> usize {
+    ((va >> 12) as usize) & (TLB_SIZE - 1)
+}
+
+impl Tlb {
+    /// Looks up `va` for `acc` at privilege `user`.
+    #[inline(always)]
+    pub fn lookup(&self, va: u64, acc: Access, user: bool) -> Option<Hit> {
+        let e = &self.e[acc as usize][slot(va)];
+        if e.tag == tag(va, user) {
+            Some(Hit { host: e.host, phys: e.phys })
+        } else {
+            None
+        }
+    }
+
+    /// Inserts a translation.
+    pub fn insert(&mut self, va: u64, acc: Access, user: bool, hit: Hit, global: bool) {
+        self.e[acc as usize][slot(va)] =
+            Entry { tag: tag(va, user), host: hit.host, phys: hit.phys, global };
+    }
+
+    /// Flushes everything (CR4 change, global flush).
+    pub fn flush_all(&mut self) {
+        for arr in &mut self.e {
+            arr.fill(Entry::default());
+        }
+    }
+
+    /// Flushes non-global entries (CR3 write).
+    pub fn flush_non_global(&mut self) {
+        for arr in &mut self.e {
+            for e in arr.iter_mut() {
+                if !e.global {
+                    *e = Entry::default();
+                }
+            }
+        }
+    }
+
+    /// Flushes one virtual page (INVLPG), global or not.
+    pub fn flush_page(&mut self, va: u64) {
+        let s = slot(va);
+        for arr in &mut self.e {
+            if arr[s].tag & !0xFFF == va & !0xFFF {
+                arr[s] = Entry::default();
+            }
+        }
+    }
+
+    /// Drops write entries mapping guest-physical `phys_page` (the page now holds code, so
+    /// writes to it must take the slow path that detects self-modifying code).
+    pub fn flush_phys_writes(&mut self, phys_page: u64) {
+        for e in self.e[Access::Write as usize].iter_mut() {
+            if e.tag != 0 && e.phys == phys_page {
+                *e = Entry::default();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_lookup_flush() {
+        let mut t = Tlb::default();
+        let h = Hit { host: 0x1000, phys: 0x5000 };
+        t.insert(0x7000_1000, Access::Read, false, h, false);
+        t.insert(0x7000_2000, Access::Read, false, h, true);
+        assert_eq!(t.lookup(0x7000_1FFF, Access::Read, false), Some(h));
+        assert_eq!(t.lookup(0x7000_1000, Access::Read, true), None, "privilege tagged");
+        assert_eq!(t.lookup(0x7000_1000, Access::Write, false), None);
+        t.flush_non_global();
+        assert_eq!(t.lookup(0x7000_1000, Access::Read, false), None);
+        assert_eq!(t.lookup(0x7000_2000, Access::Read, false), Some(h));
+        t.flush_page(0x7000_2000);
+        assert_eq!(t.lookup(0x7000_2000, Access::Read, false), None);
+        t.insert(0x9000, Access::Write, false, h, false);
+        t.flush_phys_writes(0x5000);
+        assert_eq!(t.lookup(0x9000, Access::Write, false), None);
+    }
+}

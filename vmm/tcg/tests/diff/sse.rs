@@ -1,0 +1,1 @@
+//! SSE differential cases (filled in once SSE lands).

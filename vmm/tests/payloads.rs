@@ -1,0 +1,240 @@
+//! End-to-end tests: tiny guest payloads built from `vmm/payloads/` boot through the real
+//! `rqemu-vmm` binary on KVM and report what they found; exit statuses are checked.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{kvm_or_skip, payloads, run_vmm, Run};
+
+const T: Duration = Duration::from_secs(60);
+
+fn boot(kernel: &std::path::Path, extra: &[&str]) -> Run {
+    let k = kernel.to_str().unwrap();
+    let mut args = vec!["--kernel", k, "--accel", "kvm", "--memory", "64M"];
+    args.extend_from_slice(extra);
+    run_vmm(&args, T)
+}
+
+/// Checks the report every payload prints before its final action.
+fn check_common_report(r: &Run, cpus: u32) {
+    assert!(r.stdout.starts_with("rqemu-payload start"), "{r}");
+    // ACPI: RSDP found both by the BIOS-area scan and via the boot protocol, same place.
+    assert_eq!(r.field("rsdp", "scan"), r.field("rsdp", "given"), "{r}");
+    assert_ne!(r.field("rsdp", "scan"), "0x0");
+    assert_eq!(r.field("acpi", "bad_checksums"), "0");
+    assert_eq!(r.field("xsdt", "entries"), "2");
+    assert_eq!(r.field("madt", "lapics"), cpus.to_string());
+    assert_eq!(r.field("madt", "ioapic"), "0xfec00000");
+    assert_eq!(r.field("madt", "lapic_addr"), "0xfee00000");
+    assert_eq!(r.field("madt", "isos"), "2");
+    assert_eq!(r.field("fadt", "hw_reduced"), "1");
+    assert_eq!(r.field("dsdt", "lnro0005"), "8");
+    assert_eq!(r.field("dsdt", "pnp0501"), "1");
+    assert_eq!(r.field("dsdt", "s5"), "1");
+    // CPUID: hypervisor bit + KVM signature; in-kernel LAPIC/IOAPIC answer MMIO.
+    assert_eq!(r.field("cpu", "hv"), "1");
+    assert_eq!(r.field("cpu", "sig"), "KVMKVMKVM");
+    assert_eq!(r.field("cpu", "apic_id"), r.field("cpu", "lapic_id"));
+    assert_eq!(r.field("cpu", "ioapic_ver"), "0x170011");
+    // MMIO exits to the empty virtio-mmio windows; PIO to the RTC; rep outsb to COM1.
+    assert_eq!(r.field("virtio", "magic_ok"), "8");
+    let year: u32 = r.field("rtc", "year").parse().unwrap();
+    assert!((2024..2200).contains(&year), "{r}");
+    assert_eq!(r.field("rtc", "status_d"), "0x80");
+    assert!(r.stdout.contains("\nrepouts ok\n"), "{r}");
+}
+
+#[test]
+fn elf_linux64_entry_powers_off_via_acpi() {
+    if !kvm_or_skip("elf_linux64_entry_powers_off_via_acpi") {
+        return;
+    }
+    let r = boot(&payloads().elf, &["--cmdline", "mode=poweroff x=1"]);
+    assert_eq!(r.code, Some(0), "{r}");
+    check_common_report(&r, 1);
+    assert_eq!(r.field("boot", "bp"), "0x7000");
+    assert_eq!(r.field("boot", "loader"), "0xff");
+    assert_eq!(r.field("boot", "loadflags"), "0x80", "CAN_USE_HEAP");
+    assert_eq!(r.line("cmdline"), "cmdline mode=poweroff x=1");
+    assert_eq!(r.field("mem", "top"), "0x4000000");
+    assert_eq!(r.field("fadt", "sleep_ctl"), "0xc0000000");
+    assert!(r.stdout.ends_with("action poweroff\n"), "{r}");
+}
+
+#[test]
+fn bzimage_entry_with_initrd() {
+    if !kvm_or_skip("bzimage_entry_with_initrd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("initrd.img");
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+    std::fs::write(&initrd, &data).unwrap();
+    let hash = data
+        .iter()
+        .fold(0u32, |s, &b| s.wrapping_mul(31).wrapping_add(u32::from(b)));
+    let r = boot(
+        &payloads().bzimage,
+        &[
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            "mode=poweroff",
+        ],
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    check_common_report(&r, 1);
+    assert_eq!(
+        r.field("boot", "hdrs"),
+        "1",
+        "setup header copied from the image"
+    );
+    assert_eq!(r.field("boot", "loadflags"), "0x81");
+    assert_eq!(r.field("initrd", "size"), "10000");
+    assert_eq!(r.field("initrd", "hash"), format!("{hash:#x}"));
+    let addr = u64::from_str_radix(r.field("initrd", "addr").trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(addr % 4096, 0);
+    assert!(
+        addr + 10_000 <= 64 << 20 && addr > 0x20_0000,
+        "placed high: {addr:#x}"
+    );
+}
+
+#[test]
+fn pvh_entry_gets_start_info_memmap_and_module() {
+    if !kvm_or_skip("pvh_entry_gets_start_info_memmap_and_module") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("initrd.img");
+    std::fs::write(&initrd, b"pvh module").unwrap();
+    let r = boot(
+        &payloads().pvh,
+        &[
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            "mode=poweroff pvh",
+        ],
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    check_common_report(&r, 1);
+    assert_eq!(r.field("boot", "magic"), "0x336ec578");
+    assert_eq!(r.line("cmdline"), "cmdline mode=poweroff pvh");
+    assert_eq!(r.field("mem", "entries"), "3");
+    assert_eq!(r.field("initrd", "size"), "10");
+}
+
+#[test]
+fn smp_madt_and_large_memory_above_4g() {
+    if !kvm_or_skip("smp_madt_and_large_memory_above_4g") {
+        return;
+    }
+    // 3 GiB + 256 MiB: RAM is split around the MMIO hole (memfd pages are touched lazily).
+    let k = payloads().elf.to_str().unwrap();
+    let r = run_vmm(
+        &[
+            "--kernel",
+            k,
+            "--accel",
+            "kvm",
+            "--cpus",
+            "3",
+            "--memory",
+            "3328M",
+            "--cmdline",
+            "mode=poweroff",
+        ],
+        T,
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    check_common_report(&r, 3);
+    assert_eq!(r.field("mem", "entries"), "4");
+    assert_eq!(r.field("mem", "top"), "0x110000000");
+    assert!(
+        r.stdout
+            .contains("e820 addr=0x100000000 size=0x10000000 type=1"),
+        "{r}"
+    );
+    assert!(
+        r.stdout
+            .contains("e820 addr=0x100000 size=0xbff00000 type=1"),
+        "{r}"
+    );
+}
+
+#[test]
+fn i8042_reset_exits_nonzero() {
+    if !kvm_or_skip("i8042_reset_exits_nonzero") {
+        return;
+    }
+    let r = boot(&payloads().elf, &["--cmdline", "mode=i8042", "--cpus", "2"]);
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(r.stderr.contains("reset via i8042"), "{r}");
+}
+
+#[test]
+fn acpi_reset_register_exits_nonzero() {
+    if !kvm_or_skip("acpi_reset_register_exits_nonzero") {
+        return;
+    }
+    let r = boot(&payloads().elf, &["--cmdline", "mode=acpireset"]);
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(r.stderr.contains("ACPI reset register"), "{r}");
+}
+
+#[test]
+fn triple_fault_exits_nonzero_with_message() {
+    if !kvm_or_skip("triple_fault_exits_nonzero_with_message") {
+        return;
+    }
+    let r = boot(&payloads().elf, &["--cmdline", "mode=triple"]);
+    assert_eq!(r.code, Some(3), "{r}");
+    assert!(r.stderr.contains("triple-faulted"), "{r}");
+    assert!(r.stdout.contains("action triple"), "{r}");
+}
+
+#[test]
+fn serial_to_file_and_none() {
+    if !kvm_or_skip("serial_to_file_and_none") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("console.log");
+    let spec = format!("file:{}", log.display());
+    let r = boot(
+        &payloads().elf,
+        &["--cmdline", "mode=poweroff", "--serial", &spec],
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.stdout.is_empty(), "{r}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("action poweroff"), "{text}");
+    let r = boot(
+        &payloads().elf,
+        &["--cmdline", "mode=poweroff", "--serial", "none"],
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.stdout.is_empty(), "{r}");
+}
+
+#[test]
+fn tcg_and_device_sockets_fail_clearly() {
+    let k = payloads().elf.to_str().unwrap();
+    let r = run_vmm(&["--kernel", k, "--accel", "tcg"], T);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(
+        r.stderr.contains("TCG accelerator not available yet"),
+        "{r}"
+    );
+    let r = run_vmm(
+        &["--kernel", k, "--device-socket", "blk:/nonexistent.sock"],
+        T,
+    );
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("not supported yet"), "{r}");
+    let r = run_vmm(&["--kernel", "/nonexistent/kernel", "--accel", "kvm"], T);
+    assert_ne!(r.code, Some(0), "{r}");
+    assert!(r.stderr.contains("/nonexistent/kernel"), "{r}");
+}
