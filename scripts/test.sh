@@ -18,11 +18,22 @@ else
   echo "KVM: /dev/kvm ABSENT: KVM tests will report that they cannot run" >&2
 fi
 
+step "one rust-vmm line (cargo tree -d)"
+dups=$(cargo tree -d --workspace -e normal,build --locked 2>/dev/null |
+  grep -E '^(vm-memory|virtio-queue|vhost|vhost-user-backend|virtio-bindings|vmm-sys-util|kvm-ioctls|kvm-bindings|linux-loader) ' || true)
+if [ -n "$dups" ]; then
+  echo "duplicate rust-vmm crates in Cargo.lock:" >&2; echo "$dups" >&2; exit 1
+fi
+echo "no duplicate rust-vmm crate"
+
 step "format"
 cargo fmt --all -- --check
 step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build"
 cargo build --workspace --bins --locked
+step "fuzz targets (smoke run)"
+scripts/fuzz-smoke.sh
+
 step "tests"
 cargo test --workspace --locked -- --test-threads="${RQEMU_TEST_THREADS:-2}"

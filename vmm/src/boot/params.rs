@@ -28,13 +28,15 @@ pub(super) fn write_boot_params(
     initrd: Option<(u64, u64)>,
     rsdp: u64,
 ) -> Result<u64, BootError> {
-    let mut p = boot_params::default();
-    p.hdr = hdr.unwrap_or_else(|| setup_header {
-        boot_flag: KERNEL_BOOT_FLAG_MAGIC,
-        header: KERNEL_HDR_MAGIC,
-        kernel_alignment: KERNEL_MIN_ALIGNMENT,
+    let mut p = boot_params {
+        hdr: hdr.unwrap_or_else(|| setup_header {
+            boot_flag: KERNEL_BOOT_FLAG_MAGIC,
+            header: KERNEL_HDR_MAGIC,
+            kernel_alignment: KERNEL_MIN_ALIGNMENT,
+            ..Default::default()
+        }),
         ..Default::default()
-    });
+    };
     p.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     p.hdr.loadflags |= CAN_USE_HEAP;
     p.hdr.heap_end_ptr = HEAP_END;

@@ -36,7 +36,7 @@ fn topology_entries(leaf: u32, apic_id: u32, count: u32) -> [kvm_cpuid_entry2; 3
     };
     [
         // SMT level: one thread per core.
-        mk(0, 0, 1, (1 << 8) | 0),
+        mk(0, 0, 1, 1 << 8),
         // Core level: `count` cores per package.
         mk(1, core_bits, count, (2 << 8) | 1),
         // Invalid level terminates the enumeration.
