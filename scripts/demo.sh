@@ -45,4 +45,6 @@ kill -TERM $daemon; wait $daemon || true
 trap - EXIT
 echo "host: qemu-img check of the image rqemu-blk wrote:"
 qemu-img check "$img"
-echo "host: sector 100 holds: $(dd if=<(qemu-img dd -f qcow2 -O raw if="$img" of=/dev/stdout skip=100 count=1 bs=512 2>/dev/null) bs=512 count=1 2>/dev/null | head -n1)"
+qemu-img convert -O raw "$img" "$work/disk.raw"
+echo "host: sector 100 of the image holds: $(dd if="$work/disk.raw" bs=512 skip=100 count=1 2>/dev/null | head -n1)"
+rm -f "$work/disk.raw"

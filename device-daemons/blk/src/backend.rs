@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use rqemu_block_backend::virtio::{BlockDevice, Scratch};
+use rqemu_protocol::identity::{self, DeviceKind, Identity};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -50,6 +51,7 @@ pub struct BlkBackend {
     scratch: Vec<Mutex<Scratch>>,
     /// `true` once the daemon is shutting down: no more requests are executed.
     stopped: RwLock<bool>,
+    identity: Identity,
 }
 
 impl BlkBackend {
@@ -62,6 +64,11 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             scratch: (0..queues).map(|_| Mutex::new(Scratch::default())).collect(),
             stopped: RwLock::new(false),
+            identity: Identity {
+                version: identity::VERSION,
+                kind: DeviceKind::Blk,
+                name: "rqemu-blk".to_string(),
+            },
         }
     }
 
@@ -143,7 +150,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.dev.read_config(offset, size)
+        // The rqemu identity window first (device-type discovery), then the virtio config.
+        match self.identity.answer_config(offset, size) {
+            Some(bytes) => bytes,
+            None => self.dev.read_config(offset, size),
+        }
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rqemu_vhost_driver::blk::{self, Slots};
+use rqemu_protocol::identity;
 use rqemu_vhost_driver::{Device, DriverOptions};
 
 const T_IN: u32 = 0;
@@ -109,6 +110,9 @@ fn raw_write_read_flush_config_and_id() {
 
     let cfg = dev.config(0, 60).unwrap();
     assert_eq!(u64::from_le_bytes(cfg[0..8].try_into().unwrap()), (8 << 20) / 512);
+    let id = dev.config(identity::IDENTITY_OFFSET, identity::IDENTITY_LEN).unwrap();
+    let id = identity::Identity::decode(&id).unwrap();
+    assert_eq!((id.kind, id.name.as_str()), (identity::DeviceKind::Blk, "rqemu-blk"));
 
     let slots = Slots::new(&mut dev, 4, 1 << 20).unwrap();
     let data = pattern(256 * 1024, 1);

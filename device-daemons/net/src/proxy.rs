@@ -1,0 +1,403 @@
+//! A vhost-user message relay between the frontend and the `vhost` crate's request handler,
+//! fixing one ordering incompatibility on the way.
+//!
+//! QEMU's virtio-net attaches its queue pairs at device reset by sending
+//! `VHOST_USER_SET_VRING_ENABLE` as soon as the backend *offers*
+//! `VHOST_USER_F_PROTOCOL_FEATURES` — before any `SET_FEATURES` — and does not send it again
+//! when it starts the device. `vhost` 0.15 refuses that message until the feature is *acked*
+//! and drops the connection. The relay therefore holds such early messages back (answering
+//! them if the frontend asked for a reply), replays the last state of each ring right after
+//! the `SET_FEATURES` that acks the feature, and forwards everything else verbatim, file
+//! descriptors included.
+//!
+//! Generic to every vhost-user daemon; a candidate for `rqemu-daemon`.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+const HDR_LEN: usize = 12;
+/// Largest payload relayed (vhost-user messages are at most a few KiB).
+const MAX_PAYLOAD: usize = 0x1_0000;
+/// Most fds attached to one message.
+const MAX_FDS: usize = 32;
+
+const REQ_SET_FEATURES: u32 = 2;
+const REQ_RESET_OWNER: u32 = 4;
+const REQ_SET_VRING_ENABLE: u32 = 18;
+const REQ_RESET_DEVICE: u32 = 34;
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// Errors of the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Socket I/O failed.
+    #[error("relay I/O: {0}")]
+    Io(#[from] io::Error),
+    /// A message larger than any vhost-user message.
+    #[error("message of {0} bytes is too large")]
+    TooLarge(usize),
+}
+
+/// One message: header, payload and attached fds.
+struct Msg {
+    buf: Vec<u8>,
+    len: usize,
+    fds: Vec<OwnedFd>,
+}
+
+impl Msg {
+    fn request(&self) -> u32 {
+        word(&self.buf, 0)
+    }
+    fn flags(&self) -> u32 {
+        word(&self.buf, 4)
+    }
+    fn payload(&self) -> &[u8] {
+        self.buf.get(HDR_LEN..self.len).unwrap_or_default()
+    }
+}
+
+fn word(b: &[u8], at: usize) -> u32 {
+    let mut w = [0u8; 4];
+    if let Some(s) = b.get(at..at + 4) {
+        w.copy_from_slice(s);
+    }
+    u32::from_le_bytes(w)
+}
+
+/// `recvmsg` of up to `buf.len()` bytes, collecting SCM_RIGHTS fds.
+fn recv_with_fds(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut cmsg = [0u64; (MAX_FDS * 4 + 64) / 8];
+    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr().cast();
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg) as _;
+    let n = loop {
+        // SAFETY: `msg` points at live buffers of the sizes it declares.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    // SAFETY: `msg` was filled by recvmsg; the CMSG macros walk its control buffer.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: `c` is a valid cmsghdr inside the control buffer (CMSG_FIRSTHDR/NXTHDR).
+        let (level, kind, len) = unsafe { ((*c).cmsg_level, (*c).cmsg_type, (*c).cmsg_len) };
+        if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN(0) is a constant computation.
+            let hdr = unsafe { libc::CMSG_LEN(0) } as usize;
+            let data_len = len.saturating_sub(hdr);
+            let count = data_len / std::mem::size_of::<RawFd>();
+            // SAFETY: the data of an SCM_RIGHTS cmsg is `count` fds, possibly unaligned.
+            let data = unsafe { libc::CMSG_DATA(c) }.cast::<RawFd>();
+            for i in 0..count {
+                // SAFETY: within the cmsg data; the kernel installed these fds for us.
+                let fd = unsafe { data.add(i).read_unaligned() };
+                // SAFETY: a freshly received fd, owned by nobody else.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+    }
+    Ok(n)
+}
+
+fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many fds in one message",
+        ));
+    }
+    let mut sent = 0;
+    while sent < data.len() {
+        let rest = data.get(sent..).unwrap_or_default();
+        let iov = [IoSlice::new(rest)];
+        let mut cmsg = [0u64; (MAX_FDS * 4 + 64) / 8];
+        // SAFETY: as in recv_with_fds.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = 1;
+        if sent == 0 && !fds.is_empty() {
+            let bytes = std::mem::size_of_val(fds) as u32;
+            msg.msg_control = cmsg.as_mut_ptr().cast();
+            // SAFETY: constant computation.
+            msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as _;
+            // SAFETY: the control buffer holds CMSG_SPACE(MAX_FDS fds) and fds.len() <= MAX_FDS.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&msg);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(bytes) as _;
+                let p = libc::CMSG_DATA(c).cast::<RawFd>();
+                for (i, fd) in fds.iter().enumerate() {
+                    p.add(i).write_unaligned(fd.as_raw_fd());
+                }
+            }
+        }
+        // SAFETY: `msg` points at live buffers of the sizes it declares.
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        sent += n as usize;
+    }
+    Ok(())
+}
+
+/// Reads one whole message; `None` at end of stream.
+fn read_msg(sock: &UnixStream, msg: &mut Msg) -> Result<Option<()>, ProxyError> {
+    msg.fds.clear();
+    msg.len = 0;
+    while msg.len < HDR_LEN {
+        let n = recv_with_fds(
+            sock,
+            msg.buf.get_mut(msg.len..HDR_LEN).unwrap_or_default(),
+            &mut msg.fds,
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        msg.len += n;
+        if msg.fds.len() > MAX_FDS {
+            return Err(ProxyError::TooLarge(msg.fds.len()));
+        }
+    }
+    let size = word(&msg.buf, 8) as usize;
+    if size > MAX_PAYLOAD {
+        return Err(ProxyError::TooLarge(size));
+    }
+    let total = HDR_LEN + size;
+    while msg.len < total {
+        let n = recv_with_fds(
+            sock,
+            msg.buf.get_mut(msg.len..total).unwrap_or_default(),
+            &mut msg.fds,
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        msg.len += n;
+    }
+    Ok(Some(()))
+}
+
+fn new_msg() -> Msg {
+    Msg {
+        buf: vec![0u8; HDR_LEN + MAX_PAYLOAD],
+        len: 0,
+        fds: Vec::new(),
+    }
+}
+
+/// Frontend → backend, swallowing early `SET_VRING_ENABLE`s.
+fn forward_requests(
+    front: &UnixStream,
+    back: &UnixStream,
+    front_tx: &Mutex<()>,
+) -> Result<(), ProxyError> {
+    let mut msg = new_msg();
+    let mut features_acked = false;
+    // Held-back enable states: (ring index, state), last one per ring.
+    let mut deferred: Vec<(u32, u32)> = Vec::new();
+    while read_msg(front, &mut msg)?.is_some() {
+        tracing::trace!(
+            "relay: request {} flags {:#x}, {} payload bytes, {} fds",
+            msg.request(),
+            msg.flags(),
+            msg.len - HDR_LEN,
+            msg.fds.len()
+        );
+        match msg.request() {
+            REQ_SET_FEATURES => {
+                let mut v = [0u8; 8];
+                if let Some(p) = msg.payload().get(..8) {
+                    v.copy_from_slice(p);
+                }
+                features_acked = u64::from_le_bytes(v) & F_PROTOCOL_FEATURES != 0;
+                send_with_fds(back, msg.buf.get(..msg.len).unwrap_or_default(), &msg.fds)?;
+                if features_acked {
+                    for (index, state) in deferred.drain(..) {
+                        let mut m = [0u8; HDR_LEN + 8];
+                        m[..4].copy_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
+                        m[4..8].copy_from_slice(&FLAG_VERSION.to_le_bytes());
+                        m[8..12].copy_from_slice(&8u32.to_le_bytes());
+                        m[12..16].copy_from_slice(&index.to_le_bytes());
+                        m[16..20].copy_from_slice(&state.to_le_bytes());
+                        send_with_fds(back, &m, &[])?;
+                    }
+                }
+                continue;
+            }
+            REQ_RESET_OWNER | REQ_RESET_DEVICE => features_acked = false,
+            REQ_SET_VRING_ENABLE if !features_acked => {
+                let (index, state) = (word(msg.payload(), 0), word(msg.payload(), 4));
+                tracing::debug!(
+                    "relay: SET_VRING_ENABLE({index}, {state}) before SET_FEATURES: held back"
+                );
+                if let Some(d) = deferred.iter_mut().find(|(i, _)| *i == index) {
+                    d.1 = state;
+                } else if deferred.len() < 256 {
+                    deferred.push((index, state));
+                }
+                if msg.flags() & FLAG_NEED_REPLY != 0 {
+                    let mut reply = [0u8; HDR_LEN + 8];
+                    reply[..4].copy_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
+                    reply[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+                    reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+                    let _g = front_tx.lock().unwrap_or_else(|e| e.into_inner());
+                    send_with_fds(front, &reply, &[])?;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        send_with_fds(back, msg.buf.get(..msg.len).unwrap_or_default(), &msg.fds)?;
+    }
+    Ok(())
+}
+
+/// Backend → frontend, verbatim.
+fn forward_replies(
+    back: &UnixStream,
+    front: &UnixStream,
+    front_tx: &Mutex<()>,
+) -> Result<(), ProxyError> {
+    let mut msg = new_msg();
+    while read_msg(back, &mut msg)?.is_some() {
+        let _g = front_tx.lock().unwrap_or_else(|e| e.into_inner());
+        send_with_fds(front, msg.buf.get(..msg.len).unwrap_or_default(), &msg.fds)?;
+    }
+    Ok(())
+}
+
+/// Relays between `front` (the frontend's connection) and `back` (connected to the vhost
+/// request handler) until either side closes; then shuts both down.
+pub fn spawn(front: UnixStream, back: UnixStream) -> io::Result<[JoinHandle<()>; 2]> {
+    let front = Arc::new(front);
+    let back = Arc::new(back);
+    let lock = Arc::new(Mutex::new(()));
+    let close = |a: &UnixStream, b: &UnixStream| {
+        let _ = a.shutdown(Shutdown::Both);
+        let _ = b.shutdown(Shutdown::Both);
+    };
+    let (f, b, l) = (front.clone(), back.clone(), lock.clone());
+    let requests = std::thread::Builder::new()
+        .name("relay-req".into())
+        .spawn(move || {
+            if let Err(e) = forward_requests(&f, &b, &l) {
+                tracing::debug!("relay (requests): {e}");
+            }
+            close(&f, &b);
+        })?;
+    let replies = std::thread::Builder::new()
+        .name("relay-rep".into())
+        .spawn(move || {
+            if let Err(e) = forward_replies(&back, &front, &lock) {
+                tracing::debug!("relay (replies): {e}");
+            }
+            close(&front, &back);
+        })?;
+    Ok([requests, replies])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn msg(req: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend(req.to_le_bytes());
+        m.extend((flags | FLAG_VERSION).to_le_bytes());
+        m.extend((payload.len() as u32).to_le_bytes());
+        m.extend(payload);
+        m
+    }
+
+    #[test]
+    fn early_vring_enable_is_held_back_and_fds_pass() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut backend) = UnixStream::pair().unwrap();
+        let threads = spawn(front, back).unwrap();
+        // Early enables of ring 0 (off, then on with a reply requested): answered by the
+        // relay, not forwarded yet.
+        qemu.write_all(&msg(REQ_SET_VRING_ENABLE, 0, &[0u8; 8]))
+            .unwrap();
+        let on = [0, 0, 0, 0, 1, 0, 0, 0];
+        qemu.write_all(&msg(REQ_SET_VRING_ENABLE, FLAG_NEED_REPLY, &on))
+            .unwrap();
+        let mut reply = [0u8; 20];
+        qemu.read_exact(&mut reply).unwrap();
+        assert_eq!(word(&reply, 0), REQ_SET_VRING_ENABLE);
+        assert_eq!(word(&reply, 4), FLAG_VERSION | FLAG_REPLY);
+        // SET_FEATURES with PROTOCOL_FEATURES, then an enable: both forwarded, with an fd.
+        let feat = msg(REQ_SET_FEATURES, 0, &F_PROTOCOL_FEATURES.to_le_bytes());
+        let file = std::fs::File::open("/dev/null").unwrap();
+        send_with_fds(&qemu, &feat, &[OwnedFd::from(file)]).unwrap();
+        let enable = msg(REQ_SET_VRING_ENABLE, 0, &[3, 0, 0, 0, 1, 0, 0, 0]);
+        qemu.write_all(&enable).unwrap();
+        let mut got = new_msg();
+        read_msg(&backend, &mut got).unwrap().unwrap();
+        assert_eq!(got.buf[..got.len], feat[..]);
+        assert_eq!(got.fds.len(), 1);
+        // The held-back state (ring 0 enabled) is replayed right after SET_FEATURES.
+        read_msg(&backend, &mut got).unwrap().unwrap();
+        assert_eq!(
+            got.buf[..got.len],
+            msg(REQ_SET_VRING_ENABLE, 0, &[0, 0, 0, 0, 1, 0, 0, 0])[..]
+        );
+        read_msg(&backend, &mut got).unwrap().unwrap();
+        assert_eq!(got.buf[..got.len], enable[..]);
+        // Replies flow back.
+        let rep = msg(1, FLAG_REPLY, &7u64.to_le_bytes());
+        backend.write_all(&rep).unwrap();
+        let mut back_rep = vec![0u8; rep.len()];
+        qemu.read_exact(&mut back_rep).unwrap();
+        assert_eq!(back_rep, rep);
+        // Closing the frontend closes the backend side.
+        drop(qemu);
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn oversized_messages_end_the_relay() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut backend) = UnixStream::pair().unwrap();
+        let threads = spawn(front, back).unwrap();
+        let mut m = msg(5, 0, &[]);
+        m[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        qemu.write_all(&m).unwrap();
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+}
