@@ -33,11 +33,15 @@ dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -n1
 dd if=/dev/zero of=/dev/vda bs=1M count=8 seek=16 oflag=direct 2>/dev/null && echo "demo: wrote 8 MiB with O_DIRECT"
 GUEST
 )
-timeout 120 qemu-system-x86_64 -accel tcg -M microvm,memory-backend=mem,acpi=on -m 256M \
+# qboot, not SeaBIOS: SeaBIOS drives virtio-mmio disks itself from memory outside the shared
+# memfd; qboot leaves the kernel's TSC uncalibrated, hence tsc_early_khz (TCG runs the guest
+# TSC at the host's rate).
+khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
+timeout 120 qemu-system-x86_64 -accel tcg -bios /usr/share/qemu/qboot.rom -M microvm,memory-backend=mem,acpi=on -m 256M \
   -object memory-backend-memfd,id=mem,size=256M,share=on \
   -global virtio-mmio.force-legacy=false -nodefaults -no-user-config -nographic -no-reboot \
   -serial stdio -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio.gz" \
-  -append "console=ttyS0 quiet rqemu.run=$(printf '%s\n' "$script" | base64 -w0)" \
+  -append "console=ttyS0 quiet tsc_early_khz=${khz:-2000000} rqemu.run=$(printf '%s\n' "$script" | base64 -w0)" \
   -chardev socket,id=blk0,path="$sock" -device vhost-user-blk,chardev=blk0 |
   tr -d '\r' | grep -E '^(demo|hello|rqemu guest|RQEMU-EXIT)' || true
 

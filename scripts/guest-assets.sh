@@ -60,7 +60,7 @@ else
     # apt-get download as root warns that _apt cannot write here; make the dir world-writable.
     chmod 0777 "$DL"
     (cd "$DL" && apt-get -q download "$META_PKG=$VERSION" >"$DL/apt.log" 2>&1) ||
-        { cat "$DL/apt.log" >&2; die "apt-get download $META_PKG=$VERSION failed"; }
+        { cat "$DL/apt.log" >&2; die "apt-get download $META_PKG=$VERSION failed (stale apt lists? run apt-get update)"; }
     META_DEB="$(ls "$DL"/*.deb)"
     # Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)
     DEP="$(dpkg-deb -f "$META_DEB" Depends | tr ',' '\n' | awk '$1 ~ /^linux-image-/ { print $1; exit }')"
@@ -69,7 +69,7 @@ else
     [ -n "$DEP" ] || die "cannot find the linux-image-<ver> dependency of $META_PKG $VERSION"
     log "kernel image package: $DEP ${DEP_VER:-}"
     (cd "$DL" && apt-get -q download "$DEP${DEP_VER:+=$DEP_VER}" >"$DL/apt.log" 2>&1) ||
-        { cat "$DL/apt.log" >&2; die "apt-get download $DEP failed"; }
+        { cat "$DL/apt.log" >&2; die "apt-get download $DEP failed (stale apt lists? run apt-get update)"; }
     mkdir -p "$OUT/kernel-tree"
     dpkg-deb -x "$DL/${DEP}_"*.deb "$OUT/kernel-tree"
     rm -rf "$DL"

@@ -4,7 +4,7 @@
 #
 #   - QEMU 10 (qemu-system-x86, qemu-utils: qemu-img, qemu-storage-daemon) from
 #     bookworm-backports — the e2e tests use QEMU TCG as the reference vhost-user frontend;
-#   - busybox-static, cpio, xz-utils, lz4, zstd, kmod, binutils (readelf), util-linux
+#   - acpica-tools (iasl: cross-checks our ACPI tables), busybox-static, cpio, xz-utils, lz4, zstd, kmod, binutils (readelf), util-linux
 #     (blkdiscard/fallocate copied into the guest), gzip, iproute2 — for scripts/guest-assets.sh
 #     and the tests.
 #
@@ -16,7 +16,7 @@ BACKPORTS_FILE=/etc/apt/sources.list.d/rqemu-backports.sources
 BPO_PKGS=(qemu-system-x86 qemu-utils)
 BPO_MIN_VERSION="1:10"
 # Packages from the main suite.
-MAIN_PKGS=(busybox-static cpio xz-utils lz4 zstd kmod binutils util-linux gzip iproute2)
+MAIN_PKGS=(busybox-static cpio xz-utils lz4 zstd kmod binutils util-linux gzip iproute2 acpica-tools)
 
 log() { printf 'install-deps: %s\n' "$*"; }
 die() { printf 'install-deps: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -57,6 +57,8 @@ for p in "${BPO_PKGS[@]}"; do
 done
 
 if [ ${#missing_main[@]} -eq 0 ] && [ ${#missing_bpo[@]} -eq 0 ]; then
+    [ -f /usr/share/qemu/qboot.rom ] ||
+        die "/usr/share/qemu/qboot.rom missing (package qemu-system-data); the e2e tests boot with qboot"
     log "all packages present (qemu-system-x86 $(installed_version qemu-system-x86))"
     exit 0
 fi
@@ -102,4 +104,6 @@ for p in "${BPO_PKGS[@]}"; do
     [ -n "$v" ] && dpkg --compare-versions "$v" ge "$BPO_MIN_VERSION" ||
         die "$p is '${v:-not installed}' after install, need >= $BPO_MIN_VERSION"
 done
+[ -f /usr/share/qemu/qboot.rom ] ||
+    die "/usr/share/qemu/qboot.rom missing (package qemu-system-data); the e2e tests boot with qboot"
 log "done (qemu-system-x86 $(installed_version qemu-system-x86))"

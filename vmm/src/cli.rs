@@ -6,7 +6,8 @@ use clap::{Parser, ValueEnum};
 
 use crate::boot::BootConfig;
 use crate::devices::serial::SerialOutput;
-use crate::vm::{AccelChoice, VmConfig};
+use crate::virtio::vhost_user::VhostUserKind;
+use crate::vm::{AccelChoice, VhostUserDeviceConfig, VmConfig};
 
 /// Default kernel command line when `--cmdline` is not given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
@@ -138,9 +139,26 @@ impl Cli {
         }
     }
 
-    /// The machine configuration.
-    pub fn vm_config(&self) -> VmConfig {
-        VmConfig {
+    /// The machine configuration. Device sockets without a type are discovered when the VM
+    /// connects them.
+    pub fn vm_config(&self) -> Result<VmConfig, String> {
+        let devices = self
+            .device_sockets
+            .iter()
+            .map(|d| {
+                let kind = match d.kind {
+                    DeviceKind::Blk => Some(VhostUserKind::Blk),
+                    DeviceKind::Net => Some(VhostUserKind::Net),
+                    DeviceKind::Fs => Some(VhostUserKind::Fs),
+                    DeviceKind::Auto => None,
+                };
+                Ok(VhostUserDeviceConfig {
+                    kind,
+                    socket: d.path.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(VmConfig {
             boot: BootConfig {
                 kernel: self.kernel.clone(),
                 initrd: self.initrd.clone(),
@@ -149,7 +167,8 @@ impl Cli {
             memory: self.memory,
             vcpus: self.cpus,
             serial: self.serial.clone(),
-        }
+            devices,
+        })
     }
 }
 
@@ -203,7 +222,23 @@ mod tests {
         assert_eq!(c.device_sockets[1].kind, DeviceKind::Auto);
         assert_eq!(c.device_sockets[1].path, PathBuf::from("/b:c.sock"));
         assert_eq!(c.serial, SerialOutput::File("/tmp/s".into()));
-        assert_eq!(c.vm_config().boot.initrd, Some(PathBuf::from("/i")));
+        let err = c.vm_config().unwrap_err();
+        assert!(
+            err.contains("/b:c.sock") && err.contains("discovery"),
+            "{err}"
+        );
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--device-socket",
+            "fs:/f",
+        ])
+        .unwrap();
+        let cfg = c.vm_config().unwrap();
+        assert_eq!(cfg.boot.initrd, Some(PathBuf::from("/i")));
+        assert_eq!(cfg.devices[0].kind, Some(VhostUserKind::Fs));
     }
 
     #[test]

@@ -107,8 +107,11 @@ pub fn payloads() -> &'static Payloads {
             pvh: dir.join("payload-pvh.elf"),
             bzimage: dir.join("payload.bzimage"),
         };
-        gcc(&p.elf, &["start.S", "payload.c"]);
-        gcc(&p.pvh, &["start.S", "start_pvh.S", "payload.c"]);
+        gcc(&p.elf, &["start.S", "payload.c", "virtio_blk.c"]);
+        gcc(
+            &p.pvh,
+            &["start.S", "start_pvh.S", "payload.c", "virtio_blk.c"],
+        );
         make_bzimage(&p.elf, &p.bzimage);
         p
     })
@@ -215,4 +218,24 @@ pub fn run_vmm(args: &[&str], timeout: Duration) -> Run {
         "rqemu-vmm did not exit within {timeout:?}:\n{run}"
     );
     run
+}
+
+/// The `rqemu-blk` daemon binary: `$RQEMU_BLK_BIN`, else `rqemu-blk` beside this test's
+/// target directory (`target/<profile>/deps/<test>` → `target/<profile>/rqemu-blk`; the test
+/// command builds every workspace binary first). Panics with what to run when it is missing:
+/// a test never skips silently.
+pub fn rqemu_blk_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("RQEMU_BLK_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = profile_dir.join("rqemu-blk");
+    assert!(
+        bin.exists(),
+        "rqemu-blk not found at {} (and RQEMU_BLK_BIN unset): build it first with \
+         `cargo build -p rqemu-blk` (scripts/test.sh builds every binary)",
+        bin.display()
+    );
+    bin
 }

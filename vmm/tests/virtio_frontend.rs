@@ -1,0 +1,335 @@
+//! vhost-user frontend tests without a guest CPU: a test driver programs the virtio-mmio
+//! registers of a [`MmioTransport`] and writes split virtqueues into memfd guest RAM, the
+//! transport hands the rings to a real vhost-user-blk daemon (qemu-storage-daemon, and
+//! rqemu-blk when its binary is found), and the test checks the data on the host.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod support;
+
+use rqemu_vmm::bus::BusDevice;
+use rqemu_vmm::memory::GuestRam;
+use rqemu_vmm::virtio::mmio::{reg, status, MmioTransport};
+use rqemu_vmm::virtio::vhost_user::{VhostUserDevice, VhostUserKind};
+use rqemu_vmm::virtio::{device_id, VIRTIO_F_VERSION_1};
+use vm_memory::{Address, Bytes, GuestAddress};
+
+const QSIZE: u16 = 16;
+const DESC: u64 = 0x10000;
+const AVAIL: u64 = 0x11000;
+const USED: u64 = 0x12000;
+const HDR: u64 = 0x20000;
+const DATA: u64 = 0x30000;
+const STATUS_BYTE: u64 = 0x40000;
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const IMAGE_SIZE: u64 = 1 << 20;
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+struct Daemon(Child, PathBuf);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_socket(p: &Path, child: &mut Child) {
+    let start = Instant::now();
+    while !p.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("daemon exited early: {st}");
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "daemon never created {}",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn qsd(dir: &Path, image: &Path) -> Daemon {
+    let sock = dir.join("qsd.sock");
+    let mut child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={}",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawning qemu-storage-daemon (installed from bookworm-backports)");
+    wait_socket(&sock, &mut child);
+    Daemon(child, sock)
+}
+
+fn rqemu_blk(bin: &Path, dir: &Path, image: &Path) -> Daemon {
+    let sock = dir.join("rqemu-blk.sock");
+    let mut child = Command::new(bin)
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--image")
+        .arg(image)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawning rqemu-blk");
+    wait_socket(&sock, &mut child);
+    Daemon(child, sock)
+}
+
+fn r(t: &mut MmioTransport, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+fn w(t: &mut MmioTransport, off: u64, v: u32) {
+    t.write(off, &v.to_le_bytes());
+}
+
+/// Minimal virtio-blk driver on one split queue.
+struct Driver {
+    ram: GuestRam,
+    t: MmioTransport,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl Driver {
+    fn probe(socket: &Path) -> Driver {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let dev = VhostUserDevice::connect(VhostUserKind::Blk, socket, ram.memory().clone())
+            .expect("connecting to the vhost-user-blk daemon");
+        let mut t = MmioTransport::new(Box::new(dev)).unwrap();
+        assert_eq!(r(&mut t, reg::MAGIC), 0x7472_6976);
+        assert_eq!(r(&mut t, reg::VERSION), 2);
+        assert_eq!(r(&mut t, reg::DEVICE_ID), device_id::BLOCK);
+        w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        let hi = r(&mut t, reg::DEVICE_FEATURES);
+        assert_ne!(u64::from(hi) << 32 & VIRTIO_F_VERSION_1, 0);
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        w(&mut t, reg::DRIVER_FEATURES, 1); // VERSION_1 only
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+        w(&mut t, reg::DRIVER_FEATURES, 0);
+        w(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_ne!(r(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
+        // Config: capacity in 512-byte sectors.
+        let mut cap = [0u8; 8];
+        t.read(reg::CONFIG, &mut cap);
+        assert_eq!(
+            u64::from_le_bytes(cap),
+            IMAGE_SIZE / 512,
+            "capacity from GET_CONFIG"
+        );
+        w(&mut t, reg::QUEUE_SEL, 0);
+        assert!(r(&mut t, reg::QUEUE_NUM_MAX) >= u32::from(QSIZE));
+        w(&mut t, reg::QUEUE_NUM, u32::from(QSIZE));
+        w(&mut t, reg::QUEUE_DESC_LOW, DESC as u32);
+        w(&mut t, reg::QUEUE_DESC_HIGH, 0);
+        w(&mut t, reg::QUEUE_DRIVER_LOW, AVAIL as u32);
+        w(&mut t, reg::QUEUE_DRIVER_HIGH, 0);
+        w(&mut t, reg::QUEUE_DEVICE_LOW, USED as u32);
+        w(&mut t, reg::QUEUE_DEVICE_HIGH, 0);
+        w(&mut t, reg::QUEUE_READY, 1);
+        w(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        let st = r(&mut t, reg::STATUS);
+        assert_eq!(st & status::DEVICE_NEEDS_RESET, 0, "activation failed");
+        Driver {
+            ram,
+            t,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let m = self.ram.memory();
+        let base = GuestAddress(DESC + u64::from(i) * 16);
+        m.write_obj(addr, base).unwrap();
+        m.write_obj(len, base.unchecked_add(8)).unwrap();
+        m.write_obj(flags, base.unchecked_add(12)).unwrap();
+        m.write_obj(next, base.unchecked_add(14)).unwrap();
+    }
+
+    /// Submits one request and waits for its completion via the call eventfd.
+    fn request(&mut self, ty: u32, sector: u64, data: &mut [u8]) -> u8 {
+        let m = self.ram.memory();
+        m.write_obj(ty, GuestAddress(HDR)).unwrap();
+        m.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+        m.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+        m.write_obj(0xffu8, GuestAddress(STATUS_BYTE)).unwrap();
+        if ty == T_OUT {
+            m.write_slice(data, GuestAddress(DATA)).unwrap();
+        }
+        const NEXT: u16 = 1;
+        const WRITE: u16 = 2;
+        self.desc(0, HDR, 16, NEXT, 1);
+        let dflags = if ty == T_IN { NEXT | WRITE } else { NEXT };
+        self.desc(1, DATA, data.len() as u32, dflags, 2);
+        self.desc(2, STATUS_BYTE, 1, WRITE, 0);
+        let slot = u64::from(self.avail_idx % QSIZE);
+        m.write_obj(0u16, GuestAddress(AVAIL + 4 + slot * 2))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        m.write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        w(&mut self.t, reg::QUEUE_NOTIFY, 0);
+        let call = &self.t.call_fds()[0];
+        let start = Instant::now();
+        loop {
+            let used: u16 = m.read_obj(GuestAddress(USED + 2)).unwrap();
+            if used != self.used_seen {
+                self.used_seen = used;
+                break;
+            }
+            let mut pfd = libc::pollfd {
+                fd: call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            let _ = call.read();
+            assert!(start.elapsed() < TIMEOUT, "request never completed");
+        }
+        if ty == T_IN {
+            m.read_slice(data, GuestAddress(DATA)).unwrap();
+        }
+        m.read_obj(GuestAddress(STATUS_BYTE)).unwrap()
+    }
+
+    fn reset(&mut self) {
+        w(&mut self.t, reg::STATUS, 0);
+        assert_eq!(r(&mut self.t, reg::STATUS), 0);
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn write_read_roundtrip(socket: &Path, image: &Path) {
+    let mut d = Driver::probe(socket);
+    let mut data = pattern(4096, 7);
+    assert_eq!(d.request(T_OUT, 8, &mut data), 0, "write status");
+    let mut back = vec![0u8; 4096];
+    assert_eq!(d.request(T_IN, 8, &mut back), 0, "read status");
+    assert_eq!(back, data);
+    // The host sees the bytes at sector 8.
+    let img = std::fs::read(image).unwrap();
+    assert_eq!(&img[4096..8192], &data[..]);
+    // Data written on the host is read by the driver.
+    let mut img = img;
+    img[512..1024].copy_from_slice(&pattern(512, 99));
+    std::fs::write(image, &img).unwrap();
+    let mut s1 = vec![0u8; 512];
+    assert_eq!(d.request(T_IN, 1, &mut s1), 0);
+    assert_eq!(s1, pattern(512, 99));
+    d.reset();
+}
+
+fn image(dir: &Path) -> PathBuf {
+    let p = dir.join("disk.raw");
+    std::fs::write(&p, vec![0u8; IMAGE_SIZE as usize]).unwrap();
+    p
+}
+
+#[test]
+fn qemu_storage_daemon_vhost_user_blk() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let d = qsd(dir.path(), &img);
+    write_read_roundtrip(&d.1, &img);
+    // A second frontend session after reset+reconnect works too.
+    drop(d);
+    let d = qsd(dir.path(), &img);
+    write_read_roundtrip(&d.1, &img);
+}
+
+#[test]
+fn rqemu_blk_vhost_user_blk() {
+    let bin = support::rqemu_blk_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let d = rqemu_blk(&bin, dir.path(), &img);
+    write_read_roundtrip(&d.1, &img);
+}
+
+#[test]
+fn missing_or_dead_daemon_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let ram = GuestRam::new(4 << 20).unwrap();
+    let start = Instant::now();
+    let err = VhostUserDevice::connect(
+        VhostUserKind::Blk,
+        &dir.path().join("nobody.sock"),
+        ram.memory().clone(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("nobody.sock") && err.contains("connect"),
+        "{err}"
+    );
+    assert!(start.elapsed() < TIMEOUT);
+    // A listener that accepts and then never answers: the reply timeout fires.
+    let sock = dir.path().join("mute.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let t = std::thread::spawn(move || {
+        let c = listener.accept();
+        std::thread::sleep(Duration::from_secs(12));
+        drop(c);
+    });
+    let err = VhostUserDevice::connect(VhostUserKind::Blk, &sock, ram.memory().clone())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mute.sock"), "{err}");
+    t.join().unwrap();
+}
+
+#[test]
+fn device_type_is_discovered_from_rqemu_daemons_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let ram = GuestRam::new(4 << 20).unwrap();
+    // rqemu-blk identifies itself: no type needed.
+    let d = rqemu_blk(&support::rqemu_blk_binary(), dir.path(), &img);
+    let dev = VhostUserDevice::open(None, &d.1, ram.memory().clone()).expect("discovery");
+    let mut t = MmioTransport::new(Box::new(dev)).unwrap();
+    assert_eq!(r(&mut t, reg::DEVICE_ID), device_id::BLOCK);
+    drop(t);
+    drop(d);
+    // qemu-storage-daemon has no rqemu identity: a clear error asking for the type.
+    let qdir = tempfile::tempdir().unwrap();
+    let q = qsd(qdir.path(), &image(qdir.path()));
+    let err = VhostUserDevice::open(None, &q.1, ram.memory().clone())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("give the type explicitly"), "{err}");
+    // ... and works with an explicit type.
+    VhostUserDevice::open(Some(VhostUserKind::Blk), &q.1, ram.memory().clone())
+        .expect("explicit type");
+}
