@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
-use crate::{Device, DriverError};
+use crate::{Device, DriverError, DriverMemory, SplitQueue};
 
 /// One pre-allocated request slot in driver memory.
 #[derive(Debug, Clone, Copy)]
@@ -60,25 +60,42 @@ pub fn post(
     sector: u64,
     data_len: u32,
 ) -> Result<u16, DriverError> {
+    let Device { mem, queues, .. } = dev;
+    post_on(mem, &mut queues[q], slot, kind, sector, data_len)
+}
+
+/// [`post`] on an explicit memory and queue, for drivers running queues on several threads.
+pub fn post_on(
+    mem: &DriverMemory,
+    queue: &mut SplitQueue,
+    slot: Slot,
+    kind: u32,
+    sector: u64,
+    data_len: u32,
+) -> Result<u16, DriverError> {
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&kind.to_le_bytes());
     h[8..16].copy_from_slice(&sector.to_le_bytes());
-    dev.mem.write(slot.header, &h)?;
-    dev.mem.write(slot.status, &[0xff])?;
+    mem.write(slot.header, &h)?;
+    mem.write(slot.status, &[0xff])?;
     let device_writes_data = kind == VIRTIO_BLK_T_IN || kind == 8; // IN, GET_ID
     let mut chain = vec![(slot.header, 16, false)];
     if data_len > 0 {
         chain.push((slot.data, data_len, device_writes_data));
     }
     chain.push((slot.status, 1, true));
-    let queue = &mut dev.queues[q];
-    Ok(queue.add(&dev.mem, &chain)?)
+    Ok(queue.add(mem, &chain)?)
 }
 
 /// Reads the status byte of a completed slot.
 pub fn status(dev: &Device, slot: Slot) -> Result<u8, DriverError> {
+    status_in(&dev.mem, slot)
+}
+
+/// [`status`] on an explicit memory.
+pub fn status_in(mem: &DriverMemory, slot: Slot) -> Result<u8, DriverError> {
     let mut s = [0u8];
-    dev.mem.read(slot.status, &mut s)?;
+    mem.read(slot.status, &mut s)?;
     Ok(s[0])
 }
 
