@@ -86,7 +86,10 @@ pub fn run(a: &BlkArgs) -> Result<()> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("driver thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("driver thread panicked")))
+            })
             .collect()
     });
     let mut total = QueueResult {
@@ -106,7 +109,11 @@ pub fn run(a: &BlkArgs) -> Result<()> {
     }
     report(a, &mut total, runtime);
     if total.errors > 0 || total.verify_failures > 0 {
-        bail!("{} I/O errors, {} verify failures", total.errors, total.verify_failures);
+        bail!(
+            "{} I/O errors, {} verify failures",
+            total.errors,
+            total.verify_failures
+        );
     }
     Ok(())
 }
@@ -116,8 +123,15 @@ fn prefill(dev: &mut Device, slots: &Slots, region: u64, bs: u64) -> Result<()> 
     let mut off = 0;
     while off < region {
         fill_pattern(&mut buf, off / SECTOR);
-        let (st, _) =
-            blk::request(dev, 0, slots.get(0), VIRTIO_BLK_T_OUT, off / SECTOR, &mut buf, STUCK)?;
+        let (st, _) = blk::request(
+            dev,
+            0,
+            slots.get(0),
+            VIRTIO_BLK_T_OUT,
+            off / SECTOR,
+            &mut buf,
+            STUCK,
+        )?;
         if st != 0 {
             bail!("prefill write at {off} failed with status {st}");
         }
@@ -153,7 +167,11 @@ impl Gen<'_> {
         };
         let slot: Slot = self.slots.get(i);
         let sector = block * a.bs / SECTOR;
-        let kind = if write { VIRTIO_BLK_T_OUT } else { VIRTIO_BLK_T_IN };
+        let kind = if write {
+            VIRTIO_BLK_T_OUT
+        } else {
+            VIRTIO_BLK_T_IN
+        };
         if write && a.verify {
             let mut b = vec![0u8; a.bs as usize];
             fill_pattern(&mut b, sector);
@@ -187,7 +205,14 @@ fn drive(
     };
     let mut scratch = vec![0u8; a.bs as usize];
     let mut expect = vec![0u8; a.bs as usize];
-    let mut gen = Gen { a, mem, slots, blocks, seq, rng };
+    let mut gen = Gen {
+        a,
+        mem,
+        slots,
+        blocks,
+        seq,
+        rng,
+    };
     for i in 0..a.iodepth {
         gen.submit(i, q, &mut in_flight)?;
     }
@@ -225,7 +250,10 @@ fn drive(
                 q.kick()?;
             }
         } else if last_progress.elapsed() > STUCK {
-            bail!("no completion for {STUCK:?} with {} requests in flight", q.in_flight());
+            bail!(
+                "no completion for {STUCK:?} with {} requests in flight",
+                q.in_flight()
+            );
         }
         if !draining && start.elapsed() >= runtime {
             draining = true;
@@ -244,8 +272,11 @@ fn report(a: &BlkArgs, t: &mut QueueResult, runtime: Duration) {
     let secs = runtime.as_secs_f64();
     let iops = t.ops as f64 / secs;
     let mbs = t.bytes as f64 / secs / 1e6;
-    let (p50, p99, p999) =
-        (t.lat.percentile_us(50.0), t.lat.percentile_us(99.0), t.lat.percentile_us(99.9));
+    let (p50, p99, p999) = (
+        t.lat.percentile_us(50.0),
+        t.lat.percentile_us(99.0),
+        t.lat.percentile_us(99.9),
+    );
     let rw = format!("{:?}", a.rw).to_lowercase();
     if a.json {
         println!(
@@ -264,7 +295,11 @@ fn report(a: &BlkArgs, t: &mut QueueResult, runtime: Duration) {
             if a.poll { " poll" } else { "" },
             t.ops,
             t.errors,
-            if a.verify { format!(", {} verify failures", t.verify_failures) } else { String::new() }
+            if a.verify {
+                format!(", {} verify failures", t.verify_failures)
+            } else {
+                String::new()
+            }
         );
     }
 }

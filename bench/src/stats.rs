@@ -11,12 +11,15 @@ pub struct Latencies {
 impl Latencies {
     /// Room for `n` samples before growing.
     pub fn with_capacity(n: usize) -> Self {
-        Latencies { samples: Vec::with_capacity(n) }
+        Latencies {
+            samples: Vec::with_capacity(n),
+        }
     }
 
     /// Records one latency.
     pub fn push(&mut self, d: Duration) {
-        self.samples.push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.samples
+            .push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     }
 
     /// Merges another set.

@@ -7,8 +7,16 @@ use std::time::{Duration, Instant};
 
 fn rqemu_blk() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|p| p.parent()).unwrap().join("rqemu-blk");
-    assert!(bin.exists(), "{} missing: run `cargo build -p rqemu-blk` first", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .unwrap()
+        .join("rqemu-blk");
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build -p rqemu-blk` first",
+        bin.display()
+    );
     bin
 }
 
@@ -16,7 +24,10 @@ fn rqemu_blk() -> PathBuf {
 fn verified_mixed_run_against_rqemu_blk() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.raw");
-    std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     let sock = dir.path().join("b.sock");
     let mut daemon = Command::new(rqemu_blk())
         .args(["--queues", "2", "--socket"])
@@ -32,7 +43,16 @@ fn verified_mixed_run_against_rqemu_blk() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let out = Command::new(env!("CARGO_BIN_EXE_rqemu-bench"))
-        .args(["blk", "--rw", "mixed", "--verify", "--queues", "2", "--iodepth", "8"])
+        .args([
+            "blk",
+            "--rw",
+            "mixed",
+            "--verify",
+            "--queues",
+            "2",
+            "--iodepth",
+            "8",
+        ])
         .args(["--runtime", "0.5", "--size", "1M", "--json", "--socket"])
         .arg(&sock)
         .output()
@@ -40,9 +60,22 @@ fn verified_mixed_run_against_rqemu_blk() {
     let _ = daemon.kill();
     let _ = daemon.wait();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("\"errors\":0") && text.contains("\"verify_failures\":0"), "{text}");
-    let ops: u64 = text.split("\"ops\":").nth(1).and_then(|s| s.split(',').next()).unwrap().parse().unwrap();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("\"errors\":0") && text.contains("\"verify_failures\":0"),
+        "{text}"
+    );
+    let ops: u64 = text
+        .split("\"ops\":")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(ops > 0, "{text}");
     println!("{text}");
 }

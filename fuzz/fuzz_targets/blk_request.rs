@@ -40,7 +40,9 @@ fuzz_target!(|data: &[u8]| {
     let image = Arc::new(MemImage::new(64 * 1024, false));
     let dev = BlockDevice::new(image, BlkParams::default()).unwrap();
     let q = MockSplitQueue::new(&mem, 16);
-    let Ok(chain) = q.build_desc_chain(&descs) else { return };
+    let Ok(chain) = q.build_desc_chain(&descs) else {
+        return;
+    };
     let mut scratch = Scratch::default();
     let _ = dev.process_chain(&mem, chain, &mut scratch);
 });

@@ -107,7 +107,11 @@ impl Identity {
         if name.len() > NAME_LEN {
             return Err(IdentityError::NameTooLong);
         }
-        Ok(Identity { version: VERSION, kind, name: name.to_string() })
+        Ok(Identity {
+            version: VERSION,
+            kind,
+            name: name.to_string(),
+        })
     }
 
     /// Encodes the 64-byte block.
@@ -137,7 +141,11 @@ impl Identity {
         let raw = &b[16..16 + NAME_LEN];
         let end = raw.iter().position(|&c| c == 0).unwrap_or(NAME_LEN);
         let name = std::str::from_utf8(&raw[..end]).map_err(|_| IdentityError::Name)?;
-        Ok(Identity { version, kind: DeviceKind::from_virtio_id(id), name: name.to_string() })
+        Ok(Identity {
+            version,
+            kind: DeviceKind::from_virtio_id(id),
+            name: name.to_string(),
+        })
     }
 
     /// Daemon side: answers a GET_CONFIG that falls in the identity window, or `None` when
@@ -159,8 +167,14 @@ mod tests {
         let id = Identity::new(DeviceKind::Blk, "rqemu-blk").unwrap();
         let b = id.encode();
         assert_eq!(Identity::decode(&b).unwrap(), id);
-        assert_eq!(id.answer_config(IDENTITY_OFFSET, IDENTITY_LEN).unwrap(), b.to_vec());
-        assert_eq!(id.answer_config(IDENTITY_OFFSET + 8, 2).unwrap(), vec![1, 0]);
+        assert_eq!(
+            id.answer_config(IDENTITY_OFFSET, IDENTITY_LEN).unwrap(),
+            b.to_vec()
+        );
+        assert_eq!(
+            id.answer_config(IDENTITY_OFFSET + 8, 2).unwrap(),
+            vec![1, 0]
+        );
         assert_eq!(id.answer_config(0, 60), None);
         assert_eq!(id.answer_config(IDENTITY_OFFSET + 60, 8), None);
         assert_eq!(id.answer_config(u32::MAX, u32::MAX), None);
@@ -181,7 +195,12 @@ mod tests {
 
     #[test]
     fn kinds_map_to_virtio_ids() {
-        for k in [DeviceKind::Net, DeviceKind::Blk, DeviceKind::Fs, DeviceKind::Other(7)] {
+        for k in [
+            DeviceKind::Net,
+            DeviceKind::Blk,
+            DeviceKind::Fs,
+            DeviceKind::Other(7),
+        ] {
             assert_eq!(DeviceKind::from_virtio_id(k.virtio_id()), k);
         }
     }

@@ -75,10 +75,16 @@ impl CpioArchive {
         self.raw_entry(name, mode, nlink, data)
     }
 
-    fn raw_entry(&mut self, name: &str, mode: u32, nlink: u32, data: &[u8]) -> Result<(), CpioError> {
+    fn raw_entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        data: &[u8],
+    ) -> Result<(), CpioError> {
         let size = u32::try_from(data.len()).map_err(|_| CpioError::TooLarge(name.to_string()))?;
-        let namesize = u32::try_from(name.len() + 1)
-            .map_err(|_| CpioError::BadName(name.to_string()))?;
+        let namesize =
+            u32::try_from(name.len() + 1).map_err(|_| CpioError::BadName(name.to_string()))?;
         let ino = self.next_ino;
         self.next_ino = self.next_ino.wrapping_add(1);
         // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor namesize check
@@ -171,7 +177,8 @@ mod tests {
             panic!("`cpio` is needed for this test: run scripts/install-deps.sh");
         };
         let mut a = CpioArchive::new();
-        a.add_file("test.sh", 0o755, b"#!/bin/sh\necho hi\n").unwrap();
+        a.add_file("test.sh", 0o755, b"#!/bin/sh\necho hi\n")
+            .unwrap();
         let bytes = a.finish();
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a.cpio");

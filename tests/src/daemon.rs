@@ -186,6 +186,21 @@ impl Daemon {
         String::from_utf8_lossy(&s).into_owned()
     }
 
+    /// Kills the process with SIGKILL (no chance to flush anything) and reaps it.
+    pub fn kill(mut self) -> Result<ExitStatus, DaemonError> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
+        }
+        let wait_err = |name: &str| {
+            let name = name.to_string();
+            move |source| DaemonError::Wait { name, source }
+        };
+        self.child.kill().map_err(wait_err(&self.name))?;
+        let status = self.child.wait().map_err(wait_err(&self.name))?;
+        self.exited = Some(status);
+        Ok(status)
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit status; kills it on timeout.
     pub fn terminate(mut self, timeout: Duration) -> Result<ExitStatus, DaemonError> {
         if let Some(status) = self.try_wait()? {
@@ -283,8 +298,14 @@ mod tests {
         let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         let mut cmd = Command::new("sleep");
         cmd.arg("30");
-        let d = Daemon::spawn("sleep", cmd, &sock, &dir.path().join("log"), Duration::from_secs(5))
-            .unwrap();
+        let d = Daemon::spawn(
+            "sleep",
+            cmd,
+            &sock,
+            &dir.path().join("log"),
+            Duration::from_secs(5),
+        )
+        .unwrap();
         drop(listener);
         let status = d.terminate(Duration::from_secs(5)).unwrap();
         assert!(!status.success());

@@ -111,7 +111,11 @@ impl DiskModel {
     /// Applies `op` (panics if the op lies outside the disk: a bug in the test itself).
     pub fn apply(&mut self, op: &DiskOp) {
         let (start, end) = op.range();
-        assert!(end <= self.size(), "{op:?} ends beyond the {} byte disk", self.size());
+        assert!(
+            end <= self.size(),
+            "{op:?} ends beyond the {} byte disk",
+            self.size()
+        );
         let (s, e) = (start as usize, end as usize);
         match op {
             DiskOp::Write { len, seed, .. } => {
@@ -129,10 +133,14 @@ impl DiskModel {
     /// on a mismatch it names the first differing offset and the last op that touched it.
     pub fn check(&self, actual: &[u8], ops: &[DiskOp]) -> Result<(), String> {
         if actual.len() as u64 != self.size() {
-            return Err(format!("image is {} bytes, expected {}", actual.len(), self.size()));
+            return Err(format!(
+                "image is {} bytes, expected {}",
+                actual.len(),
+                self.size()
+            ));
         }
-        let mut bad = (0..self.bytes.len())
-            .filter(|&i| self.defined[i] && self.bytes[i] != actual[i]);
+        let mut bad =
+            (0..self.bytes.len()).filter(|&i| self.defined[i] && self.bytes[i] != actual[i]);
         let Some(first) = bad.next() else {
             return Ok(());
         };
@@ -264,7 +272,13 @@ impl Workload {
         for (i, op) in self.ops.iter().enumerate() {
             let what = format!("{}-op{i}", self.tag);
             match op {
-                DiskOp::Write { offset, len, bs, mode, .. } => {
+                DiskOp::Write {
+                    offset,
+                    len,
+                    bs,
+                    mode,
+                    ..
+                } => {
                     let data = self.data_path(i);
                     let bs64 = *bs as u64;
                     let mut oflags = Vec::new();
@@ -290,21 +304,27 @@ impl Workload {
                         sh,
                         "run \"{what} write\" dd if={data} of={dev} bs={bs} seek={seek} conv={conv}{oflag}"
                     );
-                    let _ = writeln!(sh, "readback \"{what}\" {dev} {offset} {len} {direct} {data}");
+                    let _ = writeln!(
+                        sh,
+                        "readback \"{what}\" {dev} {offset} {len} {direct} {data}"
+                    );
                 }
                 DiskOp::Zero { offset, len, mode } => {
                     let cmd = match mode {
-                        ZeroMode::Discard => format!("blkdiscard -o {offset} -l {len} {dev}"),
-                        ZeroMode::ZeroNoUnmap => format!("blkdiscard -z -o {offset} -l {len} {dev}"),
-                        ZeroMode::ZeroUnmap => format!("fallocate -p -o {offset} -l {len} {dev}"),
+                        ZeroMode::Discard => format!("{UL_BLKDISCARD} -o {offset} -l {len} {dev}"),
+                        ZeroMode::ZeroNoUnmap => format!("{UL_BLKDISCARD} -z -o {offset} -l {len} {dev}"),
+                        ZeroMode::ZeroUnmap => format!("{UL_FALLOCATE} -p -o {offset} -l {len} {dev}"),
                         ZeroMode::DdZeroes => format!(
                             "dd if=/dev/zero of={dev} bs={len} count=1 seek={offset} oflag=seek_bytes conv=notrunc,fsync"
                         ),
                     };
                     let _ = writeln!(sh, "run \"{what} {mode:?}\" {cmd}");
                     if *mode != ZeroMode::Discard {
-                        let _ = writeln!(sh, "head -c {len} /dev/zero >/tmp/zeroes");
-                        let _ = writeln!(sh, "readback \"{what}\" {dev} {offset} {len} false /tmp/zeroes");
+                        let _ = writeln!(sh, "head -c {len} /dev/zero >$T.zeroes");
+                        let _ = writeln!(
+                            sh,
+                            "readback \"{what}\" {dev} {offset} {len} false $T.zeroes"
+                        );
                     }
                 }
             }
@@ -322,7 +342,11 @@ impl Workload {
         let mut n = 0u64;
         while off + MIB <= base + len {
             let size = sizes[(n as usize) % sizes.len()];
-            let mode = if n % 5 == 4 { WriteMode::Fsync } else { WriteMode::Direct };
+            let mode = if n % 5 == 4 {
+                WriteMode::Fsync
+            } else {
+                WriteMode::Direct
+            };
             ops.push(DiskOp::Write {
                 offset: off,
                 len: size as usize,
@@ -333,7 +357,11 @@ impl Workload {
             off += size + 4 * KIB;
             n += 1;
         }
-        ops.push(DiskOp::Zero { offset: base + 64 * KIB, len: 64 * KIB, mode: ZeroMode::ZeroUnmap });
+        ops.push(DiskOp::Zero {
+            offset: base + 64 * KIB,
+            len: 64 * KIB,
+            mode: ZeroMode::ZeroUnmap,
+        });
         Self {
             dev: dev.to_string(),
             disk_size,
@@ -350,27 +378,35 @@ pub fn sha256_script(dev: &str, key: &str) -> String {
     )
 }
 
-/// Shell helpers the generated workload scripts use: `fail MSG`, `run WHAT CMD...` (runs CMD,
+/// util-linux `blkdiscard` in the guest (busybox's lacks `-z`; busybox sh prefers its own
+/// applets over `PATH`, so call it by path).
+pub const UL_BLKDISCARD: &str = "/usr/bin/blkdiscard";
+/// util-linux `fallocate` in the guest (busybox's lacks `-p`/`-z`).
+pub const UL_FALLOCATE: &str = "/usr/bin/fallocate";
+
+/// Shell helpers the generated workload scripts use (temp files are per shell process, so
+/// workloads may run concurrently): `fail MSG`, `run WHAT CMD...` (runs CMD,
 /// fails with its stderr), `readback WHAT DEV OFFSET LEN DIRECT FILE` (reads the range back — with
 /// `O_DIRECT` when DIRECT is `true`, else buffered after dropping clean caches — and `cmp`s it
 /// with FILE).
 pub const GUEST_HELPERS: &str = r#"
+T=/tmp/rq.$$
 fail() { echo "RQEMU-FAIL: $*"; exit 1; }
 run() {
     what="$1"; shift
-    "$@" 2>/tmp/run.err || fail "$what: '$*' failed: $(cat /tmp/run.err)"
+    "$@" 2>$T.run.err || fail "$what: '$*' failed: $(cat $T.run.err)"
 }
 readback() {
     what="$1" dev="$2" off="$3" len="$4" direct="$5" file="$6"
     if [ "$direct" = true ]; then
-        dd if="$dev" of=/tmp/rb bs=512 skip=$((off / 512)) count=$((len / 512)) iflag=direct 2>/tmp/run.err ||
-            fail "$what: direct read-back failed: $(cat /tmp/run.err)"
+        dd if="$dev" of=$T.rb bs=65536 skip="$off" count="$len" iflag=direct,skip_bytes,count_bytes 2>$T.run.err ||
+            fail "$what: direct read-back failed: $(cat $T.run.err)"
     else
         echo 1 >/proc/sys/vm/drop_caches
-        dd if="$dev" of=/tmp/rb bs=4096 skip="$off" count="$len" iflag=skip_bytes,count_bytes 2>/tmp/run.err ||
-            fail "$what: read-back failed: $(cat /tmp/run.err)"
+        dd if="$dev" of=$T.rb bs=4096 skip="$off" count="$len" iflag=skip_bytes,count_bytes 2>$T.run.err ||
+            fail "$what: read-back failed: $(cat $T.run.err)"
     fi
-    cmp /tmp/rb "$file" >/tmp/cmp.out 2>&1 || fail "$what: read-back differs: $(cat /tmp/cmp.out)"
+    cmp $T.rb "$file" >$T.cmp.out 2>&1 || fail "$what: read-back differs: $(cat $T.cmp.out)"
 }
 "#;
 
@@ -389,9 +425,23 @@ mod tests {
     #[test]
     fn model_applies_writes_zeroes_and_discards() {
         let mut m = DiskModel::new(4096, &[0xaa; 1024]);
-        m.apply(&DiskOp::Write { offset: 10, len: 5, bs: 1, mode: WriteMode::Buffered, seed: 3 });
-        m.apply(&DiskOp::Zero { offset: 512, len: 512, mode: ZeroMode::ZeroUnmap });
-        m.apply(&DiskOp::Zero { offset: 2048, len: 512, mode: ZeroMode::Discard });
+        m.apply(&DiskOp::Write {
+            offset: 10,
+            len: 5,
+            bs: 1,
+            mode: WriteMode::Buffered,
+            seed: 3,
+        });
+        m.apply(&DiskOp::Zero {
+            offset: 512,
+            len: 512,
+            mode: ZeroMode::ZeroUnmap,
+        });
+        m.apply(&DiskOp::Zero {
+            offset: 2048,
+            len: 512,
+            mode: ZeroMode::Discard,
+        });
         let mut img = vec![0u8; 4096];
         img[..1024].fill(0xaa);
         img[10..15].copy_from_slice(&pattern(3, 5));
@@ -413,7 +463,11 @@ mod tests {
         for op in &w.ops {
             let (s, e) = op.range();
             match op {
-                DiskOp::Write { mode: WriteMode::Direct, bs, .. } => {
+                DiskOp::Write {
+                    mode: WriteMode::Direct,
+                    bs,
+                    ..
+                } => {
                     assert!(s % 512 == 0 && e % 512 == 0 && *bs % 512 == 0, "{op:?}");
                 }
                 DiskOp::Zero { mode, .. } if *mode != ZeroMode::DdZeroes => {
@@ -424,7 +478,7 @@ mod tests {
         }
         assert_eq!(w.guest_files().len(), 12);
         let script = w.guest_script();
-        assert!(script.contains("blkdiscard -z"));
+        assert!(script.contains("/usr/bin/blkdiscard -z"));
         assert!(script.contains("oflag=seek_bytes"));
     }
 }

@@ -137,13 +137,20 @@ mod tests {
     #[test]
     fn repo_root_holds_the_workspace_manifest() {
         assert!(repo_root().join("Cargo.toml").is_file());
-        assert!(repo_root().join("tests").join("guest").join("init.sh").is_file());
+        assert!(repo_root()
+            .join("tests")
+            .join("guest")
+            .join("init.sh")
+            .is_file());
     }
 
     #[test]
     fn missing_binary_is_an_error_naming_the_build_command() {
         let err = project_binary("rqemu-no-such-binary").unwrap_err();
-        assert!(err.to_string().contains("cargo build --workspace --bins"), "{err}");
+        assert!(
+            err.to_string().contains("cargo build --workspace --bins"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub const INIT_GREETING: &str = "rqemu guest: init reached";
 /// Prefix of the line carrying the test command's exit status.
 pub const EXIT_MARKER: &str = "RQEMU-EXIT=";
 /// Default time limit of one guest run (TCG boot is ~3 s; tests do I/O on top).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(180);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Errors running a guest.
 #[derive(Debug, thiserror::Error)]
@@ -101,8 +101,12 @@ impl VhostUserDevice {
 
     /// QEMU arguments for device number `n`.
     fn args(&self, n: usize) -> Vec<String> {
-        let chardev =
-            |socket: &Path| format!("socket,id=vhu{n},path={}", qemu_escape(&socket.to_string_lossy()));
+        let chardev = |socket: &Path| {
+            format!(
+                "socket,id=vhu{n},path={}",
+                qemu_escape(&socket.to_string_lossy())
+            )
+        };
         match self {
             Self::Blk { socket, num_queues } => vec![
                 "-chardev".into(),
@@ -110,7 +114,11 @@ impl VhostUserDevice {
                 "-device".into(),
                 format!("vhost-user-blk,chardev=vhu{n},num-queues={num_queues}"),
             ],
-            Self::Net { socket, queues, mac } => {
+            Self::Net {
+                socket,
+                queues,
+                mac,
+            } => {
                 let mut dev = format!("virtio-net-device,netdev=net{n}");
                 if *queues > 1 {
                     dev.push_str(",mq=on");
@@ -131,7 +139,10 @@ impl VhostUserDevice {
                 "-chardev".into(),
                 chardev(socket),
                 "-device".into(),
-                format!("vhost-user-fs-device,chardev=vhu{n},tag={}", qemu_escape(tag)),
+                format!(
+                    "vhost-user-fs-device,chardev=vhu{n},tag={}",
+                    qemu_escape(tag)
+                ),
             ],
         }
     }
@@ -146,6 +157,7 @@ fn qemu_escape(s: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct QemuVm {
     assets: GuestAssets,
+    kernel: PathBuf,
     work_dir: PathBuf,
     memory_mib: u32,
     cpus: u32,
@@ -163,6 +175,7 @@ impl QemuVm {
     pub fn new(assets: &GuestAssets, work_dir: &Path) -> Self {
         Self {
             assets: assets.clone(),
+            kernel: assets.vmlinuz.clone(),
             work_dir: work_dir.to_path_buf(),
             memory_mib: 512,
             cpus: 1,
@@ -174,6 +187,12 @@ impl QemuVm {
             files: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    /// Boots this kernel instead of the bzImage (e.g. `assets.vmlinux`, the ELF/PVH kernel).
+    pub fn kernel(mut self, kernel: &Path) -> Self {
+        self.kernel = kernel.to_path_buf();
+        self
     }
 
     /// Guest RAM in MiB (memfd-backed, shared with the daemons).
@@ -235,6 +254,11 @@ impl QemuVm {
     /// The kernel command line.
     pub fn kernel_cmdline(&self) -> String {
         let mut cmdline = String::from("console=ttyS0 quiet panic=-1");
+        if let Some(khz) = host_tsc_khz() {
+            // qboot leaves the PIT unusable for TSC calibration; without a hint the kernel
+            // hangs in timer setup. Under TCG the guest TSC is the host's.
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
         for s in &self.cmdline_extra {
             cmdline.push(' ');
             cmdline.push_str(s);
@@ -281,18 +305,32 @@ impl QemuVm {
     fn command(&self, initrd: &Path) -> Result<Command, QemuError> {
         let mut cmd = Command::new(host_tool("qemu-system-x86_64")?);
         let mem = format!("{}M", self.memory_mib);
-        cmd.args(["-accel", "tcg", "-M", "microvm,memory-backend=mem,acpi=on", "-m", &mem])
-            .args(["-smp", &self.cpus.to_string()])
-            .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")])
-            .args(["-global", "virtio-mmio.force-legacy=false"])
-            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-            .args(["-serial", "stdio"])
-            .arg("-kernel")
-            .arg(&self.assets.vmlinuz)
-            .arg("-initrd")
-            .arg(initrd)
-            .arg("-append")
-            .arg(self.kernel_cmdline());
+        // qboot, not the default SeaBIOS: SeaBIOS drives virtio-mmio disks itself with rings in
+        // 0xe0000..0x100000, which is ROM to QEMU and so missing from the vhost-user memory
+        // table — vhost-user-blk backends then see invalid addresses before Linux even starts.
+        cmd.args(["-bios", &firmware()?.to_string_lossy()]);
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-M",
+            "microvm,memory-backend=mem,acpi=on",
+            "-m",
+            &mem,
+        ])
+        .args(["-smp", &self.cpus.to_string()])
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        ])
+        .args(["-global", "virtio-mmio.force-legacy=false"])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&self.kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(self.kernel_cmdline());
         for (n, dev) in self.devices.iter().enumerate() {
             cmd.args(dev.args(n));
         }
@@ -304,7 +342,9 @@ impl QemuVm {
     pub fn run(&self) -> Result<GuestRun, QemuError> {
         let initrd = self.build_initramfs()?;
         let mut cmd = self.command(&initrd)?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let start = Instant::now();
         let mut child = cmd.spawn().map_err(QemuError::Io)?;
         let console = Arc::new(Mutex::new(Vec::<u8>::new()));
@@ -374,6 +414,32 @@ impl QemuVm {
     }
 }
 
+/// QEMU's qboot firmware (package qemu-system-data).
+pub fn firmware() -> Result<PathBuf, PathError> {
+    let path = PathBuf::from(QBOOT);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(PathError::MissingTool(QBOOT.to_string()))
+    }
+}
+
+const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+
+/// The host TSC frequency in kHz from `/proc/cpuinfo` (`cpu MHz`), if known.
+pub fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz >= 1.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -427,7 +493,10 @@ impl GuestRun {
 
     /// Console plus QEMU stderr, for failure messages.
     pub fn transcript(&self) -> String {
-        format!("{}\n--- qemu stderr ---\n{}", self.console, self.qemu_stderr)
+        format!(
+            "{}\n--- qemu stderr ---\n{}",
+            self.console, self.qemu_stderr
+        )
     }
 
     /// Ok when QEMU exited with status 0 and the guest test command reported 0.
@@ -488,6 +557,8 @@ mod tests {
         }
         .args(0);
         assert!(net.contains(&"vhost-user,id=net0,chardev=vhu0,queues=2".to_string()));
-        assert!(net.contains(&"virtio-net-device,netdev=net0,mq=on,mac=52:54:00:00:00:01".to_string()));
+        assert!(
+            net.contains(&"virtio-net-device,netdev=net0,mq=on,mac=52:54:00:00:00:01".to_string())
+        );
     }
 }

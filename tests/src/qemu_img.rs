@@ -162,13 +162,14 @@ pub fn sha256(bytes: &[u8]) -> Result<String, ImageError> {
         .stdout(Stdio::piped())
         .spawn()
         .map_err(io_err(&tool))?;
-    let mut stdin = child.stdin.take();
-    let writer = std::thread::scope(|scope| {
-        let w = scope.spawn(|| stdin.as_mut().map(|i| i.write_all(bytes)));
+    let stdin = child.stdin.take();
+    let (_, out) = std::thread::scope(|scope| {
+        // The writer owns stdin and closes it when done, so sha256sum sees EOF.
+        let w = scope.spawn(move || stdin.map(|mut i| i.write_all(bytes)));
         let out = child.wait_with_output();
         (w.join(), out)
     });
-    let out = writer.1.map_err(io_err(&tool))?;
+    let out = out.map_err(io_err(&tool))?;
     let digest = String::from_utf8_lossy(&out.stdout);
     let digest = digest.split_whitespace().next().unwrap_or_default();
     if !out.status.success() || digest.len() != 64 {
@@ -203,7 +204,13 @@ mod tests {
         check(&img).unwrap();
         assert_eq!(read_image(&img, Format::Qcow2).unwrap(), data);
         let overlay = dir.path().join("b.qcow2");
-        create(&overlay, Format::Qcow2, 2 << 20, Some((&img, Format::Qcow2))).unwrap();
+        create(
+            &overlay,
+            Format::Qcow2,
+            2 << 20,
+            Some((&img, Format::Qcow2)),
+        )
+        .unwrap();
         let seen = read_image(&overlay, Format::Qcow2).unwrap();
         assert_eq!(&seen[..1 << 20], &data[..]);
         assert!(seen[1 << 20..].iter().all(|&b| b == 0));

@@ -64,3 +64,13 @@ fn rqemu_blk_readonly_rejects_writes() {
 fn rqemu_blk_survives_frontend_disconnect() {
     ok(scenario::reconnect(Rqemu));
 }
+
+#[test]
+fn rqemu_blk_qcow2_flushed_data_survives_sigkill() {
+    ok(Workloads {
+        kill: true,
+        seed: 3,
+        ..Workloads::new(Rqemu, Format::Qcow2)
+    }
+    .run());
+}

@@ -13,10 +13,10 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -112,7 +112,9 @@ pub struct Device {
 
 impl std::fmt::Debug for DriverMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DriverMemory").field("size", &self.size()).finish()
+        f.debug_struct("DriverMemory")
+            .field("size", &self.size())
+            .finish()
     }
 }
 
@@ -153,7 +155,10 @@ impl Device {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK;
         let protocol_features = offered_proto & wanted;
-        vu("SET_PROTOCOL_FEATURES", frontend.set_protocol_features(protocol_features))?;
+        vu(
+            "SET_PROTOCOL_FEATURES",
+            frontend.set_protocol_features(protocol_features),
+        )?;
         if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             // Every request is acknowledged: errors surface where they happen.
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -202,7 +207,14 @@ impl Device {
         // A request with a reply, as a barrier: the backend handles messages in order, so once
         // this is answered every queue is enabled and a kick cannot be lost.
         vu("GET_FEATURES", frontend.get_features())?;
-        Ok(Device { frontend, mem, queues, features, protocol_features, offered_features: offered })
+        Ok(Device {
+            frontend,
+            mem,
+            queues,
+            features,
+            protocol_features,
+            offered_features: offered,
+        })
     }
 
     /// Reads `len` bytes of the device configuration space at `offset`.
@@ -210,7 +222,8 @@ impl Device {
         let buf = vec![0u8; len as usize];
         let (_, payload) = vu(
             "GET_CONFIG",
-            self.frontend.get_config(offset, len, VhostUserConfigFlags::WRITABLE, &buf),
+            self.frontend
+                .get_config(offset, len, VhostUserConfigFlags::WRITABLE, &buf),
         )?;
         Ok(payload)
     }

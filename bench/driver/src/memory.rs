@@ -4,9 +4,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Errors of the guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +45,11 @@ impl DriverMemory {
         let mem = GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), size, Some(fo))])
             .map_err(|e| MemoryError::Map(e.to_string()))?;
         // Keep page 0 unused so that a zero address is never a valid buffer.
-        Ok(DriverMemory { file, mem, next: 4096 })
+        Ok(DriverMemory {
+            file,
+            mem,
+            next: 4096,
+        })
     }
 
     /// Size in bytes.
@@ -62,7 +64,9 @@ impl DriverMemory {
 
     /// Host virtual address of guest address 0.
     pub fn host_addr(&self) -> *mut u8 {
-        self.mem.get_host_address(GuestAddress(0)).unwrap_or(std::ptr::null_mut())
+        self.mem
+            .get_host_address(GuestAddress(0))
+            .unwrap_or(std::ptr::null_mut())
     }
 
     /// The mapping, for `Bytes` access.
@@ -73,7 +77,9 @@ impl DriverMemory {
     /// Allocates `len` bytes aligned to `align` (a power of two). Never freed.
     pub fn alloc(&mut self, len: usize, align: u64) -> Result<u64, MemoryError> {
         let start = self.next.next_multiple_of(align.max(1));
-        let end = start.checked_add(len as u64).ok_or(MemoryError::Exhausted(len))?;
+        let end = start
+            .checked_add(len as u64)
+            .ok_or(MemoryError::Exhausted(len))?;
         if end > self.size() as u64 {
             return Err(MemoryError::Exhausted(len));
         }

@@ -113,7 +113,10 @@ impl SplitQueue {
     /// Writes a chain and publishes it on the available ring (no kick). Returns its head.
     pub fn add(&mut self, mem: &DriverMemory, chain: Chain<'_>) -> Result<u16, QueueError> {
         if chain.is_empty() || chain.len() > self.free.len() {
-            return Err(QueueError::Full { needed: chain.len(), free: self.free.len() });
+            return Err(QueueError::Full {
+                needed: chain.len(),
+                free: self.free.len(),
+            });
         }
         let ids: Vec<u16> = (0..chain.len()).filter_map(|_| self.free.pop()).collect();
         let m = mem.mem();
@@ -125,8 +128,10 @@ impl SplitQueue {
             }
             let base = GuestAddress(self.desc + 16 * u64::from(ids[i]));
             m.write_obj(addr.to_le(), base).map_err(MemoryError::from)?;
-            m.write_obj(len.to_le(), GuestAddress(base.0 + 8)).map_err(MemoryError::from)?;
-            m.write_obj(flags.to_le(), GuestAddress(base.0 + 12)).map_err(MemoryError::from)?;
+            m.write_obj(len.to_le(), GuestAddress(base.0 + 8))
+                .map_err(MemoryError::from)?;
+            m.write_obj(flags.to_le(), GuestAddress(base.0 + 12))
+                .map_err(MemoryError::from)?;
             m.write_obj(next.unwrap_or(0).to_le(), GuestAddress(base.0 + 14))
                 .map_err(MemoryError::from)?;
         }
@@ -152,7 +157,9 @@ impl SplitQueue {
     pub fn pop_used(&mut self, mem: &DriverMemory) -> Result<Option<(u16, u32)>, QueueError> {
         let m = mem.mem();
         fence(Ordering::SeqCst);
-        let used_idx: u16 = m.read_obj(GuestAddress(self.used + 2)).map_err(MemoryError::from)?;
+        let used_idx: u16 = m
+            .read_obj(GuestAddress(self.used + 2))
+            .map_err(MemoryError::from)?;
         if used_idx == self.last_used {
             return Ok(None);
         }
@@ -160,8 +167,13 @@ impl SplitQueue {
         let slot = u64::from(self.last_used % self.size);
         let elem = GuestAddress(self.used + 4 + 8 * slot);
         let id: u32 = m.read_obj(elem).map_err(MemoryError::from)?;
-        let len: u32 = m.read_obj(GuestAddress(elem.0 + 4)).map_err(MemoryError::from)?;
-        let head = u16::try_from(id).ok().filter(|&h| h < self.size).ok_or(QueueError::BadUsedId(id))?;
+        let len: u32 = m
+            .read_obj(GuestAddress(elem.0 + 4))
+            .map_err(MemoryError::from)?;
+        let head = u16::try_from(id)
+            .ok()
+            .filter(|&h| h < self.size)
+            .ok_or(QueueError::BadUsedId(id))?;
         let n = self.chain_len[usize::from(head)];
         if n == 0 {
             return Err(QueueError::BadUsedId(id));
@@ -182,7 +194,8 @@ impl SplitQueue {
         if self.event_idx {
             // used_event: interrupt us as soon as the next one completes.
             let used_event = GuestAddress(self.avail + 4 + 2 * u64::from(self.size));
-            m.write_obj(self.last_used.to_le(), used_event).map_err(MemoryError::from)?;
+            m.write_obj(self.last_used.to_le(), used_event)
+                .map_err(MemoryError::from)?;
         }
         Ok(Some((head, len)))
     }

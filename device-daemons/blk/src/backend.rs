@@ -15,7 +15,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -62,7 +64,9 @@ impl BlkBackend {
             dev,
             mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
-            scratch: (0..queues).map(|_| Mutex::new(Scratch::default())).collect(),
+            scratch: (0..queues)
+                .map(|_| Mutex::new(Scratch::default()))
+                .collect(),
             stopped: RwLock::new(false),
             identity: Identity {
                 version: identity::VERSION,
@@ -105,7 +109,10 @@ impl BlkBackend {
                 vring.disable_notification()?;
             }
             loop {
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 let done = self.dev.process_chain(&*mem, chain, &mut scratch);

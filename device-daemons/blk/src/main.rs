@@ -73,7 +73,10 @@ fn run(args: Args) -> Result<()> {
         FormatArg::Raw => FormatHint::Exact(Format::Raw),
         FormatArg::Qcow2 => FormatHint::Exact(Format::Qcow2),
     };
-    let opts = OpenOptions { format, read_only: args.readonly };
+    let opts = OpenOptions {
+        format,
+        read_only: args.readonly,
+    };
     let img = image::open(&args.image, &opts)
         .with_context(|| format!("cannot open image {}", args.image.display()))?;
     let img: Arc<dyn image::DiskImage> = Arc::from(img);
@@ -89,7 +92,11 @@ fn run(args: Args) -> Result<()> {
         args.image.display(),
         img.format(),
         img.size(),
-        if dev.params().read_only { ", read-only" } else { "" },
+        if dev.params().read_only {
+            ", read-only"
+        } else {
+            ""
+        },
         args.queues
     );
     let backend = Arc::new(BlkBackend::new(dev));
@@ -119,7 +126,9 @@ fn run(args: Args) -> Result<()> {
         )
         .map_err(|e| anyhow::anyhow!("creating the vhost-user daemon: {e}"))?;
         let mut l = Listener::from(listener.try_clone().context("duplicating the listener")?);
-        daemon.start(&mut l).map_err(|e| anyhow::anyhow!("accepting a frontend: {e}"))?;
+        daemon
+            .start(&mut l)
+            .map_err(|e| anyhow::anyhow!("accepting a frontend: {e}"))?;
         tracing::info!("frontend connected");
         match daemon.wait() {
             Ok(())

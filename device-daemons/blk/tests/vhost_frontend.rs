@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rqemu_vhost_driver::blk::{self, Slots};
 use rqemu_protocol::identity;
+use rqemu_vhost_driver::blk::{self, Slots};
 use rqemu_vhost_driver::{Device, DriverOptions};
 
 const T_IN: u32 = 0;
@@ -38,14 +38,21 @@ impl Daemon {
         let d = Daemon { child, socket };
         let start = Instant::now();
         while !d.socket.exists() {
-            assert!(start.elapsed() < TIMEOUT, "rqemu-blk did not create its socket");
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "rqemu-blk did not create its socket"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         d
     }
 
     fn connect(&self, queues: u16) -> Device {
-        let opts = DriverOptions { num_queues: queues, event_idx: true, ..Default::default() };
+        let opts = DriverOptions {
+            num_queues: queues,
+            event_idx: true,
+            ..Default::default()
+        };
         Device::connect(&self.socket, &opts).expect("vhost-user negotiation")
     }
 
@@ -109,10 +116,18 @@ fn raw_write_read_flush_config_and_id() {
     let mut dev = d.connect(1);
 
     let cfg = dev.config(0, 60).unwrap();
-    assert_eq!(u64::from_le_bytes(cfg[0..8].try_into().unwrap()), (8 << 20) / 512);
-    let id = dev.config(identity::IDENTITY_OFFSET, identity::IDENTITY_LEN).unwrap();
+    assert_eq!(
+        u64::from_le_bytes(cfg[0..8].try_into().unwrap()),
+        (8 << 20) / 512
+    );
+    let id = dev
+        .config(identity::IDENTITY_OFFSET, identity::IDENTITY_LEN)
+        .unwrap();
     let id = identity::Identity::decode(&id).unwrap();
-    assert_eq!((id.kind, id.name.as_str()), (identity::DeviceKind::Blk, "rqemu-blk"));
+    assert_eq!(
+        (id.kind, id.name.as_str()),
+        (identity::DeviceKind::Blk, "rqemu-blk")
+    );
 
     let slots = Slots::new(&mut dev, 4, 1 << 20).unwrap();
     let data = pattern(256 * 1024, 1);
@@ -135,8 +150,16 @@ fn raw_write_read_flush_config_and_id() {
 
     // Out of range: IOERR, the daemon keeps serving.
     let mut b = vec![0u8; 512];
-    let (st, _) =
-        blk::request(&mut dev, 0, slots.get(0), T_IN, (8 << 20) / 512, &mut b, TIMEOUT).unwrap();
+    let (st, _) = blk::request(
+        &mut dev,
+        0,
+        slots.get(0),
+        T_IN,
+        (8 << 20) / 512,
+        &mut b,
+        TIMEOUT,
+    )
+    .unwrap();
     assert_eq!(st, S_IOERR);
     assert_eq!(d.terminate().code(), Some(0));
 }
@@ -152,7 +175,9 @@ fn many_requests_in_flight_on_two_queues() {
     for q in 0..2 {
         for i in 0..64 {
             let s = slots.get(q * 64 + i);
-            dev.mem.write(s.data, &pattern(4096, (q * 64 + i) as u64)).unwrap();
+            dev.mem
+                .write(s.data, &pattern(4096, (q * 64 + i) as u64))
+                .unwrap();
             blk::post(&mut dev, q, s, T_OUT, ((q * 64 + i) * 8) as u64, 4096).unwrap();
         }
         dev.queues[q].kick().unwrap();
@@ -164,7 +189,10 @@ fn many_requests_in_flight_on_two_queues() {
             while let Some((_, _)) = dev.queues[q].pop_used(&dev.mem).unwrap() {
                 done += 1;
             }
-            assert!(start.elapsed() < TIMEOUT, "queue {q}: only {done}/64 completed");
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "queue {q}: only {done}/64 completed"
+            );
             dev.queues[q].wait_call(Duration::from_millis(50)).unwrap();
         }
         for i in 0..64 {
@@ -173,7 +201,11 @@ fn many_requests_in_flight_on_two_queues() {
     }
     let on_disk = std::fs::read(&img).unwrap();
     for n in 0..128 {
-        assert_eq!(&on_disk[n * 4096..(n + 1) * 4096], &pattern(4096, n as u64)[..], "block {n}");
+        assert_eq!(
+            &on_disk[n * 4096..(n + 1) * 4096],
+            &pattern(4096, n as u64)[..],
+            "block {n}"
+        );
     }
 }
 
@@ -187,9 +219,16 @@ fn survives_frontend_reconnects() {
         let slots = Slots::new(&mut dev, 2, 4096).unwrap();
         if round > 0 {
             let mut back = vec![0u8; 4096];
-            let (st, _) =
-                blk::request(&mut dev, 0, slots.get(0), T_IN, round - 1, &mut back, TIMEOUT)
-                    .unwrap();
+            let (st, _) = blk::request(
+                &mut dev,
+                0,
+                slots.get(0),
+                T_IN,
+                round - 1,
+                &mut back,
+                TIMEOUT,
+            )
+            .unwrap();
             assert_eq!(st, S_OK);
             assert_eq!(&back[..512], &pattern(512, round - 1)[..], "round {round}");
         }
@@ -209,7 +248,11 @@ fn read_only_rejects_writes() {
     std::fs::write(&img, pattern(1 << 20, 9)).unwrap();
     let d = Daemon::start(dir.path(), &img, &["--readonly"]);
     let mut dev = d.connect(1);
-    assert_ne!(dev.offered_features & (1 << 5), 0, "VIRTIO_BLK_F_RO not offered");
+    assert_ne!(
+        dev.offered_features & (1 << 5),
+        0,
+        "VIRTIO_BLK_F_RO not offered"
+    );
     let slots = Slots::new(&mut dev, 2, 4096).unwrap();
     let mut data = vec![0u8; 4096];
     let (st, _) = blk::request(&mut dev, 0, slots.get(0), T_OUT, 0, &mut data, TIMEOUT).unwrap();
@@ -229,7 +272,11 @@ fn qcow2_written_through_the_daemon_passes_qemu_img_check() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.qcow2");
     let out = qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "32M"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let d = Daemon::start(dir.path(), &img, &[]);
     let mut dev = d.connect(1);
     let slots = Slots::new(&mut dev, 1, 1 << 20).unwrap();
@@ -256,9 +303,18 @@ fn qcow2_written_through_the_daemon_passes_qemu_img_check() {
         String::from_utf8_lossy(&check.stderr)
     );
     let raw = dir.path().join("out.raw");
-    let conv = qemu_img(&["convert", "-O", "raw", img.to_str().unwrap(), raw.to_str().unwrap()]);
+    let conv = qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
     assert!(conv.status.success());
-    assert!(std::fs::read(&raw).unwrap() == expect, "qemu-img convert differs from what was written");
+    assert!(
+        std::fs::read(&raw).unwrap() == expect,
+        "qemu-img convert differs from what was written"
+    );
 }
 
 #[test]

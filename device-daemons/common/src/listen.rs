@@ -83,7 +83,10 @@ fn bind_path(path: &Path) -> Result<UnixListener, ListenError> {
         }
         Err(_) => {}
     }
-    UnixListener::bind(path).map_err(|source| ListenError::Bind { path: path.to_owned(), source })
+    UnixListener::bind(path).map_err(|source| ListenError::Bind {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn sockopt(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
@@ -91,7 +94,13 @@ fn sockopt(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `val` and `len` are valid for writes of the sizes given; the kernel validates fd.
     let r = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut val as *mut libc::c_int).cast(), &mut len)
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
     };
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -133,7 +142,10 @@ mod tests {
         let p = dir.path().join("s.sock");
         let l = Endpoint::Path(p.clone()).listen().unwrap();
         // While it is served, a second daemon is refused.
-        assert!(matches!(Endpoint::Path(p.clone()).listen(), Err(ListenError::InUse(_))));
+        assert!(matches!(
+            Endpoint::Path(p.clone()).listen(),
+            Err(ListenError::InUse(_))
+        ));
         drop(l);
         // The socket file is stale now: replaced.
         Endpoint::Path(p).listen().unwrap();
@@ -144,7 +156,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("file");
         std::fs::write(&p, b"precious").unwrap();
-        assert!(matches!(Endpoint::Path(p.clone()).listen(), Err(ListenError::NotASocket(_))));
+        assert!(matches!(
+            Endpoint::Path(p.clone()).listen(),
+            Err(ListenError::NotASocket(_))
+        ));
         assert_eq!(std::fs::read(&p).unwrap(), b"precious");
     }
 
@@ -157,6 +172,9 @@ mod tests {
         let f = std::fs::File::open("/dev/null").unwrap();
         let err = Endpoint::Fd(f.into_raw_fd()).listen().unwrap_err();
         assert!(matches!(err, ListenError::BadFd { .. }), "{err}");
-        assert!(matches!(Endpoint::from_args(None, None), Err(ListenError::Usage)));
+        assert!(matches!(
+            Endpoint::from_args(None, None),
+            Err(ListenError::Usage)
+        ));
     }
 }

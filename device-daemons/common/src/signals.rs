@@ -48,8 +48,10 @@ pub fn spawn_handler<F>(on_signal: F) -> io::Result<std::thread::JoinHandle<()>>
 where
     F: FnOnce(libc::c_int) + Send + 'static,
 {
-    std::thread::Builder::new().name("signals".into()).spawn(move || match wait_for_signal() {
-        Ok(sig) => on_signal(sig),
-        Err(e) => tracing::error!("sigwait failed: {e}"),
-    })
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || match wait_for_signal() {
+            Ok(sig) => on_signal(sig),
+            Err(e) => tracing::error!("sigwait failed: {e}"),
+        })
 }

@@ -2,15 +2,20 @@
 //!
 //! One worker thread per queue pair (RX `2i`, TX `2i + 1`; thread 0 also owns the control
 //! queue `2N`). Each thread polls its tap queue (edge-triggered, registered by `main` as a
-//! custom listener with [`TAP_EVENT`]): a readable tap or an RX kick runs RX, a TX kick runs
-//! TX. RX stops when the guest has no buffers and resumes on its next RX kick.
+//! custom listener, see [`NetBackend::tap_event`]): a readable tap or an RX kick runs RX, a TX
+//! kick runs TX (then RX). RX stops when the guest has no buffers and resumes on its next RX
+//! kick. Only rings the frontend enabled are served (states from the relay, [`RingEnable`]);
+//! the tap queue of a pair whose RX ring is not in use is detached so the kernel steers its
+//! traffic to the others.
 
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rqemu_net_backend::{NetDevice, RxState, StatsSnapshot, Tap, TapQueue, TxScratch};
+
+use crate::proxy::RingEnable;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -60,8 +65,6 @@ impl From<BackendError> for io::Error {
 struct Pair {
     rx: RxState,
     tx: TxScratch,
-    /// The guest kicked this RX queue during this connection (it is in use).
-    rx_active: bool,
     /// The tap queue is attached (the kernel steers traffic to it).
     attached: bool,
     /// Packets this pair delivered to the guest during this connection.
@@ -78,6 +81,7 @@ pub struct NetBackend {
     mem: RwLock<Mem>,
     event_idx: AtomicBool,
     pairs: Vec<Mutex<Pair>>,
+    rings: Arc<RingEnable>,
 }
 
 impl NetBackend {
@@ -88,7 +92,6 @@ impl NetBackend {
                 Mutex::new(Pair {
                     rx: RxState::default(),
                     tx: TxScratch::default(),
-                    rx_active: false,
                     attached: true,
                     rx_frames: 0,
                     tx_chains: 0,
@@ -101,6 +104,7 @@ impl NetBackend {
             mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
             pairs,
+            rings: Arc::default(),
         }
     }
 
@@ -114,6 +118,11 @@ impl NetBackend {
         self.taps.get(i).map(Tap::raw_fd)
     }
 
+    /// The vring enable states, kept up to date by the connection's relay.
+    pub fn rings(&self) -> Arc<RingEnable> {
+        self.rings.clone()
+    }
+
     /// The device counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.dev.stats().snapshot()
@@ -121,6 +130,7 @@ impl NetBackend {
 
     /// Called when a frontend goes away: forget its memory and per-session state.
     pub fn disconnected(&self) {
+        self.rings.set_all(false);
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) =
             GuestMemoryAtomic::new(GuestMemoryMmap::new());
         for (i, p) in self.pairs.iter().enumerate() {
@@ -131,7 +141,6 @@ impl NetBackend {
                 p.tx_chains
             );
             p.rx.clear();
-            p.rx_active = false;
             p.rx_frames = 0;
             p.tx_chains = 0;
         }
@@ -152,14 +161,14 @@ impl NetBackend {
             return Ok(());
         };
         let ready = vring.get_ref().get_queue().ready();
-        let in_use = ready && p.rx_active;
+        let in_use = ready && self.rings.is_enabled(2 * pair);
         if in_use != p.attached && (pair > 0 || in_use) {
             match tap.set_queue_enabled(in_use) {
                 Ok(()) => p.attached = in_use,
                 Err(e) => tracing::warn!("tap queue {pair}: attach={in_use}: {e}"),
             }
         }
-        if !ready {
+        if !in_use {
             return Ok(());
         }
         let mem = self.mem.read().unwrap_or_else(|e| e.into_inner()).memory();
@@ -216,18 +225,12 @@ impl NetBackend {
             _ => return Err(BackendError::UnknownEvent { event, thread }),
         };
         match event {
-            LOCAL_RX => {
-                p.rx_active = true;
-                self.rx(thread, &mut p, rx)
-            }
+            LOCAL_RX => self.rx(thread, &mut p, rx),
             LOCAL_TX => {
                 self.tx(thread, &mut p, tx)?;
-                // A TX kick also proves the pair is live: pick up tap traffic that arrived
-                // while its RX queue was not yet enabled.
-                if p.rx_active {
-                    self.rx(thread, &mut p, rx)?;
-                }
-                Ok(())
+                // Also pick up tap traffic that arrived while the RX queue was not yet in
+                // use (its tap queue detached, or the edge seen before the ring was ready).
+                self.rx(thread, &mut p, rx)
             }
             LOCAL_CTRL if thread == 0 => {
                 let ctrl = vrings

@@ -11,7 +11,8 @@ mod proxy;
 use std::os::fd::RawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -83,27 +84,46 @@ fn open_taps(args: &Args) -> Result<Vec<TapQueue>> {
             args.queues
         );
     }
-    args.tap_fd
+    let mut seen = args.tap_fd.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() != args.tap_fd.len() {
+        bail!("--tap-fd lists an fd twice");
+    }
+    let taps = args
+        .tap_fd
         .iter()
         .map(|&fd| {
             // SAFETY: the parent hands these fds over to us by passing them on the command
-            // line; nothing else in this process uses them.
+            // line (each once, checked above); nothing else in this process uses them.
             unsafe { TapQueue::from_raw_fd(fd) }.context("--tap-fd")
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    if taps
+        .iter()
+        .any(|t| Some(t.name()) != taps.first().map(TapQueue::name))
+    {
+        bail!("--tap-fd fds belong to different taps");
+    }
+    Ok(taps)
 }
 
 fn run(args: Args) -> Result<()> {
     signals::block_termination_signals().context("blocking signals")?;
+    // Check the parameters before touching any tap.
+    let requested_mac = args.mac.as_deref().map(parse_mac).transpose()?;
+    NetParams {
+        queue_pairs: args.queues,
+        mtu: args.mtu.unwrap_or(1500),
+        ..NetParams::default()
+    }
+    .validate()?;
     let taps = open_taps(&args)?;
     let name = taps
         .first()
         .map(|t| t.name().to_string())
         .unwrap_or_default();
-    let mac = match &args.mac {
-        Some(m) => parse_mac(m)?,
-        None => default_mac(&name),
-    };
+    let mac = requested_mac.unwrap_or_else(|| default_mac(&name));
     let params = NetParams {
         mac,
         queue_pairs: args.queues,
@@ -129,18 +149,9 @@ fn run(args: Args) -> Result<()> {
     let endpoint = Endpoint::from_args(args.socket, args.fd)?;
     let listener = endpoint.listen()?;
 
-    // The vhost crate's handler is reached through a relay (see `proxy`): it accepts on a
-    // private socket in a 0700 directory that only the relay connects to.
-    let private = private_dir()?;
-    let inner_path = private.join("vhost.sock");
-    let inner = UnixListener::bind(&inner_path)
-        .with_context(|| format!("binding {}", inner_path.display()))?;
-
     let b = backend.clone();
-    let cleanup = private.clone();
     signals::spawn_handler(move |sig| {
         tracing::info!("signal {sig}: exiting; stats: {:?}", b.stats());
-        let _ = std::fs::remove_dir_all(&cleanup);
         std::process::exit(0);
     })?;
 
@@ -162,9 +173,10 @@ fn run(args: Args) -> Result<()> {
             .with_context(|| format!("polling tap queue {i}"))?;
         }
         let (front, _) = accept(&listener)?;
-        let back = UnixStream::connect(&inner_path).context("connecting the relay")?;
-        let relay = proxy::spawn(front, back).context("starting the relay")?;
-        let mut l = Listener::from(inner.try_clone().context("duplicating the listener")?);
+        // The vhost crate's handler is reached through a relay (see `proxy`).
+        let (inner, back) = relay_socket()?;
+        let relay = proxy::spawn(front, back, backend.rings()).context("starting the relay")?;
+        let mut l = Listener::from(inner);
         daemon
             .start(&mut l)
             .map_err(|e| anyhow::anyhow!("accepting the relay: {e}"))?;
@@ -197,22 +209,28 @@ fn accept(listener: &UnixListener) -> Result<(UnixStream, std::os::unix::net::So
     }
 }
 
-/// A fresh directory only this user can enter, for the relay's private socket.
-fn private_dir() -> Result<PathBuf> {
+/// A listening socket with one pending connection, for the relay to reach the vhost crate's
+/// handler (which only accepts from a `Listener`). It is bound in a fresh 0700 directory, and
+/// the path is removed as soon as the connection is made, so nothing else can connect and
+/// nothing is left behind.
+fn relay_socket() -> Result<(UnixListener, UnixStream)> {
+    static N: AtomicU32 = AtomicU32::new(0);
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("rqemu-net.{}", std::process::id()));
-    if dir.exists() {
-        remove_stale(&dir)?;
-    }
+    let dir = base.join(format!(
+        "rqemu-net.{}.{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
-
-fn remove_stale(dir: &Path) -> Result<()> {
-    std::fs::remove_dir_all(dir).with_context(|| format!("removing stale {}", dir.display()))
+    let path = dir.join("vhost.sock");
+    let pair = UnixListener::bind(&path).and_then(|l| Ok((UnixStream::connect(&path)?, l)));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (stream, listener) = pair.with_context(|| format!("relay socket {}", path.display()))?;
+    Ok((listener, stream))
 }

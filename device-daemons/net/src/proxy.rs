@@ -16,6 +16,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -43,6 +44,35 @@ pub enum ProxyError {
     /// A message larger than any vhost-user message.
     #[error("message of {0} bytes is too large")]
     TooLarge(usize),
+}
+
+/// The enable state of each vring (bit i: ring i) as the frontend last set it. The relay
+/// sees every `SET_VRING_ENABLE`; `vhost-user-backend` 0.21 does not tell the backend.
+#[derive(Debug, Default)]
+pub struct RingEnable(AtomicU64);
+
+impl RingEnable {
+    /// Whether ring `index` is enabled.
+    pub fn is_enabled(&self, index: usize) -> bool {
+        index < 64 && self.0.load(Ordering::Acquire) & (1u64 << index) != 0
+    }
+
+    fn set(&self, index: u32, on: bool) {
+        if index < 64 {
+            let bit = 1u64 << index;
+            if on {
+                self.0.fetch_or(bit, Ordering::AcqRel);
+            } else {
+                self.0.fetch_and(!bit, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Sets every ring's state.
+    pub fn set_all(&self, on: bool) {
+        self.0
+            .store(if on { u64::MAX } else { 0 }, Ordering::Release);
+    }
 }
 
 /// One message: header, payload and attached fds.
@@ -215,6 +245,7 @@ fn forward_requests(
     front: &UnixStream,
     back: &UnixStream,
     front_tx: &Mutex<()>,
+    rings: &RingEnable,
 ) -> Result<(), ProxyError> {
     let mut msg = new_msg();
     let mut features_acked = false;
@@ -235,9 +266,14 @@ fn forward_requests(
                     v.copy_from_slice(p);
                 }
                 features_acked = u64::from_le_bytes(v) & F_PROTOCOL_FEATURES != 0;
+                if !features_acked {
+                    // Without PROTOCOL_FEATURES every ring is enabled from now on.
+                    rings.set_all(true);
+                }
                 send_with_fds(back, msg.buf.get(..msg.len).unwrap_or_default(), &msg.fds)?;
                 if features_acked {
                     for (index, state) in deferred.drain(..) {
+                        rings.set(index, state != 0);
                         let mut m = [0u8; HDR_LEN + 8];
                         m[..4].copy_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
                         m[4..8].copy_from_slice(&FLAG_VERSION.to_le_bytes());
@@ -249,7 +285,10 @@ fn forward_requests(
                 }
                 continue;
             }
-            REQ_RESET_OWNER | REQ_RESET_DEVICE => features_acked = false,
+            REQ_RESET_OWNER | REQ_RESET_DEVICE => {
+                features_acked = false;
+                rings.set_all(false);
+            }
             REQ_SET_VRING_ENABLE if !features_acked => {
                 let (index, state) = (word(msg.payload(), 0), word(msg.payload(), 4));
                 tracing::debug!(
@@ -269,6 +308,9 @@ fn forward_requests(
                     send_with_fds(front, &reply, &[])?;
                 }
                 continue;
+            }
+            REQ_SET_VRING_ENABLE => {
+                rings.set(word(msg.payload(), 0), word(msg.payload(), 4) != 0);
             }
             _ => {}
         }
@@ -293,7 +335,11 @@ fn forward_replies(
 
 /// Relays between `front` (the frontend's connection) and `back` (connected to the vhost
 /// request handler) until either side closes; then shuts both down.
-pub fn spawn(front: UnixStream, back: UnixStream) -> io::Result<[JoinHandle<()>; 2]> {
+pub fn spawn(
+    front: UnixStream,
+    back: UnixStream,
+    rings: Arc<RingEnable>,
+) -> io::Result<[JoinHandle<()>; 2]> {
     let front = Arc::new(front);
     let back = Arc::new(back);
     let lock = Arc::new(Mutex::new(()));
@@ -305,7 +351,7 @@ pub fn spawn(front: UnixStream, back: UnixStream) -> io::Result<[JoinHandle<()>;
     let requests = std::thread::Builder::new()
         .name("relay-req".into())
         .spawn(move || {
-            if let Err(e) = forward_requests(&f, &b, &l) {
+            if let Err(e) = forward_requests(&f, &b, &l, &rings) {
                 tracing::debug!("relay (requests): {e}");
             }
             close(&f, &b);
@@ -339,7 +385,8 @@ mod tests {
     fn early_vring_enable_is_held_back_and_fds_pass() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut backend) = UnixStream::pair().unwrap();
-        let threads = spawn(front, back).unwrap();
+        let rings = Arc::new(RingEnable::default());
+        let threads = spawn(front, back, rings.clone()).unwrap();
         // Early enables of ring 0 (off, then on with a reply requested): answered by the
         // relay, not forwarded yet.
         qemu.write_all(&msg(REQ_SET_VRING_ENABLE, 0, &[0u8; 8]))
@@ -369,6 +416,9 @@ mod tests {
         );
         read_msg(&backend, &mut got).unwrap().unwrap();
         assert_eq!(got.buf[..got.len], enable[..]);
+        // The backend's view: ring 0 (replayed) and ring 3 enabled, nothing else.
+        assert!(rings.is_enabled(0) && rings.is_enabled(3));
+        assert!(!rings.is_enabled(1) && !rings.is_enabled(64));
         // Replies flow back.
         let rep = msg(1, FLAG_REPLY, &7u64.to_le_bytes());
         backend.write_all(&rep).unwrap();
@@ -386,10 +436,31 @@ mod tests {
     }
 
     #[test]
+    fn ring_states_follow_features_and_resets() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, backend) = UnixStream::pair().unwrap();
+        let rings = Arc::new(RingEnable::default());
+        let threads = spawn(front, back, rings.clone()).unwrap();
+        let mut got = new_msg();
+        // No PROTOCOL_FEATURES: every ring is enabled by SET_FEATURES.
+        qemu.write_all(&msg(REQ_SET_FEATURES, 0, &0u64.to_le_bytes()))
+            .unwrap();
+        read_msg(&backend, &mut got).unwrap().unwrap();
+        assert!(rings.is_enabled(0) && rings.is_enabled(5));
+        qemu.write_all(&msg(REQ_RESET_OWNER, 0, &[])).unwrap();
+        read_msg(&backend, &mut got).unwrap().unwrap();
+        assert!(!rings.is_enabled(0) && !rings.is_enabled(5));
+        drop(qemu);
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
     fn oversized_messages_end_the_relay() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut backend) = UnixStream::pair().unwrap();
-        let threads = spawn(front, back).unwrap();
+        let threads = spawn(front, back, Arc::default()).unwrap();
         let mut m = msg(5, 0, &[]);
         m[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         qemu.write_all(&m).unwrap();

@@ -66,7 +66,12 @@ impl BlkBackend {
     }
 
     /// The command serving `image` on `socket`.
-    pub fn command(self, socket: &Path, image: &Path, opts: &BlkOptions) -> Result<Command, BlkError> {
+    pub fn command(
+        self,
+        socket: &Path,
+        image: &Path,
+        opts: &BlkOptions,
+    ) -> Result<Command, BlkError> {
         match self {
             Self::Rqemu => {
                 let mut cmd = Command::new(project_binary("rqemu-blk")?);
@@ -116,11 +121,23 @@ impl BlkBackend {
     }
 
     /// Starts the backend for `image`, with socket and log in `dir`, named `name`.
-    pub fn spawn(self, dir: &Path, name: &str, image: &Path, opts: &BlkOptions) -> Result<Daemon, BlkError> {
+    pub fn spawn(
+        self,
+        dir: &Path,
+        name: &str,
+        image: &Path,
+        opts: &BlkOptions,
+    ) -> Result<Daemon, BlkError> {
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
         let cmd = self.command(&socket, image, opts)?;
-        Ok(Daemon::spawn(self.name(), cmd, &socket, &log, DEFAULT_START_TIMEOUT)?)
+        Ok(Daemon::spawn(
+            self.name(),
+            cmd,
+            &socket,
+            &log,
+            DEFAULT_START_TIMEOUT,
+        )?)
     }
 }
 

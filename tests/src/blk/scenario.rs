@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use super::{BlkBackend, BlkError, BlkOptions, STOP_TIMEOUT};
 use crate::daemon::{Daemon, DaemonError};
-use crate::disk::{pattern, sha256_script, DiskModel, DiskOp, Workload, GUEST_HELPERS};
+use crate::disk::{
+    pattern, sha256_script, DiskModel, DiskOp, Workload, GUEST_HELPERS, UL_BLKDISCARD,
+};
 use crate::paths::{GuestAssets, PathError};
 use crate::qemu::{GuestRun, QemuError, QemuVm, VhostUserDevice};
 use crate::qemu_img::{self, Format, ImageError};
@@ -54,6 +56,10 @@ fn check_err(what: impl Into<String>, run: Option<&GuestRun>, log: &str) -> Scen
     }
 }
 
+/// Writes back the guest page cache and sends a FLUSH (`sync` alone does not flush a raw
+/// block device's write cache; `fsync` on the device does).
+const FLUSH_VDA: &str = "sync\nrun flush dd if=/dev/null of=/dev/vda conv=notrunc,fsync\n";
+
 /// Initial contents under the tested image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backing {
@@ -83,6 +89,9 @@ pub struct Workloads {
     pub disk_size: u64,
     /// Pattern seed.
     pub seed: u64,
+    /// Stop the daemon with SIGKILL instead of SIGTERM after the guest's final flush: whatever
+    /// the guest flushed must be in the image (and a qcow2 consistent) without a clean exit.
+    pub kill: bool,
 }
 
 impl Workloads {
@@ -96,6 +105,7 @@ impl Workloads {
             serial: None,
             disk_size: 32 * MIB,
             seed: 1,
+            kill: false,
         }
     }
 
@@ -111,7 +121,9 @@ impl Workloads {
             queues: self.queues,
             serial: self.serial.clone(),
         };
-        let daemon = self.backend.spawn(dir.path(), "blk0", &images.image, &opts)?;
+        let daemon = self
+            .backend
+            .spawn(dir.path(), "blk0", &images.image, &opts)?;
 
         let cpus = u32::from(self.queues.clamp(1, 2));
         let main = Workload::standard("/dev/vda", "w", self.disk_size, self.seed);
@@ -122,7 +134,14 @@ impl Workloads {
         script.push_str(&device_info_script("vda"));
         let mut workloads = vec![main];
         if self.queues > 1 {
-            workloads.push(Workload::stripes("/dev/vda", "q", self.disk_size, 22 * MIB, 8 * MIB, self.seed + 7));
+            workloads.push(Workload::stripes(
+                "/dev/vda",
+                "q",
+                self.disk_size,
+                22 * MIB,
+                8 * MIB,
+                self.seed + 7,
+            ));
         }
         for (i, w) in workloads.iter().enumerate() {
             for (path, data) in w.guest_files() {
@@ -131,9 +150,18 @@ impl Workloads {
             let body = format!("{GUEST_HELPERS}\n{}", w.guest_script());
             vm = vm.file(&format!("/{}.sh", w.tag), 0o755, body.into_bytes());
             if self.queues > 1 {
-                let _ = writeln!(script, "taskset {} sh /{}.sh & pid{i}=$!", 1 << (i % 2), w.tag);
+                let _ = writeln!(
+                    script,
+                    "taskset {} sh /{}.sh & pid{i}=$!",
+                    1 << (i % 2),
+                    w.tag
+                );
             } else {
-                let _ = writeln!(script, "sh /{}.sh || fail \"workload {} failed\"", w.tag, w.tag);
+                let _ = writeln!(
+                    script,
+                    "sh /{}.sh || fail \"workload {} failed\"",
+                    w.tag, w.tag
+                );
             }
         }
         if self.queues > 1 {
@@ -142,14 +170,16 @@ impl Workloads {
             }
             script.push_str(
                 "for h in /sys/kernel/debug/block/vda/hctx*; do \
-                 echo \"RQEMU-VAL queued-${h##*/}=$(cat $h/queued)\"; done\n",
+                 echo \"RQEMU-VAL run-${h##*/}=$(cat $h/run)\"; done\n",
             );
         }
-        script.push_str("sync\n");
+        script.push_str(FLUSH_VDA);
         script.push_str(&sha256_script("/dev/vda", "disk-sha256"));
-        let run = vm.script(&script).run()?;
+        let run = vm.script(&script).run();
         let log = daemon.log();
-        run.expect_success().map_err(|e| check_err(e.to_string(), None, &log))?;
+        let run = run.map_err(|e| check_err(e.to_string(), None, &log))?;
+        run.expect_success()
+            .map_err(|e| check_err(e.to_string(), None, &log))?;
         let fail = |what: String| check_err(what, Some(&run), &log);
 
         // What the guest saw of the device.
@@ -159,32 +189,65 @@ impl Workloads {
         }
         for k in ["discard_max", "write_zeroes_max"] {
             if val(k).parse::<u64>().unwrap_or(0) == 0 {
-                return Err(fail(format!("guest queue limit {k}={:?}: DISCARD/WRITE_ZEROES not offered", val(k))));
+                return Err(fail(format!(
+                    "guest queue limit {k}={:?}: DISCARD/WRITE_ZEROES not offered",
+                    val(k)
+                )));
             }
+        }
+        // rqemu-blk offers FLUSH with a write-back cache, so the guest's fsyncs reach the
+        // daemon as FLUSH requests. (QSD's export reports write-through: nothing to flush.)
+        if self.backend == BlkBackend::Rqemu && val("write_cache") != "write back" {
+            return Err(fail(format!(
+                "guest sees write_cache={:?}: FLUSH not offered (expected \"write back\")",
+                val("write_cache")
+            )));
         }
         if let Some(serial) = &self.serial {
             if &val("serial") != serial {
-                return Err(fail(format!("guest serial {:?}, expected {serial:?}", val("serial"))));
+                return Err(fail(format!(
+                    "guest serial {:?}, expected {serial:?}",
+                    val("serial")
+                )));
             }
         }
         let want_queues = self.queues.min(cpus as u16).to_string();
         if val("hw_queues") != want_queues {
-            return Err(fail(format!("guest uses {} hw queues, expected {want_queues}", val("hw_queues"))));
+            return Err(fail(format!(
+                "guest uses {} hw queues, expected {want_queues}",
+                val("hw_queues")
+            )));
         }
         if self.queues > 1 {
             for q in 0..self.queues {
-                let k = format!("queued-hctx{q}");
+                let k = format!("run-hctx{q}");
                 if val(&k).parse::<u64>().unwrap_or(0) == 0 {
-                    return Err(fail(format!("no request went through virtqueue {q} ({k}={:?})", val(&k))));
+                    return Err(fail(format!(
+                        "no request went through virtqueue {q} ({k}={:?})",
+                        val(&k)
+                    )));
                 }
             }
         }
         for w in &workloads {
             w.apply(&mut model);
         }
-        let ops: Vec<DiskOp> = workloads.iter().flat_map(|w| w.ops.iter().cloned()).collect();
-        finish(daemon, &run, &images, &model, &ops, "disk-sha256")
+        let ops: Vec<DiskOp> = workloads
+            .iter()
+            .flat_map(|w| w.ops.iter().cloned())
+            .collect();
+        let stop = if self.kill { Stop::Kill } else { Stop::Term };
+        finish(daemon, stop, &run, &images, &model, &ops, "disk-sha256")
     }
+}
+
+/// How the daemon is stopped before the image is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM; exit status 0 required.
+    Term,
+    /// SIGKILL.
+    Kill,
 }
 
 /// Stops the daemon (SIGTERM must give exit status 0) and checks the image: against the model
@@ -192,6 +255,7 @@ impl Workloads {
 /// `RQEMU-VAL <digest_key>=`, `qemu-img check`, and the backing file unchanged.
 fn finish(
     daemon: Daemon,
+    stop: Stop,
     run: &GuestRun,
     images: &Images,
     model: &DiskModel,
@@ -200,18 +264,27 @@ fn finish(
 ) -> Result<(), ScenarioError> {
     let name = daemon.name().to_string();
     let log_path = images.dir.join("blk0.log");
-    let status = daemon.terminate(STOP_TIMEOUT)?;
+    let status = match stop {
+        Stop::Term => daemon.terminate(STOP_TIMEOUT)?,
+        Stop::Kill => daemon.kill()?,
+    };
     let log = std::fs::read_to_string(log_path).unwrap_or_default();
     let fail = |what: String| check_err(what, Some(run), &log);
-    if !status.success() {
-        return Err(fail(format!("{name} exited with {status} after SIGTERM, expected 0")));
+    if stop == Stop::Term && !status.success() {
+        return Err(fail(format!(
+            "{name} exited with {status} after SIGTERM, expected 0"
+        )));
     }
     let actual = qemu_img::read_image(&images.image, images.format)?;
-    model.check(&actual, ops).map_err(|e| fail(format!("image contents: {e}")))?;
+    model
+        .check(&actual, ops)
+        .map_err(|e| fail(format!("image contents: {e}")))?;
     let host = qemu_img::sha256(&actual)?;
     let guest = run.value(digest_key).unwrap_or_default();
     if guest != host {
-        return Err(fail(format!("guest digest {digest_key}={guest:?} but the image's is {host}")));
+        return Err(fail(format!(
+            "guest digest {digest_key}={guest:?} but the image's is {host}"
+        )));
     }
     images.verify_unchanged_backing()?;
     if images.format == Format::Qcow2 {
@@ -238,20 +311,23 @@ pub fn reconnect(backend: BlkBackend) -> Result<(), ScenarioError> {
     let mut last_run = None;
     for (phase, tag) in ["a", "b"].into_iter().enumerate() {
         let w = Workload::standard("/dev/vda", tag, size, 100 + phase as u64);
-        let mut vm = QemuVm::new(&assets, dir.path()).device(VhostUserDevice::blk(daemon.socket(), 1));
+        let mut vm =
+            QemuVm::new(&assets, dir.path()).device(VhostUserDevice::blk(daemon.socket(), 1));
         for (path, data) in w.guest_files() {
             vm = vm.file(&path, 0o644, data);
         }
         let script = format!(
-            "{GUEST_HELPERS}\n{}{}{}sync\n{}",
+            "{GUEST_HELPERS}\n{}{}{}{FLUSH_VDA}{}",
             device_info_script("vda"),
             sha256_script("/dev/vda", "before-sha256"),
             w.guest_script(),
             sha256_script("/dev/vda", "after-sha256"),
         );
-        let run = vm.script(&script).run()?;
+        let run = vm.script(&script).run();
         let log = daemon.log();
-        run.expect_success().map_err(|e| check_err(e.to_string(), None, &log))?;
+        let run = run.map_err(|e| check_err(e.to_string(), None, &log))?;
+        run.expect_success()
+            .map_err(|e| check_err(e.to_string(), None, &log))?;
         let before = run.value("before-sha256").unwrap_or_default().to_string();
         if phase == 1 && before != first_digest {
             return Err(check_err(
@@ -263,7 +339,10 @@ pub fn reconnect(backend: BlkBackend) -> Result<(), ScenarioError> {
         first_digest = run.value("after-sha256").unwrap_or_default().to_string();
         if !daemon.is_running() {
             return Err(check_err(
-                format!("{} exited after the frontend of phase {tag} disconnected", daemon.name()),
+                format!(
+                    "{} exited after the frontend of phase {tag} disconnected",
+                    daemon.name()
+                ),
                 Some(&run),
                 &log,
             ));
@@ -273,7 +352,15 @@ pub fn reconnect(backend: BlkBackend) -> Result<(), ScenarioError> {
         last_run = Some(run);
     }
     let run = last_run.ok_or_else(|| check_err("no guest ran", None, ""))?;
-    finish(daemon, &run, &images, &model, &ops, "after-sha256")
+    finish(
+        daemon,
+        Stop::Term,
+        &run,
+        &images,
+        &model,
+        &ops,
+        "after-sha256",
+    )
 }
 
 /// Read-only export of a raw and a qcow2 image (told apart by size) in one guest: both show
@@ -283,7 +370,10 @@ pub fn readonly(backend: BlkBackend) -> Result<(), ScenarioError> {
     let assets = GuestAssets::locate()?;
     let dir = tempfile::tempdir().map_err(ScenarioError::TempDir)?;
     let mut disks = Vec::new();
-    for (i, (format, size)) in [(Format::Raw, 16 * MIB), (Format::Qcow2, 24 * MIB)].into_iter().enumerate() {
+    for (i, (format, size)) in [(Format::Raw, 16 * MIB), (Format::Qcow2, 24 * MIB)]
+        .into_iter()
+        .enumerate()
+    {
         let sub = dir.path().join(format!("d{i}"));
         std::fs::create_dir(&sub).map_err(ScenarioError::TempDir)?;
         let mut images = Images::prepare(&sub, format, Backing::None, size)?;
@@ -314,36 +404,52 @@ pub fn readonly(backend: BlkBackend) -> Result<(), ScenarioError> {
              echo \"RQEMU-VAL ro{i}=$(cat /sys/block/$dev/ro)\"\n\
              if dd if=/dev/zero of=/dev/$dev bs=4096 count=1 oflag=direct conv=notrunc 2>/dev/null; then fail \"disk {i}: direct write succeeded\"; fi\n\
              if dd if=/dev/zero of=/dev/$dev bs=4096 count=1 seek=7 conv=notrunc,fsync 2>/dev/null; then fail \"disk {i}: buffered write succeeded\"; fi\n\
-             if blkdiscard -o 0 -l 65536 /dev/$dev 2>/dev/null; then fail \"disk {i}: discard succeeded\"; fi\n\
-             if blkdiscard -z -o 0 -l 65536 /dev/$dev 2>/dev/null; then fail \"disk {i}: write-zeroes succeeded\"; fi\n\
+             if {UL_BLKDISCARD} -o 0 -l 65536 /dev/$dev 2>/dev/null; then fail \"disk {i}: discard succeeded\"; fi\n\
+             if {UL_BLKDISCARD} -z -o 0 -l 65536 /dev/$dev 2>/dev/null; then fail \"disk {i}: write-zeroes succeeded\"; fi\n\
              echo \"RQEMU-VAL sha{i}=$(dd if=/dev/$dev bs=1M iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)\"\n"
         );
     }
-    let run = vm.script(&script).run()?;
+    let run = vm.script(&script).run();
     let logs: String = disks.iter().map(|(_, _, d, _)| d.log()).collect();
-    run.expect_success().map_err(|e| check_err(e.to_string(), None, &logs))?;
+    let run = run.map_err(|e| check_err(e.to_string(), None, &logs))?;
+    run.expect_success()
+        .map_err(|e| check_err(e.to_string(), None, &logs))?;
     for (i, (images, file_before, daemon, _)) in disks.into_iter().enumerate() {
         let fail = |what: String| check_err(what, Some(&run), &logs);
         let ro = run.value(&format!("ro{i}")).unwrap_or_default().to_string();
         if ro != "1" {
-            return Err(fail(format!("disk {i} ({:?}): guest sees ro={ro:?}, expected 1", images.format)));
+            return Err(fail(format!(
+                "disk {i} ({:?}): guest sees ro={ro:?}, expected 1",
+                images.format
+            )));
         }
         let want = qemu_img::sha256(&images.initial)?;
-        let got = run.value(&format!("sha{i}")).unwrap_or_default().to_string();
+        let got = run
+            .value(&format!("sha{i}"))
+            .unwrap_or_default()
+            .to_string();
         if got != want {
-            return Err(fail(format!("disk {i} ({:?}): guest read digest {got}, image holds {want}", images.format)));
+            return Err(fail(format!(
+                "disk {i} ({:?}): guest read digest {got}, image holds {want}",
+                images.format
+            )));
         }
         let name = daemon.name().to_string();
         let status = daemon.terminate(STOP_TIMEOUT)?;
         if !status.success() {
-            return Err(fail(format!("{name} exited with {status} after SIGTERM, expected 0")));
+            return Err(fail(format!(
+                "{name} exited with {status} after SIGTERM, expected 0"
+            )));
         }
         let file_now = std::fs::read(&images.image).map_err(|source| ImageError::Io {
             path: images.image.clone(),
             source,
         })?;
         if file_now != file_before {
-            return Err(fail(format!("read-only image {} was modified", images.image.display())));
+            return Err(fail(format!(
+                "read-only image {} was modified",
+                images.image.display()
+            )));
         }
         if images.format == Format::Qcow2 {
             qemu_img::check(&images.image)?;
@@ -353,7 +459,7 @@ pub fn readonly(backend: BlkBackend) -> Result<(), ScenarioError> {
 }
 
 /// Shell lines printing what the guest sees of block device `name` (`RQEMU-VAL` lines `ro`,
-/// `serial`, `discard_max`, `write_zeroes_max`, `hw_queues`, `size`).
+/// `serial`, `discard_max`, `write_zeroes_max`, `hw_queues`, `write_cache`, `size`).
 pub fn device_info_script(name: &str) -> String {
     let q = format!("/sys/block/{name}/queue");
     format!(
@@ -363,7 +469,8 @@ pub fn device_info_script(name: &str) -> String {
          echo \"RQEMU-VAL serial=$(cat /sys/block/{name}/serial 2>/dev/null)\"\n\
          echo \"RQEMU-VAL discard_max=$(cat {q}/discard_max_bytes)\"\n\
          echo \"RQEMU-VAL write_zeroes_max=$(cat {q}/write_zeroes_max_bytes)\"\n\
-         echo \"RQEMU-VAL hw_queues=$(ls /sys/block/{name}/mq | wc -l)\"\n"
+         echo \"RQEMU-VAL hw_queues=$(ls /sys/block/{name}/mq | wc -l)\"\n\
+         echo \"RQEMU-VAL write_cache=$(cat {q}/write_cache)\"\n"
     )
 }
 
@@ -384,7 +491,12 @@ pub struct Images {
 
 impl Images {
     /// Creates the image (and backing file) in `dir`.
-    pub fn prepare(dir: &Path, format: Format, backing: Backing, size: u64) -> Result<Self, ScenarioError> {
+    pub fn prepare(
+        dir: &Path,
+        format: Format,
+        backing: Backing,
+        size: u64,
+    ) -> Result<Self, ScenarioError> {
         let image = dir.join(format!("disk.{}", format.name()));
         let mut backing_file = None;
         let initial = match (format, backing) {
@@ -393,7 +505,11 @@ impl Images {
                 Vec::new()
             }
             (Format::Raw, _) => {
-                return Err(check_err("a raw image cannot have a backing file", None, ""));
+                return Err(check_err(
+                    "a raw image cannot have a backing file",
+                    None,
+                    "",
+                ));
             }
             (Format::Qcow2, Backing::Raw) => {
                 let bytes = pattern(0xBAC0, size as usize);
@@ -454,7 +570,11 @@ impl Images {
                 source,
             })?;
             if &now != before {
-                return Err(check_err(format!("backing file {} was modified", file.display()), None, ""));
+                return Err(check_err(
+                    format!("backing file {} was modified", file.display()),
+                    None,
+                    "",
+                ));
             }
             if file.extension().is_some_and(|e| e == "qcow2") {
                 qemu_img::check(file)?;

@@ -225,12 +225,19 @@ impl VhostUserDevice {
             ),
         };
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-            return Err(undiscoverable("the daemon does not offer the CONFIG protocol feature".into()));
+            return Err(undiscoverable(
+                "the daemon does not offer the CONFIG protocol feature".into(),
+            ));
         }
         let buf = vec![0u8; identity::IDENTITY_LEN as usize];
         let payload = self
             .frontend
-            .get_config(identity::IDENTITY_OFFSET, identity::IDENTITY_LEN, VhostUserConfigFlags::WRITABLE, &buf)
+            .get_config(
+                identity::IDENTITY_OFFSET,
+                identity::IDENTITY_LEN,
+                VhostUserConfigFlags::WRITABLE,
+                &buf,
+            )
             .map_err(|e| undiscoverable(format!("no identity block ({e})")))?
             .1;
         let id = identity::Identity::decode(&payload).map_err(|e| undiscoverable(e.to_string()))?;
@@ -242,7 +249,10 @@ impl VhostUserDevice {
                 return Err(VirtioError::Backend {
                     path,
                     op: "device type discovery",
-                    msg: format!("{} serves virtio device type {n}, which rqemu-vmm does not support", id.name),
+                    msg: format!(
+                        "{} serves virtio device type {n}, which rqemu-vmm does not support",
+                        id.name
+                    ),
                 })
             }
         };
