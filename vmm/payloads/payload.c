@@ -7,6 +7,7 @@
  *   i8042      0xFE to port 0x64
  *   triple     load an empty IDT and execute ud2 -> triple fault
  *   halt       cli; hlt forever (for the benchmark)
+ *   virtio     drive the first virtio-blk window (virtio_blk.c), then power off
  * Every line is "key value..." so tests can check them. Built by vmm/tests with gcc.
  */
 typedef unsigned char u8;
@@ -26,7 +27,7 @@ static void putc_(char c)
         ;
     outb(0x3f8, (u8)c);
 }
-static void puts_(const char *s) { while (*s) putc_(*s++); }
+void puts_(const char *s) { while (*s) putc_(*s++); }
 static void puthex(u64 v)
 {
     char buf[19];
@@ -45,8 +46,8 @@ static void putdec(u64 v)
     do { buf[--i] = (char)('0' + v % 10); v /= 10; } while (v);
     puts_(&buf[i]);
 }
-static void kv_hex(const char *k, u64 v) { puts_(k); putc_('='); puthex(v); putc_(' '); }
-static void kv_dec(const char *k, u64 v) { puts_(k); putc_('='); putdec(v); putc_(' '); }
+void kv_hex(const char *k, u64 v) { puts_(k); putc_('='); puthex(v); putc_(' '); }
+void kv_dec(const char *k, u64 v) { puts_(k); putc_('='); putdec(v); putc_(' '); }
 static void nl(void) { putc_('\n'); }
 
 static u8 rd8(u64 a) { return *(volatile u8 *)a; }
@@ -219,9 +220,15 @@ static void report_devices(void)
 
 struct idt_ptr { u16 limit; u64 base; } __attribute__((packed));
 
+void virtio_blk_test(void);
+
 static void finish(void)
 {
-    if (has_word("mode=poweroff")) {
+    if (has_word("mode=virtio")) {
+        virtio_blk_test();
+        puts_("action poweroff\n");
+        mmio_write8(sleep_ctl, (5 << 2) | (1 << 5));
+    } else if (has_word("mode=poweroff")) {
         puts_("action poweroff\n");
         mmio_write8(sleep_ctl, (5 << 2) | (1 << 5));
     } else if (has_word("mode=acpireset")) {

@@ -19,6 +19,7 @@ pub use control::VmController;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::accel::kvm::KvmAccel;
+use crate::accel::tcg::TcgAccel;
 use crate::accel::{AccelError, Accelerator, CpuTopology, IoEventAddress, IoEventBinding, Vcpu};
 use crate::acpi::{self, AcpiConfig, VirtioWindow};
 use crate::boot::{self, BootConfig, LoadedKernel};
@@ -87,18 +88,17 @@ pub enum AccelChoice {
     Auto,
 }
 
-/// Creates the accelerator for `choice`.
+/// Creates the accelerator for `choice` (`Auto`: KVM if usable, else TCG).
 pub fn create_accelerator(choice: AccelChoice) -> Result<Arc<dyn Accelerator>, VmError> {
-    const TCG_MISSING: &str = "TCG accelerator not available yet";
     match choice {
         AccelChoice::Kvm => Ok(Arc::new(KvmAccel::new()?)),
-        AccelChoice::Tcg => Err(AccelError::Unavailable(TCG_MISSING.into()).into()),
+        AccelChoice::Tcg => Ok(Arc::new(TcgAccel::new()?)),
         AccelChoice::Auto => match KvmAccel::new() {
             Ok(k) => Ok(Arc::new(k)),
-            Err(e) => Err(AccelError::Unavailable(format!(
-                "{e}; and the fallback failed: {TCG_MISSING}"
-            ))
-            .into()),
+            Err(e) => {
+                tracing::info!("{e}; using TCG");
+                Ok(Arc::new(TcgAccel::new()?))
+            }
         },
     }
 }
@@ -181,6 +181,7 @@ impl Vm {
 
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
+        accel.attach_buses(&pio, &mmio)?;
         let (serial, serial_irq) = SerialDevice::new(&cfg.serial)?;
         let serial = Arc::new(Mutex::new(serial));
         accel.register_irqfd(&serial_irq, SERIAL_GSI)?;

@@ -73,28 +73,70 @@ pub struct Block {
     pub vip: u64,
     /// The instructions.
     pub insns: Vec<Instruction>,
+    /// The handler of each instruction (selected at decode time).
+    pub(crate) handlers: Vec<crate::exec::Handler>,
+    /// The raw instruction bytes, to re-validate the block after external writes.
+    pub bytes: Vec<u8>,
+    /// The cache epoch at which the bytes were last known to match guest memory.
+    pub epoch: u64,
 }
 
+/// Entries of the direct-mapped lookup table in front of the hash map.
+const FAST_SIZE: usize = 4096;
+
 /// The block cache.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BlockCache {
     blocks: Vec<Block>,
+    /// Direct-mapped (phys, block index) cache; validated against the block's `phys`.
+    fast: Box<[(u64, u32)]>,
     map: FastMap<u32>,
     page_blocks: FastMap<Vec<u32>>,
     free: Vec<u32>,
     /// Pages holding cached code.
     pub code: CodeBitmap,
+    /// Incremented when guest memory may have been written behind the CPU's back (device
+    /// DMA); blocks from an older epoch are re-validated against memory before running.
+    pub epoch: u64,
     /// Statistics: blocks decoded.
     pub decoded: u64,
     /// Statistics: pages invalidated by writes.
     pub invalidations: u64,
 }
 
+impl Default for BlockCache {
+    fn default() -> Self {
+        BlockCache {
+            blocks: Vec::new(),
+            fast: vec![(u64::MAX, 0); FAST_SIZE].into_boxed_slice(),
+            map: FastMap::default(),
+            page_blocks: FastMap::default(),
+            free: Vec::new(),
+            code: CodeBitmap::default(),
+            epoch: 0,
+            decoded: 0,
+            invalidations: 0,
+        }
+    }
+}
+
+#[inline(always)]
+fn fast_slot(phys: u64) -> usize {
+    ((phys ^ (phys >> 12)) as usize) & (FAST_SIZE - 1)
+}
+
 impl BlockCache {
     /// Looks up the block starting at `phys`.
     #[inline]
-    pub fn lookup(&self, phys: u64) -> Option<u32> {
-        self.map.get(&phys).copied()
+    pub fn lookup(&mut self, phys: u64) -> Option<u32> {
+        let slot = fast_slot(phys);
+        let (p, i) = self.fast[slot];
+        if p == phys && self.blocks.get(i as usize).is_some_and(|b| b.phys == phys) {
+            return Some(i);
+        }
+        let i = self.map.get(&phys).copied()?;
+        self.fast[slot] = (phys, i);
+        Some(i)
     }
 
     /// The block with index `idx`.
@@ -108,16 +150,25 @@ impl BlockCache {
         match self.free.last() {
             Some(&i) => {
                 let mut b = std::mem::take(&mut self.blocks[i as usize]);
+                self.blocks[i as usize].phys = u64::MAX;
                 b.insns.clear();
+                b.handlers.clear();
+                b.bytes.clear();
+                b.phys = u64::MAX;
                 b
             }
-            None => Block { insns: Vec::with_capacity(16), ..Block::default() },
+            None => Block {
+                insns: Vec::with_capacity(16),
+                handlers: Vec::with_capacity(16),
+                ..Block::default()
+            },
         }
     }
 
     /// Inserts a filled block; returns its index and whether its page just became a code page
     /// (the caller must then drop write-TLB entries for the page).
-    pub fn insert(&mut self, block: Block) -> (u32, bool) {
+    pub fn insert(&mut self, mut block: Block) -> (u32, bool) {
+        block.epoch = self.epoch;
         let phys = block.phys;
         let idx = match self.free.pop() {
             Some(i) => {
@@ -138,14 +189,23 @@ impl BlockCache {
         (idx, new_page)
     }
 
+    /// Marks block `idx` as validated in the current epoch.
+    pub fn validated(&mut self, idx: u32) {
+        let e = self.epoch;
+        if let Some(b) = self.blocks.get_mut(idx as usize) {
+            b.epoch = e;
+        }
+    }
+
     /// Drops every block of the guest-physical page containing `phys`.
     pub fn invalidate_page(&mut self, phys: u64) {
         let page = phys & !0xFFF;
         if let Some(list) = self.page_blocks.get_mut(&page) {
             self.invalidations += 1;
             for idx in list.drain(..) {
-                let b = &self.blocks[idx as usize];
+                let b = &mut self.blocks[idx as usize];
                 self.map.remove(&b.phys);
+                b.phys = u64::MAX;
                 self.free.push(idx);
             }
         }
@@ -167,6 +227,7 @@ impl BlockCache {
     /// Drops every block.
     pub fn invalidate_all(&mut self) {
         self.blocks.clear();
+        self.fast.fill((u64::MAX, 0));
         self.map.clear();
         self.page_blocks.clear();
         self.free.clear();

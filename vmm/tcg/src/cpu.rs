@@ -21,6 +21,8 @@ pub struct Cpu {
     cache: BlockCache,
     clock: Instant,
     irq_shadow: bool,
+    /// Blocks run since the platform was last polled for interrupts.
+    since_poll: u32,
     /// Instructions retired since creation.
     pub icount: u64,
 }
@@ -33,9 +35,15 @@ impl Default for Cpu {
 
 impl std::fmt::Debug for Cpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cpu").field("arch", &self.arch).field("icount", &self.icount).finish()
+        f.debug_struct("Cpu")
+            .field("arch", &self.arch)
+            .field("icount", &self.icount)
+            .finish()
     }
 }
+
+/// Maximum number of blocks run between two polls of the platform for interrupts.
+const POLL_BLOCKS: u32 = 16;
 
 /// Where the next instruction(s) come from.
 enum Fetch {
@@ -53,6 +61,7 @@ impl Cpu {
             cache: BlockCache::default(),
             clock: Instant::now(),
             irq_shadow: false,
+            since_poll: u32::MAX,
             icount: 0,
         }
     }
@@ -69,6 +78,13 @@ impl Cpu {
         self.cache.invalidate_range(gpa, len);
     }
 
+    /// Tells the CPU that guest RAM may have been written by someone else (device DMA, the
+    /// VMM). Cheap: cached blocks are re-validated against memory lazily, on their next run.
+    /// Call it e.g. before injecting a device interrupt and after loading images.
+    pub fn note_external_writes(&mut self) {
+        self.cache.epoch = self.cache.epoch.wrapping_add(1);
+    }
+
     /// Drops all cached translations.
     pub fn invalidate_all_code(&mut self) {
         self.cache.invalidate_all();
@@ -83,6 +99,8 @@ impl Cpu {
     /// finishes).
     pub fn run(&mut self, ram: &GuestRam, plat: &mut dyn Platform, budget: u64) -> Exit {
         let start = self.icount;
+        // Poll for interrupts on entry.
+        self.since_poll = u32::MAX;
         loop {
             if self.icount.wrapping_sub(start) >= budget {
                 return Exit::BudgetExhausted;
@@ -95,9 +113,15 @@ impl Cpu {
                     self.arch.rip
                 )));
             }
-            if let Err(x) = self.check_interrupts(ram, plat) {
-                return x;
+            // Interrupts are polled every POLL_BLOCKS blocks, and right after any block that
+            // ended on a system instruction (STI, POPF, IRET, HLT, I/O, ...).
+            if self.since_poll >= POLL_BLOCKS || self.arch.halted {
+                self.since_poll = 0;
+                if let Err(x) = self.check_interrupts(ram, plat) {
+                    return x;
+                }
             }
+            self.since_poll += 1;
             if self.arch.halted {
                 return Exit::Halted {
                     interrupts_enabled: self.arch.flags.other() & crate::flags::IF != 0,
@@ -108,7 +132,8 @@ impl Cpu {
                 Err(Event::Fault { vector, error }) => {
                     let mut cx = self.ctx(ram, plat);
                     let rip = cx.s.rip;
-                    if let Err(x) = interrupt::raise(&mut cx, vector, error, IntKind::Exception, rip)
+                    if let Err(x) =
+                        interrupt::raise(&mut cx, vector, error, IntKind::Exception, rip)
                     {
                         return x;
                     }
@@ -169,21 +194,37 @@ impl Cpu {
         let rip = self.arch.rip;
         let hit = self.ctx(ram, plat).xlate(rip, Access::Exec)?;
         if hit.host == 0 {
-            return Err(Event::Exit(Exit::Shutdown(ShutdownReason::Unsupported(format!(
-                "instruction fetch from MMIO at RIP {rip:#x} (gpa {:#x})",
-                hit.phys
-            )))));
+            return Err(Event::Exit(Exit::Shutdown(ShutdownReason::Unsupported(
+                format!(
+                    "instruction fetch from MMIO at RIP {rip:#x} (gpa {:#x})",
+                    hit.phys
+                ),
+            ))));
         }
         let phys = hit.phys | (rip & 0xFFF);
+        let off = (rip & 0xFFF) as usize;
         if let Some(idx) = self.cache.lookup(phys) {
-            let b = self.cache.get(idx);
             // Same physical code reached at a different virtual page keeps working through
             // `delta`; only the page offset must agree (always true for the same phys).
-            debug_assert_eq!(b.vip & 0xFFF, rip & 0xFFF);
-            return Ok(Fetch::Block(idx));
+            let b = self.cache.get(idx);
+            if b.epoch == self.cache.epoch {
+                return Ok(Fetch::Block(idx));
+            }
+            // Guest memory may have been written externally since: compare the bytes.
+            let mut cur = [0u8; MAX_BLOCK_INSNS * 15];
+            let len = b.bytes.len().min(cur.len()).min(4096 - off);
+            // SAFETY: `hit.host + off .. + len` stays inside the RAM page (`len <= 4096 -
+            // off`); `cur` is a local buffer.
+            unsafe {
+                std::ptr::copy_nonoverlapping((hit.host + off) as *const u8, cur.as_mut_ptr(), len)
+            };
+            if cur[..len] == b.bytes[..] {
+                self.cache.validated(idx);
+                return Ok(Fetch::Block(idx));
+            }
+            self.cache.invalidate_page(phys);
         }
         // Decode a new block from the rest of the page.
-        let off = (rip & 0xFFF) as usize;
         let mut buf = [0u8; 4096];
         let n = 4096 - off;
         // SAFETY: `hit.host` is the host address of a RAM page (TLB invariant); `off + n`
@@ -196,21 +237,23 @@ impl Cpu {
         block.vip = rip;
         let mut dec = Decoder::with_ip(64, &buf[..n], rip, DecoderOptions::NONE);
         let mut ins = Instruction::default();
+        let mut end = 0;
         while block.insns.len() < MAX_BLOCK_INSNS {
-            let pos = dec.position();
             dec.decode_out(&mut ins);
             if ins.is_invalid() && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
                 if block.insns.is_empty() {
-                    let _ = pos;
                     return self.fetch_crossing(ram, plat, rip, &buf[..n]);
                 }
                 break;
             }
+            end = dec.position();
             block.insns.push(ins);
+            block.handlers.push(exec::select(&ins));
             if ins.is_invalid() || ins.flow_control() != FlowControl::Next {
                 break;
             }
         }
+        block.bytes.extend_from_slice(&buf[..end]);
         let (idx, new_page) = self.cache.insert(block);
         if new_page {
             self.tlb.flush_phys_writes(phys & !0xFFF);
@@ -246,16 +289,25 @@ impl Cpu {
 
     /// Executes a block (or single instruction); returns an exit if `run` must return.
     fn exec_fetch(&mut self, ram: &GuestRam, plat: &mut dyn Platform, f: Fetch) -> Option<Exit> {
-        let Cpu { arch, tlb, cache, clock, irq_shadow, icount } = self;
-        let single;
-        let (insns, vip): (&[Instruction], u64) = match &f {
+        let Cpu {
+            arch,
+            tlb,
+            cache,
+            clock,
+            irq_shadow,
+            since_poll,
+            icount,
+        } = self;
+        let (single, single_h);
+        let (insns, handlers, vip): (&[Instruction], &[exec::Handler], u64) = match &f {
             Fetch::Block(i) => {
                 let b = cache.get(*i);
-                (&b.insns, b.vip)
+                (&b.insns, &b.handlers, b.vip)
             }
             Fetch::Single(ins) => {
                 single = [*ins];
-                (&single, ins.ip())
+                single_h = [exec::select(ins)];
+                (&single, &single_h, ins.ip())
             }
         };
         let mut cx = Ctx {
@@ -277,10 +329,10 @@ impl Cpu {
         };
         cx.delta = cx.s.rip.wrapping_sub(vip);
         let mut exit = None;
-        for ins in insns {
+        for (ins, handler) in insns.iter().zip(handlers) {
             cx.next_rip = ins.next_ip().wrapping_add(cx.delta);
             *icount += 1;
-            match exec::step(&mut cx, ins) {
+            match handler(&mut cx, ins) {
                 Ok(()) => {
                     cx.s.rip = cx.next_rip;
                     if cx.end_block {
@@ -289,7 +341,8 @@ impl Cpu {
                 }
                 Err(Event::Fault { vector, error }) => {
                     let rip = cx.s.rip;
-                    if let Err(x) = interrupt::raise(&mut cx, vector, error, IntKind::Exception, rip)
+                    if let Err(x) =
+                        interrupt::raise(&mut cx, vector, error, IntKind::Exception, rip)
                     {
                         exit = Some(x);
                     }
@@ -303,6 +356,9 @@ impl Cpu {
         }
         if cx.irq_shadow {
             *irq_shadow = true;
+        }
+        if cx.end_block {
+            *since_poll = POLL_BLOCKS;
         }
         if exit.is_none() {
             if let Some(r) = cx.stop {
@@ -319,5 +375,19 @@ impl Cpu {
         }
         let _ = Segment::default;
         exit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_and_ram_can_move_to_a_vcpu_thread() {
+        fn send<T: Send>() {}
+        fn sync<T: Sync>() {}
+        send::<Cpu>();
+        send::<GuestRam>();
+        sync::<GuestRam>();
     }
 }

@@ -80,20 +80,28 @@ pub struct LazyFlags {
 
 impl Default for LazyFlags {
     fn default() -> Self {
-        LazyFlags { op: FlagOp::Eager, size: 8, res: 0, a: 0, b: 0, eager: 0, other: FIXED1 }
+        LazyFlags {
+            op: FlagOp::Eager,
+            size: 8,
+            res: 0,
+            a: 0,
+            b: 0,
+            eager: 0,
+            other: FIXED1,
+        }
     }
 }
 
 /// Mask of an operand of `size` bytes.
 #[inline]
 pub fn size_mask(size: u8) -> u64 {
-    u64::MAX >> (64 - 8 * u32::from(size))
+    u64::MAX >> (64 - 8 * u32::from(size.clamp(1, 8)))
 }
 
 /// Sign bit of an operand of `size` bytes.
 #[inline]
 pub fn sign_bit(size: u8) -> u64 {
-    1u64 << (8 * u32::from(size) - 1)
+    1u64 << (8 * u32::from(size.clamp(1, 8)) - 1)
 }
 
 #[inline]

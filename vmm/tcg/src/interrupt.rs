@@ -64,7 +64,7 @@ fn deliver_inner(
     }
     let sel = ((lo >> 16) & 0xFFFF) as u16;
     let offset = (lo & 0xFFFF) | (((lo >> 48) & 0xFFFF) << 16) | ((hi & 0xFFFF_FFFF) << 32);
-    let ist = ((lo >> 32) & 7) as u64;
+    let ist = (lo >> 32) & 7;
     let ext = u32::from(kind != IntKind::Software);
     let mut cs = crate::exec::system_read_descriptor(cx, sel)
         .map_err(|_| Event::fault(vec::GP, Some(u32::from(sel & 0xFFFC) + ext)))?;
@@ -98,8 +98,13 @@ fn deliver_inner(
         frame[n] = u64::from(e);
         n += 1;
     }
-    for v in [ret_rip, u64::from(old_cs.selector), rflags, cx.s.gpr[4], u64::from(old_ss.selector)]
-    {
+    for v in [
+        ret_rip,
+        u64::from(old_cs.selector),
+        rflags,
+        cx.s.gpr[4],
+        u64::from(old_ss.selector),
+    ] {
         frame[n] = v;
         n += 1;
     }
@@ -111,8 +116,12 @@ fn deliver_inner(
     // Commit.
     cx.s.gpr[4] = base;
     if new_cpl != cpl {
-        cx.s.seg[SegReg::Ss as usize] =
-            Segment { selector: u16::from(new_cpl), base: 0, limit: 0, attr: 0 };
+        cx.s.seg[SegReg::Ss as usize] = Segment {
+            selector: u16::from(new_cpl),
+            base: 0,
+            limit: 0,
+            attr: 0,
+        };
     }
     cx.s.seg[SegReg::Cs as usize] = cs;
     let mut f = rflags & !(TF | NT | RF | VM);
@@ -143,7 +152,10 @@ pub(crate) fn raise(
     loop {
         match deliver(cx, v, e, kind, ret_rip) {
             Ok(()) => return Ok(()),
-            Err(Event::Fault { vector: v2, error: e2 }) => {
+            Err(Event::Fault {
+                vector: v2,
+                error: e2,
+            }) => {
                 if v == vec::DF {
                     return Err(Exit::Shutdown(ShutdownReason::TripleFault {
                         vector: v2,

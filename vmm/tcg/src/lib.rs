@@ -1,7 +1,54 @@
-//! rqemu-tcg: a software x86-64 CPU (interpreter over `iced-x86`-decoded blocks).
+//! rqemu-tcg: a software x86-64 CPU (an interpreter over `iced-x86`-decoded blocks).
 //!
-//! The VMM hands the CPU its guest RAM as host-mapped regions ([`GuestRam`]) and implements
-//! [`Platform`] for MMIO, port I/O and interrupts; [`Cpu::run`] executes until an [`Exit`].
+//! # Using it from a VMM
+//!
+//! ```no_run
+//! use rqemu_tcg::{Cpu, Exit, GuestRam, Platform, RamRegion};
+//! # struct Bus;
+//! # impl Platform for Bus {
+//! #     fn mmio_read(&mut self, _: u64, d: &mut [u8]) { d.fill(0xFF) }
+//! #     fn mmio_write(&mut self, _: u64, _: &[u8]) {}
+//! #     fn pio_read(&mut self, _: u16, d: &mut [u8]) { d.fill(0xFF) }
+//! #     fn pio_write(&mut self, _: u16, _: &[u8]) {}
+//! #     fn interrupt_pending(&mut self) -> bool { false }
+//! #     fn acknowledge_interrupt(&mut self) -> Option<u8> { None }
+//! # }
+//! # fn wait_for_interrupt() {}
+//! # let (host_ptr, len) = (std::ptr::null_mut(), 0u64);
+//! # let (entry, boot_params, pml4, gdt) = (0, 0, 0, 0);
+//! // Guest RAM: the VMM's memfd mappings (GuestMemoryMmap regions), as raw pointers.
+//! // SAFETY: the mappings outlive `ram` and every `run` using it.
+//! let ram = unsafe { GuestRam::new(vec![RamRegion { gpa: 0, host: host_ptr, len }]) }?;
+//! let mut cpu = Cpu::new();
+//! // Linux 64-bit boot protocol: long mode, paging on (identity tables built by the VMM in
+//! // guest RAM at `pml4`), __BOOT_CS/__BOOT_DS GDT at `gdt`, RSI = boot_params.
+//! cpu.arch.set_linux_boot_state(entry, boot_params, pml4, gdt);
+//! cpu.state_changed();
+//! let mut bus = Bus;
+//! loop {
+//!     match cpu.run(&ram, &mut bus, 1_000_000) {
+//!         Exit::BudgetExhausted => {}            // check pause/stop requests, then continue
+//!         Exit::Halted { .. } => wait_for_interrupt(),
+//!         Exit::Stop(reason) => break,           // reset / power-off requested by a device
+//!         Exit::Shutdown(reason) => break,       // triple fault or unsupported state
+//!     }
+//!     // After device DMA into guest RAM (e.g. before injecting a virtio interrupt):
+//!     cpu.note_external_writes();
+//! }
+//! # Ok::<(), rqemu_tcg::MemoryError>(())
+//! ```
+//!
+//! # Structure
+//! - [`state`]: architectural registers ([`ArchState`]), [`flags`]: lazy RFLAGS.
+//! - [`mmu`]: 4-level page walk and software TLB; [`memory`]: guest RAM regions.
+//! - [`block_cache`]: decoded blocks per guest-physical address with self-modifying-code
+//!   detection; the interpreter (`exec`) runs a block's instructions through handlers chosen
+//!   at decode time — the seam where a JIT would plug in.
+//! - `interrupt`: IDT delivery (TSS RSP0/IST, privilege changes, #DF, triple fault).
+//! - [`cpuid`]: advertises exactly what is implemented.
+//!
+//! Single vCPU per `Cpu`; SMP needs atomic A/D-bit updates, atomic LOCKed RMW on guest RAM
+//! and cross-CPU TLB shootdown/code invalidation (not done yet).
 
 pub mod block_cache;
 mod cpu;

@@ -17,7 +17,9 @@ use thiserror::Error;
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum MemoryError {
     /// A region has length zero, is not page aligned, or wraps around.
-    #[error("invalid RAM region at gpa {gpa:#x} (len {len:#x}): must be page aligned and non-empty")]
+    #[error(
+        "invalid RAM region at gpa {gpa:#x} (len {len:#x}): must be page aligned and non-empty"
+    )]
     BadRegion {
         /// Guest physical base.
         gpa: u64,
@@ -63,9 +65,15 @@ impl GuestRam {
         regions.sort_by_key(|r| r.gpa);
         let mut end = 0;
         for r in &regions {
-            if r.len == 0 || r.len & 0xFFF != 0 || r.gpa & 0xFFF != 0 || r.gpa.checked_add(r.len).is_none()
+            if r.len == 0
+                || r.len & 0xFFF != 0
+                || r.gpa & 0xFFF != 0
+                || r.gpa.checked_add(r.len).is_none()
             {
-                return Err(MemoryError::BadRegion { gpa: r.gpa, len: r.len });
+                return Err(MemoryError::BadRegion {
+                    gpa: r.gpa,
+                    len: r.len,
+                });
             }
             if r.gpa < end {
                 return Err(MemoryError::Overlap(r.gpa));
@@ -147,14 +155,22 @@ mod tests {
     #[test]
     fn regions_and_bounds() {
         let mut buf = vec![0u8; 0x2000];
-        let r = RamRegion { gpa: 0x10000, host: buf.as_mut_ptr(), len: 0x2000 };
+        let r = RamRegion {
+            gpa: 0x10000,
+            host: buf.as_mut_ptr(),
+            len: 0x2000,
+        };
         // SAFETY: `buf` outlives `ram` in this test.
         let ram = unsafe { GuestRam::new(vec![r]) }.unwrap();
         assert!(ram.write_u64(0x10008, 0x1122_3344_5566_7788));
         assert_eq!(ram.read_u64(0x10008), Some(0x1122_3344_5566_7788));
         assert_eq!(ram.read_u64(0x11FFC), None, "crosses the end");
         assert_eq!(ram.read_u64(0xFFF8), None);
-        let bad = RamRegion { gpa: 0x10800, host: buf.as_mut_ptr(), len: 0x1000 };
+        let bad = RamRegion {
+            gpa: 0x10800,
+            host: buf.as_mut_ptr(),
+            len: 0x1000,
+        };
         // SAFETY: never accessed.
         assert!(unsafe { GuestRam::new(vec![r, bad]) }.is_err());
         drop(ram);

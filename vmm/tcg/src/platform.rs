@@ -11,7 +11,9 @@ pub trait Platform {
     fn pio_read(&mut self, port: u16, data: &mut [u8]);
     /// Port output of `data.len()` bytes (1, 2 or 4).
     fn pio_write(&mut self, port: u16, data: &[u8]);
-    /// Whether a maskable external interrupt is pending (checked when RFLAGS.IF=1).
+    /// Whether a maskable external interrupt is pending. Polled when RFLAGS.IF=1: on entry
+    /// to `run`, at least every 16 blocks, and after every block that ended on a system
+    /// instruction (STI, POPF, IRET, HLT, I/O, ...). Keep it cheap (an atomic load).
     fn interrupt_pending(&mut self) -> bool;
     /// Acknowledges the highest-priority pending external interrupt and returns its vector
     /// (INTA cycle). `None` if it vanished meanwhile (spurious).

@@ -77,8 +77,17 @@ impl Segment {
         if attr & Self::G != 0 {
             limit = (limit << 12) | 0xFFF;
         }
-        let base = if attr & Self::S == 0 { base | (u64::from(base_hi) << 32) } else { base };
-        Segment { selector, base, limit, attr }
+        let base = if attr & Self::S == 0 {
+            base | (u64::from(base_hi) << 32)
+        } else {
+            base
+        };
+        Segment {
+            selector,
+            base,
+            limit,
+            attr,
+        }
     }
 
     /// Descriptor privilege level.
@@ -145,7 +154,15 @@ pub struct Fpu {
 
 impl Default for Fpu {
     fn default() -> Self {
-        Fpu { fcw: 0x37F, fsw: 0, ftw: 0, fop: 0, fip: 0, fdp: 0, st: [[0; 16]; 8] }
+        Fpu {
+            fcw: 0x37F,
+            fsw: 0,
+            ftw: 0,
+            fop: 0,
+            fip: 0,
+            fdp: 0,
+            st: [[0; 16]; 8],
+        }
     }
 }
 
@@ -259,16 +276,27 @@ impl Default for ArchState {
             flags: LazyFlags::default(),
             seg: [Segment::default(); 6],
             ldtr: Segment::default(),
-            tr: Segment { attr: 0xB | Segment::P, limit: 0xFFFF, ..Segment::default() },
+            tr: Segment {
+                attr: 0xB | Segment::P,
+                limit: 0xFFFF,
+                ..Segment::default()
+            },
             gdtr: DescTable::default(),
-            idtr: DescTable { base: 0, limit: 0xFFFF },
+            idtr: DescTable {
+                base: 0,
+                limit: 0xFFFF,
+            },
             cr0: cr0::ET | cr0::NW | cr0::CD,
             cr2: 0,
             cr3: 0,
             cr4: 0,
             cr8: 0,
             efer: 0,
-            msr: Msrs { apic_base: 0xFEE0_0900, pat: 0x0007_0406_0007_0406, ..Msrs::default() },
+            msr: Msrs {
+                apic_base: 0xFEE0_0900,
+                pat: 0x0007_0406_0007_0406,
+                ..Msrs::default()
+            },
             xmm: [0; 16],
             mxcsr: 0x1F80,
             fpu: Fpu::default(),
@@ -317,7 +345,10 @@ impl ArchState {
         for s in [SegReg::Ds, SegReg::Es, SegReg::Ss, SegReg::Fs, SegReg::Gs] {
             self.seg[s as usize] = Segment::data(0x18, 0);
         }
-        self.gdtr = DescTable { base: gdt_base, limit: 4 * 8 - 1 };
+        self.gdtr = DescTable {
+            base: gdt_base,
+            limit: 4 * 8 - 1,
+        };
         self.set_rflags(0x2);
         self.gpr[6] = boot_params;
         self.rip = entry;

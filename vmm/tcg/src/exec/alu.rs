@@ -27,12 +27,128 @@ pub fn mov(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     cx.write_op(ins, 0, size, v)
 }
 
+/// Operand form of a two-operand instruction, used to pick specialised handlers at decode time.
+pub enum Form {
+    /// GPR, GPR.
+    RegReg,
+    /// GPR, immediate.
+    RegImm,
+    /// GPR, memory.
+    RegMem,
+    /// Memory, GPR.
+    MemReg,
+    /// Anything else (memory, special registers).
+    Other,
+}
+
+fn is_gpr(r: Register) -> bool {
+    (1..=68).contains(&(r as usize))
+}
+
+/// Classifies operands 0 and 1.
+pub fn form(ins: &Instruction) -> Form {
+    if ins.op_count() != 2 {
+        return Form::Other;
+    }
+    if ins.op0_kind() == OpKind::Memory {
+        return if ins.op1_kind() == OpKind::Register && is_gpr(ins.op1_register()) {
+            Form::MemReg
+        } else {
+            Form::Other
+        };
+    }
+    if ins.op0_kind() != OpKind::Register || !is_gpr(ins.op0_register()) {
+        return Form::Other;
+    }
+    match ins.op1_kind() {
+        OpKind::Register if is_gpr(ins.op1_register()) => Form::RegReg,
+        OpKind::Memory => Form::RegMem,
+        OpKind::Immediate8
+        | OpKind::Immediate16
+        | OpKind::Immediate32
+        | OpKind::Immediate64
+        | OpKind::Immediate8to16
+        | OpKind::Immediate8to32
+        | OpKind::Immediate8to64
+        | OpKind::Immediate32to64 => Form::RegImm,
+        _ => Form::Other,
+    }
+}
+
+/// MOV GPR, GPR.
+pub fn mov_rr(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
+    let v = get_reg(cx.s, ins.op1_register());
+    set_reg(cx.s, ins.op0_register(), v);
+    Ok(())
+}
+
+/// MOV GPR, [mem].
+pub fn mov_load(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
+    let r = ins.op0_register();
+    let va = cx.ea(ins);
+    let v = cx.read(va, super::operand::reg_size(r))?;
+    set_reg(cx.s, r, v);
+    Ok(())
+}
+
+/// MOV [mem], GPR.
+pub fn mov_store(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
+    let r = ins.op1_register();
+    let va = cx.ea(ins);
+    cx.write(va, super::operand::reg_size(r), get_reg(cx.s, r))
+}
+
+/// MOV GPR, imm.
+pub fn mov_ri(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
+    set_reg(cx.s, ins.op0_register(), ins.immediate(1));
+    Ok(())
+}
+
+/// ALU op with a GPR destination and a GPR or immediate source.
+pub fn binop_reg(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
+    let r0 = ins.op0_register();
+    let size = super::operand::reg_size(r0);
+    let mask = size_mask(size);
+    let b = if ins.op1_kind() == OpKind::Register {
+        get_reg(cx.s, ins.op1_register())
+    } else {
+        ins.immediate(1) & mask
+    };
+    let a = get_reg(cx.s, r0);
+    let m = ins.mnemonic();
+    let (res, op, carry) = match m {
+        M::Add => (a.wrapping_add(b), FlagOp::Add, 0),
+        M::Adc => {
+            let c = u64::from(cx.s.flags.cf());
+            (a.wrapping_add(b).wrapping_add(c), FlagOp::Adc, c)
+        }
+        M::Sub | M::Cmp => (a.wrapping_sub(b), FlagOp::Sub, 0),
+        M::Sbb => {
+            let c = u64::from(cx.s.flags.cf());
+            (a.wrapping_sub(b).wrapping_sub(c), FlagOp::Sbb, c)
+        }
+        M::And | M::Test => (a & b, FlagOp::Logic, 0),
+        M::Or => (a | b, FlagOp::Logic, 0),
+        _ => (a ^ b, FlagOp::Logic, 0),
+    };
+    let res = res & mask;
+    if !matches!(m, M::Cmp | M::Test) {
+        set_reg(cx.s, r0, res);
+    }
+    cx.s.flags.set_lazy(op, size, res, a, b, carry);
+    Ok(())
+}
+
 pub fn binop(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     let size = cx.op_size(ins, 0);
     let b = cx.read_op(ins, 1, size)?;
     let m = ins.mnemonic();
     let writes = !matches!(m, M::Cmp | M::Test);
-    let a = if writes { cx.read_rmw(ins, size)? } else { cx.read_op(ins, 0, size)? };
+    let a = if writes {
+        cx.read_rmw(ins, size)?
+    } else {
+        cx.read_op(ins, 0, size)?
+    };
     let (res, op, carry) = match m {
         M::Add => (a.wrapping_add(b), FlagOp::Add, 0),
         M::Adc => {
@@ -63,7 +179,11 @@ pub fn unop(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     match ins.mnemonic() {
         M::Inc | M::Dec => {
             let inc = ins.mnemonic() == M::Inc;
-            let res = if inc { a.wrapping_add(1) } else { a.wrapping_sub(1) } & m;
+            let res = if inc {
+                a.wrapping_add(1)
+            } else {
+                a.wrapping_sub(1)
+            } & m;
             cx.write_op(ins, 0, size, res)?;
             let cf = if cx.s.flags.cf() { CF } else { 0 };
             let op = if inc { FlagOp::Inc } else { FlagOp::Dec };
@@ -92,7 +212,11 @@ pub fn movx(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         _ => ins.memory_size().size() as u8,
     };
     let v = cx.read_op(ins, 1, ssize)?;
-    let v = if ins.mnemonic() == M::Movzx { v } else { sext(v, ssize) & size_mask(dsize) };
+    let v = if ins.mnemonic() == M::Movzx {
+        v
+    } else {
+        sext(v, ssize) & size_mask(dsize)
+    };
     set_reg(cx.s, ins.op0_register(), v);
     Ok(())
 }
@@ -210,6 +334,14 @@ pub fn bswap(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         _ => 0,
     };
     set_reg(cx.s, r, out);
+    Ok(())
+}
+
+pub fn xlat(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
+    let off = cx.s.gpr[3].wrapping_add(cx.s.gpr[0] & 0xFF);
+    let va = cx.seg_base(ins.memory_segment()).wrapping_add(off);
+    let v = cx.read(va, 1)?;
+    cx.s.gpr[0] = (cx.s.gpr[0] & !0xFF) | v;
     Ok(())
 }
 

@@ -31,7 +31,11 @@ pub fn branch(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         M::Ret => {
             let sp = cx.s.gpr[4];
             let target = cx.read(sp, 8)?;
-            let imm = if ins.op_count() > 0 { ins.immediate(0) & 0xFFFF } else { 0 };
+            let imm = if ins.op_count() > 0 {
+                ins.immediate(0) & 0xFFFF
+            } else {
+                0
+            };
             cx.s.gpr[4] = sp.wrapping_add(8 + imm);
             cx.next_rip = target;
         }
@@ -290,7 +294,11 @@ fn iretq(cx: &mut Ctx<'_>) -> R<()> {
         if new_cpl == 3 {
             return gp(0);
         }
-        Segment { selector: ss, attr: 0, ..Segment::default() }
+        Segment {
+            selector: ss,
+            attr: 0,
+            ..Segment::default()
+        }
     } else {
         super::system::read_descriptor(cx, ss)?
     };
@@ -304,7 +312,11 @@ fn iretq(cx: &mut Ctx<'_>) -> R<()> {
 }
 
 fn retf(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
-    let size: u8 = if matches!(ins.code(), Code::Retfq | Code::Retfq_imm16) { 8 } else { 4 };
+    let size: u8 = if matches!(ins.code(), Code::Retfq | Code::Retfq_imm16) {
+        8
+    } else {
+        4
+    };
     let sp = cx.s.gpr[4];
     let rip = cx.read(sp, size)?;
     let cs = cx.read(sp.wrapping_add(u64::from(size)), size)? as u16;
@@ -316,7 +328,11 @@ fn retf(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     if seg.attr & Segment::S == 0 || seg.attr & 0x8 == 0 {
         return gp(u32::from(cs & 0xFFFC));
     }
-    let imm = if ins.op_count() > 0 { ins.immediate(0) & 0xFFFF } else { 0 };
+    let imm = if ins.op_count() > 0 {
+        ins.immediate(0) & 0xFFFF
+    } else {
+        0
+    };
     cx.s.seg[SegReg::Cs as usize] = seg;
     cx.s.gpr[4] = sp.wrapping_add(2 * u64::from(size) + imm);
     cx.next_rip = rip;

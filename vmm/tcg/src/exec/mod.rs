@@ -10,6 +10,7 @@ mod muldiv;
 pub(crate) mod operand;
 mod shift;
 mod sse;
+mod sse_fp;
 mod string;
 mod system;
 mod x87;
@@ -17,8 +18,8 @@ mod x87;
 pub(crate) use system::read_descriptor as system_read_descriptor;
 
 use crate::block_cache::CodeBitmap;
-use crate::mmu::tlb::Tlb;
 use crate::memory::GuestRam;
+use crate::mmu::tlb::Tlb;
 use crate::platform::{Exit, Platform};
 use crate::state::ArchState;
 use iced_x86::{Instruction, Mnemonic};
@@ -33,8 +34,6 @@ pub mod vec {
     pub const NMI: u8 = 2;
     /// Breakpoint.
     pub const BP: u8 = 3;
-    /// Overflow.
-    pub const OF: u8 = 4;
     /// Invalid opcode.
     pub const UD: u8 = 6;
     /// Device not available.
@@ -51,10 +50,6 @@ pub mod vec {
     pub const GP: u8 = 13;
     /// Page fault.
     pub const PF: u8 = 14;
-    /// x87 floating point error.
-    pub const MF: u8 = 16;
-    /// SIMD floating point exception.
-    pub const XM: u8 = 19;
 }
 
 /// Something that stops the current instruction.
@@ -137,65 +132,203 @@ impl Ctx<'_> {
     }
 }
 
-/// Executes one instruction. On `Ok`, the caller commits `next_rip` to RIP.
-#[inline]
-pub(crate) fn step(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
+/// An instruction handler. On `Ok`, the caller commits `next_rip` to RIP.
+pub(crate) type Handler = fn(&mut Ctx<'_>, &Instruction) -> R<()>;
+
+fn nop(_cx: &mut Ctx<'_>, _ins: &Instruction) -> R<()> {
+    Ok(())
+}
+
+/// Selects the handler for a decoded instruction (done once, when a block is decoded).
+pub(crate) fn select(ins: &Instruction) -> Handler {
     use Mnemonic as M;
     match ins.mnemonic() {
-        M::Mov => alu::mov(cx, ins),
+        M::Mov => match alu::form(ins) {
+            alu::Form::RegReg => alu::mov_rr,
+            alu::Form::RegImm => alu::mov_ri,
+            alu::Form::RegMem => alu::mov_load,
+            alu::Form::MemReg => alu::mov_store,
+            alu::Form::Other => alu::mov,
+        },
         M::Add | M::Or | M::Adc | M::Sbb | M::And | M::Sub | M::Xor | M::Cmp | M::Test => {
-            alu::binop(cx, ins)
+            match alu::form(ins) {
+                alu::Form::RegReg | alu::Form::RegImm => alu::binop_reg,
+                _ => alu::binop,
+            }
         }
-        M::Lea => alu::lea(cx, ins),
-        M::Movzx | M::Movsx | M::Movsxd => alu::movx(cx, ins),
-        M::Inc | M::Dec | M::Not | M::Neg => alu::unop(cx, ins),
-        M::Xchg => alu::xchg(cx, ins),
-        M::Xadd => alu::xadd(cx, ins),
-        M::Cmpxchg => alu::cmpxchg(cx, ins),
-        M::Cmpxchg8b | M::Cmpxchg16b => alu::cmpxchg_wide(cx, ins),
-        M::Cbw | M::Cwde | M::Cdqe | M::Cwd | M::Cdq | M::Cqo => alu::convert(cx, ins),
-        M::Bswap => alu::bswap(cx, ins),
-        M::Seto | M::Setno | M::Setb | M::Setae | M::Sete | M::Setne | M::Setbe | M::Seta
-        | M::Sets | M::Setns | M::Setp | M::Setnp | M::Setl | M::Setge | M::Setle | M::Setg => {
-            alu::setcc(cx, ins)
-        }
-        M::Cmovo | M::Cmovno | M::Cmovb | M::Cmovae | M::Cmove | M::Cmovne | M::Cmovbe
-        | M::Cmova | M::Cmovs | M::Cmovns | M::Cmovp | M::Cmovnp | M::Cmovl | M::Cmovge
-        | M::Cmovle | M::Cmovg => alu::cmovcc(cx, ins),
-        M::Clc | M::Stc | M::Cmc | M::Cld | M::Std | M::Lahf | M::Sahf => alu::flag_op(cx, ins),
-        M::Nop | M::Pause | M::Lfence | M::Mfence | M::Sfence | M::Prefetchnta
-        | M::Prefetcht0 | M::Prefetcht1 | M::Prefetcht2 | M::Prefetchw | M::Clflush
-        | M::Clflushopt | M::Wbinvd | M::Invd | M::Endbr64 | M::Endbr32 => Ok(()),
-        M::Mul | M::Imul | M::Div | M::Idiv => muldiv::exec(cx, ins),
-        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => {
-            shift::shift(cx, ins)
-        }
-        M::Shld | M::Shrd => shift::shxd(cx, ins),
-        M::Bt | M::Bts | M::Btr | M::Btc => bits::bt(cx, ins),
-        M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt | M::Popcnt => bits::scan(cx, ins),
-        M::Movsb | M::Movsw | M::Movsq | M::Stosb | M::Stosw | M::Stosd | M::Stosq | M::Lodsb
-        | M::Lodsw | M::Lodsd | M::Lodsq | M::Cmpsb | M::Cmpsw | M::Cmpsq | M::Scasb
-        | M::Scasw | M::Scasd | M::Scasq | M::Insb | M::Insw | M::Insd | M::Outsb | M::Outsw
-        | M::Outsd => string::exec(cx, ins),
-        M::Movsd | M::Cmpsd if string::is_string(ins) => string::exec(cx, ins),
-        M::Jmp | M::Call | M::Ret | M::Jo | M::Jno | M::Jb | M::Jae | M::Je | M::Jne | M::Jbe
-        | M::Ja | M::Js | M::Jns | M::Jp | M::Jnp | M::Jl | M::Jge | M::Jle | M::Jg | M::Loop
-        | M::Loope | M::Loopne | M::Jrcxz | M::Jecxz => control::branch(cx, ins),
+        M::Lea => alu::lea,
+        M::Movzx | M::Movsx | M::Movsxd => alu::movx,
+        M::Inc | M::Dec | M::Not | M::Neg => alu::unop,
+        M::Xchg => alu::xchg,
+        M::Xadd => alu::xadd,
+        M::Cmpxchg => alu::cmpxchg,
+        M::Cmpxchg8b | M::Cmpxchg16b => alu::cmpxchg_wide,
+        M::Cbw | M::Cwde | M::Cdqe | M::Cwd | M::Cdq | M::Cqo => alu::convert,
+        M::Bswap => alu::bswap,
+        M::Xlatb => alu::xlat,
+        M::Seto
+        | M::Setno
+        | M::Setb
+        | M::Setae
+        | M::Sete
+        | M::Setne
+        | M::Setbe
+        | M::Seta
+        | M::Sets
+        | M::Setns
+        | M::Setp
+        | M::Setnp
+        | M::Setl
+        | M::Setge
+        | M::Setle
+        | M::Setg => alu::setcc,
+        M::Cmovo
+        | M::Cmovno
+        | M::Cmovb
+        | M::Cmovae
+        | M::Cmove
+        | M::Cmovne
+        | M::Cmovbe
+        | M::Cmova
+        | M::Cmovs
+        | M::Cmovns
+        | M::Cmovp
+        | M::Cmovnp
+        | M::Cmovl
+        | M::Cmovge
+        | M::Cmovle
+        | M::Cmovg => alu::cmovcc,
+        M::Clc | M::Stc | M::Cmc | M::Cld | M::Std | M::Lahf | M::Sahf => alu::flag_op,
+        M::Nop
+        | M::Pause
+        | M::Lfence
+        | M::Mfence
+        | M::Sfence
+        | M::Prefetchnta
+        | M::Prefetcht0
+        | M::Prefetcht1
+        | M::Prefetcht2
+        | M::Prefetchw
+        | M::Clflush
+        | M::Clflushopt
+        | M::Wbinvd
+        | M::Invd
+        | M::Endbr64
+        | M::Endbr32 => nop,
+        M::Mul | M::Imul | M::Div | M::Idiv => muldiv::exec,
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => shift::shift,
+        M::Shld | M::Shrd => shift::shxd,
+        M::Bt | M::Bts | M::Btr | M::Btc => bits::bt,
+        M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt | M::Popcnt => bits::scan,
+        M::Movsb
+        | M::Movsw
+        | M::Movsq
+        | M::Stosb
+        | M::Stosw
+        | M::Stosd
+        | M::Stosq
+        | M::Lodsb
+        | M::Lodsw
+        | M::Lodsd
+        | M::Lodsq
+        | M::Cmpsb
+        | M::Cmpsw
+        | M::Cmpsq
+        | M::Scasb
+        | M::Scasw
+        | M::Scasd
+        | M::Scasq
+        | M::Insb
+        | M::Insw
+        | M::Insd
+        | M::Outsb
+        | M::Outsw
+        | M::Outsd => string::exec,
+        M::Movsd | M::Cmpsd if string::is_string(ins) => string::exec,
+        M::Jmp
+        | M::Call
+        | M::Ret
+        | M::Jo
+        | M::Jno
+        | M::Jb
+        | M::Jae
+        | M::Je
+        | M::Jne
+        | M::Jbe
+        | M::Ja
+        | M::Js
+        | M::Jns
+        | M::Jp
+        | M::Jnp
+        | M::Jl
+        | M::Jge
+        | M::Jle
+        | M::Jg
+        | M::Loop
+        | M::Loope
+        | M::Loopne
+        | M::Jrcxz
+        | M::Jecxz => control::branch,
         M::Push | M::Pop | M::Pushfq | M::Pushf | M::Popfq | M::Popf | M::Enter | M::Leave => {
-            control::stack(cx, ins)
+            control::stack
         }
-        M::Int3 | M::Int | M::Int1 | M::Into | M::Ud2 | M::Ud0 | M::Ud1 | M::Hlt | M::Iretq
-        | M::Iretd | M::Iret | M::Retf | M::Syscall | M::Sysretq | M::Sysret | M::Cli
-        | M::Sti | M::Swapgs => control::system_flow(cx, ins),
-        M::Cpuid | M::Rdmsr | M::Wrmsr | M::Rdtsc | M::Rdtscp | M::Rdpid | M::Lgdt | M::Lidt
-        | M::Lldt | M::Ltr | M::Sgdt | M::Sidt | M::Sldt | M::Str | M::Invlpg | M::Smsw
-        | M::Lmsw | M::Clts | M::In | M::Out | M::Xgetbv | M::Lar | M::Lsl | M::Verr
-        | M::Verw => system::exec(cx, ins),
-        M::Movsd | M::Cmpsd => sse::exec(cx, ins),
-        M::Fninit | M::Fnstcw | M::Fldcw | M::Fnstsw | M::Wait | M::Fnclex | M::Fxsave
-        | M::Fxsave64 | M::Fxrstor | M::Fxrstor64 | M::Ldmxcsr | M::Stmxcsr | M::Emms => {
-            x87::exec(cx, ins)
-        }
-        _ => sse::exec(cx, ins),
+        M::Int3
+        | M::Int
+        | M::Int1
+        | M::Into
+        | M::Ud2
+        | M::Ud0
+        | M::Ud1
+        | M::Hlt
+        | M::Iretq
+        | M::Iretd
+        | M::Iret
+        | M::Retf
+        | M::Syscall
+        | M::Sysretq
+        | M::Sysret
+        | M::Cli
+        | M::Sti
+        | M::Swapgs => control::system_flow,
+        M::Cpuid
+        | M::Rdmsr
+        | M::Wrmsr
+        | M::Rdtsc
+        | M::Rdtscp
+        | M::Rdpid
+        | M::Lgdt
+        | M::Lidt
+        | M::Lldt
+        | M::Ltr
+        | M::Sgdt
+        | M::Sidt
+        | M::Sldt
+        | M::Str
+        | M::Invlpg
+        | M::Smsw
+        | M::Lmsw
+        | M::Clts
+        | M::In
+        | M::Out
+        | M::Xgetbv
+        | M::Lar
+        | M::Lsl
+        | M::Verr
+        | M::Verw => system::exec,
+        M::Movsd | M::Cmpsd => sse::exec,
+        M::Fninit
+        | M::Fnstcw
+        | M::Fldcw
+        | M::Fnstsw
+        | M::Wait
+        | M::Fnclex
+        | M::Fxsave
+        | M::Fxsave64
+        | M::Fxrstor
+        | M::Fxrstor64
+        | M::Ldmxcsr
+        | M::Stmxcsr
+        | M::Emms => x87::exec,
+        _ => sse::exec,
     }
 }

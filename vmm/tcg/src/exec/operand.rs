@@ -52,7 +52,7 @@ pub fn reg_size(r: Register) -> u8 {
 /// Sign-extends the low `size` bytes of `v`.
 #[inline(always)]
 pub fn sext(v: u64, size: u8) -> u64 {
-    let sh = 64 - 8 * u32::from(size);
+    let sh = 64 - 8 * u32::from(size.clamp(1, 8));
     (((v << sh) as i64) >> sh) as u64
 }
 
@@ -102,7 +102,8 @@ impl Ctx<'_> {
     pub fn op_size(&self, ins: &Instruction, i: u32) -> u8 {
         match ins.op_kind(i) {
             OpKind::Register => reg_size(ins.op_register(i)),
-            _ => ins.memory_size().size() as u8,
+            // Clamped: integer handlers only use 1..=8 (never 0 for odd encodings).
+            _ => (ins.memory_size().size() as u8).clamp(1, 8),
         }
     }
 
@@ -158,14 +159,5 @@ impl Ctx<'_> {
         self.write(sp, size, v)?;
         self.s.gpr[4] = sp;
         Ok(())
-    }
-
-    /// Pops `size` bytes (RSP updated).
-    #[inline]
-    pub fn pop(&mut self, size: u8) -> R<u64> {
-        let sp = self.s.gpr[4];
-        let v = self.read(sp, size)?;
-        self.s.gpr[4] = sp.wrapping_add(u64::from(size));
-        Ok(v)
     }
 }

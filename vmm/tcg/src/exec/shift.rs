@@ -22,7 +22,11 @@ fn szp(res: u64, size: u8) -> u64 {
 }
 
 fn count(cx: &mut Ctx<'_>, ins: &Instruction, i: u32, size: u8) -> R<u32> {
-    let c = if ins.op_count() > i { cx.read_op(ins, i, 1)? } else { 1 };
+    let c = if ins.op_count() > i {
+        cx.read_op(ins, i, 1)?
+    } else {
+        1
+    };
     Ok((c as u32) & if size == 8 { 0x3F } else { 0x1F })
 }
 
@@ -31,7 +35,8 @@ pub fn shift(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     let c = count(cx, ins, 1, size)?;
     let a = cx.read_rmw(ins, size)?;
     if c == 0 {
-        return Ok(());
+        // Flags untouched, but a 32-bit register destination is still zero-extended.
+        return cx.write_op(ins, 0, size, a);
     }
     let bits = 8 * u32::from(size);
     let mask = size_mask(size);
@@ -42,13 +47,21 @@ pub fn shift(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             let res = if c >= bits { 0 } else { (a << c) & mask };
             let cf = c <= bits && (a >> (bits - c)) & 1 != 0;
             let of = msb(res) ^ cf;
-            (res, szp(res, size) | fl(cf, CF) | fl(of, OF), CF | OF | SF | ZF | PF)
+            (
+                res,
+                szp(res, size) | fl(cf, CF) | fl(of, OF),
+                CF | OF | SF | ZF | PF,
+            )
         }
         M::Shr => {
             let res = if c >= bits { 0 } else { a >> c };
             let cf = c <= bits && (a >> (c - 1)) & 1 != 0;
             let of = msb(a) && c == 1;
-            (res, szp(res, size) | fl(cf, CF) | fl(of, OF), CF | OF | SF | ZF | PF)
+            (
+                res,
+                szp(res, size) | fl(cf, CF) | fl(of, OF),
+                CF | OF | SF | ZF | PF,
+            )
         }
         M::Sar => {
             let sa = sext(a, size) as i64;
@@ -58,14 +71,22 @@ pub fn shift(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         }
         M::Rol => {
             let n = c % bits;
-            let res = if n == 0 { a } else { ((a << n) | (a >> (bits - n))) & mask };
+            let res = if n == 0 {
+                a
+            } else {
+                ((a << n) | (a >> (bits - n))) & mask
+            };
             let cf = res & 1 != 0;
             let of = msb(res) ^ cf;
             (res, fl(cf, CF) | fl(of, OF), CF | OF)
         }
         M::Ror => {
             let n = c % bits;
-            let res = if n == 0 { a } else { ((a >> n) | (a << (bits - n))) & mask };
+            let res = if n == 0 {
+                a
+            } else {
+                ((a >> n) | (a << (bits - n))) & mask
+            };
             let cf = msb(res);
             let of = msb(res) ^ ((res >> (bits - 2)) & 1 != 0);
             (res, fl(cf, CF) | fl(of, OF), CF | OF)
@@ -75,7 +96,11 @@ pub fn shift(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             let n = c % w;
             let x = (u128::from(cf_in) << bits) | u128::from(a);
             let wm = (1u128 << w) - 1;
-            let x = if n == 0 { x } else { ((x << n) | (x >> (w - n))) & wm };
+            let x = if n == 0 {
+                x
+            } else {
+                ((x << n) | (x >> (w - n))) & wm
+            };
             let res = (x as u64) & mask;
             let cf = (x >> bits) & 1 != 0;
             let of = msb(res) ^ cf;
@@ -88,7 +113,11 @@ pub fn shift(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             let of = msb(a) ^ cf_in;
             let x = (u128::from(cf_in) << bits) | u128::from(a);
             let wm = (1u128 << w) - 1;
-            let x = if n == 0 { x } else { ((x >> n) | (x << (w - n))) & wm };
+            let x = if n == 0 {
+                x
+            } else {
+                ((x >> n) | (x << (w - n))) & wm
+            };
             let res = (x as u64) & mask;
             let cf = (x >> bits) & 1 != 0;
             (res, fl(cf, CF) | fl(of, OF), CF | OF)
@@ -96,7 +125,11 @@ pub fn shift(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     };
     cx.write_op(ins, 0, size, res)?;
     // Shifts define SF/ZF/PF/CF and clear AF (undefined by the SDM).
-    let fmask = if fmask & ZF != 0 { fmask | crate::flags::AF } else { fmask };
+    let fmask = if fmask & ZF != 0 {
+        fmask | crate::flags::AF
+    } else {
+        fmask
+    };
     cx.s.flags.update_arith(fmask, flags);
     Ok(())
 }
@@ -116,7 +149,8 @@ pub fn shxd(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     let src = cx.read_op(ins, 1, size)?;
     let a = cx.read_rmw(ins, size)?;
     if c == 0 {
-        return Ok(());
+        // Flags untouched, but a 32-bit register destination is still zero-extended.
+        return cx.write_op(ins, 0, size, a);
     }
     let bits = 8 * u32::from(size);
     let mask = size_mask(size);

@@ -86,6 +86,13 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         u64::from(size)
     };
     let src_base = cx.seg_base(ins.memory_segment());
+    let fast = rep && !a32 && step == u64::from(size) && matches!(kind, Kind::Movs | Kind::Stos);
+    if fast && fast_rep(cx, kind, size, src_base)? {
+        // Budget for this execution used up: resume the instruction later.
+        cx.next_rip = cx.s.rip;
+        cx.end_block = true;
+        return Ok(());
+    }
     let m = size_mask(size);
     let mut n = 0u32;
     loop {
@@ -117,7 +124,8 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             Kind::Ins => {
                 cx.check_write(rdi, size as usize)?;
                 let mut b = [0u8; 4];
-                cx.plat.pio_read(cx.s.gpr[2] as u16, &mut b[..size as usize]);
+                cx.plat
+                    .pio_read(cx.s.gpr[2] as u16, &mut b[..size as usize]);
                 cx.poll_stop();
                 cx.write(rdi, size, u64::from(u32::from_le_bytes(b)))?;
             }
@@ -131,7 +139,10 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         if matches!(kind, Kind::Movs | Kind::Lods | Kind::Cmps | Kind::Outs) {
             cx.s.gpr[6] = rsi.wrapping_add(step) & amask;
         }
-        if matches!(kind, Kind::Movs | Kind::Stos | Kind::Cmps | Kind::Scas | Kind::Ins) {
+        if matches!(
+            kind,
+            Kind::Movs | Kind::Stos | Kind::Cmps | Kind::Scas | Kind::Ins
+        ) {
             cx.s.gpr[7] = rdi.wrapping_add(step) & amask;
         }
         if let Some((a, b)) = cmp {
@@ -166,4 +177,72 @@ fn acc(size: u8) -> iced_x86::Register {
         4 => iced_x86::Register::EAX,
         _ => iced_x86::Register::RAX,
     }
+}
+
+/// Bytes a single execution of a fast REP MOVS/STOS may move before yielding.
+const FAST_BUDGET: u64 = 256 * 1024;
+
+/// Page-at-a-time REP MOVS/STOS (DF=0, 64-bit addressing) on RAM with host copies. Stops at
+/// anything unusual (MMIO, code pages, overlapping moves, elements straddling pages), leaving
+/// the rest to the per-element loop. Returns true if it stopped because of its budget.
+fn fast_rep(cx: &mut Ctx<'_>, kind: Kind, size: u8, src_base: u64) -> R<bool> {
+    let sz = u64::from(size);
+    let mut moved = 0u64;
+    while cx.s.gpr[1] != 0 {
+        if moved >= FAST_BUDGET {
+            return Ok(true);
+        }
+        let dst = cx.s.gpr[7];
+        let dst_room = 0x1000 - (dst & 0xFFF);
+        let mut n = (dst_room / sz).min(cx.s.gpr[1]);
+        let src = src_base.wrapping_add(cx.s.gpr[6]);
+        if kind == Kind::Movs {
+            n = n.min((0x1000 - (src & 0xFFF)) / sz);
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        let bytes = n * sz;
+        let d = cx.xlate(dst, crate::mmu::walk::Access::Write)?;
+        if d.host == 0 || cx.code.is_code(d.phys) {
+            return Ok(false);
+        }
+        let dp = (d.host + (dst & 0xFFF) as usize) as *mut u8;
+        if kind == Kind::Movs {
+            let s = cx.xlate(src, crate::mmu::walk::Access::Read)?;
+            if s.host == 0 {
+                return Ok(false);
+            }
+            let sp = (s.host + (src & 0xFFF) as usize) as *const u8;
+            let (a, b) = (sp as usize, dp as usize);
+            if a < b + bytes as usize && b < a + bytes as usize {
+                return Ok(false);
+            }
+            // SAFETY: both ranges lie inside single RAM pages (bounded by the page room
+            // computed above) of live mappings, and they do not overlap (checked).
+            unsafe { std::ptr::copy_nonoverlapping(sp, dp, bytes as usize) };
+            cx.s.gpr[6] = cx.s.gpr[6].wrapping_add(bytes);
+        } else {
+            let v = cx.s.gpr[0].to_le_bytes();
+            let pat = &v[..size as usize];
+            if size == 1 {
+                // SAFETY: `dp .. dp + bytes` is inside the destination page (see above).
+                unsafe { std::ptr::write_bytes(dp, v[0], bytes as usize) };
+            }
+            for i in 0..if size == 1 { 0 } else { n as usize } {
+                // SAFETY: `dp + i*size .. + size` is inside the destination page (see above).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        pat.as_ptr(),
+                        dp.add(i * size as usize),
+                        pat.len(),
+                    )
+                };
+            }
+        }
+        cx.s.gpr[7] = dst.wrapping_add(bytes);
+        cx.s.gpr[1] -= n;
+        moved += bytes;
+    }
+    Ok(false)
 }

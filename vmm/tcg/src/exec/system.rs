@@ -64,7 +64,11 @@ pub fn load_seg(cx: &mut Ctx<'_>, r: Register, sel: u16) -> R<()> {
         return gp(u32::from(sel & 0xFFFC));
     }
     if seg.attr & Segment::P == 0 {
-        let v = if idx == SegReg::Ss as usize { vec::SS } else { vec::NP };
+        let v = if idx == SegReg::Ss as usize {
+            vec::SS
+        } else {
+            vec::NP
+        };
         return Err(Event::fault(v, Some(u32::from(sel & 0xFFFC))));
     }
     cx.s.seg[idx] = seg;
@@ -273,7 +277,11 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             let va = cx.ea(ins);
             let limit = cx.read(va, 2)? as u16;
             let base = cx.read(va.wrapping_add(2), 8)?;
-            let t = if m == M::Lgdt { &mut cx.s.gdtr } else { &mut cx.s.idtr };
+            let t = if m == M::Lgdt {
+                &mut cx.s.gdtr
+            } else {
+                &mut cx.s.idtr
+            };
             t.base = base;
             t.limit = limit;
         }
@@ -287,7 +295,10 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         M::Lldt => {
             let sel = cx.read_op(ins, 0, 2)? as u16;
             if sel & 0xFFFC == 0 {
-                cx.s.ldtr = Segment { selector: sel, ..Segment::default() };
+                cx.s.ldtr = Segment {
+                    selector: sel,
+                    ..Segment::default()
+                };
             } else {
                 let d = read_descriptor(cx, sel)?;
                 if d.attr & Segment::S != 0 || d.attr & 0xF != 2 || sel & 4 != 0 {
@@ -308,10 +319,17 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             let r = cx.read(va, 1).and_then(|b| cx.write(va, 1, b | 2));
             cx.implicit_sup = false;
             r?;
-            cx.s.tr = Segment { attr: d.attr | 2, ..d };
+            cx.s.tr = Segment {
+                attr: d.attr | 2,
+                ..d
+            };
         }
         M::Sldt | M::Str => {
-            let v = if m == M::Sldt { cx.s.ldtr.selector } else { cx.s.tr.selector };
+            let v = if m == M::Sldt {
+                cx.s.ldtr.selector
+            } else {
+                cx.s.tr.selector
+            };
             let size = cx.op_size(ins, 0);
             cx.write_op(ins, 0, size, u64::from(v))?;
         }

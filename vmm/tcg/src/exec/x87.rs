@@ -21,7 +21,10 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     match ins.mnemonic() {
         M::Fninit => {
             let st = cx.s.fpu.st;
-            cx.s.fpu = Fpu { st, ..Fpu::default() };
+            cx.s.fpu = Fpu {
+                st,
+                ..Fpu::default()
+            };
         }
         M::Fnstcw => cx.write_op(ins, 0, 2, u64::from(cx.s.fpu.fcw))?,
         M::Fldcw => cx.s.fpu.fcw = cx.read_op(ins, 0, 2)? as u16,
@@ -104,7 +107,15 @@ fn fxrstor(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     let fip = u64::from_le_bytes(q);
     q.copy_from_slice(&img[16..24]);
     let fdp = u64::from_le_bytes(q);
-    cx.s.fpu = Fpu { fcw: u16at(0), fsw: u16at(2), ftw: img[4], fop: u16at(6), fip, fdp, st };
+    cx.s.fpu = Fpu {
+        fcw: u16at(0),
+        fsw: u16at(2),
+        ftw: img[4],
+        fop: u16at(6),
+        fip,
+        fdp,
+        st,
+    };
     cx.s.mxcsr = mxcsr;
     for i in 0..16 {
         let mut b = [0u8; 16];

@@ -40,8 +40,12 @@ impl Ctx<'_> {
         if !canonical(va) {
             return Err(Event::fault(GP, Some(0)));
         }
-        let mode =
-            PagingMode { cr0: self.s.cr0, cr3: self.s.cr3, cr4: self.s.cr4, efer: self.s.efer };
+        let mode = PagingMode {
+            cr0: self.s.cr0,
+            cr3: self.s.cr3,
+            cr4: self.s.cr4,
+            efer: self.s.efer,
+        };
         let t = match walk::walk(self.ram, &mode, va, acc, user) {
             Ok(t) => t,
             Err(code) => {

@@ -38,7 +38,9 @@ pub struct Tlb {
 
 impl Default for Tlb {
     fn default() -> Self {
-        Tlb { e: [[Entry::default(); TLB_SIZE]; 3] }
+        Tlb {
+            e: [[Entry::default(); TLB_SIZE]; 3],
+        }
     }
 }
 
@@ -58,7 +60,10 @@ impl Tlb {
     pub fn lookup(&self, va: u64, acc: Access, user: bool) -> Option<Hit> {
         let e = &self.e[acc as usize][slot(va)];
         if e.tag == tag(va, user) {
-            Some(Hit { host: e.host, phys: e.phys })
+            Some(Hit {
+                host: e.host,
+                phys: e.phys,
+            })
         } else {
             None
         }
@@ -66,8 +71,12 @@ impl Tlb {
 
     /// Inserts a translation.
     pub fn insert(&mut self, va: u64, acc: Access, user: bool, hit: Hit, global: bool) {
-        self.e[acc as usize][slot(va)] =
-            Entry { tag: tag(va, user), host: hit.host, phys: hit.phys, global };
+        self.e[acc as usize][slot(va)] = Entry {
+            tag: tag(va, user),
+            host: hit.host,
+            phys: hit.phys,
+            global,
+        };
     }
 
     /// Flushes everything (CR4 change, global flush).
@@ -116,11 +125,18 @@ mod tests {
     #[test]
     fn insert_lookup_flush() {
         let mut t = Tlb::default();
-        let h = Hit { host: 0x1000, phys: 0x5000 };
+        let h = Hit {
+            host: 0x1000,
+            phys: 0x5000,
+        };
         t.insert(0x7000_1000, Access::Read, false, h, false);
         t.insert(0x7000_2000, Access::Read, false, h, true);
         assert_eq!(t.lookup(0x7000_1FFF, Access::Read, false), Some(h));
-        assert_eq!(t.lookup(0x7000_1000, Access::Read, true), None, "privilege tagged");
+        assert_eq!(
+            t.lookup(0x7000_1000, Access::Read, true),
+            None,
+            "privilege tagged"
+        );
         assert_eq!(t.lookup(0x7000_1000, Access::Write, false), None);
         t.flush_non_global();
         assert_eq!(t.lookup(0x7000_1000, Access::Read, false), None);

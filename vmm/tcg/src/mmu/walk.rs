@@ -86,7 +86,11 @@ pub fn walk(
         err |= pf::I;
     }
     if mode.cr0 & cr0::PG == 0 {
-        return Ok(Translation { page: va & !0xFFF, global: false, writable: true });
+        return Ok(Translation {
+            page: va & !0xFFF,
+            global: false,
+            writable: true,
+        });
     }
     let rsvd_hi = !((1u64 << PHYS_BITS) - 1) & !NX & 0x000F_FFFF_FFFF_FFFF;
     let rsvd_nx = if nxe { 0 } else { NX };
@@ -161,7 +165,11 @@ pub fn walk(
     let page = (leaf & frame_mask) | (va & offset_mask);
     let global = leaf & GLOBAL != 0 && mode.cr4 & cr4::PGE != 0;
     let writable = (allow_w || (!user && !wp)) && entries[n - 1] & DIRTY != 0;
-    Ok(Translation { page, global, writable })
+    Ok(Translation {
+        page,
+        global,
+        writable,
+    })
 }
 
 #[cfg(test)]
@@ -176,7 +184,11 @@ mod tests {
 
     fn env() -> Env {
         let mut buf = vec![0u8; 0x40_0000];
-        let r = RamRegion { gpa: 0, host: buf.as_mut_ptr(), len: buf.len() as u64 };
+        let r = RamRegion {
+            gpa: 0,
+            host: buf.as_mut_ptr(),
+            len: buf.len() as u64,
+        };
         // SAFETY: `buf` lives in the same struct and is never reallocated.
         let ram = unsafe { GuestRam::new(vec![r]) }.unwrap();
         Env { _buf: buf, ram }
@@ -206,15 +218,24 @@ mod tests {
         assert!(!t.writable);
         assert_eq!(ram.read_u64(0x4008).unwrap() & ACCESSED, ACCESSED);
         assert_eq!(ram.read_u64(0x4008).unwrap() & DIRTY, 0);
-        assert_eq!(walk(ram, &m, 0x40_1234, Access::Write, true), Err(pf::P | pf::W | pf::U));
-        assert_eq!(walk(ram, &m, 0x40_1234, Access::Write, false), Err(pf::P | pf::W));
+        assert_eq!(
+            walk(ram, &m, 0x40_1234, Access::Write, true),
+            Err(pf::P | pf::W | pf::U)
+        );
+        assert_eq!(
+            walk(ram, &m, 0x40_1234, Access::Write, false),
+            Err(pf::P | pf::W)
+        );
         // CR0.WP=0: supervisor may write read-only pages; D gets set.
         let t = walk(ram, &mode(false), 0x40_1234, Access::Write, false).unwrap();
         assert!(t.writable);
         assert_eq!(ram.read_u64(0x4008).unwrap() & DIRTY, DIRTY);
         // Not present.
         assert_eq!(walk(ram, &m, 0x40_2000, Access::Read, false), Err(0));
-        assert_eq!(walk(ram, &m, 0x40_2000, Access::Exec, true), Err(pf::U | pf::I));
+        assert_eq!(
+            walk(ram, &m, 0x40_2000, Access::Exec, true),
+            Err(pf::U | pf::I)
+        );
         // NX.
         ram.write_u64(0x4000 + 8, 0x30_0000 | 1 | 2 | 4 | NX);
         assert_eq!(
@@ -224,11 +245,17 @@ mod tests {
         );
         // Reserved bit (above PHYS_BITS).
         ram.write_u64(0x4000 + 8, 0x30_0000 | 1 | (1 << 45));
-        assert_eq!(walk(ram, &m, 0x40_1000, Access::Read, false), Err(pf::P | pf::RSVD));
+        assert_eq!(
+            walk(ram, &m, 0x40_1000, Access::Read, false),
+            Err(pf::P | pf::RSVD)
+        );
         // U/S cleared at an upper level blocks user access.
         ram.write_u64(0x4000 + 8, 0x30_0000 | 7);
         ram.write_u64(0x2000, 0x3000 | 3);
-        assert_eq!(walk(ram, &m, 0x40_1000, Access::Read, true), Err(pf::P | pf::U));
+        assert_eq!(
+            walk(ram, &m, 0x40_1000, Access::Read, true),
+            Err(pf::P | pf::U)
+        );
     }
 
     #[test]
@@ -250,9 +277,15 @@ mod tests {
         assert!(!t.global && t.writable);
         // 2 MiB page with reserved low bits.
         ram.write_u64(0x3018, 0x20_2000 | 3 | PS);
-        assert_eq!(walk(ram, &m, 0x60_0000, Access::Read, false), Err(pf::P | pf::RSVD));
+        assert_eq!(
+            walk(ram, &m, 0x60_0000, Access::Read, false),
+            Err(pf::P | pf::RSVD)
+        );
         // PS in PML4E is reserved.
         ram.write_u64(0x1000, 0x2000 | 3 | PS);
-        assert_eq!(walk(ram, &m, 0x60_0000, Access::Read, false), Err(pf::P | pf::RSVD));
+        assert_eq!(
+            walk(ram, &m, 0x60_0000, Access::Read, false),
+            Err(pf::P | pf::RSVD)
+        );
     }
 }

@@ -119,7 +119,7 @@ pub fn gen_rm(
 
 pub fn run_cases(name: &str, n: usize, mut gen: impl FnMut(&mut Rng) -> Case) {
     let mut h = Harness::new();
-    let mut r = Rng(0x1234_5678_9ABC_DEF1 ^ name.len() as u64 * 0x9E37_79B9);
+    let mut r = Rng(0x1234_5678_9ABC_DEF1 ^ (name.len() as u64 * 0x9E37_79B9));
     let mut failures = Vec::new();
     for _ in 0..n {
         let c = gen(&mut r);
@@ -137,7 +137,13 @@ pub fn run_cases(name: &str, n: usize, mut gen: impl FnMut(&mut Rng) -> Case) {
 }
 
 fn case(code: Vec<u8>, st: harness::State, flag_mask: u64) -> Case {
-    Case { code, st, flag_mask, xmm: false, data_seed: 0x55 }
+    Case {
+        code,
+        st,
+        flag_mask,
+        xmm: false,
+        data_seed: 0x55,
+    }
 }
 
 #[test]
@@ -213,7 +219,7 @@ fn shift_mask(op: u8, sz: Sz, count: u64) -> u64 {
     }
     let bits = u64::from(sz.bits());
     match op {
-        0 | 1 | 2 | 3 => {
+        0..=3 => {
             // rotates: only CF and OF (OF only for count 1)
             if c == 1 {
                 CF | OF
@@ -295,7 +301,11 @@ fn double_shifts() {
 
 fn would_de(sz: Sz, signed: bool, st: &harness::State, divisor: u64) -> bool {
     let bits = sz.bits();
-    let m = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let m = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
     let d = divisor & m;
     if d == 0 {
         return true;
@@ -356,12 +366,23 @@ fn multiply_and_divide() {
                 let mut st = random_state(&mut r);
                 if r.below(2) == 0 {
                     // Make the high half small so most divisions are valid.
-                    st.gpr[2] = if signed && r.below(2) == 0 { u64::MAX } else { 0 };
+                    st.gpr[2] = if signed && r.below(2) == 0 {
+                        u64::MAX
+                    } else {
+                        0
+                    };
                     if sz == Sz::B {
                         st.gpr[0] &= 0xFF;
                     }
                 }
-                let code = enc_rr(sz, &[op_for(sz, 0xF6)], 6 + u8::from(signed), rm, &[], false);
+                let code = enc_rr(
+                    sz,
+                    &[op_for(sz, 0xF6)],
+                    6 + u8::from(signed),
+                    rm,
+                    &[],
+                    false,
+                );
                 let de = would_de(sz, signed, &st, st.gpr[rm as usize]);
                 if de {
                     de_checked += 1;
@@ -381,8 +402,15 @@ fn multiply_and_divide() {
     for f in failures.iter().take(15) {
         eprintln!("muldiv: {f}");
     }
-    assert!(failures.is_empty(), "{} muldiv cases differ", failures.len());
-    assert!(de_checked > 50, "too few #DE cases generated ({de_checked})");
+    assert!(
+        failures.is_empty(),
+        "{} muldiv cases differ",
+        failures.len()
+    );
+    assert!(
+        de_checked > 50,
+        "too few #DE cases generated ({de_checked})"
+    );
     eprintln!("muldiv: 5000 cases ok ({de_checked} #DE checked in the TCG only)");
 }
 
@@ -398,7 +426,11 @@ fn bit_ops() {
                 if code.iter().any(|&b| b & 0xC0 == 0x40) && st.gpr[3] >= DATA {
                     // Memory form: keep the signed bit offset small (buffer-bound).
                     let reg = ((code[code.len() - 2] >> 3) & 7)
-                        | if code.iter().take(2).any(|&b| b & 0xF4 == 0x44) { 8 } else { 0 };
+                        | if code.iter().take(2).any(|&b| b & 0xF4 == 0x44) {
+                            8
+                        } else {
+                            0
+                        };
                     st.gpr[reg as usize] = (r.below(4096) as i64 - 512) as u64;
                 }
                 case(code, st, CF | ZF)
@@ -413,7 +445,14 @@ fn bit_ops() {
                     0 => (&[0x0F, 0xBC], ZF),
                     1 => (&[0x0F, 0xBD], ZF),
                     2 => (&[0x0F, 0xB8], ARITH),
-                    _ => (if r.below(2) == 0 { &[0x0F, 0xBC] } else { &[0x0F, 0xBD] }, CF | ZF),
+                    _ => (
+                        if r.below(2) == 0 {
+                            &[0x0F, 0xBC]
+                        } else {
+                            &[0x0F, 0xBD]
+                        },
+                        CF | ZF,
+                    ),
                 };
                 let (mut code, st) = gen_rm(r, sz, op, None, &[]);
                 if k >= 2 {
@@ -443,7 +482,12 @@ fn exchange_and_compare_exchange() {
                 let (c, mut s) = gen_rm(r, sz, &[0x0F, op_for(sz, 0xB0)], None, &[]);
                 if r.below(2) == 0 && s.gpr[3] < DATA {
                     // Register form: make the accumulator equal the destination sometimes.
-                    let rm = (c[c.len() - 1] & 7) as usize | if c.iter().take(2).any(|&b| b & 0xF1 == 0x41) { 8 } else { 0 };
+                    let rm = (c[c.len() - 1] & 7) as usize
+                        | if c.iter().take(2).any(|&b| b & 0xF1 == 0x41) {
+                            8
+                        } else {
+                            0
+                        };
                     if sz != Sz::B {
                         s.gpr[0] = s.gpr[rm];
                     }
@@ -603,7 +647,15 @@ fn string_ops_with_rep() {
         c.push(op);
         st.gpr[6] = DATA + 0x4000 + r.below(0x2000);
         st.gpr[7] = DATA + 0x8000 + r.below(0x2000);
-        st.gpr[1] = r.below(48);
+        st.gpr[1] = if r.below(4) == 0 {
+            r.below(600)
+        } else {
+            r.below(48)
+        };
+        if r.below(6) == 0 {
+            // Overlapping moves (pattern replication when RDI is just above RSI).
+            st.gpr[7] = st.gpr[6] + r.below(24);
+        }
         if r.below(3) == 0 && (kind == 1 || kind == 4) {
             // Make the compared areas equal for a while (repe runs longer).
             st.gpr[7] = st.gpr[6];
@@ -613,5 +665,92 @@ fn string_ops_with_rep() {
             st.rflags |= DF;
         }
         case(c, st, ARITH | DF)
+    });
+}
+
+#[test]
+fn gs_segment_override() {
+    let mut h = Harness::new();
+    h.set_gs_base(DATA);
+    let mut r = Rng(0x65);
+    let mut failures = Vec::new();
+    let n = 2000;
+    for _ in 0..n {
+        let sz = Sz::ALL[r.below(4) as usize];
+        let op = r.below(8) as u8;
+        let opcode = match r.below(4) {
+            0 => op_for(sz, 0x88),
+            1 => op_for(sz, 0x8A),
+            2 => op_for(sz, op * 8),
+            _ => op_for(sz, op * 8 + 2),
+        };
+        let legacy8 = false;
+        let mut reg = pick_reg(&mut r, legacy8);
+        while reg == 3 {
+            reg = pick_reg(&mut r, legacy8);
+        }
+        let mut st = random_state(&mut r);
+        st.gpr[3] = 0x100 + r.below(0x1000);
+        let mut code = vec![0x65];
+        code.extend(enc_rm(sz, &[opcode], reg, r.below(128) as u8, &[], legacy8));
+        let c = case(code, st, ARITH & !AF);
+        if let Err(e) = check(&mut h, &c) {
+            failures.push(e);
+        }
+    }
+    h.set_gs_base(0);
+    for f in failures.iter().take(10) {
+        eprintln!("gs: {f}");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {n} GS cases differ",
+        failures.len()
+    );
+}
+
+#[test]
+fn balanced_stack_sequences_and_xlat() {
+    run_cases("stack", 3000, |r| {
+        let mut st = random_state(r);
+        let a = pick_reg(r, false);
+        let b = pick_reg(r, false);
+        let rex = |w: bool, n: u8| 0x40 | if w { 8 } else { 0 } | (n >> 3);
+        let code: Vec<u8> = match r.below(6) {
+            // push a; pop b
+            0 => vec![rex(false, a), 0x50 + (a & 7), rex(false, b), 0x58 + (b & 7)],
+            // pushfq; pop b
+            1 => vec![0x9C, rex(false, b), 0x58 + (b & 7)],
+            // push a; popfq (a holds only arithmetic flags and DF)
+            2 => {
+                st.gpr[a as usize] &= ARITH | DF;
+                vec![rex(false, a), 0x50 + (a & 7), 0x9D, 0xFC]
+            }
+            // push imm32; pop b
+            3 => {
+                let mut c = vec![0x68];
+                c.extend((r.value() as u32).to_le_bytes());
+                c.extend([rex(false, b), 0x58 + (b & 7)]);
+                c
+            }
+            // push [rbx+d]; pop [rbx+d2]
+            4 => {
+                st.gpr[3] = DATA + 0x100 + r.below(0x1000);
+                vec![
+                    0xFF,
+                    0x73,
+                    r.below(128) as u8,
+                    0x8F,
+                    0x43,
+                    r.below(128) as u8,
+                ]
+            }
+            // xlat (rbx = table in the buffer)
+            _ => {
+                st.gpr[3] = DATA + 0x100 + r.below(0x1000);
+                vec![0xD7]
+            }
+        };
+        case(code, st, ARITH | DF)
     });
 }
