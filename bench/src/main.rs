@@ -2,6 +2,7 @@
 //! frontend and the virtio driver at once — and prints throughput and latency.
 
 mod blk;
+mod check;
 mod stats;
 
 use std::path::PathBuf;
@@ -72,6 +73,9 @@ pub struct BlkArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Run the conformance checks instead of the benchmark (exit status 1 if any fails).
+    #[arg(long)]
+    pub check: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -91,6 +95,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn main() {
     let args = Args::parse();
     let r = match args.cmd {
+        Cmd::Blk(a) if a.check => match check::run(&a.socket) {
+            0 => Ok(()),
+            n => Err(anyhow::anyhow!("{n} conformance check(s) failed")),
+        },
         Cmd::Blk(a) => blk::run(&a),
     };
     if let Err(e) = r {

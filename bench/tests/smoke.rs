@@ -79,3 +79,42 @@ fn verified_mixed_run_against_rqemu_blk() {
     assert!(ops > 0, "{text}");
     println!("{text}");
 }
+
+#[test]
+fn conformance_checks_pass_against_rqemu_blk() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let sock = dir.path().join("c.sock");
+    let mut daemon = Command::new(rqemu_blk())
+        .args(["--queues", "2", "--socket"])
+        .arg(&sock)
+        .arg("--image")
+        .arg(&img)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_rqemu-bench"))
+        .args(["blk", "--check", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("check: 10 passed, 0 failed"), "{text}");
+}

@@ -24,6 +24,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 pub use memory::{DriverMemory, MemoryError};
 pub use queue::{Chain, QueueError, SplitQueue};
+pub use vhost::vhost_user::message::VhostUserProtocolFeatures as ProtocolFeatures;
 
 /// Errors of the driver.
 #[derive(Debug, thiserror::Error)]

@@ -57,7 +57,8 @@ pub(crate) struct Meta {
     l1: Vec<u64>,
     l2: ClusterCache,
     rc: Refcounts,
-    /// Clusters `[reserve.0, reserve.1)` have refcount 1 on disk and no reference yet.
+    /// Clusters `[reserve.0, reserve.1)` have refcount 1 on disk and no reference yet; every
+    /// flush gives them back ([`Meta::release_reserve`]), so a flushed image has no leaks.
     reserve: (u64, u64),
     reserve_want: u64,
     /// Host clusters whose last reference is gone; decremented after the next sync.

@@ -324,11 +324,7 @@ impl Drop for Qcow2Image {
         if self.read_only {
             return;
         }
-        let r = self.apply_pending_frees().and_then(|()| {
-            self.lock_meta().release_reserve(&self.file)?;
-            super::raw::datasync(&self.file).map_err(|e| ImageError::io("fdatasync on close", e))
-        });
-        if let Err(e) = r {
+        if let Err(e) = self.flush_impl() {
             tracing::warn!("closing qcow2 image: {e} (at worst some clusters leak)");
         }
     }

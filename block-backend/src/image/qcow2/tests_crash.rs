@@ -88,6 +88,71 @@ fn abandoned_image_only_leaks_and_keeps_all_data() {
     }
 }
 
+/// The daemon's clean shutdown (SIGTERM) is a guest-visible flush followed by
+/// `process::exit`: no `Drop`. After a flush the image on disk must be fully clean — no
+/// leaks either — including the pre-counted allocation reserve, which after a discard sits
+/// in the middle of the file (freed clusters are reused first) rather than past its end.
+#[test]
+fn flushed_then_abandoned_image_has_no_leaks() {
+    for opts in [
+        "compat=1.1,cluster_size=65536",
+        "compat=0.10,cluster_size=65536",
+        "compat=1.1,cluster_size=4096,refcount_bits=1",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 32u64 << 20;
+        let path = create(dir.path(), "f.qcow2", opts, size);
+        let img = open(&path, false);
+        let mut model = vec![0u8; size as usize];
+        let mut rng = Rng(0x1eaf);
+        let mut write = |img: &dyn DiskImage, model: &mut Vec<u8>, off: u64, len: usize| {
+            let mut data = vec![0u8; len];
+            rng.fill(&mut data);
+            img.write_at(&data, off).unwrap();
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+        };
+        // Sequential and scattered writes: several allocation batches.
+        write(&img, &mut model, 0, 1 << 20);
+        write(&img, &mut model, 0xc0_0000, 4 << 20);
+        write(&img, &mut model, 0x3_1000, 5000);
+        img.flush().unwrap();
+        check_clean(&path, opts, "after the first flush");
+        // Discard eight whole 64 KiB clusters, flush (the frees are applied).
+        img.discard(0xc4_0000, 0x8_0000).unwrap();
+        model[0xc4_0000..0xcc_0000].fill(0);
+        img.flush().unwrap();
+        check_clean(&path, opts, "after the discard and flush");
+        // Write into the discarded range (reuses its clusters) and elsewhere, flush.
+        write(&img, &mut model, 0xc4_0000, 64 << 10);
+        write(&img, &mut model, 0x1f0_0000, 3000);
+        img.flush().unwrap();
+        check_clean(&path, opts, "after reusing discarded clusters");
+        write(&img, &mut model, 0xc5_0000, 3 << 16);
+        write(&img, &mut model, 0x10_0000, 100);
+        img.flush().unwrap();
+        // The daemon exits here without closing the image.
+        std::mem::forget(img);
+        check_clean(&path, opts, "flushed, then abandoned");
+        assert_same(&convert_raw(&path), &model, "data after flush and exit");
+    }
+}
+
+/// `qemu-img check -U` (the image may still be open) must exit 0: no errors, no leaks.
+pub(super) fn check_clean(path: &Path, opts: &str, when: &str) {
+    let out = run_tool(
+        path.parent().unwrap(),
+        "qemu-img",
+        &["check", "-U", path.to_str().unwrap()],
+    );
+    assert!(
+        out.status.code() == Some(0),
+        "{opts}: qemu-img check {when} exited {:?}:\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Child side of `killed_writer_never_corrupts` (does nothing unless started by it).
 #[test]
 #[ignore = "helper process for killed_writer_never_corrupts"]

@@ -1,8 +1,14 @@
 //! Seeded randomized stress test: mixed write / read / discard / write-zeroes / flush against
-//! a shadow model, ending with `qemu-img check` and a `qemu-img convert` comparison.
+//! a shadow model. A few flushes, and the end of the run, are followed by `qemu-img check`
+//! of the still open image, which must be clean (no leaks either: a flushed image is left as
+//! is when the daemon exits), then the usual close, check and `qemu-img convert` comparison.
 
 use super::super::DiskImage;
 use super::tests::{assert_same, create, open, qemu_img, verify, Rng};
+use super::tests_crash::check_clean;
+
+/// Number of mid-run flushes followed by a `qemu-img check` of the open image.
+const MID_RUN_CHECKS: usize = 4;
 
 fn stress(opts: &str, with_backing: bool, seed: u64, ops: usize) {
     stress_cache(opts, with_backing, seed, ops, None);
@@ -44,6 +50,7 @@ fn stress_cache(opts: &str, with_backing: bool, seed: u64, ops: usize, cache: Op
     let cs = img.geom.cluster_size;
     let mut data = vec![0u8; 5 * cs as usize];
     let mut back = vec![0u8; 5 * cs as usize];
+    let mut next_check = ops / (MID_RUN_CHECKS + 1);
     for i in 0..ops {
         let max = data.len() as u64;
         let len = match rng.below(3) {
@@ -80,9 +87,17 @@ fn stress_cache(opts: &str, with_backing: bool, seed: u64, ops: usize, cache: Op
                 img.write_zeroes(off, len, rng.below(2) == 0).unwrap();
                 model[o..o + l].fill(0);
             }
-            _ => img.flush().unwrap(),
+            _ => {
+                img.flush().unwrap();
+                if i >= next_check {
+                    check_clean(&path, opts, &format!("after the flush at op {i}"));
+                    next_check += ops / (MID_RUN_CHECKS + 1);
+                }
+            }
         }
     }
+    img.flush().unwrap();
+    check_clean(&path, opts, "after the final flush (image still open)");
     verify(img, &path, &model);
 }
 
