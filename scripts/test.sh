@@ -19,8 +19,8 @@ else
 fi
 
 step "one rust-vmm line (cargo tree -d)"
-dups=$(cargo tree -d --workspace -e normal,build --locked 2>/dev/null |
-  grep -E '^(vm-memory|virtio-queue|vhost|vhost-user-backend|virtio-bindings|vmm-sys-util|kvm-ioctls|kvm-bindings|linux-loader) ' || true)
+tree=$(cargo tree -d --workspace -e normal,build --locked) || { echo "cargo tree failed" >&2; exit 1; }
+dups=$(grep -E '^(vm-memory|virtio-queue|vhost|vhost-user-backend|virtio-bindings|vmm-sys-util|kvm-ioctls|kvm-bindings|linux-loader|fuse-backend-rs) ' <<<"$tree" || true)
 if [ -n "$dups" ]; then
   echo "duplicate rust-vmm crates in Cargo.lock:" >&2; echo "$dups" >&2; exit 1
 fi

@@ -10,6 +10,7 @@ pub mod blk;
 pub mod cpio;
 pub mod daemon;
 pub mod disk;
+pub mod fs;
 pub mod net;
 pub mod paths;
 pub mod qemu;

@@ -1,0 +1,186 @@
+//! `rqemu-fs`: a vhost-user virtio-fs daemon sharing one host directory.
+//!
+//! Start-up order matters (see `rqemu_fs_backend::confine`): the listening socket is bound and
+//! the passthrough opens `/proc/self/fd` first, then the process confines itself to the shared
+//! directory (mount namespace + `pivot_root`; needs root) before any thread exists. It then
+//! serves one frontend at a time and, when that frontend goes away (guest reboot, VMM restart),
+//! forgets that guest's inodes and waits for the next. SIGTERM/SIGINT: in-flight requests
+//! finish, exit 0.
+
+mod backend;
+
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use rqemu_daemon::{listen::Endpoint, logging, signals};
+use rqemu_fs_backend::{confine, CacheMode, FsParams, FsServer, Tag};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use backend::FsBackend;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CacheArg {
+    Auto,
+    Always,
+    Never,
+}
+
+/// vhost-user virtio-fs daemon: shares one host directory with a guest.
+#[derive(Debug, Parser)]
+#[command(name = "rqemu-fs", version)]
+struct Args {
+    /// UNIX socket path to listen on.
+    #[arg(long, conflicts_with = "fd", required_unless_present = "fd")]
+    socket: Option<PathBuf>,
+    /// Inherited listening UNIX socket fd (socket activation).
+    #[arg(long)]
+    fd: Option<RawFd>,
+    /// The directory to share; the guest can reach nothing outside it.
+    #[arg(long)]
+    shared_dir: PathBuf,
+    /// Mount tag (`mount -t virtiofs TAG /mnt`), at most 36 bytes.
+    #[arg(long, default_value = "rqemu")]
+    tag: String,
+    /// Share read-only: every write fails with EROFS.
+    #[arg(long)]
+    readonly: bool,
+    /// Guest caching: auto (1 s timeouts), always (host must not change the dir), never.
+    #[arg(long, value_enum, default_value = "auto")]
+    cache: CacheArg,
+    /// Serve extended attributes.
+    #[arg(long)]
+    xattr: bool,
+    /// Number of request queues (one worker thread each; plus the hiprio queue).
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+}
+
+fn main() {
+    logging::init();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("rqemu-fs: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn params(args: &Args) -> Result<FsParams> {
+    let params = FsParams {
+        tag: Tag::new(&args.tag)?,
+        num_request_queues: args.queues,
+        cache: match args.cache {
+            CacheArg::Auto => CacheMode::Auto,
+            CacheArg::Always => CacheMode::Always,
+            CacheArg::Never => CacheMode::Never,
+        },
+        xattr: args.xattr,
+        ..FsParams::default()
+    };
+    params.validate()?;
+    Ok(params)
+}
+
+fn run(args: Args) -> Result<()> {
+    let params = params(&args)?;
+    let shared = confine::canonical_dir(&args.shared_dir)?;
+    if !confine::is_root() {
+        // Checked before binding the socket, so a refused start leaves nothing behind.
+        return Err(confine::ConfineError::NotRoot.into());
+    }
+    // Everything that needs the host's filesystem view happens before confinement.
+    let endpoint = Endpoint::from_args(args.socket, args.fd)?;
+    let listener = endpoint.listen()?;
+    let server = FsServer::new(&params, Path::new("/"))?;
+    confine::enter(&shared, args.readonly)
+        .with_context(|| format!("confining to {}", shared.display()))?;
+    server.import()?;
+    signals::block_termination_signals().context("blocking signals")?;
+    tracing::info!(
+        "sharing {} as tag {:?}{} with {} request queue(s), cache {:?}",
+        shared.display(),
+        params.tag.as_str(),
+        if args.readonly { " (read-only)" } else { "" },
+        params.num_request_queues,
+        params.cache
+    );
+    let backend = Arc::new(FsBackend::new(server, params));
+
+    let b = backend.clone();
+    signals::spawn_handler(move |sig| {
+        tracing::info!("signal {sig}: exiting");
+        b.shutdown();
+        std::process::exit(0);
+    })?;
+
+    tracing::info!("listening on {endpoint:?}");
+    loop {
+        let mut daemon = VhostUserDaemon::new(
+            "rqemu-fs".to_string(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| anyhow::anyhow!("creating the vhost-user daemon: {e}"))?;
+        let mut l = Listener::from(listener.try_clone().context("duplicating the listener")?);
+        daemon
+            .start(&mut l)
+            .map_err(|e| anyhow::anyhow!("accepting a frontend: {e}"))?;
+        tracing::info!("frontend connected");
+        match daemon.wait() {
+            Ok(())
+            | Err(DaemonError::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => tracing::info!("frontend disconnected"),
+            Err(e) => tracing::warn!("frontend connection ended: {e}"),
+        }
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        backend.disconnected();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<FsParams> {
+        let mut argv = vec!["rqemu-fs", "--socket", "/tmp/s", "--shared-dir", "/tmp"];
+        argv.extend_from_slice(extra);
+        params(&Args::try_parse_from(argv)?)
+    }
+
+    #[test]
+    fn options_parse_and_validate() {
+        let p = parse(&[]).unwrap();
+        assert_eq!(p.tag.as_str(), "rqemu");
+        assert_eq!(p.num_request_queues, 1);
+        assert_eq!(p.cache, CacheMode::Auto);
+        let p = parse(&[
+            "--tag", "share", "--cache", "never", "--queues", "4", "--xattr",
+        ])
+        .unwrap();
+        assert_eq!(
+            (p.tag.as_str(), p.cache, p.num_request_queues, p.xattr),
+            ("share", CacheMode::Never, 4, true)
+        );
+        assert!(parse(&["--tag", &"t".repeat(37)]).is_err());
+        assert!(parse(&["--queues", "0"]).is_err());
+        assert!(parse(&["--cache", "sometimes"]).is_err());
+        assert!(Args::try_parse_from(["rqemu-fs", "--shared-dir", "/tmp"]).is_err());
+        assert!(Args::try_parse_from([
+            "rqemu-fs",
+            "--fd",
+            "3",
+            "--socket",
+            "/s",
+            "--shared-dir",
+            "/"
+        ])
+        .is_err());
+        assert!(Args::try_parse_from(["rqemu-fs", "--fd", "3", "--shared-dir", "/"]).is_ok());
+    }
+}
