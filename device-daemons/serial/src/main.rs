@@ -1,0 +1,77 @@
+//! `rqemu-serial`: a 16550 UART in its own process.
+//!
+//! `rqemu-serial (--socket PATH | --fd N) [--console stdio|file:PATH|socket:PATH]
+//! [--base 0x3f8] [--irq 4]`
+
+mod device;
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use clap::Parser;
+use rqemu_protocol::sys::SeqListener;
+use rqemu_protocol::Interrupts;
+
+use device::{ConsoleSpec, SerialDevice};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rqemu-serial",
+    about = "16550 UART daemon (rqemu forwarding protocol)"
+)]
+struct Args {
+    /// Listen on this UNIX seqpacket socket path.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Use this inherited listening seqpacket socket.
+    #[arg(long)]
+    fd: Option<RawFd>,
+    /// Console: stdio, file:PATH or socket:PATH.
+    #[arg(long, default_value = "stdio")]
+    console: ConsoleSpec,
+    /// Base I/O port.
+    #[arg(long, default_value = "0x3f8", value_parser = parse_u16)]
+    base: u16,
+    /// Preferred GSI.
+    #[arg(long, default_value_t = 4)]
+    irq: u32,
+}
+
+fn parse_u16(s: &str) -> Result<u16, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u16::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| e.to_string())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    rqemu_daemon::logging::init();
+    rqemu_daemon::signals::block_termination_signals().context("blocking signals")?;
+    let listener =
+        SeqListener::from_args(args.socket.as_deref(), args.fd).context("listening socket")?;
+    let path = args.socket.clone();
+    rqemu_daemon::signals::spawn_handler(move |sig| {
+        tracing::info!("signal {sig}: exiting");
+        if let Some(p) = path {
+            let _ = std::fs::remove_file(p);
+        }
+        std::process::exit(0);
+    })?;
+
+    let info = device::device_info(args.base, args.irq);
+    let irqs = Interrupts::for_requests(&info.irqs);
+    let (out, console_listener, client) = device::open_console(&args.console)?;
+    let dev = Arc::new(Mutex::new(SerialDevice::new(irqs.clone(), out)));
+    device::spawn_input(&args.console, dev.clone(), console_listener, client)?;
+    tracing::info!(
+        "rqemu-serial at port {:#x}, console {:?}",
+        args.base,
+        args.console
+    );
+    rqemu_protocol::serve(&listener, &info, dev, &irqs).context("accepting connections")?;
+    Ok(())
+}
