@@ -13,6 +13,13 @@ use std::path::{Path, PathBuf};
 pub mod mem;
 pub mod qcow2;
 pub mod raw;
+mod vectored;
+
+/// A validated piece of guest memory (from a descriptor), the target or source of I/O.
+pub type GuestSlice<'a> = vm_memory::VolatileSlice<'a, ()>;
+
+/// Largest piece moved through a bounce buffer at once by the default vectored methods.
+const BOUNCE_CHUNK: usize = 256 * 1024;
 
 /// Errors of the image layer.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +135,65 @@ pub trait DiskImage: Send + Sync + fmt::Debug {
 
     /// Makes a range read as zeroes. With `unmap`, the space may be deallocated.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()>;
+
+    /// Reads the bytes at `offset` into `bufs` (guest memory), in order. The default goes
+    /// through `bounce` (at most 256 KiB at a time) and [`DiskImage::read_at`]; formats that
+    /// can read straight into guest memory override it.
+    fn read_to_guest(
+        &self,
+        bufs: &[GuestSlice<'_>],
+        offset: u64,
+        bounce: &mut Vec<u8>,
+    ) -> Result<()> {
+        let mut off = offset;
+        for_each_chunk(bufs, bounce, |chunk, tmp| {
+            self.read_at(tmp, off)?;
+            chunk.copy_from(tmp);
+            off += tmp.len() as u64;
+            Ok(())
+        })
+    }
+
+    /// Writes `bufs` (guest memory) at `offset`, in order. Default: through `bounce` and
+    /// [`DiskImage::write_at`].
+    fn write_from_guest(
+        &self,
+        bufs: &[GuestSlice<'_>],
+        offset: u64,
+        bounce: &mut Vec<u8>,
+    ) -> Result<()> {
+        let mut off = offset;
+        for_each_chunk(bufs, bounce, |chunk, tmp| {
+            chunk.copy_to(tmp);
+            self.write_at(tmp, off)?;
+            off += tmp.len() as u64;
+            Ok(())
+        })
+    }
+}
+
+/// Calls `f` on consecutive pieces of `bufs` of at most [`BOUNCE_CHUNK`] bytes, each with a
+/// bounce buffer of the same length.
+fn for_each_chunk(
+    bufs: &[GuestSlice<'_>],
+    bounce: &mut Vec<u8>,
+    mut f: impl FnMut(&GuestSlice<'_>, &mut [u8]) -> Result<()>,
+) -> Result<()> {
+    for s in bufs {
+        let mut pos = 0;
+        while pos < s.len() {
+            let n = (s.len() - pos).min(BOUNCE_CHUNK);
+            let chunk = s
+                .subslice(pos, n)
+                .map_err(|e| ImageError::Corrupt(format!("guest buffer: {e}")))?;
+            if bounce.len() < n {
+                bounce.resize(n, 0);
+            }
+            f(&chunk, &mut bounce[..n])?;
+            pos += n;
+        }
+    }
+    Ok(())
 }
 
 /// Checks that `[offset, offset+len)` lies inside a disk of `size` bytes.

@@ -173,6 +173,30 @@ impl DiskImage for RawImage {
         datasync(&self.file).map_err(|e| ImageError::io("raw fdatasync", e))
     }
 
+    fn read_to_guest(
+        &self,
+        bufs: &[super::GuestSlice<'_>],
+        offset: u64,
+        _bounce: &mut Vec<u8>,
+    ) -> Result<()> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        check_range(offset, len, self.size)?;
+        super::vectored::read_at(&self.file, bufs, offset)
+            .map_err(|e| ImageError::io(format!("raw read at {offset}"), e))
+    }
+
+    fn write_from_guest(
+        &self,
+        bufs: &[super::GuestSlice<'_>],
+        offset: u64,
+        _bounce: &mut Vec<u8>,
+    ) -> Result<()> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_write(offset, len)?;
+        super::vectored::write_at(&self.file, bufs, offset)
+            .map_err(|e| ImageError::io(format!("raw write at {offset}"), e))
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write(offset, len)?;
         // Discard is advisory: an unsupported hole punch is not an error.

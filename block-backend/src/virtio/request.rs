@@ -3,46 +3,48 @@
 //! The chain is treated as two byte streams, as the spec requires (no assumption on framing):
 //! the device-readable part holds the 16-byte header followed by the OUT data or the
 //! DISCARD/WRITE_ZEROES segments; the device-writable part holds the IN data (or the GET_ID
-//! answer) followed by the one status byte. Everything the guest controls is validated here:
-//! a malformed request gets `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP`, never a panic.
+//! answer) followed by the one status byte. Every descriptor is turned into a bounds-checked
+//! slice of guest memory first; data then moves between the image and those slices directly
+//! (`preadv`/`pwritev` for raw images). Everything the guest controls is validated: a malformed
+//! request gets `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP`, never a panic.
 
-use std::io::{Read, Write};
 use std::ops::Deref;
 
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::{DescriptorChain, Reader, Writer};
-use vm_memory::bitmap::{BitmapSlice, WithBitmapSlice};
+use virtio_queue::DescriptorChain;
+use vm_memory::bitmap::WithBitmapSlice;
 use vm_memory::{GuestMemory, GuestMemoryRegion};
 
 use super::config::{SECTOR_SHIFT, SECTOR_SIZE};
 use super::BlockDevice;
-use crate::image::{check_range, ImageError};
+use crate::image::{check_range, GuestSlice, ImageError};
 
 /// Size of the request header (type, reserved/ioprio, sector).
 const HEADER_LEN: usize = 16;
 /// Size of one DISCARD/WRITE_ZEROES segment.
 const SEGMENT_LEN: usize = 16;
-/// Largest chunk moved between guest memory and the image at once: bounds the scratch buffer
-/// whatever the guest asks for.
+/// Largest chunk moved through the bounce buffer at once (formats without direct guest I/O).
 pub const CHUNK: usize = 256 * 1024;
 /// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`.
 const FLAG_UNMAP: u32 = 1;
+/// Longest chain accepted (the queue size bounds real chains; indirect tables may be longer).
+const MAX_DESCRIPTORS: usize = 4096;
 
 /// Why a request failed (logged at debug level; the guest sees only the status byte).
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    /// The descriptor chain does not map to guest memory.
-    #[error("bad descriptor chain: {0}")]
-    Chain(#[from] virtio_queue::Error),
-    /// Copying from or to guest memory failed.
-    #[error("guest memory access: {0}")]
-    GuestMemory(#[from] std::io::Error),
+    /// A descriptor does not map to guest memory.
+    #[error("descriptor outside guest memory: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    /// Slicing guest memory failed.
+    #[error("guest buffer: {0}")]
+    Slice(#[from] vm_memory::VolatileMemoryError),
+    /// The chain is longer than we accept.
+    #[error("descriptor chain longer than {MAX_DESCRIPTORS}")]
+    ChainTooLong,
     /// The header is shorter than 16 bytes.
     #[error("request header too short ({0} bytes)")]
     ShortHeader(usize),
-    /// No room for the status byte.
-    #[error("no device-writable byte for the status")]
-    NoStatus,
     /// Data length not a multiple of the sector size.
     #[error("data length {0} is not a multiple of 512")]
     Unaligned(usize),
@@ -78,19 +80,10 @@ impl Status {
     }
 }
 
-/// Per-queue reusable state: the bounce buffer (no allocation per request once warm).
+/// Per-queue reusable state: the bounce buffer for formats that need one.
 #[derive(Debug, Default)]
 pub struct Scratch {
     buf: Vec<u8>,
-}
-
-impl Scratch {
-    fn get(&mut self, len: usize) -> &mut [u8] {
-        if self.buf.len() < len {
-            self.buf.resize(len, 0);
-        }
-        &mut self.buf[..len]
-    }
 }
 
 /// What happened to one chain: the used length to report and the status written.
@@ -102,9 +95,62 @@ pub struct Completion {
     pub status: Option<Status>,
 }
 
+/// A byte stream over guest slices.
+struct Stream<'a> {
+    slices: Vec<GuestSlice<'a>>,
+    len: usize,
+}
+
+impl<'a> Stream<'a> {
+    fn new() -> Self {
+        Stream {
+            slices: Vec::new(),
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, s: GuestSlice<'a>) {
+        self.len += s.len();
+        self.slices.push(s);
+    }
+
+    /// Splits off the first `n` bytes (`n <= len`).
+    fn take(&mut self, n: usize) -> Result<Stream<'a>, RequestError> {
+        let mut head = Stream::new();
+        let mut need = n;
+        let mut rest = Vec::with_capacity(self.slices.len());
+        for s in self.slices.drain(..) {
+            if need == 0 {
+                rest.push(s);
+            } else if s.len() <= need {
+                need -= s.len();
+                head.push(s);
+            } else {
+                head.push(s.subslice(0, need)?);
+                rest.push(s.offset(need)?);
+                need = 0;
+            }
+        }
+        self.slices = rest;
+        self.len -= head.len;
+        Ok(head)
+    }
+
+    /// Copies the first `buf.len()` bytes out (the caller checked the length).
+    fn read_into(&self, buf: &mut [u8]) {
+        let mut done = 0;
+        for s in &self.slices {
+            if done == buf.len() {
+                break;
+            }
+            done += s.copy_to(&mut buf[done..]);
+        }
+    }
+}
+
 impl BlockDevice {
     /// Executes the request carried by `chain` and writes its status. Returns the used length.
-    pub fn process_chain<'a, M, T, B>(
+    pub fn process_chain<'a, M, T>(
         &self,
         mem: &'a M,
         chain: DescriptorChain<T>,
@@ -112,13 +158,42 @@ impl BlockDevice {
     ) -> Completion
     where
         M: GuestMemory,
-        <<M as GuestMemory>::R as GuestMemoryRegion>::B: WithBitmapSlice<'a, S = B>,
-        B: BitmapSlice,
-        T: Deref + Clone,
+        <<M as GuestMemory>::R as GuestMemoryRegion>::B: WithBitmapSlice<'a, S = ()>,
+        T: Deref,
         T::Target: GuestMemory + Sized,
     {
-        let mut writer: Writer<'a, B> = match Writer::new(mem, chain.clone()) {
-            Ok(w) => w,
+        let mut readable = Stream::new();
+        let mut writable = Stream::new();
+        let mut bad_readable: Option<RequestError> = None;
+        for (i, desc) in chain.enumerate() {
+            if i >= MAX_DESCRIPTORS {
+                bad_readable = Some(RequestError::ChainTooLong);
+                break;
+            }
+            let slice = mem.get_slice(desc.addr(), desc.len() as usize);
+            match (slice, desc.is_write_only()) {
+                (Ok(s), true) => writable.push(s),
+                (Ok(s), false) => readable.push(s),
+                (Err(e), true) => {
+                    // Nowhere safe to put a status: drop the request.
+                    tracing::debug!("dropping request: writable descriptor: {e}");
+                    return Completion {
+                        used_len: 0,
+                        status: None,
+                    };
+                }
+                (Err(e), false) => bad_readable = Some(e.into()),
+            }
+        }
+        let Some(data_len) = writable.len.checked_sub(1) else {
+            tracing::debug!("dropping request: no device-writable byte for the status");
+            return Completion {
+                used_len: 0,
+                status: None,
+            };
+        };
+        let (mut data_out, status_slot) = match writable.take(data_len) {
+            Ok(d) => (d, writable),
             Err(e) => {
                 tracing::debug!("dropping request: {e}");
                 return Completion {
@@ -127,76 +202,81 @@ impl BlockDevice {
                 };
             }
         };
-        let data_len = match writer.available_bytes().checked_sub(1) {
-            Some(n) => n,
-            None => {
-                tracing::debug!("dropping request: {}", RequestError::NoStatus);
-                return Completion {
-                    used_len: 0,
-                    status: None,
-                };
-            }
+        let result = match bad_readable {
+            Some(e) => Err(e),
+            None => self.execute(&mut readable, &mut data_out, scratch),
         };
-        let mut status_w = match writer.split_at(data_len) {
-            Ok(s) => s,
+        let (status, written) = match result {
+            Ok((st, n)) => (st, n),
             Err(e) => {
-                tracing::debug!("dropping request: {e}");
-                return Completion {
-                    used_len: 0,
-                    status: None,
-                };
+                tracing::debug!("request failed: {e}");
+                (Status::IoErr, 0)
             }
         };
-        let status = match Reader::new(mem, chain) {
-            Ok(mut reader) => self.execute(&mut reader, &mut writer, data_len, scratch),
-            Err(e) => Err(RequestError::Chain(e)),
-        };
-        let status = status.unwrap_or_else(|e| {
-            tracing::debug!("request failed: {e}");
-            Status::IoErr
-        });
-        let wrote_status = status_w.write_all(&[status.byte()]).is_ok();
-        let used = writer.bytes_written() + usize::from(wrote_status);
+        let wrote_status = status_slot
+            .slices
+            .iter()
+            .find(|s| !s.is_empty())
+            .map(|s| s.copy_from(&[status.byte()]));
+        let used = written + usize::from(wrote_status.is_some());
         Completion {
             used_len: u32::try_from(used).unwrap_or(u32::MAX),
-            status: wrote_status.then_some(status),
+            status: wrote_status.map(|()| status),
         }
     }
 
-    fn execute<B: BitmapSlice>(
+    /// Runs the request; returns its status and the bytes written to the writable data part.
+    fn execute(
         &self,
-        reader: &mut Reader<'_, B>,
-        writer: &mut Writer<'_, B>,
-        in_len: usize,
+        readable: &mut Stream<'_>,
+        data_out: &mut Stream<'_>,
         scratch: &mut Scratch,
-    ) -> Result<Status, RequestError> {
-        let mut header = [0u8; HEADER_LEN];
-        let avail = reader.available_bytes();
-        if avail < HEADER_LEN {
-            return Err(RequestError::ShortHeader(avail));
+    ) -> Result<(Status, usize), RequestError> {
+        if readable.len < HEADER_LEN {
+            return Err(RequestError::ShortHeader(readable.len));
         }
-        reader.read_exact(&mut header)?;
+        let mut header = [0u8; HEADER_LEN];
+        readable.take(HEADER_LEN)?.read_into(&mut header);
         let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
         match kind {
-            VIRTIO_BLK_T_IN => self.read(writer, sector, in_len, scratch),
-            VIRTIO_BLK_T_OUT => self.write(reader, sector, scratch),
+            VIRTIO_BLK_T_IN => {
+                let offset = self.byte_range(sector, data_out.len)?;
+                self.image
+                    .read_to_guest(&data_out.slices, offset, &mut scratch.buf)?;
+                Ok((Status::Ok, data_out.len))
+            }
+            VIRTIO_BLK_T_OUT => {
+                let offset = self.byte_range(sector, readable.len)?;
+                if self.params.read_only {
+                    return Err(ImageError::ReadOnly.into());
+                }
+                self.image
+                    .write_from_guest(&readable.slices, offset, &mut scratch.buf)?;
+                Ok((Status::Ok, 0))
+            }
             VIRTIO_BLK_T_FLUSH => {
                 self.image.flush()?;
-                Ok(Status::Ok)
+                Ok((Status::Ok, 0))
             }
             VIRTIO_BLK_T_GET_ID => {
-                let n = in_len.min(self.id.len());
-                writer.write_all(&self.id[..n])?;
-                Ok(Status::Ok)
+                let n = data_out.len.min(self.id.len());
+                let mut left = &self.id[..n];
+                for s in &data_out.slices {
+                    let k = s.len().min(left.len());
+                    s.subslice(0, k)?.copy_from(&left[..k]);
+                    left = &left[k..];
+                }
+                Ok((Status::Ok, n))
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 if self.params.read_only {
-                    return Ok(Status::Unsupp);
+                    return Ok((Status::Unsupp, 0));
                 }
-                self.discard_or_zero(reader, kind == VIRTIO_BLK_T_WRITE_ZEROES)
+                let st = self.discard_or_zero(readable, kind == VIRTIO_BLK_T_WRITE_ZEROES)?;
+                Ok((st, 0))
             }
-            _ => Ok(Status::Unsupp),
+            _ => Ok((Status::Unsupp, 0)),
         }
     }
 
@@ -211,55 +291,12 @@ impl BlockDevice {
         Ok(offset)
     }
 
-    fn read<B: BitmapSlice>(
+    fn discard_or_zero(
         &self,
-        writer: &mut Writer<'_, B>,
-        sector: u64,
-        len: usize,
-        scratch: &mut Scratch,
-    ) -> Result<Status, RequestError> {
-        let mut offset = self.byte_range(sector, len)?;
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(CHUNK);
-            let buf = scratch.get(n);
-            self.image.read_at(buf, offset)?;
-            writer.write_all(buf)?;
-            offset += n as u64;
-            left -= n;
-        }
-        Ok(Status::Ok)
-    }
-
-    fn write<B: BitmapSlice>(
-        &self,
-        reader: &mut Reader<'_, B>,
-        sector: u64,
-        scratch: &mut Scratch,
-    ) -> Result<Status, RequestError> {
-        let len = reader.available_bytes();
-        let mut offset = self.byte_range(sector, len)?;
-        if self.params.read_only {
-            return Err(ImageError::ReadOnly.into());
-        }
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(CHUNK);
-            let buf = scratch.get(n);
-            reader.read_exact(buf)?;
-            self.image.write_at(buf, offset)?;
-            offset += n as u64;
-            left -= n;
-        }
-        Ok(Status::Ok)
-    }
-
-    fn discard_or_zero<B: BitmapSlice>(
-        &self,
-        reader: &mut Reader<'_, B>,
+        readable: &mut Stream<'_>,
         zeroes: bool,
     ) -> Result<Status, RequestError> {
-        let len = reader.available_bytes();
+        let len = readable.len;
         if len == 0 || len % SEGMENT_LEN != 0 {
             return Err(RequestError::Segments("length is not a multiple of 16"));
         }
@@ -274,7 +311,7 @@ impl BlockDevice {
             .ok_or(RequestError::Segments("too many segments"))?;
         for seg in segs.iter_mut() {
             let mut raw = [0u8; SEGMENT_LEN];
-            reader.read_exact(&mut raw)?;
+            readable.take(SEGMENT_LEN)?.read_into(&mut raw);
             let sector = u64::from_le_bytes(raw[0..8].try_into().unwrap_or([0; 8]));
             let sectors = u32::from_le_bytes(raw[8..12].try_into().unwrap_or([0; 4]));
             let flags = u32::from_le_bytes(raw[12..16].try_into().unwrap_or([0; 4]));
