@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # rqemu-blk vs qemu-storage-daemon (vhost-user-blk export) on the same raw image, driven by
-# the same guest-less driver (rqemu-bench), plus fio on the same file as the host's limit.
+# the same guest-less driver (rqemu-bench), plus fio (psync, one thread, page cache) on the
+# same file as the host's single-thread limit.
 # Prints the figures and the rqemu/QSD ratios. Usage: benches/compare-blk.sh [runtime-s]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,7 @@ kill %2 2>/dev/null || kill $(jobs -p); wait 2>/dev/null || true
 
 for c in "${cases[@]}"; do
   set -- $c
-  F[$c]=$(fio --name=b --filename="$img" --rw="$1" --bs="$2" --iodepth="$3" --ioengine=io_uring \
+  F[$c]=$(fio --name=b --filename="$img" --rw="$1" --bs="$2" --ioengine=psync --invalidate=0 \
             --runtime="$runtime" --time_based --size=512M --output-format=json 2>/dev/null |
           python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(int(j["read"]["iops"]+j["write"]["iops"]))')
 done
