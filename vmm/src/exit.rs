@@ -17,6 +17,8 @@ pub enum GuestExit {
         /// Guest RIP at the fault, if known.
         rip: u64,
     },
+    /// The host asked the VM to stop (API / signal), not the guest.
+    Stopped,
     /// The VMM or a vCPU failed.
     Error(String),
 }
@@ -28,6 +30,7 @@ impl GuestExit {
             GuestExit::PowerOff => 0,
             GuestExit::Reset(_) => 2,
             GuestExit::TripleFault { .. } => 3,
+            GuestExit::Stopped => 4,
             GuestExit::Error(_) => 1,
         }
     }
@@ -41,6 +44,7 @@ impl std::fmt::Display for GuestExit {
             GuestExit::TripleFault { vcpu, rip } => {
                 write!(f, "vCPU {vcpu} triple-faulted (shutdown) at rip={rip:#x}")
             }
+            GuestExit::Stopped => write!(f, "VM stopped by the host"),
             GuestExit::Error(e) => write!(f, "VM error: {e}"),
         }
     }

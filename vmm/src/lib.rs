@@ -6,6 +6,7 @@
 //! * [`acpi`] — RSDP, XSDT, FADT, MADT, DSDT;
 //! * [`bus`] + [`devices`] — PIO/MMIO range-map buses and the in-VMM legacy devices;
 //! * [`vm`] — assembling the machine and running vCPU threads until the guest exits;
+//! * [`virtio`] — virtio-mmio transport and the vhost-user frontend;
 //! * [`cli`] — the command line of the `rqemu-vmm` binary.
 
 pub mod accel;
@@ -17,4 +18,5 @@ pub mod devices;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod virtio;
 pub mod vm;

@@ -7,20 +7,47 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use rqemu_vmm::cli::Cli;
 use rqemu_vmm::exit::GuestExit;
-use rqemu_vmm::vm::{create_accelerator, Vm};
+use rqemu_vmm::vm::{create_accelerator, Vm, VmController};
 
 fn run(cli: &Cli) -> anyhow::Result<GuestExit> {
-    if let Some(d) = cli.device_sockets.first() {
-        bail!(
-            "--device-socket {}: vhost-user devices are not supported yet (the virtio-mmio \
-             frontend is the next milestone)",
-            d.path.display()
-        );
-    }
+    let cfg = match cli.vm_config() {
+        Ok(c) => c,
+        Err(e) => bail!(e),
+    };
     let accel = create_accelerator(cli.accel_choice()).context("choosing the accelerator")?;
-    let vm = Vm::new(&cli.vm_config(), accel).context("building the VM")?;
+    let vm = Vm::new(&cfg, accel).context("building the VM")?;
     tracing::debug!(?vm, mode = ?vm.kernel().mode, "starting guest");
+    stop_on_signals(vm.controller()).context("installing SIGINT/SIGTERM handling")?;
     Ok(vm.run()?)
+}
+
+/// SIGINT/SIGTERM stop the VM cleanly (all vCPU threads joined, exit status 4): the signals
+/// are blocked in every thread and a dedicated thread waits for them with `sigwait`.
+fn stop_on_signals(ctl: VmController) -> anyhow::Result<()> {
+    // SAFETY: an all-zero sigset_t is a valid value to initialise with sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, exclusively borrowed sigset_t; signal numbers are valid.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        bail!("pthread_sigmask: {}", std::io::Error::from_raw_os_error(rc));
+    }
+    // Threads spawned from now on (vCPUs, stdin) inherit the blocked mask.
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                eprintln!("rqemu-vmm: received signal {sig}, stopping the VM");
+                ctl.stop();
+            }
+        })?;
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -4,9 +4,7 @@
 //! so it never touches another thread's memory and is async-signal-safe.
 
 use std::cell::Cell;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::Once;
-use std::thread::JoinHandle;
 
 use super::{AccelError, Result};
 
@@ -60,14 +58,13 @@ pub fn disarm_thread() {
     KICK_TARGET.with(|t| t.set(std::ptr::null_mut()));
 }
 
-/// Sends the kick signal to a (not yet joined) thread.
-pub fn kick<T>(handle: &JoinHandle<T>) {
-    if handle.is_finished() {
-        return;
-    }
-    let tid = handle.as_pthread_t();
-    // SAFETY: the thread has not been joined (we hold its JoinHandle), so its pthread_t is
-    // valid; signalling a thread that already exited but is not joined is harmless.
+/// Sends the kick signal to thread `tid`.
+///
+/// # Safety
+/// `tid` must identify a thread that has not exited yet (e.g. one that registered itself in
+/// a registry and only unregisters under the same lock the caller holds).
+pub unsafe fn kick_thread(tid: libc::pthread_t) {
+    // SAFETY: the caller guarantees the thread is alive, so `tid` is valid.
     unsafe {
         libc::pthread_kill(tid, kick_signal());
     }

@@ -1,6 +1,6 @@
 //! The accelerator seam: what the machine model needs from a CPU backend.
 //!
-//! Two traits, implemented by KVM ([`kvm`]) and by the software CPU (`rqemu-tcg`, later):
+//! Two traits, implemented by KVM ([`kvm`]) and by the software CPU ([`tcg`], over `rqemu-tcg`):
 //!
 //! * [`Accelerator`] — VM-wide: map guest RAM, create vCPUs, raise interrupts by **GSI**
 //!   (KVM: the in-kernel IOAPIC/PIC via `KVM_IRQ_LINE`; TCG: its userspace IOAPIC),
@@ -28,9 +28,14 @@
 
 pub mod kick;
 pub mod kvm;
+pub mod tcg;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use std::sync::Arc;
+
+use crate::bus::Bus;
+use crate::exit::ExitRequester;
 use crate::memory::GuestRam;
 
 /// Errors from an accelerator.
@@ -228,6 +233,12 @@ pub trait Accelerator: Send + Sync {
     fn name(&self) -> &'static str;
     /// Makes guest RAM visible to the vCPUs.
     fn map_ram(&self, ram: &GuestRam) -> Result<()>;
+    /// Gives the accelerator the VMM's buses and exit flag before vCPUs are created
+    /// (accelerators that dispatch port/MMIO accesses themselves, like TCG, need them and
+    /// stop right after an access that requested the VM's exit; KVM exits instead).
+    fn attach_buses(&self, _pio: &Arc<Bus>, _mmio: &Arc<Bus>, _exit: &ExitRequester) -> Result<()> {
+        Ok(())
+    }
     /// Creates vCPU `index` of `topology` with CPUID, MSRs, FPU and LAPIC set up like a
     /// real boot (boot state comes separately, see [`Vcpu::set_boot_state`]).
     fn create_vcpu(&self, index: u32, topology: &CpuTopology) -> Result<Box<dyn Vcpu>>;

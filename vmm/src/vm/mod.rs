@@ -181,7 +181,7 @@ impl Vm {
 
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
-        accel.attach_buses(&pio, &mmio)?;
+        accel.attach_buses(&pio, &mmio, &exit)?;
         let (serial, serial_irq) = SerialDevice::new(&cfg.serial)?;
         let serial = Arc::new(Mutex::new(serial));
         accel.register_irqfd(&serial_irq, SERIAL_GSI)?;

@@ -1,6 +1,7 @@
 //! Per-vCPU CPUID: KVM's supported set, with topology made consistent (APIC ID and
 //! logical count in leaf 1, leaf 4 core counts, leaves 0xb/0x1f x2APIC topology, AMD
-//! 0x80000008 core count), the hypervisor bit, and the KVM signature leaf.
+//! 0x80000008 core count and 0x8000001e core IDs), the hypervisor bit, and the KVM
+//! signature leaf.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
@@ -112,6 +113,13 @@ pub(super) fn vcpu_cpuid(
             0x8000_0008 if amd => {
                 e.ecx = (e.ecx & !0xf0ff) | (bits_for(count) << 12) | (count - 1);
             }
+            0x8000_001e if amd => {
+                // Extended APIC ID; compute unit (core) ID with one thread per core; node 0.
+                e.eax = apic_id;
+                e.ebx = apic_id & 0xff;
+                e.ecx = 0;
+                e.edx = 0;
+            }
             _ => {}
         }
     }
@@ -181,6 +189,39 @@ mod tests {
         assert_eq!((find(&c, 4, 0).eax >> 14) & 0xfff, 0);
         let sig = find(&c, 0x4000_0000, 0);
         assert_eq!(&sig.ebx.to_le_bytes(), b"KVMK");
+    }
+
+    #[test]
+    fn amd_core_count_and_ids() {
+        let e = |function, eax, ebx| kvm_cpuid_entry2 {
+            function,
+            eax,
+            ebx,
+            ..Default::default()
+        };
+        let sup = CpuId::from_entries(&[
+            e(0, 0x10, u32::from_le_bytes(*b"Auth")),
+            e(1, 0, 0),
+            e(0x8000_0001, 0, 0),
+            e(0x8000_0008, 0x3030, 0),
+            e(0x8000_001e, 7, 7),
+        ])
+        .unwrap();
+        let c = vcpu_cpuid(&sup, 3, &CpuTopology { count: 4 }, false).unwrap();
+        assert_eq!(find(&c, 0x8000_0008, 0).ecx & 0xff, 3);
+        assert_eq!((find(&c, 0x8000_0008, 0).ecx >> 12) & 0xf, 2);
+        assert_eq!(find(&c, 0x8000_001e, 0).eax, 3);
+        assert_eq!(find(&c, 0x8000_001e, 0).ebx, 3);
+        assert_ne!(
+            find(&c, 0x8000_0001, 0).ecx & 2,
+            0,
+            "CmpLegacy with >1 core"
+        );
+        assert_eq!(find(&c, 0xb, 1).ebx, 4);
+        assert!(
+            c.as_slice().iter().all(|x| x.function != 0x1f),
+            "max leaf 0x10"
+        );
     }
 
     #[test]

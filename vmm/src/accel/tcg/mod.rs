@@ -1,0 +1,145 @@
+//! The software-CPU accelerator: [`rqemu_tcg`] behind the [`Accelerator`]/[`Vcpu`] seam.
+//!
+//! * RAM: the VMM's memfd mappings are handed to the CPU as raw host ranges (`map_ram`).
+//! * Interrupts: a userspace [`chip::IrqChip`] (8259 pair, 8254 PIT, IOAPIC, LAPIC — see
+//!   `crate::devices`) replaces KVM's in-kernel irqchip; `set_irq_line` and irqfds (a poller
+//!   thread, [`irqfd`]) raise its GSIs.
+//! * ioevents: [`IoEventBinding::ViaBus`] — the VMM registers them on its bus, which signals
+//!   the kick eventfd on a matching write.
+//! * vCPUs ([`vcpu::TcgVcpu`]) call the buses directly from inside the CPU, so they need them
+//!   before creation: [`Accelerator::attach_buses`].
+//!
+//! One vCPU executes; extra vCPUs exist (the MADT lists them) but never start.
+
+mod chip;
+mod irqfd;
+mod platform;
+pub mod vcpu;
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use vm_memory::{GuestAddress, GuestMemory as _};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{AccelError, Accelerator, CpuTopology, IoEventAddress, IoEventBinding, Result, Vcpu};
+use crate::bus::Bus;
+use crate::exit::ExitRequester;
+use crate::memory::{GuestMemory, GuestRam};
+use chip::IrqChip;
+use irqfd::Irqfds;
+use vcpu::{TcgVcpu, TcgVcpuParts};
+
+/// The TCG accelerator.
+pub struct TcgAccel {
+    chip: Arc<IrqChip>,
+    irqfds: Irqfds,
+    ram: Mutex<Option<(Arc<rqemu_tcg::GuestRam>, GuestMemory)>>,
+    buses: OnceLock<(Arc<Bus>, Arc<Bus>, ExitRequester)>,
+}
+
+impl std::fmt::Debug for TcgAccel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcgAccel").finish_non_exhaustive()
+    }
+}
+
+impl TcgAccel {
+    /// A TCG accelerator with its interrupt platform (always available).
+    pub fn new() -> Result<Self> {
+        let chip = Arc::new(IrqChip::new());
+        Ok(TcgAccel {
+            irqfds: Irqfds::new(chip.clone())?,
+            chip,
+            ram: Mutex::new(None),
+            buses: OnceLock::new(),
+        })
+    }
+}
+
+impl Accelerator for TcgAccel {
+    fn name(&self) -> &'static str {
+        "tcg"
+    }
+
+    fn map_ram(&self, ram: &GuestRam) -> Result<()> {
+        let mem = ram.memory().clone();
+        let mut regions = Vec::with_capacity(ram.regions().len());
+        for r in ram.regions() {
+            let host = mem
+                .get_host_address(GuestAddress(r.guest_base))
+                .map_err(|e| AccelError::Unavailable(format!("TCG: RAM region: {e}")))?;
+            regions.push(rqemu_tcg::RamRegion {
+                gpa: r.guest_base,
+                host,
+                len: r.size,
+            });
+        }
+        // SAFETY: the regions are the mmaps of `mem`; a clone of `mem` (sharing the
+        // mappings) is stored next to the `GuestRam` and in every vCPU using it, so the
+        // mappings outlive every `Cpu::run`. Concurrent access from device daemons is the
+        // shared-memory contract of guest RAM.
+        let tcg_ram = unsafe { rqemu_tcg::GuestRam::new(regions) }
+            .map_err(|e| AccelError::Unavailable(format!("TCG: guest RAM layout: {e}")))?;
+        *self.ram.lock().unwrap_or_else(|e| e.into_inner()) = Some((Arc::new(tcg_ram), mem));
+        Ok(())
+    }
+
+    fn attach_buses(&self, pio: &Arc<Bus>, mmio: &Arc<Bus>, exit: &ExitRequester) -> Result<()> {
+        self.buses
+            .set((pio.clone(), mmio.clone(), exit.clone()))
+            .map_err(|_| AccelError::Unavailable("TCG: buses attached twice".into()))
+    }
+
+    fn create_vcpu(&self, index: u32, _topology: &CpuTopology) -> Result<Box<dyn Vcpu>> {
+        let (ram, mem) = self
+            .ram
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| AccelError::Unavailable("TCG: map_ram must come first".into()))?;
+        let (pio, mmio, exit) =
+            self.buses.get().cloned().ok_or_else(|| {
+                AccelError::Unavailable("TCG: attach_buses must come first".into())
+            })?;
+        Ok(Box::new(TcgVcpu::new(TcgVcpuParts {
+            index,
+            ram,
+            mem,
+            chip: self.chip.clone(),
+            pio,
+            mmio,
+            exit,
+        })))
+    }
+
+    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
+        self.chip.set_gsi(gsi, level);
+        Ok(())
+    }
+
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.irqfds.register(fd, gsi)
+    }
+
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.irqfds.unregister(fd, gsi)
+    }
+
+    fn register_ioevent(
+        &self,
+        _fd: &EventFd,
+        _addr: IoEventAddress,
+        _datamatch: Option<u32>,
+    ) -> Result<IoEventBinding> {
+        Ok(IoEventBinding::ViaBus)
+    }
+
+    fn unregister_ioevent(
+        &self,
+        _fd: &EventFd,
+        _addr: IoEventAddress,
+        _datamatch: Option<u32>,
+    ) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,176 @@
+//! A TCG vCPU: an [`rqemu_tcg::Cpu`] run in instruction-budget slices on its own thread.
+//!
+//! Port/MMIO accesses are dispatched synchronously inside the CPU (see [`TcgPlatform`]), so
+//! [`Vcpu::run`] only returns for kicks, shutdown or errors. `HLT` waits on the interrupt
+//! chip until an interrupt, a timer deadline or a kick. Secondary vCPUs never receive a
+//! SIPI (the CPU is single-processor for now): they idle until the VM stops.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rqemu_tcg::{Cpu, Exit, ShutdownReason, StopReason};
+
+use super::chip::IrqChip;
+use super::platform::TcgPlatform;
+use crate::accel::{kick, AccelError, BootState, Result, Vcpu, VcpuExit};
+use crate::bus::Bus;
+use crate::exit::ExitRequester;
+use crate::memory::GuestMemory;
+
+/// Instructions per `Cpu::run` slice (the kick flag is also polled after every I/O).
+const SLICE: u64 = 200_000;
+/// Longest sleep of a halted or idle vCPU before it re-checks its kick flag.
+const IDLE_WAIT: Duration = Duration::from_millis(10);
+
+/// One TCG vCPU.
+pub struct TcgVcpu {
+    index: u32,
+    cpu: Box<Cpu>,
+    ram: Arc<rqemu_tcg::GuestRam>,
+    /// Keeps the host mappings behind `ram` alive as long as this vCPU.
+    _mem: GuestMemory,
+    chip: Arc<IrqChip>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: ExitRequester,
+    /// Set to 1 by the kick signal handler (see [`kick::arm_thread`]).
+    kick: Box<AtomicU8>,
+    booted: bool,
+}
+
+impl std::fmt::Debug for TcgVcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcgVcpu")
+            .field("index", &self.index)
+            .field("booted", &self.booted)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a TCG vCPU is built from.
+pub(super) struct TcgVcpuParts {
+    pub(super) index: u32,
+    pub(super) ram: Arc<rqemu_tcg::GuestRam>,
+    pub(super) mem: GuestMemory,
+    pub(super) chip: Arc<IrqChip>,
+    pub(super) pio: Arc<Bus>,
+    pub(super) mmio: Arc<Bus>,
+    pub(super) exit: ExitRequester,
+}
+
+impl TcgVcpu {
+    pub(super) fn new(p: TcgVcpuParts) -> Self {
+        TcgVcpu {
+            index: p.index,
+            cpu: Box::new(Cpu::new()),
+            ram: p.ram,
+            _mem: p.mem,
+            chip: p.chip,
+            pio: p.pio,
+            mmio: p.mmio,
+            exit: p.exit,
+            kick: Box::new(AtomicU8::new(0)),
+            booted: false,
+        }
+    }
+
+    fn take_kick(&self) -> bool {
+        self.kick.swap(0, Ordering::AcqRel) != 0
+    }
+
+    fn guest_err(&self, msg: String) -> AccelError {
+        AccelError::Guest {
+            vcpu: self.index,
+            msg,
+        }
+    }
+}
+
+impl Vcpu for TcgVcpu {
+    fn index(&self) -> u32 {
+        self.index
+    }
+
+    fn set_boot_state(&mut self, st: &BootState) -> Result<()> {
+        const EFER_LMA: u64 = 1 << 10;
+        if st.efer & EFER_LMA == 0 || !st.cs.l {
+            return Err(AccelError::Unavailable(
+                "the TCG CPU starts only at the 64-bit Linux entry (bzImage or ELF without a \
+                 PVH note); 32-bit PVH entry is not supported"
+                    .into(),
+            ));
+        }
+        let a = &mut self.cpu.arch;
+        a.set_linux_boot_state(st.rip, st.rsi, st.cr3, st.gdt.base);
+        a.cr4 |= st.cr4;
+        a.gdtr.limit = st.gdt.limit;
+        a.idtr.base = st.idt.base;
+        a.idtr.limit = st.idt.limit;
+        a.gpr[3] = st.rbx;
+        a.gpr[4] = st.rsp;
+        a.set_rflags(st.rflags | 2);
+        self.cpu.state_changed();
+        self.cpu.note_external_writes();
+        self.booted = true;
+        Ok(())
+    }
+
+    fn bind_to_thread(&mut self) -> Result<()> {
+        kick::install_handler()?;
+        // SAFETY: the AtomicU8 lives in a Box owned by this vCPU, which stays on this thread
+        // and outlives the vCPU loop; `Drop` disarms before it is freed.
+        unsafe { kick::arm_thread(self.kick.as_ptr()) };
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        loop {
+            if self.take_kick() {
+                return Ok(VcpuExit::Interrupted);
+            }
+            if !self.booted {
+                std::thread::sleep(IDLE_WAIT);
+                continue;
+            }
+            if self.chip.take_external() {
+                self.cpu.note_external_writes();
+            }
+            let mut plat = TcgPlatform {
+                chip: &self.chip,
+                pio: &self.pio,
+                mmio: &self.mmio,
+                exit: &self.exit,
+                kick: &self.kick,
+            };
+            match self.cpu.run(&self.ram, &mut plat, SLICE) {
+                Exit::BudgetExhausted => {}
+                Exit::Halted { .. } => self.chip.wait(IDLE_WAIT),
+                Exit::Stop(StopReason::Reset) => return Ok(VcpuExit::Reset),
+                Exit::Stop(StopReason::PowerOff) => return Ok(VcpuExit::PowerOff),
+                Exit::Stop(StopReason::Other(_)) => {
+                    if self.exit.should_stop() {
+                        return Ok(VcpuExit::Interrupted);
+                    }
+                }
+                Exit::Shutdown(ShutdownReason::TripleFault { .. }) => {
+                    return Ok(VcpuExit::Shutdown)
+                }
+                Exit::Shutdown(ShutdownReason::Unsupported(msg)) => {
+                    return Err(self.guest_err(format!("TCG: {msg}")))
+                }
+            }
+        }
+    }
+
+    fn instruction_pointer(&mut self) -> Option<u64> {
+        Some(self.cpu.arch.rip)
+    }
+}
+
+impl Drop for TcgVcpu {
+    fn drop(&mut self) {
+        // Harmless if this thread never armed (it then targets nothing of ours).
+        kick::disarm_thread();
+    }
+}
