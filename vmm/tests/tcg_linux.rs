@@ -311,6 +311,77 @@ fn tcg_linux_reads_and_writes_an_rqemu_blk_disk() {
     );
 }
 
+/// Waits for a daemon's socket to appear.
+fn wait_socket(sock: &Path, child: &mut std::process::Child, name: &str) {
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "{name} exited");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no {name} socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn tcg_linux_mounts_an_rqemu_fs_share_found_by_discovery() {
+    const HOST: &str = "written-by-the-host";
+    const GUEST: &str = "written-by-the-guest";
+    let (kernel, initrd) = guest_assets();
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("host.txt"), HOST).unwrap();
+    let sock = dir.path().join("fs.sock");
+    let mut child = Command::new(support::project_binary("rqemu-fs"))
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--shared-dir")
+        .arg(&share)
+        .args(["--tag", "share0"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawning rqemu-fs");
+    wait_socket(&sock, &mut child, "rqemu-fs");
+    let daemon = Daemon(child);
+    let script = format!(
+        "set -e\n\
+         mount -t virtiofs share0 /mnt\n\
+         echo \"fs read: $(cat /mnt/host.txt)\"\n\
+         echo -n {GUEST} > /mnt/guest.txt\n\
+         sync\n\
+         umount /mnt\n"
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rqemu-vmm"));
+    // No `fs:` prefix: the VMM discovers the device type from the daemon's identity.
+    cmd.args(["--accel", "tcg", "--memory", "512M"])
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--device-socket")
+        .arg(&sock)
+        .arg("--cmdline")
+        .arg(format!(
+            "{CMDLINE} {TCG_EXTRA} rqemu.run={}",
+            base64(script.as_bytes())
+        ));
+    let r = timed_boot(cmd, TIMEOUT);
+    drop(daemon);
+    let report = format!(
+        "exit={:?}\n--- console ---\n{}\n--- stderr ---\n{}",
+        r.code, r.console, r.stderr
+    );
+    assert!(r.console.contains(&format!("fs read: {HOST}")), "{report}");
+    assert!(r.console.contains(EXIT_MARKER), "{report}");
+    assert_eq!(r.code, Some(0), "{report}");
+    assert_eq!(
+        std::fs::read_to_string(share.join("guest.txt")).unwrap(),
+        GUEST
+    );
+}
+
 #[test]
 fn base64_matches_the_standard_alphabet() {
     assert_eq!(base64(b""), "");

@@ -52,6 +52,16 @@ pub mod reg {
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
     /// Device (used) ring address, high.
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    /// Shared memory region selector.
+    pub const SHM_SEL: u64 = 0x0ac;
+    /// Length of the selected shared memory region, low 32 bits.
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    /// Length of the selected shared memory region, high 32 bits.
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    /// Base of the selected shared memory region, low 32 bits.
+    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    /// Base of the selected shared memory region, high 32 bits.
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
     /// Config generation counter.
     pub const CONFIG_GENERATION: u64 = 0x0fc;
     /// Start of device config space.
@@ -184,6 +194,12 @@ impl MmioTransport {
             reg::INTERRUPT_STATUS => u32::from(self.live) * INT_VRING,
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
+            // No shared memory regions (no DAX window): the spec's "no such region" is a
+            // length and base of all ones. Zero would announce an empty region at address 0,
+            // which virtiofs then fails to reserve.
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
+                u32::MAX
+            }
             _ => 0,
         }
     }

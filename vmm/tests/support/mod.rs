@@ -220,12 +220,16 @@ pub fn run_vmm(args: &[&str], timeout: Duration) -> Run {
     run
 }
 
-/// The `rqemu-blk` daemon binary: `$RQEMU_BLK_BIN`, else `rqemu-blk` beside this test's
-/// target directory (`target/<profile>/deps/<test>` → `target/<profile>/rqemu-blk`; the test
-/// command builds every workspace binary first). Panics with what to run when it is missing:
-/// a test never skips silently.
-pub fn rqemu_blk_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("RQEMU_BLK_BIN") {
+/// A workspace binary (`rqemu-blk`, `rqemu-fs`, ...): `$RQEMU_<NAME>_BIN` (e.g.
+/// `RQEMU_BLK_BIN`), else beside this test's target directory (`target/<profile>/deps/<test>`
+/// → `target/<profile>/<name>`; the test command builds every workspace binary first). Panics
+/// with what to run when it is missing: a test never skips silently.
+pub fn project_binary(name: &str) -> PathBuf {
+    let var = format!(
+        "RQEMU_{}_BIN",
+        name.trim_start_matches("rqemu-").to_uppercase()
+    );
+    if let Ok(p) = std::env::var(&var) {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
@@ -233,12 +237,17 @@ pub fn rqemu_blk_binary() -> PathBuf {
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>");
-    let bin = profile_dir.join("rqemu-blk");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
-        "rqemu-blk not found at {} (and RQEMU_BLK_BIN unset): build it first with \
-         `cargo build -p rqemu-blk` (scripts/test.sh builds every binary)",
+        "{name} not found at {} (and {var} unset): build it first with \
+         `cargo build -p {name}` (scripts/test.sh builds every binary)",
         bin.display()
     );
     bin
+}
+
+/// The `rqemu-blk` daemon binary (see [`project_binary`]).
+pub fn rqemu_blk_binary() -> PathBuf {
+    project_binary("rqemu-blk")
 }

@@ -180,3 +180,17 @@ fn config_space_passthrough_bumps_generation() {
     assert_eq!(b, [0, 0, 0xaa, 0xbb]);
     assert_ne!(r(&mut t, reg::CONFIG_GENERATION), g);
 }
+
+#[test]
+fn no_shared_memory_regions_are_announced() {
+    let (mut t, _) = transport();
+    w(&mut t, reg::SHM_SEL, 0);
+    for off in [
+        reg::SHM_LEN_LOW,
+        reg::SHM_LEN_HIGH,
+        reg::SHM_BASE_LOW,
+        reg::SHM_BASE_HIGH,
+    ] {
+        assert_eq!(r(&mut t, off), u32::MAX, "register {off:#x}");
+    }
+}
