@@ -35,12 +35,51 @@ fn f32s(v: u128, i: u32) -> f32 {
     f32::from_bits((v >> (32 * i)) as u32)
 }
 
+/// x86 NaN rules for SSE arithmetic (SDM vol. 1, 4.8.3.5): a NaN operand propagates,
+/// quietened — the first source's if both are NaN; an invalid operation on non-NaN operands
+/// (inf - inf, 0 * inf, 0 / 0, sqrt of a negative) gives the "real indefinite" QNaN. Rust's
+/// own float operations leave the choice of NaN to the compiler (it may swap operands).
+fn arith64(a: f64, b: f64, f: impl Fn(f64, f64) -> f64) -> f64 {
+    const QUIET: u64 = 1 << 51;
+    const INDEFINITE: u64 = 0xfff8_0000_0000_0000;
+    if a.is_nan() {
+        f64::from_bits(a.to_bits() | QUIET)
+    } else if b.is_nan() {
+        f64::from_bits(b.to_bits() | QUIET)
+    } else {
+        let r = f(a, b);
+        if r.is_nan() {
+            f64::from_bits(INDEFINITE)
+        } else {
+            r
+        }
+    }
+}
+
+/// [`arith64`] for single precision.
+fn arith32(a: f32, b: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    const QUIET: u32 = 1 << 22;
+    const INDEFINITE: u32 = 0xffc0_0000;
+    if a.is_nan() {
+        f32::from_bits(a.to_bits() | QUIET)
+    } else if b.is_nan() {
+        f32::from_bits(b.to_bits() | QUIET)
+    } else {
+        let r = f(a, b);
+        if r.is_nan() {
+            f32::from_bits(INDEFINITE)
+        } else {
+            r
+        }
+    }
+}
+
 fn op64(m: M, a: f64, b: f64) -> f64 {
     match m {
-        M::Addsd | M::Addpd => a + b,
-        M::Subsd | M::Subpd => a - b,
-        M::Mulsd | M::Mulpd => a * b,
-        M::Divsd | M::Divpd => a / b,
+        M::Addsd | M::Addpd => arith64(a, b, |a, b| a + b),
+        M::Subsd | M::Subpd => arith64(a, b, |a, b| a - b),
+        M::Mulsd | M::Mulpd => arith64(a, b, |a, b| a * b),
+        M::Divsd | M::Divpd => arith64(a, b, |a, b| a / b),
         // x86 MIN/MAX return the second operand when unordered or both zero.
         M::Minsd | M::Minpd => {
             if a < b {
@@ -56,16 +95,17 @@ fn op64(m: M, a: f64, b: f64) -> f64 {
                 b
             }
         }
-        _ => b.sqrt(),
+        // SQRT: only the source operand counts.
+        _ => arith64(b, b, |_, b| b.sqrt()),
     }
 }
 
 fn op32(m: M, a: f32, b: f32) -> f32 {
     match m {
-        M::Addss | M::Addps => a + b,
-        M::Subss | M::Subps => a - b,
-        M::Mulss | M::Mulps => a * b,
-        M::Divss | M::Divps => a / b,
+        M::Addss | M::Addps => arith32(a, b, |a, b| a + b),
+        M::Subss | M::Subps => arith32(a, b, |a, b| a - b),
+        M::Mulss | M::Mulps => arith32(a, b, |a, b| a * b),
+        M::Divss | M::Divps => arith32(a, b, |a, b| a / b),
         M::Minss | M::Minps => {
             if a < b {
                 a
@@ -80,7 +120,7 @@ fn op32(m: M, a: f32, b: f32) -> f32 {
                 b
             }
         }
-        _ => b.sqrt(),
+        _ => arith32(b, b, |_, b| b.sqrt()),
     }
 }
 

@@ -125,6 +125,33 @@ fn sse_integer_and_float_subset() {
                 let b = (r.below(2000) as f32 - 1000.0) / 4.0;
                 *x = u128::from(a.to_bits()) | (u128::from(b.to_bits()) << 64);
             }
+        } else if r.below(4) == 0 {
+            // Special values in every lane: quiet/signalling NaNs of both signs, infinities,
+            // zeroes, denormals — NaN propagation and invalid operations.
+            const SPECIAL64: [u64; 8] = [
+                0x7ff8_0000_0000_0001,
+                0xfff4_0000_0000_0000,
+                0x7ff0_0000_0000_0001,
+                0x7ff0_0000_0000_0000,
+                0xfff0_0000_0000_0000,
+                0x8000_0000_0000_0000,
+                0x0000_0000_0000_0001,
+                0xffff_ffff_ffff_ffff,
+            ];
+            const SPECIAL32: [u32; 6] = [
+                0x7fc0_0001,
+                0xffa0_0000,
+                0x7f80_0000,
+                0xff80_0000,
+                0x8000_0000,
+                0x7fff_ffff,
+            ];
+            for x in st.xmm.iter_mut() {
+                let lo = SPECIAL64[r.below(8) as usize];
+                let hi = u64::from(SPECIAL32[r.below(6) as usize])
+                    | u64::from(SPECIAL32[r.below(6) as usize]) << 32;
+                *x = u128::from(lo) | (u128::from(hi) << 64);
+            }
         }
         let mem = r.below(3) == 0 && !matches!(k, K::ShiftI(_) | K::XxReg | K::GprXI);
         st.gpr[3] = DATA + 0x100 + 16 * r.below(0x100);
