@@ -15,9 +15,6 @@ use clap::{Parser, ValueEnum};
 use rqemu_block_backend::image::{self, Format, FormatHint, OpenOptions};
 use rqemu_block_backend::virtio::{BlkParams, BlockDevice};
 use rqemu_daemon::{listen::Endpoint, logging, signals};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use backend::BlkBackend;
 
@@ -118,28 +115,8 @@ fn run(args: Args) -> Result<()> {
     })?;
 
     tracing::info!("listening on {endpoint:?}");
-    loop {
-        let mut daemon = VhostUserDaemon::new(
-            "rqemu-blk".to_string(),
-            backend.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| anyhow::anyhow!("creating the vhost-user daemon: {e}"))?;
-        let mut l = Listener::from(listener.try_clone().context("duplicating the listener")?);
-        daemon
-            .start(&mut l)
-            .map_err(|e| anyhow::anyhow!("accepting a frontend: {e}"))?;
-        tracing::info!("frontend connected");
-        match daemon.wait() {
-            Ok(())
-            | Err(DaemonError::HandleRequest(
-                VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => tracing::info!("frontend disconnected"),
-            Err(e) => tracing::warn!("frontend connection ended: {e}"),
-        }
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
-        backend.disconnected();
-    }
+    let never = rqemu_daemon::vhost::serve_forever("rqemu-blk", &listener, &backend, || {
+        backend.disconnected()
+    })?;
+    match never {}
 }

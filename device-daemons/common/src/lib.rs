@@ -4,8 +4,10 @@
 //!   activation), validated before use;
 //! * [`signals`]: SIGTERM/SIGINT/SIGHUP handled on a dedicated thread so the daemon can
 //!   quiesce its device and flush before exiting;
-//! * [`logging`]: `tracing` to stderr, filtered by `RQEMU_LOG` (or `RUST_LOG`).
+//! * [`logging`]: `tracing` to stderr, filtered by `RQEMU_LOG` (or `RUST_LOG`);
+//! * [`vhost`]: the one-frontend-at-a-time vhost-user accept loop.
 
 pub mod listen;
 pub mod logging;
 pub mod signals;
+pub mod vhost;

@@ -192,17 +192,18 @@ impl VhostUserBackend for FsBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(BackendError::UnexpectedEventSet(evset).into());
         }
-        let index = usize::from(device_event);
+        // `vrings` are this worker thread's own (one queue per thread), `device_event` the
+        // position among them; the thread index is the queue index.
         let vring = vrings
-            .get(index)
+            .get(usize::from(device_event))
             .ok_or(BackendError::UnknownEvent(device_event))?;
-        self.process_queue(index, vring).map_err(|e| {
-            tracing::warn!("queue {index}: {e}");
+        self.process_queue(thread_id, vring).map_err(|e| {
+            tracing::warn!("queue {thread_id}: {e}");
             e.into()
         })
     }

@@ -17,9 +17,6 @@ use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use rqemu_daemon::{listen::Endpoint, logging, signals};
 use rqemu_fs_backend::{confine, CacheMode, FsParams, FsServer, Tag};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use backend::FsBackend;
 
@@ -117,30 +114,10 @@ fn run(args: Args) -> Result<()> {
     })?;
 
     tracing::info!("listening on {endpoint:?}");
-    loop {
-        let mut daemon = VhostUserDaemon::new(
-            "rqemu-fs".to_string(),
-            backend.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| anyhow::anyhow!("creating the vhost-user daemon: {e}"))?;
-        let mut l = Listener::from(listener.try_clone().context("duplicating the listener")?);
-        daemon
-            .start(&mut l)
-            .map_err(|e| anyhow::anyhow!("accepting a frontend: {e}"))?;
-        tracing::info!("frontend connected");
-        match daemon.wait() {
-            Ok(())
-            | Err(DaemonError::HandleRequest(
-                VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => tracing::info!("frontend disconnected"),
-            Err(e) => tracing::warn!("frontend connection ended: {e}"),
-        }
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
-        backend.disconnected();
-    }
+    let never = rqemu_daemon::vhost::serve_forever("rqemu-fs", &listener, &backend, || {
+        backend.disconnected()
+    })?;
+    match never {}
 }
 
 #[cfg(test)]
