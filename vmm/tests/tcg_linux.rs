@@ -254,15 +254,7 @@ fn tcg_linux_reads_and_writes_an_rqemu_blk_disk() {
         .stdin(Stdio::null())
         .spawn()
         .expect("spawning rqemu-blk");
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "rqemu-blk exited");
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no rqemu-blk socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_socket(&sock, &mut child, "rqemu-blk");
     let daemon = Daemon(child);
     let script = format!(
         "set -e\n\
@@ -275,24 +267,12 @@ fn tcg_linux_reads_and_writes_an_rqemu_blk_disk() {
         HOST.len(),
         GUEST.len()
     );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rqemu-vmm"));
-    cmd.args(["--accel", "tcg", "--memory", "512M"])
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .arg("--device-socket")
-        .arg(format!("blk:{}", sock.display()))
-        .arg("--cmdline")
-        .arg(format!(
-            "{CMDLINE} {TCG_EXTRA} rqemu.run={}",
-            base64(script.as_bytes())
-        ));
-    let r = timed_boot(cmd, TIMEOUT);
-    drop(daemon);
-    let report = format!(
-        "exit={:?}\n--- console ---\n{}\n--- stderr ---\n{}",
-        r.code, r.console, r.stderr
+    let (r, report) = boot_with_device(
+        &kernel,
+        &initrd,
+        &format!("blk:{}", sock.display()),
+        &script,
+        daemon,
     );
     let host = String::from_utf8_lossy(HOST);
     assert!(r.console.contains(&format!("blk read: {host}")), "{report}");
@@ -309,6 +289,37 @@ fn tcg_linux_reads_and_writes_an_rqemu_blk_disk() {
         fmt_time(r.to_init),
         r.total
     );
+}
+
+/// Boots the reference guest under `rqemu-vmm --accel tcg` with one `--device-socket` and
+/// `script` as its test command; stops `daemon` once the VM is done. Returns the boot and a
+/// report (exit status, console, stderr) for assertion messages.
+fn boot_with_device(
+    kernel: &Path,
+    initrd: &Path,
+    device_socket: &str,
+    script: &str,
+    daemon: Daemon,
+) -> (Boot, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rqemu-vmm"));
+    cmd.args(["--accel", "tcg", "--memory", "512M"])
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args(["--device-socket", device_socket])
+        .arg("--cmdline")
+        .arg(format!(
+            "{CMDLINE} {TCG_EXTRA} rqemu.run={}",
+            base64(script.as_bytes())
+        ));
+    let r = timed_boot(cmd, TIMEOUT);
+    drop(daemon);
+    let report = format!(
+        "exit={:?}\n--- console ---\n{}\n--- stderr ---\n{}",
+        r.code, r.console, r.stderr
+    );
+    (r, report)
 }
 
 /// Waits for a daemon's socket to appear.
@@ -353,25 +364,13 @@ fn tcg_linux_mounts_an_rqemu_fs_share_found_by_discovery() {
          sync\n\
          umount /mnt\n"
     );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rqemu-vmm"));
     // No `fs:` prefix: the VMM discovers the device type from the daemon's identity.
-    cmd.args(["--accel", "tcg", "--memory", "512M"])
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .arg("--device-socket")
-        .arg(&sock)
-        .arg("--cmdline")
-        .arg(format!(
-            "{CMDLINE} {TCG_EXTRA} rqemu.run={}",
-            base64(script.as_bytes())
-        ));
-    let r = timed_boot(cmd, TIMEOUT);
-    drop(daemon);
-    let report = format!(
-        "exit={:?}\n--- console ---\n{}\n--- stderr ---\n{}",
-        r.code, r.console, r.stderr
+    let (r, report) = boot_with_device(
+        &kernel,
+        &initrd,
+        &sock.display().to_string(),
+        &script,
+        daemon,
     );
     assert!(r.console.contains(&format!("fs read: {HOST}")), "{report}");
     assert!(r.console.contains(EXIT_MARKER), "{report}");
