@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use rqemu_block_backend::virtio::{BlockDevice, Scratch};
+use rqemu_daemon::vhost::{drain_queue, QueueError};
 use rqemu_protocol::identity::{self, DeviceKind, Identity};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -20,29 +20,6 @@ use vmm_sys_util::event::{
 };
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-
-/// Errors of the queue worker.
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    /// The event is not a queue kick of ours.
-    #[error("unexpected event {0}")]
-    UnknownEvent(u16),
-    /// An event other than EPOLLIN.
-    #[error("unexpected event set {0:?}")]
-    UnexpectedEventSet(EventSet),
-    /// Queue bookkeeping failed (used ring outside guest memory, ...).
-    #[error("virtqueue: {0}")]
-    Queue(#[from] virtio_queue::Error),
-    /// Notifying the frontend failed.
-    #[error("signalling the used queue: {0}")]
-    Signal(io::Error),
-}
-
-impl From<BackendError> for io::Error {
-    fn from(e: BackendError) -> Self {
-        io::Error::other(e)
-    }
-}
 
 /// The vhost-user face of a block device.
 #[derive(Debug)]
@@ -92,7 +69,7 @@ impl BlkBackend {
         }
     }
 
-    fn process_queue(&self, index: usize, vring: &VringRwLock) -> Result<(), BackendError> {
+    fn process_queue(&self, index: usize, vring: &VringRwLock) -> Result<(), QueueError> {
         let stopped = self.stopped.read().unwrap_or_else(|e| e.into_inner());
         if *stopped {
             return Ok(());
@@ -100,33 +77,12 @@ impl BlkBackend {
         let mem = self.mem.read().unwrap_or_else(|e| e.into_inner()).memory();
         let mut scratch = match self.scratch.get(index) {
             Some(s) => s.lock().unwrap_or_else(|e| e.into_inner()),
-            None => return Err(BackendError::UnknownEvent(index as u16)),
+            None => return Err(QueueError::UnknownEvent(index as u16)),
         };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let mut used_any = false;
-        loop {
-            if event_idx {
-                vring.disable_notification()?;
-            }
-            loop {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let done = self.dev.process_chain(&*mem, chain, &mut scratch);
-                vring.add_used(head, done.used_len)?;
-                used_any = true;
-            }
-            if !event_idx || !vring.enable_notification()? {
-                break;
-            }
-        }
-        if used_any && vring.needs_notification()? {
-            vring.signal_used_queue().map_err(BackendError::Signal)?;
-        }
-        Ok(())
+        drain_queue(vring, &mem, event_idx, |chain| {
+            self.dev.process_chain(&*mem, chain, &mut scratch).used_len
+        })
     }
 }
 
@@ -194,13 +150,13 @@ impl VhostUserBackend for BlkBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
-            return Err(BackendError::UnexpectedEventSet(evset).into());
+            return Err(QueueError::UnexpectedEventSet(evset).into());
         }
         // `vrings` are this worker thread's own (one queue per thread), `device_event` the
         // position among them; the thread index is the queue index.
         let vring = vrings
             .get(usize::from(device_event))
-            .ok_or(BackendError::UnknownEvent(device_event))?;
+            .ok_or(QueueError::UnknownEvent(device_event))?;
         self.process_queue(thread_id, vring).map_err(|e| {
             tracing::warn!("queue {thread_id}: {e}");
             e.into()

@@ -1,4 +1,5 @@
-//! The accept loop every vhost-user daemon runs: one frontend at a time, forever.
+//! What every vhost-user daemon shares: the accept loop (one frontend at a time, forever) and
+//! the queue worker's drain loop.
 //!
 //! For each connection a fresh `VhostUserDaemon` is built over the shared backend, the
 //! connection is served until the frontend goes away (guest reboot, VMM restart), the
@@ -10,8 +11,12 @@ use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::{
+    Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
+};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 /// Errors that end the accept loop.
 #[derive(Debug, thiserror::Error)]
@@ -61,4 +66,66 @@ where
         }
         on_disconnect();
     }
+}
+
+/// Errors of a queue worker.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The event is not a queue kick of ours.
+    #[error("unexpected event {0}")]
+    UnknownEvent(u16),
+    /// An event other than EPOLLIN.
+    #[error("unexpected event set {0:?}")]
+    UnexpectedEventSet(EventSet),
+    /// Queue bookkeeping failed (used ring outside guest memory, ...).
+    #[error("virtqueue: {0}")]
+    Queue(#[from] virtio_queue::Error),
+    /// Notifying the frontend failed.
+    #[error("signalling the used queue: {0}")]
+    Signal(std::io::Error),
+}
+
+impl From<QueueError> for std::io::Error {
+    fn from(e: QueueError) -> Self {
+        std::io::Error::other(e)
+    }
+}
+
+/// The guest memory as the worker sees it for one batch.
+pub type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
+
+/// Serves every available chain of `vring`: `handle` executes one chain and returns its used
+/// length; the chain then goes on the used ring. With EVENT_IDX, notifications are off while
+/// draining and the ring is re-checked after re-enabling them (no lost kick); the driver is
+/// notified once per batch, if it wants to be.
+pub fn drain_queue(
+    vring: &VringRwLock,
+    mem: &MemGuard,
+    event_idx: bool,
+    mut handle: impl FnMut(DescriptorChain<MemGuard>) -> u32,
+) -> Result<(), QueueError> {
+    let mut used_any = false;
+    loop {
+        if event_idx {
+            vring.disable_notification()?;
+        }
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let used = handle(chain);
+            vring.add_used(head, used)?;
+            used_any = true;
+        }
+        if !event_idx || !vring.enable_notification()? {
+            break;
+        }
+    }
+    if used_any && vring.needs_notification()? {
+        vring.signal_used_queue().map_err(QueueError::Signal)?;
+    }
+    Ok(())
 }
