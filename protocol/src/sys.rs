@@ -436,6 +436,13 @@ impl AsFd for EventFd {
     }
 }
 
+impl From<EventFd> for OwnedFd {
+    /// The eventfd itself, e.g. to register it with KVM or wrap it in another eventfd type.
+    fn from(e: EventFd) -> OwnedFd {
+        e.0
+    }
+}
+
 /// A shared-memory mapping backed by a memfd whose size is sealed, so the peer can neither
 /// shrink it (which would SIGBUS this process) nor grow it.
 #[derive(Debug)]

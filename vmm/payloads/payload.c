@@ -8,6 +8,9 @@
  *   triple     load an empty IDT and execute ud2 -> triple fault
  *   halt       cli; hlt forever (for the benchmark)
  *   virtio     drive the first virtio-blk window (virtio_blk.c), then power off
+ *   portloop   time PORTLOOP_N reads of CMOS port 0x71 with the TSC, print min/p50/p99/max
+ *              cycles, then power off (the forwarding benchmark)
+ *   ticks      forever: every 2000 CMOS reads print "tick k=K sec=S" (daemon restart tests)
  * Every line is "key value..." so tests can check them. Built by vmm/tests with gcc.
  */
 typedef unsigned char u8;
@@ -220,6 +223,58 @@ static void report_devices(void)
 
 struct idt_ptr { u16 limit; u64 base; } __attribute__((packed));
 
+static inline u64 rdtsc_ordered(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("lfence; rdtsc; lfence" : "=a"(lo), "=d"(hi)::"memory");
+    return ((u64)hi << 32) | lo;
+}
+
+#define PORTLOOP_N 20000
+static u64 samples[PORTLOOP_N];
+
+static void shellsort(u64 *a, u32 n)
+{
+    static const u32 gaps[] = {4711, 1750, 701, 301, 132, 57, 23, 10, 4, 1};
+    for (u32 g = 0; g < sizeof(gaps) / sizeof(gaps[0]); g++) {
+        u32 gap = gaps[g];
+        for (u32 i = gap; i < n; i++) {
+            u64 v = a[i];
+            u32 j = i;
+            while (j >= gap && a[j - gap] > v) { a[j] = a[j - gap]; j -= gap; }
+            a[j] = v;
+        }
+    }
+}
+
+/* One forwarded (or in-VMM) register read per sample, timed from inside the guest. */
+static void portloop(void)
+{
+    outb(0x70, 0x0a);
+    for (u32 i = 0; i < 1000; i++) /* warm up */
+        (void)inb(0x71);
+    for (u32 i = 0; i < PORTLOOP_N; i++) {
+        u64 t0 = rdtsc_ordered();
+        (void)inb(0x71);
+        samples[i] = rdtsc_ordered() - t0;
+    }
+    u64 t0 = rdtsc_ordered(), t1 = rdtsc_ordered();
+    shellsort(samples, PORTLOOP_N);
+    puts_("portloop "); kv_dec("n", PORTLOOP_N); kv_dec("min", samples[0]);
+    kv_dec("p50", samples[PORTLOOP_N / 2]); kv_dec("p99", samples[PORTLOOP_N * 99 / 100]);
+    kv_dec("max", samples[PORTLOOP_N - 1]); kv_dec("tsc_overhead", t1 - t0); nl();
+}
+
+static void ticks(void)
+{
+    for (u64 k = 0;; k++) {
+        u8 sec = 0;
+        for (u32 i = 0; i < 2000; i++)
+            sec = cmos(0x00);
+        puts_("tick "); kv_dec("k", k); kv_dec("sec", sec); nl();
+    }
+}
+
 void virtio_blk_test(void);
 
 static void finish(void)
@@ -228,6 +283,12 @@ static void finish(void)
         virtio_blk_test();
         puts_("action poweroff\n");
         mmio_write8(sleep_ctl, (5 << 2) | (1 << 5));
+    } else if (has_word("mode=portloop")) {
+        portloop();
+        puts_("action poweroff\n");
+        mmio_write8(sleep_ctl, (5 << 2) | (1 << 5));
+    } else if (has_word("mode=ticks")) {
+        ticks();
     } else if (has_word("mode=poweroff")) {
         puts_("action poweroff\n");
         mmio_write8(sleep_ctl, (5 << 2) | (1 << 5));

@@ -89,6 +89,12 @@ impl Bus {
         Ok(())
     }
 
+    /// The occupied ranges `(base, len)`, in address order.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        let map = self.devices.read().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(&b, e)| (b, e.len)).collect()
+    }
+
     /// Removes the device inserted at exactly `base`; returns it.
     pub fn remove(&self, base: u64) -> Option<SharedDevice> {
         let mut map = self.devices.write().unwrap_or_else(|e| e.into_inner());

@@ -7,7 +7,7 @@ use clap::{Parser, ValueEnum};
 use crate::boot::BootConfig;
 use crate::devices::serial::SerialOutput;
 use crate::virtio::vhost_user::VhostUserKind;
-use crate::vm::{AccelChoice, VhostUserDeviceConfig, VmConfig};
+use crate::vm::{AccelChoice, DeviceSocketConfig, VmConfig};
 
 /// Default kernel command line when `--cmdline` is not given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
@@ -21,6 +21,15 @@ pub enum AccelArg {
     Tcg,
     /// KVM when /dev/kvm works, otherwise TCG.
     Auto,
+}
+
+/// Transport of forwarded register accesses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ForwardVia {
+    /// Shared-memory rings, the socket as fallback.
+    Ring,
+    /// The socket only.
+    Socket,
 }
 
 /// The kind of a vhost-user device socket.
@@ -121,9 +130,16 @@ pub struct Cli {
     /// CPU accelerator.
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     pub accel: AccelArg,
-    /// vhost-user device socket, `[blk|net|fs|auto:]PATH` (repeatable).
+    /// Device daemon socket, `[blk|net|fs|auto:]PATH` (repeatable). Without a type the
+    /// daemon is probed: a forwarding daemon (rqemu-serial, rqemu-rtc, ...) gets the windows
+    /// it claims; a vhost-user daemon takes the next virtio-mmio window, its type read from
+    /// its rqemu identity (third-party daemons need `blk:`, `net:` or `fs:`).
     #[arg(long = "device-socket", value_parser = parse_device_socket)]
     pub device_sockets: Vec<DeviceSocket>,
+    /// How register accesses reach forwarding daemons: per-vCPU shared-memory rings (the
+    /// fast path) or the socket only (diagnostics, benchmarks).
+    #[arg(long = "forward-via", value_enum, default_value_t = ForwardVia::Ring)]
+    pub forward_via: ForwardVia,
     /// Serial console: stdio, file:PATH or none.
     #[arg(long, default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialOutput,
@@ -152,7 +168,7 @@ impl Cli {
                     DeviceKind::Fs => Some(VhostUserKind::Fs),
                     DeviceKind::Auto => None,
                 };
-                Ok(VhostUserDeviceConfig {
+                Ok(DeviceSocketConfig {
                     kind,
                     socket: d.path.clone(),
                 })
@@ -168,6 +184,7 @@ impl Cli {
             vcpus: self.cpus,
             serial: self.serial.clone(),
             devices,
+            forward_rings: self.forward_via == ForwardVia::Ring,
         })
     }
 }

@@ -76,6 +76,10 @@ pub const SERIAL_PORT: u16 = 0x3f8;
 pub const RTC_PORT: u16 = 0x70;
 /// i8042 data port (status/command is at +4).
 pub const I8042_PORT: u16 = 0x60;
+/// Platform port ranges `(base, len)` that never reach the bus under KVM (in-kernel PIC,
+/// PIT, speaker port, ELCR) and that the TCG's own chips serve: never granted to a forwarded
+/// device.
+pub const PLATFORM_PIO: [(u64, u64); 5] = [(0x20, 2), (0x40, 4), (0x61, 1), (0xa0, 2), (0x4d0, 2)];
 
 /// Base address of virtio-mmio window `i`.
 pub fn virtio_mmio_base(i: u32) -> u64 {

@@ -7,6 +7,7 @@
 //! * [`bus`] + [`devices`] — PIO/MMIO range-map buses and the in-VMM legacy devices;
 //! * [`vm`] — assembling the machine and running vCPU threads until the guest exits;
 //! * [`virtio`] — virtio-mmio transport and the vhost-user frontend;
+//! * [`forwarded`] — emulated devices in daemons over the rqemu forwarding protocol;
 //! * [`cli`] — the command line of the `rqemu-vmm` binary.
 
 pub mod accel;
@@ -16,6 +17,7 @@ pub mod bus;
 pub mod cli;
 pub mod devices;
 pub mod exit;
+pub mod forwarded;
 pub mod layout;
 pub mod memory;
 pub mod virtio;

@@ -51,8 +51,13 @@ fn stop_on_signals(ctl: VmController) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // RQEMU_LOG, then RUST_LOG; by default warnings (a device daemon lost or reattached,
+    // ...) and errors, so that the guest console on stdio stays readable.
+    let filter = std::env::var("RQEMU_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "warn".to_string());
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

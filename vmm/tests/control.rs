@@ -42,6 +42,7 @@ fn pause_resume_and_stop_join_all_vcpus() {
         vcpus: 2,
         serial: SerialOutput::File(console.clone()),
         devices: Vec::new(),
+        forward_rings: true,
     };
     let vm = Vm::new(&cfg, create_accelerator(AccelChoice::Kvm).unwrap()).unwrap();
     let ctl = vm.controller();

@@ -6,50 +6,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::{kvm_or_skip, payloads, run_vmm, Run};
+use support::{kvm_or_skip, on_both, payloads, run_vmm, Accel, Run};
 
 const T: Duration = Duration::from_secs(60);
-
-/// The accelerator a test runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    fn arg(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-
-    /// False (after `kvm_or_skip` printed why) if this accelerator cannot run here.
-    fn usable(self, test: &str) -> bool {
-        self == Accel::Tcg || kvm_or_skip(test)
-    }
-}
-
-/// Generates `<name>_kvm` and `<name>_tcg` tests calling `<name>(Accel)`.
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod on {
-            $(
-                pub mod $name {
-                    #[test]
-                    fn kvm() {
-                        super::super::$name(super::super::Accel::Kvm);
-                    }
-                    #[test]
-                    fn tcg() {
-                        super::super::$name(super::super::Accel::Tcg);
-                    }
-                }
-            )*
-        }
-    };
-}
 
 on_both!(
     elf_linux64_entry_powers_off_via_acpi,

@@ -301,20 +301,32 @@ fn boot_with_device(
     script: &str,
     daemon: Daemon,
 ) -> (Boot, String) {
+    boot_with_devices(kernel, initrd, &[device_socket], script, vec![daemon])
+}
+
+/// [`boot_with_device`] with several device sockets and daemons.
+fn boot_with_devices(
+    kernel: &Path,
+    initrd: &Path,
+    device_sockets: &[&str],
+    script: &str,
+    daemons: Vec<Daemon>,
+) -> (Boot, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rqemu-vmm"));
     cmd.args(["--accel", "tcg", "--memory", "512M"])
         .arg("--kernel")
         .arg(kernel)
         .arg("--initrd")
-        .arg(initrd)
-        .args(["--device-socket", device_socket])
-        .arg("--cmdline")
-        .arg(format!(
-            "{CMDLINE} {TCG_EXTRA} rqemu.run={}",
-            base64(script.as_bytes())
-        ));
+        .arg(initrd);
+    for s in device_sockets {
+        cmd.args(["--device-socket", s]);
+    }
+    cmd.arg("--cmdline").arg(format!(
+        "{CMDLINE} {TCG_EXTRA} rqemu.run={}",
+        base64(script.as_bytes())
+    ));
     let r = timed_boot(cmd, TIMEOUT);
-    drop(daemon);
+    drop(daemons);
     let report = format!(
         "exit={:?}\n--- console ---\n{}\n--- stderr ---\n{}",
         r.code, r.console, r.stderr
@@ -379,6 +391,77 @@ fn tcg_linux_mounts_an_rqemu_fs_share_found_by_discovery() {
         std::fs::read_to_string(share.join("guest.txt")).unwrap(),
         GUEST
     );
+}
+
+/// COM1 and the RTC out of process under a real kernel: the console (kernel messages and the
+/// init's tty output, which the 8250 driver sends on THR-empty interrupts) arrives through
+/// `rqemu-serial`, and the kernel reads the wall clock from `rqemu-rtc`.
+#[test]
+fn tcg_linux_console_on_rqemu_serial_and_clock_from_rqemu_rtc() {
+    let (kernel, initrd) = guest_assets();
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.txt");
+    let spawn = |bin: &str, sock: &Path, extra: &[String]| {
+        let mut child = Command::new(support::project_binary(bin))
+            .arg("--socket")
+            .arg(sock)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {bin}: {e}"));
+        wait_socket(sock, &mut child, bin);
+        Daemon(child)
+    };
+    let serial_sock = dir.path().join("serial.sock");
+    let rtc_sock = dir.path().join("rtc.sock");
+    let serial = spawn(
+        "rqemu-serial",
+        &serial_sock,
+        &["--console".into(), format!("file:{}", console.display())],
+    );
+    let rtc = spawn("rqemu-rtc", &rtc_sock, &[]);
+    let year = {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        // Civil year from days since 1970 (proleptic Gregorian), good for this century.
+        let days = secs / 86400;
+        let mut y = 1970;
+        let mut d = days;
+        loop {
+            let len = if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 {
+                366
+            } else {
+                365
+            };
+            if d < len {
+                break y;
+            }
+            d -= len;
+            y += 1;
+        }
+    };
+    let script = "echo \"guest year: $(date +%Y)\"\n";
+    let (r, report) = boot_with_devices(
+        &kernel,
+        &initrd,
+        &[serial_sock.to_str().unwrap(), rtc_sock.to_str().unwrap()],
+        script,
+        vec![serial, rtc],
+    );
+    let text = String::from_utf8_lossy(&std::fs::read(&console).unwrap()).into_owned();
+    let report = format!("{report}\n--- rqemu-serial console ---\n{text}");
+    assert_eq!(r.code, Some(0), "{report}");
+    assert!(
+        !r.console.contains(INIT_MARKER),
+        "the in-VMM COM1 must not exist: {report}"
+    );
+    assert!(text.contains("Linux version"), "{report}");
+    assert!(text.contains(INIT_MARKER), "{report}");
+    assert!(text.contains(&format!("guest year: {year}")), "{report}");
+    assert!(text.contains(EXIT_MARKER), "{report}");
 }
 
 #[test]

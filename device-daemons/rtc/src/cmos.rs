@@ -9,7 +9,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rqemu_protocol::handshake::{FEATURE_POSTED, FEATURE_RING, WINDOW_POSTED};
+use rqemu_protocol::handshake::{FEATURE_POSTED, FEATURE_RING, FEATURE_SNAPSHOT, WINDOW_POSTED};
 use rqemu_protocol::{DeviceClass, DeviceInfo, EmulatedDevice, Space, Window};
 
 const REG_SECONDS: u8 = 0x00;
@@ -226,7 +226,7 @@ pub fn device_info(base: u16) -> DeviceInfo {
             flags: WINDOW_POSTED,
         }],
         irqs: Vec::new(),
-        features: FEATURE_RING | FEATURE_POSTED,
+        features: FEATURE_RING | FEATURE_POSTED | FEATURE_SNAPSHOT,
     }
 }
 

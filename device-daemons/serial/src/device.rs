@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rqemu_protocol::handshake::{FEATURE_POSTED, FEATURE_RING, WINDOW_POSTED};
+use rqemu_protocol::handshake::{FEATURE_POSTED, FEATURE_RING, FEATURE_SNAPSHOT, WINDOW_POSTED};
 use rqemu_protocol::{
     DeviceClass, DeviceInfo, EmulatedDevice, Interrupts, IrqRequest, Space, Trigger, Window,
 };
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger as SerialTrigger};
 
 /// Errors setting up the console.
@@ -89,6 +89,9 @@ impl Write for ConsoleOut {
     }
 }
 
+/// vm-superio's receive FIFO size.
+const RX_FIFO: usize = 64;
+
 /// Raises the UART's interrupt line (edge) through the protocol.
 pub struct Irq(pub Interrupts);
 
@@ -139,6 +142,56 @@ impl EmulatedDevice for SerialDevice {
         let out = std::mem::replace(self.uart.writer_mut(), ConsoleOut::Stdout);
         self.uart = Serial::new(Irq(irqs), out);
     }
+
+    /// The registers (9 bytes, vm-superio's `SerialState` order) then the receive FIFO.
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        let s = self.uart.state();
+        let mut v = vec![
+            s.baud_divisor_low,
+            s.baud_divisor_high,
+            s.interrupt_enable,
+            s.interrupt_identification,
+            s.line_control,
+            s.line_status,
+            s.modem_control,
+            s.modem_status,
+            s.scratch,
+        ];
+        v.extend_from_slice(&s.in_buffer);
+        Some(v)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let (regs, fifo) = state
+            .split_first_chunk::<9>()
+            .ok_or_else(|| format!("serial state is {} bytes, at least 9 expected", state.len()))?;
+        let s = SerialState {
+            baud_divisor_low: regs[0],
+            baud_divisor_high: regs[1],
+            interrupt_enable: regs[2],
+            interrupt_identification: regs[3],
+            line_control: regs[4],
+            line_status: regs[5],
+            modem_control: regs[6],
+            modem_status: regs[7],
+            scratch: regs[8],
+            in_buffer: fifo.to_vec(),
+        };
+        if s.in_buffer.len() > RX_FIFO {
+            return Err(format!(
+                "serial state has {} FIFO bytes (max {RX_FIFO})",
+                s.in_buffer.len()
+            ));
+        }
+        let irqs = self.uart.interrupt_evt().0.clone();
+        let out = std::mem::replace(self.uart.writer_mut(), ConsoleOut::Stdout);
+        // The only other failure is the trigger's, and raising a line cannot fail.
+        self.uart = match Serial::from_state(&s, Irq(irqs), NoEvents, out) {
+            Ok(u) => u,
+            Err(e) => return Err(format!("serial state rejected: {e:?}")),
+        };
+        Ok(())
+    }
 }
 
 /// What `rqemu-serial` claims: 8 ports at `base`, one edge line preferring `gsi`.
@@ -157,7 +210,7 @@ pub fn device_info(base: u16, gsi: u32) -> DeviceInfo {
             trigger: Trigger::Edge,
             gsi_hint: Some(gsi),
         }],
-        features: FEATURE_RING | FEATURE_POSTED,
+        features: FEATURE_RING | FEATURE_POSTED | FEATURE_SNAPSHOT,
     }
 }
 
@@ -255,6 +308,43 @@ mod tests {
             ConsoleSpec::Socket("/s".into())
         );
         assert!("tcp:1".parse::<ConsoleSpec>().is_err());
+    }
+
+    #[test]
+    fn snapshot_restores_registers_and_fifo_into_a_fresh_uart() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out");
+        let (out, _, _) = open_console(&ConsoleSpec::File(p.clone())).unwrap();
+        let mut a = SerialDevice::new(Interrupts::new(1), out);
+        a.write(Space::Pio, 0, 3, &[0x03]); // LCR: 8N1
+        a.write(Space::Pio, 0, 7, &[0x5a]); // scratch
+        a.write(Space::Pio, 0, 1, &[0x01]); // IER: RX data
+        assert_eq!(a.input(b"xy"), 2);
+        let state = a.snapshot().unwrap();
+
+        let (out, _, _) = open_console(&ConsoleSpec::File(p.clone())).unwrap();
+        let mut b = SerialDevice::new(Interrupts::new(1), out);
+        let reg = |d: &mut SerialDevice, off| {
+            let mut v = [0u8];
+            d.read(Space::Pio, 0, off, &mut v);
+            v[0]
+        };
+        assert_eq!(reg(&mut b, 7), 0, "a fresh UART");
+        b.restore(&state).unwrap();
+        assert_eq!(reg(&mut b, 3), 0x03);
+        assert_eq!(reg(&mut b, 7), 0x5a);
+        assert_eq!(reg(&mut b, 1), 0x01);
+        assert_eq!(reg(&mut b, 0), b'x', "the receive FIFO came along");
+        assert_eq!(reg(&mut b, 0), b'y');
+        // The console is still the same one.
+        b.write(Space::Pio, 0, 0, b"!");
+        assert_eq!(std::fs::read(&p).unwrap(), b"!");
+
+        assert!(b.restore(&state[..5]).is_err(), "short state");
+        let mut huge = state[..9].to_vec();
+        huge.extend(std::iter::repeat_n(0u8, 65));
+        assert!(b.restore(&huge).is_err(), "FIFO larger than the UART's");
+        assert_eq!(reg(&mut b, 7), 0x5a, "a refused state changes nothing");
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct GrantPolicy {
     pub features: u64,
     /// Per-access and per-control-message timeout.
     pub timeout: Duration,
+    /// Whether level-triggered lines (with a resample eventfd) can be granted; a VMM whose
+    /// interrupt controller cannot resample refuses devices that ask for one.
+    pub allow_level: bool,
 }
 
 impl GrantPolicy {
@@ -83,6 +86,7 @@ impl GrantPolicy {
             vcpus,
             features: u64::MAX,
             timeout: Duration::from_secs(1),
+            allow_level: true,
         }
     }
 
@@ -110,6 +114,11 @@ impl GrantPolicy {
         let mut free = self.free_gsis.clone();
         let mut gsis = Vec::new();
         for (i, q) in hello.irqs.iter().enumerate() {
+            if q.trigger == Trigger::Level && !self.allow_level {
+                return Err(format!(
+                    "line {i}: level-triggered lines are not supported by this VMM"
+                ));
+            }
             let pos = match q.gsi_hint {
                 Some(g) => free
                     .iter()
@@ -401,6 +410,27 @@ impl Handle {
     /// Whether the daemon is still believed alive.
     pub fn is_alive(&self) -> bool {
         !self.0.dead.load(Ordering::Relaxed)
+    }
+
+    /// Checks the connection without blocking: a daemon that hung up (crashed, exited) is
+    /// marked dead here even if the guest has not touched the device since. Returns
+    /// [`is_alive`](Handle::is_alive).
+    pub fn check_alive(&self) -> bool {
+        if self.is_alive() {
+            let mut rev = [0i16];
+            let hup = crate::sys::poll_raw(&[(self.0.sock_fd, 0)], Some(Duration::ZERO), &mut rev)
+                .map(|_| rev[0] & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0)
+                .unwrap_or(true);
+            if hup {
+                self.mark_dead();
+            }
+        }
+        self.is_alive()
+    }
+
+    /// The daemon's name (from its `HELLO`).
+    pub fn name(&self) -> &str {
+        &self.0.name
     }
 
     pub(crate) fn mark_dead(&self) {

@@ -1,7 +1,7 @@
 //! Both ends in one process: the real server against the client, and hand-written hostile
 //! daemons against the client.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -793,4 +793,44 @@ fn level_lines_latch_until_a_vmm_connects() {
     h.shutdown().unwrap();
     t.join().unwrap().unwrap();
     assert!(!irqs.is_connected(1), "fds dropped with the connection");
+}
+
+#[test]
+fn a_policy_without_level_lines_refuses_a_device_that_needs_one() {
+    let mut p = policy();
+    p.allow_level = false;
+    match start(info(), &p) {
+        Err(ClientError::Refused(why)) => assert!(why.contains("level"), "{why}"),
+        r => panic!("expected a refusal, got {:?}", r.map(|s| s.0)),
+    }
+}
+
+#[test]
+fn check_alive_sees_a_hang_up_without_an_access() {
+    let (a, b) = SeqSocket::pair().unwrap();
+    let daemon_end: OwnedFd = b.as_fd().try_clone_to_owned().unwrap();
+    let info = info();
+    let irqs = Interrupts::new(info.irqs.len());
+    let dev = Arc::new(Mutex::new(Regs {
+        pio: [0; 8],
+        mmio: [0; 16],
+        irqs: irqs.clone(),
+        resets: 0,
+    }));
+    let t = thread::spawn(move || serve_connection(b, &info, &dev, &irqs));
+    let (_c, h) = ForwardedDevice::attach(a, &policy()).unwrap();
+    assert!(h.check_alive());
+    assert!(h.check_alive(), "checking does not consume anything");
+    // The daemon's end of the connection goes away, as in a crash; no access is made.
+    // SAFETY: shutdown(2) on a dup of the daemon's socket, which we own.
+    unsafe { libc::shutdown(daemon_end.as_raw_fd(), libc::SHUT_RDWR) };
+    let _ = t.join();
+    assert!(!h.check_alive());
+    assert!(!h.is_alive(), "marked dead for every later access");
+    let mut r = [0u8; 1];
+    assert_eq!(
+        h.read(0, Space::Pio, 0x500, &mut r),
+        Err(AccessError::Disconnected)
+    );
+    assert_eq!(r, [0xff]);
 }

@@ -6,6 +6,7 @@
 //! [`ExitRequester`]. The main thread waits for it, then kicks every vCPU thread (signal +
 //! immediate exit, see [`crate::accel::kick`]) until all have returned, and joins them all.
 
+mod attach;
 mod control;
 mod vcpu_thread;
 
@@ -16,27 +17,23 @@ use std::time::{Duration, Instant};
 use control::VcpuSync;
 pub use control::VmController;
 
-use vmm_sys_util::eventfd::EventFd;
-
 use crate::accel::kvm::KvmAccel;
 use crate::accel::tcg::TcgAccel;
-use crate::accel::{AccelError, Accelerator, CpuTopology, IoEventAddress, IoEventBinding, Vcpu};
+use crate::accel::{AccelError, Accelerator, CpuTopology, Vcpu};
 use crate::acpi::{self, AcpiConfig, VirtioWindow};
 use crate::boot::{self, BootConfig, LoadedKernel};
 use crate::bus::{Bus, BusError};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::i8042::I8042;
-use crate::devices::rtc::Rtc;
-use crate::devices::serial::{spawn_stdin_reader, SerialDevice, SerialError, SerialOutput};
-use crate::devices::virtio_empty::EmptyVirtioMmio;
+use crate::devices::serial::{spawn_stdin_reader, SerialError, SerialOutput};
 use crate::exit::{ExitRequester, GuestExit};
+use crate::forwarded::{ForwardError, Link};
 use crate::layout::{
-    virtio_mmio_base, ACPI_PM_SIZE, ACPI_PM_START, I8042_PORT, RTC_PORT, SERIAL_GSI, SERIAL_PORT,
-    VIRTIO_MMIO_COUNT, VIRTIO_MMIO_GSI_BASE, VIRTIO_MMIO_SIZE,
+    virtio_mmio_base, ACPI_PM_SIZE, ACPI_PM_START, I8042_PORT, SERIAL_GSI, VIRTIO_MMIO_COUNT,
+    VIRTIO_MMIO_GSI_BASE, VIRTIO_MMIO_SIZE,
 };
 use crate::memory::{GuestRam, MemoryError};
-use crate::virtio::mmio::{reg, MmioTransport};
-use crate::virtio::vhost_user::{VhostUserDevice, VhostUserKind};
+use crate::virtio::vhost_user::VhostUserKind;
 use crate::virtio::VirtioError;
 
 /// How long the main thread keeps kicking vCPUs before giving up on joining them.
@@ -66,6 +63,12 @@ pub enum VmError {
     /// A virtio device failed.
     #[error(transparent)]
     Virtio(#[from] VirtioError),
+    /// A forwarded device failed.
+    #[error(transparent)]
+    Forwarded(#[from] ForwardError),
+    /// A daemon was granted the GSI of an in-VMM default device that still runs.
+    #[error("GSI {0} of the in-VMM COM1 was granted to device daemon {1}; give that daemon another line")]
+    GsiTaken(u32, String),
     /// More devices than virtio-mmio windows.
     #[error("{0} devices requested but the machine has {VIRTIO_MMIO_COUNT} virtio-mmio windows")]
     TooManyDevices(usize),
@@ -103,10 +106,12 @@ pub fn create_accelerator(choice: AccelChoice) -> Result<Arc<dyn Accelerator>, V
     }
 }
 
-/// A vhost-user device to attach on the next free virtio-mmio window.
+/// A `--device-socket`: a vhost-user device (on the next free virtio-mmio window) or, when
+/// probing finds a forwarding daemon there, an emulated device on the windows it is granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VhostUserDeviceConfig {
-    /// Device type; `None`: discovered from the daemon's rqemu identity.
+pub struct DeviceSocketConfig {
+    /// vhost-user device type; `None`: probed (forwarding daemon, or a vhost-user daemon whose
+    /// type comes from its rqemu identity).
     pub kind: Option<VhostUserKind>,
     /// Daemon socket.
     pub socket: std::path::PathBuf,
@@ -123,8 +128,10 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Serial console.
     pub serial: SerialOutput,
-    /// vhost-user devices, one virtio-mmio window each (in order).
-    pub devices: Vec<VhostUserDeviceConfig>,
+    /// Device sockets: vhost-user devices take one virtio-mmio window each, in order.
+    pub devices: Vec<DeviceSocketConfig>,
+    /// Forwarded accesses may use shared-memory rings (else the socket only).
+    pub forward_rings: bool,
 }
 
 /// A built machine, ready to run.
@@ -135,9 +142,9 @@ pub struct Vm {
     mmio: Arc<Bus>,
     exit: ExitRequester,
     vcpus: Vec<Box<dyn Vcpu>>,
-    serial: Arc<Mutex<SerialDevice>>,
-    serial_irq: EventFd,
+    serial: Option<attach::InVmmSerial>,
     serial_output: SerialOutput,
+    links: Vec<Arc<Link>>,
     kernel: LoadedKernel,
     sync: Arc<VcpuSync>,
     daemon_watches: Vec<(std::path::PathBuf, std::os::unix::net::UnixStream)>,
@@ -182,11 +189,6 @@ impl Vm {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         accel.attach_buses(&pio, &mmio, &exit)?;
-        let (serial, serial_irq) = SerialDevice::new(&cfg.serial)?;
-        let serial = Arc::new(Mutex::new(serial));
-        accel.register_irqfd(&serial_irq, SERIAL_GSI)?;
-        pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)?;
-        pio.insert(Arc::new(Mutex::new(Rtc::new())), u64::from(RTC_PORT), 2)?;
         pio.insert(
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
             u64::from(I8042_PORT),
@@ -197,16 +199,7 @@ impl Vm {
             ACPI_PM_START,
             ACPI_PM_SIZE,
         )?;
-        if cfg.devices.len() > windows.len() {
-            return Err(VmError::TooManyDevices(cfg.devices.len()));
-        }
-        let mut watches = Vec::new();
-        for (i, w) in windows.iter().enumerate() {
-            match cfg.devices.get(i) {
-                Some(d) => watches.extend(attach_vhost_user(&*accel, &ram, &mmio, d, w)?),
-                None => mmio.insert(Arc::new(Mutex::new(EmptyVirtioMmio)), w.base, w.size)?,
-            }
-        }
+        let devices = attach::attach_devices(&*accel, &ram, &pio, &mmio, &windows, cfg)?;
 
         let topo = CpuTopology { count: cfg.vcpus };
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
@@ -224,12 +217,12 @@ impl Vm {
             mmio,
             exit,
             vcpus,
-            serial,
-            serial_irq,
+            serial: devices.serial,
             serial_output: cfg.serial.clone(),
+            links: devices.links,
             kernel,
             sync: Arc::new(VcpuSync::default()),
-            daemon_watches: watches,
+            daemon_watches: devices.watches,
         })
     }
 
@@ -289,19 +282,32 @@ impl Vm {
                 }
             }
         }
-        let stdin = if self.serial_output == SerialOutput::Stdio {
-            spawn_stdin_reader(self.serial.clone(), self.exit.clone())
-                .map_err(|e| VmError::Os("spawning the stdin thread", e))
-                .ok()
-        } else {
-            None
+        let stdin = match &self.serial {
+            Some((dev, _)) if self.serial_output == SerialOutput::Stdio => {
+                spawn_stdin_reader(dev.clone(), self.exit.clone())
+                    .map_err(|e| VmError::Os("spawning the stdin thread", e))
+                    .ok()
+            }
+            _ => None,
         };
 
         let mut watchers = Vec::new();
         for (socket, stream) in std::mem::take(&mut self.daemon_watches) {
-            match spawn_daemon_watch(socket, stream, self.exit.clone()) {
+            match attach::spawn_daemon_watch(socket, stream, self.exit.clone()) {
                 Ok(h) => watchers.push(h),
                 Err(e) => self.exit.request(GuestExit::Error(e.to_string())),
+            }
+        }
+        if !self.links.is_empty() {
+            match crate::forwarded::supervisor::spawn(
+                self.accel.clone(),
+                self.links.clone(),
+                self.exit.clone(),
+            ) {
+                Ok(h) => watchers.push(h),
+                Err(e) => self.exit.request(GuestExit::Error(format!(
+                    "spawning the device supervisor: {e}"
+                ))),
             }
         }
         let reason = self.exit.wait();
@@ -316,73 +322,17 @@ impl Vm {
         for h in watchers {
             let _ = h.join();
         }
-        let _ = self.accel.unregister_irqfd(&self.serial_irq, SERIAL_GSI);
+        if let Some((_, irq)) = &self.serial {
+            let _ = self.accel.unregister_irqfd(irq, SERIAL_GSI);
+        }
+        for l in &self.links {
+            l.shutdown();
+        }
         if stuck > 0 {
             return Err(VmError::StuckVcpus(stuck, STOP_TIMEOUT));
         }
         Ok(reason)
     }
-}
-
-/// Connects a vhost-user daemon and maps its transport at window `w`: QueueNotify → the
-/// queue's kick eventfd (ioeventfd or bus ioevent), call eventfds → irqfd on the window's GSI.
-fn attach_vhost_user(
-    accel: &dyn Accelerator,
-    ram: &GuestRam,
-    mmio: &Bus,
-    d: &VhostUserDeviceConfig,
-    w: &VirtioWindow,
-) -> Result<Option<(std::path::PathBuf, std::os::unix::net::UnixStream)>, VmError> {
-    let mut dev = VhostUserDevice::open(d.kind, &d.socket, ram.memory().clone())?;
-    let watch = dev.take_watch_stream();
-    let transport = MmioTransport::new(Box::new(dev))?;
-    let notify = w.base + reg::QUEUE_NOTIFY;
-    for (q, kick) in transport.kick_fds().iter().enumerate() {
-        let q = q as u32;
-        let binding = accel.register_ioevent(kick, IoEventAddress::Mmio(notify), Some(q))?;
-        if binding == IoEventBinding::ViaBus {
-            let fd = kick
-                .try_clone()
-                .map_err(|e| VmError::Os("cloning a kick eventfd", e))?;
-            mmio.add_ioevent(notify, Some(u64::from(q)), fd);
-        }
-    }
-    for call in transport.call_fds() {
-        accel.register_irqfd(call, w.gsi)?;
-    }
-    mmio.insert(Arc::new(Mutex::new(transport)), w.base, w.size)?;
-    Ok(watch.map(|s| (d.socket.clone(), s)))
-}
-
-/// Watches a vhost-user connection: if the daemon hangs up, the VM stops with a clear error
-/// (the guest's device would otherwise wait forever).
-fn spawn_daemon_watch(
-    socket: std::path::PathBuf,
-    stream: std::os::unix::net::UnixStream,
-    exit: ExitRequester,
-) -> Result<JoinHandle<()>, VmError> {
-    use std::os::fd::AsRawFd;
-    std::thread::Builder::new()
-        .name("vhost-watch".into())
-        .spawn(move || {
-            while !exit.should_stop() {
-                let mut pfd = libc::pollfd {
-                    fd: stream.as_raw_fd(),
-                    events: libc::POLLRDHUP,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                let r = unsafe { libc::poll(&mut pfd, 1, 100) };
-                if r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-                    exit.request(GuestExit::Error(format!(
-                        "vhost-user daemon {} disconnected",
-                        socket.display()
-                    )));
-                    return;
-                }
-            }
-        })
-        .map_err(|e| VmError::Os("spawning a daemon watch thread", e))
 }
 
 /// Kicks vCPU threads until all have finished; returns how many are still running.

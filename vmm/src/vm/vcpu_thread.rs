@@ -42,6 +42,7 @@ pub(super) fn run_vcpu(mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext) {
         return;
     }
     ctx.sync.register(index);
+    crate::forwarded::set_current_vcpu(index as usize);
     let _guard = ThreadGuard { ctx, index };
     while !exit.should_stop() {
         let mut shutdown = false;

@@ -251,3 +251,47 @@ pub fn project_binary(name: &str) -> PathBuf {
 pub fn rqemu_blk_binary() -> PathBuf {
     project_binary("rqemu-blk")
 }
+
+/// The accelerator a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn arg(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    /// False (after `kvm_or_skip` printed why) if this accelerator cannot run here.
+    pub fn usable(self, test: &str) -> bool {
+        self == Accel::Tcg || kvm_or_skip(test)
+    }
+}
+
+/// Generates `<name>_kvm` and `<name>_tcg` tests calling `<name>(Accel)`.
+#[allow(unused_macros)]
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod on {
+            $(
+                pub mod $name {
+                    #[test]
+                    fn kvm() {
+                        super::super::$name(super::super::Accel::Kvm);
+                    }
+                    #[test]
+                    fn tcg() {
+                        super::super::$name(super::super::Accel::Tcg);
+                    }
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both;

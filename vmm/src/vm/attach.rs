@@ -1,0 +1,175 @@
+//! Attaching the devices of a machine: the device sockets of the command line (vhost-user
+//! daemons on virtio-mmio windows, forwarding daemons on the windows they are granted), and
+//! the in-VMM defaults (COM1, CMOS RTC) for what no daemon took.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rqemu_protocol::handshake::FEATURE_RING;
+use rqemu_protocol::Space;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{DeviceSocketConfig, VmConfig, VmError};
+use crate::accel::{Accelerator, IoEventAddress, IoEventBinding};
+use crate::acpi::VirtioWindow;
+use crate::bus::Bus;
+use crate::devices::rtc::Rtc;
+use crate::devices::serial::{SerialDevice, SerialOutput};
+use crate::devices::virtio_empty::EmptyVirtioMmio;
+use crate::exit::{ExitRequester, GuestExit};
+use crate::forwarded::{self, Link, Probed};
+use crate::layout::{RTC_PORT, SERIAL_GSI, SERIAL_PORT};
+use crate::memory::GuestRam;
+use crate::virtio::mmio::{reg, MmioTransport};
+use crate::virtio::vhost_user::VhostUserDevice;
+
+/// The in-VMM COM1 and its interrupt eventfd.
+pub(super) type InVmmSerial = (Arc<Mutex<SerialDevice>>, EventFd);
+
+/// What [`attach_devices`] set up.
+pub(super) struct Attached {
+    /// Hang-up watches of vhost-user connections.
+    pub(super) watches: Vec<(PathBuf, std::os::unix::net::UnixStream)>,
+    /// Forwarded devices.
+    pub(super) links: Vec<Arc<Link>>,
+    /// The in-VMM COM1, unless a daemon serves it.
+    pub(super) serial: Option<InVmmSerial>,
+}
+
+/// Connects every device socket (probing the untyped ones), fills the unused virtio-mmio
+/// windows with empty devices, and adds the in-VMM COM1 and RTC unless a forwarding daemon
+/// was granted their ports.
+pub(super) fn attach_devices(
+    accel: &dyn Accelerator,
+    ram: &GuestRam,
+    pio: &Bus,
+    mmio: &Bus,
+    windows: &[VirtioWindow],
+    cfg: &VmConfig,
+) -> Result<Attached, VmError> {
+    let serial = &cfg.serial;
+    let mut vhost = Vec::new();
+    let mut fwd = Vec::new();
+    for d in &cfg.devices {
+        if d.kind.is_some() {
+            vhost.push(d);
+            continue;
+        }
+        match forwarded::probe(&d.socket)? {
+            Probed::VhostUser => vhost.push(d),
+            Probed::Forwarding(sock) => fwd.push((sock, &d.socket)),
+        }
+    }
+    if vhost.len() > windows.len() {
+        return Err(VmError::TooManyDevices(vhost.len()));
+    }
+    let mut watches = Vec::new();
+    for (i, w) in windows.iter().enumerate() {
+        match vhost.get(i) {
+            Some(d) => watches.extend(attach_vhost_user(accel, ram, mmio, d, w)?),
+            None => mmio.insert(Arc::new(Mutex::new(EmptyVirtioMmio)), w.base, w.size)?,
+        }
+    }
+
+    let mut links: Vec<Arc<Link>> = Vec::new();
+    for (sock, path) in fwd {
+        let used: Vec<u32> = links.iter().flat_map(|l| l.gsis().to_vec()).collect();
+        let mut policy = forwarded::machine_policy(pio, mmio, cfg.vcpus, &used);
+        if !cfg.forward_rings {
+            policy.features &= !FEATURE_RING;
+        }
+        links.push(forwarded::attach(accel, pio, mmio, sock, path, &policy)?);
+    }
+
+    let serial = match forwarded::claimed(&links, Space::Pio, u64::from(SERIAL_PORT), 8) {
+        Some(l) => {
+            if *serial != SerialOutput::Stdio {
+                tracing::warn!(
+                    "COM1 is served by device daemon {}: --serial is ignored",
+                    l.name()
+                );
+            }
+            None
+        }
+        None => {
+            if let Some(l) = links.iter().find(|l| l.gsis().contains(&SERIAL_GSI)) {
+                return Err(VmError::GsiTaken(SERIAL_GSI, l.name().to_string()));
+            }
+            let (dev, irq) = SerialDevice::new(serial)?;
+            let dev = Arc::new(Mutex::new(dev));
+            accel.register_irqfd(&irq, SERIAL_GSI)?;
+            pio.insert(dev.clone(), u64::from(SERIAL_PORT), 8)?;
+            Some((dev, irq))
+        }
+    };
+    if forwarded::claimed(&links, Space::Pio, u64::from(RTC_PORT), 2).is_none() {
+        pio.insert(Arc::new(Mutex::new(Rtc::new())), u64::from(RTC_PORT), 2)?;
+    }
+    Ok(Attached {
+        watches,
+        links,
+        serial,
+    })
+}
+
+/// Connects a vhost-user daemon and maps its transport at window `w`: QueueNotify → the
+/// queue's kick eventfd (ioeventfd or bus ioevent), call eventfds → irqfd on the window's GSI.
+pub(super) fn attach_vhost_user(
+    accel: &dyn Accelerator,
+    ram: &GuestRam,
+    mmio: &Bus,
+    d: &DeviceSocketConfig,
+    w: &VirtioWindow,
+) -> Result<Option<(std::path::PathBuf, std::os::unix::net::UnixStream)>, VmError> {
+    let mut dev = VhostUserDevice::open(d.kind, &d.socket, ram.memory().clone())?;
+    let watch = dev.take_watch_stream();
+    let transport = MmioTransport::new(Box::new(dev))?;
+    let notify = w.base + reg::QUEUE_NOTIFY;
+    for (q, kick) in transport.kick_fds().iter().enumerate() {
+        let q = q as u32;
+        let binding = accel.register_ioevent(kick, IoEventAddress::Mmio(notify), Some(q))?;
+        if binding == IoEventBinding::ViaBus {
+            let fd = kick
+                .try_clone()
+                .map_err(|e| VmError::Os("cloning a kick eventfd", e))?;
+            mmio.add_ioevent(notify, Some(u64::from(q)), fd);
+        }
+    }
+    for call in transport.call_fds() {
+        accel.register_irqfd(call, w.gsi)?;
+    }
+    mmio.insert(Arc::new(Mutex::new(transport)), w.base, w.size)?;
+    Ok(watch.map(|s| (d.socket.clone(), s)))
+}
+
+/// Watches a vhost-user connection: if the daemon hangs up, the VM stops with a clear error
+/// (the guest's device would otherwise wait forever).
+pub(super) fn spawn_daemon_watch(
+    socket: std::path::PathBuf,
+    stream: std::os::unix::net::UnixStream,
+    exit: ExitRequester,
+) -> Result<JoinHandle<()>, VmError> {
+    use std::os::fd::AsRawFd;
+    std::thread::Builder::new()
+        .name("vhost-watch".into())
+        .spawn(move || {
+            while !exit.should_stop() {
+                let mut pfd = libc::pollfd {
+                    fd: stream.as_raw_fd(),
+                    events: libc::POLLRDHUP,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                let r = unsafe { libc::poll(&mut pfd, 1, 100) };
+                if r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                    exit.request(GuestExit::Error(format!(
+                        "vhost-user daemon {} disconnected",
+                        socket.display()
+                    )));
+                    return;
+                }
+            }
+        })
+        .map_err(|e| VmError::Os("spawning a daemon watch thread", e))
+}
