@@ -5,8 +5,11 @@
 //! * [`signals`]: SIGTERM/SIGINT/SIGHUP handled on a dedicated thread so the daemon can
 //!   quiesce its device and flush before exiting;
 //! * [`logging`]: `tracing` to stderr, filtered by `RQEMU_LOG` (or `RUST_LOG`);
-//! * [`vhost`]: the one-frontend-at-a-time vhost-user accept loop.
+//! * [`vhost`]: the one-frontend-at-a-time vhost-user accept loop;
+//! * [`emulated`]: start-up of the forwarding-protocol daemons (seqpacket listener, exit on
+//!   signal, `--base` ports).
 
+pub mod emulated;
 pub mod listen;
 pub mod logging;
 pub mod signals;

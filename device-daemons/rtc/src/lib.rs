@@ -1,6 +1,6 @@
-//! `rqemu-rtc`: the MC146818 CMOS RTC served over the rqemu forwarding protocol. The register
-//! logic is in [`cmos`], usable in-process too.
+//! `rqemu-rtc`: the MC146818 CMOS RTC (`rqemu-emulated-backend`) served over the rqemu
+//! forwarding protocol.
 
 pub mod cmos;
 
-pub use cmos::{device_info, DateTime, Rtc};
+pub use cmos::{device_info, DateTime, RtcDevice};
