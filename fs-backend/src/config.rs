@@ -111,6 +111,10 @@ pub struct FsParams {
     pub cache: CacheMode,
     /// Serve extended attributes.
     pub xattr: bool,
+    /// Read-only share: the confinement mounts the directory read-only (the kernel answers
+    /// writes `EROFS`) and requests served outside the passthrough (`COPY_FILE_RANGE`)
+    /// answer `EROFS` too.
+    pub readonly: bool,
     /// Largest queue size offered.
     pub max_queue_size: u16,
 }
@@ -122,6 +126,7 @@ impl Default for FsParams {
             num_request_queues: 1,
             cache: CacheMode::Auto,
             xattr: false,
+            readonly: false,
             max_queue_size: 1024,
         }
     }

@@ -9,6 +9,11 @@
 //! `l*xattr` calls (a symlink's own attributes, never its target's). The path is resolved
 //! inside the confined root only, so a concurrent rename can at worst name another file of
 //! the shared directory.
+//!
+//! It also serves the lock requests (`GETLK`, `SETLK`; `SETLKW` is intercepted earlier by
+//! [`crate::FsServer`] so it can wait without blocking a queue) through [`Locks`], releases
+//! lock owners on `FLUSH`/`RELEASE`, offers `FUSE_POSIX_LOCKS | FUSE_FLOCK_LOCKS` at `INIT`,
+//! and records open handles in [`Handles`] for `COPY_FILE_RANGE`.
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -26,19 +31,55 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
+use crate::copy_range::Handles;
+use crate::locks::{LockRequest, Locks};
 use crate::server::Passthrough;
 
 /// The filesystem the server dispatches to.
 pub struct ConfinedFs {
     inner: Arc<Passthrough>,
     xattr: bool,
+    locks: Arc<Locks>,
+    handles: Arc<Handles>,
 }
 
 impl ConfinedFs {
     /// Wraps the passthrough; `xattr` enables the xattr requests (`ENOSYS` otherwise, so the
-    /// guest stops asking).
+    /// guest stops asking). Lock and handle tables of its own.
     pub fn new(inner: Arc<Passthrough>, xattr: bool) -> Self {
-        ConfinedFs { inner, xattr }
+        let locks = Arc::new(Locks::new(inner.clone()));
+        let handles = Arc::new(Handles::new(inner.clone()));
+        Self::with_tables(inner, xattr, locks, handles)
+    }
+
+    /// Wraps the passthrough with lock and handle tables shared with the caller (the server
+    /// uses them for the requests it intercepts).
+    pub fn with_tables(
+        inner: Arc<Passthrough>,
+        xattr: bool,
+        locks: Arc<Locks>,
+        handles: Arc<Handles>,
+    ) -> Self {
+        ConfinedFs {
+            inner,
+            xattr,
+            locks,
+            handles,
+        }
+    }
+
+    fn forget_session(&self) {
+        self.locks.reset();
+        self.handles.clear();
+    }
+
+    fn lock_request(
+        inode: u64,
+        owner: u64,
+        lock: &FileLock,
+        flags: u32,
+    ) -> io::Result<LockRequest> {
+        LockRequest::new(inode, owner, lock.start, lock.end, lock.lock_type, flags)
     }
 
     fn xattr_path(&self, inode: u64) -> io::Result<CString> {
@@ -64,10 +105,14 @@ impl FileSystem for ConfinedFs {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        self.inner.init(capable)
+        // A (re)starting guest: nothing of an earlier session survives.
+        self.forget_session();
+        // The server answers with `capable & wanted`.
+        Ok(self.inner.init(capable)? | FsOptions::POSIX_LOCKS | FsOptions::FLOCK_LOCKS)
     }
 
     fn destroy(&self) {
+        self.forget_session();
         self.inner.destroy()
     }
 
@@ -178,7 +223,11 @@ impl FileSystem for ConfinedFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        let r = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        if let Some(h) = r.0 {
+            self.handles.insert(h, inode, flags);
+        }
+        Ok(r)
     }
 
     fn create(
@@ -188,7 +237,11 @@ impl FileSystem for ConfinedFs {
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.inner.create(ctx, parent, name, args)
+        let r = self.inner.create(ctx, parent, name, args)?;
+        if let Some(h) = r.1 {
+            self.handles.insert(h, r.0.inode, args.flags);
+        }
+        Ok(r)
     }
 
     fn read(
@@ -241,6 +294,8 @@ impl FileSystem for ConfinedFs {
         handle: Self::Handle,
         lock_owner: u64,
     ) -> io::Result<()> {
+        // close(): the guest process's POSIX locks on the file go.
+        self.locks.release_owner(inode, lock_owner);
         self.inner.flush(ctx, inode, handle, lock_owner)
     }
 
@@ -278,6 +333,12 @@ impl FileSystem for ConfinedFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        // `lock_owner` is set with FUSE_RELEASE_FLUSH (POSIX owner) or
+        // FUSE_RELEASE_FLOCK_UNLOCK (the open file: its flock goes).
+        if let Some(owner) = lock_owner {
+            self.locks.release_owner(inode, owner);
+        }
+        self.handles.remove(handle);
         self.inner
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }
@@ -462,33 +523,43 @@ impl FileSystem for ConfinedFs {
         self.inner.lseek(ctx, inode, handle, offset, whence)
     }
 
-    /// Query file lock status
+    /// `GETLK`: the first lock conflicting with `lock` (pid 0), or `F_UNLCK`.
     fn getlk(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         inode: Self::Inode,
-        handle: Self::Handle,
+        _handle: Self::Handle,
         owner: u64,
         lock: FileLock,
         flags: u32,
     ) -> io::Result<FileLock> {
-        self.inner.getlk(ctx, inode, handle, owner, lock, flags)
+        let st = self
+            .locks
+            .getlk(&Self::lock_request(inode, owner, &lock, flags)?)?;
+        Ok(FileLock {
+            start: st.start,
+            end: st.end,
+            lock_type: st.typ as u32,
+            pid: 0,
+        })
     }
 
-    /// Grab a file read lock
+    /// `SETLK`: takes or releases a POSIX or flock lock without waiting (`EAGAIN`).
     fn setlk(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         inode: Self::Inode,
-        handle: Self::Handle,
+        _handle: Self::Handle,
         owner: u64,
         lock: FileLock,
         flags: u32,
     ) -> io::Result<()> {
-        self.inner.setlk(ctx, inode, handle, owner, lock, flags)
+        let req = Self::lock_request(inode, owner, &lock, flags)?;
+        self.locks.setlk(&req, self.locks.generation())
     }
 
-    /// Grab a file write lock
+    /// Never reached through [`crate::FsServer`], which serves `SETLKW` itself (waiting off
+    /// the queue thread); a direct call does not wait (`EAGAIN` on conflict).
     fn setlkw(
         &self,
         ctx: &Context,
@@ -498,7 +569,7 @@ impl FileSystem for ConfinedFs {
         lock: FileLock,
         flags: u32,
     ) -> io::Result<()> {
-        self.inner.setlkw(ctx, inode, handle, owner, lock, flags)
+        self.setlk(ctx, inode, handle, owner, lock, flags)
     }
 
     /// send ioctl to the file

@@ -43,22 +43,39 @@
 //! DESTROY, LOOKUP, FORGET, BATCH_FORGET, GETATTR, SETATTR, READLINK, SYMLINK, MKNOD, MKDIR,
 //! UNLINK, RMDIR, RENAME, RENAME2 (`RENAME_NOREPLACE`/`EXCHANGE`/`WHITEOUT`), LINK, OPEN,
 //! CREATE, READ, WRITE, FLUSH, FSYNC, RELEASE, STATFS, OPENDIR, READDIR, READDIRPLUS,
-//! FSYNCDIR, RELEASEDIR, ACCESS, FALLOCATE, LSEEK, INTERRUPT (ignored), and
-//! SETXATTR/GETXATTR/LISTXATTR/REMOVEXATTR with `--xattr` (served by [`confined_fs`], because
-//! the passthrough's own xattr code needs `/proc`, absent inside the confinement). Answered `ENOSYS`: GETLK,
-//! SETLK, SETLKW (the passthrough has no lock support, so POSIX and flock locks stay local to
-//! the guest kernel: correct within one guest, not shared with the host), COPY_FILE_RANGE (not
-//! dispatched by the server; the guest kernel falls back to read + write), IOCTL, BMAP, POLL,
-//! SETUPMAPPING/REMOVEMAPPING (DAX window not offered), SYNCFS, TMPFILE, STATX.
+//! FSYNCDIR, RELEASEDIR, ACCESS, FALLOCATE, LSEEK, INTERRUPT (ignored; the Linux virtiofs
+//! driver never sends it).
+//!
+//! Served by rqemu ([`confined_fs`], [`locks`], [`copy_range`]):
+//!
+//! * SETXATTR/GETXATTR/LISTXATTR/REMOVEXATTR with `--xattr` (the passthrough's own xattr code
+//!   needs `/proc`, absent inside the confinement);
+//! * GETLK, SETLK, SETLKW — POSIX record locks as open-file-description locks on a host fd
+//!   per guest lock owner, and `flock` (`FUSE_LK_FLOCK`) with `flock(2)` on it; offered at
+//!   INIT (`FUSE_POSIX_LOCKS | FUSE_FLOCK_LOCKS`), released on FLUSH / RELEASE, shared with
+//!   host processes; a conflicting SETLKW waits on a thread of its own, never on the queue
+//!   worker ([`locks`] has the design);
+//! * COPY_FILE_RANGE — `copy_file_range(2)` on the host between the two handles (not
+//!   dispatched by fuse-backend-rs 0.14; [`server`] intercepts it).
+//!
+//! Answered `ENOSYS` (the guest kernel then stops asking or falls back): IOCTL, BMAP, POLL
+//! (the passthrough implements none), SETUPMAPPING/REMOVEMAPPING (no DAX window is offered),
+//! SYNCFS, TMPFILE, STATX (newer than fuse-backend-rs 0.14's dispatcher; the guest falls back
+//! to FSYNC/CREATE/GETATTR), NOTIFY_REPLY (no notifications are sent).
 
 pub mod config;
 pub mod confine;
 pub mod confined_fs;
+pub mod copy_range;
+pub mod inode_fd;
+pub mod locks;
 pub mod server;
 
 #[cfg(test)]
 mod tests_chain;
+#[cfg(test)]
+mod tests_locks;
 
 pub use config::{CacheMode, ConfigError, FsParams, Tag, CONFIG_SPACE_LEN, TAG_LEN};
 pub use confine::ConfineError;
-pub use server::{FsServer, ServerError};
+pub use server::{FsServer, Outcome, ServerError, UsedRing};

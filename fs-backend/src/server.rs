@@ -1,20 +1,34 @@
 //! The FUSE server over virtio descriptor chains: fuse-backend-rs's [`Server`] dispatching to
-//! its [`PassthroughFs`], with rqemu's parameters.
+//! its [`PassthroughFs`] (wrapped in [`ConfinedFs`]), with rqemu's parameters.
+//!
+//! Two opcodes are served here before the dispatcher sees them:
+//!
+//! * `FUSE_SETLKW`: a lock that is free is taken at once; one that conflicts is handed to a
+//!   waiter thread ([`Locks::wait_in_background`]) and the chain is answered later through
+//!   the [`UsedRing`] — the worker goes on serving its queue, where the conflicting unlock may
+//!   arrive. (fuse-backend-rs 0.14 would also route `SETLKW` to the non-blocking `setlk`.)
+//! * `FUSE_COPY_FILE_RANGE`: not dispatched by fuse-backend-rs 0.14 at all
+//!   ([`crate::copy_range`]).
 
 use std::io;
 use std::ops::Deref;
 use std::path::Path;
 use std::sync::Arc;
 
+use fuse_backend_rs::abi::fuse_abi::{
+    CopyFileRangeIn, InHeader, LkIn, Opcode, OutHeader, WriteOut,
+};
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::config::{CacheMode, FsParams};
 use crate::confined_fs::ConfinedFs;
+use crate::copy_range::Handles;
+use crate::locks::{is_conflict, LockRequest, Locks};
 
 /// The passthrough filesystem type served.
 pub type Passthrough = PassthroughFs<()>;
@@ -57,10 +71,33 @@ fn passthrough_config(params: &FsParams, root: &str) -> Config {
     }
 }
 
+/// The virtqueue a chain came from, for requests answered after
+/// [`FsServer::process_chain`] returned ([`Outcome::Deferred`]). Called from another thread.
+pub trait UsedRing: Clone + Send + Sync + 'static {
+    /// Whether the queue still runs (false once the frontend stopped it: a deferred request
+    /// is then dropped, never answered into a re-initialised ring).
+    fn is_running(&self) -> bool;
+    /// Puts chain `head` on the used ring with `len` bytes written, and notifies the driver
+    /// if it wants to be.
+    fn complete(&self, head: u16, len: u32);
+}
+
+/// What became of a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered: put it on the used ring with this many bytes written.
+    Used(u32),
+    /// Kept: it will be answered through the [`UsedRing`] (or dropped with its session).
+    Deferred,
+}
+
 /// A virtio-fs server for one shared directory.
 pub struct FsServer {
     fs: Arc<Passthrough>,
     server: Server<ConfinedFs>,
+    locks: Arc<Locks>,
+    handles: Arc<Handles>,
+    readonly: bool,
 }
 
 impl std::fmt::Debug for FsServer {
@@ -78,8 +115,21 @@ impl FsServer {
         let fs = Arc::new(
             PassthroughFs::new(passthrough_config(params, root)).map_err(ServerError::Create)?,
         );
-        let server = Server::new(ConfinedFs::new(fs.clone(), params.xattr));
-        Ok(FsServer { server, fs })
+        let locks = Arc::new(Locks::new(fs.clone()));
+        let handles = Arc::new(Handles::new(fs.clone()));
+        let server = Server::new(ConfinedFs::with_tables(
+            fs.clone(),
+            params.xattr,
+            locks.clone(),
+            handles.clone(),
+        ));
+        Ok(FsServer {
+            server,
+            fs,
+            locks,
+            handles,
+            readonly: params.readonly,
+        })
     }
 
     /// Opens the root now (FUSE_INIT does it too): checks the shared directory is usable.
@@ -92,30 +142,174 @@ impl FsServer {
         &self.fs
     }
 
-    /// Forgets every inode and handle of a frontend that went away (as on `FUSE_DESTROY`), so
-    /// the next guest starts from a clean table.
+    /// The lock table (tests and diagnostics).
+    pub fn locks(&self) -> &Arc<Locks> {
+        &self.locks
+    }
+
+    /// Forgets every inode, handle and lock of a frontend that went away (as on
+    /// `FUSE_DESTROY`; its waiting `SETLKW` requests end unanswered), so the next guest starts
+    /// from a clean table.
     pub fn reset(&self) {
+        self.locks.reset();
+        self.handles.clear();
         self.fs.destroy();
     }
 
-    /// Serves one request chain; returns the number of bytes written to its device-writable
-    /// part (the used length). Guest-controlled: never panics on a malformed chain.
-    pub fn process_chain<M>(
+    /// Serves one request chain. Usually answered at once ([`Outcome::Used`] with the number
+    /// of bytes written to its device-writable part); a `SETLKW` that has to wait is
+    /// [`Outcome::Deferred`] and answered later through `ring`. Guest-controlled: never
+    /// panics on a malformed chain.
+    pub fn process_chain<M, R>(
         &self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<M>,
-    ) -> Result<u32, ServerError>
+        ring: &R,
+    ) -> Result<Outcome, ServerError>
     where
         M: Deref<Target = GuestMemoryMmap> + Clone,
+        R: UsedRing,
     {
         let reader =
             Reader::from_descriptor_chain::<M>(mem, chain.clone()).map_err(ServerError::Chain)?;
+        let mut body = reader.clone();
+        if let Ok(h) = body.read_obj::<InHeader>() {
+            if h.opcode == Opcode::Setlkw as u32 || h.opcode == Opcode::CopyFileRange as u32 {
+                let reply = ReplyTo::new(mem, &chain, h.unique);
+                if h.opcode == Opcode::CopyFileRange as u32 {
+                    let r = body
+                        .read_obj::<CopyFileRangeIn>()
+                        .map_err(|_| errno(libc::EINVAL))
+                        .and_then(|a| self.handles.copy_file_range(h.nodeid, &a, self.readonly));
+                    tracing::debug!("COPY_FILE_RANGE from inode {}: {r:?}", h.nodeid);
+                    return Ok(Outcome::Used(match r {
+                        Ok(size) => reply.write(Ok(WriteOut { size, padding: 0 }.as_slice())),
+                        Err(e) => reply.write(Err(e)),
+                    }));
+                }
+                let lk = body.read_obj::<LkIn>();
+                return Ok(self.setlkw(h.nodeid, lk, reply, ring));
+            }
+        }
         let writer = VirtioFsWriter::new::<M>(mem, chain).map_err(ServerError::Chain)?;
         let n = self
             .server
             .handle_message(reader, writer.into(), None, None)
             .map_err(ServerError::Request)?;
-        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        Ok(Outcome::Used(u32::try_from(n).unwrap_or(u32::MAX)))
+    }
+
+    fn setlkw<R: UsedRing>(
+        &self,
+        inode: u64,
+        lk: io::Result<LkIn>,
+        reply: ReplyTo,
+        ring: &R,
+    ) -> Outcome {
+        let req = lk.map_err(|_| errno(libc::EINVAL)).and_then(|lk| {
+            LockRequest::new(
+                inode,
+                lk.owner,
+                lk.lk.start,
+                lk.lk.end,
+                lk.lk.type_,
+                lk.lk_flags,
+            )
+        });
+        let req = match req {
+            Ok(req) => req,
+            Err(e) => return Outcome::Used(reply.write(Err(e))),
+        };
+        let generation = self.locks.generation();
+        match self.locks.setlk(&req, generation) {
+            Err(e) if is_conflict(&e) => {}
+            r => return Outcome::Used(reply.write(r.map(|()| &[][..]))),
+        }
+        let (alive, done) = (ring.clone(), ring.clone());
+        let head = reply.head;
+        let refused = reply.clone();
+        let parked = self.locks.wait_in_background(
+            req,
+            generation,
+            move || alive.is_running(),
+            move |r| {
+                let n = reply.write(r.map(|()| &[][..]));
+                done.complete(head, n);
+            },
+        );
+        match parked {
+            Ok(()) => {
+                tracing::debug!("SETLKW inode {inode}: conflict, waiting off the queue");
+                Outcome::Deferred
+            }
+            Err(e) => Outcome::Used(refused.write(Err(e))),
+        }
+    }
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+/// Where a reply goes: the device-writable descriptors of a chain (kept by value, so a
+/// deferred answer outlives the chain).
+#[derive(Debug, Clone)]
+struct ReplyTo {
+    mem: GuestMemoryMmap,
+    head: u16,
+    unique: u64,
+    writable: Vec<(GuestAddress, u32)>,
+}
+
+impl ReplyTo {
+    fn new<M>(mem: &GuestMemoryMmap, chain: &DescriptorChain<M>, unique: u64) -> Self
+    where
+        M: Deref<Target = GuestMemoryMmap> + Clone,
+    {
+        ReplyTo {
+            mem: mem.clone(),
+            head: chain.head_index(),
+            unique,
+            writable: chain
+                .clone()
+                .writable()
+                .map(|d| (d.addr(), d.len()))
+                .collect(),
+        }
+    }
+
+    /// Writes `fuse_out_header` + `body` (or the header with `-errno`); returns the bytes
+    /// written (less than the reply if the guest gave too little room).
+    fn write(&self, r: io::Result<&[u8]>) -> u32 {
+        let (error, body) = match r {
+            Ok(body) => (0, body),
+            Err(e) => (-e.raw_os_error().unwrap_or(libc::EIO), &[][..]),
+        };
+        let len = std::mem::size_of::<OutHeader>() + body.len();
+        let header = OutHeader {
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+            error,
+            unique: self.unique,
+        };
+        let mut bytes = header.as_slice().to_vec();
+        bytes.extend_from_slice(body);
+        let mut rest = &bytes[..];
+        let mut written = 0u32;
+        for &(addr, cap) in &self.writable {
+            if rest.is_empty() {
+                break;
+            }
+            let n = rest.len().min(cap as usize);
+            let Some((now, later)) = rest.split_at_checked(n) else {
+                break;
+            };
+            if self.mem.write_slice(now, addr).is_err() {
+                break;
+            }
+            written = written.saturating_add(n as u32);
+            rest = later;
+        }
+        written
     }
 }
 

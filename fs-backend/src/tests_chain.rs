@@ -7,17 +7,39 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::{FsParams, FsServer};
+use crate::{FsParams, FsServer, Outcome, UsedRing};
 
-const REQ: u64 = 0x4000;
-const RESP: u64 = 0x8000;
-const RESP_LEN: u32 = 0x1000;
+/// A [`UsedRing`] that reports deferred completions on a channel.
+#[derive(Clone)]
+pub(crate) struct TestRing {
+    done: std::sync::mpsc::Sender<(u16, u32)>,
+}
+
+impl TestRing {
+    pub(crate) fn new() -> (Self, std::sync::mpsc::Receiver<(u16, u32)>) {
+        let (done, rx) = std::sync::mpsc::channel();
+        (TestRing { done }, rx)
+    }
+}
+
+impl UsedRing for TestRing {
+    fn is_running(&self) -> bool {
+        true
+    }
+    fn complete(&self, head: u16, len: u32) {
+        let _ = self.done.send((head, len));
+    }
+}
+
+pub(crate) const REQ: u64 = 0x4000;
+pub(crate) const RESP: u64 = 0x8000;
+pub(crate) const RESP_LEN: u32 = 0x1000;
 const WRITE: u16 = 2; // VRING_DESC_F_WRITE
 
 const FUSE_LOOKUP: u32 = 1;
 const FUSE_INIT: u32 = 26;
 
-fn header(len: usize, opcode: u32, unique: u64, nodeid: u64) -> Vec<u8> {
+pub(crate) fn header(len: usize, opcode: u32, unique: u64, nodeid: u64) -> Vec<u8> {
     let mut h = Vec::with_capacity(40);
     h.extend_from_slice(&(len as u32 + 40).to_le_bytes());
     h.extend_from_slice(&opcode.to_le_bytes());
@@ -27,32 +49,54 @@ fn header(len: usize, opcode: u32, unique: u64, nodeid: u64) -> Vec<u8> {
     h
 }
 
-/// Sends `req` as one readable descriptor plus one writable one; returns (result, reply).
-fn send(
+/// Sends `req` as one readable descriptor plus one writable one at `resp`; returns the
+/// outcome and the reply buffer as it is on return.
+pub(crate) fn send_to(
     srv: &FsServer,
     mem: &GuestMemoryMmap,
     req: &[u8],
-) -> (Result<u32, crate::ServerError>, Vec<u8>) {
+    resp: u64,
+    ring: &TestRing,
+) -> (Result<Outcome, crate::ServerError>, Vec<u8>) {
     mem.write_slice(req, GuestAddress(REQ)).unwrap();
-    mem.write_slice(&[0u8; RESP_LEN as usize], GuestAddress(RESP))
+    mem.write_slice(&[0u8; RESP_LEN as usize], GuestAddress(resp))
         .unwrap();
     let q = MockSplitQueue::new(mem, 16);
     let descs = [
         RawDescriptor::from(SplitDescriptor::new(REQ, req.len() as u32, 0, 0)),
-        RawDescriptor::from(SplitDescriptor::new(RESP, RESP_LEN, WRITE, 0)),
+        RawDescriptor::from(SplitDescriptor::new(resp, RESP_LEN, WRITE, 0)),
     ];
     let chain = q.build_desc_chain(&descs).unwrap();
-    let r = srv.process_chain(mem, chain);
+    let r = srv.process_chain(mem, chain, ring);
+    (r, read_reply(mem, resp))
+}
+
+pub(crate) fn read_reply(mem: &GuestMemoryMmap, resp: u64) -> Vec<u8> {
     let mut reply = vec![0u8; RESP_LEN as usize];
-    mem.read_slice(&mut reply, GuestAddress(RESP)).unwrap();
+    mem.read_slice(&mut reply, GuestAddress(resp)).unwrap();
+    reply
+}
+
+/// [`send_to`] at the usual reply address, for requests answered at once.
+pub(crate) fn send(
+    srv: &FsServer,
+    mem: &GuestMemoryMmap,
+    req: &[u8],
+) -> (Result<u32, crate::ServerError>, Vec<u8>) {
+    let (ring, _) = TestRing::new();
+    let (r, reply) = send_to(srv, mem, req, RESP, &ring);
+    let r = r.map(|o| match o {
+        Outcome::Used(n) => n,
+        Outcome::Deferred => 0,
+    });
     (r, reply)
 }
 
-fn reply_error(reply: &[u8]) -> i32 {
+pub(crate) fn reply_error(reply: &[u8]) -> i32 {
     i32::from_le_bytes(reply[4..8].try_into().unwrap())
 }
 
-fn init(srv: &FsServer, mem: &GuestMemoryMmap) {
+pub(crate) fn init(srv: &FsServer, mem: &GuestMemoryMmap) {
     let mut req = header(16, FUSE_INIT, 1, 0);
     for v in [7u32, 31, 0x2_0000, 0] {
         req.extend_from_slice(&v.to_le_bytes());
@@ -73,7 +117,7 @@ fn init(srv: &FsServer, mem: &GuestMemoryMmap) {
     );
 }
 
-fn lookup(srv: &FsServer, mem: &GuestMemoryMmap, name: &[u8]) -> (i32, u64) {
+pub(crate) fn lookup(srv: &FsServer, mem: &GuestMemoryMmap, name: &[u8]) -> (i32, u64) {
     let mut req = header(name.len() + 1, FUSE_LOOKUP, 2, 1);
     req.extend_from_slice(name);
     req.push(0);
@@ -85,7 +129,7 @@ fn lookup(srv: &FsServer, mem: &GuestMemoryMmap, name: &[u8]) -> (i32, u64) {
     )
 }
 
-fn setup() -> (tempfile::TempDir, FsServer, GuestMemoryMmap) {
+pub(crate) fn setup() -> (tempfile::TempDir, FsServer, GuestMemoryMmap) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("hello"), b"hi").unwrap();
     let srv = FsServer::new(&FsParams::default(), dir.path()).unwrap();

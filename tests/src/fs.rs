@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::daemon::{Daemon, DaemonError, DEFAULT_START_TIMEOUT};
-use crate::paths::{host_tool, project_binary, PathError};
+use crate::paths::{host_tool, project_binary, repo_root, PathError};
 use crate::qemu::{GuestRun, VhostUserDevice};
 
 /// Errors of the virtiofs helpers.
@@ -34,6 +34,14 @@ pub enum FsError {
     /// `sha256sum` failed.
     #[error("sha256sum {0} failed")]
     Sha(PathBuf),
+    /// Compiling a guest tool failed.
+    #[error("building guest tool {name}: {detail}")]
+    GuestTool {
+        /// The tool.
+        name: String,
+        /// What the compiler said.
+        detail: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FsError + '_ {
@@ -54,6 +62,9 @@ pub struct FsDaemonOptions {
     pub cache: String,
     /// `--queues`.
     pub queues: u16,
+    /// `RQEMU_LOG` filter for the daemon (e.g. `info,rqemu_fs_backend=debug`); inherited if
+    /// `None`.
+    pub log_filter: Option<String>,
 }
 
 impl Default for FsDaemonOptions {
@@ -63,6 +74,7 @@ impl Default for FsDaemonOptions {
             readonly: false,
             cache: "auto".into(),
             queues: 1,
+            log_filter: None,
         }
     }
 }
@@ -85,12 +97,41 @@ pub fn spawn_rqemu_fs(
     if opts.readonly {
         cmd.arg("--readonly");
     }
+    if let Some(filter) = &opts.log_filter {
+        cmd.env("RQEMU_LOG", filter);
+    }
     let daemon = Daemon::spawn("rqemu-fs", cmd, &socket, &log, DEFAULT_START_TIMEOUT)?;
     let dev = VhostUserDevice::Fs {
         socket,
         tag: opts.tag.clone(),
     };
     Ok((daemon, dev))
+}
+
+/// Compiles the guest tool `tests/guest-tools/<name>.c` into a static x86-64 binary in
+/// `work` (host `gcc -static`, glibc's `libc.a`) and returns its bytes, for
+/// [`crate::QemuVm::file`]. The guest's busybox has no `flock`, `fcntl` locks or
+/// `copy_file_range`.
+pub fn build_guest_tool(name: &str, work: &Path) -> Result<Vec<u8>, FsError> {
+    let src = repo_root().join(format!("tests/guest-tools/{name}.c"));
+    let out = work.join(name);
+    let fail = |detail: String| FsError::GuestTool {
+        name: name.to_string(),
+        detail,
+    };
+    let res = Command::new(host_tool("gcc")?)
+        .args(["-static", "-O2", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .map_err(|e| fail(e.to_string()))?;
+    if !res.status.success() {
+        return Err(fail(format!(
+            "gcc -static failed (is glibc's libc.a installed?): {}",
+            String::from_utf8_lossy(&res.stderr)
+        )));
+    }
+    std::fs::read(&out).map_err(io_err(&out))
 }
 
 /// Guest shell lines printing the manifest of the tree at `dir` as

@@ -1,8 +1,10 @@
 //! `rqemu-fs` with QEMU TCG (`vhost-user-fs-device`, memfd memory) as the frontend and the
 //! Linux virtiofs driver in the guest: POSIX operations made by the guest must show up on the
 //! host exactly, host-side changes must reach the guest, escape attempts must stay inside the
-//! shared directory, `--readonly` must refuse writes with EROFS, and one daemon must serve
-//! guests in sequence (reconnect).
+//! shared directory, `--readonly` must refuse writes with EROFS, one daemon must serve
+//! guests in sequence (reconnect), POSIX record locks and flock must work between guest
+//! processes and against host processes (a blocked `F_SETLKW`/`flock` waits while the queue
+//! goes on), and `copy_file_range` must be served by the daemon (`FUSE_COPY_FILE_RANGE`).
 //!
 //! Needs root (the daemon confines itself with a mount namespace + pivot_root),
 //! `scripts/guest-assets.sh` and `cargo build -p rqemu-fs`.
@@ -12,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rqemu_e2e::fs::{
-    guest_manifest, host_manifest, manifest_script, sha256_file, spawn_rqemu_fs, FsDaemonOptions,
+    build_guest_tool, guest_manifest, host_manifest, manifest_script, sha256_file, spawn_rqemu_fs,
+    FsDaemonOptions,
 };
 use rqemu_e2e::net::pattern;
 use rqemu_e2e::{Daemon, GuestAssets, GuestRun, QemuVm, VhostUserDevice};
@@ -415,5 +418,180 @@ fn fs_two_request_queues_parallel_writers() {
             b"done\n"
         );
     }
+    finish(d);
+}
+
+/// Where the guest finds the lock/copy tool (`tests/guest-tools/lktool.c`).
+const LKTOOL: &str = "/opt/rqemu/lktool";
+
+fn with_lktool(s: &Setup) -> impl FnOnce(QemuVm) -> QemuVm {
+    let tool = build_guest_tool("lktool", s.work.path()).unwrap_or_else(|e| panic!("{e}"));
+    move |vm| vm.file(LKTOOL.trim_start_matches('/'), 0o755, tool)
+}
+
+fn debug_opts() -> FsDaemonOptions {
+    FsDaemonOptions {
+        log_filter: Some("info,rqemu_fs_backend=debug".into()),
+        ..FsDaemonOptions::default()
+    }
+}
+
+/// Waits (host side) until `cond` holds; the guest script has its own time limit.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `fcntl(cmd)` with a `struct flock`; returns the errno (0 on success) and the struct.
+fn host_lock(f: &std::fs::File, cmd: i32, typ: i32, start: i64, len: i64) -> (i32, libc::flock) {
+    use std::os::fd::AsRawFd;
+    let mut fl = libc::flock {
+        l_type: typ as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    };
+    // SAFETY: a valid struct flock on an open fd.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl as *mut libc::flock) };
+    let e = if r < 0 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    } else {
+        0
+    };
+    (e, fl)
+}
+
+#[test]
+fn fs_locks_between_guest_processes_and_host() {
+    let s = setup();
+    let (flock_f, posix_f) = (s.shared.join("flock.f"), s.shared.join("posix.f"));
+    std::fs::write(&flock_f, b"f").unwrap();
+    std::fs::write(&posix_f, vec![0u8; 4096]).unwrap();
+    // The host holds an exclusive flock and a POSIX write lock on bytes 0..50 before the
+    // guest starts.
+    let host_flock = std::fs::File::open(&flock_f).unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on an open fd.
+        let r = unsafe { libc::flock(host_flock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(r, 0, "host flock");
+    }
+    let host_posix = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&posix_f)
+        .unwrap();
+    assert_eq!(
+        host_lock(&host_posix, libc::F_SETLK, libc::F_WRLCK, 0, 50).0,
+        0
+    );
+    let (d, dev) = start(&s, &debug_opts());
+    let log = s.work.path().join("rqemu-fs.log");
+    let shared = s.shared.clone();
+    let host = std::thread::spawn(move || {
+        let waits = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("waiting off the queue")
+                .count()
+        };
+        // 1. The guest found the flock taken; the host lets go.
+        wait_until("m1", || shared.join("m1").exists());
+        drop(host_flock);
+        std::fs::write(shared.join("m1r"), b"").unwrap();
+        // 2. The guest holds a POSIX write lock on 200..210: the host sees it and conflicts.
+        wait_until("m2", || shared.join("m2").exists());
+        let (e, fl) = host_lock(&host_posix, libc::F_OFD_GETLK, libc::F_WRLCK, 100, 0);
+        let seen = (e, i32::from(fl.l_type), fl.l_start, fl.l_len);
+        let conflict = host_lock(&host_posix, libc::F_SETLK, libc::F_RDLCK, 205, 1).0;
+        drop(host_posix); // releases the host's POSIX lock on 0..50
+        std::fs::write(shared.join("m2r"), b"").unwrap();
+        // 3./4. Release the guest holder only once the daemon has parked the blocked guest
+        // request (its SETLKW waits off the queue worker).
+        wait_until("the blocked flock", || waits() >= 1);
+        std::fs::write(shared.join("m3"), b"").unwrap();
+        wait_until("the blocked F_SETLKW", || waits() >= 2);
+        std::fs::write(shared.join("m4"), b"").unwrap();
+        (seen, conflict)
+    });
+    let script = format!(
+        r#"{MOUNT}cd /mnt
+T={LKTOOL}
+$T flock.f fh1=flock:ex:nb -=touch:/mnt/m1 -=waitfor:/mnt/m1r fh2=flock:ex:nb
+$T posix.f h1=setlk:r:10:5 h2=getlk:w:0:0 h3=setlk:w:200:10 -=touch:/mnt/m2 -=waitfor:/mnt/m2r h4=setlk:w:0:50
+$T flock.f fa0=flock:ex -=touch:/tmp/a_held -=waitfor:/mnt/m3 -=touch:/tmp/a_rel fa1=flock:un &
+while [ ! -e /tmp/a_held ]; do sleep 0.1; done
+$T flock.f fb1=flock:ex:nb
+$T flock.f fb2=flock:sh fb3=check:/tmp/a_rel
+wait
+$T posix.f pa0=setlk:w:0:100 -=touch:/tmp/p_held -=waitfor:/mnt/m4 -=touch:/tmp/p_rel &
+while [ ! -e /tmp/p_held ]; do sleep 0.1; done
+$T posix.f pb1=getlk:w:50:10 pb2=setlk:w:50:10 pb3=setlkw:w:50:10 pb4=check:/tmp/p_rel
+wait
+"#
+    );
+    let run = boot_with(&s, &dev, &script, vec![], with_lktool(&s));
+    let (seen, conflict) = host.join().unwrap();
+    // flock: host vs guest.
+    assert_eq!(val(&run, "fh1"), "EAGAIN");
+    assert_eq!(val(&run, "fh2"), "OK");
+    // POSIX: host vs guest, both ways.
+    assert_eq!(val(&run, "h1"), "EAGAIN");
+    assert_eq!(val(&run, "h2"), "W:0:50:0");
+    assert_eq!(val(&run, "h3"), "OK");
+    assert_eq!(
+        seen,
+        (0, libc::F_WRLCK, 200, 10),
+        "the host's view of the guest lock"
+    );
+    assert!(
+        conflict == libc::EAGAIN || conflict == libc::EACCES,
+        "host F_SETLK over the guest's lock: errno {conflict}"
+    );
+    assert_eq!(val(&run, "h4"), "OK");
+    // flock between guest processes; the blocked one got it after the holder let go.
+    assert_eq!(val(&run, "fa0"), "OK");
+    assert_eq!(val(&run, "fb1"), "EAGAIN");
+    assert_eq!(val(&run, "fa1"), "OK");
+    assert_eq!((val(&run, "fb2"), val(&run, "fb3")), ("OK", "yes"));
+    // POSIX between guest processes; the holder's exit (close → FLUSH) released it.
+    assert_eq!(val(&run, "pa0"), "OK");
+    assert_eq!(val(&run, "pb1"), "W:0:100:0");
+    assert_eq!(val(&run, "pb2"), "EAGAIN");
+    assert_eq!((val(&run, "pb3"), val(&run, "pb4")), ("OK", "yes"));
+    finish(d);
+}
+
+#[test]
+fn fs_copy_file_range_served_by_the_daemon() {
+    let s = setup();
+    let src = pattern(200_000, 5);
+    std::fs::write(s.shared.join("src"), &src).unwrap();
+    let (d, dev) = start(&s, &debug_opts());
+    let script = format!(
+        "{MOUNT}{LKTOOL} /mnt/src c1=cfr:/mnt/dst:1000:4096:150000 c2=cfr:/mnt/dst:199000:0:5000\n\
+         echo \"RQEMU-VAL dst=$(sha256sum /mnt/dst | cut -d' ' -f1)\"\n"
+    );
+    let run = boot_with(&s, &dev, &script, vec![], with_lktool(&s));
+    assert_eq!(val(&run, "c1"), "150000");
+    assert_eq!(val(&run, "c2"), "1000");
+    let mut want = src[199_000..].to_vec();
+    want.resize(4096, 0);
+    want.extend_from_slice(&src[1000..151_000]);
+    assert_eq!(std::fs::read(s.shared.join("dst")).unwrap(), want);
+    assert_eq!(
+        val(&run, "dst"),
+        sha256_file(&s.shared.join("dst")).unwrap()
+    );
+    // Served by rqemu-fs, not by the guest kernel's read/write fallback.
+    let log = d.log();
+    assert!(
+        log.contains("COPY_FILE_RANGE from inode") && log.contains("Ok(150000)"),
+        "the daemon served no COPY_FILE_RANGE; log:\n{log}"
+    );
     finish(d);
 }

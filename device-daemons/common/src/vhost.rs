@@ -104,6 +104,18 @@ pub fn drain_queue(
     event_idx: bool,
     mut handle: impl FnMut(DescriptorChain<MemGuard>) -> u32,
 ) -> Result<(), QueueError> {
+    drain_queue_deferrable(vring, mem, event_idx, |chain| Some(handle(chain)))
+}
+
+/// [`drain_queue`] for devices that may answer a chain later: `handle` returns `None` for a
+/// chain it kept, which then goes on the used ring when the device completes it (from any
+/// thread, e.g. `add_used` + `signal_used_queue` on a clone of the vring).
+pub fn drain_queue_deferrable(
+    vring: &VringRwLock,
+    mem: &MemGuard,
+    event_idx: bool,
+    mut handle: impl FnMut(DescriptorChain<MemGuard>) -> Option<u32>,
+) -> Result<(), QueueError> {
     let mut used_any = false;
     loop {
         if event_idx {
@@ -116,9 +128,10 @@ pub fn drain_queue(
                 .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let used = handle(chain);
-            vring.add_used(head, used)?;
-            used_any = true;
+            if let Some(used) = handle(chain) {
+                vring.add_used(head, used)?;
+                used_any = true;
+            }
         }
         if !event_idx || !vring.enable_notification()? {
             break;

@@ -2,19 +2,21 @@
 //!
 //! Queue 0 is the hiprio queue (FORGET, INTERRUPT), queues 1..=N the request queues; one worker
 //! thread per queue. A shutdown gate lets the signal thread wait for in-progress requests before
-//! the process exits.
+//! the process exits. A `SETLKW` that has to wait is answered later by its waiter thread
+//! through [`VringCompleter`] (the worker goes on serving the queue).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
-use rqemu_daemon::vhost::{drain_queue, QueueError};
-use rqemu_fs_backend::{FsParams, FsServer};
+use rqemu_daemon::vhost::{drain_queue_deferrable, QueueError};
+use rqemu_fs_backend::{FsParams, FsServer, Outcome, UsedRing};
 use rqemu_protocol::identity::{self, DeviceKind, Identity};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -22,6 +24,40 @@ use vmm_sys_util::event::{
 };
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Completes deferred requests of one vring from a waiter thread.
+#[derive(Clone)]
+struct VringCompleter {
+    vring: VringRwLock,
+    index: usize,
+}
+
+impl UsedRing for VringCompleter {
+    fn is_running(&self) -> bool {
+        self.vring.get_ref().get_queue().ready()
+    }
+
+    fn complete(&self, head: u16, len: u32) {
+        // One write lock for the check and the update: a queue the frontend stopped
+        // (GET_VRING_BASE) in between is never written.
+        let mut vring = self.vring.get_mut();
+        if !vring.get_queue().ready() {
+            return;
+        }
+        let r = vring
+            .add_used(head, len)
+            .map_err(QueueError::from)
+            .and_then(|()| {
+                if vring.needs_notification()? {
+                    vring.signal_used_queue().map_err(QueueError::Signal)?;
+                }
+                Ok(())
+            });
+        if let Err(e) = r {
+            tracing::warn!("queue {}: completing a deferred request: {e}", self.index);
+        }
+    }
+}
 
 /// The vhost-user face of a virtio-fs server.
 #[derive(Debug)]
@@ -72,11 +108,19 @@ impl FsBackend {
         }
         let mem = self.mem.read().unwrap_or_else(|e| e.into_inner()).memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        drain_queue(vring, &mem, event_idx, |chain| {
-            self.server.process_chain(&mem, chain).unwrap_or_else(|e| {
-                tracing::warn!("queue {index}: {e}");
-                0
-            })
+        let ring = VringCompleter {
+            vring: vring.clone(),
+            index,
+        };
+        drain_queue_deferrable(vring, &mem, event_idx, |chain| {
+            match self.server.process_chain(&mem, chain, &ring) {
+                Ok(Outcome::Used(n)) => Some(n),
+                Ok(Outcome::Deferred) => None,
+                Err(e) => {
+                    tracing::warn!("queue {index}: {e}");
+                    Some(0)
+                }
+            }
         })
     }
 }

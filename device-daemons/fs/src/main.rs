@@ -75,6 +75,7 @@ fn params(args: &Args) -> Result<FsParams> {
             CacheArg::Never => CacheMode::Never,
         },
         xattr: args.xattr,
+        readonly: args.readonly,
         ..FsParams::default()
     };
     params.validate()?;
@@ -92,7 +93,7 @@ fn run(args: Args) -> Result<()> {
     let endpoint = Endpoint::from_args(args.socket, args.fd)?;
     let listener = endpoint.listen()?;
     let server = FsServer::new(&params, Path::new("/"))?;
-    confine::enter(&shared, args.readonly)
+    confine::enter(&shared, params.readonly)
         .with_context(|| format!("confining to {}", shared.display()))?;
     server.import()?;
     signals::block_termination_signals().context("blocking signals")?;
@@ -100,7 +101,7 @@ fn run(args: Args) -> Result<()> {
         "sharing {} as tag {:?}{} with {} request queue(s), cache {:?}",
         shared.display(),
         params.tag.as_str(),
-        if args.readonly { " (read-only)" } else { "" },
+        if params.readonly { " (read-only)" } else { "" },
         params.num_request_queues,
         params.cache
     );
