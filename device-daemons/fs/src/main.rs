@@ -82,8 +82,34 @@ fn params(args: &Args) -> Result<FsParams> {
     Ok(params)
 }
 
+/// Raises the soft open-file limit to the hard one: the passthrough keeps an fd per known
+/// inode, and locks and copies an fd per owner/handle (as virtiofsd does by default).
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                tracing::warn!(
+                    "cannot raise the open-file limit from {}: {}",
+                    lim.rlim_cur,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 fn run(args: Args) -> Result<()> {
     let params = params(&args)?;
+    raise_nofile_limit();
     let shared = confine::canonical_dir(&args.shared_dir)?;
     if !confine::is_root() {
         // Checked before binding the socket, so a refused start leaves nothing behind.
@@ -129,6 +155,28 @@ mod tests {
         let mut argv = vec!["rqemu-fs", "--socket", "/tmp/s", "--shared-dir", "/tmp"];
         argv.extend_from_slice(extra);
         params(&Args::try_parse_from(argv)?)
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        let get = || {
+            let mut l = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit into a valid struct.
+            assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) }, 0);
+            l
+        };
+        let hard = get().rlim_max;
+        let low = libc::rlimit {
+            rlim_cur: 256.min(hard),
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit with a valid struct; lowering the soft limit is always allowed.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
+        super::raise_nofile_limit();
+        assert_eq!(get().rlim_cur, hard);
     }
 
     #[test]
