@@ -3,6 +3,10 @@
 
 mod blk;
 mod check;
+mod fs;
+mod fscheck;
+mod fshost;
+mod fsload;
 mod stats;
 
 use std::path::PathBuf;
@@ -23,6 +27,74 @@ struct Args {
 enum Cmd {
     /// A vhost-user-blk backend (rqemu-blk, qemu-storage-daemon, ...).
     Blk(BlkArgs),
+    /// A vhost-user virtio-fs backend (rqemu-fs, virtiofsd, ...): the bench is the FUSE client.
+    Fs(FsArgs),
+}
+
+/// virtio-fs workload. One "op" is one FUSE request for `metadata` and the reads, one whole
+/// file cycle (CREATE, WRITE of --bs bytes, RELEASE, UNLINK) for `create`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// LOOKUP and GETATTR (half each) of random files among --files empty files.
+    Metadata,
+    /// Sequential READs of --bs over a --size file.
+    Seqread,
+    /// Random --bs-aligned READs over a --size file.
+    Randread,
+    /// CREATE + WRITE --bs + RELEASE + UNLINK cycles (FORGETs batched on the hiprio queue).
+    Create,
+}
+
+/// Options of `rqemu-bench fs`.
+///
+/// The working set is prepared through FUSE itself in a fresh directory
+/// `rqemu-bench-PID-N` under the share's root (not timed) and removed afterwards, so every
+/// backend serves the same files from the same host page cache.
+#[derive(Debug, Parser)]
+pub struct FsArgs {
+    /// The backend's vhost-user socket.
+    #[arg(long, required_unless_present = "host_dir")]
+    pub socket: Option<PathBuf>,
+    /// The backend's tag must be this one (checked when the backend exposes its config space).
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Run the same workload with system calls on this host directory instead (the host's own
+    /// figure: one thread per --queues, --iodepth ignored).
+    #[arg(long, conflicts_with = "socket")]
+    pub host_dir: Option<PathBuf>,
+    /// Workload.
+    #[arg(long, value_enum, default_value = "metadata")]
+    pub workload: Workload,
+    /// Request size of READ/WRITE (bytes; k/m suffixes).
+    #[arg(long, default_value = "4k", value_parser = parse_size)]
+    pub bs: u64,
+    /// Requests (create: file cycles) kept in flight per request queue.
+    #[arg(long, default_value_t = 8)]
+    pub iodepth: usize,
+    /// Request queues (one driver thread each).
+    #[arg(long, default_value_t = 1)]
+    pub queues: u16,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 5.0)]
+    pub runtime: f64,
+    /// Size of the file of seqread/randread.
+    #[arg(long, default_value = "64m", value_parser = parse_size)]
+    pub size: u64,
+    /// Number of files of the metadata workload.
+    #[arg(long, default_value_t = 1000)]
+    pub files: usize,
+    /// Check every byte read (otherwise only the first 8 bytes of each READ are checked).
+    #[arg(long)]
+    pub verify: bool,
+    /// Busy-poll the used rings instead of waiting for the call eventfd.
+    #[arg(long)]
+    pub poll: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Run the conformance checks instead of the benchmark (exit status 1 if any fails).
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// Access pattern.
@@ -100,6 +172,14 @@ fn main() {
             n => Err(anyhow::anyhow!("{n} conformance check(s) failed")),
         },
         Cmd::Blk(a) => blk::run(&a),
+        Cmd::Fs(a) if a.check => match &a.socket {
+            Some(sock) => match fscheck::run(sock, a.tag.as_deref()) {
+                0 => Ok(()),
+                n => Err(anyhow::anyhow!("{n} conformance check(s) failed")),
+            },
+            None => Err(anyhow::anyhow!("--check needs --socket")),
+        },
+        Cmd::Fs(a) => fs::run(&a),
     };
     if let Err(e) = r {
         eprintln!("rqemu-bench: error: {e:#}");

@@ -1,4 +1,4 @@
-//! virtio-blk requests over a [`Device`](crate::Device): pre-allocated request slots
+//! virtio-blk requests over a [`Device`]: pre-allocated request slots
 //! (header, data, status) so that any number of requests can be in flight.
 
 use std::time::Duration;

@@ -4,8 +4,13 @@
 //! eventfds) and the guest driver (split virtqueues in a memfd "guest memory", descriptor
 //! chains, used-ring polling). `rqemu-bench`, conformance checks and the daemons' in-process
 //! tests drive any vhost-user backend with it — ours or a third party's.
+//!
+//! Device helpers: [`blk`] (virtio-blk requests) and [`fs`] (virtio-fs: the driver is the FUSE
+//! client, with its own FUSE ABI definitions so that it shares no code with the servers it
+//! tests).
 
 pub mod blk;
+pub mod fs;
 mod memory;
 mod queue;
 
@@ -56,6 +61,14 @@ pub enum DriverError {
     /// Virtqueue error.
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// The backend has fewer queues than asked for.
+    #[error("{wanted} queues asked, the backend has {offered} (GET_QUEUE_NUM)")]
+    Queues {
+        /// Queues asked for.
+        wanted: u16,
+        /// Queues the backend has.
+        offered: u64,
+    },
     /// Waiting for an interrupt timed out.
     #[error("no completion within {0:?}")]
     Timeout(Duration),
@@ -109,6 +122,8 @@ pub struct Device {
     pub protocol_features: VhostUserProtocolFeatures,
     /// Features the backend offered.
     pub offered_features: u64,
+    /// Protocol features the backend offered.
+    pub offered_protocol_features: VhostUserProtocolFeatures,
 }
 
 impl std::fmt::Debug for DriverMemory {
@@ -170,7 +185,10 @@ impl Device {
             }
             let n = vu("GET_QUEUE_NUM", frontend.get_queue_num())?;
             if n < u64::from(opts.num_queues) {
-                return Err(DriverError::Missing("enough queues"));
+                return Err(DriverError::Queues {
+                    wanted: opts.num_queues,
+                    offered: n,
+                });
             }
         }
 
@@ -215,6 +233,7 @@ impl Device {
             features,
             protocol_features,
             offered_features: offered,
+            offered_protocol_features: offered_proto,
         })
     }
 
@@ -229,10 +248,40 @@ impl Device {
         Ok(payload)
     }
 
+    /// GET_QUEUE_NUM: the number of queues the backend supports (needs MQ).
+    pub fn queue_num(&mut self) -> Result<u64, DriverError> {
+        vu("GET_QUEUE_NUM", self.frontend.get_queue_num())
+    }
+
     /// Stops queue `i` and returns the backend's view of the next available index.
     pub fn stop_queue(&mut self, i: usize) -> Result<u32, DriverError> {
         vu("SET_VRING_ENABLE", self.frontend.set_vring_enable(i, false))?;
         vu("GET_VRING_BASE", self.frontend.get_vring_base(i))
+    }
+
+    /// Starts queue `i` again after [`Device::stop_queue`] returned `base`, on the same rings
+    /// (as a VMM does after a device reset): SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE.
+    pub fn restart_queue(&mut self, i: usize, base: u16) -> Result<(), DriverError> {
+        let host = self.mem.host_addr() as u64;
+        let q = &self.queues[i];
+        let size = q.size();
+        let f = &mut self.frontend;
+        vu("SET_VRING_NUM", f.set_vring_num(i, size))?;
+        let cfg = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: host + q.desc_addr(),
+            used_ring_addr: host + q.used_addr(),
+            avail_ring_addr: host + q.avail_addr(),
+            log_addr: None,
+        };
+        vu("SET_VRING_ADDR", f.set_vring_addr(i, &cfg))?;
+        vu("SET_VRING_BASE", f.set_vring_base(i, base))?;
+        vu("SET_VRING_CALL", f.set_vring_call(i, q.call_fd()))?;
+        vu("SET_VRING_KICK", f.set_vring_kick(i, q.kick_fd()))?;
+        vu("SET_VRING_ENABLE", f.set_vring_enable(i, true))?;
+        vu("GET_FEATURES", f.get_features()).map(drop)
     }
 
     /// The underlying vhost-user frontend, for raw protocol checks.

@@ -81,6 +81,10 @@ impl SplitQueue {
         })
     }
 
+    /// Queue size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
     /// Descriptor table address.
     pub fn desc_addr(&self) -> u64 {
         self.desc
