@@ -10,7 +10,7 @@ command -v fio >/dev/null || { apt-get install -y -qq --no-install-recommends fi
 cargo build --release -q -p rqemu-blk -p rqemu-bench
 bin=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d /tmp/rqemu-bench.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 img=$work/disk.raw
 dd if=/dev/urandom of="$img" bs=1M count=512 status=none
 

@@ -173,6 +173,22 @@ fn init_offers_posix_and_flock_locks() {
 }
 
 #[test]
+fn init_offers_big_writes_of_a_mebibyte() {
+    let (_dir, srv, mem) = setup();
+    let capable: u32 = (1 << 5) | (1 << 22); // FUSE_BIG_WRITES | FUSE_MAX_PAGES
+    let body = [7u32, 31, 0x2_0000, capable]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect::<Vec<u8>>();
+    let (r, reply) = send(&srv, &mem, &msg(FUSE_INIT, 0, 1, &[&body]));
+    r.unwrap();
+    assert_eq!(reply_error(&reply), 0);
+    assert_eq!(u32_at(&reply, 28) & capable, capable, "INIT flags");
+    assert_eq!(u32_at(&reply, 36), 1 << 20, "max_write");
+    assert_eq!(u16::from_le_bytes([reply[44], reply[45]]), 256, "max_pages");
+}
+
+#[test]
 fn posix_locks_conflict_between_owners_and_unlock() {
     let (_dir, srv, mem) = setup();
     init(&srv, &mem);
