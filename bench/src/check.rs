@@ -244,9 +244,15 @@ pub fn run(sock: &Path) -> usize {
         ("reconnect", reconnect),
         ("multi-queue", multi_queue),
     ];
+    report(&checks, |f| f(sock))
+}
+
+/// Runs named checks in order, printing a PASS/FAIL line each and a summary; returns the
+/// number that failed (the blk and fs conformance modes share it).
+pub fn report<C>(checks: &[(&str, C)], run: impl Fn(&C) -> Result<String>) -> usize {
     let mut failed = 0;
-    for (name, f) in checks {
-        match f(sock) {
+    for (name, c) in checks {
+        match run(c) {
             Ok(msg) => println!("PASS  {name}: {msg}"),
             Err(e) => {
                 failed += 1;

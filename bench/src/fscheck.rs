@@ -706,16 +706,5 @@ pub fn run(sock: &Path, tag: Option<&str>) -> usize {
         ("reconnect", reconnect),
         ("multi-queue", multi_queue),
     ];
-    let mut failed = 0;
-    for (name, f) in checks {
-        match f(sock, tag) {
-            Ok(msg) => println!("PASS  {name}: {msg}"),
-            Err(e) => {
-                failed += 1;
-                println!("FAIL  {name}: {e:#}");
-            }
-        }
-    }
-    println!("check: {} passed, {failed} failed", checks.len() - failed);
-    failed
+    crate::check::report(&checks, |f| f(sock, tag))
 }
