@@ -19,7 +19,6 @@ use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
 
 use rqemu_protocol::handshake::FEATURE_SNAPSHOT;
 use rqemu_protocol::sys::SeqSocket;
@@ -30,11 +29,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::accel::{AccelError, Accelerator};
 use crate::bus::{Bus, BusError};
 use crate::layout::PLATFORM_PIO;
+use crate::virtio::vhost_user::connect_retrying;
 
 pub use window::WindowDevice;
-
-/// How long to keep retrying to connect to a device socket that is not there yet.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// GSIs a forwarded device may be granted, in preference order: the ISA lines that no
 /// platform device uses (0 timer, 1 keyboard, 2 cascade, 9 ACPI SCI, 12 mouse).
@@ -94,26 +91,13 @@ pub enum Probed {
 /// Tells which protocol the daemon at `path` speaks (retrying for a few seconds while the
 /// socket does not exist yet or refuses connections, as a daemon starting up does).
 pub fn probe(path: &Path) -> Result<Probed, ForwardError> {
-    let start = Instant::now();
-    loop {
-        match SeqSocket::connect(path) {
-            Ok(s) => return Ok(Probed::Forwarding(s)),
-            Err(e) if e.raw_os_error() == Some(libc::EPROTOTYPE) => return Ok(Probed::VhostUser),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-                ) && start.elapsed() < CONNECT_TIMEOUT =>
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(source) => {
-                return Err(ForwardError::Connect {
-                    path: path.display().to_string(),
-                    source,
-                })
-            }
-        }
+    match connect_retrying(|| SeqSocket::connect(path)) {
+        Ok(s) => Ok(Probed::Forwarding(s)),
+        Err(e) if e.raw_os_error() == Some(libc::EPROTOTYPE) => Ok(Probed::VhostUser),
+        Err(source) => Err(ForwardError::Connect {
+            path: path.display().to_string(),
+            source,
+        }),
     }
 }
 

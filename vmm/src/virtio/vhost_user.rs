@@ -94,10 +94,17 @@ impl std::fmt::Debug for VhostUserDevice {
 }
 
 fn connect_stream(path: &Path) -> Result<UnixStream, std::io::Error> {
+    connect_retrying(|| UnixStream::connect(path))
+}
+
+/// Runs `connect` until it succeeds, fails with something other than "no socket yet" /
+/// "refused" (a daemon still starting), or [`CONNECT_TIMEOUT`] has passed.
+pub(crate) fn connect_retrying<T>(
+    mut connect: impl FnMut() -> std::io::Result<T>,
+) -> std::io::Result<T> {
     let start = Instant::now();
     loop {
-        match UnixStream::connect(path) {
-            Ok(s) => return Ok(s),
+        match connect() {
             Err(e)
                 if matches!(
                     e.kind(),
@@ -106,7 +113,7 @@ fn connect_stream(path: &Path) -> Result<UnixStream, std::io::Error> {
             {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Err(e) => return Err(e),
+            r => return r,
         }
     }
 }
