@@ -96,8 +96,9 @@ pub type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
 /// Serves every available chain of `vring`: `handle` executes one chain and returns its used
 /// length; the chain then goes on the used ring. With EVENT_IDX, notifications are off while
-/// draining and the ring is re-checked after re-enabling them (no lost kick); the driver is
-/// notified once per batch, if it wants to be.
+/// draining and the ring is re-checked after re-enabling them (no lost kick), and the driver
+/// is notified as soon as the completion it asked to hear about (its used_event) is used;
+/// without EVENT_IDX, once per batch.
 pub fn drain_queue(
     vring: &VringRwLock,
     mem: &MemGuard,
@@ -130,6 +131,12 @@ pub fn drain_queue_deferrable(
             let head = chain.head_index();
             if let Some(used) = handle(chain) {
                 vring.add_used(head, used)?;
+                // With EVENT_IDX the driver says which completion it wants to hear about:
+                // telling it as soon as that one is used lets it refill the ring while this
+                // batch goes on (the two sides overlap instead of taking turns).
+                if event_idx && vring.needs_notification()? {
+                    vring.signal_used_queue().map_err(QueueError::Signal)?;
+                }
                 used_any = true;
             }
         }
@@ -137,6 +144,8 @@ pub fn drain_queue_deferrable(
             break;
         }
     }
+    // Without EVENT_IDX every signal is an interrupt: once per batch. (With it, this only
+    // fires if the driver moved its used_event meanwhile.)
     if used_any && vring.needs_notification()? {
         vring.signal_used_queue().map_err(QueueError::Signal)?;
     }
