@@ -6,16 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn rqemu_blk() -> PathBuf {
+/// A workspace daemon binary next to this test's target directory
+/// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
+fn project_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .unwrap()
-        .join("rqemu-blk");
+    let bin = exe.parent().and_then(|p| p.parent()).unwrap().join(name);
     assert!(
         bin.exists(),
-        "{} missing: run `cargo build -p rqemu-blk` first",
+        "{} missing: run `cargo build -p {name}` first",
         bin.display()
     );
     bin
@@ -29,7 +27,7 @@ fn start_blk(dir: &Path) -> (Child, PathBuf) {
         .set_len(8 << 20)
         .unwrap();
     let sock = dir.join("b.sock");
-    let daemon = Command::new(rqemu_blk())
+    let daemon = Command::new(project_binary("rqemu-blk"))
         .args(["--queues", "2", "--socket"])
         .arg(&sock)
         .arg("--image")
@@ -106,22 +104,12 @@ fn conformance_checks_pass_against_rqemu_blk() {
     assert!(text.contains("check: 10 passed, 0 failed"), "{text}");
 }
 
-fn rqemu_fs() -> PathBuf {
-    let bin = rqemu_blk().with_file_name("rqemu-fs");
-    assert!(
-        bin.exists(),
-        "{} missing: run `cargo build -p rqemu-fs` first",
-        bin.display()
-    );
-    bin
-}
-
 /// An `rqemu-fs` (tag "benchtag", mount namespace: needs root) sharing `dir/share`.
 fn start_fs(dir: &Path) -> (Child, PathBuf) {
     let share = dir.join("share");
     std::fs::create_dir(&share).unwrap();
     let sock = dir.join("f.sock");
-    let daemon = Command::new(rqemu_fs())
+    let daemon = Command::new(project_binary("rqemu-fs"))
         .args(["--tag", "benchtag", "--socket"])
         .arg(&sock)
         .arg("--shared-dir")
