@@ -16,7 +16,6 @@ use rqemu_block_backend::image::{self, Format, FormatHint, OpenOptions};
 use rqemu_block_backend::virtio::{BlkParams, BlockDevice};
 use rqemu_daemon::{listen::Endpoint, logging, signals};
 
-use backend::BlkBackend;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum FormatArg {
@@ -96,7 +95,7 @@ fn run(args: Args) -> Result<()> {
         },
         args.queues
     );
-    let backend = Arc::new(BlkBackend::new(dev));
+    let backend = Arc::new(backend::new(dev));
 
     let endpoint = Endpoint::from_args(args.socket, args.fd)?;
     let listener = endpoint.listen()?;
@@ -104,7 +103,7 @@ fn run(args: Args) -> Result<()> {
     let b = backend.clone();
     signals::spawn_handler(move |sig| {
         tracing::info!("signal {sig}: flushing and exiting");
-        let code = match b.shutdown() {
+        let code = match backend::shutdown(&b) {
             Ok(()) => 0,
             Err(e) => {
                 tracing::error!("final flush failed: {e}");

@@ -18,7 +18,6 @@ use clap::{Parser, ValueEnum};
 use rqemu_daemon::{listen::Endpoint, logging, signals};
 use rqemu_fs_backend::{confine, CacheMode, FsParams, FsServer, Tag};
 
-use backend::FsBackend;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum CacheArg {
@@ -131,12 +130,12 @@ fn run(args: Args) -> Result<()> {
         params.num_request_queues,
         params.cache
     );
-    let backend = Arc::new(FsBackend::new(server, params));
+    let backend = Arc::new(backend::new(server, params));
 
     let b = backend.clone();
     signals::spawn_handler(move |sig| {
         tracing::info!("signal {sig}: exiting");
-        b.shutdown();
+        b.shutdown(|_| ());
         std::process::exit(0);
     })?;
 
