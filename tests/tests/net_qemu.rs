@@ -115,18 +115,42 @@ fn check_session(run: &GuestRun, daemon: &Daemon, upload: &[u8], down: &[u8], up
     }
 }
 
-fn transfer(case: Case) {
+/// What every test starts from: the guest assets, a scratch directory, a private network
+/// namespace, and `rqemu-net` in it with `opts`.
+struct Setup {
+    assets: GuestAssets,
+    dir: tempfile::TempDir,
+    // Bound before the daemon, so dropped after it: the namespace outlives the daemon in it.
+    ns: NetNs,
+    daemon: Daemon,
+}
+
+fn setup(opts: &NetDaemonOptions) -> Setup {
     let assets = GuestAssets::locate().unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::create()
         .unwrap_or_else(|e| panic!("creating a network namespace (needs root): {e}"));
-    let opts = NetDaemonOptions {
+    let daemon = spawn_daemon(&ns, dir.path(), &dir.path().join("net.sock"), opts)
+        .unwrap_or_else(|e| panic!("{e}"));
+    Setup {
+        assets,
+        dir,
+        ns,
+        daemon,
+    }
+}
+
+fn transfer(case: Case) {
+    let Setup {
+        assets,
+        dir,
+        ns,
+        daemon,
+    } = setup(&NetDaemonOptions {
         queues: case.queues,
         inherit_tap: case.inherit_tap,
         ..NetDaemonOptions::default()
-    };
-    let daemon = spawn_daemon(&ns, dir.path(), &dir.path().join("net.sock"), &opts)
-        .unwrap_or_else(|e| panic!("{e}"));
+    });
     let up_mib = 8;
     let down = pattern(8 * MIB, 0x5eed_0001 + u64::from(case.queues));
     let peer = HostPeer::start(&ns, 1, down.clone(), TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
@@ -270,17 +294,12 @@ fn net_tcp_both_ways_two_queue_pairs() {
 /// Two guests in sequence against the same daemon (guest reboot / VMM restart).
 #[test]
 fn net_survives_frontend_reconnect() {
-    let assets = GuestAssets::locate().unwrap_or_else(|e| panic!("{e}"));
-    let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::create()
-        .unwrap_or_else(|e| panic!("creating a network namespace (needs root): {e}"));
-    let mut daemon = spawn_daemon(
-        &ns,
-        dir.path(),
-        &dir.path().join("net.sock"),
-        &NetDaemonOptions::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let Setup {
+        assets,
+        dir,
+        ns,
+        mut daemon,
+    } = setup(&NetDaemonOptions::default());
     let down = pattern(2 * MIB, 0xabcd);
     let peer = HostPeer::start(&ns, 2, down.clone(), TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     let case = Case {
@@ -332,17 +351,12 @@ fn net_survives_frontend_reconnect() {
 /// must get a working link from the same daemon.
 #[test]
 fn net_survives_frontend_killed_mid_traffic() {
-    let assets = GuestAssets::locate().unwrap_or_else(|e| panic!("{e}"));
-    let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::create()
-        .unwrap_or_else(|e| panic!("creating a network namespace (needs root): {e}"));
-    let mut daemon = spawn_daemon(
-        &ns,
-        dir.path(),
-        &dir.path().join("net.sock"),
-        &NetDaemonOptions::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let Setup {
+        assets,
+        dir,
+        ns,
+        mut daemon,
+    } = setup(&NetDaemonOptions::default());
     let device = VhostUserDevice::Net {
         socket: daemon.socket().to_path_buf(),
         queues: 1,
