@@ -16,7 +16,6 @@ use rqemu_block_backend::image::{self, Format, FormatHint, OpenOptions};
 use rqemu_block_backend::virtio::{BlkParams, BlockDevice};
 use rqemu_daemon::{listen::Endpoint, logging, signals};
 
-
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum FormatArg {
     Auto,

@@ -18,7 +18,6 @@ use clap::{Parser, ValueEnum};
 use rqemu_daemon::{listen::Endpoint, logging, signals};
 use rqemu_fs_backend::{confine, CacheMode, FsParams, FsServer, Tag};
 
-
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum CacheArg {
     Auto,
