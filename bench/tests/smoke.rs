@@ -35,25 +35,28 @@ fn start_blk(dir: &Path) -> (Child, PathBuf) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "no socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_socket(&sock, "rqemu-blk made no socket");
     (daemon, sock)
 }
 
-/// Runs `rqemu-bench blk ARGS --socket SOCK` and stops the daemon.
-fn bench(mut daemon: Child, sock: &Path, args: &[&str]) -> (bool, String) {
+/// Waits (10 s at most) for a daemon's socket to appear.
+fn wait_socket(sock: &Path, what: &str) {
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `rqemu-bench SUBCOMMAND ARGS --socket SOCK`: success and the printed output.
+fn run_bench(subcommand: &str, sock: &Path, args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_rqemu-bench"))
-        .arg("blk")
+        .arg(subcommand)
         .args(args)
         .arg("--socket")
         .arg(sock)
         .output()
         .unwrap();
-    let _ = daemon.kill();
-    let _ = daemon.wait();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -61,6 +64,13 @@ fn bench(mut daemon: Child, sock: &Path, args: &[&str]) -> (bool, String) {
     );
     println!("{text}");
     (out.status.success(), text)
+}
+
+/// Runs `rqemu-bench blk ARGS --socket SOCK` and stops the daemon.
+fn bench(daemon: Child, sock: &Path, args: &[&str]) -> (bool, String) {
+    let r = run_bench("blk", sock, args);
+    stop(daemon);
+    r
 }
 
 #[test]
@@ -117,33 +127,16 @@ fn start_fs(dir: &Path) -> (Child, PathBuf) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "rqemu-fs made no socket (it needs root for its mount namespace)"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_socket(
+        &sock,
+        "rqemu-fs made no socket (it needs root for its mount namespace)",
+    );
     (daemon, sock)
 }
 
 /// Runs `rqemu-bench fs ARGS --socket SOCK` (daemon left running).
 fn bench_fs(sock: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rqemu-bench"))
-        .arg("fs")
-        .args(args)
-        .arg("--socket")
-        .arg(sock)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{text}");
-    (out.status.success(), text)
+    run_bench("fs", sock, args)
 }
 
 fn json_num(text: &str, key: &str) -> f64 {
