@@ -448,6 +448,10 @@ pub struct LoggedStats {
     pub rx_frames: u64,
     /// Their bytes.
     pub rx_bytes: u64,
+    /// Segmentation-offload frames from the guest.
+    pub tx_gso_frames: u64,
+    /// Segmentation-offload frames to the guest.
+    pub rx_gso_frames: u64,
 }
 
 /// Parses the last `StatsSnapshot { ... }` in `log`.
@@ -466,6 +470,8 @@ pub fn logged_stats(log: &str) -> Option<LoggedStats> {
         tx_dropped: field("tx_dropped")?,
         rx_frames: field("rx_frames")?,
         rx_bytes: field("rx_bytes")?,
+        tx_gso_frames: field("tx_gso_frames")?,
+        rx_gso_frames: field("rx_gso_frames")?,
     })
 }
 
@@ -476,7 +482,8 @@ mod tests {
     #[test]
     fn stats_lines_parse() {
         let log = "x\n INFO stats: StatsSnapshot { tx_frames: 30, tx_bytes: 3180, tx_dropped: 2, \
-                   tx_errors: 0, rx_frames: 37, rx_bytes: 272954, rx_dropped: 0 }\n";
+                   tx_errors: 0, tx_gso_frames: 4, rx_frames: 37, rx_bytes: 272954, \
+                   rx_gso_frames: 5, rx_dropped: 0 }\n";
         assert_eq!(
             logged_stats(log),
             Some(LoggedStats {
@@ -484,7 +491,9 @@ mod tests {
                 tx_bytes: 3180,
                 tx_dropped: 2,
                 rx_frames: 37,
-                rx_bytes: 272954
+                rx_bytes: 272954,
+                tx_gso_frames: 4,
+                rx_gso_frames: 5,
             })
         );
         assert_eq!(logged_stats("nothing"), None);

@@ -217,7 +217,9 @@ impl NetDevice {
             q.add_used(mem, head, used as u32)?;
         }
         out.used = true;
-        self.stats.rx_frame(need - VNET_HDR_LEN);
+        // gso_type is byte 1 of the vnet header the tap wrote at the start of the buffer.
+        let gso = st.buf.get(1).is_some_and(|&t| t != 0);
+        self.stats.rx_frame(need - VNET_HDR_LEN, gso);
         Ok(Delivery::Done)
     }
 }

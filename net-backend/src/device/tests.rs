@@ -207,6 +207,12 @@ fn tx_oversize_frame_is_dropped() {
     };
     r.tx(&tx_packet(gso, 1600), 12);
     assert!(r.host_recv().is_some());
+    let st = r.dev.stats().snapshot();
+    assert_eq!(
+        (st.tx_frames, st.tx_gso_frames),
+        (1, 1),
+        "counted as a GSO frame"
+    );
     // Not with TSO off.
     let r = rig(without(VIRTIO_NET_F_HOST_TSO4));
     r.tx(&tx_packet(gso, 1600), 12);
@@ -322,7 +328,26 @@ fn rx_merges_a_packet_across_buffers() {
     assert_eq!(hdr.num_buffers, 3);
     assert_eq!(hdr.flags, 2);
     assert_eq!(&got[12..], &p[12..]);
-    assert_eq!(r.dev.stats().snapshot().rx_frames, 1);
+    let stats = r.dev.stats().snapshot();
+    assert_eq!((stats.rx_frames, stats.rx_gso_frames), (1, 0));
+
+    // A GSO frame from the tap (receive offload) is counted as such.
+    mq.add_desc_chains(&bufs, 3).unwrap();
+    let mut g = VnetHdr {
+        flags: 1,
+        gso_type: 1,
+        gso_size: 1448,
+        hdr_len: 54,
+        ..Default::default()
+    }
+    .to_bytes()
+    .to_vec();
+    g.extend(frame(2000, 7));
+    r.host.send(&g).unwrap();
+    let out = r.dev.process_rx(&mut q, &r.mem, &r.tap, &mut st).unwrap();
+    assert_eq!(out.frames, 1);
+    let stats = r.dev.stats().snapshot();
+    assert_eq!((stats.rx_frames, stats.rx_gso_frames), (2, 1));
 }
 
 #[test]

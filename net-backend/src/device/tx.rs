@@ -223,7 +223,7 @@ impl NetDevice {
             }
         };
         match result {
-            Ok(_) => self.stats.tx_frame(frame_len),
+            Ok(_) => self.stats.tx_frame(frame_len, hdr.gso_type != 0),
             Err(e) => {
                 tracing::debug!("tx: tap write failed: {e}");
                 self.stats.tx_error();
