@@ -6,7 +6,9 @@ use std::process::{Command, Output};
 
 fn vmm() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rqemu-vmm"));
-    c.env_remove("RQEMU_LOG").env_remove("RUST_LOG").env_remove("NO_COLOR");
+    c.env_remove("RQEMU_LOG")
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR");
     c
 }
 
@@ -17,7 +19,14 @@ fn stderr(out: &Output) -> String {
 #[test]
 fn tcg_refuses_more_cpus_than_it_runs() {
     let out = vmm()
-        .args(["--accel", "tcg", "--cpus", "2", "--kernel", "/nonexistent/kernel"])
+        .args([
+            "--accel",
+            "tcg",
+            "--cpus",
+            "2",
+            "--kernel",
+            "/nonexistent/kernel",
+        ])
         .output()
         .unwrap();
     let err = stderr(&out);
@@ -43,7 +52,9 @@ fn auto_without_kvm(extra_env: &[(&str, &str)]) -> Output {
     );
     let mut c = Command::new("unshare");
     c.args(["--mount", "sh", "-c", &script]);
-    c.env_remove("RQEMU_LOG").env_remove("RUST_LOG").env_remove("NO_COLOR");
+    c.env_remove("RQEMU_LOG")
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR");
     for (k, v) in extra_env {
         c.env(k, v);
     }
@@ -59,7 +70,10 @@ fn auto_falls_back_to_tcg_with_a_warning_without_colour_codes() {
     let out = if std::path::Path::new("/dev/kvm").exists() {
         auto_without_kvm(&[])
     } else {
-        vmm().args(["--accel", "auto", "--kernel", "/nonexistent/kernel"]).output().unwrap()
+        vmm()
+            .args(["--accel", "auto", "--kernel", "/nonexistent/kernel"])
+            .output()
+            .unwrap()
     };
     let err = stderr(&out);
     assert!(
@@ -67,7 +81,10 @@ fn auto_falls_back_to_tcg_with_a_warning_without_colour_codes() {
         "the fallback must be said at the default log level (warn): {err}"
     );
     assert!(err.contains("WARN"), "the fallback is a warning: {err}");
-    assert!(!err.contains('\u{1b}'), "ANSI escape codes in a log written to a pipe: {err:?}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "ANSI escape codes in a log written to a pipe: {err:?}"
+    );
     // The run then fails on the missing kernel, with a message naming it.
     assert_eq!(out.status.code(), Some(1), "stderr: {err}");
     assert!(err.contains("/nonexistent/kernel"), "{err}");
