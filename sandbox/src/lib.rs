@@ -230,6 +230,10 @@ pub struct Sandbox {
     threads: BTreeMap<ThreadKind, Vec<BpfProgram>>,
 }
 
+thread_local! {
+    static CONFINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 impl Sandbox {
     /// Narrows the calling thread to `kind`'s allow-list (call it first thing in a worker
     /// thread). A kind the policy does not list keeps the process filter.
@@ -237,7 +241,17 @@ impl Sandbox {
         if let Some(progs) = self.threads.get(&kind) {
             seccomp::apply_this_thread(progs)?;
         }
+        CONFINED.with(|c| c.set(true));
         Ok(())
+    }
+
+    /// [`Sandbox::confine_thread`] unless this thread already did: for threads a library
+    /// creates (vhost-user-backend's vring workers), called from the first callback they run.
+    pub fn confine_thread_once(&self, kind: ThreadKind) -> Result<(), SandboxError> {
+        if CONFINED.with(|c| c.get()) {
+            return Ok(());
+        }
+        self.confine_thread(kind)
     }
 }
 

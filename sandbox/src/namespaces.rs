@@ -162,18 +162,56 @@ pub fn pivot_into_dir(dir: &Path, readonly: bool) -> Result<(), NsError> {
         ) as libc::c_long
     })?;
     if readonly {
-        // SAFETY: as above.
-        check("making the kept directory read-only", unsafe {
-            libc::mount(
-                std::ptr::null(),
-                cdir.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
-                std::ptr::null(),
-            ) as libc::c_long
-        })?;
+        make_readonly(&cdir)?;
     }
     pivot_into(&cdir)
+}
+
+/// `struct mount_attr` of `mount_setattr(2)`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+/// Makes the bind mount at `dir` and every mount below it read-only (`mount_setattr` with
+/// `AT_RECURSIVE`); on kernels without it (< 5.12) remounts the top mount only.
+fn make_readonly(dir: &CString) -> Result<(), NsError> {
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a valid NUL-terminated path and a `struct mount_attr` of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            dir.as_ptr(),
+            AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
+        return check("making the kept directory read-only", r);
+    }
+    tracing::warn!("mount_setattr unsupported: mounts below the kept directory stay writable");
+    // SAFETY: valid NUL-terminated strings (or null where the kernel allows it).
+    check("making the kept directory read-only", unsafe {
+        libc::mount(
+            std::ptr::null(),
+            dir.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+            std::ptr::null(),
+        ) as libc::c_long
+    })
 }
 
 /// `chroot(dir)` and `chdir("/")`.

@@ -215,14 +215,20 @@ fn blk_namespace_mode_confines_every_thread_and_kills_on_a_forbidden_syscall() {
     // PID 1 of its namespace.
     let st = status_map(&std::fs::read_to_string(format!("/proc/{child}/status")).unwrap());
     assert_eq!(st["NSpid"].split_whitespace().last(), Some("1"), "{st:#?}");
-    // Control, queue and signal threads, every one filtered.
+    // Control, queue and signal threads, every one filtered: the process's two filters (clone3,
+    // allow-list) plus its own kind's, once.
     assert_eq!(assert_confined(child, NO_CAPS, "rqemu-blk"), 3);
     for t in tasks(child) {
         assert_eq!(t["CapPrm"], NO_CAPS);
         assert_eq!(t["CapBnd"], NO_CAPS);
+        assert_eq!(t["Seccomp_filters"], "3", "{t:#?}");
     }
-    // The parent only waits: filtered too, no capabilities.
+    // The parent only waits: filtered too, no capabilities, no fds beyond stdio.
     assert_confined(p.pid(), NO_CAPS, "pid-1 parent");
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
+        .unwrap()
+        .count();
+    assert_eq!(fds, 3, "pid-1 parent fds");
     for kind in ["mnt", "pid", "net", "ipc"] {
         assert_ne!(ns(&child.to_string(), kind), ns("self", kind), "{kind}");
     }
@@ -406,6 +412,47 @@ fn fs_root_is_the_shared_directory() {
     assert!(Path::new(&format!("/proc/{child}/root/inside")).exists());
     assert!(!Path::new(&format!("/proc/{child}/root/shared")).exists());
     assert!(p.finish("exit").success());
+}
+
+#[test]
+fn read_only_shared_directory() {
+    require_root();
+    let s = Scratch::new();
+    for (mode, errno) in [("namespace", "errno 30"), ("none", "errno 13")] {
+        let mut p = Probe::start(
+            &s,
+            &[
+                "--policy",
+                "fs",
+                "--readonly",
+                "--sandbox",
+                mode,
+                "--seccomp",
+                "none",
+            ],
+        );
+        p.assert_all_ok(&["control", "queue", "helper", "signal"]);
+        let root = if mode == "none" {
+            std::fs::canonicalize(s.shared()).unwrap()
+        } else {
+            PathBuf::from("/")
+        };
+        let inside = root.join("inside");
+        let new = root.join("new");
+        assert_eq!(
+            p.cmd(&format!("open {}", inside.display())).as_deref(),
+            Some("opened"),
+            "{mode}"
+        );
+        // The mount (namespace) or landlock (none) refuses writes.
+        assert_eq!(
+            p.cmd(&format!("create {}", new.display())).as_deref(),
+            Some(errno),
+            "{mode}"
+        );
+        assert!(p.finish("exit").success());
+    }
+    assert!(!s.shared().join("new").exists());
 }
 
 #[test]

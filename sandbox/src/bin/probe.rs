@@ -34,6 +34,9 @@ struct Cli {
     /// Drop to this uid/gid first (as an unprivileged daemon would run).
     #[arg(long)]
     setuid: Option<u32>,
+    /// Keep the shared directory read-only (fs).
+    #[arg(long)]
+    readonly: bool,
 }
 
 fn errno() -> i32 {
@@ -169,7 +172,7 @@ fn block_io(file: RawFd) -> Result<(), String> {
 }
 
 /// The passthrough's calls beneath the shared directory's view `root`.
-fn fs_ops(root: &Path) -> Result<(), String> {
+fn fs_ops(root: &Path, readonly: bool) -> Result<(), String> {
     let c = |p: &str| CString::new(p).map_err(|e| e.to_string());
     let croot = c(root.to_str().ok_or("root")?)?;
     // SAFETY: valid strings, fds we own; the calls fuse-backend-rs's passthrough makes.
@@ -183,6 +186,28 @@ fn fs_ops(root: &Path) -> Result<(), String> {
             ),
         )?;
         let d = dir.as_raw_fd();
+        if readonly {
+            let mut st: libc::statx = std::mem::zeroed();
+            let r = libc::statx(d, c"inside".as_ptr(), 0, libc::STATX_BASIC_STATS, &mut st);
+            check("statx inside", r as i64)?;
+            let all = new_fd(
+                "openat root",
+                libc::openat(
+                    d,
+                    c".".as_ptr(),
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                ),
+            )?;
+            let mut buf = [0u8; 1024];
+            let n = libc::syscall(
+                libc::SYS_getdents64,
+                all.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            );
+            check("getdents64", n)?;
+            return Ok(());
+        }
         let name = c(&format!("probe-{}", libc::gettid()))?;
         check("mkdirat", libc::mkdirat(d, name.as_ptr(), 0o755) as i64)?;
         let sub = new_fd(
@@ -262,6 +287,7 @@ fn thread_work(
     kind: ThreadKind,
     file: RawFd,
     root: Option<&Path>,
+    readonly: bool,
 ) -> Result<(), String> {
     match kind {
         ThreadKind::Signal => {
@@ -291,7 +317,7 @@ fn thread_work(
                 block_io(file)?;
             }
             if policy == "fs" && matches!(kind, ThreadKind::Queue | ThreadKind::Helper) {
-                fs_ops(root.ok_or("no shared dir")?)?;
+                fs_ops(root.ok_or("no shared dir")?, readonly)?;
             }
             Ok(())
         }
@@ -388,6 +414,10 @@ fn command(cmd: &str, file: RawFd, sandbox: &rqemu_sandbox::Sandbox) -> String {
         }
         ("open", path) => match std::fs::File::open(path) {
             Ok(_) => "opened".to_string(),
+            Err(e) => format!("errno {}", e.raw_os_error().unwrap_or(0)),
+        },
+        ("create", path) => match std::fs::File::create(path) {
+            Ok(_) => "created".to_string(),
             Err(e) => format!("errno {}", e.raw_os_error().unwrap_or(0)),
         },
         ("read-held", _) => {
@@ -499,7 +529,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Some(d) => Some(std::fs::canonicalize(d).map_err(|e| e.to_string())?),
         None => None,
     };
-    let policy = policies::by_name(&cli.policy, dir.as_deref())
+    let mut policy = policies::by_name(&cli.policy, dir.as_deref())
         .ok_or_else(|| format!("unknown policy {} (or fs without --dir)", cli.policy))?
         .keep_fds([
             file.as_raw_fd(),
@@ -508,6 +538,9 @@ fn run(cli: Cli) -> Result<(), String> {
             memfd.as_raw_fd(),
             kick.as_raw_fd(),
         ]);
+    if let Some(d) = policy.keep_dir.as_mut() {
+        d.writable = !cli.readonly;
+    }
     let sandbox = rqemu_sandbox::enter(&policy, &cli.sandbox).map_err(|e| {
         let mut s = e.to_string();
         let mut cur = std::error::Error::source(&e);
@@ -522,11 +555,10 @@ fn run(cli: Cli) -> Result<(), String> {
     let _ = writeln!(out, "report {r}");
     let _ = writeln!(out, "mode {}", r.mode.name());
     let _ = writeln!(out, "user-namespace {}", r.user_namespace);
-    // SAFETY: fcntl on an fd number.
     let _ = writeln!(
         out,
         "stray-fd-closed {}",
-        // SAFETY: a raw syscall with valid arguments (buffers and fds owned here).
+        // SAFETY: fcntl(F_GETFD) on an fd number: it only reports whether it is open.
         unsafe { libc::fcntl(stray_fd, libc::F_GETFD) } < 0
     );
     drop(out);
@@ -552,14 +584,17 @@ fn run(cli: Cli) -> Result<(), String> {
             cli.policy.clone(),
         );
         let fd = file.as_raw_fd();
+        let readonly = cli.readonly;
         expected += 1;
         std::thread::Builder::new()
             .name(kind.name().into())
             .spawn(move || {
+                // Twice: the second call must not stack another filter (see the tests).
                 let res = sandbox
-                    .confine_thread(kind)
+                    .confine_thread_once(kind)
+                    .and_then(|()| sandbox.confine_thread_once(kind))
                     .map_err(|e| e.to_string())
-                    .and_then(|()| thread_work(&name, kind, fd, root.as_deref()));
+                    .and_then(|()| thread_work(&name, kind, fd, root.as_deref(), readonly));
                 let _ = tx.send(match res {
                     Ok(()) => format!("ok {}", kind.name()),
                     Err(e) => format!("fail {}: {e}", kind.name()),
