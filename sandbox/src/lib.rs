@@ -4,6 +4,7 @@
 //! [`enter`] applies a [`Policy`] in this order (each step needs what the next one takes
 //! away):
 //!
+//! 0. glibc's one lazy `open` in malloc is done now ([`malloc_quirk`]);
 //! 1. **rlimits** (`RLIMIT_CORE` 0, `RLIMIT_NOFILE`, optionally `RLIMIT_NPROC`);
 //! 2. **fds**: every fd from 3 up that the policy does not list is closed;
 //! 3. **namespaces / root** (`--sandbox`): `namespace` — a user namespace first when not
@@ -29,6 +30,7 @@
 pub mod caps;
 pub mod cli;
 pub mod landlock_fs;
+pub mod malloc_quirk;
 pub mod namespaces;
 pub mod pidns;
 pub mod policies;
@@ -277,11 +279,18 @@ pub fn enter(policy: &Policy, args: &SandboxArgs) -> Result<Sandbox, SandboxErro
     let mut thread_progs = BTreeMap::new();
     if policy.threads.len() > 1 {
         for (kind, list) in &policy.threads {
-            // The clone3 filter is already the process's: only the narrower allow-list.
-            let mut progs = list.compile(args.seccomp)?;
+            // The clone3 filter is already the process's: only the narrower allow-list. Every
+            // kind may narrow itself further (a thread it spawns inherits its filter, then
+            // installs its own kind's on top).
+            let mut progs = list
+                .with_groups_cloned(&[Group::SeccompSelf])
+                .compile(args.seccomp)?;
             let main: Vec<BpfProgram> = progs.pop().into_iter().collect();
             thread_progs.insert(*kind, main);
         }
+    }
+    if args.seccomp != SeccompAction::None {
+        malloc_quirk::prewarm();
     }
     let rlimits = rlimits::apply(&policy.rlimits)?;
     if policy.close_other_fds {

@@ -116,7 +116,8 @@ fn forwarding_control() -> AllowList {
 }
 
 /// rqemu-serial: console output goes to the fds opened at start-up (a file or stdio); ring
-/// workers serve register accesses; a helper thread reads console input.
+/// workers serve register accesses; a helper thread reads console input; the signal thread
+/// removes the socket path on the way out (`unlink`, which finds nothing in the sandbox).
 pub fn serial() -> Policy {
     policy(
         "rqemu-serial",
@@ -124,13 +125,13 @@ pub fn serial() -> Policy {
             (ThreadKind::Control, forwarding_control()),
             (ThreadKind::Ring, list(&[Epoll])),
             (ThreadKind::Helper, list(&[Epoll])),
-            (ThreadKind::Signal, list(&[FileSync])),
+            (ThreadKind::Signal, list(&[FileSync, Unlink])),
         ],
     )
 }
 
 /// rqemu-rtc: ring workers serve CMOS accesses (the host clock), a helper resamples interrupt
-/// lines.
+/// lines; the signal thread as rqemu-serial's.
 pub fn rtc() -> Policy {
     policy(
         "rqemu-rtc",
@@ -138,7 +139,7 @@ pub fn rtc() -> Policy {
             (ThreadKind::Control, forwarding_control()),
             (ThreadKind::Ring, list(&[Epoll])),
             (ThreadKind::Helper, list(&[Epoll])),
-            (ThreadKind::Signal, list(&[])),
+            (ThreadKind::Signal, list(&[Unlink])),
         ],
     )
 }
@@ -161,11 +162,12 @@ pub enum VmmAccel {
     Tcg,
 }
 
-/// rqemu-vmm: guest RAM is a memfd mapped at start-up; vCPU threads run the guest; the control
-/// thread serves the device sockets (vhost-user frontend messages, forwarding-protocol
-/// handshakes with new memfd rings for a reattached daemon: `memfd_create`, AF_UNIX `connect`);
-/// helpers poll call eventfds (TCG) and read console input. It keeps its mount namespace
-/// (devices are reattached by path) but loses every capability.
+/// rqemu-vmm: guest RAM is a memfd mapped at start-up; vCPU threads run the guest and, on MMIO
+/// exits, talk to the device daemons (vhost-user frontend messages, forwarding rings and
+/// doorbells: `sendmsg`/`recvmsg`, `poll`); the control thread and the forwarding supervisor
+/// (reattaching restarted daemons: AF_UNIX `connect`, new memfd rings) take the control list;
+/// helpers poll call eventfds (TCG), watch vhost-user sockets and read console input. No
+/// capabilities; its own mount and ipc namespaces.
 pub fn vmm(accel: VmmAccel) -> Policy {
     let (vcpu, control) = match accel {
         VmmAccel::Kvm {
@@ -174,11 +176,11 @@ pub fn vmm(accel: VmmAccel) -> Policy {
         } => {
             vcpu_ioctls.push(KVM_RUN);
             (
-                list(&[Epoll]).with_ioctls(&vcpu_ioctls),
+                list(&[Epoll, SocketMsg]).with_ioctls(&vcpu_ioctls),
                 AllowList::new(&[]).with_ioctls(&vm_ioctls),
             )
         }
-        VmmAccel::Tcg => (list(&[Epoll]), AllowList::new(&[])),
+        VmmAccel::Tcg => (list(&[Epoll, SocketMsg]), AllowList::new(&[])),
     };
     let control = control.union(&list(&[
         Epoll,
@@ -277,7 +279,8 @@ mod tests {
         let vcpu = &p.threads[&ThreadKind::Vcpu];
         assert!(vcpu.ioctls.contains(&KVM_RUN));
         assert!(!vcpu.ioctls.contains(&0x4020_ae76));
-        assert!(!vcpu.mentions(libc::SYS_recvmsg));
+        assert!(!vcpu.mentions(libc::SYS_accept4));
+        assert!(!vcpu.mentions(libc::SYS_socket));
         assert!(!vcpu.mentions(libc::SYS_clone));
         assert!(p.process_allow_list().ioctls.contains(&0x4020_ae76));
         let tcg = vmm(VmmAccel::Tcg);

@@ -416,6 +416,21 @@ fn command(cmd: &str, file: RawFd, sandbox: &rqemu_sandbox::Sandbox) -> String {
             Ok(_) => "opened".to_string(),
             Err(e) => format!("errno {}", e.raw_os_error().unwrap_or(0)),
         },
+        ("churn", _) => std::thread::scope(|s| {
+            // Grow and shrink a thread arena: glibc's heap_trim reads
+            // /proc/sys/vm/overcommit_memory the first time it shrinks one.
+            s.spawn(|| {
+                if let Err(e) = sandbox.confine_thread(ThreadKind::Queue) {
+                    return format!("confine: {e}");
+                }
+                let blocks: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 100 << 10]).collect();
+                let sum: usize = blocks.iter().map(|b| b[0] as usize).sum();
+                drop(blocks);
+                format!("churned {sum}")
+            })
+            .join()
+            .unwrap_or_default()
+        }),
         ("create", path) => match std::fs::File::create(path) {
             Ok(_) => "created".to_string(),
             Err(e) => format!("errno {}", e.raw_os_error().unwrap_or(0)),
@@ -435,6 +450,7 @@ fn command(cmd: &str, file: RawFd, sandbox: &rqemu_sandbox::Sandbox) -> String {
                     if let Err(e) = sandbox.confine_thread(ThreadKind::Queue) {
                         return format!("confine: {e}");
                     }
+                    println!("narrowed");
                     let r =
                         // SAFETY: a raw syscall with valid arguments (buffers and fds owned here).
                         unsafe { libc::accept4(-1, std::ptr::null_mut(), std::ptr::null_mut(), 0) };

@@ -90,7 +90,8 @@ pub enum Group {
     SocketMsg,
     /// Accepting the next frontend on the held listening socket (`accept4`).
     Accept,
-    /// New AF_UNIX sockets only (`socket`/`socketpair` with `AF_UNIX`) and `connect`.
+    /// New AF_UNIX sockets only (`socket`/`socketpair` with `AF_UNIX`), `connect`,
+    /// `setsockopt` (receive timeouts).
     UnixSockets,
     /// Creating threads: `clone` with thread flags only (never a new process or namespace),
     /// `clone3` (answered ENOSYS by a second filter so glibc falls back to `clone`, whose flags
@@ -107,6 +108,9 @@ pub enum Group {
     /// Creating shared memory: `memfd_create` (the VMM's forwarding rings; size sealed with
     /// `fcntl` and sized with `ftruncate`, in other groups).
     MemfdCreate,
+    /// Removing one's socket path at exit (`unlink`, `unlinkat`): fails harmlessly inside the
+    /// sandbox (nothing is reachable), kept so that a clean shutdown is not a SIGSYS death.
+    Unlink,
     /// The pid-1 helper's parent: waiting for the child and forwarding signals to it.
     Reaper,
 }
@@ -216,6 +220,7 @@ const UNIX_SOCKETS: &[Allow] = &[
     Allow::If(SYS_socket, &[eq(0, AF_UNIX as u64)]),
     Allow::If(SYS_socketpair, &[eq(0, AF_UNIX as u64)]),
     Allow::Any(SYS_connect),
+    Allow::Any(SYS_setsockopt),
 ];
 
 /// The flags glibc's `pthread_create` passes to `clone`, as far as they decide what is
@@ -302,6 +307,8 @@ const FS_PASSTHROUGH: &[Allow] = &[
 
 const MEMFD_CREATE: &[Allow] = &[Allow::Any(SYS_memfd_create)];
 
+const UNLINK: &[Allow] = &[Allow::Any(SYS_unlink), Allow::Any(SYS_unlinkat)];
+
 const REAPER: &[Allow] = &[
     Allow::Any(SYS_wait4),
     Allow::Any(SYS_waitid),
@@ -314,7 +321,7 @@ const REAPER: &[Allow] = &[
 
 impl Group {
     /// Every group.
-    pub const ALL: [Group; 17] = [
+    pub const ALL: [Group; 18] = [
         Group::Exit,
         Group::Memory,
         Group::Futex,
@@ -331,6 +338,7 @@ impl Group {
         Group::SeccompSelf,
         Group::FsPassthrough,
         Group::MemfdCreate,
+        Group::Unlink,
         Group::Reaper,
     ];
 
@@ -353,6 +361,7 @@ impl Group {
             Group::SeccompSelf => SECCOMP_SELF,
             Group::FsPassthrough => FS_PASSTHROUGH,
             Group::MemfdCreate => MEMFD_CREATE,
+            Group::Unlink => UNLINK,
             Group::Reaper => REAPER,
         }
     }
@@ -376,6 +385,7 @@ impl Group {
             Group::SeccompSelf => "seccomp-self",
             Group::FsPassthrough => "fs-passthrough",
             Group::MemfdCreate => "memfd-create",
+            Group::Unlink => "unlink",
             Group::Reaper => "reaper",
         }
     }

@@ -112,6 +112,11 @@ impl AllowList {
         self
     }
 
+    /// A copy with more groups.
+    pub fn with_groups_cloned(&self, groups: &[Group]) -> Self {
+        self.clone().with_groups(groups)
+    }
+
     /// The union of two lists (what a process whose threads have either needs).
     pub fn union(&self, other: &AllowList) -> AllowList {
         AllowList {
