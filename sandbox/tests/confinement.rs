@@ -251,6 +251,23 @@ fn blk_namespace_mode_confines_every_thread_and_kills_on_a_forbidden_syscall() {
 }
 
 #[test]
+fn sigterm_reaches_pid_1_and_its_exit_status_comes_back() {
+    require_root();
+    let s = Scratch::new();
+    for policy in ["blk", "vmm-tcg"] {
+        let mut p = Probe::start(&s, &["--policy", policy]);
+        p.assert_all_ok(&["control", "signal"]);
+        let pid1 = policy == "blk";
+        assert_eq!(p.confined() != p.pid(), pid1, "{policy}: pid-1 child");
+        // SAFETY: kill with a pid we spawned.
+        assert_eq!(unsafe { libc::kill(p.pid(), libc::SIGTERM) }, 0);
+        assert_eq!(p.next().as_deref(), Some("terminated"), "{policy}");
+        let status = p.child.wait().unwrap();
+        assert_eq!(status.code(), Some(7), "{policy}: {status}");
+    }
+}
+
+#[test]
 fn log_action_lets_forbidden_syscalls_through() {
     require_root();
     let s = Scratch::new();

@@ -281,6 +281,31 @@ fn fs_ops(root: &Path, readonly: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// SIGTERM, blocked in every thread since start-up, taken here as the daemons' signal thread
+/// does: say so and leave with [`TERM_EXIT`] (distinct, to see it come through the pid-1
+/// parent).
+fn wait_for_sigterm() {
+    let set = sigterm_set();
+    // SAFETY: a valid set; a null info pointer is allowed.
+    if unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) } == libc::SIGTERM {
+        println!("terminated");
+        std::process::exit(TERM_EXIT);
+    }
+}
+
+/// Exit code after SIGTERM.
+const TERM_EXIT: i32 = 7;
+
+fn sigterm_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset; valid signal number.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    }
+}
+
 /// What a thread of `kind` does in steady state, under `policy`.
 fn thread_work(
     policy: &str,
@@ -557,6 +582,10 @@ fn run(cli: Cli) -> Result<(), String> {
     if let Some(d) = policy.keep_dir.as_mut() {
         d.writable = !cli.readonly;
     }
+    // As the daemons do: termination signals blocked everywhere, taken by the signal thread.
+    let term = sigterm_set();
+    // SAFETY: a valid set, for this (only) thread; threads inherit the mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &term, std::ptr::null_mut()) };
     let sandbox = rqemu_sandbox::enter(&policy, &cli.sandbox).map_err(|e| {
         let mut s = e.to_string();
         let mut cur = std::error::Error::source(&e);
@@ -615,6 +644,9 @@ fn run(cli: Cli) -> Result<(), String> {
                     Ok(()) => format!("ok {}", kind.name()),
                     Err(e) => format!("fail {}: {e}", kind.name()),
                 });
+                if kind == ThreadKind::Signal {
+                    wait_for_sigterm();
+                }
                 loop {
                     std::thread::park();
                 }
