@@ -299,6 +299,9 @@ fn argument_filters_and_thread_filters_kill() {
         ("blk", "fork"),
         // an executable mapping.
         ("blk", "exec-map"),
+        // ioctl only with listed request numbers (vCPU threads may KVM_RUN: checked in the
+        // vmm-kvm workload).
+        ("vmm-kvm", "ioctl-other"),
         // socket() only for AF_UNIX (the VMM may create UNIX sockets).
         ("vmm-tcg", "socket-inet"),
         // path lookups are not the control thread's business.
