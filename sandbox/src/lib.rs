@@ -26,6 +26,19 @@
 //!
 //! `enter` must be called while the process has a single thread: capabilities, landlock and
 //! namespaces belong to a thread, and only threads created afterwards inherit them.
+//!
+//! ```no_run
+//! use rqemu_sandbox::{policies, SandboxArgs, ThreadKind};
+//! # fn main() -> Result<(), rqemu_sandbox::SandboxError> {
+//! # let (image_fd, listener_fd) = (3, 4);
+//! // After start-up opened the image and the listening socket, before any thread exists:
+//! let policy = policies::blk().keep_fds([image_fd, listener_fd]);
+//! let sandbox = rqemu_sandbox::enter(&policy, &SandboxArgs::default())?;
+//! // First thing in each queue worker (or its first callback, for a library's thread):
+//! sandbox.confine_thread_once(ThreadKind::Queue)?;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod caps;
 pub mod cli;
