@@ -47,8 +47,34 @@ impl Scratch {
     }
 }
 
+/// Kills a probe that hangs (so that a broken sandbox fails the test instead of blocking it).
+struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
+
+impl Watchdog {
+    const LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+    fn new(pid: i32) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(Self::LIMIT) {
+                eprintln!("probe {pid} still running after {:?}: killed", Self::LIMIT);
+                // SAFETY: kill with the pid of a child this test spawned and has not reaped.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+        Watchdog(Some(tx))
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.0.take());
+    }
+}
+
 struct Probe {
     child: Child,
+    _watchdog: Watchdog,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     /// Lines up to `ready`.
@@ -68,6 +94,7 @@ impl Probe {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
+        let watchdog = Watchdog::new(child.id() as i32);
         let stdin = child.stdin.take().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut lines = Vec::new();
@@ -85,6 +112,7 @@ impl Probe {
         }
         Probe {
             child,
+            _watchdog: watchdog,
             stdin,
             stdout,
             lines,
