@@ -566,6 +566,33 @@ fn unprivileged_namespace_mode_goes_through_a_user_namespace() {
 }
 
 #[test]
+fn an_explicit_mode_the_privileges_do_not_allow_is_refused() {
+    require_root();
+    let s = Scratch::new();
+    let out = Command::new(PROBE)
+        .arg("--file")
+        .arg(s.img())
+        .args([
+            "--policy",
+            "blk",
+            "--setuid",
+            "65534",
+            "--sandbox",
+            "chroot",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--sandbox chroot is not possible here: chroot needs CAP_SYS_CHROOT"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"));
+}
+
+#[test]
 fn unprivileged_fs_serves_its_shared_directory() {
     require_root();
     let s = Scratch::new();
