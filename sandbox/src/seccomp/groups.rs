@@ -98,8 +98,8 @@ pub enum Group {
     /// can be checked), `set_robust_list`, `rseq`, naming the thread.
     Threads,
     /// Installing a narrower filter on the calling thread (worker threads created later):
-    /// `seccomp(SET_MODE_FILTER)` without TSYNC... any filter only narrows; and
-    /// `prctl(PR_SET_NO_NEW_PRIVS)`.
+    /// `seccomp(SET_MODE_FILTER)` with no flags (no TSYNC; a new filter can only narrow what
+    /// the thread may do) and `prctl(PR_SET_NO_NEW_PRIVS)`.
     SeccompSelf,
     /// The passthrough filesystem under the kept directory: `openat`, `getdents64`,
     /// `*at` path operations, xattrs, `copy_file_range`, `flock`, per-thread credential
