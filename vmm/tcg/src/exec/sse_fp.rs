@@ -1,8 +1,15 @@
-//! SSE/SSE2 floating point basics on the host FPU (round-to-nearest, no MXCSR flags).
+//! SSE/SSE2 floating point on the host's SSE unit: each instruction runs natively (register
+//! form) under the guest's MXCSR rounding/DAZ/FTZ with every exception masked, so results,
+//! NaN propagation and the exception flags are the hardware's; the flags are then merged into
+//! the guest MXCSR, and an unmasked one raises #XM (#UD without CR4.OSXMMEXCPT) without
+//! writing the destination. (The crate runs on x86-64 hosts only.)
 
 use super::operand::{get_reg, set_reg};
-use super::{Ctx, R};
+use super::{vec, Ctx, Event, R};
+use crate::state::cr4;
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
+use std::arch::asm;
+use std::arch::x86_64::__m128i;
 
 fn xi(r: Register) -> Option<usize> {
     let n = r as usize;
@@ -28,122 +35,6 @@ fn src(cx: &mut Ctx<'_>, ins: &Instruction, i: u32, size: usize) -> R<u128> {
     Ok(u128::from_le_bytes(b))
 }
 
-fn f64s(v: u128, i: u32) -> f64 {
-    f64::from_bits((v >> (64 * i)) as u64)
-}
-fn f32s(v: u128, i: u32) -> f32 {
-    f32::from_bits((v >> (32 * i)) as u32)
-}
-
-/// x86 NaN rules for SSE arithmetic (SDM vol. 1, 4.8.3.5): a NaN operand propagates,
-/// quietened — the first source's if both are NaN; an invalid operation on non-NaN operands
-/// (inf - inf, 0 * inf, 0 / 0, sqrt of a negative) gives the "real indefinite" QNaN. Rust's
-/// own float operations leave the choice of NaN to the compiler (it may swap operands).
-fn arith64(a: f64, b: f64, f: impl Fn(f64, f64) -> f64) -> f64 {
-    const QUIET: u64 = 1 << 51;
-    const INDEFINITE: u64 = 0xfff8_0000_0000_0000;
-    if a.is_nan() {
-        f64::from_bits(a.to_bits() | QUIET)
-    } else if b.is_nan() {
-        f64::from_bits(b.to_bits() | QUIET)
-    } else {
-        let r = f(a, b);
-        if r.is_nan() {
-            f64::from_bits(INDEFINITE)
-        } else {
-            r
-        }
-    }
-}
-
-/// [`arith64`] for single precision.
-fn arith32(a: f32, b: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    const QUIET: u32 = 1 << 22;
-    const INDEFINITE: u32 = 0xffc0_0000;
-    if a.is_nan() {
-        f32::from_bits(a.to_bits() | QUIET)
-    } else if b.is_nan() {
-        f32::from_bits(b.to_bits() | QUIET)
-    } else {
-        let r = f(a, b);
-        if r.is_nan() {
-            f32::from_bits(INDEFINITE)
-        } else {
-            r
-        }
-    }
-}
-
-fn op64(m: M, a: f64, b: f64) -> f64 {
-    match m {
-        M::Addsd | M::Addpd => arith64(a, b, |a, b| a + b),
-        M::Subsd | M::Subpd => arith64(a, b, |a, b| a - b),
-        M::Mulsd | M::Mulpd => arith64(a, b, |a, b| a * b),
-        M::Divsd | M::Divpd => arith64(a, b, |a, b| a / b),
-        // x86 MIN/MAX return the second operand when unordered or both zero.
-        M::Minsd | M::Minpd => {
-            if a < b {
-                a
-            } else {
-                b
-            }
-        }
-        M::Maxsd | M::Maxpd => {
-            if a > b {
-                a
-            } else {
-                b
-            }
-        }
-        // SQRT: only the source operand counts.
-        _ => arith64(b, b, |_, b| b.sqrt()),
-    }
-}
-
-fn op32(m: M, a: f32, b: f32) -> f32 {
-    match m {
-        M::Addss | M::Addps => arith32(a, b, |a, b| a + b),
-        M::Subss | M::Subps => arith32(a, b, |a, b| a - b),
-        M::Mulss | M::Mulps => arith32(a, b, |a, b| a * b),
-        M::Divss | M::Divps => arith32(a, b, |a, b| a / b),
-        M::Minss | M::Minps => {
-            if a < b {
-                a
-            } else {
-                b
-            }
-        }
-        M::Maxss | M::Maxps => {
-            if a > b {
-                a
-            } else {
-                b
-            }
-        }
-        _ => arith32(b, b, |_, b| b.sqrt()),
-    }
-}
-
-/// Float conversion to integer with x86 semantics (NaN/overflow → "integer indefinite").
-fn to_int(v: f64, size: u8, truncate: bool) -> u64 {
-    let r = if truncate {
-        v.trunc()
-    } else {
-        v.round_ties_even()
-    };
-    if size == 8 {
-        if r.is_nan() || !(-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&r) {
-            1 << 63
-        } else {
-            r as i64 as u64
-        }
-    } else if r.is_nan() || !(-2_147_483_648.0..2_147_483_648.0).contains(&r) {
-        0x8000_0000
-    } else {
-        u64::from(r as i32 as u32)
-    }
-}
-
 /// Returns Ok(false) if `ins` is not a float instruction handled here.
 pub fn fp_ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
     let m = ins.mnemonic();
@@ -151,88 +42,300 @@ pub fn fp_ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
         (OpKind::Register, Some(x)) => Some(x),
         _ => None,
     };
-    let lo64 = u128::from(u64::MAX);
-    let lo32 = u128::from(u32::MAX);
+    let csr = cx.s.mxcsr;
     match m {
-        M::Addsd | M::Subsd | M::Mulsd | M::Divsd | M::Minsd | M::Maxsd | M::Sqrtsd => {
+        M::Addsd
+        | M::Subsd
+        | M::Mulsd
+        | M::Divsd
+        | M::Minsd
+        | M::Maxsd
+        | M::Sqrtsd
+        | M::Cvtsd2ss
+        | M::Addss
+        | M::Subss
+        | M::Mulss
+        | M::Divss
+        | M::Minss
+        | M::Maxss
+        | M::Sqrtss
+        | M::Cvtss2sd
+        | M::Addpd
+        | M::Subpd
+        | M::Mulpd
+        | M::Divpd
+        | M::Minpd
+        | M::Maxpd
+        | M::Sqrtpd
+        | M::Addps
+        | M::Subps
+        | M::Mulps
+        | M::Divps
+        | M::Minps
+        | M::Maxps
+        | M::Sqrtps => {
             let Some(d) = d else { return Ok(false) };
-            let b = f64s(src(cx, ins, 1, 8)?, 0);
-            let a = f64s(cx.s.xmm[d], 0);
-            cx.s.xmm[d] = (cx.s.xmm[d] & !lo64) | u128::from(op64(m, a, b).to_bits());
-        }
-        M::Addss | M::Subss | M::Mulss | M::Divss | M::Minss | M::Maxss | M::Sqrtss => {
-            let Some(d) = d else { return Ok(false) };
-            let b = f32s(src(cx, ins, 1, 4)?, 0);
-            let a = f32s(cx.s.xmm[d], 0);
-            cx.s.xmm[d] = (cx.s.xmm[d] & !lo32) | u128::from(op32(m, a, b).to_bits());
-        }
-        M::Addpd | M::Subpd | M::Mulpd | M::Divpd | M::Minpd | M::Maxpd | M::Sqrtpd => {
-            let Some(d) = d else { return Ok(false) };
-            let b = src(cx, ins, 1, 16)?;
-            let a = cx.s.xmm[d];
-            let mut r = 0u128;
-            for i in 0..2 {
-                r |= u128::from(op64(m, f64s(a, i), f64s(b, i)).to_bits()) << (64 * i);
-            }
-            cx.s.xmm[d] = r;
-        }
-        M::Addps | M::Subps | M::Mulps | M::Divps | M::Minps | M::Maxps | M::Sqrtps => {
-            let Some(d) = d else { return Ok(false) };
-            let b = src(cx, ins, 1, 16)?;
-            let a = cx.s.xmm[d];
-            let mut r = 0u128;
-            for i in 0..4 {
-                r |= u128::from(op32(m, f32s(a, i), f32s(b, i)).to_bits()) << (32 * i);
-            }
+            let size = match m {
+                M::Addsd
+                | M::Subsd
+                | M::Mulsd
+                | M::Divsd
+                | M::Minsd
+                | M::Maxsd
+                | M::Sqrtsd
+                | M::Cvtsd2ss => 8,
+                M::Addss
+                | M::Subss
+                | M::Mulss
+                | M::Divss
+                | M::Minss
+                | M::Maxss
+                | M::Sqrtss
+                | M::Cvtss2sd => 4,
+                _ => 16,
+            };
+            let b = src(cx, ins, 1, size)?;
+            let Some((r, f)) = host_xx(m, cx.s.xmm[d], b, csr) else {
+                return Ok(false);
+            };
+            merge_flags(cx, f)?;
             cx.s.xmm[d] = r;
         }
         M::Ucomisd | M::Comisd | M::Ucomiss | M::Comiss => {
             let Some(d) = d else { return Ok(false) };
-            let ord = if matches!(m, M::Ucomisd | M::Comisd) {
-                let b = f64s(src(cx, ins, 1, 8)?, 0);
-                f64s(cx.s.xmm[d], 0).partial_cmp(&b)
+            let size = if matches!(m, M::Ucomisd | M::Comisd) {
+                8
             } else {
-                let b = f32s(src(cx, ins, 1, 4)?, 0);
-                f32s(cx.s.xmm[d], 0).partial_cmp(&b)
+                4
             };
+            let b = src(cx, ins, 1, size)?;
+            let Some((ord, f)) = host_comi(m, cx.s.xmm[d], b, csr) else {
+                return Ok(false);
+            };
+            merge_flags(cx, f)?;
             super::sse::comi_flags(cx, ord);
         }
         M::Cvtsi2sd | M::Cvtsi2ss => {
             let Some(d) = d else { return Ok(false) };
             let size = cx.op_size(ins, 1);
             let v = cx.read_op(ins, 1, size)?;
-            let v = super::operand::sext(v, size) as i64;
-            cx.s.xmm[d] = if m == M::Cvtsi2sd {
-                (cx.s.xmm[d] & !lo64) | u128::from((v as f64).to_bits())
-            } else {
-                (cx.s.xmm[d] & !lo32) | u128::from((v as f32).to_bits())
-            };
+            let (r, f) = host_xg(m == M::Cvtsi2sd, size == 8, cx.s.xmm[d], v, csr);
+            merge_flags(cx, f)?;
+            cx.s.xmm[d] = r;
         }
         M::Cvttsd2si | M::Cvtsd2si | M::Cvttss2si | M::Cvtss2si => {
             let r = ins.op0_register();
             let size = super::operand::reg_size(r);
-            let v = if matches!(m, M::Cvttsd2si | M::Cvtsd2si) {
-                f64s(src(cx, ins, 1, 8)?, 0)
-            } else {
-                f64::from(f32s(src(cx, ins, 1, 4)?, 0))
+            let double = matches!(m, M::Cvttsd2si | M::Cvtsd2si);
+            let b = src(cx, ins, 1, if double { 8 } else { 4 })?;
+            let Some((v, f)) = host_gx(m, size == 8, b, csr) else {
+                return Ok(false);
             };
-            set_reg(
-                cx.s,
-                r,
-                to_int(v, size, matches!(m, M::Cvttsd2si | M::Cvttss2si)),
-            );
-        }
-        M::Cvtss2sd => {
-            let Some(d) = d else { return Ok(false) };
-            let v = f64::from(f32s(src(cx, ins, 1, 4)?, 0));
-            cx.s.xmm[d] = (cx.s.xmm[d] & !lo64) | u128::from(v.to_bits());
-        }
-        M::Cvtsd2ss => {
-            let Some(d) = d else { return Ok(false) };
-            let v = f64s(src(cx, ins, 1, 8)?, 0) as f32;
-            cx.s.xmm[d] = (cx.s.xmm[d] & !lo32) | u128::from(v.to_bits());
+            merge_flags(cx, f)?;
+            set_reg(cx.s, r, v);
         }
         _ => return Ok(false),
     }
     Ok(true)
+}
+
+/// #XM: SIMD floating-point exception.
+const XM: u8 = 19;
+/// MXCSR exception flags: IE DE ZE OE UE PE.
+const FLAGS: u32 = 0x3F;
+/// The pre-computation exceptions (IE DE ZE): when one is unmasked, the post-computation ones
+/// (OE UE PE) of the same instruction are not reported.
+const PRE: u32 = 0x07;
+
+/// The MXCSR the host runs an instruction with: the guest's control bits, all exceptions
+/// masked, no flags.
+fn host_csr(guest: u32) -> u32 {
+    (guest & 0xFFFF & !FLAGS) | 0x1F80
+}
+
+/// Merges exception flags `f` of an instruction into the guest MXCSR, or raises #XM/#UD
+/// (destination not written) when one of them is unmasked.
+fn merge_flags(cx: &mut Ctx<'_>, f: u32) -> R<()> {
+    let unmasked = f & !(cx.s.mxcsr >> 7) & FLAGS;
+    if unmasked == 0 {
+        cx.s.mxcsr |= f;
+        return Ok(());
+    }
+    cx.s.mxcsr |= if unmasked & PRE != 0 { f & PRE } else { f };
+    let v = if cx.s.cr4 & cr4::OSXMMEXCPT != 0 {
+        XM
+    } else {
+        vec::UD
+    };
+    Err(Event::fault(v, None))
+}
+
+macro_rules! host_xx {
+    ($($m:ident => $text:literal,)*) => {
+        /// Runs `ins xmm0, xmm1` natively with xmm0 = `a`, xmm1 = `b` under `host_csr(csr)`:
+        /// xmm0 afterwards and the exception flags raised.
+        fn host_xx(m: M, a: u128, b: u128, csr: u32) -> Option<(u128, u32)> {
+            let mut v = [a, b];
+            let mut c = [host_csr(csr), 0u32];
+            match m {
+                $(M::$m => {
+                    // SAFETY: loads/stores only through the two local arrays; the host MXCSR
+                    // is saved in `c[1]` and restored before the block ends; xmm0/xmm1 are
+                    // declared clobbered.
+                    unsafe {
+                        asm!(
+                            "stmxcsr [{c} + 4]",
+                            "ldmxcsr [{c}]",
+                            "movdqu xmm0, [{v}]",
+                            "movdqu xmm1, [{v} + 16]",
+                            concat!($text, " xmm0, xmm1"),
+                            "movdqu [{v}], xmm0",
+                            "stmxcsr [{c}]",
+                            "ldmxcsr [{c} + 4]",
+                            v = in(reg) v.as_mut_ptr(),
+                            c = in(reg) c.as_mut_ptr(),
+                            out("xmm0") _,
+                            out("xmm1") _,
+                            options(nostack),
+                        );
+                    }
+                })*
+                _ => return None,
+            }
+            Some((v[0], c[0] & FLAGS))
+        }
+    };
+}
+
+host_xx! {
+    Addsd => "addsd", Subsd => "subsd", Mulsd => "mulsd", Divsd => "divsd",
+    Minsd => "minsd", Maxsd => "maxsd", Sqrtsd => "sqrtsd", Cvtsd2ss => "cvtsd2ss",
+    Addss => "addss", Subss => "subss", Mulss => "mulss", Divss => "divss",
+    Minss => "minss", Maxss => "maxss", Sqrtss => "sqrtss", Cvtss2sd => "cvtss2sd",
+    Addpd => "addpd", Subpd => "subpd", Mulpd => "mulpd", Divpd => "divpd",
+    Minpd => "minpd", Maxpd => "maxpd", Sqrtpd => "sqrtpd",
+    Addps => "addps", Subps => "subps", Mulps => "mulps", Divps => "divps",
+    Minps => "minps", Maxps => "maxps", Sqrtps => "sqrtps",
+}
+
+fn to_m(v: u128) -> __m128i {
+    // SAFETY: plain bit reinterpretation of 16 bytes.
+    unsafe { std::mem::transmute::<u128, __m128i>(v) }
+}
+
+fn from_m(v: __m128i) -> u128 {
+    // SAFETY: plain bit reinterpretation of 16 bytes.
+    unsafe { std::mem::transmute::<__m128i, u128>(v) }
+}
+
+macro_rules! host_asm {
+    ($c:expr, $($body:tt)*) => {
+        // SAFETY: the host MXCSR is saved in `c[1]` and restored before the block ends; the
+        // only memory accessed is the local array `c`; the other operands are registers.
+        unsafe {
+            asm!(
+                "stmxcsr [{c} + 4]",
+                "ldmxcsr [{c}]",
+                $($body)*
+                c = in(reg) $c.as_mut_ptr(),
+                options(nostack),
+            );
+        }
+    };
+}
+
+/// (U)COMISS/(U)COMISD `a`, `b` natively: the ordering (from ZF/PF/CF, so DAZ applies) and
+/// the exception flags.
+fn host_comi(m: M, a: u128, b: u128, csr: u32) -> Option<(Option<std::cmp::Ordering>, u32)> {
+    let (a, b) = (to_m(a), to_m(b));
+    let mut c = [host_csr(csr), 0u32];
+    let (z, p, cf): (u8, u8, u8);
+    macro_rules! comi {
+        ($text:literal) => {
+            host_asm!(c,
+                concat!($text, " {a}, {b}"),
+                "setz {z}",
+                "setp {p}",
+                "setc {cf}",
+                "stmxcsr [{c}]",
+                "ldmxcsr [{c} + 4]",
+                a = in(xmm_reg) a,
+                b = in(xmm_reg) b,
+                z = out(reg_byte) z,
+                p = out(reg_byte) p,
+                cf = out(reg_byte) cf,
+            )
+        };
+    }
+    match m {
+        M::Comisd => comi!("comisd"),
+        M::Ucomisd => comi!("ucomisd"),
+        M::Comiss => comi!("comiss"),
+        M::Ucomiss => comi!("ucomiss"),
+        _ => return None,
+    }
+    use std::cmp::Ordering::*;
+    let ord = match (z, p, cf) {
+        (_, 1, _) => None,
+        (1, _, _) => Some(Equal),
+        (_, _, 1) => Some(Less),
+        _ => Some(Greater),
+    };
+    Some((ord, c[0] & FLAGS))
+}
+
+/// CVTSI2SD (`double`) / CVTSI2SS of the 64-bit (`wide`) or 32-bit integer `v` into the low
+/// lane of `a`, natively: the result and the exception flags.
+fn host_xg(double: bool, wide: bool, a: u128, v: u64, csr: u32) -> (u128, u32) {
+    let mut x = to_m(a);
+    let mut c = [host_csr(csr), 0u32];
+    macro_rules! cvt {
+        ($text:literal) => {
+            host_asm!(c,
+                $text,
+                "stmxcsr [{c}]",
+                "ldmxcsr [{c} + 4]",
+                x = inout(xmm_reg) x,
+                g = in(reg) v,
+            )
+        };
+    }
+    match (double, wide) {
+        (true, true) => cvt!("cvtsi2sd {x}, {g:r}"),
+        (true, false) => cvt!("cvtsi2sd {x}, {g:e}"),
+        (false, true) => cvt!("cvtsi2ss {x}, {g:r}"),
+        (false, false) => cvt!("cvtsi2ss {x}, {g:e}"),
+    }
+    (from_m(x), c[0] & FLAGS)
+}
+
+/// CVT(T)SD2SI / CVT(T)SS2SI of the low lane of `b` to a 64-bit (`wide`) or 32-bit integer
+/// (zero-extended), natively: the result and the exception flags.
+fn host_gx(m: M, wide: bool, b: u128, csr: u32) -> Option<(u64, u32)> {
+    let x = to_m(b);
+    let mut c = [host_csr(csr), 0u32];
+    let mut g: u64 = 0;
+    macro_rules! cvt {
+        ($text:literal) => {
+            host_asm!(c,
+                $text,
+                "stmxcsr [{c}]",
+                "ldmxcsr [{c} + 4]",
+                x = in(xmm_reg) x,
+                g = inout(reg) g,
+            )
+        };
+    }
+    match (m, wide) {
+        (M::Cvtsd2si, true) => cvt!("cvtsd2si {g:r}, {x}"),
+        (M::Cvtsd2si, false) => cvt!("cvtsd2si {g:e}, {x}"),
+        (M::Cvttsd2si, true) => cvt!("cvttsd2si {g:r}, {x}"),
+        (M::Cvttsd2si, false) => cvt!("cvttsd2si {g:e}, {x}"),
+        (M::Cvtss2si, true) => cvt!("cvtss2si {g:r}, {x}"),
+        (M::Cvtss2si, false) => cvt!("cvtss2si {g:e}, {x}"),
+        (M::Cvttss2si, true) => cvt!("cvttss2si {g:r}, {x}"),
+        (M::Cvttss2si, false) => cvt!("cvttss2si {g:e}, {x}"),
+        _ => return None,
+    }
+    Some((g, c[0] & FLAGS))
 }
