@@ -1,5 +1,6 @@
 //! Differential tests: instruction semantics of the TCG versus the host CPU.
 
+mod addressing;
 mod harness;
 #[path = "../common/seed.rs"]
 mod seed;
@@ -121,8 +122,7 @@ pub fn gen_rm(
 
 pub fn run_cases(name: &str, n: usize, mut gen: impl FnMut(&mut Rng) -> Case) {
     let mut h = Harness::new();
-    let seed = seed::for_test(name);
-    let mut r = Rng(seed);
+    let mut r = Rng(seed::for_test(name));
     let mut failures = Vec::new();
     for _ in 0..n {
         let c = gen(&mut r);
@@ -130,14 +130,17 @@ pub fn run_cases(name: &str, n: usize, mut gen: impl FnMut(&mut Rng) -> Case) {
             failures.push(e);
         }
     }
+    report(name, n, &failures);
+}
+
+/// Prints the first failures and fails the test if there are any (the seed was printed when
+/// the test started).
+pub fn report(name: &str, n: usize, failures: &[String]) {
     if !failures.is_empty() {
         for f in failures.iter().take(15) {
             eprintln!("{name}: {f}");
         }
-        panic!(
-            "{name}: {} of {n} cases differ (seed {seed:#x})",
-            failures.len()
-        );
+        panic!("{name}: {} of {n} cases differ", failures.len());
     }
     eprintln!("{name}: {n} cases match the host");
 }
