@@ -1,6 +1,7 @@
 //! Differential tests: instruction semantics of the TCG versus the host CPU.
 
 mod addressing;
+mod control;
 mod harness;
 #[path = "../common/seed.rs"]
 mod seed;
