@@ -2,6 +2,7 @@
 
 mod addressing;
 mod control;
+mod faults;
 mod harness;
 #[path = "../common/seed.rs"]
 mod seed;
