@@ -2,7 +2,9 @@
 //! form) under the guest's MXCSR rounding/DAZ/FTZ with every exception masked, so results,
 //! NaN propagation and the exception flags are the hardware's; the flags are then merged into
 //! the guest MXCSR, and an unmasked one raises #XM (#UD without CR4.OSXMMEXCPT) without
-//! writing the destination. (The crate runs on x86-64 hosts only.)
+//! writing the destination. (The crate runs on x86-64 hosts only.) Known gap: with OE or UE
+//! unmasked, the hardware sets PE from the result rounded with an unbounded exponent; here
+//! PE is dropped in that case (the #XM and the OE/UE flags are right).
 
 use super::operand::{get_reg, set_reg};
 use super::{vec, Ctx, Event, R};
@@ -95,9 +97,17 @@ pub fn fp_ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
                 _ => 16,
             };
             let b = src(cx, ins, 1, size)?;
-            let Some((r, f)) = host_xx(m, cx.s.xmm[d], b, csr) else {
+            let a = cx.s.xmm[d];
+            let Some((r, mut f)) = host_xx(m, a, b, csr) else {
                 return Ok(false);
             };
+            if csr & (UE << 7) == 0 && f & UE == 0 {
+                // An unmasked underflow is signalled for every tiny result, a masked one only
+                // for inexact ones; with FTZ every tiny result reports UE.
+                if let Some((_, f2)) = host_xx(m, a, b, csr | 0x8000) {
+                    f |= f2 & UE;
+                }
+            }
             merge_flags(cx, f)?;
             cx.s.xmm[d] = r;
         }
@@ -147,6 +157,10 @@ const FLAGS: u32 = 0x3F;
 /// (OE UE PE) of the same instruction are not reported.
 const PRE: u32 = 0x07;
 
+const OE: u32 = 0x08;
+const UE: u32 = 0x10;
+const PE: u32 = 0x20;
+
 /// The MXCSR the host runs an instruction with: the guest's control bits, all exceptions
 /// masked, no flags.
 fn host_csr(guest: u32) -> u32 {
@@ -161,7 +175,15 @@ fn merge_flags(cx: &mut Ctx<'_>, f: u32) -> R<()> {
         cx.s.mxcsr |= f;
         return Ok(());
     }
-    cx.s.mxcsr |= if unmasked & PRE != 0 { f & PRE } else { f };
+    // Unmasked pre-computation exceptions hide the post-computation ones; an unmasked
+    // overflow or underflow delivers no result, so no precision exception either.
+    cx.s.mxcsr |= if unmasked & PRE != 0 {
+        f & PRE
+    } else if unmasked & (OE | UE) != 0 {
+        f & !PE
+    } else {
+        f
+    };
     let v = if cx.s.cr4 & cr4::OSXMMEXCPT != 0 {
         XM
     } else {

@@ -8,10 +8,11 @@
 pub const ENV: &str = "RQEMU_TEST_SEED";
 const DEFAULT_BASE: u64 = 0x5EED_1234_ABCD_0001;
 
-/// The base seed (from [`ENV`] or the default); panics on an unparsable value.
+/// The base seed (from [`ENV`] if set and not empty, else the default); panics on an
+/// unparsable value.
 pub fn base() -> u64 {
     match std::env::var(ENV) {
-        Ok(v) => {
+        Ok(v) if !v.trim().is_empty() => {
             let v = v.trim();
             let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
                 Some(hex) => u64::from_str_radix(hex, 16),
@@ -19,7 +20,7 @@ pub fn base() -> u64 {
             };
             parsed.unwrap_or_else(|e| panic!("{ENV}={v:?} is not a u64: {e}"))
         }
-        Err(_) => DEFAULT_BASE,
+        _ => DEFAULT_BASE,
     }
 }
 

@@ -7,6 +7,7 @@ mod harness;
 #[path = "../common/seed.rs"]
 mod seed;
 mod sse;
+mod sse_state;
 
 use harness::{check, random_state, Case, Harness, Rng, DATA};
 use rqemu_tcg::flags::{AF, ARITH, CF, DF, OF, PF, SF, ZF};
