@@ -2,9 +2,8 @@
 //! form) under the guest's MXCSR rounding/DAZ/FTZ with every exception masked, so results,
 //! NaN propagation and the exception flags are the hardware's; the flags are then merged into
 //! the guest MXCSR, and an unmasked one raises #XM (#UD without CR4.OSXMMEXCPT) without
-//! writing the destination. (The crate runs on x86-64 hosts only.) Known gap: with OE or UE
-//! unmasked, the hardware sets PE from the result rounded with an unbounded exponent; here
-//! PE is dropped in that case (the #XM and the OE/UE flags are right).
+//! writing the destination. (The crate runs on x86-64 hosts only.) With OE or UE unmasked,
+//! PE reports the rounding with an unbounded exponent, computed on the x87 unit.
 
 use super::operand::{get_reg, set_reg};
 use super::{vec, Ctx, Event, R};
@@ -108,6 +107,14 @@ pub fn fp_ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
                     f |= f2 & UE;
                 }
             }
+            let unmasked = f & !(csr >> 7) & FLAGS;
+            if unmasked & PRE == 0 && unmasked & (OE | UE) != 0 {
+                // No result is delivered: PE reports the rounding with an unbounded exponent.
+                f &= !PE;
+                if stopped_precision(m, a, b, csr) {
+                    f |= PE;
+                }
+            }
             merge_flags(cx, f)?;
             cx.s.xmm[d] = r;
         }
@@ -175,15 +182,8 @@ fn merge_flags(cx: &mut Ctx<'_>, f: u32) -> R<()> {
         cx.s.mxcsr |= f;
         return Ok(());
     }
-    // Unmasked pre-computation exceptions hide the post-computation ones; an unmasked
-    // overflow or underflow delivers no result, so no precision exception either.
-    cx.s.mxcsr |= if unmasked & PRE != 0 {
-        f & PRE
-    } else if unmasked & (OE | UE) != 0 {
-        f & !PE
-    } else {
-        f
-    };
+    // Unmasked pre-computation exceptions hide the post-computation ones.
+    cx.s.mxcsr |= if unmasked & PRE != 0 { f & PRE } else { f };
     let v = if cx.s.cr4 & cr4::OSXMMEXCPT != 0 {
         XM
     } else {
@@ -360,4 +360,147 @@ fn host_gx(m: M, wide: bool, b: u128, csr: u32) -> Option<(u64, u32)> {
         _ => return None,
     }
     Some((g, c[0] & FLAGS))
+}
+
+/// The operation whose unbounded-exponent rounding [`x87_inexact`] checks.
+#[derive(Clone, Copy)]
+enum X87Op {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Sqrt,
+    /// Round the (double) source to single precision (CVTSD2SS).
+    Narrow,
+}
+
+/// PE of arithmetic instruction `m` stopped by an unmasked overflow or underflow: per lane,
+/// the rounding with an unbounded exponent where the unmasked exception occurs, the
+/// ordinary (masked) precision exception elsewhere.
+fn stopped_precision(m: M, a: u128, b: u128, csr: u32) -> bool {
+    let (scalar, bits, lanes) = match m {
+        M::Addps => (M::Addss, 32, 4),
+        M::Subps => (M::Subss, 32, 4),
+        M::Mulps => (M::Mulss, 32, 4),
+        M::Divps => (M::Divss, 32, 4),
+        M::Sqrtps => (M::Sqrtss, 32, 4),
+        M::Addpd => (M::Addsd, 64, 2),
+        M::Subpd => (M::Subsd, 64, 2),
+        M::Mulpd => (M::Mulsd, 64, 2),
+        M::Divpd => (M::Divsd, 64, 2),
+        M::Sqrtpd => (M::Sqrtsd, 64, 2),
+        _ => (m, 0, 1),
+    };
+    let unmasked_post = !(csr >> 7) & (OE | UE);
+    (0..lanes).any(|i| {
+        let (al, bl) = (a >> (bits * i), b >> (bits * i));
+        let Some((_, mut f)) = host_xx(scalar, al, bl, csr) else {
+            return false;
+        };
+        if let Some((_, f2)) = host_xx(scalar, al, bl, csr | 0x8000) {
+            f |= f2 & UE;
+        }
+        if f & unmasked_post != 0 {
+            unbounded_inexact(scalar, al, bl, csr)
+        } else {
+            f & PE != 0
+        }
+    })
+}
+
+/// Whether arithmetic instruction `m` on `a`, `b` is inexact when rounded to the destination
+/// precision with an unbounded exponent (in any lane): what PE reports when an unmasked
+/// overflow or underflow stops the instruction.
+fn unbounded_inexact(m: M, a: u128, b: u128, csr: u32) -> bool {
+    use X87Op::*;
+    let (op, single, lanes) = match m {
+        M::Addss => (Add, true, 1),
+        M::Subss => (Sub, true, 1),
+        M::Mulss => (Mul, true, 1),
+        M::Divss => (Div, true, 1),
+        M::Sqrtss => (Sqrt, true, 1),
+        M::Addps => (Add, true, 4),
+        M::Subps => (Sub, true, 4),
+        M::Mulps => (Mul, true, 4),
+        M::Divps => (Div, true, 4),
+        M::Sqrtps => (Sqrt, true, 4),
+        M::Addsd => (Add, false, 1),
+        M::Subsd => (Sub, false, 1),
+        M::Mulsd => (Mul, false, 1),
+        M::Divsd => (Div, false, 1),
+        M::Sqrtsd => (Sqrt, false, 1),
+        M::Addpd => (Add, false, 2),
+        M::Subpd => (Sub, false, 2),
+        M::Mulpd => (Mul, false, 2),
+        M::Divpd => (Div, false, 2),
+        M::Sqrtpd => (Sqrt, false, 2),
+        M::Cvtsd2ss => (Narrow, false, 1),
+        _ => return false,
+    };
+    let daz = csr & 0x40 != 0;
+    let lane = |v: u128, i: u32| -> u64 {
+        if single && !matches!(op, Narrow) {
+            let x = (v >> (32 * i)) as u32;
+            let denormal = x & 0x7F80_0000 == 0 && x & 0x007F_FFFF != 0;
+            u64::from(if daz && denormal { x & 0x8000_0000 } else { x })
+        } else {
+            let x = (v >> (64 * i)) as u64;
+            let denormal = x & 0x7FF0_0000_0000_0000 == 0 && x & 0x000F_FFFF_FFFF_FFFF != 0;
+            if daz && denormal {
+                x & (1 << 63)
+            } else {
+                x
+            }
+        }
+    };
+    // x87 control word: exceptions masked, precision 24 or 53 bits, the MXCSR rounding.
+    let pc: u16 = if single || matches!(op, Narrow) { 0 } else { 2 };
+    let cw = 0x3F | (pc << 8) | (((csr >> 13) & 3) as u16) << 10;
+    (0..lanes).any(|i| x87_inexact(op, single, cw, lane(a, i), lane(b, i)))
+}
+
+/// Runs `a op b` (or `op b`) on the x87 unit with control word `cw` and returns its PE flag.
+fn x87_inexact(op: X87Op, single: bool, cw: u16, a: u64, b: u64) -> bool {
+    let v = [a, b];
+    let mut w = [0u16, cw];
+    let sw: u16;
+    macro_rules! x87 {
+        ($($body:literal),*) => {
+            // SAFETY: the x87 control word is saved in `w[0]` and restored, the register
+            // stack is left empty (one load, one pop) and the status flags cleared; memory
+            // accessed: the local arrays `v` and `w` only.
+            unsafe {
+                asm!(
+                    "fnstcw [{w}]",
+                    "fldcw [{w} + 2]",
+                    "fnclex",
+                    $($body,)*
+                    "fstp st(0)",
+                    "fnstsw ax",
+                    "fnclex",
+                    "fldcw [{w}]",
+                    w = in(reg) w.as_mut_ptr(),
+                    v = in(reg) v.as_ptr(),
+                    out("ax") sw,
+                    out("st(0)") _,
+                    out("st(1)") _,
+                    options(nostack),
+                );
+            }
+        };
+    }
+    match (op, single) {
+        (X87Op::Add, true) => x87!("fld dword ptr [{v}]", "fadd dword ptr [{v} + 8]"),
+        (X87Op::Sub, true) => x87!("fld dword ptr [{v}]", "fsub dword ptr [{v} + 8]"),
+        (X87Op::Mul, true) => x87!("fld dword ptr [{v}]", "fmul dword ptr [{v} + 8]"),
+        (X87Op::Div, true) => x87!("fld dword ptr [{v}]", "fdiv dword ptr [{v} + 8]"),
+        (X87Op::Sqrt, true) => x87!("fld dword ptr [{v} + 8]", "fsqrt"),
+        (X87Op::Add, false) => x87!("fld qword ptr [{v}]", "fadd qword ptr [{v} + 8]"),
+        (X87Op::Sub, false) => x87!("fld qword ptr [{v}]", "fsub qword ptr [{v} + 8]"),
+        (X87Op::Mul, false) => x87!("fld qword ptr [{v}]", "fmul qword ptr [{v} + 8]"),
+        (X87Op::Div, false) => x87!("fld qword ptr [{v}]", "fdiv qword ptr [{v} + 8]"),
+        (X87Op::Sqrt, false) => x87!("fld qword ptr [{v} + 8]", "fsqrt"),
+        (X87Op::Narrow, _) => x87!("fld qword ptr [{v} + 8]", "fld1", "fmulp st(1), st"),
+    }
+    sw & 0x20 != 0
 }
