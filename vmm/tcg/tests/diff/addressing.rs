@@ -406,3 +406,60 @@ fn short_encodings() {
         }
     });
 }
+
+/// Prefix edge cases on ALU instructions: repeated and ignored prefixes (segment overrides on
+/// register operands or ignored in 64-bit mode, F2/F3, 0x67 without memory, several 0x66),
+/// and a REX prefix followed by a legacy prefix (then ignored).
+#[test]
+fn redundant_and_ignored_prefixes() {
+    run_cases("redundant_and_ignored_prefixes", 3000, |r| {
+        let mut st = random_state(r);
+        let sz = Sz::ALL[r.below(4) as usize];
+        let k = r.below(8) as u8;
+        let op = op_for(sz, k * 8 + 2 * r.below(2) as u8);
+        let mem = r.below(2) == 0;
+        let reg = free_reg(r, &[3]);
+        let rm = free_reg(r, &[]);
+        let mut c = Vec::new();
+        for _ in 0..r.below(4) {
+            let p = match r.below(6) {
+                0 => [0x26u8, 0x2E, 0x36, 0x3E, 0x65][r.below(5) as usize],
+                1 if !mem => 0x64,
+                2 => 0xF2,
+                3 => 0xF3,
+                4 if !mem => 0x67,
+                _ => 0x66,
+            };
+            c.push(p);
+        }
+        if sz == Sz::W {
+            c.push(0x66);
+        }
+        if !c.is_empty() && r.below(3) == 0 {
+            // A REX prefix followed by a legacy prefix is ignored.
+            c.insert(0, 0x48 | r.below(8) as u8);
+        }
+        let rex = 0x40
+            | if sz == Sz::Q { 8 } else { 0 }
+            | ((reg >> 3) << 2)
+            | if mem { 0 } else { rm >> 3 };
+        if rex != 0x40 || sz == Sz::B {
+            c.push(rex);
+        }
+        c.push(op);
+        if mem {
+            st.gpr[3] = target(r);
+            c.extend([0x43 | ((reg & 7) << 3), r.below(128) as u8]);
+        } else {
+            c.push(0xC0 | ((reg & 7) << 3) | (rm & 7));
+        }
+        Case {
+            code: c,
+            st,
+            flag_mask: ARITH & !AF,
+            xmm: false,
+            data_seed: 0x34,
+            expect: None,
+        }
+    });
+}

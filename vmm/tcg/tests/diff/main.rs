@@ -672,6 +672,23 @@ fn string_ops_with_rep() {
         if r.below(2) == 0 {
             st.rflags |= DF;
         }
+        if r.below(4) == 0 {
+            // 0x67: ESI/EDI/ECX (junk in the high halves: the registers are written as 32-bit
+            // ones). Not with a REP count of 0: whether the untouched registers are still
+            // zero-extended then is model-specific (this Intel host does it for the
+            // registers MOVS/STOS use and for ECX).
+            c.insert(0, 0x67);
+            if st.gpr[1] as u32 == 0 {
+                st.gpr[1] = 1;
+            }
+            for i in [1, 6, 7] {
+                st.gpr[i] |= r.next() << 32;
+            }
+        }
+        if r.below(4) == 0 {
+            // Segment overrides (GS has base 0 here; the others are ignored in 64-bit mode).
+            c.insert(0, [0x26u8, 0x2E, 0x36, 0x3E, 0x65][r.below(5) as usize]);
+        }
         case(c, st, ARITH | DF)
     });
 }
