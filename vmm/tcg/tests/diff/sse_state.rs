@@ -140,3 +140,52 @@ fn fxrstor_fxsave_round_trip() {
         }
     });
 }
+
+/// The x87 state instructions the TCG implements (no x87 arithmetic): FNINIT, FLDCW/FNSTCW,
+/// FNSTSW to AX and memory, FNCLEX, FWAIT, EMMS, then FXSAVE of the resulting state (the
+/// register contents, which FNINIT leaves alone, are loaded by an FXRSTOR first).
+#[test]
+fn x87_control_instructions() {
+    run_cases("x87_control_instructions", 1000, |r| {
+        let mut st = random_state(r);
+        st.gpr[3] = DATA + 0x1000 + 16 * r.below(0x300);
+        let mut c = Vec::new();
+        // A canonical image: FCW/MXCSR valid, FSW/FTW/pointers zero.
+        c.extend([0x48, 0xC7, 0x03, 0x7F, 0x03, 0, 0]); // mov qword [rbx], 0x37f
+        c.extend([0x48, 0xC7, 0x43, 8, 0, 0, 0, 0]); // FIP
+        c.extend([0x48, 0xC7, 0x43, 16, 0, 0, 0, 0]); // FDP
+        c.extend([0xC7, 0x43, 24, 0x80, 0x1F, 0, 0]); // MXCSR
+        c.extend([0x48, 0x0F, 0xAE, 0x0B]); // fxrstor64 [rbx]
+        for _ in 0..1 + r.below(6) {
+            match r.below(7) {
+                0 => c.extend([0xDB, 0xE3]), // fninit
+                1 => {
+                    // mov word [rbx+0x300], cw ; fldcw [rbx+0x300] (exceptions masked)
+                    let cw = 0x037F | (r.next() as u16 & 0x0F00) | 0x40;
+                    c.extend([0x66, 0xC7, 0x83, 0x00, 0x03, 0, 0]);
+                    c.extend(cw.to_le_bytes());
+                    c.extend([0xD9, 0xAB, 0x00, 0x03, 0, 0]);
+                }
+                2 => c.extend([0xD9, 0xBB, 0x10, 0x03, 0, 0]), // fnstcw [rbx+0x310]
+                3 => c.extend([0xDF, 0xE0]),                   // fnstsw ax
+                4 => c.extend([0xDD, 0xBB, 0x20, 0x03, 0, 0]), // fnstsw [rbx+0x320]
+                5 => c.extend([0xDB, 0xE2]),                   // fnclex
+                _ => c.extend(if r.below(2) == 0 {
+                    [0x9B, 0x90]
+                } else {
+                    [0x0F, 0x77]
+                }),
+            }
+        }
+        c.extend([0x48, 0x0F, 0xAE, 0x83, 0x00, 0x01, 0, 0]); // fxsave64 [rbx+0x100]
+        c.extend([0xDB, 0xE3]); // fninit
+        Case {
+            code: c,
+            st,
+            flag_mask: ARITH,
+            xmm: true,
+            data_seed: 0x63,
+            expect: None,
+        }
+    });
+}
