@@ -62,6 +62,10 @@ impl Daemon {
         let start = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(
+                    !self.socket.exists(),
+                    "rqemu-blk left its socket behind after SIGTERM"
+                );
                 return st;
             }
             assert!(start.elapsed() < TIMEOUT, "rqemu-blk ignored SIGTERM");
