@@ -76,9 +76,11 @@ impl Worker<'_> {
 
     /// Device-wide index of the thread's `position`-th queue.
     fn queue_at(&self, position: usize) -> Option<usize> {
-        (0..64usize)
-            .filter(|q| self.mask & (1u64 << q) != 0)
-            .nth(position)
+        let mut rest = self.mask;
+        for _ in 0..position {
+            rest &= rest.wrapping_sub(1); // drop the lowest queue
+        }
+        (rest != 0).then(|| rest.trailing_zeros() as usize)
     }
 }
 
