@@ -177,9 +177,9 @@ mod tests {
             ("share", CacheMode::Never, 4, true)
         );
         let e = parse(&["--tag", &"t".repeat(37)]).unwrap_err().to_string();
-        assert!(e.contains(&"t".repeat(37)) || e.contains("37"), "{e}");
+        assert!(e.contains("the mount tag is 37 bytes"), "{e}");
         let e = parse(&["--queues", "0"]).unwrap_err().to_string();
-        assert!(e.contains('0') && e.contains("queue"), "{e}");
+        assert!(e.contains("request queue count 0 out of range"), "{e}");
         let e = parse(&["--cache", "sometimes"]).unwrap_err().to_string();
         assert!(e.contains("'sometimes'") && e.contains("--cache"), "{e}");
         let refused = |argv: &[&str]| {
