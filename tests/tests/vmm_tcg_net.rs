@@ -1,7 +1,8 @@
 //! `rqemu-vmm --accel tcg` (our own VMM and software CPU, not QEMU) with a virtio-net device
 //! served by `rqemu-net`: the guest's Linux virtio-net driver brings eth0 up and pings the host
 //! peer on the daemon's tap, inside a network namespace the test creates (nothing is routed
-//! outside it).
+//! outside it). The socket is given without a type: the VMM discovers virtio-net from the
+//! daemon's rqemu identity block.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ fn tcg_linux_pings_through_rqemu_net() {
          echo ping-ok\n"
     );
     let console = dir.path().join("console.log");
+    let vmm_log = dir.path().join("vmm.log");
     let start = Instant::now();
     let mut child = Command::new(project_binary("rqemu-vmm").expect("rqemu-vmm binary"))
         .args(["--accel", "tcg", "--memory", "512M"])
@@ -36,7 +38,7 @@ fn tcg_linux_pings_through_rqemu_net() {
         .arg("--initrd")
         .arg(&assets.initramfs)
         .arg("--device-socket")
-        .arg(format!("net:{}", sock.display()))
+        .arg(&sock)
         .arg("--serial")
         .arg(format!("file:{}", console.display()))
         .arg("--cmdline")
@@ -45,6 +47,8 @@ fn tcg_linux_pings_through_rqemu_net() {
             base64(script.as_bytes())
         ))
         .stdin(Stdio::null())
+        .env("RQEMU_LOG", "info")
+        .stderr(std::fs::File::create(&vmm_log).expect("creating the VMM log"))
         .spawn()
         .expect("spawning rqemu-vmm");
     let status = loop {
@@ -64,7 +68,11 @@ fn tcg_linux_pings_through_rqemu_net() {
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     let log = daemon.log();
     drop(daemon);
-    let report = format!("status {status}\n--- console ---\n{text}\n--- rqemu-net ---\n{log}");
+    let vlog = std::fs::read_to_string(&vmm_log).unwrap_or_default();
+    let report = format!(
+        "status {status}\n--- console ---\n{text}\n--- rqemu-vmm ---\n{vlog}\n--- rqemu-net ---\n{log}"
+    );
+    assert!(vlog.contains("discovered a Net device"), "{report}");
     assert!(text.contains("ping-ok"), "{report}");
     assert!(text.contains("RQEMU-EXIT=0"), "{report}");
     assert!(status.success(), "{report}");
