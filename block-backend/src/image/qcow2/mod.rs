@@ -39,6 +39,8 @@ mod tests_crash;
 #[cfg(test)]
 mod tests_stress;
 
+#[cfg(test)]
+pub(crate) use header::test_header;
 pub use header::{parse_header, FeatureName, Header};
 pub use header::{
     INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
