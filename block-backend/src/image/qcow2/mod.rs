@@ -157,7 +157,9 @@ impl Qcow2Image {
             )));
         }
         let l1_bytes = u64::from(header.l1_size) * 8;
-        if header.l1_size > 0 && header.l1_table_offset + l1_bytes > file_len {
+        // `parse_header` checked that the tables end below 2^56: no overflow here.
+        let l1_end = header.l1_table_offset.saturating_add(l1_bytes);
+        if header.l1_size > 0 && l1_end > file_len {
             return Err(ImageError::Corrupt(format!(
                 "qcow2 L1 table at {:#x} ({} entries) extends beyond the end of the file ({file_len} bytes)",
                 header.l1_table_offset, header.l1_size

@@ -9,13 +9,11 @@ use std::fs::File;
 use super::super::raw::{datasync, read_upto, write_all};
 use super::super::{ImageError, Result};
 use super::cache::ClusterCache;
-use super::header::OFF_REFCOUNT_TABLE;
+use super::header::{MAX_HOST_OFFSET, OFF_REFCOUNT_TABLE};
 use super::Geom;
 
 /// Refcount table entry: bits 9..63 are the refcount block offset.
 const REFT_OFFSET_MASK: u64 = !0x1ff;
-/// Host offsets must fit in an L2 entry (bits 9..55).
-const MAX_HOST_OFFSET: u64 = 1 << 56;
 
 /// The refcount structures of an image.
 #[derive(Debug)]
@@ -112,9 +110,9 @@ impl Refcounts {
         if off == 0 {
             return Ok(None);
         }
-        if off & (self.geom.cluster_size - 1) != 0 {
+        if off & (self.geom.cluster_size - 1) != 0 || off >= MAX_HOST_OFFSET {
             return Err(ImageError::Corrupt(format!(
-                "refcount block {block} at unaligned offset {off:#x}"
+                "refcount block {block} at unaligned or out-of-range offset {off:#x}"
             )));
         }
         Ok(Some(off))
