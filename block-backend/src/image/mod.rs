@@ -57,6 +57,10 @@ pub enum ImageError {
     /// The image is full (qcow2: no room for new metadata or clusters).
     #[error("no space: {0}")]
     NoSpace(String),
+    /// A qcow2 write would have overwritten the image's own metadata (crafted or corrupt
+    /// image): refused, and the image is marked corrupt.
+    #[error("corrupt image: {0}")]
+    MetadataOverlap(String),
     /// A write refused for safety: it would make a probed raw image look like another
     /// format on the next start (the message says what).
     #[error("write refused: {0}")]

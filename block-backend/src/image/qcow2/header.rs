@@ -16,6 +16,8 @@ pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 
 /// Byte offset of `refcount_table_offset` (followed by `refcount_table_clusters`).
 pub(crate) const OFF_REFCOUNT_TABLE: u64 = 48;
+/// Byte offset of `incompatible_features` (v3).
+pub(crate) const OFF_INCOMPAT: u64 = 72;
 /// Byte offset of `autoclear_features` (v3).
 pub(crate) const OFF_AUTOCLEAR: u64 = 88;
 
