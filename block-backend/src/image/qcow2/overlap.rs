@@ -8,6 +8,11 @@
 //! Structures created later (L2 tables, refcount blocks, a moved refcount table) are
 //! registered as they are created; at open, a read-write image whose structures overlap each
 //! other is refused.
+//!
+//! Limit: a write to an already allocated cluster is checked under the metadata lock and
+//! done after it. Only an image whose refcounts wrongly say that cluster is free (corrupt)
+//! could let a concurrent allocation turn it into an L2 table or refcount block in between;
+//! every later write to it is then refused.
 
 use std::collections::BTreeMap;
 
