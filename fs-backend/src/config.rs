@@ -1,6 +1,7 @@
 //! Device parameters of a virtio-fs device: mount tag, queue count, cache mode, and the
 //! virtio-fs configuration space (virtio spec 5.11.4).
 
+use std::ffi::{CStr, CString};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -100,6 +101,104 @@ impl FromStr for CacheMode {
     }
 }
 
+/// Largest xattr value (Linux `XATTR_SIZE_MAX`): a guest asking for more gets at most this.
+pub const XATTR_SIZE_MAX: usize = 65536;
+/// Largest xattr name list (Linux `XATTR_LIST_MAX`).
+pub const XATTR_LIST_MAX: usize = 65536;
+/// Host prefix of the guest's privileged xattrs under [`XattrPolicy::Mapped`].
+pub const XATTR_MAP_PREFIX: &str = "user.rqemu.";
+
+/// Namespaces a [`XattrPolicy::Mapped`] guest uses under [`XATTR_MAP_PREFIX`].
+const MAPPED_NAMESPACES: [&str; 3] = ["trusted.", "security.", "system."];
+
+/// How guest xattr names reach the host files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XattrPolicy {
+    /// `user.*` passes through; the privileged namespaces `trusted.*`, `security.*` and
+    /// `system.*` are stored on the host as `user.rqemu.<name>` (virtiofsd's `--xattrmap`
+    /// "prefix" rule), so guest root keeps working attributes (overlayfs, SELinux labels)
+    /// without setting privileged attributes (file capabilities, trusted.*) on host files.
+    /// The guest neither sees nor names the host's own privileged attributes, nor
+    /// `user.rqemu.*` directly.
+    #[default]
+    Mapped,
+    /// Every name as is: the guest's root sets `trusted.*`/`security.*` on host files. Only
+    /// for a trusted guest.
+    Passthrough,
+}
+
+impl XattrPolicy {
+    /// The host name of guest attribute `guest`, or the errno refusing it.
+    pub fn to_host(self, guest: &CStr) -> Result<CString, i32> {
+        let bytes = guest.to_bytes();
+        match self {
+            XattrPolicy::Passthrough => Ok(guest.to_owned()),
+            XattrPolicy::Mapped if bytes.starts_with(XATTR_MAP_PREFIX.as_bytes()) => {
+                Err(libc::EPERM)
+            }
+            XattrPolicy::Mapped if bytes.starts_with(b"user.") => Ok(guest.to_owned()),
+            XattrPolicy::Mapped
+                if MAPPED_NAMESPACES
+                    .iter()
+                    .any(|ns| bytes.starts_with(ns.as_bytes())) =>
+            {
+                let mut host = XATTR_MAP_PREFIX.as_bytes().to_vec();
+                host.extend_from_slice(bytes);
+                CString::new(host).map_err(|_| libc::EINVAL)
+            }
+            XattrPolicy::Mapped => Err(libc::EOPNOTSUPP),
+        }
+    }
+
+    /// The guest name of host attribute `host` (no NUL), or `None` if the guest does not
+    /// see it.
+    pub fn to_guest(self, host: &[u8]) -> Option<&[u8]> {
+        match self {
+            XattrPolicy::Passthrough => Some(host),
+            XattrPolicy::Mapped => {
+                if let Some(rest) = host.strip_prefix(XATTR_MAP_PREFIX.as_bytes()) {
+                    let mapped = MAPPED_NAMESPACES
+                        .iter()
+                        .any(|ns| rest.starts_with(ns.as_bytes()));
+                    return mapped.then_some(rest);
+                }
+                host.starts_with(b"user.").then_some(host)
+            }
+        }
+    }
+
+    /// Rewrites a host `listxattr` list (NUL-terminated names) into the guest's.
+    pub fn list_to_guest(self, host: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(host.len());
+        for name in host.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            if let Some(g) = self.to_guest(name) {
+                out.extend_from_slice(g);
+                out.push(0);
+            }
+        }
+        out
+    }
+}
+
+/// Extended attribute settings of the filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct XattrConfig {
+    /// Serve xattr requests (`ENOSYS` otherwise).
+    pub enabled: bool,
+    /// Name mapping.
+    pub policy: XattrPolicy,
+}
+
+impl From<bool> for XattrConfig {
+    /// Enabled or not, with the default (safe) policy.
+    fn from(enabled: bool) -> Self {
+        XattrConfig {
+            enabled,
+            policy: XattrPolicy::default(),
+        }
+    }
+}
+
 /// Parameters of one virtio-fs device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FsParams {
@@ -111,6 +210,8 @@ pub struct FsParams {
     pub cache: CacheMode,
     /// Serve extended attributes.
     pub xattr: bool,
+    /// Which xattr namespaces the guest reaches on the host (with `xattr`).
+    pub xattr_policy: XattrPolicy,
     /// Read-only share: the confinement mounts the directory read-only (the kernel answers
     /// writes `EROFS`) and requests served outside the passthrough (`COPY_FILE_RANGE`)
     /// answer `EROFS` too.
@@ -126,6 +227,7 @@ impl Default for FsParams {
             num_request_queues: 1,
             cache: CacheMode::Auto,
             xattr: false,
+            xattr_policy: XattrPolicy::default(),
             readonly: false,
             max_queue_size: 1024,
         }
@@ -139,6 +241,14 @@ impl FsParams {
             return Err(ConfigError::Queues(self.num_request_queues));
         }
         Ok(())
+    }
+
+    /// The xattr settings of the filesystem.
+    pub fn xattr_config(&self) -> XattrConfig {
+        XattrConfig {
+            enabled: self.xattr,
+            policy: self.xattr_policy,
+        }
     }
 
     /// Total virtqueues: one hiprio queue plus the request queues.
@@ -211,6 +321,35 @@ mod tests {
         };
         assert_eq!(&full.config_space()[..36], "x".repeat(36).as_bytes());
         assert_eq!(full.num_queues(), 2);
+    }
+
+    #[test]
+    fn xattr_names_are_mapped_out_of_privileged_namespaces() {
+        let m = XattrPolicy::Mapped;
+        assert_eq!(m.to_host(c"user.a").unwrap().as_bytes(), b"user.a");
+        assert_eq!(
+            m.to_host(c"trusted.overlay.opaque").unwrap().as_bytes(),
+            b"user.rqemu.trusted.overlay.opaque"
+        );
+        assert_eq!(
+            m.to_host(c"security.capability").unwrap().as_bytes(),
+            b"user.rqemu.security.capability"
+        );
+        assert_eq!(m.to_host(c"user.rqemu.trusted.x"), Err(libc::EPERM));
+        assert_eq!(m.to_host(c"weird.x"), Err(libc::EOPNOTSUPP));
+        assert_eq!(m.to_guest(b"user.rqemu.trusted.x"), Some(&b"trusted.x"[..]));
+        assert_eq!(m.to_guest(b"user.rqemu.other"), None);
+        assert_eq!(m.to_guest(b"security.selinux"), None);
+        assert_eq!(m.to_guest(b"user.a"), Some(&b"user.a"[..]));
+        assert_eq!(
+            m.list_to_guest(b"user.a\0security.selinux\0user.rqemu.security.selinux\0"),
+            b"user.a\0security.selinux\0"
+        );
+        let p = XattrPolicy::Passthrough;
+        assert_eq!(p.to_host(c"trusted.x").unwrap().as_bytes(), b"trusted.x");
+        assert_eq!(p.list_to_guest(b"trusted.x\0"), b"trusted.x\0");
+        assert_eq!(FsParams::default().xattr_policy, XattrPolicy::Mapped);
+        assert_eq!(XattrConfig::from(true).policy, XattrPolicy::Mapped);
     }
 
     #[test]

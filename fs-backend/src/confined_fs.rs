@@ -31,6 +31,7 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
+use crate::config::{XattrConfig, XATTR_LIST_MAX, XATTR_SIZE_MAX};
 use crate::copy_range::Handles;
 use crate::locks::{LockRequest, Locks};
 use crate::server::Passthrough;
@@ -38,15 +39,16 @@ use crate::server::Passthrough;
 /// The filesystem the server dispatches to.
 pub struct ConfinedFs {
     inner: Arc<Passthrough>,
-    xattr: bool,
+    xattr: XattrConfig,
     locks: Arc<Locks>,
     handles: Arc<Handles>,
 }
 
 impl ConfinedFs {
     /// Wraps the passthrough; `xattr` enables the xattr requests (`ENOSYS` otherwise, so the
-    /// guest stops asking). Lock and handle tables of its own.
-    pub fn new(inner: Arc<Passthrough>, xattr: bool) -> Self {
+    /// guest stops asking) and says how names are mapped (`true`: the default, safe
+    /// [`crate::XattrPolicy`]). Lock and handle tables of its own.
+    pub fn new(inner: Arc<Passthrough>, xattr: impl Into<XattrConfig>) -> Self {
         let locks = Arc::new(Locks::new(inner.clone()));
         let handles = Arc::new(Handles::new(inner.clone()));
         Self::with_tables(inner, xattr, locks, handles)
@@ -56,13 +58,13 @@ impl ConfinedFs {
     /// uses them for the requests it intercepts).
     pub fn with_tables(
         inner: Arc<Passthrough>,
-        xattr: bool,
+        xattr: impl Into<XattrConfig>,
         locks: Arc<Locks>,
         handles: Arc<Handles>,
     ) -> Self {
         ConfinedFs {
             inner,
-            xattr,
+            xattr: xattr.into(),
             locks,
             handles,
         }
@@ -82,8 +84,16 @@ impl ConfinedFs {
         LockRequest::new(inode, owner, lock.start, lock.end, lock.lock_type, flags)
     }
 
+    /// The host name of guest attribute `name` under the xattr policy.
+    fn xattr_name(&self, name: &CStr) -> io::Result<CString> {
+        self.xattr
+            .policy
+            .to_host(name)
+            .map_err(io::Error::from_raw_os_error)
+    }
+
     fn xattr_path(&self, inode: u64) -> io::Result<CString> {
-        if !self.xattr {
+        if !self.xattr.enabled {
             return Err(io::Error::from_raw_os_error(libc::ENOSYS));
         }
         let path = self
@@ -361,6 +371,7 @@ impl FileSystem for ConfinedFs {
         flags: u32,
     ) -> io::Result<()> {
         let path = self.xattr_path(inode)?;
+        let name = self.xattr_name(name)?;
         // SAFETY: valid NUL-terminated strings; `value` is valid for `value.len()` bytes.
         let r = unsafe {
             libc::lsetxattr(
@@ -385,7 +396,9 @@ impl FileSystem for ConfinedFs {
         size: u32,
     ) -> io::Result<GetxattrReply> {
         let path = self.xattr_path(inode)?;
-        let mut buf = vec![0u8; size as usize];
+        let name = self.xattr_name(name)?;
+        // No value is larger than XATTR_SIZE_MAX: the guest's size is a limit, not a need.
+        let mut buf = vec![0u8; (size as usize).min(XATTR_SIZE_MAX)];
         // SAFETY: valid NUL-terminated strings; `buf` is writable for `buf.len()` bytes.
         let n = unsafe {
             libc::lgetxattr(
@@ -411,20 +424,27 @@ impl FileSystem for ConfinedFs {
         size: u32,
     ) -> io::Result<ListxattrReply> {
         let path = self.xattr_path(inode)?;
-        let mut buf = vec![0u8; size as usize];
+        // The whole host list (never longer than XATTR_LIST_MAX), then the guest's view of it.
+        let mut buf = vec![0u8; XATTR_LIST_MAX];
         // SAFETY: valid NUL-terminated string; `buf` is writable for `buf.len()` bytes.
         let n = unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        buf.truncate(n);
+        let names = self.xattr.policy.list_to_guest(&buf);
         if size == 0 {
-            Ok(ListxattrReply::Count(u32::try_from(n).unwrap_or(u32::MAX)))
+            Ok(ListxattrReply::Count(
+                u32::try_from(names.len()).unwrap_or(u32::MAX),
+            ))
+        } else if names.len() > size as usize {
+            Err(io::Error::from_raw_os_error(libc::ERANGE))
         } else {
-            buf.truncate(n);
-            Ok(ListxattrReply::Names(buf))
+            Ok(ListxattrReply::Names(names))
         }
     }
 
     fn removexattr(&self, _ctx: &Context, inode: Self::Inode, name: &CStr) -> io::Result<()> {
         let path = self.xattr_path(inode)?;
+        let name = self.xattr_name(name)?;
         // SAFETY: valid NUL-terminated strings.
         if unsafe { libc::lremovexattr(path.as_ptr(), name.as_ptr()) } < 0 {
             return Err(io::Error::last_os_error());
@@ -700,6 +720,174 @@ mod tests {
             b"value-1"
         );
         assert_eq!(host_getxattr(&shared.join("d/f"), c"user.other"), None);
+    }
+
+    /// Records the largest allocation of each thread (to catch guest-sized allocations).
+    mod alloc_probe {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        thread_local! {
+            static LARGEST: Cell<usize> = const { Cell::new(0) };
+        }
+
+        fn note(n: usize) {
+            let _ = LARGEST.try_with(|c| c.set(c.get().max(n)));
+        }
+
+        /// The largest allocation of this thread since the last call.
+        pub fn take_largest() -> usize {
+            LARGEST.with(|c| c.replace(0))
+        }
+
+        pub struct Probe;
+
+        // SAFETY: every method forwards to the system allocator with the caller's arguments.
+        unsafe impl GlobalAlloc for Probe {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                note(layout.size());
+                // SAFETY: same contract as ours.
+                unsafe { System.alloc(layout) }
+            }
+            unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+                note(layout.size());
+                // SAFETY: same contract as ours.
+                unsafe { System.alloc_zeroed(layout) }
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                // SAFETY: same contract as ours.
+                unsafe { System.dealloc(ptr, layout) }
+            }
+            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+                note(new_size);
+                // SAFETY: same contract as ours.
+                unsafe { System.realloc(ptr, layout, new_size) }
+            }
+        }
+    }
+
+    #[global_allocator]
+    static PROBE: alloc_probe::Probe = alloc_probe::Probe;
+
+    fn host_setxattr(path: &std::path::Path, name: &CStr, value: &[u8]) {
+        let p = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: valid strings; `value` readable for its length.
+        let r = unsafe {
+            libc::lsetxattr(
+                p.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "host setxattr: {}", io::Error::last_os_error());
+    }
+
+    /// A served directory (not confined: the host path is used) with file `f`.
+    fn served(policy: crate::XattrPolicy) -> (tempfile::TempDir, ConfinedFs, u64) {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("f"), b"x").unwrap();
+        let params = FsParams {
+            xattr: true,
+            xattr_policy: policy,
+            ..FsParams::default()
+        };
+        let srv = FsServer::new(&params, t.path()).unwrap();
+        let fs = ConfinedFs::new(srv.passthrough().clone(), params.xattr_config());
+        fs.init(FsOptions::empty()).unwrap();
+        let f = fs.lookup(&Context::new(), ROOT_ID, c"f").unwrap().inode;
+        (t, fs, f)
+    }
+
+    fn guest_names(fs: &ConfinedFs, inode: u64) -> Vec<Vec<u8>> {
+        let ListxattrReply::Names(names) = fs.listxattr(&Context::new(), inode, 4096).unwrap()
+        else {
+            panic!("expected names")
+        };
+        let mut v: Vec<Vec<u8>> = names
+            .split(|&b| b == 0)
+            .filter(|n| !n.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn guest_sized_xattr_buffers_are_clamped() {
+        let (t, fs, f) = served(crate::XattrPolicy::Mapped);
+        host_setxattr(&t.path().join("f"), c"user.v", &[7; 100]);
+        let ctx = Context::new();
+        alloc_probe::take_largest();
+        let v = fs.getxattr(&ctx, f, c"user.v", u32::MAX).unwrap();
+        assert!(matches!(v, GetxattrReply::Value(ref v) if v == &[7; 100]));
+        let got = alloc_probe::take_largest();
+        assert!(got <= 1 << 20, "getxattr allocated {got} bytes");
+        let l = fs.listxattr(&ctx, f, u32::MAX).unwrap();
+        assert!(matches!(l, ListxattrReply::Names(ref n) if n == b"user.v\0"));
+        let got = alloc_probe::take_largest();
+        assert!(got <= 1 << 20, "listxattr allocated {got} bytes");
+        // A guest buffer too small for the list: ERANGE, as from the kernel.
+        let e = fs
+            .listxattr(&ctx, f, 3)
+            .err()
+            .and_then(|e| e.raw_os_error());
+        assert_eq!(e, Some(libc::ERANGE));
+    }
+
+    #[test]
+    fn privileged_xattrs_are_mapped_not_set_on_host_files() {
+        let (t, fs, f) = served(crate::XattrPolicy::Mapped);
+        let host = t.path().join("f");
+        host_setxattr(&host, c"trusted.host-only", b"h");
+        let ctx = Context::new();
+        fs.setxattr(&ctx, f, c"trusted.overlay.opaque", b"y", 0)
+            .unwrap();
+        // The host file has no privileged attribute from the guest...
+        assert_eq!(host_getxattr(&host, c"trusted.overlay.opaque"), None);
+        // (A file capability: the host kernel would even validate this value, EINVAL.)
+        fs.setxattr(&ctx, f, c"security.capability", b"caps", 0)
+            .unwrap();
+        assert_eq!(host_getxattr(&host, c"security.capability"), None);
+        fs.setxattr(&ctx, f, c"user.plain", b"p", 0).unwrap();
+        assert_eq!(
+            host_getxattr(&host, c"user.rqemu.trusted.overlay.opaque").unwrap(),
+            b"y"
+        );
+        // ...while the guest sees its own names and values, not the host's privileged ones.
+        let v = fs.getxattr(&ctx, f, c"trusted.overlay.opaque", 16).unwrap();
+        assert!(matches!(v, GetxattrReply::Value(ref v) if v == b"y"));
+        let e = fs.getxattr(&ctx, f, c"trusted.host-only", 16).err();
+        assert_eq!(e.and_then(|e| e.raw_os_error()), Some(libc::ENODATA));
+        assert_eq!(
+            guest_names(&fs, f),
+            [
+                &b"security.capability"[..],
+                b"trusted.overlay.opaque",
+                b"user.plain"
+            ]
+        );
+        // The mapped names cannot be reached directly.
+        let e = fs.setxattr(&ctx, f, c"user.rqemu.trusted.x", b"z", 0).err();
+        assert_eq!(e.and_then(|e| e.raw_os_error()), Some(libc::EPERM));
+        fs.removexattr(&ctx, f, c"security.capability").unwrap();
+        assert_eq!(
+            host_getxattr(&host, c"user.rqemu.security.capability"),
+            None
+        );
+        assert_eq!(host_getxattr(&host, c"trusted.host-only").unwrap(), b"h");
+    }
+
+    #[test]
+    fn passthrough_policy_is_an_explicit_opt_in() {
+        let (t, fs, f) = served(crate::XattrPolicy::Passthrough);
+        fs.setxattr(&Context::new(), f, c"trusted.x", b"1", 0)
+            .unwrap();
+        assert_eq!(
+            host_getxattr(&t.path().join("f"), c"trusted.x").unwrap(),
+            b"1"
+        );
     }
 
     #[test]

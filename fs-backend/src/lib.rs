@@ -49,7 +49,10 @@
 //! Served by rqemu ([`confined_fs`], [`locks`], [`copy_range`]):
 //!
 //! * SETXATTR/GETXATTR/LISTXATTR/REMOVEXATTR with `--xattr` (the passthrough's own xattr code
-//!   needs `/proc`, absent inside the confinement);
+//!   needs `/proc`, absent inside the confinement); buffers are clamped to `XATTR_SIZE_MAX` /
+//!   `XATTR_LIST_MAX` whatever size the guest asks for, and by default ([`XattrPolicy`])
+//!   the guest's `trusted.*`/`security.*`/`system.*` names are stored as `user.rqemu.*` on
+//!   the host, never as privileged attributes of host files;
 //! * GETLK, SETLK, SETLKW — POSIX record locks as open-file-description locks on a host fd
 //!   per guest lock owner, and `flock` (`FUSE_LK_FLOCK`) with `flock(2)` on it; offered at
 //!   INIT (`FUSE_POSIX_LOCKS | FUSE_FLOCK_LOCKS`), released on FLUSH / RELEASE, shared with
@@ -76,6 +79,8 @@ mod tests_chain;
 #[cfg(test)]
 mod tests_locks;
 
-pub use config::{CacheMode, ConfigError, FsParams, Tag, CONFIG_SPACE_LEN, TAG_LEN};
+pub use config::{
+    CacheMode, ConfigError, FsParams, Tag, XattrConfig, XattrPolicy, CONFIG_SPACE_LEN, TAG_LEN,
+};
 pub use confine::ConfineError;
 pub use server::{FsServer, Outcome, ServerError, UsedRing};

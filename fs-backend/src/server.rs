@@ -119,7 +119,7 @@ impl FsServer {
         let handles = Arc::new(Handles::new(fs.clone()));
         let server = Server::new(ConfinedFs::with_tables(
             fs.clone(),
-            params.xattr,
+            params.xattr_config(),
             locks.clone(),
             handles.clone(),
         ));

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 pub mod mem;
 pub mod qcow2;
 pub mod raw;
+#[cfg(test)]
+mod tests_probe;
 mod vectored;
 
 /// A validated piece of guest memory (from a descriptor), the target or source of I/O.
@@ -55,6 +57,14 @@ pub enum ImageError {
     /// The image is full (qcow2: no room for new metadata or clusters).
     #[error("no space: {0}")]
     NoSpace(String),
+    /// A qcow2 write would have overwritten the image's own metadata (crafted or corrupt
+    /// image): refused, and the image is marked corrupt.
+    #[error("corrupt image: {0}")]
+    MetadataOverlap(String),
+    /// A write refused for safety: it would make a probed raw image look like another
+    /// format on the next start (the message says what).
+    #[error("write refused: {0}")]
+    Refused(String),
 }
 
 impl ImageError {
@@ -91,7 +101,10 @@ impl fmt::Display for Format {
 /// How the format is chosen when opening.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FormatHint {
-    /// Detect from the header (qcow2 magic, otherwise raw).
+    /// Detect from the header (qcow2 magic, otherwise raw). A writable image detected as raw
+    /// is "probed raw": guest writes that would make sector 0 probe as another format are
+    /// refused (as QEMU does), since the next start would otherwise trust a header the guest
+    /// wrote (backing file = any host file). Pass `Exact(Format::Raw)` for raw images.
     #[default]
     Auto,
     /// Force a format; opening fails if the header contradicts it (raw is always accepted).
@@ -225,6 +238,15 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
         }
     };
     match format {
+        Format::Raw if opts.format == FormatHint::Auto && !opts.read_only => {
+            tracing::warn!(
+                "{}: format probed as raw; guest writes that would make its first sector look \
+                 like another format are refused. Pass `--format raw` to state the format \
+                 (and lift that restriction)",
+                path.display()
+            );
+            Ok(Box::new(raw::RawImage::new_probed(file, false)?))
+        }
         Format::Raw => Ok(Box::new(raw::RawImage::new(file, opts.read_only)?)),
         Format::Qcow2 => Ok(Box::new(qcow2::Qcow2Image::open(
             file,
@@ -240,14 +262,22 @@ fn base_dir(path: &Path) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// How many leading bytes [`detect_bytes`] looks at (one sector).
+pub const PROBE_LEN: usize = 512;
+
 /// Detects the format of an open file from its first bytes.
 pub fn detect(file: &std::fs::File) -> std::io::Result<Format> {
-    use std::os::unix::fs::FileExt;
-    let mut magic = [0u8; 4];
-    let n = file.read_at(&mut magic, 0)?;
-    Ok(if n == 4 && magic == qcow2::MAGIC {
+    let mut head = [0u8; PROBE_LEN];
+    let n = raw::read_upto(file, &mut head, 0)?;
+    Ok(detect_bytes(&head[..n]))
+}
+
+/// Detects a format from the first bytes of an image (at most [`PROBE_LEN`] are looked at;
+/// fewer bytes are the whole file).
+pub fn detect_bytes(head: &[u8]) -> Format {
+    if head.len() >= 4 && head[..4] == qcow2::MAGIC {
         Format::Qcow2
     } else {
         Format::Raw
-    })
+    }
 }

@@ -7,8 +7,10 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 
-use super::{check_range, DiskImage, Format, ImageError, Result};
+use super::{check_range, detect_bytes, DiskImage, Format, ImageError, Result, PROBE_LEN};
 
 /// `BLKGETSIZE64` = `_IOR(0x12, 114, size_t)` (not exported by the `libc` crate).
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -103,6 +105,24 @@ pub struct RawImage {
     size: u64,
     read_only: bool,
     block_device: bool,
+    /// Set when the format was probed: writes touching the first sector are checked (and
+    /// serialised by this lock, so two partial writes cannot build a header together).
+    probe_guard: Option<ProbeGuard>,
+}
+
+/// State of the probed-raw write check.
+#[derive(Debug, Default)]
+struct ProbeGuard {
+    lock: Mutex<()>,
+    /// Whether a refusal was already logged at warning level (later ones go to debug).
+    warned: AtomicBool,
+}
+
+/// Contents of a write for [`RawImage::guarded`]: data, or zeroes.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    Data(&'a [u8]),
+    Zeroes,
 }
 
 impl RawImage {
@@ -131,7 +151,18 @@ impl RawImage {
             size,
             read_only,
             block_device,
+            probe_guard: None,
         })
+    }
+
+    /// Like [`RawImage::new`], for an image whose format was probed (not stated by the user):
+    /// a write, write-zeroes or discard touching the first sector is refused with
+    /// [`ImageError::Refused`] when the first sector would afterwards probe as another format
+    /// (QEMU's rule for probed raw images, against CVE-2008-2004-style attacks).
+    pub fn new_probed(file: File, read_only: bool) -> Result<RawImage> {
+        let mut img = Self::new(file, read_only)?;
+        img.probe_guard = Some(ProbeGuard::default());
+        Ok(img)
     }
 
     fn check_write(&self, offset: u64, len: u64) -> Result<()> {
@@ -139,6 +170,54 @@ impl RawImage {
             return Err(ImageError::ReadOnly);
         }
         check_range(offset, len, self.size)
+    }
+
+    /// Whether `[offset, offset+len)` needs the probe check.
+    fn touches_probe_area(&self, offset: u64, len: u64) -> bool {
+        self.probe_guard.is_some() && len > 0 && offset < PROBE_LEN as u64
+    }
+
+    /// Runs `op` (which writes `payload` at `offset`, `len` bytes) after checking that the
+    /// first sector would still probe as raw; the check and the write happen under the
+    /// guard's lock. Writes that do not touch the first sector run `op` directly.
+    fn guarded(
+        &self,
+        offset: u64,
+        len: u64,
+        payload: Payload<'_>,
+        op: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let guard = match &self.probe_guard {
+            Some(g) if self.touches_probe_area(offset, len) => g,
+            _ => return op(),
+        };
+        let _held = guard.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut head = [0u8; PROBE_LEN];
+        let n = read_upto(&self.file, &mut head, 0)
+            .map_err(|e| ImageError::io("raw read of the first sector", e))?;
+        // The first sector as it will be after the write (the file may be shorter).
+        let start = offset as usize;
+        let end = offset.saturating_add(len).min(PROBE_LEN as u64) as usize;
+        match payload {
+            Payload::Data(d) => head[start..end].copy_from_slice(&d[..end - start]),
+            Payload::Zeroes => head[start..end].fill(0),
+        }
+        let after = n.max(end).min(self.size as usize);
+        let probed = detect_bytes(&head[..after]);
+        if probed != Format::Raw {
+            let msg = format!(
+                "guest write at {offset} (length {len}) would make this probed raw image look \
+                 like {probed}; restart with `--format raw` if this disk really holds a {probed} \
+                 image"
+            );
+            if !guard.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!("{msg}");
+            } else {
+                tracing::debug!("{msg}");
+            }
+            return Err(ImageError::Refused(msg));
+        }
+        op()
     }
 }
 
@@ -164,9 +243,12 @@ impl DiskImage for RawImage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_write(offset, buf.len() as u64)?;
-        write_all(&self.file, buf, offset)
-            .map_err(|e| ImageError::io(format!("raw write at {offset}"), e))
+        let len = buf.len() as u64;
+        self.check_write(offset, len)?;
+        self.guarded(offset, len, Payload::Data(buf), || {
+            write_all(&self.file, buf, offset)
+                .map_err(|e| ImageError::io(format!("raw write at {offset}"), e))
+        })
     }
 
     fn flush(&self) -> Result<()> {
@@ -189,24 +271,45 @@ impl DiskImage for RawImage {
         &self,
         bufs: &[super::GuestSlice<'_>],
         offset: u64,
-        _bounce: &mut Vec<u8>,
+        bounce: &mut Vec<u8>,
     ) -> Result<()> {
         let len = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_write(offset, len)?;
+        if self.touches_probe_area(offset, len) {
+            // Guest memory can change under us: copy it first, check and write the copy.
+            let mut off = offset;
+            return super::for_each_chunk(bufs, bounce, |chunk, tmp| {
+                chunk.copy_to(tmp);
+                self.write_at(tmp, off)?;
+                off += tmp.len() as u64;
+                Ok(())
+            });
+        }
         super::vectored::write_at(&self.file, bufs, offset)
             .map_err(|e| ImageError::io(format!("raw write at {offset}"), e))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write(offset, len)?;
-        // Discard is advisory: an unsupported hole punch is not an error.
-        punch_hole(&self.file, offset, len)
-            .map(|_| ())
-            .map_err(|e| ImageError::io(format!("raw discard at {offset}"), e))
+        // Discard is advisory: an unsupported hole punch is not an error. A punched range
+        // reads as zeroes: checked like a write of zeroes.
+        self.guarded(offset, len, Payload::Zeroes, || {
+            punch_hole(&self.file, offset, len)
+                .map(|_| ())
+                .map_err(|e| ImageError::io(format!("raw discard at {offset}"), e))
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_write(offset, len)?;
+        self.guarded(offset, len, Payload::Zeroes, || {
+            self.zero_range(offset, len, unmap)
+        })
+    }
+}
+
+impl RawImage {
+    fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let ctx = |e| ImageError::io(format!("raw write-zeroes at {offset}"), e);
         if unmap && !self.block_device && punch_hole(&self.file, offset, len).map_err(ctx)? {
             return Ok(());

@@ -16,6 +16,8 @@ pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 
 /// Byte offset of `refcount_table_offset` (followed by `refcount_table_clusters`).
 pub(crate) const OFF_REFCOUNT_TABLE: u64 = 48;
+/// Byte offset of `incompatible_features` (v3).
+pub(crate) const OFF_INCOMPAT: u64 = 72;
 /// Byte offset of `autoclear_features` (v3).
 pub(crate) const OFF_AUTOCLEAR: u64 = 88;
 
@@ -27,6 +29,8 @@ const V3_HEADER_LEN: usize = 104;
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Largest L1 table we accept (same limit as QEMU).
 const MAX_L1_BYTES: u64 = 32 << 20;
+/// Host offsets are below 2^56 (the offset bits of L1/L2 entries).
+pub(crate) const MAX_HOST_OFFSET: u64 = 1 << 56;
 /// Largest virtual disk size (same limit as QEMU: 32 PiB... kept well inside u64 math).
 const MAX_VIRTUAL_SIZE: u64 = 1 << 55;
 
@@ -368,22 +372,41 @@ fn check_geometry(h: &Header) -> Result<()> {
     }
     let l1 = (
         h.l1_table_offset,
-        h.l1_table_offset + u64::from(h.l1_size) * 8,
+        table_end(h.l1_table_offset, u64::from(h.l1_size) * 8, "L1")?,
     );
-    let rt = (h.refcount_table_offset, h.refcount_table_offset + rt_bytes);
+    let rt = (
+        h.refcount_table_offset,
+        table_end(h.refcount_table_offset, rt_bytes, "refcount")?,
+    );
     if h.l1_size > 0 && l1.0 < rt.1 && rt.0 < l1.1 {
         return Err(corrupt(format!(
             "qcow2 L1 table at {:#x} overlaps the refcount table at {:#x}",
             l1.0, rt.0
         )));
     }
-    if h.nb_snapshots > 0 && (!aligned(h.snapshots_offset) || h.snapshots_offset < cs) {
+    if h.nb_snapshots > 0
+        && (!aligned(h.snapshots_offset)
+            || h.snapshots_offset < cs
+            || h.snapshots_offset >= MAX_HOST_OFFSET)
+    {
         return Err(corrupt(format!(
             "qcow2 snapshot table offset {:#x} is not cluster aligned",
             h.snapshots_offset
         )));
     }
     Ok(())
+}
+
+/// End of a table at host offset `off` of `bytes` bytes; refused when it overflows or lies
+/// beyond what an L2 entry can address (host offsets are below 2^56).
+fn table_end(off: u64, bytes: u64, what: &str) -> Result<u64> {
+    off.checked_add(bytes)
+        .filter(|&end| end <= MAX_HOST_OFFSET)
+        .ok_or_else(|| {
+            corrupt(format!(
+                "qcow2 {what} table at {off:#x} ({bytes} bytes) lies beyond the largest host offset"
+            ))
+        })
 }
 
 /// Builds a minimal v2/v3 header for tests (no extensions).
@@ -527,6 +550,23 @@ mod tests {
         assert!(err(&b).contains("overruns"));
 
         assert!(err(&test_header(3, 16)[..80]).contains("truncated"));
+    }
+
+    #[test]
+    fn table_offsets_near_the_end_of_u64_are_refused_not_overflowed() {
+        // L1 table: offset + l1_size * 8 overflows u64 (a panic in debug builds).
+        let mut b = test_header(3, 16);
+        put64(&mut b, 40, !0xffff);
+        put32(&mut b, 36, 0x10000);
+        assert!(err(&b).contains("L1 table"), "{}", err(&b));
+        // Refcount table: offset + clusters * cluster size overflows.
+        let mut b = test_header(3, 16);
+        put64(&mut b, 48, !0xffff);
+        assert!(err(&b).contains("refcount table"), "{}", err(&b));
+        // In range of u64 but not addressable by an L2 entry.
+        let mut b = test_header(3, 16);
+        put64(&mut b, 40, 1 << 60);
+        assert!(err(&b).contains("largest host offset"), "{}", err(&b));
     }
 
     #[test]

@@ -70,6 +70,7 @@ impl Qcow2Image {
             let (m, run) = meta.map_run(&self.file, off, (buf.len() - done) as u64, true)?;
             if let Mapping::Normal(h) = m {
                 // Allocated cluster(s): data I/O without the metadata lock.
+                meta.check_data(h + in_off, run)?;
                 drop(meta);
                 let src = &buf[done..done + run as usize];
                 write_all(&self.file, src, h + in_off).map_err(write_err(off))?;
@@ -95,11 +96,13 @@ impl Qcow2Image {
         let m = meta.lookup(&self.file, off)?;
         let target = match m {
             Mapping::Normal(h) => {
+                meta.check_data(h + in_off as u64, data.len() as u64)?;
                 return write_all(&self.file, data, h + in_off as u64).map_err(write_err(off));
             }
             Mapping::ZeroAlloc(h) => h,
             _ => meta.alloc_cluster(&self.file)?,
         };
+        meta.check_data(target, cs)?;
         if full && valid == cs as usize {
             write_all(&self.file, data, target).map_err(write_err(off))?;
         } else {
@@ -202,11 +205,18 @@ impl Qcow2Image {
                 if entry == 0 && !meta.has_l2(off)? {
                     return Ok(());
                 }
-                meta.set_l2(&self.file, off, entry)?;
                 let kept = match m {
-                    Mapping::Normal(h) | Mapping::ZeroAlloc(h) => entry & OFFSET_MASK == h,
+                    Mapping::Normal(h) | Mapping::ZeroAlloc(h) => {
+                        let kept = entry & OFFSET_MASK == h;
+                        if !kept {
+                            // About to be freed: it must be a data cluster.
+                            meta.check_data(h, self.geom.cluster_size)?;
+                        }
+                        kept
+                    }
                     _ => false,
                 };
+                meta.set_l2(&self.file, off, entry)?;
                 if !kept {
                     meta.defer_free(m);
                 }

@@ -16,6 +16,7 @@ use super::super::raw::{datasync, write_all};
 use super::super::{ImageError, Result};
 use super::cache::ClusterCache;
 use super::compressed::{CompressedLoc, Decompressor};
+use super::overlap::{Kind, MetaMap};
 use super::refcount::Refcounts;
 use super::Geom;
 
@@ -57,6 +58,8 @@ pub(crate) struct Meta {
     l1: Vec<u64>,
     l2: ClusterCache,
     rc: Refcounts,
+    /// Where the metadata lives: checked before every data write, allocation and free.
+    map: MetaMap,
     /// Clusters `[reserve.0, reserve.1)` have refcount 1 on disk and no reference yet; every
     /// flush gives them back ([`Meta::release_reserve`]), so a flushed image has no leaks.
     reserve: (u64, u64),
@@ -120,21 +123,60 @@ fn entry_at(t: &[u8], i: usize) -> u64 {
 }
 
 impl Meta {
-    pub(crate) fn new(geom: Geom, l1_offset: u64, l1: Vec<u64>, rc: Refcounts) -> Self {
+    /// The metadata state; `map` already describes the header, L1 and refcount tables. The
+    /// L2 tables and refcount blocks are added to it here: with `strict` (read-write opening),
+    /// structures overlapping each other make the image corrupt.
+    pub(crate) fn new(
+        geom: Geom,
+        l1_offset: u64,
+        l1: Vec<u64>,
+        rc: Refcounts,
+        mut map: MetaMap,
+        strict: bool,
+    ) -> Result<Self> {
         let cs = geom.cluster_size as usize;
-        Meta {
+        let l2s = l1
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i, e & OFFSET_MASK, Kind::L2));
+        let blocks = rc.block_offsets().map(|(i, off)| (i, off, Kind::RefBlock));
+        for (i, off, kind) in l2s.chain(blocks) {
+            if off == 0 {
+                continue;
+            }
+            if let Err(e) = map.add(off, kind) {
+                if strict {
+                    let which = if kind == Kind::L2 {
+                        "L1"
+                    } else {
+                        "refcount table"
+                    };
+                    return Err(ImageError::Corrupt(format!(
+                        "qcow2 metadata overlap: {which} entry {i}: {e}"
+                    )));
+                }
+            }
+        }
+        Ok(Meta {
             geom,
             l1_offset,
             l1,
             // 4 MiB of L2 tables maps 32 GiB with 64 KiB clusters.
             l2: ClusterCache::new("L2 table", cs, ((4 << 20) / cs).clamp(16, 1024)),
             rc,
+            map,
             reserve: (0, 0),
             reserve_want: ((1u64 << 20) >> geom.cluster_bits).clamp(4, 256),
             pending_free: Vec::new(),
             dec: Decompressor::new(&geom),
             scratch: vec![0u8; cs],
-        }
+        })
+    }
+
+    /// Fails with [`ImageError::MetadataOverlap`] if guest data written at host
+    /// `[off, off+len)` would overwrite metadata.
+    pub(crate) fn check_data(&self, off: u64, len: u64) -> Result<()> {
+        self.map.check(off, len, "guest data write")
     }
 
     fn l2_index(&self, guest: u64) -> (usize, usize) {
@@ -222,7 +264,9 @@ impl Meta {
     /// Takes one cluster from the reserve (refilling it, with a sync, when empty).
     pub(crate) fn alloc_cluster(&mut self, file: &File) -> Result<u64> {
         if self.reserve.0 == self.reserve.1 {
-            let (start, n) = self.rc.allocate_run(file, self.reserve_want)?;
+            let (start, n) = self
+                .rc
+                .allocate_run(file, self.reserve_want, &mut self.map)?;
             self.reserve = (start, start + n);
             // Sustained allocation gets bigger batches (fewer syncs); a crash leaks at most
             // one batch, which `qemu-img check -r leaks` reclaims.
@@ -231,7 +275,11 @@ impl Meta {
         }
         let c = self.reserve.0;
         self.reserve.0 += 1;
-        Ok(c << self.geom.cluster_bits)
+        let off = c << self.geom.cluster_bits;
+        // A refcount of 0 on a metadata cluster (crafted image) must not hand it out.
+        self.map
+            .check(off, self.geom.cluster_size, "new cluster allocation")?;
+        Ok(off)
     }
 
     /// Returns the L2 table covering `guest`, allocating an empty one if needed.
@@ -241,6 +289,7 @@ impl Meta {
         }
         let (l1i, _) = self.l2_index(guest);
         let off = self.alloc_cluster(file)?;
+        self.map.add(off, Kind::L2)?;
         let table = self.l2.insert_zeroed(off);
         write_all(file, table, off).map_err(io_err("writing a new L2 table"))?;
         // The table must be durable before the L1 entry points to it.
@@ -299,7 +348,11 @@ impl Meta {
         clusters: &[u64],
         mut on_free: impl FnMut(u64),
     ) -> Result<()> {
+        let cs = self.geom.cluster_size;
         for &c in clusters {
+            // A data mapping that pointed into metadata (crafted image) frees nothing.
+            self.map
+                .check(c.saturating_mul(cs), cs, "freeing a data cluster")?;
             if self.rc.decrement(file, c)? == 0 {
                 on_free(c);
             }

@@ -12,6 +12,11 @@
 //! corrupt, or that have internal snapshots (those open read-only). Unknown autoclear bits are
 //! cleared on read-write open, as the spec requires. Lazy refcounts are never used.
 //!
+//! Metadata overlap checks (`overlap`, like QEMU's): no guest data write, cluster allocation
+//! or free may touch the header, L1, L2, refcount table or refcount blocks; one that would
+//! is refused and the image is marked corrupt (no more writes; incompatible bit 1 on disk for
+//! v3). A read-write image whose metadata structures overlap each other is refused at open.
+//!
 //! Locking: metadata lives behind a mutex; reads and writes of already allocated clusters do
 //! their data I/O outside it. A read-write lock ("gate") keeps a cluster from being freed
 //! while such I/O may still target it: data I/O holds it shared, applying deferred frees
@@ -19,6 +24,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
 use super::raw::{read_exact, read_upto, write_all, RawImage};
@@ -29,6 +35,7 @@ mod compressed;
 mod header;
 mod io;
 mod meta;
+mod overlap;
 mod refcount;
 #[cfg(test)]
 mod tests;
@@ -37,14 +44,19 @@ mod tests_bench;
 #[cfg(test)]
 mod tests_crash;
 #[cfg(test)]
+mod tests_overlap;
+#[cfg(test)]
 mod tests_stress;
 
+#[cfg(test)]
+pub(crate) use header::test_header;
 pub use header::{parse_header, FeatureName, Header};
 pub use header::{
     INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
 };
 
 use meta::Meta;
+use overlap::MetaMap;
 use refcount::Refcounts;
 
 /// qcow2 header magic: "QFI\xfb".
@@ -83,6 +95,9 @@ pub struct Qcow2Image {
     backing: Option<Box<dyn DiskImage>>,
     gate: RwLock<()>,
     meta: Mutex<Meta>,
+    /// Set when a write would have overwritten metadata: every later write is refused (and
+    /// a v3 image gets its corrupt bit on disk).
+    corrupt: AtomicBool,
     /// One cluster of zeroes (partial write-zeroes).
     zeroes: Box<[u8]>,
 }
@@ -155,7 +170,9 @@ impl Qcow2Image {
             )));
         }
         let l1_bytes = u64::from(header.l1_size) * 8;
-        if header.l1_size > 0 && header.l1_table_offset + l1_bytes > file_len {
+        // `parse_header` checked that the tables end below 2^56: no overflow here.
+        let l1_end = header.l1_table_offset.saturating_add(l1_bytes);
+        if header.l1_size > 0 && l1_end > file_len {
             return Err(ImageError::Corrupt(format!(
                 "qcow2 L1 table at {:#x} ({} entries) extends beyond the end of the file ({file_len} bytes)",
                 header.l1_table_offset, header.l1_size
@@ -188,7 +205,15 @@ impl Qcow2Image {
                 .and_then(|()| super::raw::datasync(&file))
                 .map_err(|e| ImageError::io("clearing qcow2 autoclear features", e))?;
         }
-        let meta = Meta::new(geom, header.l1_table_offset, l1, rc);
+        let map = MetaMap::new(
+            geom.cluster_bits,
+            (header.l1_table_offset, l1_bytes),
+            (
+                header.refcount_table_offset,
+                u64::from(header.refcount_table_clusters) << geom.cluster_bits,
+            ),
+        );
+        let meta = Meta::new(geom, header.l1_table_offset, l1, rc, map, !read_only)?;
         Ok(Qcow2Image {
             file,
             header,
@@ -197,6 +222,7 @@ impl Qcow2Image {
             backing,
             gate: RwLock::new(()),
             meta: Mutex::new(meta),
+            corrupt: AtomicBool::new(false),
             zeroes: vec![0u8; cs as usize].into_boxed_slice(),
         })
     }
@@ -223,7 +249,34 @@ impl Qcow2Image {
         if self.read_only {
             return Err(ImageError::ReadOnly);
         }
+        if self.corrupt.load(Ordering::Acquire) {
+            return Err(ImageError::Corrupt(
+                "qcow2 image marked corrupt (a write would have overwritten its metadata); \
+                 check it with `qemu-img check`"
+                    .into(),
+            ));
+        }
         check_range(offset, len, self.header.size)
+    }
+
+    /// Passes `r` on; a metadata overlap first marks the image corrupt (as QEMU does): no
+    /// more writes, and on disk incompatible bit 1 (v3), so it is refused read-write until
+    /// repaired.
+    fn signal_corruption<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(ImageError::MetadataOverlap(msg)) = &r {
+            if !self.corrupt.swap(true, Ordering::AcqRel) {
+                tracing::error!("qcow2: {msg}; marking the image corrupt, writes refused");
+                if self.header.version >= 3 {
+                    let bits = self.header.incompatible_features | INCOMPAT_CORRUPT;
+                    let w = write_all(&self.file, &bits.to_be_bytes(), header::OFF_INCOMPAT)
+                        .and_then(|()| super::raw::datasync(&self.file));
+                    if let Err(e) = w {
+                        tracing::error!("qcow2: cannot set the corrupt bit: {e}");
+                    }
+                }
+            }
+        }
+        r
     }
 }
 
@@ -296,32 +349,37 @@ impl DiskImage for Qcow2Image {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
-        self.write_impl(buf, offset)
+        self.signal_corruption(self.write_impl(buf, offset))
     }
 
     fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        self.flush_impl()
+        if self.corrupt.load(Ordering::Acquire) {
+            // No metadata updates on a corrupt image: only make what was written durable.
+            return super::raw::datasync(&self.file)
+                .map_err(|e| ImageError::io("qcow2 fdatasync", e));
+        }
+        self.signal_corruption(self.flush_impl())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write(offset, len)?;
         // Discarded ranges read as zeroes: whole clusters are deallocated (v3 with a backing
         // file: zero flag; v2 with a backing file: zeroes written), partial ones zeroed.
-        self.zero_impl(offset, len, io::ZeroKind::Zero { unmap: true })
+        self.signal_corruption(self.zero_impl(offset, len, io::ZeroKind::Zero { unmap: true }))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_write(offset, len)?;
-        self.zero_impl(offset, len, io::ZeroKind::Zero { unmap })
+        self.signal_corruption(self.zero_impl(offset, len, io::ZeroKind::Zero { unmap }))
     }
 }
 
 impl Drop for Qcow2Image {
     fn drop(&mut self) {
-        if self.read_only {
+        if self.read_only || self.corrupt.load(Ordering::Acquire) {
             return;
         }
         if let Err(e) = self.flush_impl() {

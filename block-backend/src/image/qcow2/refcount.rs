@@ -9,13 +9,12 @@ use std::fs::File;
 use super::super::raw::{datasync, read_upto, write_all};
 use super::super::{ImageError, Result};
 use super::cache::ClusterCache;
-use super::header::OFF_REFCOUNT_TABLE;
+use super::header::{MAX_HOST_OFFSET, OFF_REFCOUNT_TABLE};
+use super::overlap::{Kind, MetaMap};
 use super::Geom;
 
 /// Refcount table entry: bits 9..63 are the refcount block offset.
 const REFT_OFFSET_MASK: u64 = !0x1ff;
-/// Host offsets must fit in an L2 entry (bits 9..55).
-const MAX_HOST_OFFSET: u64 = 1 << 56;
 
 /// The refcount structures of an image.
 #[derive(Debug)]
@@ -105,6 +104,11 @@ impl Refcounts {
         self.cache = ClusterCache::new("refcount block", self.geom.cluster_size as usize, clusters);
     }
 
+    /// `(index, offset)` of every refcount table entry (0: no block).
+    pub(crate) fn block_offsets(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.table.iter().copied().enumerate()
+    }
+
     fn block_offset(&self, block: u64) -> Result<Option<u64>> {
         let Some(&off) = self.table.get(block as usize) else {
             return Ok(None);
@@ -112,9 +116,9 @@ impl Refcounts {
         if off == 0 {
             return Ok(None);
         }
-        if off & (self.geom.cluster_size - 1) != 0 {
+        if off & (self.geom.cluster_size - 1) != 0 || off >= MAX_HOST_OFFSET {
             return Err(ImageError::Corrupt(format!(
-                "refcount block {block} at unaligned offset {off:#x}"
+                "refcount block {block} at unaligned or out-of-range offset {off:#x}"
             )));
         }
         Ok(Some(off))
@@ -180,15 +184,21 @@ impl Refcounts {
     /// Finds a run of up to `want` free clusters inside one refcount block, sets their refcount
     /// to 1 and makes that durable (`fdatasync`) before returning `(first, count)`: nothing
     /// may point to them before their refcount is on disk.
-    pub(crate) fn allocate_run(&mut self, file: &File, want: u64) -> Result<(u64, u64)> {
-        let (start, count) = self.find_free_run(file, want.max(1))?;
+    /// New refcount structures are checked against and added to `map`.
+    pub(crate) fn allocate_run(
+        &mut self,
+        file: &File,
+        want: u64,
+        map: &mut MetaMap,
+    ) -> Result<(u64, u64)> {
+        let (start, count) = self.find_free_run(file, want.max(1), map)?;
         self.set_run(file, start, count, 1)?;
         self.free_hint = start + count;
         datasync(file).map_err(|e| ImageError::io("fdatasync after refcount update", e))?;
         Ok((start, count))
     }
 
-    fn find_free_run(&mut self, file: &File, want: u64) -> Result<(u64, u64)> {
+    fn find_free_run(&mut self, file: &File, want: u64, map: &mut MetaMap) -> Result<(u64, u64)> {
         let per_block = 1u64 << self.rpb_bits;
         let max_cluster = MAX_HOST_OFFSET >> self.geom.cluster_bits;
         let mut c = self.free_hint;
@@ -198,7 +208,7 @@ impl Refcounts {
             }
             let block = c >> self.rpb_bits;
             let Some(off) = self.block_offset(block)? else {
-                self.create_block(file, block)?;
+                self.create_block(file, block, map)?;
                 continue;
             };
             let order = self.order;
@@ -224,9 +234,9 @@ impl Refcounts {
 
     /// Creates refcount block `block` (covering clusters that all have refcount 0), placing it
     /// in the first cluster it covers so that it describes itself; grows the table if needed.
-    fn create_block(&mut self, file: &File, block: u64) -> Result<()> {
+    fn create_block(&mut self, file: &File, block: u64, map: &mut MetaMap) -> Result<()> {
         if block as usize >= self.table.len() {
-            return self.grow_table(file, block);
+            return self.grow_table(file, block, map);
         }
         let per_block = 1u64 << self.rpb_bits;
         let cluster = block * per_block;
@@ -234,6 +244,7 @@ impl Refcounts {
         if cluster == 0 {
             return Err(ImageError::Corrupt("refcount block 0 is missing".into()));
         }
+        map.add(off, Kind::RefBlock)?;
         let order = self.order;
         let buf = self.cache.insert_zeroed(off);
         set_rc(buf, order, 0, 1);
@@ -249,7 +260,7 @@ impl Refcounts {
     /// Replaces the refcount table by a bigger one covering at least `need_block`. The new
     /// table and the refcount blocks describing it are placed in the clusters covered by the
     /// first entries past the end of the old table (all free by definition).
-    fn grow_table(&mut self, file: &File, need_block: u64) -> Result<()> {
+    fn grow_table(&mut self, file: &File, need_block: u64, map: &mut MetaMap) -> Result<()> {
         let cs = self.geom.cluster_size;
         let per_block = 1u64 << self.rpb_bits;
         let first_new = self.table.len() as u64;
@@ -275,6 +286,7 @@ impl Refcounts {
         if (c0 + k * per_block) << self.geom.cluster_bits >= MAX_HOST_OFFSET {
             return Err(ImageError::NoSpace("qcow2 host offsets exhausted".into()));
         }
+        map.check(c0 * cs, (k + t) * cs, "new refcount table and blocks")?;
         let io = |e| ImageError::io("growing the qcow2 refcount table", e);
         // New refcount blocks: block j sits at cluster c0 + j and covers [c0 + j*pb, ..).
         let used_end = c0 + k + t;
@@ -311,6 +323,10 @@ impl Refcounts {
         self.table = table;
         self.table_offset = new_offset;
         self.table_clusters = t;
+        for j in 0..k {
+            map.add((c0 + j) * cs, Kind::RefBlock)?;
+        }
+        map.move_reftable(new_offset, t * cs);
         // The old table is unreferenced now: free it.
         for c in 0..old_clusters {
             self.decrement(file, (old_offset >> self.geom.cluster_bits) + c)?;
