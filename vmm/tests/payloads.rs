@@ -147,12 +147,22 @@ fn pvh_entry_gets_start_info_memmap_and_module(accel: Accel) {
     assert_eq!(r.field("initrd", "size"), "10");
 }
 
+/// The vCPU count a test may ask of `accel`: the software CPU runs one (no SMP yet; asking it
+/// for more is refused: `accel_choice.rs`).
+fn cpus(accel: Accel, n: u32) -> u32 {
+    match accel {
+        Accel::Kvm => n,
+        Accel::Tcg => 1,
+    }
+}
+
 fn smp_madt_and_large_memory_above_4g(accel: Accel) {
     if !accel.usable("smp_madt_and_large_memory_above_4g") {
         return;
     }
     // 3 GiB + 256 MiB: RAM is split around the MMIO hole (memfd pages are touched lazily).
     let k = payloads().elf.to_str().unwrap();
+    let n = cpus(accel, 3).to_string();
     let r = run_vmm(
         &[
             "--kernel",
@@ -160,7 +170,7 @@ fn smp_madt_and_large_memory_above_4g(accel: Accel) {
             "--accel",
             accel.arg(),
             "--cpus",
-            "3",
+            &n,
             "--memory",
             "3328M",
             "--cmdline",
@@ -169,7 +179,7 @@ fn smp_madt_and_large_memory_above_4g(accel: Accel) {
         T,
     );
     assert_eq!(r.code, Some(0), "{r}");
-    check_common_report(&r, 3, accel);
+    check_common_report(&r, cpus(accel, 3), accel);
     assert_eq!(r.field("mem", "entries"), "4");
     assert_eq!(r.field("mem", "top"), "0x110000000");
     assert!(
@@ -188,10 +198,11 @@ fn i8042_reset_exits_nonzero(accel: Accel) {
     if !accel.usable("i8042_reset_exits_nonzero") {
         return;
     }
+    let n = cpus(accel, 2).to_string();
     let r = boot(
         accel,
         &payloads().elf,
-        &["--cmdline", "mode=i8042", "--cpus", "2"],
+        &["--cmdline", "mode=i8042", "--cpus", &n],
     );
     assert_eq!(r.code, Some(2), "{r}");
     assert!(r.stderr.contains("reset via i8042"), "{r}");
@@ -270,6 +281,7 @@ fn sigterm_stops_the_vm_cleanly(accel: Accel) {
     }
     use std::io::Read;
     let k = payloads().elf.to_str().unwrap();
+    let n = cpus(accel, 2).to_string();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rqemu-vmm"))
         .args([
             "--kernel",
@@ -279,7 +291,7 @@ fn sigterm_stops_the_vm_cleanly(accel: Accel) {
             "--memory",
             "64M",
             "--cpus",
-            "2",
+            &n,
         ])
         .args(["--cmdline", "mode=halt"])
         .stdin(std::process::Stdio::null())
