@@ -366,11 +366,22 @@ fn check_geometry(h: &Header) -> Result<()> {
             h.refcount_table_clusters
         )));
     }
+    // Tables ending past 2^64 (offsets are guest-controlled) are corrupt, not an overflow.
+    let end = |what: &str, off: u64, len: u64| {
+        off.checked_add(len).ok_or_else(|| {
+            corrupt(format!(
+                "qcow2 {what} at {off:#x} ({len} bytes) ends past the largest file offset"
+            ))
+        })
+    };
     let l1 = (
         h.l1_table_offset,
-        h.l1_table_offset + u64::from(h.l1_size) * 8,
+        end("L1 table", h.l1_table_offset, u64::from(h.l1_size) * 8)?,
     );
-    let rt = (h.refcount_table_offset, h.refcount_table_offset + rt_bytes);
+    let rt = (
+        h.refcount_table_offset,
+        end("refcount table", h.refcount_table_offset, rt_bytes)?,
+    );
     if h.l1_size > 0 && l1.0 < rt.1 && rt.0 < l1.1 {
         return Err(corrupt(format!(
             "qcow2 L1 table at {:#x} overlaps the refcount table at {:#x}",
@@ -520,6 +531,16 @@ mod tests {
         let mut b = test_header(3, 16);
         put64(&mut b, 40, 65536);
         assert!(err(&b).contains("overlaps the refcount table"));
+
+        // Found by the qcow2_header fuzz target (overflow checks on): tables whose end
+        // overflows u64 are refused, not wrapped around.
+        let mut b = test_header(3, 16);
+        put64(&mut b, 40, 0xffff_ffff_ffff_0000);
+        put32(&mut b, 36, 8192); // 64 KiB of L1 table: ends at 2^64
+        assert!(err(&b).contains("L1 table at"), "{}", err(&b));
+        let mut b = test_header(3, 16);
+        put64(&mut b, 48, 0xffff_ffff_ffff_0000);
+        assert!(err(&b).contains("refcount table at"), "{}", err(&b));
 
         let mut b = test_header(3, 16);
         put32(&mut b, 112, EXT_BACKING_FORMAT);
