@@ -9,7 +9,7 @@ them): valid inputs that take each fuzz target past its first checks.
 - blk_request: valid virtio-blk chains (IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES,
   split data buffers) in the target's input layout (see fuzz_targets/blk_request.rs);
 - fuse_request: one valid FUSE request per opcode rqemu-fs serves, against the target's rig
-  (root = 1, file `f` = inode 2 opened as handle 1);
+  (root = 1 opened as handle 2, file `f` = inode 2 opened as handle 1, `d` and `node`);
 - net_tx_packet: vnet header + Ethernet frames (IPv4/IPv6, TCP/UDP, VLAN, checksum offload,
   TSO/UFO) with the offload selector byte first.
 
@@ -183,8 +183,8 @@ def fuse_seeds():
                               0, 0, 0, 0o644, 0, 0, 0, 0)),
         "readlink": fuse(5, 2),
         "symlink": fuse(6, 1, z(b"ln") + z(b"f")),
-        "mknod": fuse(8, 1, struct.pack("<IIII", 0o100644, 0, 0o22, 0) + z(b"node")),
-        "mkdir": fuse(9, 1, struct.pack("<II", 0o755, 0o22) + z(b"d")),
+        "mknod": fuse(8, 1, struct.pack("<IIII", 0o100644, 0, 0o22, 0) + z(b"node2")),
+        "mkdir": fuse(9, 1, struct.pack("<II", 0o755, 0o22) + z(b"d2")),
         "unlink": fuse(10, 1, z(b"node")),
         "rmdir": fuse(11, 1, z(b"d")),
         "rename": fuse(12, 1, struct.pack("<Q", 1) + z(b"f") + z(b"g")),
@@ -207,9 +207,9 @@ def fuse_seeds():
         "fsyncdir": fuse(30, 1, struct.pack("<QII", 2, 0, 0)),
         "getlk": fuse(31, 2, lk(1, 0, 100, F_WRLCK)),
         "setlk": fuse(32, 2, lk(1, 0, 100, F_RDLCK)),
-        "setlk-unlock": fuse(32, 2, lk(1, 0, 2**64 - 1, F_UNLCK)),
+        "setlk-unlock": fuse(32, 2, lk(1, 0, 2**63 - 1, F_UNLCK)),
         "setlkw": fuse(33, 2, lk(1, 200, 300, F_WRLCK)),
-        "flock": fuse(32, 2, struct.pack("<QQQQIIII", 1, 7, 0, 2**64 - 1, F_WRLCK, 1, 1, 0)),
+        "flock": fuse(32, 2, struct.pack("<QQQQIIII", 1, 7, 0, 2**63 - 1, F_WRLCK, 1, 1, 0)),
         "access": fuse(34, 2, struct.pack("<II", 4, 0)),
         "create": fuse(35, 1, struct.pack("<IIII", 0o102, 0o100644, 0o22, 0) + z(b"new")),
         "interrupt": fuse(36, 0, struct.pack("<Q", 5)),
