@@ -10,7 +10,8 @@
 #
 #   RQEMU_FUZZ_SECONDS=N scripts/fuzz-smoke.sh        # N seconds per target (default 5)
 #   cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -a <target> corpus/<target>   # real fuzzing
-set -euo pipefail
+set -Eeuo pipefail
+trap 'rc=$?; printf "%s: line %d: \"%s\" failed (exit %d)\n" "${0##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 cd "$(dirname "$0")/../fuzz"
 secs=${RQEMU_FUZZ_SECONDS:-5}
 cargo_fuzz_version=0.13.2
