@@ -2,6 +2,8 @@
 //!
 //! `rqemu-rtc (--socket PATH | --fd N) [--base 0x70]`
 
+mod device;
+
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,9 +34,9 @@ fn main() -> anyhow::Result<()> {
     rqemu_daemon::logging::init();
     let listener = rqemu_daemon::emulated::listen(args.socket.as_deref(), args.fd)
         .context("listening socket")?;
-    let info = rqemu_rtc::device_info(args.base);
+    let info = device::device_info(args.base);
     let irqs = Interrupts::for_requests(&info.irqs);
-    let dev = Arc::new(Mutex::new(rqemu_rtc::RtcDevice::default()));
+    let dev = Arc::new(Mutex::new(device::RtcDevice::default()));
     tracing::info!("rqemu-rtc at port {:#x}", args.base);
     rqemu_protocol::serve(&listener, &info, dev, &irqs).context("accepting connections")?;
     Ok(())

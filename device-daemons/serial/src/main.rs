@@ -3,6 +3,7 @@
 //! `rqemu-serial (--socket PATH | --fd N) [--console stdio|file:PATH|socket:PATH]
 //! [--base 0x3f8] [--irq 4]`
 
+mod console;
 mod device;
 
 use std::os::fd::RawFd;
@@ -13,7 +14,8 @@ use anyhow::Context;
 use clap::Parser;
 use rqemu_protocol::Interrupts;
 
-use device::{ConsoleSpec, SerialDevice};
+use console::ConsoleSpec;
+use device::SerialDevice;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,9 +48,9 @@ fn main() -> anyhow::Result<()> {
 
     let info = device::device_info(args.base, args.irq);
     let irqs = Interrupts::for_requests(&info.irqs);
-    let (out, console_listener, client) = device::open_console(&args.console)?;
+    let (out, console_listener, client) = console::open_console(&args.console)?;
     let dev = Arc::new(Mutex::new(SerialDevice::new(irqs.clone(), out)));
-    device::spawn_input(&args.console, dev.clone(), console_listener, client)?;
+    console::spawn_input(&args.console, dev.clone(), console_listener, client)?;
     tracing::info!(
         "rqemu-serial at port {:#x}, console {:?}",
         args.base,
