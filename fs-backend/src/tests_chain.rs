@@ -148,35 +148,151 @@ fn init_and_lookup_through_descriptor_chains() {
     assert_eq!(err, -libc::ENOENT);
 }
 
+/// What one malformed request must get.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// A reply with this error (0: success) and the request's `unique`.
+    Reply(i32),
+    /// No reply at all (FORGET, INTERRUPT, DESTROY): used length 0.
+    NoReply,
+    /// Refused by the decoder: `process_chain` fails (the chain is still returned to the
+    /// driver by the daemon); some decoders write an EINVAL reply first.
+    Refused(fn(&fuse_backend_rs::Error) -> bool, Option<i32>),
+}
+
+/// The outcome `send` gave, checked against `want` for request `unique`.
+fn check_outcome(
+    what: &str,
+    r: Result<u32, crate::ServerError>,
+    reply: &[u8],
+    unique: u64,
+    want: Expect,
+) {
+    let reply_unique = u64::from_le_bytes(reply[8..16].try_into().unwrap());
+    let reply_len = u32::from_le_bytes(reply[0..4].try_into().unwrap());
+    match (want, r) {
+        (Expect::Reply(errno), Ok(n)) => {
+            assert_eq!(reply_unique, unique, "{what}: unique echoed");
+            assert_eq!(reply_error(reply), -errno, "{what}: error");
+            assert_eq!(n, reply_len, "{what}: used length = reply length");
+            if errno != 0 {
+                assert_eq!(n, 16, "{what}: an error reply is a bare header");
+            }
+        }
+        (Expect::NoReply, Ok(n)) => assert_eq!(n, 0, "{what}: no reply expected"),
+        (Expect::Refused(kind, errno), Err(crate::ServerError::Request(e))) => {
+            assert!(kind(&e), "{what}: refused for the wrong reason: {e:?}");
+            match errno {
+                Some(errno) => {
+                    assert_eq!(reply_unique, unique, "{what}: unique echoed");
+                    assert_eq!(reply_error(reply), -errno, "{what}: error");
+                }
+                None => assert_eq!(reply_len, 0, "{what}: no reply written"),
+            }
+        }
+        (want, got) => panic!("{what}: expected {want:?}, got {got:?}"),
+    }
+}
+
+fn bad_cstring(e: &fuse_backend_rs::Error) -> bool {
+    matches!(e, fuse_backend_rs::Error::InvalidCString(_))
+}
+
+/// The expected outcome of opcode `op` with 200 bytes of the seeded garbage below after its
+/// header, on the root inode of a fresh share (xattrs off).
+fn garbage_expect(op: u32) -> Expect {
+    use libc::{EBADF, EINVAL, ENOENT, ENOMEM, ENOSYS, ENOTTY};
+    match op {
+        // Not a FUSE opcode, or not implemented by the passthrough (BMAP, POLL, ...), or
+        // LISTXATTR/REMOVEXATTR with xattrs off.
+        0 | 7 | 19 | 23 | 24 | 37 | 40 | 41 | 50..=63 => Expect::Reply(ENOSYS),
+        // LOOKUP, READLINK on a name / inode that is not there.
+        1 | 5 => Expect::Reply(ENOENT),
+        // FORGET, INTERRUPT, DESTROY.
+        2 | 36 | 38 => Expect::NoReply,
+        // A garbage file handle or inode number: GETATTR (with GETATTR_FH), SETATTR, RENAME,
+        // LINK, READ, WRITE, RELEASE, FSYNC, FLUSH, RELEASEDIR, FSYNCDIR, FALLOCATE, LSEEK.
+        3 | 4 | 12 | 13 | 15 | 16 | 18 | 20 | 25 | 29 | 30 | 43 | 46 => Expect::Reply(EBADF),
+        // Well-formed enough to succeed on the root: SYMLINK (garbage names inside the
+        // share), OPEN, STATFS, INIT, OPENDIR, ACCESS.
+        6 | 14 | 17 | 26 | 27 | 34 => Expect::Reply(0),
+        // MKNOD, MKDIR, RMDIR, GETXATTR: a name without its NUL.
+        8 | 9 | 11 | 22 => Expect::Refused(bad_cstring, Some(EINVAL)),
+        // UNLINK of a garbage name, GETLK/SETLK/SETLKW, CREATE, COPY_FILE_RANGE,
+        // SETUPMAPPING/REMOVEMAPPING (no DAX window).
+        10 | 31 | 32 | 33 | 35 | 47 | 48 | 49 => Expect::Reply(EINVAL),
+        // SETXATTR: value shorter than its size field.
+        21 => Expect::Refused(
+            |e| matches!(e, fuse_backend_rs::Error::MissingParameter),
+            None,
+        ),
+        // READDIR, READDIRPLUS with a garbage size.
+        28 | 44 => Expect::Reply(ENOMEM),
+        // IOCTL.
+        39 => Expect::Reply(ENOTTY),
+        // BATCH_FORGET with a count far beyond the message.
+        42 => Expect::Refused(
+            |e| matches!(e, fuse_backend_rs::Error::InvalidMessage(_)),
+            None,
+        ),
+        // RENAME2 with garbage flags.
+        45 => Expect::Refused(
+            |e| matches!(e, fuse_backend_rs::Error::DecodeMessage(_)),
+            None,
+        ),
+        _ => unreachable!("opcodes 0..64 only"),
+    }
+}
+
 #[test]
 fn malformed_requests_are_refused_without_panicking() {
     let (_dir, srv, mem) = setup();
     init(&srv, &mem);
     // Too short for a header.
-    let (r, _) = send(&srv, &mem, &[1, 2, 3]);
-    assert!(r.is_err());
+    let (r, reply) = send(&srv, &mem, &[1, 2, 3]);
+    check_outcome(
+        "3-byte request",
+        r,
+        &reply,
+        0,
+        Expect::Refused(
+            |e| matches!(e, fuse_backend_rs::Error::DecodeMessage(_)),
+            None,
+        ),
+    );
     // Unknown opcode: ENOSYS.
     let (r, reply) = send(&srv, &mem, &header(0, 9999, 5, 1));
-    r.unwrap();
-    assert_eq!(reply_error(&reply), -libc::ENOSYS);
-    // A header claiming far more than was sent, and a name without its NUL.
+    check_outcome("opcode 9999", r, &reply, 5, Expect::Reply(libc::ENOSYS));
+    // A header claiming far more than was sent: ENOMEM (beyond the server's buffer size).
     let mut lie = header(0, FUSE_LOOKUP, 6, 1);
     lie[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
-    let _ = send(&srv, &mem, &lie);
+    let (r, reply) = send(&srv, &mem, &lie);
+    check_outcome("len = u32::MAX", r, &reply, 6, Expect::Reply(libc::ENOMEM));
+    // A name without its NUL: refused, with EINVAL to the driver.
     let mut no_nul = header(5, FUSE_LOOKUP, 7, 1);
     no_nul.extend_from_slice(b"hello");
-    let _ = send(&srv, &mem, &no_nul);
+    let (r, reply) = send(&srv, &mem, &no_nul);
+    check_outcome(
+        "name without NUL",
+        r,
+        &reply,
+        7,
+        Expect::Refused(bad_cstring, Some(libc::EINVAL)),
+    );
     // Pseudo-random garbage after a valid header for every opcode 0..64.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for opcode in 0..64u32 {
-        let mut req = header(200, opcode, 100 + u64::from(opcode), 1);
+        let unique = 100 + u64::from(opcode);
+        let mut req = header(200, opcode, unique, 1);
         for _ in 0..25 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             req.extend_from_slice(&x.to_le_bytes());
         }
-        let _ = send(&srv, &mem, &req);
+        let (r, reply) = send(&srv, &mem, &req);
+        let what = format!("opcode {opcode} with garbage");
+        check_outcome(&what, r, &reply, unique, garbage_expect(opcode));
     }
     // Still serving.
     assert_eq!(lookup(&srv, &mem, b"hello").0, 0);

@@ -2,8 +2,9 @@
 //! itself: SETLKW, COPY_FILE_RANGE) with guest-controlled bytes: each input is one FUSE request
 //! in a readable descriptor, with a writable reply buffer. The server shares a private
 //! temporary directory (it really creates what the requests ask for); at start-up the rig
-//! mounts it (INIT) and opens file `f` (inode 2, handle 1) read-write, so inputs naming
-//! nodeid 2 / fh 1 reach the lock and copy code with a valid handle.
+//! mounts it (INIT), opens file `f` (inode 2, handle 1) read-write and the root directory
+//! (handle 2), so inputs naming nodeid 2 / fh 1 reach the lock and copy code, and nodeid 1 /
+//! fh 2 the directory reading code, with valid handles; xattrs are on.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -63,7 +64,14 @@ fn rig() -> &'static Rig {
     RIG.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("f"), vec![7u8; 8192]).expect("file");
-        let srv = FsServer::new(&FsParams::default(), dir.path()).expect("server");
+        // Names the seed requests remove (they are only there for the first one).
+        std::fs::create_dir(dir.path().join("d")).expect("dir");
+        std::fs::write(dir.path().join("node"), b"").expect("file");
+        let params = FsParams {
+            xattr: true,
+            ..FsParams::default()
+        };
+        let srv = FsServer::new(&params, dir.path()).expect("server");
         srv.import().expect("import");
         let init: Vec<u8> = [7u32, 31, 0x2_0000, 0x402]
             .iter()
@@ -72,6 +80,7 @@ fn rig() -> &'static Rig {
         serve(&srv, &request(26, 0, &init));
         serve(&srv, &request(1, 1, b"f\0"));
         serve(&srv, &request(14, 2, &[2, 0, 0, 0, 0, 0, 0, 0]));
+        serve(&srv, &request(27, 1, &[0u8; 8]));
         Rig { _dir: dir, srv }
     })
 }

@@ -17,6 +17,7 @@ use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -168,6 +169,7 @@ pub struct QemuVm {
     script: Option<String>,
     files: Vec<(String, u32, Vec<u8>)>,
     timeout: Duration,
+    kill_on: Option<(String, u32)>,
 }
 
 impl QemuVm {
@@ -186,6 +188,7 @@ impl QemuVm {
             script: None,
             files: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
+            kill_on: None,
         }
     }
 
@@ -248,6 +251,15 @@ impl QemuVm {
     /// Time limit for the whole run.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// When the console shows `marker`, SIGKILLs process `pid` (a device daemon), waits until
+    /// it is dead, then kills QEMU: the daemon dies while its frontend is still connected
+    /// (no disconnect path runs in it). [`GuestRun::killed_at_marker`] tells whether it
+    /// happened.
+    pub fn kill_on_console(mut self, marker: &str, pid: u32) -> Self {
+        self.kill_on = Some((marker.to_string(), pid));
         self
     }
 
@@ -349,10 +361,13 @@ impl QemuVm {
         let mut child = cmd.spawn().map_err(QemuError::Io)?;
         let console = Arc::new(Mutex::new(Vec::<u8>::new()));
         let greeting_at = Arc::new(Mutex::new(None::<Duration>));
+        let marker_seen = Arc::new(AtomicBool::new(false));
         let stdout = child.stdout.take();
         let out_thread = {
             let console = Arc::clone(&console);
             let greeting_at = Arc::clone(&greeting_at);
+            let marker_seen = Arc::clone(&marker_seen);
+            let marker = self.kill_on.as_ref().map(|(m, _)| m.clone());
             std::thread::spawn(move || {
                 let Some(mut stdout) = stdout else { return };
                 let mut buf = [0u8; 4096];
@@ -366,6 +381,11 @@ impl QemuVm {
                     if g.is_none() && contains(&c, INIT_GREETING.as_bytes()) {
                         *g = Some(start.elapsed());
                     }
+                    if let Some(m) = &marker {
+                        if !marker_seen.load(Ordering::Relaxed) && contains(&c, m.as_bytes()) {
+                            marker_seen.store(true, Ordering::Relaxed);
+                        }
+                    }
                 }
             })
         };
@@ -378,9 +398,20 @@ impl QemuVm {
             s
         });
         let deadline = start + self.timeout;
+        let mut killed_at_marker = false;
         let status = loop {
             if let Some(status) = child.try_wait().map_err(QemuError::Io)? {
                 break Some(status);
+            }
+            if let Some((_, pid)) = &self.kill_on {
+                if marker_seen.load(Ordering::Relaxed) {
+                    let dead = kill_and_wait_dead(*pid);
+                    let _ = child.kill();
+                    let status = child.wait().map_err(QemuError::Io)?;
+                    dead.map_err(QemuError::Io)?;
+                    killed_at_marker = true;
+                    break Some(status);
+                }
             }
             if Instant::now() >= deadline {
                 let _ = child.kill();
@@ -410,7 +441,36 @@ impl QemuVm {
             status,
             elapsed,
             init_reached,
+            killed_at_marker,
         })
+    }
+}
+
+/// SIGKILLs `pid` (a child of this process, not reaped yet: its pid cannot be reused) and
+/// waits until it is a zombie, i.e. dead with nothing left to run.
+fn kill_and_wait_dead(pid: u32) -> std::io::Result<()> {
+    let pid_t = libc::pid_t::try_from(pid).unwrap_or(libc::pid_t::MAX);
+    // SAFETY: kill(2) on a pid; no memory is accessed.
+    if unsafe { libc::kill(pid_t, libc::SIGKILL) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let stat = format!("/proc/{pid}/stat");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = std::fs::read_to_string(&stat).ok().and_then(|s| {
+            // "pid (comm) S ...": the state follows the last ')'.
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+        });
+        match state {
+            None | Some('Z') | Some('X') => return Ok(()),
+            Some(_) if Instant::now() >= deadline => {
+                return Err(std::io::Error::other(format!(
+                    "process {pid} still alive 10 s after SIGKILL"
+                )))
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
     }
 }
 
@@ -479,6 +539,8 @@ pub struct GuestRun {
     pub elapsed: Duration,
     /// Wall time from spawning QEMU to the `/init` greeting, if it was seen.
     pub init_reached: Option<Duration>,
+    /// The [`QemuVm::kill_on_console`] marker was seen and the process killed (then QEMU).
+    pub killed_at_marker: bool,
 }
 
 impl GuestRun {

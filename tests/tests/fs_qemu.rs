@@ -242,6 +242,9 @@ fn fs_host_changes_seen_with_cache_auto() {
     host_changes_seen("auto");
 }
 
+/// The guest's view of escape attempts. The guest kernel resolves `..` and symlinks itself,
+/// so most of these never reach the daemon as such: `fs_escape_raw.rs` sends the raw FUSE
+/// requests (`LOOKUP ..`, names with `/`, `RENAME`/`LINK` across the root) to the daemon.
 #[test]
 fn fs_escape_attempts_stay_inside() {
     let s = setup();

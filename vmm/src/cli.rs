@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(c.serial, SerialOutput::Stdio);
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert!(c.device_sockets.is_empty());
-        assert!(parse(&[]).is_err(), "--kernel is required");
+        rejects(&[], &["required", "--kernel"]);
     }
 
     #[test]
@@ -257,13 +257,91 @@ mod tests {
         assert_eq!(cfg.devices[0].kind, Some(VhostUserKind::Fs));
     }
 
+    /// `args` must be refused with a message containing every one of `needles` (the bad
+    /// value and the option it was given to, or the missing/conflicting option).
+    #[track_caller]
+    fn rejects(args: &[&str], needles: &[&str]) {
+        let msg = match parse(args) {
+            Ok(c) => panic!("{args:?} accepted: {c:?}"),
+            Err(e) => e.to_string(),
+        };
+        for n in needles {
+            assert!(
+                msg.contains(n),
+                "{args:?}: message does not name {n:?}:\n{msg}"
+            );
+        }
+    }
+
     #[test]
     fn rejects_bad_values() {
-        assert!(parse(&["--kernel", "k", "--cpus", "0"]).is_err());
-        assert!(parse(&["--kernel", "k", "--accel", "hvf"]).is_err());
-        assert!(parse(&["--kernel", "k", "--serial", "file:"]).is_err());
-        assert!(parse(&["--kernel", "k", "--memory", "12X"]).is_err());
-        assert!(parse(&["--kernel", "k", "--device-socket", "net:"]).is_err());
+        rejects(
+            &["--kernel", "k", "--cpus", "0"],
+            &["'0'", "--cpus", "1..=254"],
+        );
+        rejects(
+            &["--kernel", "k", "--cpus", "255"],
+            &["'255'", "--cpus", "1..=254"],
+        );
+        rejects(
+            &["--kernel", "k", "--accel", "hvf"],
+            &["'hvf'", "--accel", "kvm", "tcg", "auto"],
+        );
+        rejects(
+            &["--kernel", "k", "--serial", "file:"],
+            &["'file:'", "--serial", "file:PATH"],
+        );
+        rejects(
+            &["--kernel", "k", "--memory", "12X"],
+            &["'12X'", "--memory", "unknown size suffix"],
+        );
+        rejects(
+            &["--kernel", "k", "--memory", "lots"],
+            &["'lots'", "--memory", "unknown size suffix"],
+        );
+        rejects(
+            &["--kernel", "k", "--memory", "1.5G"],
+            &["'1.5G'", "--memory", "invalid memory size"],
+        );
+        rejects(
+            &["--kernel", "k", "--memory", "99999999999999G"],
+            &["'99999999999999G'", "too large"],
+        );
+        rejects(
+            &["--kernel", "k", "--device-socket", "net:"],
+            &["'net:'", "--device-socket", "empty socket path"],
+        );
+        rejects(
+            &["--kernel", "k", "--forward-via", "pigeon"],
+            &["'pigeon'", "--forward-via", "ring", "socket"],
+        );
+    }
+
+    #[test]
+    fn rejects_missing_and_conflicting_options() {
+        // Required option and option values missing.
+        rejects(&["--memory", "1G"], &["required", "--kernel"]);
+        rejects(&["--kernel"], &["--kernel", "a value is required"]);
+        rejects(
+            &["--kernel", "k", "--cpus"],
+            &["--cpus", "a value is required"],
+        );
+        // Single-valued options given twice with different values.
+        rejects(
+            &["--kernel", "k", "--accel", "kvm", "--accel", "tcg"],
+            &["--accel", "cannot be used multiple times"],
+        );
+        rejects(
+            &["--kernel", "a", "--kernel", "b"],
+            &["--kernel", "cannot be used multiple times"],
+        );
+        rejects(
+            &["--kernel", "k", "--serial", "none", "--serial", "stdio"],
+            &["--serial", "cannot be used multiple times"],
+        );
+        // Unknown options and stray arguments.
+        rejects(&["--kernel", "k", "--smp", "2"], &["'--smp'"]);
+        rejects(&["--kernel", "k", "extra"], &["'extra'"]);
     }
 
     #[test]
@@ -271,8 +349,11 @@ mod tests {
         assert_eq!(parse_size("64"), Ok(64 << 20));
         assert_eq!(parse_size("4096k"), Ok(4 << 20));
         assert_eq!(parse_size("1T"), Ok(1 << 40));
-        assert!(parse_size("99999999999999G").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("M").is_err());
+        assert_eq!(
+            parse_size("99999999999999G"),
+            Err("memory size \"99999999999999G\" is too large".into())
+        );
+        assert_eq!(parse_size(""), Err("invalid memory size \"\"".into()));
+        assert_eq!(parse_size("M"), Err("invalid memory size \"M\"".into()));
     }
 }

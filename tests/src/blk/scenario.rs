@@ -2,6 +2,7 @@
 //! start the backend, boot QEMU with the guest workload, stop the backend, check the image.
 
 use std::fmt::Write as _;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 
 use super::{BlkBackend, BlkError, BlkOptions, STOP_TIMEOUT};
@@ -58,6 +59,11 @@ fn check_err(what: impl Into<String>, run: Option<&GuestRun>, log: &str) -> Scen
 
 /// Writes back the guest page cache and sends a FLUSH (`sync` alone does not flush a raw
 /// block device's write cache; `fsync` on the device does).
+/// What the guest prints (the string split so that the script itself never matches) once
+/// its final fsync returned, in the SIGKILL scenario.
+const KILL_POINT: &str = "RQEMU-KILL-POINT";
+const KILL_POINT_ECHO: &str = "RQEMU-KILL-\"\"POINT";
+
 const FLUSH_VDA: &str = "sync\nrun flush dd if=/dev/null of=/dev/vda conv=notrunc,fsync\n";
 
 /// Initial contents under the tested image.
@@ -89,8 +95,9 @@ pub struct Workloads {
     pub disk_size: u64,
     /// Pattern seed.
     pub seed: u64,
-    /// Stop the daemon with SIGKILL instead of SIGTERM after the guest's final flush: whatever
-    /// the guest flushed must be in the image (and a qcow2 consistent) without a clean exit.
+    /// SIGKILL the daemon right after the guest's final fsync returned, QEMU still connected
+    /// (instead of SIGTERM after the guest powered off): whatever the guest flushed must be in
+    /// the image, and a qcow2 clean (no leaks), without a disconnect or a clean exit.
     pub kill: bool,
 }
 
@@ -173,13 +180,33 @@ impl Workloads {
                  echo \"RQEMU-VAL run-${h##*/}=$(cat $h/run)\"; done\n",
             );
         }
-        script.push_str(FLUSH_VDA);
-        script.push_str(&sha256_script("/dev/vda", "disk-sha256"));
+        if self.kill {
+            // The digest first (reads only), then the guest's fsync, then the kill point: the
+            // daemon is SIGKILLed as soon as the console shows it, with QEMU still connected,
+            // so only what the FLUSH itself made durable is in the image.
+            script.push_str(&sha256_script("/dev/vda", "disk-sha256"));
+            script.push_str(FLUSH_VDA);
+            script.push_str(&format!("echo {KILL_POINT_ECHO}\nsleep 1000\n"));
+            vm = vm.kill_on_console(KILL_POINT, daemon.pid());
+        } else {
+            script.push_str(FLUSH_VDA);
+            script.push_str(&sha256_script("/dev/vda", "disk-sha256"));
+        }
         let run = vm.script(&script).run();
         let log = daemon.log();
         let run = run.map_err(|e| check_err(e.to_string(), None, &log))?;
-        run.expect_success()
-            .map_err(|e| check_err(e.to_string(), None, &log))?;
+        if self.kill {
+            if !run.killed_at_marker {
+                return Err(check_err(
+                    format!("the guest never reached the kill point {KILL_POINT:?}"),
+                    Some(&run),
+                    &log,
+                ));
+            }
+        } else {
+            run.expect_success()
+                .map_err(|e| check_err(e.to_string(), None, &log))?;
+        }
         let fail = |what: String| check_err(what, Some(&run), &log);
 
         // What the guest saw of the device.
@@ -273,6 +300,11 @@ fn finish(
     if stop == Stop::Term && !status.success() {
         return Err(fail(format!(
             "{name} exited with {status} after SIGTERM, expected 0"
+        )));
+    }
+    if stop == Stop::Kill && status.signal() != Some(libc::SIGKILL) {
+        return Err(fail(format!(
+            "{name} ended with {status} before the SIGKILL"
         )));
     }
     let actual = qemu_img::read_image(&images.image, images.format)?;

@@ -37,21 +37,49 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// linux-loader rejected the kernel image.
-    #[error("loading kernel {path}: {msg}")]
+    #[error("loading {format} kernel {path} ({size} bytes): {msg}")]
     Kernel {
         /// File.
         path: PathBuf,
+        /// "ELF" or "bzImage" (what the first bytes say it is).
+        format: &'static str,
+        /// File size.
+        size: u64,
         /// linux-loader's error.
         msg: String,
+    },
+    /// The kernel file is too short for either header, or shorter than its header says.
+    #[error("kernel {path} is truncated: {what}")]
+    KernelTruncated {
+        /// File.
+        path: PathBuf,
+        /// What is missing.
+        what: String,
+    },
+    /// The kernel does not fit in guest RAM above 1 MiB.
+    #[error(
+        "kernel {path} needs {need} bytes of guest RAM from {HIMEM_START:#x}, but RAM below \
+         4 GiB ends at {ram_end:#x}: give the guest more memory (--memory)"
+    )]
+    KernelTooBig {
+        /// File.
+        path: PathBuf,
+        /// Bytes needed from `HIMEM_START` (image, or the header's `init_size`).
+        need: u64,
+        /// End of low RAM.
+        ram_end: u64,
     },
     /// Invalid command line.
     #[error("kernel command line: {0}")]
     Cmdline(String),
     /// The initrd does not fit.
     #[error(
-        "initrd of {size} bytes does not fit between the kernel end {kernel_end:#x} and {max:#x}"
+        "initrd {path} of {size} bytes does not fit in guest RAM between the kernel end \
+         {kernel_end:#x} and {max:#x}: give the guest more memory (--memory)"
     )]
     InitrdTooBig {
+        /// File.
+        path: PathBuf,
         /// Initrd size.
         size: u64,
         /// End of the kernel image.
@@ -98,16 +126,29 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BootError + '_ {
 pub fn load(ram: &GuestRam, cfg: &BootConfig, rsdp: u64) -> Result<LoadedKernel, BootError> {
     let mem = ram.memory();
     let mut kernel = File::open(&cfg.kernel).map_err(io_err(&cfg.kernel))?;
-    let mut magic = [0u8; 4];
-    kernel.read_exact(&mut magic).map_err(io_err(&cfg.kernel))?;
+    let size = kernel.metadata().map_err(io_err(&cfg.kernel))?.len();
+    // The bzImage header ends before 0x268; an ELF header is 64 bytes.
+    let mut head = vec![0u8; 0x268.min(size as usize)];
+    kernel.read_exact(&mut head).map_err(io_err(&cfg.kernel))?;
     kernel
         .seek(SeekFrom::Start(0))
         .map_err(io_err(&cfg.kernel))?;
+    let is_elf = head.starts_with(b"\x7fELF");
+    if size < 64 {
+        return Err(BootError::KernelTruncated {
+            path: cfg.kernel.clone(),
+            what: format!("{size} bytes, too short for an ELF or bzImage header"),
+        });
+    }
+    if !is_elf {
+        check_bzimage(&cfg.kernel, &head, size, ram.low_ram_end())?;
+    }
     let kerr = |e: linux_loader::loader::Error| BootError::Kernel {
         path: cfg.kernel.clone(),
+        format: if is_elf { "ELF" } else { "bzImage" },
+        size,
         msg: e.to_string(),
     };
-    let is_elf = magic == *b"\x7fELF";
     let result = if is_elf {
         Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(kerr)?
     } else {
@@ -166,6 +207,51 @@ pub fn load(ram: &GuestRam, cfg: &BootConfig, rsdp: u64) -> Result<LoadedKernel,
     })
 }
 
+/// What linux-loader does not check of a bzImage (`head`: its first bytes, `size`: the file
+/// size): a file shorter than its header's `syssize`, and a kernel (or its `init_size`, the
+/// memory it needs to decompress itself) that does not fit in RAM from `HIMEM_START` to
+/// `ram_end`. Files without the `HdrS` magic are left to linux-loader's diagnosis.
+fn check_bzimage(path: &Path, head: &[u8], size: u64, ram_end: u64) -> Result<(), BootError> {
+    let u16_at = |o: usize| head.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        head.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if head.get(0x202..0x206) != Some(b"HdrS") {
+        return Ok(());
+    }
+    let setup_sects = match head.get(0x1f1).copied().unwrap_or(0) {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let setup = (setup_sects + 1) * 512;
+    let syssize = u64::from(u32_at(0x1f4).unwrap_or(0)) * 16;
+    if size < setup + syssize {
+        return Err(BootError::KernelTruncated {
+            path: path.to_path_buf(),
+            what: format!(
+                "its bzImage header announces {setup} bytes of setup and {syssize} of \
+                 kernel, the file has {size} bytes"
+            ),
+        });
+    }
+    let version = u16_at(0x206).unwrap_or(0);
+    let init_size = if version >= 0x20a {
+        u64::from(u32_at(0x260).unwrap_or(0))
+    } else {
+        0
+    };
+    let need = size.saturating_sub(setup).max(init_size);
+    if HIMEM_START.saturating_add(need) > ram_end {
+        return Err(BootError::KernelTooBig {
+            path: path.to_path_buf(),
+            need,
+            ram_end,
+        });
+    }
+    Ok(())
+}
+
 fn load_initrd(
     ram: &GuestRam,
     path: &Path,
@@ -175,20 +261,18 @@ fn load_initrd(
     let mut f = File::open(path).map_err(io_err(path))?;
     let size = f.metadata().map_err(io_err(path))?.len();
     let top = ram.low_ram_end().min(initrd_max.saturating_add(1));
+    let too_big = || BootError::InitrdTooBig {
+        path: path.to_path_buf(),
+        size,
+        kernel_end,
+        max: top,
+    };
     let addr = top
         .checked_sub(size)
         .map(|a| a & !0xfff)
         .filter(|&a| a >= kernel_end.max(HIMEM_START))
-        .ok_or(BootError::InitrdTooBig {
-            size,
-            kernel_end,
-            max: top,
-        })?;
-    let len = usize::try_from(size).map_err(|_| BootError::InitrdTooBig {
-        size,
-        kernel_end,
-        max: top,
-    })?;
+        .ok_or_else(too_big)?;
+    let len = usize::try_from(size).map_err(|_| too_big())?;
     ram.memory()
         .read_exact_volatile_from(GuestAddress(addr), &mut f, len)
         .map_err(|_| BootError::GuestWrite("initrd"))?;

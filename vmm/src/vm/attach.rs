@@ -52,6 +52,7 @@ pub(super) fn attach_devices(
     let mut vhost = Vec::new();
     let mut fwd = Vec::new();
     for d in &cfg.devices {
+        check_socket_path(&d.socket)?;
         if d.kind.is_some() {
             vhost.push(d);
             continue;
@@ -141,6 +142,28 @@ pub(super) fn attach_vhost_user(
     }
     mmio.insert(Arc::new(Mutex::new(transport)), w.base, w.size)?;
     Ok(watch.map(|s| (d.socket.clone(), s)))
+}
+
+/// A path that exists must be a socket (connecting to a regular file only says "connection
+/// refused"); a missing one is left to the connect error.
+fn check_socket_path(path: &std::path::Path) -> Result<(), VmError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let t = meta.file_type();
+    let kind = if t.is_socket() {
+        return Ok(());
+    } else if t.is_file() {
+        "regular file"
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else {
+        "device or other special file"
+    };
+    Err(VmError::NotASocket(path.to_path_buf(), kind))
 }
 
 /// Watches a vhost-user connection: if the daemon hangs up, the VM stops with a clear error

@@ -69,6 +69,9 @@ pub enum VmError {
     /// A daemon was granted the GSI of an in-VMM default device that still runs.
     #[error("GSI {0} of the in-VMM COM1 was granted to device daemon {1}; give that daemon another line")]
     GsiTaken(u32, String),
+    /// A `--device-socket` path that exists but is not a UNIX socket.
+    #[error("device socket {0} is not a UNIX socket but a {1}: start the device daemon there")]
+    NotASocket(std::path::PathBuf, &'static str),
     /// More devices than virtio-mmio windows.
     #[error("{0} devices requested but the machine has {VIRTIO_MMIO_COUNT} virtio-mmio windows")]
     TooManyDevices(usize),

@@ -23,9 +23,13 @@ pub mod opcode {
     pub const FORGET: u32 = 2;
     pub const GETATTR: u32 = 3;
     pub const SETATTR: u32 = 4;
+    pub const READLINK: u32 = 5;
+    pub const SYMLINK: u32 = 6;
     pub const MKDIR: u32 = 9;
     pub const UNLINK: u32 = 10;
     pub const RMDIR: u32 = 11;
+    pub const RENAME: u32 = 12;
+    pub const LINK: u32 = 13;
     pub const OPEN: u32 = 14;
     pub const READ: u32 = 15;
     pub const WRITE: u32 = 16;
@@ -41,6 +45,7 @@ pub mod opcode {
     pub const DESTROY: u32 = 38;
     pub const BATCH_FORGET: u32 = 42;
     pub const READDIRPLUS: u32 = 44;
+    pub const RENAME2: u32 = 45;
 
     /// The name of an opcode, for messages.
     pub fn name(op: u32) -> &'static str {
@@ -49,9 +54,13 @@ pub mod opcode {
             FORGET => "FORGET",
             GETATTR => "GETATTR",
             SETATTR => "SETATTR",
+            READLINK => "READLINK",
+            SYMLINK => "SYMLINK",
             MKDIR => "MKDIR",
             UNLINK => "UNLINK",
             RMDIR => "RMDIR",
+            RENAME => "RENAME",
+            LINK => "LINK",
             OPEN => "OPEN",
             READ => "READ",
             WRITE => "WRITE",
@@ -67,6 +76,7 @@ pub mod opcode {
             DESTROY => "DESTROY",
             BATCH_FORGET => "BATCH_FORGET",
             READDIRPLUS => "READDIRPLUS",
+            RENAME2 => "RENAME2",
             _ => "opcode",
         }
     }

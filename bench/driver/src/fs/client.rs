@@ -341,6 +341,55 @@ impl FuseClient {
             .map(drop)
     }
 
+    /// `FUSE_SYMLINK`: `name` in `parent`, pointing to `target` (any bytes but NUL).
+    pub fn symlink(
+        &mut self,
+        parent: u64,
+        name: &str,
+        target: &str,
+    ) -> Result<abi::EntryOut, FsError> {
+        self.call_obj(op::SYMLINK, parent, &[&name_arg(name), &name_arg(target)])
+    }
+
+    /// `FUSE_READLINK`: the link's target.
+    pub fn readlink(&mut self, nodeid: u64) -> Result<Vec<u8>, FsError> {
+        self.call(op::READLINK, nodeid, &[], 4096)
+    }
+
+    /// `FUSE_RENAME` (`flags == 0`) or `FUSE_RENAME2` (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`).
+    pub fn rename(
+        &mut self,
+        parent: u64,
+        name: &str,
+        newdir: u64,
+        newname: &str,
+        flags: u32,
+    ) -> Result<(), FsError> {
+        let (old, new) = (name_arg(name), name_arg(newname));
+        if flags == 0 {
+            let a = newdir.to_le_bytes();
+            self.call(op::RENAME, parent, &[&a, &old, &new], 0)
+                .map(drop)
+        } else {
+            let mut a = newdir.to_le_bytes().to_vec();
+            a.extend_from_slice(&flags.to_le_bytes());
+            a.extend_from_slice(&0u32.to_le_bytes());
+            self.call(op::RENAME2, parent, &[&a, &old, &new], 0)
+                .map(drop)
+        }
+    }
+
+    /// `FUSE_LINK`: a hard link `newname` in `newparent` to inode `oldnodeid`.
+    pub fn link(
+        &mut self,
+        oldnodeid: u64,
+        newparent: u64,
+        newname: &str,
+    ) -> Result<abi::EntryOut, FsError> {
+        let a = oldnodeid.to_le_bytes();
+        self.call_obj(op::LINK, newparent, &[&a, &name_arg(newname)])
+    }
+
     /// `FUSE_STATFS`.
     pub fn statfs(&mut self, nodeid: u64) -> Result<abi::StatfsOut, FsError> {
         self.call_obj(op::STATFS, nodeid, &[])

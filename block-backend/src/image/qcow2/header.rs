@@ -544,6 +544,16 @@ mod tests {
         put64(&mut b, 40, 65536);
         assert!(err(&b).contains("overlaps the refcount table"));
 
+        // Found by the qcow2_header fuzz target (overflow checks on): tables whose end
+        // overflows u64 are refused, not wrapped around.
+        let mut b = test_header(3, 16);
+        put64(&mut b, 40, 0xffff_ffff_ffff_0000);
+        put32(&mut b, 36, 8192); // 64 KiB of L1 table: ends at 2^64
+        assert!(err(&b).contains("L1 table at"), "{}", err(&b));
+        let mut b = test_header(3, 16);
+        put64(&mut b, 48, 0xffff_ffff_ffff_0000);
+        assert!(err(&b).contains("refcount table at"), "{}", err(&b));
+
         let mut b = test_header(3, 16);
         put32(&mut b, 112, EXT_BACKING_FORMAT);
         put32(&mut b, 116, 100_000);

@@ -1,8 +1,11 @@
 //! Crash consistency: an image abandoned without close (process crash), or whose writer is
 //! killed with SIGKILL at an arbitrary point, may leak clusters but is never corrupt.
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use super::super::DiskImage;
@@ -153,7 +156,9 @@ pub(super) fn check_clean(path: &Path, opts: &str, when: &str) {
     );
 }
 
-/// Child side of `killed_writer_never_corrupts` (does nothing unless started by it).
+/// Child side of `killed_writer_never_corrupts` (does nothing unless started by it): churns
+/// the image forever, reporting on stdout (a pipe to the parent) the number of operations
+/// done after every batch.
 #[test]
 #[ignore = "helper process for killed_writer_never_corrupts"]
 fn crash_child() {
@@ -161,12 +166,18 @@ fn crash_child() {
         return;
     };
     let img = open(Path::new(&path), false);
+    let mut out = std::io::stdout().lock();
     let mut seed = 1;
     loop {
         churn(&img, None, seed, 50);
+        writeln!(out, "{CHILD_REPORT}{}", seed * 50).unwrap();
+        out.flush().unwrap();
         seed += 1;
     }
 }
+
+/// Prefix of the child's progress lines (libtest prints its own lines on the same stdout).
+const CHILD_REPORT: &str = "crash-child ops done: ";
 
 #[test]
 fn killed_writer_never_corrupts() {
@@ -180,28 +191,64 @@ fn killed_writer_never_corrupts() {
         8 << 20,
     );
     let mut codes = Vec::new();
-    for delay_ms in [40, 120, 250] {
+    let mut done = Vec::new();
+    for delay_ms in [0, 40, 120, 250] {
         let mut child = Command::new(&exe)
             .args([
                 "--ignored",
                 "--exact",
                 "image::qcow2::tests_crash::crash_child",
                 "--nocapture",
+                "--test-threads=1",
             ])
             .env(CHILD_ENV, &path)
+            .stdout(Stdio::piped())
             .spawn()
             .expect("spawning the crash child");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(n) = line.strip_prefix(CHILD_REPORT) {
+                    let _ = tx.send(n.parse::<u64>().expect("child report"));
+                }
+            }
+        });
+        // The kill must land in the middle of the writes: wait for the first batch, then
+        // let it run on for a while.
+        let first = rx.recv_timeout(Duration::from_secs(60));
+        if first.is_err() {
+            let _ = child.kill();
+            let st = child.wait().unwrap();
+            panic!("the crash child reported no write within 60 s (status {st})");
+        }
         std::thread::sleep(Duration::from_millis(delay_ms));
         if let Ok(Some(st)) = child.try_wait() {
             panic!("crash child exited early: {st}");
         }
         child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        let st = child.wait().unwrap();
+        assert_eq!(
+            st.signal(),
+            Some(libc::SIGKILL),
+            "the crash child must die of our SIGKILL, not otherwise: {st}"
+        );
+        reader.join().unwrap();
+        let ops = rx.try_iter().last().unwrap_or(0).max(first.unwrap());
+        assert!(
+            ops >= 50,
+            "the child wrote before it was killed ({ops} ops)"
+        );
+        done.push(ops);
         codes.push(check_leaks_only(&path));
         // The image still opens and reads everywhere.
         let img = open(&path, true);
         let mut buf = vec![0u8; 8 << 20];
         img.read_at(&mut buf, 0).unwrap();
     }
-    eprintln!("qemu-img check exit codes after SIGKILL: {codes:?} (3 = leaks only)");
+    eprintln!(
+        "operations done before each SIGKILL: {done:?}; qemu-img check exit codes: {codes:?} \
+         (3 = leaks only)"
+    );
 }
