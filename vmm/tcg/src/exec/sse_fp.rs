@@ -2,6 +2,7 @@
 
 use super::operand::{get_reg, set_reg};
 use super::{Ctx, R};
+use crate::flags::{CF, PF, ZF};
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 fn xi(r: Register) -> Option<usize> {
@@ -195,7 +196,7 @@ pub fn fp_ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
                 let b = f32s(src(cx, ins, 1, 4)?, 0);
                 f32s(cx.s.xmm[d], 0).partial_cmp(&b)
             };
-            super::sse::comi_flags(cx, ord);
+            comi_flags(cx, ord);
         }
         M::Cvtsi2sd | M::Cvtsi2ss => {
             let Some(d) = d else { return Ok(false) };
@@ -235,4 +236,16 @@ pub fn fp_ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
         _ => return Ok(false),
     }
     Ok(true)
+}
+
+/// Sets ZF/PF/CF for (U)COMISS/SD: unordered → all three, less → CF, equal → ZF.
+fn comi_flags(cx: &mut Ctx<'_>, ord: Option<std::cmp::Ordering>) {
+    use std::cmp::Ordering::*;
+    let f = match ord {
+        None => ZF | PF | CF,
+        Some(Less) => CF,
+        Some(Equal) => ZF,
+        Some(Greater) => 0,
+    };
+    cx.s.flags.set_arith(f);
 }
