@@ -2,13 +2,25 @@
 
 use super::operand::{get_reg, set_reg};
 use super::{Ctx, R};
-use crate::flags::{CF, PF, ZF};
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 fn xi(r: Register) -> Option<usize> {
     let n = r as usize;
     let b = Register::XMM0 as usize;
     (b..b + 16).contains(&n).then(|| n - b)
+}
+
+/// Sets ZF/PF/CF for (U)COMISS/SD: unordered → all three, less → CF, equal → ZF.
+fn comi_flags(cx: &mut Ctx<'_>, ord: Option<std::cmp::Ordering>) {
+    use crate::flags::{CF, PF, ZF};
+    use std::cmp::Ordering::*;
+    let f = match ord {
+        None => ZF | PF | CF,
+        Some(Less) => CF,
+        Some(Equal) => ZF,
+        Some(Greater) => 0,
+    };
+    cx.s.flags.set_arith(f);
 }
 
 /// Reads operand `i` as 128 bits (register) or `size` bytes zero-extended (memory).
@@ -236,16 +248,4 @@ pub fn fp_ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
         _ => return Ok(false),
     }
     Ok(true)
-}
-
-/// Sets ZF/PF/CF for (U)COMISS/SD: unordered → all three, less → CF, equal → ZF.
-fn comi_flags(cx: &mut Ctx<'_>, ord: Option<std::cmp::Ordering>) {
-    use std::cmp::Ordering::*;
-    let f = match ord {
-        None => ZF | PF | CF,
-        Some(Less) => CF,
-        Some(Equal) => ZF,
-        Some(Greater) => 0,
-    };
-    cx.s.flags.set_arith(f);
 }
