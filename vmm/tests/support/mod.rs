@@ -107,10 +107,19 @@ pub fn payloads() -> &'static Payloads {
             pvh: dir.join("payload-pvh.elf"),
             bzimage: dir.join("payload.bzimage"),
         };
-        gcc(&p.elf, &["start.S", "payload.c", "virtio_blk.c"]);
+        gcc(
+            &p.elf,
+            &["start.S", "payload.c", "console.c", "virtio_blk.c"],
+        );
         gcc(
             &p.pvh,
-            &["start.S", "start_pvh.S", "payload.c", "virtio_blk.c"],
+            &[
+                "start.S",
+                "start_pvh.S",
+                "payload.c",
+                "console.c",
+                "virtio_blk.c",
+            ],
         );
         make_bzimage(&p.elf, &p.bzimage);
         p
