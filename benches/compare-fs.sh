@@ -14,7 +14,8 @@
 # machine this was written on, =never roughly doubled it); the defaults are compared here.
 # Usage: benches/compare-fs.sh [runtime-s] [repetitions]  (the median of the repetitions is
 # printed; the runs of one repetition alternate rqemu-fs, virtiofsd, host)
-set -euo pipefail
+set -Eeuo pipefail
+trap 'rc=$?; printf "%s: line %d: \"%s\" failed (exit %d)\n" "${0##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 cd "$(dirname "$0")/.."
 runtime=${1:-5}
 reps=${2:-3}

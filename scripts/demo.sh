@@ -7,7 +7,8 @@
 #
 # RQEMU_DEMO_VMM=qemu runs the same guest and daemon under QEMU (TCG, -M microvm) instead,
 # as a reference vhost-user frontend.
-set -euo pipefail
+set -Eeuo pipefail
+trap 'rc=$?; printf "%s: line %d: \"%s\" failed (exit %d)\n" "${0##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh

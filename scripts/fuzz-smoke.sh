@@ -3,7 +3,8 @@
 # instrumentation) and runs each for a bounded number of random inputs: a smoke test that the
 # targets build and that nothing panics on the first inputs. Real fuzzing (coverage-guided):
 #   cargo install cargo-fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run <target>
-set -euo pipefail
+set -Eeuo pipefail
+trap 'rc=$?; printf "%s: line %d: \"%s\" failed (exit %d)\n" "${0##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 cd "$(dirname "$0")/../fuzz"
 runs=${RQEMU_FUZZ_RUNS:-20000}
 cargo build --release -q --bins

@@ -14,7 +14,8 @@
 #
 # Env: RQEMU_GUEST_DIR (output dir), RQEMU_KERNEL_PKG (default linux-image-cloud-amd64),
 #      RQEMU_KERNEL_VERSION (default: apt's candidate for RQEMU_KERNEL_PKG).
-set -euo pipefail
+set -Eeuo pipefail
+trap 'rc=$?; printf "%s: line %d: \"%s\" failed (exit %d)\n" "${0##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${RQEMU_GUEST_DIR:-$ROOT/target/guest}"

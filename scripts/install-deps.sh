@@ -9,9 +9,18 @@
 #     and the tests.
 #
 # Run as root (or with sudo available). Output is quiet; on failure the apt log is printed.
-set -euo pipefail
+# Only the packages that are missing (or older than needed) are installed, each from its suite.
+#
+# Env (for scripts/tests/install-deps.sh, which runs this script against stand-ins):
+#   RQEMU_APT_DIR (default /etc/apt), RQEMU_OS_RELEASE (default /etc/os-release),
+#   RQEMU_QBOOT_ROM (default /usr/share/qemu/qboot.rom).
+set -Eeuo pipefail
+trap 'rc=$?; printf "%s: line %d: \"%s\" failed (exit %d)\n" "${0##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 
-BACKPORTS_FILE=/etc/apt/sources.list.d/rqemu-backports.sources
+APT_DIR="${RQEMU_APT_DIR:-/etc/apt}"
+OS_RELEASE="${RQEMU_OS_RELEASE:-/etc/os-release}"
+QBOOT_ROM="${RQEMU_QBOOT_ROM:-/usr/share/qemu/qboot.rom}"
+BACKPORTS_FILE="$APT_DIR/sources.list.d/rqemu-backports.sources"
 # Packages that must come from bookworm-backports (minimum version in the second column).
 BPO_PKGS=(qemu-system-x86 qemu-utils)
 BPO_MIN_VERSION="1:10"
@@ -21,8 +30,8 @@ MAIN_PKGS=(busybox-static cpio xz-utils lz4 zstd kmod binutils util-linux gzip i
 log() { printf 'install-deps: %s\n' "$*"; }
 die() { printf 'install-deps: ERROR: %s\n' "$*" >&2; exit 1; }
 
-if ! grep -q 'VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
-    die "this script targets Debian 12 (bookworm); /etc/os-release says otherwise"
+if ! grep -q 'VERSION_CODENAME=bookworm' "$OS_RELEASE" 2>/dev/null; then
+    die "this script targets Debian 12 (bookworm); $OS_RELEASE says otherwise"
 fi
 
 SUDO=()
@@ -38,10 +47,13 @@ as_root() {
     "${SUDO[@]}" "${@:2}"
 }
 
-# installed_version PKG -> prints the installed version, empty if not installed.
+# installed_version PKG -> prints the installed version, empty if not installed. dpkg-query
+# exits 1 for a package it has no record of (a fresh machine): that is "not installed", not an
+# error, so its status is not allowed to end the script.
 installed_version() {
-    dpkg-query -W -f '${db:Status-Abbrev} ${Version}' "$1" 2>/dev/null |
-        awk '$1 == "ii" { print $2 }'
+    local status
+    status="$(dpkg-query -W -f '${db:Status-Abbrev} ${Version}' "$1" 2>/dev/null)" || status=""
+    awk '$1 == "ii" { print $2 }' <<<"$status"
 }
 
 missing_main=()
@@ -57,16 +69,17 @@ for p in "${BPO_PKGS[@]}"; do
 done
 
 if [ ${#missing_main[@]} -eq 0 ] && [ ${#missing_bpo[@]} -eq 0 ]; then
-    [ -f /usr/share/qemu/qboot.rom ] ||
-        die "/usr/share/qemu/qboot.rom missing (package qemu-system-data); the e2e tests boot with qboot"
+    [ -f "$QBOOT_ROM" ] ||
+        die "$QBOOT_ROM missing (package qemu-system-data); the e2e tests boot with qboot"
     log "all packages present (qemu-system-x86 $(installed_version qemu-system-x86))"
     exit 0
 fi
-log "missing: ${missing_main[*]} ${missing_bpo[*]}"
+log "missing: ${missing_main[*]}${missing_main[*]:+ }${missing_bpo[*]}${missing_bpo[*]:+ (from bookworm-backports)}"
 
 if [ ${#missing_bpo[@]} -gt 0 ] &&
-    ! grep -rqs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    ! grep -rqs '^[^#]*bookworm-backports' "$APT_DIR/sources.list" "$APT_DIR/sources.list.d/"; then
     log "adding bookworm-backports apt source ($BACKPORTS_FILE)"
+    as_root "add the backports source" mkdir -p "$(dirname "$BACKPORTS_FILE")"
     as_root "add the backports source" tee "$BACKPORTS_FILE" >/dev/null <<'EOF'
 Types: deb
 URIs: http://deb.debian.org/debian
@@ -94,9 +107,8 @@ if [ ${#missing_main[@]} -gt 0 ]; then
     apt_quiet install --no-install-recommends "${missing_main[@]}"
 fi
 if [ ${#missing_bpo[@]} -gt 0 ]; then
-    # Install both QEMU packages from backports together so qemu-utils is never downgraded.
-    log "installing ${BPO_PKGS[*]} from bookworm-backports"
-    apt_quiet install --no-install-recommends -t bookworm-backports "${BPO_PKGS[@]}"
+    log "installing ${missing_bpo[*]} from bookworm-backports"
+    apt_quiet install --no-install-recommends -t bookworm-backports "${missing_bpo[@]}"
 fi
 
 for p in "${BPO_PKGS[@]}"; do
@@ -104,6 +116,6 @@ for p in "${BPO_PKGS[@]}"; do
     [ -n "$v" ] && dpkg --compare-versions "$v" ge "$BPO_MIN_VERSION" ||
         die "$p is '${v:-not installed}' after install, need >= $BPO_MIN_VERSION"
 done
-[ -f /usr/share/qemu/qboot.rom ] ||
-    die "/usr/share/qemu/qboot.rom missing (package qemu-system-data); the e2e tests boot with qboot"
+[ -f "$QBOOT_ROM" ] ||
+    die "$QBOOT_ROM missing (package qemu-system-data); the e2e tests boot with qboot"
 log "done (qemu-system-x86 $(installed_version qemu-system-x86))"

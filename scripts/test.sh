@@ -2,13 +2,18 @@
 # Runs every rqemu test on this machine: installs what is missing (Debian packages, guest
 # assets), then format, lint, build and the whole test suite (unit, in-process vhost-user,
 # end-to-end with QEMU and real guests, KVM payloads).
-set -euo pipefail
+set -Eeuo pipefail
+trap 'rc=$?; printf "%s: line %d: \"%s\" failed (exit %d)\n" "${0##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
 step "dependencies"
 scripts/install-deps.sh
+step "set-up script test (install-deps.sh against stand-in dpkg/apt)"
+scripts/tests/install-deps.sh >/tmp/rqemu-install-deps-test.log 2>&1 ||
+  { cat /tmp/rqemu-install-deps-test.log >&2; echo "install-deps test failed (log above)" >&2; exit 1; }
+tail -n 1 /tmp/rqemu-install-deps-test.log
 step "guest assets"
 scripts/guest-assets.sh
 

@@ -1,5 +1,5 @@
-//! `rqemu-vmm`: boot a guest on KVM (TCG later) and exit with the guest's outcome:
-//! 0 on ACPI power-off, non-zero with a message on reset, triple fault or error.
+//! `rqemu-vmm`: boot a guest on KVM or on rqemu's software CPU (TCG) and exit with the guest's
+//! outcome: 0 on ACPI power-off, non-zero with a message on reset, triple fault or error.
 
 use std::process::ExitCode;
 
@@ -50,6 +50,13 @@ fn stop_on_signals(ctl: VmController) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Colour codes only on a terminal, and never with `NO_COLOR` set (no-color.org): a log in a
+/// file, a pipe or the journal stays plain text.
+fn colour_wanted() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn main() -> ExitCode {
     // RQEMU_LOG, then RUST_LOG; by default warnings (a device daemon lost or reattached,
     // ...) and errors, so that the guest console on stdio stays readable.
@@ -59,6 +66,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(colour_wanted())
         .init();
     let cli = Cli::parse();
     match run(&cli) {

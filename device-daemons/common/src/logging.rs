@@ -12,5 +12,13 @@ pub fn init() {
         .with_env_filter(EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(colour_wanted())
         .try_init();
+}
+
+/// Colour codes only on a terminal, and never with `NO_COLOR` set (no-color.org): a log in a
+/// file, a pipe or the journal stays plain text.
+fn colour_wanted() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

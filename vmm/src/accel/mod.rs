@@ -231,6 +231,11 @@ pub trait Vcpu: Send {
 pub trait Accelerator: Send + Sync {
     /// Short name ("kvm", "tcg").
     fn name(&self) -> &'static str;
+    /// How many vCPUs this accelerator can run in parallel: a machine asking for more is
+    /// refused, never run with fewer CPUs than asked.
+    fn max_vcpus(&self) -> u32 {
+        u32::MAX
+    }
     /// Makes guest RAM visible to the vCPUs.
     fn map_ram(&self, ram: &GuestRam) -> Result<()>;
     /// Gives the accelerator the VMM's buses and exit flag before vCPUs are created

@@ -75,6 +75,16 @@ pub enum VmError {
     /// Thread or eventfd creation failure.
     #[error("{0}: {1}")]
     Os(&'static str, #[source] std::io::Error),
+    /// More vCPUs asked for than the accelerator can run.
+    #[error("--cpus {asked}: the {accel} accelerator runs at most {max} vCPU(s); ask for fewer")]
+    TooManyVcpus {
+        /// `--cpus`.
+        asked: u32,
+        /// The accelerator's limit.
+        max: u32,
+        /// Its name.
+        accel: &'static str,
+    },
     /// vCPU threads did not stop.
     #[error("{0} vCPU thread(s) did not stop within {1:?}")]
     StuckVcpus(usize, Duration),
@@ -99,7 +109,10 @@ pub fn create_accelerator(choice: AccelChoice) -> Result<Arc<dyn Accelerator>, V
         AccelChoice::Auto => match KvmAccel::new() {
             Ok(k) => Ok(Arc::new(k)),
             Err(e) => {
-                tracing::info!("{e}; using TCG");
+                tracing::warn!(
+                    "KVM is not usable ({e}): using the software CPU (TCG); guests boot and run \
+                     much more slowly"
+                );
                 Ok(Arc::new(TcgAccel::new()?))
             }
         },
@@ -174,6 +187,13 @@ pub fn virtio_windows() -> Vec<VirtioWindow> {
 impl Vm {
     /// Builds the machine on `accel`: RAM, ACPI tables, kernel, devices, vCPUs.
     pub fn new(cfg: &VmConfig, accel: Arc<dyn Accelerator>) -> Result<Self, VmError> {
+        if cfg.vcpus > accel.max_vcpus() {
+            return Err(VmError::TooManyVcpus {
+                asked: cfg.vcpus,
+                max: accel.max_vcpus(),
+                accel: accel.name(),
+            });
+        }
         let ram = GuestRam::new(cfg.memory)?;
         accel.map_ram(&ram)?;
         let exit = ExitRequester::new();

@@ -61,6 +61,11 @@ impl Accelerator for TcgAccel {
         "tcg"
     }
 
+    /// The software CPU runs one vCPU: it has no SMP (multi-threaded TCG) yet.
+    fn max_vcpus(&self) -> u32 {
+        1
+    }
+
     fn map_ram(&self, ram: &GuestRam) -> Result<()> {
         let mem = ram.memory().clone();
         let mut regions = Vec::with_capacity(ram.regions().len());
