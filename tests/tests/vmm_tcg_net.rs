@@ -3,13 +3,10 @@
 //! peer on the daemon's tap, inside a network namespace the test creates (nothing is routed
 //! outside it).
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rqemu_e2e::net::{self, NetDaemonOptions, NetNs, GUEST_IP, HOST_IP};
-use rqemu_e2e::paths::project_binary;
-use rqemu_e2e::qemu::base64;
-use rqemu_e2e::GuestAssets;
+use rqemu_e2e::{GuestAssets, RqemuVm};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -29,24 +26,12 @@ fn tcg_linux_pings_through_rqemu_net() {
     );
     let console = dir.path().join("console.log");
     let start = Instant::now();
-    let mut child = Command::new(project_binary("rqemu-vmm").expect("rqemu-vmm binary"))
-        .args(["--accel", "tcg", "--memory", "512M"])
-        .arg("--kernel")
-        .arg(&assets.vmlinuz)
-        .arg("--initrd")
-        .arg(&assets.initramfs)
-        .arg("--device-socket")
-        .arg(format!("net:{}", sock.display()))
-        .arg("--serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 panic=-1 tsc_early_khz=1000000 rqemu.run={}",
-            base64(script.as_bytes())
-        ))
-        .stdin(Stdio::null())
+    let mut child = RqemuVm::new(&assets)
+        .device_socket(&format!("net:{}", sock.display()))
+        .serial(&format!("file:{}", console.display()))
+        .run_cmdline(&script)
         .spawn()
-        .expect("spawning rqemu-vmm");
+        .unwrap_or_else(|e| panic!("{e}"));
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
