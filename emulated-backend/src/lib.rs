@@ -1,7 +1,9 @@
-//! Transport-free logic of emulated (non-virtio) devices. `rqemu-rtc` serves it over the
-//! forwarding protocol; `rqemu-vmm` maps the same code on its bus as the in-VMM default when
-//! no RTC daemon is given, so there is one RTC implementation.
+//! Transport-free logic of emulated (non-virtio) devices: each is written once, served by its
+//! daemon over the forwarding protocol and mapped by `rqemu-vmm` on its bus as the in-VMM
+//! default when no daemon is given.
 //!
-//! (The 16550 UART is `vm-superio`'s, shared the same way by `rqemu-serial` and the VMM.)
+//! * [`cmos`] — the MC146818 CMOS RTC (`rqemu-rtc`, the in-VMM RTC);
+//! * [`uart16550`] — the 16550A UART (`rqemu-serial`, the in-VMM COM1).
 
 pub mod cmos;
+pub mod uart16550;

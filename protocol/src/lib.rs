@@ -10,6 +10,8 @@
 //!   [`ring`] (per-vCPU shared-memory rings), [`client`] (the VMM end, [`ForwardedDevice`]) and
 //!   [`server`] (the daemon end, [`EmulatedDevice`] + [`serve`]). [`sys`] wraps the Linux
 //!   primitives (seqpacket sockets with `SCM_RIGHTS`, eventfds, sealed memfds).
+//! * [`listen`]: the one listening routine of every daemon, stream or seqpacket (stale sockets
+//!   replaced, live ones and non-sockets refused, inherited fds checked).
 //!
 //! A daemon and the VMM tell the two protocols apart by the socket type: vhost-user daemons
 //! listen on `SOCK_STREAM`, forwarding daemons on `SOCK_SEQPACKET` (a `connect` with the wrong
@@ -18,6 +20,7 @@
 pub mod client;
 pub mod handshake;
 pub mod identity;
+pub mod listen;
 pub mod messages;
 pub mod ring;
 pub mod server;

@@ -6,6 +6,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
 
+use crate::listen::{Endpoint, ListenError, SocketType};
+
 /// Most fds one message may carry; more is an fd flood and the message is rejected.
 pub const MAX_FDS: usize = 64;
 /// Most fds [`SeqSocket::send`] attaches (the kernel's `SCM_MAX_FD`).
@@ -21,7 +23,7 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+pub(crate) fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     use std::os::unix::ffi::OsStrExt;
     // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
@@ -267,82 +269,21 @@ impl AsFd for SeqSocket {
 pub struct SeqListener(OwnedFd);
 
 impl SeqListener {
-    /// Binds `path` (a stale socket file nobody serves is replaced; anything else is refused).
-    pub fn bind(path: &Path) -> io::Result<Self> {
-        use std::os::unix::fs::FileTypeExt;
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket", path.display()),
-                ));
-            }
-            if SeqSocket::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{} is served by another process", path.display()),
-                ));
-            }
-            let _ = std::fs::remove_file(path);
-        }
-        let (addr, len) = sockaddr(path)?;
-        // SAFETY: plain socket(2).
-        let fd = cvt(unsafe {
-            libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0)
-        })?;
-        // SAFETY: fd is new and owned by nobody else.
-        let l = Self(unsafe { OwnedFd::from_raw_fd(fd) });
-        // SAFETY: addr is a valid sockaddr_un of length len.
-        cvt(unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) })?;
-        // SAFETY: plain listen(2) on our socket.
-        cvt(unsafe { libc::listen(fd, 8) })?;
-        Ok(l)
+    /// Listens on `endpoint` with the daemons' one listening routine
+    /// ([`crate::listen`]: a stale socket is replaced, a live one or a non-socket refused, an
+    /// inherited fd checked).
+    pub fn listen(endpoint: &Endpoint) -> Result<Self, ListenError> {
+        endpoint.listen(SocketType::SeqPacket).map(Self)
+    }
+
+    /// Binds `path` (see [`SeqListener::listen`]).
+    pub fn bind(path: &Path) -> Result<Self, ListenError> {
+        Self::listen(&Endpoint::Path(path.to_owned()))
     }
 
     /// Adopts an inherited fd (`--fd N`) after checking it is a listening UNIX seqpacket socket.
-    pub fn from_fd(fd: RawFd) -> io::Result<Self> {
-        let opt = |o| -> io::Result<libc::c_int> {
-            let mut v: libc::c_int = 0;
-            let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: v and l are valid for writes of the sizes given.
-            cvt(unsafe {
-                libc::getsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    o,
-                    (&mut v as *mut libc::c_int).cast(),
-                    &mut l,
-                )
-            })?;
-            Ok(v)
-        };
-        let bad = |w: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd}: {w}"));
-        if fd < 3 {
-            return Err(bad("stdio fds cannot be listening sockets"));
-        }
-        if opt(libc::SO_DOMAIN)? != libc::AF_UNIX || opt(libc::SO_TYPE)? != libc::SOCK_SEQPACKET {
-            return Err(bad("not a UNIX SOCK_SEQPACKET socket"));
-        }
-        if opt(libc::SO_ACCEPTCONN)? == 0 {
-            return Err(bad("not listening"));
-        }
-        // SAFETY: fd is an open socket (getsockopt succeeded); the caller hands it over.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: plain fcntl on an fd we own.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-        Ok(Self(owned))
-    }
-
-    /// From the usual `--socket PATH` / `--fd N` pair of daemon options (exactly one given).
-    pub fn from_args(socket: Option<&Path>, fd: Option<RawFd>) -> io::Result<Self> {
-        match (socket, fd) {
-            (Some(p), None) => Self::bind(p),
-            (None, Some(fd)) => Self::from_fd(fd),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "give exactly one of --socket PATH and --fd N",
-            )),
-        }
+    pub fn from_fd(fd: RawFd) -> Result<Self, ListenError> {
+        Self::listen(&Endpoint::Fd(fd))
     }
 
     /// Accepts one connection.
@@ -600,7 +541,7 @@ mod tests {
         use std::os::fd::IntoRawFd;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
-        let l = SeqListener::from_args(Some(&p), None).unwrap();
+        let l = SeqListener::bind(&p).unwrap();
         let c = SeqSocket::connect(&p).unwrap();
         let s = l.accept().unwrap();
         c.send(b"x", &[]).unwrap();
@@ -623,7 +564,6 @@ mod tests {
             crate::SocketKind::VhostUser
         );
         assert!(SeqListener::from_fd(stream.into_raw_fd()).is_err());
-        assert!(SeqListener::from_args(None, None).is_err());
         std::fs::write(dir.path().join("f"), b"keep").unwrap();
         assert!(SeqListener::bind(&dir.path().join("f")).is_err());
         assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"keep");

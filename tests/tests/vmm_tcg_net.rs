@@ -1,8 +1,10 @@
 //! `rqemu-vmm --accel tcg` (our own VMM and software CPU, not QEMU) with a virtio-net device
 //! served by `rqemu-net`: the guest's Linux virtio-net driver brings eth0 up and pings the host
 //! peer on the daemon's tap, inside a network namespace the test creates (nothing is routed
-//! outside it).
+//! outside it). The socket is given without a type: the VMM discovers virtio-net from the
+//! daemon's rqemu identity block.
 
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rqemu_e2e::net::{self, NetDaemonOptions, NetNs, GUEST_IP, HOST_IP};
@@ -25,13 +27,19 @@ fn tcg_linux_pings_through_rqemu_net() {
          echo ping-ok\n"
     );
     let console = dir.path().join("console.log");
+    let vmm_log = dir.path().join("vmm.log");
     let start = Instant::now();
     let mut child = RqemuVm::new(&assets)
-        .device_socket(&format!("net:{}", sock.display()))
+        .device_socket(&sock.display().to_string())
         .serial(&format!("file:{}", console.display()))
         .run_cmdline(&script)
+        .command()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .stdin(Stdio::null())
+        .env("RQEMU_LOG", "info")
+        .stderr(std::fs::File::create(&vmm_log).expect("creating the VMM log"))
         .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("spawning rqemu-vmm");
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
@@ -49,7 +57,11 @@ fn tcg_linux_pings_through_rqemu_net() {
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     let log = daemon.log();
     drop(daemon);
-    let report = format!("status {status}\n--- console ---\n{text}\n--- rqemu-net ---\n{log}");
+    let vlog = std::fs::read_to_string(&vmm_log).unwrap_or_default();
+    let report = format!(
+        "status {status}\n--- console ---\n{text}\n--- rqemu-vmm ---\n{vlog}\n--- rqemu-net ---\n{log}"
+    );
+    assert!(vlog.contains("discovered a Net device"), "{report}");
     assert!(text.contains("ping-ok"), "{report}");
     assert!(text.contains("RQEMU-EXIT=0"), "{report}");
     assert!(status.success(), "{report}");

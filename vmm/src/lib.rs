@@ -4,7 +4,8 @@
 //! * [`memory`] — memfd-backed guest RAM around the 32-bit MMIO hole ([`layout`]);
 //! * [`boot`] — bzImage / ELF (64-bit entry or PVH) loading, boot_params, page tables;
 //! * [`acpi`] — RSDP, XSDT, FADT, MADT, DSDT;
-//! * [`bus`] + [`devices`] — PIO/MMIO range-map buses and the in-VMM legacy devices;
+//! * [`bus`] + [`devices`] — PIO/MMIO range-map buses, the in-VMM default COM1/RTC (over
+//!   `rqemu-emulated-backend`) and the machine's reset/power-off controls;
 //! * [`vm`] — assembling the machine and running vCPU threads until the guest exits;
 //! * [`virtio`] — virtio-mmio transport and the vhost-user frontend;
 //! * [`forwarded`] — emulated devices in daemons over the rqemu forwarding protocol;

@@ -6,10 +6,9 @@
 use std::sync::Mutex;
 
 use rqemu_block_backend::virtio::{BlockDevice, Scratch};
-use rqemu_daemon::queue_backend::{QueueBackend, QueueDevice};
+use rqemu_daemon::queue_backend::{QueueBackend, QueueDevice, Wake, Worker};
 use rqemu_daemon::vhost::{drain_queue, MemGuard, QueueError};
 use rqemu_protocol::identity::DeviceKind;
-use vhost_user_backend::VringRwLock;
 
 /// The vhost-user face of a block device.
 pub type BlkBackend = QueueBackend<BlkQueues>;
@@ -52,13 +51,17 @@ impl QueueDevice for BlkQueues {
         self.dev.read_config(offset, size)
     }
 
-    fn process_queue(
+    fn process(
         &self,
-        index: usize,
-        vring: &VringRwLock,
+        wake: Wake,
+        worker: &Worker<'_>,
         mem: &MemGuard,
         event_idx: bool,
     ) -> Result<(), QueueError> {
+        let Wake::Queue(index) = wake else {
+            return Ok(());
+        };
+        let vring = worker.vring(index)?;
         let mut scratch = match self.scratch.get(index) {
             Some(s) => s.lock().unwrap_or_else(|e| e.into_inner()),
             None => return Err(QueueError::UnknownEvent(index as u16)),

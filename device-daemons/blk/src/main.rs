@@ -6,15 +6,15 @@
 
 mod backend;
 
-use std::os::fd::RawFd;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use rqemu_block_backend::image::{self, Format, FormatHint, OpenOptions};
 use rqemu_block_backend::virtio::{BlkParams, BlockDevice};
-use rqemu_daemon::{listen::Endpoint, logging, signals};
+use rqemu_daemon::startup::{self, Daemon, ListenArgs};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum FormatArg {
@@ -27,12 +27,8 @@ enum FormatArg {
 #[derive(Debug, Parser)]
 #[command(name = "rqemu-blk", version)]
 struct Args {
-    /// UNIX socket path to listen on.
-    #[arg(long, conflicts_with = "fd", required_unless_present = "fd")]
-    socket: Option<PathBuf>,
-    /// Inherited listening UNIX socket fd (socket activation).
-    #[arg(long)]
-    fd: Option<RawFd>,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// Disk image file.
     #[arg(long)]
     image: PathBuf,
@@ -42,27 +38,19 @@ struct Args {
     /// Serve the disk read-only.
     #[arg(long)]
     readonly: bool,
-    /// Number of request queues (one worker thread each).
-    #[arg(long, default_value_t = 1)]
+    /// Number of request queues (one worker thread each), 1 to 64.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: u16,
     /// Disk serial number reported to the guest (at most 20 bytes).
     #[arg(long)]
     serial: Option<String>,
 }
 
-fn main() {
-    logging::init();
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("rqemu-blk: error: {e:#}");
-        std::process::exit(1);
-    }
+fn main() -> ExitCode {
+    startup::main("rqemu-blk", run)
 }
 
-fn run(args: Args) -> Result<()> {
-    if args.queues == 0 || args.queues > 64 {
-        bail!("--queues must be between 1 and 64");
-    }
-    signals::block_termination_signals().context("blocking signals")?;
+fn run(args: Args, mut daemon: Daemon) -> Result<()> {
     let format = match args.format {
         FormatArg::Auto => FormatHint::Auto,
         FormatArg::Raw => FormatHint::Exact(Format::Raw),
@@ -96,25 +84,54 @@ fn run(args: Args) -> Result<()> {
     );
     let backend = Arc::new(backend::new(dev));
 
-    let endpoint = Endpoint::from_args(args.socket, args.fd)?;
-    let listener = endpoint.listen()?;
-
+    let listener = daemon.listen_stream(&args.listen)?;
     let b = backend.clone();
-    signals::spawn_handler(move |sig| {
-        tracing::info!("signal {sig}: flushing and exiting");
-        let code = match backend::shutdown(&b) {
-            Ok(()) => 0,
-            Err(e) => {
-                tracing::error!("final flush failed: {e}");
-                1
-            }
-        };
-        std::process::exit(code);
+    daemon.exit_on_signal(move || match backend::shutdown(&b) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("final flush failed: {e}");
+            1
+        }
     })?;
-
-    tracing::info!("listening on {endpoint:?}");
-    let never = rqemu_daemon::vhost::serve_forever("rqemu-blk", &listener, &backend, || {
-        backend.disconnected()
-    })?;
+    let never = rqemu_daemon::vhost::serve_forever(daemon.name(), &listener, &backend)?;
     match never {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error clap gives for `argv` (after the program name).
+    fn refused(argv: &[&str]) -> String {
+        let mut v = vec!["rqemu-blk"];
+        v.extend_from_slice(argv);
+        Args::try_parse_from(v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_command_lines_name_the_problem() {
+        let e = refused(&["--image", "d.raw"]);
+        assert!(e.contains("--socket <PATH>|--fd <N>"), "{e}");
+        let e = refused(&["--socket", "/s", "--fd", "3", "--image", "d.raw"]);
+        assert!(
+            e.contains("'--socket <PATH>' cannot be used with '--fd <N>'"),
+            "{e}"
+        );
+        let e = refused(&["--socket", "/s"]);
+        assert!(e.contains("--image <IMAGE>"), "{e}");
+        for q in ["0", "65", "many"] {
+            let e = refused(&["--socket", "/s", "--image", "d", "--queues", q]);
+            assert!(
+                e.contains(&format!("'{q}'")) && e.contains("--queues"),
+                "{e}"
+            );
+        }
+        let e = refused(&["--socket", "/s", "--image", "d", "--format", "vmdk"]);
+        assert!(e.contains("'vmdk'") && e.contains("--format"), "{e}");
+        let e = refused(&["--fd", "x", "--image", "d"]);
+        assert!(e.contains("'x'") && e.contains("--fd <N>"), "{e}");
+        let a = Args::try_parse_from(["rqemu-blk", "--fd", "3", "--image", "d", "--queues", "64"])
+            .unwrap();
+        assert_eq!((a.listen.fd, a.queues), (Some(3), 64));
+    }
 }

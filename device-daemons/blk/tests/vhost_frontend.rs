@@ -62,6 +62,10 @@ impl Daemon {
         let start = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(
+                    !self.socket.exists(),
+                    "rqemu-blk left its socket behind after SIGTERM"
+                );
                 return st;
             }
             assert!(start.elapsed() < TIMEOUT, "rqemu-blk ignored SIGTERM");
@@ -351,10 +355,17 @@ fn bad_images_fail_with_a_clear_message() {
     let raw = raw_image(dir.path(), 4096);
     let out = run(&raw, &["--format", "qcow2"]);
     assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let name = raw.file_name().unwrap().to_string_lossy();
+    assert!(err.contains(&*name) && err.contains("qcow2"), "{err}");
 
     // A regular file in the socket's place is never clobbered.
     std::fs::write(dir.path().join("x.sock"), b"keep").unwrap();
     let out = run(&raw, &[]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("x.sock exists and is not a socket"), "{err}");
+    // The one error-exit style: the message once, with the binary's name.
+    assert_eq!(err.matches("rqemu-blk: error: ").count(), 1, "{err}");
     assert_eq!(std::fs::read(dir.path().join("x.sock")).unwrap(), b"keep");
 }

@@ -1,18 +1,23 @@
 //! Plumbing shared by every rqemu device daemon (`rqemu-blk`, `rqemu-net`, `rqemu-fs`, ...):
 //!
+//! * [`startup`]: the one start-up of every daemon (`--socket`/`--fd` options, logging, signal
+//!   mask and thread, listening socket, the error-exit style);
 //! * [`listen`]: the listening socket, bound to a path or inherited (`--fd N`, systemd socket
-//!   activation), validated before use;
+//!   activation), validated before use — one routine for stream and seqpacket sockets;
 //! * [`signals`]: SIGTERM/SIGINT/SIGHUP handled on a dedicated thread so the daemon can
 //!   quiesce its device and flush before exiting;
 //! * [`logging`]: `tracing` to stderr, filtered by `RQEMU_LOG` (or `RUST_LOG`);
 //! * [`vhost`]: the one-frontend-at-a-time vhost-user accept loop and the queue drain loop;
 //! * [`queue_backend`]: the `VhostUserBackend` of queue-per-thread devices (blk, fs);
-//! * [`emulated`]: start-up of the forwarding-protocol daemons (seqpacket listener, exit on
-//!   signal, `--base` ports).
+//! * [`relay`]: an opt-in vhost-user message relay that holds back a frontend's early
+//!   `SET_VRING_ENABLE` (QEMU's virtio-net) and tracks ring enables;
+//! * [`emulated`]: what the forwarding-protocol daemons share (`--base` ports).
 
 pub mod emulated;
 pub mod listen;
 pub mod logging;
 pub mod queue_backend;
+pub mod relay;
 pub mod signals;
+pub mod startup;
 pub mod vhost;

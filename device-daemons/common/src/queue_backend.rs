@@ -1,12 +1,14 @@
-//! The vhost-user face every queue-per-thread virtio daemon shares (`rqemu-blk`, `rqemu-fs`):
+//! The vhost-user face every virtio daemon shares (`rqemu-blk`, `rqemu-net`, `rqemu-fs`):
 //! [`QueueBackend`] implements `VhostUserBackend` over a small [`QueueDevice`] seam — guest
-//! memory of the current frontend, EVENT_IDX, the rqemu identity inside GET_CONFIG, one worker
-//! thread per queue, fresh exit events per connection, and a shutdown gate that lets the signal
-//! thread wait for batches in progress.
+//! memory of the current frontend, EVENT_IDX, the rqemu identity inside GET_CONFIG, worker
+//! threads (one per queue unless the device groups them), extra fds a worker polls (a tap
+//! queue), ring enable states from the opt-in [`relay`](crate::relay), fresh exit events per
+//! connection, and a shutdown gate that lets the signal thread wait for batches in progress.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use rqemu_protocol::identity::{self, DeviceKind, Identity};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -17,9 +19,70 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::relay::RingEnable;
 use crate::vhost::{MemGuard, QueueError};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// What woke a worker thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The kick of this queue (device-wide index).
+    Queue(usize),
+    /// The worker's `i`-th extra fd ([`QueueDevice::worker_fds`]) is readable.
+    Fd(usize),
+}
+
+/// The rings of one worker thread, as [`QueueDevice::process`] sees them.
+pub struct Worker<'a> {
+    thread: usize,
+    /// The thread's vrings, in ascending queue order.
+    vrings: &'a [VringRwLock],
+    /// Bit q: the thread serves queue q.
+    mask: u64,
+    rings: &'a RingEnable,
+}
+
+impl std::fmt::Debug for Worker<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("thread", &self.thread)
+            .field("mask", &format_args!("{:#x}", self.mask))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker<'_> {
+    /// The worker thread's index.
+    pub fn thread(&self) -> usize {
+        self.thread
+    }
+
+    /// The vring of queue `queue` (device-wide index), if this worker serves it.
+    pub fn vring(&self, queue: usize) -> Result<&VringRwLock, QueueError> {
+        let unknown = QueueError::UnknownEvent(u16::try_from(queue).unwrap_or(u16::MAX));
+        if queue >= 64 || self.mask & (1u64 << queue) == 0 {
+            return Err(unknown);
+        }
+        let position = (self.mask & ((1u64 << queue) - 1)).count_ones() as usize;
+        self.vrings.get(position).ok_or(unknown)
+    }
+
+    /// Whether the frontend enabled ring `queue` (`SET_VRING_ENABLE`, as seen by the relay;
+    /// always `false` for a device that does not opt into the relay).
+    pub fn is_enabled(&self, queue: usize) -> bool {
+        self.rings.is_enabled(queue)
+    }
+
+    /// Device-wide index of the thread's `position`-th queue.
+    fn queue_at(&self, position: usize) -> Option<usize> {
+        let mut rest = self.mask;
+        for _ in 0..position {
+            rest &= rest.wrapping_sub(1); // drop the lowest queue
+        }
+        (rest != 0).then(|| rest.trailing_zeros() as usize)
+    }
+}
 
 /// What a device tells [`QueueBackend`].
 pub trait QueueDevice: Send + Sync + 'static {
@@ -31,12 +94,30 @@ pub trait QueueDevice: Send + Sync + 'static {
     fn features(&self) -> u64;
     /// Device configuration space bytes (the rqemu identity window is answered before this).
     fn read_config(&self, offset: u32, size: u32) -> Vec<u8>;
-    /// Serves the available chains of queue `index` (e.g. with
-    /// [`drain_queue`](crate::vhost::drain_queue)).
-    fn process_queue(
+    /// The virtio features the driver acked (e.g. offloads to set on a tap).
+    fn acked_features(&self, _features: u64) {}
+    /// The queues of each worker thread (bit q: queue q); one thread per queue by default.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues().min(64)).map(|q| 1u64 << q).collect()
+    }
+    /// Fds worker `thread` polls besides its kicks (edge-triggered, for reading), e.g. its tap
+    /// queue; reported as [`Wake::Fd`] with the position in this list. They must stay open as
+    /// long as the device lives.
+    fn worker_fds(&self, _thread: usize) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// Whether connections go through the [`relay`](crate::relay) (early `SET_VRING_ENABLE`
+    /// held back until the features are acked, ring enables in [`Worker::is_enabled`]).
+    fn relay_vring_enable(&self) -> bool {
+        false
+    }
+    /// Serves a wake-up of a worker: for [`Wake::Queue`], the available chains of that queue
+    /// (e.g. with [`drain_queue`](crate::vhost::drain_queue)). An error ends the worker
+    /// thread for the rest of the connection.
+    fn process(
         &self,
-        index: usize,
-        vring: &VringRwLock,
+        wake: Wake,
+        worker: &Worker<'_>,
         mem: &MemGuard,
         event_idx: bool,
     ) -> Result<(), QueueError>;
@@ -53,12 +134,18 @@ pub struct QueueBackend<D> {
     /// `true` once the daemon is shutting down: no more requests are executed.
     stopped: RwLock<bool>,
     identity: Identity,
+    /// The queues of each worker thread.
+    masks: Vec<u64>,
+    /// Ring enable states, kept by the relay of the current connection.
+    rings: Arc<RingEnable>,
 }
 
 impl<D: QueueDevice> QueueBackend<D> {
     /// Wraps `dev`, announcing itself as `name` of `kind` in the identity window.
     pub fn new(dev: D, kind: DeviceKind, name: &str) -> Self {
         QueueBackend {
+            masks: dev.queues_per_thread(),
+            rings: Arc::default(),
             dev,
             mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
@@ -83,22 +170,34 @@ impl<D: QueueDevice> QueueBackend<D> {
         then(&self.dev)
     }
 
-    /// Called when a frontend goes away: drop its memory mapping, then
-    /// [`QueueDevice::disconnected`].
+    /// Called when a frontend goes away: forget its ring states, drop its memory mapping,
+    /// then [`QueueDevice::disconnected`].
     pub fn disconnected(&self) {
+        self.rings.set_all(false);
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) =
             GuestMemoryAtomic::new(GuestMemoryMmap::new());
         self.dev.disconnected();
     }
 
-    fn process_queue(&self, index: usize, vring: &VringRwLock) -> Result<(), QueueError> {
+    /// The ring enable states the relay keeps.
+    pub fn rings(&self) -> Arc<RingEnable> {
+        self.rings.clone()
+    }
+
+    /// The epoll event id of extra fd `i` of a worker (above the ids `vhost-user-backend`
+    /// reserves for the queues and the exit event).
+    pub fn fd_event(&self, i: usize) -> u64 {
+        (self.dev.num_queues() + 1 + i) as u64
+    }
+
+    fn process(&self, wake: Wake, worker: &Worker<'_>) -> Result<(), QueueError> {
         let stopped = self.stopped.read().unwrap_or_else(|e| e.into_inner());
         if *stopped {
             return Ok(());
         }
         let mem = self.mem.read().unwrap_or_else(|e| e.into_inner()).memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        self.dev.process_queue(index, vring, &mem, event_idx)
+        self.dev.process(wake, worker, &mem, event_idx)
     }
 }
 
@@ -122,6 +221,10 @@ impl<D: QueueDevice> VhostUserBackend for QueueBackend<D> {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.dev.acked_features(features);
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -149,8 +252,7 @@ impl<D: QueueDevice> VhostUserBackend for QueueBackend<D> {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // One worker thread per queue: queues run in parallel.
-        (0..self.num_queues()).map(|q| 1u64 << q).collect()
+        self.masks.clone()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -166,16 +268,34 @@ impl<D: QueueDevice> VhostUserBackend for QueueBackend<D> {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(QueueError::UnexpectedEventSet(evset).into());
-        }
-        // `vrings` are this worker thread's own (one queue per thread), `device_event` the
-        // position among them; the thread index is the queue index.
-        let vring = vrings
-            .get(usize::from(device_event))
-            .ok_or(QueueError::UnknownEvent(device_event))?;
-        self.process_queue(thread_id, vring).map_err(|e| {
-            tracing::warn!("queue {thread_id}: {e}");
+        let worker = Worker {
+            thread: thread_id,
+            vrings,
+            mask: self.masks.get(thread_id).copied().unwrap_or(0),
+            rings: &self.rings,
+        };
+        let fd_base = self.fd_event(0);
+        let wake = if u64::from(device_event) >= fd_base {
+            if !evset.contains(EventSet::IN) {
+                // A hang-up or error on a device fd: nothing to read; the device notices on
+                // its next operation.
+                tracing::warn!("worker {thread_id}: event {device_event} with {evset:?}");
+                return Ok(());
+            }
+            Wake::Fd((u64::from(device_event) - fd_base) as usize)
+        } else {
+            if evset != EventSet::IN {
+                return Err(QueueError::UnexpectedEventSet(evset).into());
+            }
+            // `device_event` is the position among this thread's own vrings.
+            let queue = worker
+                .queue_at(usize::from(device_event))
+                .filter(|_| usize::from(device_event) < vrings.len())
+                .ok_or(QueueError::UnknownEvent(device_event))?;
+            Wake::Queue(queue)
+        };
+        self.process(wake, &worker).map_err(|e| {
+            tracing::warn!("worker {thread_id}: {e}");
             e.into()
         })
     }
@@ -189,11 +309,15 @@ mod tests {
 
     use super::*;
 
-    /// Counts the batches it is asked to serve, remembers disconnections.
+    /// Counts the batches it is asked to serve, remembers disconnections and the last wake-up;
+    /// `grouped` puts queues 0 and 2 on thread 0 (with an extra fd), queue 1 on thread 1.
     #[derive(Default)]
     struct Counter {
         batches: AtomicUsize,
         disconnects: AtomicUsize,
+        grouped: bool,
+        last: std::sync::Mutex<Option<(Wake, usize)>>,
+        acked: std::sync::atomic::AtomicU64,
     }
 
     impl QueueDevice for Counter {
@@ -209,13 +333,34 @@ mod tests {
         fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
             vec![offset as u8; size as usize]
         }
-        fn process_queue(
+        fn acked_features(&self, features: u64) {
+            self.acked.store(features, Ordering::Relaxed);
+        }
+        fn queues_per_thread(&self) -> Vec<u64> {
+            if self.grouped {
+                vec![0b101, 0b010]
+            } else {
+                vec![1, 2, 4]
+            }
+        }
+        fn worker_fds(&self, thread: usize) -> Vec<RawFd> {
+            if self.grouped && thread == 0 {
+                vec![0]
+            } else {
+                Vec::new()
+            }
+        }
+        fn process(
             &self,
-            _index: usize,
-            _vring: &VringRwLock,
+            wake: Wake,
+            worker: &Worker<'_>,
             _mem: &MemGuard,
             _event_idx: bool,
         ) -> Result<(), QueueError> {
+            if let Wake::Queue(q) = wake {
+                worker.vring(q)?;
+            }
+            *self.last.lock().unwrap() = Some((wake, worker.thread()));
             self.batches.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
@@ -238,13 +383,61 @@ mod tests {
         assert_eq!(b.queues_per_thread(), vec![1, 2, 4]);
         assert_eq!(b.max_queue_size(), 128);
         assert!(b.exit_event(0).is_some());
+        b.acked_features(0x1234);
+        assert_eq!(b.device().acked.load(Ordering::Relaxed), 0x1234);
+    }
+
+    fn vrings(n: usize) -> Vec<VringRwLock> {
+        (0..n)
+            .map(|_| VringRwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()), 128).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn grouped_queues_and_extra_fds_reach_the_device_by_queue_index() {
+        let dev = Counter {
+            grouped: true,
+            ..Counter::default()
+        };
+        let b = QueueBackend::new(dev, DeviceKind::Net, "t");
+        assert_eq!(b.queues_per_thread(), vec![0b101, 0b010]);
+        let last = || *b.device().last.lock().unwrap();
+        let t0 = vrings(2);
+        // Thread 0's second vring is queue 2.
+        b.handle_event(1, EventSet::IN, &t0, 0).unwrap();
+        assert_eq!(last(), Some((Wake::Queue(2), 0)));
+        b.handle_event(0, EventSet::IN, &vrings(1), 1).unwrap();
+        assert_eq!(last(), Some((Wake::Queue(1), 1)));
+        // Event ids above the queues and the exit event are the worker's fds.
+        assert_eq!(b.fd_event(0), 4);
+        b.handle_event(4, EventSet::IN, &t0, 0).unwrap();
+        assert_eq!(last(), Some((Wake::Fd(0), 0)));
+        // A hang-up without data on a device fd is not an error, and not served.
+        b.handle_event(4, EventSet::HANG_UP, &t0, 0).unwrap();
+        assert_eq!(b.device().batches.load(Ordering::Relaxed), 3);
+        // Queue positions the thread does not have, and the exit id, are refused.
+        assert!(b.handle_event(2, EventSet::IN, &t0, 0).is_err());
+        assert!(b.handle_event(3, EventSet::IN, &t0, 0).is_err());
+        // Worker ring lookups follow the mask.
+        let w = Worker {
+            thread: 0,
+            vrings: &t0,
+            mask: 0b101,
+            rings: &b.rings,
+        };
+        assert!(w.vring(0).is_ok() && w.vring(2).is_ok());
+        assert!(w.vring(1).is_err() && w.vring(64).is_err());
+        assert!(!w.is_enabled(0));
+        b.rings.set_all(true);
+        assert!(w.is_enabled(0));
+        b.disconnected();
+        assert!(!w.is_enabled(0), "ring states are per connection");
     }
 
     #[test]
     fn events_reach_the_device_until_shutdown() {
         let b = QueueBackend::new(Counter::default(), DeviceKind::Blk, "t");
-        let vring = VringRwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()), 128).unwrap();
-        let vrings = [vring];
+        let vrings = vrings(1);
         b.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
         assert_eq!(b.device().batches.load(Ordering::Relaxed), 1);
         assert!(

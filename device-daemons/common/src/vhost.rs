@@ -1,22 +1,25 @@
 //! What every vhost-user daemon shares: the accept loop (one frontend at a time, forever) and
 //! the queue worker's drain loop.
 //!
-//! For each connection a fresh `VhostUserDaemon` is built over the shared backend, the
-//! connection is served until the frontend goes away (guest reboot, VMM restart), the
-//! connection's worker threads are stopped through their exit events (the backend must hand out
-//! a fresh pair per call of `VhostUserBackend::exit_event`), and `on_disconnect` runs (drop the
-//! guest memory mapping, flush) before the next frontend is accepted.
+//! For each connection a fresh `VhostUserDaemon` is built over the shared [`QueueBackend`],
+//! the device's extra worker fds (a tap queue) are registered with its workers, the frontend
+//! is accepted — through the [`relay`](crate::relay) if the device opts in — and served until it
+//! goes away (guest reboot, VMM restart); then the connection's worker threads are stopped
+//! through their exit events (the backend hands out a fresh pair per connection) and
+//! [`QueueBackend::disconnected`] runs (drop the guest memory mapping, flush) before the next
+//! frontend is accepted.
 
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{
-    Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
-};
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+
+use crate::queue_backend::{QueueBackend, QueueDevice};
+use crate::relay::{self, RelayError};
 
 /// Errors that end the accept loop.
 #[derive(Debug, thiserror::Error)]
@@ -24,24 +27,47 @@ pub enum ServeError {
     /// Building the per-connection daemon failed.
     #[error("creating the vhost-user daemon: {0}")]
     Daemon(String),
+    /// Registering a device fd with a worker failed.
+    #[error("polling fd {fd} on worker {worker}: {reason}")]
+    WorkerFd {
+        /// The worker thread.
+        worker: usize,
+        /// The fd.
+        fd: i32,
+        /// Why.
+        reason: String,
+    },
     /// Duplicating the listening socket failed.
-    #[error("duplicating the listener: {0}")]
+    #[error("duplicating the listener")]
     Listener(#[source] std::io::Error),
     /// Accepting a frontend failed.
     #[error("accepting a frontend: {0}")]
     Accept(String),
+    /// The relay could not be started.
+    #[error("starting the relay")]
+    Relay(#[source] RelayError),
+}
+
+fn accept(listener: &UnixListener) -> Result<UnixStream, ServeError> {
+    loop {
+        match listener.accept() {
+            Ok((c, _)) => return Ok(c),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionAborted
+                ) => {}
+            Err(e) => return Err(ServeError::Accept(e.to_string())),
+        }
+    }
 }
 
 /// Serves frontends on `listener` one after another, forever (returns only on error).
-pub fn serve_forever<B>(
+pub fn serve_forever<D: QueueDevice>(
     name: &str,
     listener: &UnixListener,
-    backend: &Arc<B>,
-    mut on_disconnect: impl FnMut(),
-) -> Result<std::convert::Infallible, ServeError>
-where
-    B: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + 'static,
-{
+    backend: &Arc<QueueBackend<D>>,
+) -> Result<std::convert::Infallible, ServeError> {
     loop {
         let mut daemon = VhostUserDaemon::new(
             name.to_string(),
@@ -49,10 +75,35 @@ where
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
-        let mut l = Listener::from(listener.try_clone().map_err(ServeError::Listener)?);
-        daemon
-            .start(&mut l)
-            .map_err(|e| ServeError::Accept(e.to_string()))?;
+        for (worker, h) in daemon.get_epoll_handlers().iter().enumerate() {
+            for (i, fd) in backend.device().worker_fds(worker).into_iter().enumerate() {
+                h.register_listener(
+                    fd,
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    backend.fd_event(i),
+                )
+                .map_err(|e| ServeError::WorkerFd {
+                    worker,
+                    fd,
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        let relay_threads = if backend.device().relay_vring_enable() {
+            let front = accept(listener)?;
+            let (inner, threads) =
+                relay::start(front, backend.rings()).map_err(ServeError::Relay)?;
+            daemon
+                .start(&mut Listener::from(inner))
+                .map_err(|e| ServeError::Accept(format!("from the relay: {e}")))?;
+            Some(threads)
+        } else {
+            let mut l = Listener::from(listener.try_clone().map_err(ServeError::Listener)?);
+            daemon
+                .start(&mut l)
+                .map_err(|e| ServeError::Accept(e.to_string()))?;
+            None
+        };
         tracing::info!("frontend connected");
         match daemon.wait() {
             Ok(())
@@ -64,7 +115,10 @@ where
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
-        on_disconnect();
+        for t in relay_threads.into_iter().flatten() {
+            let _ = t.join();
+        }
+        backend.disconnected();
     }
 }
 

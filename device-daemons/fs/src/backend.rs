@@ -5,7 +5,7 @@
 //! `SETLKW` that has to wait is answered later by its waiter thread through
 //! [`VringCompleter`] (the worker goes on serving the queue).
 
-use rqemu_daemon::queue_backend::{QueueBackend, QueueDevice};
+use rqemu_daemon::queue_backend::{QueueBackend, QueueDevice, Wake, Worker};
 use rqemu_daemon::vhost::{drain_queue_deferrable, MemGuard, QueueError};
 use rqemu_fs_backend::{FsParams, FsServer, Outcome, UsedRing};
 use rqemu_protocol::identity::DeviceKind;
@@ -82,13 +82,17 @@ impl QueueDevice for FsQueues {
         self.params.read_config(offset, size)
     }
 
-    fn process_queue(
+    fn process(
         &self,
-        index: usize,
-        vring: &VringRwLock,
+        wake: Wake,
+        worker: &Worker<'_>,
         mem: &MemGuard,
         event_idx: bool,
     ) -> Result<(), QueueError> {
+        let Wake::Queue(index) = wake else {
+            return Ok(());
+        };
+        let vring = worker.vring(index)?;
         let ring = VringCompleter {
             vring: vring.clone(),
             index,

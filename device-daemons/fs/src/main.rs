@@ -9,13 +9,13 @@
 
 mod backend;
 
-use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use rqemu_daemon::{listen::Endpoint, logging, signals};
+use rqemu_daemon::startup::{self, Daemon, ListenArgs};
 use rqemu_fs_backend::{confine, CacheMode, FsParams, FsServer, Tag};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -29,12 +29,8 @@ enum CacheArg {
 #[derive(Debug, Parser)]
 #[command(name = "rqemu-fs", version)]
 struct Args {
-    /// UNIX socket path to listen on.
-    #[arg(long, conflicts_with = "fd", required_unless_present = "fd")]
-    socket: Option<PathBuf>,
-    /// Inherited listening UNIX socket fd (socket activation).
-    #[arg(long)]
-    fd: Option<RawFd>,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// The directory to share; the guest can reach nothing outside it.
     #[arg(long)]
     shared_dir: PathBuf,
@@ -55,12 +51,8 @@ struct Args {
     queues: u16,
 }
 
-fn main() {
-    logging::init();
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("rqemu-fs: error: {e:#}");
-        std::process::exit(1);
-    }
+fn main() -> ExitCode {
+    startup::main("rqemu-fs", run)
 }
 
 fn params(args: &Args) -> Result<FsParams> {
@@ -105,7 +97,7 @@ fn raise_nofile_limit() {
     }
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(args: Args, mut daemon: Daemon) -> Result<()> {
     let params = params(&args)?;
     raise_nofile_limit();
     let shared = confine::canonical_dir(&args.shared_dir)?;
@@ -114,13 +106,11 @@ fn run(args: Args) -> Result<()> {
         return Err(confine::ConfineError::NotRoot.into());
     }
     // Everything that needs the host's filesystem view happens before confinement.
-    let endpoint = Endpoint::from_args(args.socket, args.fd)?;
-    let listener = endpoint.listen()?;
+    let listener = daemon.listen_stream(&args.listen)?;
     let server = FsServer::new(&params, Path::new("/"))?;
     confine::enter(&shared, params.readonly)
         .with_context(|| format!("confining to {}", shared.display()))?;
     server.import()?;
-    signals::block_termination_signals().context("blocking signals")?;
     tracing::info!(
         "sharing {} as tag {:?}{} with {} request queue(s), cache {:?}",
         shared.display(),
@@ -132,16 +122,11 @@ fn run(args: Args) -> Result<()> {
     let backend = Arc::new(backend::new(server, params));
 
     let b = backend.clone();
-    signals::spawn_handler(move |sig| {
-        tracing::info!("signal {sig}: exiting");
+    daemon.exit_on_signal(move || {
         b.shutdown(|_| ());
-        std::process::exit(0);
+        0
     })?;
-
-    tracing::info!("listening on {endpoint:?}");
-    let never = rqemu_daemon::vhost::serve_forever("rqemu-fs", &listener, &backend, || {
-        backend.disconnected()
-    })?;
+    let never = rqemu_daemon::vhost::serve_forever(daemon.name(), &listener, &backend)?;
     match never {}
 }
 
@@ -191,20 +176,29 @@ mod tests {
             (p.tag.as_str(), p.cache, p.num_request_queues, p.xattr),
             ("share", CacheMode::Never, 4, true)
         );
-        assert!(parse(&["--tag", &"t".repeat(37)]).is_err());
-        assert!(parse(&["--queues", "0"]).is_err());
-        assert!(parse(&["--cache", "sometimes"]).is_err());
-        assert!(Args::try_parse_from(["rqemu-fs", "--shared-dir", "/tmp"]).is_err());
-        assert!(Args::try_parse_from([
-            "rqemu-fs",
-            "--fd",
-            "3",
-            "--socket",
-            "/s",
-            "--shared-dir",
-            "/"
-        ])
-        .is_err());
+        let e = parse(&["--tag", &"t".repeat(37)]).unwrap_err().to_string();
+        assert!(e.contains("the mount tag is 37 bytes"), "{e}");
+        let e = parse(&["--queues", "0"]).unwrap_err().to_string();
+        assert!(e.contains("request queue count 0 out of range"), "{e}");
+        let e = parse(&["--cache", "sometimes"]).unwrap_err().to_string();
+        assert!(e.contains("'sometimes'") && e.contains("--cache"), "{e}");
+        let refused = |argv: &[&str]| {
+            let mut v = vec!["rqemu-fs"];
+            v.extend_from_slice(argv);
+            Args::try_parse_from(v).unwrap_err().to_string()
+        };
+        let e = refused(&["--shared-dir", "/tmp"]);
+        assert!(e.contains("--socket <PATH>|--fd <N>"), "{e}");
+        let e = refused(&["--fd", "3", "--socket", "/s", "--shared-dir", "/"]);
+        assert!(e.contains("cannot be used with"), "{e}");
+        assert!(
+            e.contains("--fd <N>") && e.contains("--socket <PATH>"),
+            "{e}"
+        );
+        let e = refused(&["--socket", "/s"]);
+        assert!(e.contains("--shared-dir <SHARED_DIR>"), "{e}");
+        let e = refused(&["--fd", "-", "--shared-dir", "/"]);
+        assert!(e.contains("'-'") && e.contains("--fd"), "{e}");
         assert!(Args::try_parse_from(["rqemu-fs", "--fd", "3", "--shared-dir", "/"]).is_ok());
     }
 }

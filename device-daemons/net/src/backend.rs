@@ -1,48 +1,38 @@
-//! Adapter between `vhost-user-backend` and the transport-free [`NetDevice`].
+//! Adapter between the shared vhost-user backend (`rqemu_daemon::queue_backend`) and the
+//! transport-free [`NetDevice`]: [`NetQueues`] is a `QueueDevice`.
 //!
 //! One worker thread per queue pair (RX `2i`, TX `2i + 1`; thread 0 also owns the control
-//! queue `2N`). Each thread polls its tap queue (edge-triggered, registered by `main` as a
-//! custom listener, see [`NetBackend::tap_event`]): a readable tap or an RX kick runs RX, a TX
-//! kick runs TX (then RX). RX stops when the guest has no buffers and resumes on its next RX
-//! kick. Only rings the frontend enabled are served (states from the relay, [`RingEnable`]);
-//! the tap queue of a pair whose RX ring is not in use is detached so the kernel steers its
-//! traffic to the others.
+//! queue `2N`). Each thread also polls its tap queue (edge-triggered, a worker fd): a readable
+//! tap or an RX kick runs RX, a TX kick runs TX (then RX). RX stops when the guest has no
+//! buffers and resumes on its next RX kick. Connections go through the relay (QEMU's early
+//! `SET_VRING_ENABLE`), and only rings the frontend enabled are served; the tap queue of a pair
+//! whose RX ring is not in use is detached so the kernel steers its traffic to the others.
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Mutex;
 
+use rqemu_daemon::queue_backend::{QueueBackend, QueueDevice, Wake, Worker};
+use rqemu_daemon::vhost::{MemGuard, QueueError};
 use rqemu_net_backend::{NetDevice, RxState, StatsSnapshot, Tap, TapQueue, TxScratch};
-
-use crate::proxy::RingEnable;
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use rqemu_protocol::identity::DeviceKind;
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+/// The vhost-user face of a virtio-net device.
+pub type NetBackend = QueueBackend<NetQueues>;
 
-/// Thread-local vring indices (position in the thread's queue mask).
-const LOCAL_RX: u16 = 0;
-const LOCAL_TX: u16 = 1;
-const LOCAL_CTRL: u16 = 2;
+/// Wraps a device and its tap queues (one per queue pair).
+pub fn new(dev: NetDevice, taps: Vec<TapQueue>) -> NetBackend {
+    QueueBackend::new(NetQueues::new(dev, taps), DeviceKind::Net, "rqemu-net")
+}
 
 /// Errors of the queue workers.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// An event that is neither a queue of this thread nor its tap.
-    #[error("unexpected event {event} on worker {thread}")]
-    UnknownEvent {
-        /// Event id.
-        event: u16,
-        /// Worker thread.
-        thread: usize,
-    },
+    /// A ring or worker that does not exist.
+    #[error(transparent)]
+    Worker(#[from] QueueError),
     /// The device failed (used ring outside guest memory, tap read error).
     #[error(transparent)]
     Device(#[from] rqemu_net_backend::DeviceError),
@@ -52,12 +42,6 @@ pub enum BackendError {
     /// Notifying the frontend failed.
     #[error("signalling the used queue: {0}")]
     Signal(io::Error),
-}
-
-impl From<BackendError> for io::Error {
-    fn from(e: BackendError) -> Self {
-        io::Error::other(e)
-    }
 }
 
 /// Per queue pair state, only touched by that pair's worker thread.
@@ -73,20 +57,16 @@ struct Pair {
     tx_chains: u64,
 }
 
-/// The vhost-user face of a virtio-net device.
+/// A virtio-net device, its tap queues and the per-pair state of the current connection.
 #[derive(Debug)]
-pub struct NetBackend {
+pub struct NetQueues {
     dev: NetDevice,
     taps: Vec<TapQueue>,
-    mem: RwLock<Mem>,
-    event_idx: AtomicBool,
     pairs: Vec<Mutex<Pair>>,
-    rings: Arc<RingEnable>,
 }
 
-impl NetBackend {
-    /// Wraps a device and its tap queues (one per queue pair).
-    pub fn new(dev: NetDevice, taps: Vec<TapQueue>) -> Self {
+impl NetQueues {
+    fn new(dev: NetDevice, taps: Vec<TapQueue>) -> Self {
         let pairs = (0..taps.len())
             .map(|_| {
                 Mutex::new(Pair {
@@ -98,53 +78,12 @@ impl NetBackend {
                 })
             })
             .collect();
-        NetBackend {
-            dev,
-            taps,
-            mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
-            event_idx: AtomicBool::new(false),
-            pairs,
-            rings: Arc::default(),
-        }
-    }
-
-    /// Event id of the tap listener of every worker (above the reserved queue/exit ids).
-    pub fn tap_event(&self) -> u64 {
-        self.num_queues() as u64 + 1
-    }
-
-    /// The tap fd worker `i` polls.
-    pub fn tap_fd(&self, i: usize) -> Option<RawFd> {
-        self.taps.get(i).map(Tap::raw_fd)
-    }
-
-    /// The vring enable states, kept up to date by the connection's relay.
-    pub fn rings(&self) -> Arc<RingEnable> {
-        self.rings.clone()
+        NetQueues { dev, taps, pairs }
     }
 
     /// The device counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.dev.stats().snapshot()
-    }
-
-    /// Called when a frontend goes away: forget its memory and per-session state.
-    pub fn disconnected(&self) {
-        self.rings.set_all(false);
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) =
-            GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        for (i, p) in self.pairs.iter().enumerate() {
-            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
-            tracing::info!(
-                "queue pair {i}: rx {} packets, tx {} chains",
-                p.rx_frames,
-                p.tx_chains
-            );
-            p.rx.clear();
-            p.rx_frames = 0;
-            p.tx_chains = 0;
-        }
-        tracing::info!("stats: {:?}", self.stats());
     }
 
     fn signal(vring: &VringRwLock, used: bool) -> Result<(), BackendError> {
@@ -156,12 +95,19 @@ impl NetBackend {
 
     /// Runs RX for `pair` if its queue is in use; detaches the tap queue of an unused pair
     /// so the kernel steers its traffic to the others.
-    fn rx(&self, pair: usize, p: &mut Pair, vring: &VringRwLock) -> Result<(), BackendError> {
+    fn rx(
+        &self,
+        pair: usize,
+        p: &mut Pair,
+        worker: &Worker<'_>,
+        mem: &MemGuard,
+    ) -> Result<(), BackendError> {
         let Some(tap) = self.taps.get(pair) else {
             return Ok(());
         };
+        let vring = worker.vring(2 * pair)?;
         let ready = vring.get_ref().get_queue().ready();
-        let in_use = ready && self.rings.is_enabled(2 * pair);
+        let in_use = ready && worker.is_enabled(2 * pair);
         if in_use != p.attached && (pair > 0 || in_use) {
             match tap.set_queue_enabled(in_use) {
                 Ok(()) => p.attached = in_use,
@@ -171,11 +117,10 @@ impl NetBackend {
         if !in_use {
             return Ok(());
         }
-        let mem = self.mem.read().unwrap_or_else(|e| e.into_inner()).memory();
         let out = {
             let mut guard = vring.get_mut();
             self.dev
-                .process_rx(guard.get_queue_mut(), &*mem, tap, &mut p.rx)?
+                .process_rx(guard.get_queue_mut(), &**mem, tap, &mut p.rx)?
         };
         p.rx_frames += out.frames as u64;
         if out.stalled {
@@ -184,70 +129,60 @@ impl NetBackend {
         Self::signal(vring, out.used)
     }
 
-    fn tx(&self, pair: usize, p: &mut Pair, vring: &VringRwLock) -> Result<(), BackendError> {
+    fn tx(
+        &self,
+        pair: usize,
+        p: &mut Pair,
+        worker: &Worker<'_>,
+        mem: &MemGuard,
+    ) -> Result<(), BackendError> {
         let Some(tap) = self.taps.get(pair) else {
             return Ok(());
         };
-        let mem = self.mem.read().unwrap_or_else(|e| e.into_inner()).memory();
+        let vring = worker.vring(2 * pair + 1)?;
         let used = {
             let mut guard = vring.get_mut();
             self.dev
-                .process_tx(guard.get_queue_mut(), &*mem, tap, &mut p.tx)?
+                .process_tx(guard.get_queue_mut(), &**mem, tap, &mut p.tx)?
         };
         p.tx_chains += used as u64;
         Self::signal(vring, used > 0)
     }
 
-    fn ctrl(&self, vring: &VringRwLock) -> Result<(), BackendError> {
-        let mem = self.mem.read().unwrap_or_else(|e| e.into_inner()).memory();
+    fn ctrl(&self, vring: &VringRwLock, mem: &MemGuard) -> Result<(), BackendError> {
         let used = {
             let mut guard = vring.get_mut();
-            self.dev.process_ctrl(guard.get_queue_mut(), &*mem)?
+            self.dev.process_ctrl(guard.get_queue_mut(), &**mem)?
         };
         Self::signal(vring, used)
     }
 
-    fn handle(
-        &self,
-        event: u16,
-        vrings: &[VringRwLock],
-        thread: usize,
-    ) -> Result<(), BackendError> {
-        let unknown = BackendError::UnknownEvent { event, thread };
+    fn handle(&self, wake: Wake, worker: &Worker<'_>, mem: &MemGuard) -> Result<(), BackendError> {
+        let pair = worker.thread();
         let mut p = self
             .pairs
-            .get(thread)
-            .ok_or(unknown)?
+            .get(pair)
+            .ok_or(QueueError::UnknownEvent(pair as u16))?
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let (rx, tx) = match vrings {
-            [rx, tx, ..] => (rx, tx),
-            _ => return Err(BackendError::UnknownEvent { event, thread }),
-        };
-        match event {
-            LOCAL_RX => self.rx(thread, &mut p, rx),
-            LOCAL_TX => {
-                self.tx(thread, &mut p, tx)?;
+        let ctrl = self.dev.params().ctrl_queue();
+        match wake {
+            Wake::Queue(q) if q == ctrl => self.ctrl(worker.vring(q)?, mem),
+            Wake::Queue(q) if q == 2 * pair => self.rx(pair, &mut p, worker, mem),
+            Wake::Queue(q) if q == 2 * pair + 1 => {
+                self.tx(pair, &mut p, worker, mem)?;
                 // Also pick up tap traffic that arrived while the RX queue was not yet in
                 // use (its tap queue detached, or the edge seen before the ring was ready).
-                self.rx(thread, &mut p, rx)
+                self.rx(pair, &mut p, worker, mem)
             }
-            LOCAL_CTRL if thread == 0 => {
-                let ctrl = vrings
-                    .get(usize::from(LOCAL_CTRL))
-                    .ok_or(BackendError::UnknownEvent { event, thread })?;
-                self.ctrl(ctrl)
-            }
-            e if u64::from(e) == self.tap_event() => self.rx(thread, &mut p, rx),
-            _ => Err(BackendError::UnknownEvent { event, thread }),
+            Wake::Fd(0) => self.rx(pair, &mut p, worker, mem),
+            Wake::Queue(q) => Err(QueueError::UnknownEvent(q as u16).into()),
+            Wake::Fd(i) => Err(QueueError::UnknownEvent(i as u16).into()),
         }
     }
 }
 
-impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
+impl QueueDevice for NetQueues {
     fn num_queues(&self) -> usize {
         self.dev.params().num_queues()
     }
@@ -257,13 +192,12 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn features(&self) -> u64 {
-        self.dev.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.dev.features()
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
+    fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // The virtio-net configuration space is read-only for the driver (writes ignored).
+        self.dev.read_config(offset, size)
     }
 
     fn acked_features(&self, features: u64) {
@@ -280,28 +214,8 @@ impl VhostUserBackend for NetBackend {
         );
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.dev.read_config(offset, size)
-    }
-
-    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        // The virtio-net configuration space is read-only for the driver.
-        tracing::debug!("ignoring config write of {} bytes at {offset}", buf.len());
-        Ok(())
-    }
-
-    fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
-        Ok(())
-    }
-
     fn queues_per_thread(&self) -> Vec<u64> {
-        let pairs = self.pairs.len();
-        (0..pairs)
+        (0..self.pairs.len())
             .map(|i| {
                 let mut mask = 0b11u64 << (2 * i);
                 if i == 0 {
@@ -312,27 +226,73 @@ impl VhostUserBackend for NetBackend {
             .collect()
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // A fresh pair per connection: the daemon fires it when the frontend goes away.
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    fn worker_fds(&self, thread: usize) -> Vec<RawFd> {
+        self.taps.get(thread).map(Tap::raw_fd).into_iter().collect()
     }
 
-    fn handle_event(
+    fn relay_vring_enable(&self) -> bool {
+        // QEMU's virtio-net enables its rings before SET_FEATURES, and RX must know which
+        // rings are in use.
+        true
+    }
+
+    fn process(
         &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        thread_id: usize,
-    ) -> io::Result<()> {
-        if !evset.contains(EventSet::IN) {
-            tracing::warn!("worker {thread_id}: event {device_event} with {evset:?}");
-            return Ok(());
-        }
+        wake: Wake,
+        worker: &Worker<'_>,
+        mem: &MemGuard,
+        _event_idx: bool,
+    ) -> Result<(), QueueError> {
         // Errors are logged, not returned: an error would end this worker thread and with it
         // the queue pair, for the rest of the connection.
-        if let Err(e) = self.handle(device_event, vrings, thread_id) {
-            tracing::warn!("worker {thread_id}: {e}");
+        if let Err(e) = self.handle(wake, worker, mem) {
+            tracing::warn!("worker {}: {e}", worker.thread());
         }
         Ok(())
+    }
+
+    /// Forgets the departed frontend's per-pair state, logging its counters.
+    fn disconnected(&self) {
+        for (i, p) in self.pairs.iter().enumerate() {
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            tracing::info!(
+                "queue pair {i}: rx {} packets, tx {} chains",
+                p.rx_frames,
+                p.tx_chains
+            );
+            p.rx.clear();
+            p.rx_frames = 0;
+            p.tx_chains = 0;
+        }
+        tracing::info!("stats: {:?}", self.stats());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rqemu_net_backend::NetParams;
+    use rqemu_protocol::identity::{self, Identity};
+    use vhost_user_backend::VhostUserBackend;
+
+    use super::*;
+
+    #[test]
+    fn announces_itself_as_virtio_net_and_groups_queue_pairs() {
+        let params = NetParams {
+            queue_pairs: 2,
+            ..NetParams::default()
+        };
+        let dev = NetDevice::new(params).unwrap();
+        let config = dev.read_config(0, 6);
+        let b = new(dev, Vec::new());
+        // The identity block a bare `--device-socket PATH` is discovered by.
+        let id = b.get_config(identity::IDENTITY_OFFSET, identity::IDENTITY_LEN);
+        let id = Identity::decode(&id).unwrap();
+        assert_eq!((id.kind, id.name.as_str()), (DeviceKind::Net, "rqemu-net"));
+        // Below it, the virtio-net config (the MAC first).
+        assert_eq!(b.get_config(0, 6), config);
+        assert_eq!(b.num_queues(), 5, "two pairs and the control queue");
+        assert!(b.device().relay_vring_enable());
+        assert!(b.device().worker_fds(0).is_empty(), "no tap given");
     }
 }

@@ -25,10 +25,34 @@ fn fails_with(args: &[&str], needle: &str) {
 
 #[test]
 fn bad_arguments_are_refused() {
-    fails_with(&["--tap", "t0"], "--socket");
+    fails_with(&["--tap", "t0"], "--socket <PATH>|--fd <N>");
+    fails_with(&["--socket", "/nonexistent/s"], "--tap <TAP>");
+    fails_with(
+        &["--socket", "/nonexistent/s", "--fd", "3", "--tap", "t0"],
+        "'--socket <PATH>' cannot be used with '--fd <N>'",
+    );
     fails_with(
         &["--socket", "/nonexistent/s", "--tap", "t0", "--tap-fd", "5"],
-        "cannot be used with",
+        "'--tap <TAP>' cannot be used with '--tap-fd <TAP_FD>'",
+    );
+    fails_with(
+        &["--fd", "x3", "--tap", "t0"],
+        "invalid value 'x3' for '--fd <N>'",
+    );
+    fails_with(
+        &["--socket", "/nonexistent/s", "--tap-fd", "4,five"],
+        "invalid value 'five' for '--tap-fd <TAP_FD>'",
+    );
+    fails_with(
+        &[
+            "--socket",
+            "/nonexistent/s",
+            "--tap",
+            "t0",
+            "--queues",
+            "lots",
+        ],
+        "invalid value 'lots' for '--queues <QUEUES>'",
     );
     fails_with(
         &[
@@ -79,8 +103,17 @@ fn bad_mac_mtu_and_queue_counts_are_refused() {
         base.iter().chain(extra).copied().collect()
     };
     fails_with(&with(&["--mac", "01:00:00:00:00:01"]), "bad MAC address");
-    fails_with(&with(&["--mac", "52:54:00:00:01"]), "bad MAC address");
+    fails_with(&with(&["--mac", "01:00:00:00:00:01"]), "01:00:00:00:00:01");
+    fails_with(&with(&["--mac", "52:54:00:00:01"]), "52:54:00:00:01");
     fails_with(&with(&["--queues", "0"]), "queue pairs must be");
-    fails_with(&with(&["--queues", "17"]), "queue pairs must be");
+    fails_with(&with(&["--queues", "17"]), "17");
     fails_with(&with(&["--mtu", "100"]), "MTU must be");
+    fails_with(&with(&["--mtu", "100"]), "100");
+}
+
+#[test]
+fn errors_are_reported_once_in_the_common_style() {
+    let (ok, err) = run(&["--socket", "/nonexistent/s", "--tap-fd", "0"]);
+    assert!(!ok);
+    assert_eq!(err.matches("rqemu-net: error: ").count(), 1, "{err}");
 }

@@ -2,12 +2,14 @@
 //!
 //! `rqemu-rtc (--socket PATH | --fd N) [--base 0x70]`
 
-use std::os::fd::RawFd;
-use std::path::PathBuf;
+mod device;
+
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::Parser;
+use rqemu_daemon::startup::{self, Daemon, ListenArgs};
 use rqemu_protocol::Interrupts;
 
 #[derive(Debug, Parser)]
@@ -16,25 +18,25 @@ use rqemu_protocol::Interrupts;
     about = "CMOS RTC daemon (rqemu forwarding protocol)"
 )]
 struct Args {
-    /// Listen on this UNIX seqpacket socket path.
-    #[arg(long)]
-    socket: Option<PathBuf>,
-    /// Use this inherited listening seqpacket socket.
-    #[arg(long)]
-    fd: Option<RawFd>,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// Base I/O port (index register; data is base + 1).
     #[arg(long, default_value = "0x70", value_parser = rqemu_daemon::emulated::parse_port)]
     base: u16,
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    rqemu_daemon::logging::init();
-    let listener = rqemu_daemon::emulated::listen(args.socket.as_deref(), args.fd)
-        .context("listening socket")?;
-    let info = rqemu_rtc::device_info(args.base);
+fn main() -> ExitCode {
+    startup::main("rqemu-rtc", run)
+}
+
+/// Emulated devices hold no data to flush (the VMM keeps their state): a signal just ends
+/// the process.
+fn run(args: Args, mut daemon: Daemon) -> anyhow::Result<()> {
+    let listener = daemon.listen_seqpacket(&args.listen)?;
+    daemon.exit_on_signal(|| 0)?;
+    let info = device::device_info(args.base);
     let irqs = Interrupts::for_requests(&info.irqs);
-    let dev = Arc::new(Mutex::new(rqemu_rtc::RtcDevice::default()));
+    let dev = Arc::new(Mutex::new(device::RtcDevice::default()));
     tracing::info!("rqemu-rtc at port {:#x}", args.base);
     rqemu_protocol::serve(&listener, &info, dev, &irqs).context("accepting connections")?;
     Ok(())

@@ -3,17 +3,19 @@
 //! `rqemu-serial (--socket PATH | --fd N) [--console stdio|file:PATH|socket:PATH]
 //! [--base 0x3f8] [--irq 4]`
 
+mod console;
 mod device;
 
-use std::os::fd::RawFd;
-use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::Parser;
+use rqemu_daemon::startup::{self, Daemon, ListenArgs};
 use rqemu_protocol::Interrupts;
 
-use device::{ConsoleSpec, SerialDevice};
+use console::ConsoleSpec;
+use device::SerialDevice;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,12 +23,8 @@ use device::{ConsoleSpec, SerialDevice};
     about = "16550 UART daemon (rqemu forwarding protocol)"
 )]
 struct Args {
-    /// Listen on this UNIX seqpacket socket path.
-    #[arg(long)]
-    socket: Option<PathBuf>,
-    /// Use this inherited listening seqpacket socket.
-    #[arg(long)]
-    fd: Option<RawFd>,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// Console: stdio, file:PATH or socket:PATH.
     #[arg(long, default_value = "stdio")]
     console: ConsoleSpec,
@@ -38,17 +36,21 @@ struct Args {
     irq: u32,
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    rqemu_daemon::logging::init();
-    let listener = rqemu_daemon::emulated::listen(args.socket.as_deref(), args.fd)
-        .context("listening socket")?;
+fn main() -> ExitCode {
+    startup::main("rqemu-serial", run)
+}
+
+/// Emulated devices hold no data to flush (the VMM keeps their state): a signal just ends
+/// the process.
+fn run(args: Args, mut daemon: Daemon) -> anyhow::Result<()> {
+    let listener = daemon.listen_seqpacket(&args.listen)?;
+    daemon.exit_on_signal(|| 0)?;
 
     let info = device::device_info(args.base, args.irq);
     let irqs = Interrupts::for_requests(&info.irqs);
-    let (out, console_listener, client) = device::open_console(&args.console)?;
+    let (out, console_listener, client) = console::open_console(&args.console)?;
     let dev = Arc::new(Mutex::new(SerialDevice::new(irqs.clone(), out)));
-    device::spawn_input(&args.console, dev.clone(), console_listener, client)?;
+    console::spawn_input(&args.console, dev.clone(), console_listener, client)?;
     tracing::info!(
         "rqemu-serial at port {:#x}, console {:?}",
         args.base,

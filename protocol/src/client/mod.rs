@@ -5,23 +5,22 @@
 //! timeout, whatever the daemon does.
 
 mod access;
+mod attach;
 
 pub use access::AccessError;
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::path::Path;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::handshake::{
-    encode_refuse, DeviceClass, Grant, HandshakeError, Hello, Space, Trigger, Window, FEATURE_RING,
-    PIO_END,
+    DeviceClass, Grant, HandshakeError, Hello, Space, Trigger, Window, FEATURE_RING, PIO_END,
 };
-use crate::messages::{self, Control, ControlReply, IrqLine, MemRegion, MessageError, TAG_CONTROL};
-use crate::ring::{RingView, RING_BYTES};
-use crate::sys::{EventFd, SeqSocket, SharedMem, MAX_MSG};
+use crate::messages::{self, Control, ControlReply, MemRegion, MessageError, TAG_CONTROL};
+use crate::ring::RingView;
+use crate::sys::{EventFd, SeqSocket, SharedMem};
 
 /// Errors connecting to a daemon or exchanging control messages with it.
 #[derive(Debug, thiserror::Error)]
@@ -202,7 +201,7 @@ pub(crate) struct Inner {
     pub(crate) posted: bool,
     pub(crate) timeout: Duration,
     pub(crate) dead: AtomicBool,
-    _mem: Option<SharedMem>,
+    pub(crate) _mem: Option<SharedMem>,
 }
 
 /// Register access and control handle of a connected daemon. Cheap to clone; `Send + Sync`.
@@ -267,132 +266,6 @@ fn control_on(
             }
             t => return Err(MessageError::Tag(t).into()),
         }
-    }
-}
-
-impl ForwardedDevice {
-    /// Connects to the daemon listening at `path` and runs the handshake.
-    pub fn connect(path: &Path, policy: &GrantPolicy) -> Result<(Claims, Handle), ClientError> {
-        Self::attach(SeqSocket::connect(path)?, policy)
-    }
-
-    /// Runs the handshake on an already connected socket.
-    pub fn attach(sock: SeqSocket, policy: &GrantPolicy) -> Result<(Claims, Handle), ClientError> {
-        let mut buf = vec![0u8; MAX_MSG].into_boxed_slice();
-        let mut fds = Vec::new();
-        let n = sock
-            .recv(&mut buf, &mut fds, Some(policy.timeout))
-            .map_err(|e| {
-                if e.kind() == io::ErrorKind::InvalidData {
-                    let _ = sock.send(&encode_refuse(&e.to_string()), &[]);
-                }
-                io_err(e)
-            })?;
-        let refuse = |why: String| {
-            let _ = sock.send(&encode_refuse(&why), &[]);
-            why
-        };
-        if !fds.is_empty() {
-            return Err(ClientError::Refused(refuse(format!(
-                "{} unexpected fds with HELLO",
-                fds.len()
-            ))));
-        }
-        let hello = match Hello::decode(&buf[..n]) {
-            Ok(h) => h,
-            Err(e) => {
-                refuse(e.to_string());
-                return Err(e.into());
-            }
-        };
-        let grant = policy
-            .decide(&hello)
-            .map_err(|w| ClientError::Refused(refuse(w)))?;
-        sock.send(&grant.encode()?, &[]).map_err(io_err)?;
-        let mut st = SockState { sock, seq: 0, buf };
-
-        // Interrupt lines.
-        let mut irqs = Vec::new();
-        let mut lines = Vec::new();
-        for (i, (q, &gsi)) in hello.irqs.iter().zip(&grant.gsis).enumerate() {
-            let resample = match q.trigger {
-                Trigger::Level => Some(EventFd::new()?),
-                Trigger::Edge => None,
-            };
-            irqs.push(GrantedIrq {
-                gsi,
-                trigger: q.trigger,
-                event: EventFd::new()?,
-                resample,
-            });
-            lines.push(IrqLine {
-                line: i as u8,
-                gsi,
-                trigger: q.trigger,
-            });
-        }
-        if !lines.is_empty() {
-            let fds: Vec<BorrowedFd<'_>> = irqs
-                .iter()
-                .flat_map(|g| {
-                    std::iter::once(g.event.as_fd()).chain(g.resample.as_ref().map(|r| r.as_fd()))
-                })
-                .collect();
-            control_on(&mut st, &Control::SetIrqFds { lines }, &fds, policy.timeout)?;
-        }
-
-        // Rings.
-        let mut rings = Vec::new();
-        let mut mem = None;
-        if grant.vcpus > 0 {
-            let m = SharedMem::create("rqemu-rings", usize::from(grant.vcpus) * RING_BYTES)?;
-            for i in 0..usize::from(grant.vcpus) {
-                rings.push(RingClient {
-                    view: RingView::new(&m, i)
-                        .ok_or(ClientError::Io(io::ErrorKind::InvalidInput.into()))?,
-                    head: 0,
-                    to_dev: EventFd::new()?,
-                    to_vmm: EventFd::new()?,
-                });
-            }
-            let mut fds = vec![m.as_fd()];
-            for r in &rings {
-                fds.push(r.to_dev.as_fd());
-                fds.push(r.to_vmm.as_fd());
-            }
-            control_on(
-                &mut st,
-                &Control::SetRings { vcpus: grant.vcpus },
-                &fds,
-                policy.timeout,
-            )?;
-            mem = Some(m);
-        }
-
-        let sock_fd = st.sock.as_fd().as_raw_fd();
-        let inner = Inner {
-            name: hello.name.clone(),
-            sock: Mutex::new(st),
-            sock_fd,
-            posted_marks: rings
-                .iter()
-                .map(|r| (r.view, std::sync::atomic::AtomicU64::new(0)))
-                .collect(),
-            rings: rings.into_iter().map(Mutex::new).collect(),
-            windows: grant.windows.clone(),
-            posted: grant.features & crate::handshake::FEATURE_POSTED != 0,
-            timeout: policy.timeout,
-            dead: AtomicBool::new(false),
-            _mem: mem,
-        };
-        let claims = Claims {
-            class: hello.class,
-            name: hello.name,
-            windows: grant.windows,
-            irqs,
-            features: grant.features,
-        };
-        Ok((claims, Handle(Arc::new(inner))))
     }
 }
 

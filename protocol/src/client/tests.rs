@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::handshake::{Answer, IrqRequest, FEATURE_POSTED, WINDOW_POSTED};
-use crate::messages::{Access, AccessReply, STATUS_OK, TAG_CONTROL_REPLY};
+use crate::messages::{Access, AccessReply, IrqLine, STATUS_OK, TAG_CONTROL_REPLY};
+use crate::ring::RING_BYTES;
 use crate::server::{serve_connection, DeviceInfo, EmulatedDevice, Interrupts, ServeError};
+use crate::sys::MAX_MSG;
 
 /// 8 byte registers at PIO 0x500 (register 7: writing raises line 0), 16 bytes of MMIO at
 /// 0xd000_0000 (posted window).

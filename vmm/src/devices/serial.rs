@@ -1,6 +1,7 @@
-//! COM1: a 16550 UART (vm-superio `Serial`) whose interrupt is an eventfd, bound by the
-//! accelerator to GSI 4 (KVM: irqfd; TCG: a poller raising the GSI). Output goes to stdout,
-//! a file or nowhere; with stdio, a thread feeds stdin into the receive FIFO.
+//! COM1: the 16550 UART of `rqemu-emulated-backend` (the one `rqemu-serial` serves) on the PIO
+//! bus. Its interrupt is an eventfd, bound by the accelerator to GSI 4 (KVM: irqfd; TCG: a
+//! poller raising the GSI). Output goes to stdout, a file or nowhere; with stdio, a thread
+//! feeds stdin into the receive FIFO.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -9,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vm_superio::{Serial, Trigger};
+use rqemu_emulated_backend::uart16550::{IrqLine, Uart16550};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
@@ -44,39 +45,19 @@ pub enum SerialError {
 
 /// The interrupt line of the UART: signals an eventfd.
 #[derive(Debug)]
-pub struct EventFdTrigger(EventFd);
+pub struct EventFdLine(EventFd);
 
-impl Trigger for EventFdTrigger {
-    type E = io::Error;
-
-    fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
-    }
-}
-
-struct FlushingWriter(Box<dyn Write + Send>);
-
-impl Write for FlushingWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.0.write(buf)?;
-        self.0.flush()?;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
+impl IrqLine for EventFdLine {
+    fn raise(&self) {
+        // Fails only if the counter would overflow: the line is raised already.
+        let _ = self.0.write(1);
     }
 }
 
 /// The COM1 device (insert at 0x3f8, length 8).
+#[derive(Debug)]
 pub struct SerialDevice {
-    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, FlushingWriter>,
-}
-
-impl std::fmt::Debug for SerialDevice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SerialDevice").finish_non_exhaustive()
-    }
+    uart: Uart16550<EventFdLine, Box<dyn Write + Send>>,
 }
 
 impl SerialDevice {
@@ -98,32 +79,25 @@ impl SerialDevice {
         };
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
         let irq = evt.try_clone().map_err(SerialError::EventFd)?;
-        let uart = Serial::new(EventFdTrigger(evt), FlushingWriter(out));
+        // The UART flushes its output after every byte.
+        let uart = Uart16550::new(EventFdLine(evt), out);
         Ok((SerialDevice { uart }, irq))
     }
 
     /// Queues host input for the guest; returns how many bytes fit in the FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        let room = self.uart.fifo_capacity().min(bytes.len());
-        if room == 0 {
-            return 0;
-        }
-        self.uart.enqueue_raw_bytes(&bytes[..room]).unwrap_or(0)
+        self.uart.input(bytes)
     }
 }
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if let (Some(b), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
-            *b = self.uart.read(off);
-        }
+        self.uart.read(offset, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let (Some(&v), Ok(off)) = (data.first(), u8::try_from(offset)) {
-            // Output errors (closed stdout) must not stop the guest.
-            let _ = self.uart.write(off, v);
-        }
+        // Output errors (closed stdout) must not stop the guest.
+        let _ = self.uart.write(offset, data);
     }
 }
 

@@ -2,9 +2,9 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::empty::{VIRTIO_MMIO_MAGIC, VIRTIO_VENDOR_ID};
 use super::{QueueConfig, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
-use crate::devices::virtio_empty::{VIRTIO_MMIO_MAGIC, VIRTIO_VENDOR_ID};
 
 /// Register offsets.
 pub mod reg {

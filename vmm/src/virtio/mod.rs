@@ -2,6 +2,8 @@
 //!
 //! * [`mmio`] — the virtio-mmio (version 2, "modern") transport: register file, feature
 //!   negotiation, queue setup, device status/reset; a [`crate::bus::BusDevice`];
+//! * [`empty`] — the transport of a window without a device (DeviceID 0), so every window
+//!   the DSDT declares can be probed;
 //! * [`vhost_user`] — a [`VirtioDevice`] that forwards everything to a vhost-user backend
 //!   (rqemu's daemons, `qemu-storage-daemon`, `virtiofsd`, ...).
 //!
@@ -12,6 +14,7 @@
 //! reports "used buffer" (bit 0) once the device is live; Linux then scans its rings, which
 //! is harmless when nothing is new.
 
+pub mod empty;
 pub mod mmio;
 pub mod vhost_user;
 

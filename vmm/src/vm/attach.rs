@@ -16,11 +16,11 @@ use crate::acpi::VirtioWindow;
 use crate::bus::Bus;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialDevice, SerialOutput};
-use crate::devices::virtio_empty::EmptyVirtioMmio;
 use crate::exit::{ExitRequester, GuestExit};
 use crate::forwarded::{self, Link, Probed};
 use crate::layout::{RTC_PORT, SERIAL_GSI, SERIAL_PORT};
 use crate::memory::GuestRam;
+use crate::virtio::empty::EmptyVirtioMmio;
 use crate::virtio::mmio::{reg, MmioTransport};
 use crate::virtio::vhost_user::VhostUserDevice;
 

@@ -341,6 +341,25 @@ impl Cpu {
                     }
                 }
                 Err(Event::Fault { vector, error }) => {
+                    // The MMU sees linear addresses only: a non-canonical address through SS
+                    // (RSP/RBP-based operands, pushes and pops) is #SS(0), not #GP(0).
+                    let noncanonical = |v: u64| ((v as i64) << 16 >> 16) as u64 != v;
+                    let vector = if vector == vec::GP && error == Some(0) && {
+                        let explicit = (0..ins.op_count())
+                            .any(|i| ins.op_kind(i) == iced_x86::OpKind::Memory)
+                            && ins.memory_segment() == iced_x86::Register::SS
+                            && noncanonical(cx.ea(ins));
+                        let sp = cx.s.gpr[4];
+                        let inc = ins.stack_pointer_increment();
+                        explicit
+                            || (inc != 0
+                                && (noncanonical(sp)
+                                    || noncanonical(sp.wrapping_add(inc as i64 as u64))))
+                    } {
+                        vec::SS
+                    } else {
+                        vector
+                    };
                     let rip = cx.s.rip;
                     if let Err(x) =
                         interrupt::raise(&mut cx, vector, error, IntKind::Exception, rip)

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::devices::ioapic::IoApic;
-use crate::devices::lapic::{Lapic, LapicAction};
-use crate::devices::pic8259::PicPair;
-use crate::devices::pit8254::Pit;
+use super::chips::ioapic::IoApic;
+use super::chips::lapic::{Lapic, LapicAction};
+use super::chips::pic8259::PicPair;
+use super::chips::pit8254::Pit;
 
 /// GSI the PIT's IRQ0 is routed to on the IOAPIC (the MADT's interrupt source override).
 const PIT_GSI: u32 = 2;

@@ -2,7 +2,7 @@
 //!
 //! * RAM: the VMM's memfd mappings are handed to the CPU as raw host ranges (`map_ram`).
 //! * Interrupts: a userspace [`chip::IrqChip`] (8259 pair, 8254 PIT, IOAPIC, LAPIC — see
-//!   `crate::devices`) replaces KVM's in-kernel irqchip; `set_irq_line` and irqfds (a poller
+//!   [`chips`]) replaces KVM's in-kernel irqchip; `set_irq_line` and irqfds (a poller
 //!   thread, [`irqfd`]) raise its GSIs.
 //! * ioevents: [`IoEventBinding::ViaBus`] — the VMM registers them on its bus, which signals
 //!   the kick eventfd on a matching write.
@@ -12,6 +12,7 @@
 //! One vCPU executes; extra vCPUs exist (the MADT lists them) but never start.
 
 mod chip;
+pub mod chips;
 mod irqfd;
 mod platform;
 pub mod vcpu;

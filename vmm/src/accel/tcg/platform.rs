@@ -8,10 +8,10 @@ use std::time::Instant;
 use rqemu_tcg::{Platform, StopReason};
 
 use super::chip::IrqChip;
+use super::chips::ioapic::IOAPIC_SIZE;
+use super::chips::lapic::LAPIC_SIZE;
+use super::chips::pit8254::{PIT_PORT, PORT_61};
 use crate::bus::Bus;
-use crate::devices::ioapic::IOAPIC_SIZE;
-use crate::devices::lapic::LAPIC_SIZE;
-use crate::devices::pit8254::{PIT_PORT, PORT_61};
 use crate::exit::ExitRequester;
 use crate::layout::{IOAPIC_START, LAPIC_START};
 

@@ -250,8 +250,15 @@ pub fn xadd(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     let b = cx.read_op(ins, 1, size)?;
     let a = cx.read_rmw(ins, size)?;
     let res = a.wrapping_add(b) & size_mask(size);
-    set_reg(cx.s, ins.op1_register(), a);
-    cx.write_op(ins, 0, size, res)?;
+    if ins.op0_kind() == OpKind::Register {
+        // XADD r, r: the destination is written last (the same register ends with the sum).
+        set_reg(cx.s, ins.op1_register(), a);
+        cx.write_op(ins, 0, size, res)?;
+    } else {
+        // Memory first: the source register may be part of the address (XADD [rbx], bh).
+        cx.write_op(ins, 0, size, res)?;
+        set_reg(cx.s, ins.op1_register(), a);
+    }
     cx.s.flags.set_lazy(FlagOp::Add, size, res, a, b, 0);
     Ok(())
 }

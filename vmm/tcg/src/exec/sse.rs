@@ -186,7 +186,9 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         let v = cx.read_op(ins, 1, size)?;
         return cx.write_op(ins, 0, size, v);
     }
-    let any_xmm = (0..ins.op_count()).any(|i| is_xmm(ins, i));
+    // CVT(T)SS2SI/CVT(T)SD2SI r, m have no XMM operand but are SSE instructions.
+    let any_xmm = (0..ins.op_count()).any(|i| is_xmm(ins, i))
+        || matches!(m, M::Cvtss2si | M::Cvttss2si | M::Cvtsd2si | M::Cvttsd2si);
     if !any_xmm {
         return ud();
     }

@@ -140,6 +140,9 @@ fn rdmsr(cx: &mut Ctx<'_>, idx: u32) -> R<u64> {
     let m = &cx.s.msr;
     Ok(match idx {
         0x10 => tsc(cx),
+        // IA32_TSC_ADJUST: the TSC starts at 0, so the adjustment is exactly the offset that
+        // TSC writes (and this MSR's writes) have applied.
+        0x3B => cx.s.tsc_offset,
         0x1B => m.apic_base,
         0x8B | 0x3A | 0xFE | 0x17 | 0x79 => 0,
         0x174..=0x176 => m.sysenter[(idx - 0x174) as usize],
@@ -173,6 +176,7 @@ fn wrmsr(cx: &mut Ctx<'_>, idx: u32, v: u64) -> R<()> {
             let now = tsc(cx).wrapping_sub(cx.s.tsc_offset);
             cx.s.tsc_offset = v.wrapping_sub(now);
         }
+        0x3B => cx.s.tsc_offset = v,
         0x1B => cx.s.msr.apic_base = v,
         0x8B | 0x79 => {}
         0x174..=0x176 => cx.s.msr.sysenter[(idx - 0x174) as usize] = v,

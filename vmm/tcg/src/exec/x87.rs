@@ -67,18 +67,26 @@ fn fxsave(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     if va & 15 != 0 {
         return gp(0);
     }
-    let mut img = [0u8; 512];
+    // Bytes 416-511 are reserved or left to software: like the hardware, not written.
+    let mut img = [0u8; 416];
     let f = &cx.s.fpu;
     img[0..2].copy_from_slice(&f.fcw.to_le_bytes());
     img[2..4].copy_from_slice(&f.fsw.to_le_bytes());
     img[4] = f.ftw;
-    img[6..8].copy_from_slice(&f.fop.to_le_bytes());
-    img[8..16].copy_from_slice(&f.fip.to_le_bytes());
-    img[16..24].copy_from_slice(&f.fdp.to_le_bytes());
+    img[6..8].copy_from_slice(&(f.fop & 0x7FF).to_le_bytes());
+    if ins.mnemonic() == M::Fxsave64 {
+        img[8..16].copy_from_slice(&f.fip.to_le_bytes());
+        img[16..24].copy_from_slice(&f.fdp.to_le_bytes());
+    } else {
+        // 32-bit format: FIP/FDP offsets with FCS/FDS (deprecated: stored as 0).
+        img[8..12].copy_from_slice(&(f.fip as u32).to_le_bytes());
+        img[16..20].copy_from_slice(&(f.fdp as u32).to_le_bytes());
+    }
     img[24..28].copy_from_slice(&cx.s.mxcsr.to_le_bytes());
     img[28..32].copy_from_slice(&MXCSR_MASK.to_le_bytes());
     for i in 0..8 {
-        img[32 + 16 * i..48 + 16 * i].copy_from_slice(&f.st[i]);
+        // 80-bit registers; the 6 bytes above each are reserved (stored as 0).
+        img[32 + 16 * i..42 + 16 * i].copy_from_slice(&f.st[i][..10]);
     }
     for i in 0..16 {
         img[160 + 16 * i..176 + 16 * i].copy_from_slice(&cx.s.xmm[i].to_le_bytes());
@@ -104,14 +112,23 @@ fn fxrstor(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     }
     let mut q = [0u8; 8];
     q.copy_from_slice(&img[8..16]);
-    let fip = u64::from_le_bytes(q);
+    let mut fip = u64::from_le_bytes(q);
     q.copy_from_slice(&img[16..24]);
-    let fdp = u64::from_le_bytes(q);
+    let mut fdp = u64::from_le_bytes(q);
+    if ins.mnemonic() != M::Fxrstor64 {
+        // 32-bit format: the selectors above the offsets are not part of FIP/FDP.
+        fip &= 0xFFFF_FFFF;
+        fdp &= 0xFFFF_FFFF;
+    } else {
+        // The CPU keeps canonical (48-bit, sign-extended) pointers.
+        fip = ((fip << 16) as i64 >> 16) as u64;
+        fdp = ((fdp << 16) as i64 >> 16) as u64;
+    }
     cx.s.fpu = Fpu {
         fcw: u16at(0),
         fsw: u16at(2),
         ftw: img[4],
-        fop: u16at(6),
+        fop: u16at(6) & 0x7FF,
         fip,
         fdp,
         st,

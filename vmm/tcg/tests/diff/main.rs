@@ -1,7 +1,13 @@
 //! Differential tests: instruction semantics of the TCG versus the host CPU.
 
+mod addressing;
+mod control;
+mod faults;
 mod harness;
+#[path = "../common/seed.rs"]
+mod seed;
 mod sse;
+mod sse_state;
 
 use harness::{check, random_state, Case, Harness, Rng, DATA};
 use rqemu_tcg::flags::{AF, ARITH, CF, DF, OF, PF, SF, ZF};
@@ -119,7 +125,7 @@ pub fn gen_rm(
 
 pub fn run_cases(name: &str, n: usize, mut gen: impl FnMut(&mut Rng) -> Case) {
     let mut h = Harness::new();
-    let mut r = Rng(0x1234_5678_9ABC_DEF1 ^ (name.len() as u64 * 0x9E37_79B9));
+    let mut r = Rng(seed::for_test(name));
     let mut failures = Vec::new();
     for _ in 0..n {
         let c = gen(&mut r);
@@ -127,6 +133,12 @@ pub fn run_cases(name: &str, n: usize, mut gen: impl FnMut(&mut Rng) -> Case) {
             failures.push(e);
         }
     }
+    report(name, n, &failures);
+}
+
+/// Prints the first failures and fails the test if there are any (the seed was printed when
+/// the test started).
+pub fn report(name: &str, n: usize, failures: &[String]) {
     if !failures.is_empty() {
         for f in failures.iter().take(15) {
             eprintln!("{name}: {f}");
@@ -143,12 +155,13 @@ fn case(code: Vec<u8>, st: harness::State, flag_mask: u64) -> Case {
         flag_mask,
         xmm: false,
         data_seed: 0x55,
+        expect: None,
     }
 }
 
 #[test]
 fn alu_binary_ops() {
-    run_cases("alu", 6000, |r| {
+    run_cases("alu_binary_ops", 6000, |r| {
         let op = r.below(8) as u8;
         let sz = Sz::ALL[r.below(4) as usize];
         let logic = matches!(op, 1 | 4 | 6);
@@ -185,7 +198,7 @@ fn alu_binary_ops() {
 
 #[test]
 fn test_and_unary_ops() {
-    run_cases("unary", 4000, |r| {
+    run_cases("test_and_unary_ops", 4000, |r| {
         let sz = Sz::ALL[r.below(4) as usize];
         let (code, st, mask) = match r.below(4) {
             0 => {
@@ -242,7 +255,7 @@ fn shift_mask(op: u8, sz: Sz, count: u64) -> u64 {
 
 #[test]
 fn shifts_and_rotates() {
-    run_cases("shift", 6000, |r| {
+    run_cases("shifts_and_rotates", 6000, |r| {
         let sz = Sz::ALL[r.below(4) as usize];
         let op = r.below(8) as u8;
         let count = match r.below(4) {
@@ -273,7 +286,7 @@ fn shifts_and_rotates() {
 
 #[test]
 fn double_shifts() {
-    run_cases("shxd", 3000, |r| {
+    run_cases("double_shifts", 3000, |r| {
         let sz = [Sz::W, Sz::D, Sz::Q][r.below(3) as usize];
         let right = r.below(2) == 1;
         let by_cl = r.below(2) == 1;
@@ -330,7 +343,7 @@ fn would_de(sz: Sz, signed: bool, st: &harness::State, divisor: u64) -> bool {
 #[test]
 fn multiply_and_divide() {
     let mut h = Harness::new();
-    let mut r = Rng(77);
+    let mut r = Rng(seed::for_test("multiply_and_divide"));
     let mut de_checked = 0;
     let mut failures = Vec::new();
     for _ in 0..5000 {
@@ -384,15 +397,10 @@ fn multiply_and_divide() {
                     false,
                 );
                 let de = would_de(sz, signed, &st, st.gpr[rm as usize]);
-                if de {
-                    de_checked += 1;
-                    match h.run_tcg(&code, &st) {
-                        harness::TcgOutcome::Exception(0) => {}
-                        other => failures.push(format!("{code:02x?}: expected #DE, got {other:?}")),
-                    }
-                    continue;
-                }
-                case(code, st, 0)
+                de_checked += usize::from(de);
+                let mut c = case(code, st, 0);
+                c.expect = de.then_some(0);
+                c
             }
         };
         if let Err(e) = check(&mut h, &c) {
@@ -411,12 +419,12 @@ fn multiply_and_divide() {
         de_checked > 50,
         "too few #DE cases generated ({de_checked})"
     );
-    eprintln!("muldiv: 5000 cases ok ({de_checked} #DE checked in the TCG only)");
+    eprintln!("muldiv: 5000 cases ok ({de_checked} of them #DE)");
 }
 
 #[test]
 fn bit_ops() {
-    run_cases("bits", 5000, |r| {
+    run_cases("bit_ops", 5000, |r| {
         let sz = [Sz::W, Sz::D, Sz::Q][r.below(3) as usize];
         let k = r.below(4) as u8;
         match r.below(3) {
@@ -467,7 +475,7 @@ fn bit_ops() {
 
 #[test]
 fn exchange_and_compare_exchange() {
-    run_cases("xchg", 4000, |r| {
+    run_cases("exchange_and_compare_exchange", 4000, |r| {
         let sz = Sz::ALL[r.below(4) as usize];
         match r.below(4) {
             0 => {
@@ -526,7 +534,7 @@ fn exchange_and_compare_exchange() {
 
 #[test]
 fn setcc_cmovcc_all_conditions() {
-    run_cases("cond", 4000, |r| {
+    run_cases("setcc_cmovcc_all_conditions", 4000, |r| {
         let cc = r.below(16) as u8;
         if r.below(2) == 0 {
             let (c, s) = gen_rm(r, Sz::B, &[0x0F, 0x90 + cc], Some(0), &[]);
@@ -542,7 +550,7 @@ fn setcc_cmovcc_all_conditions() {
 
 #[test]
 fn moves_and_conversions() {
-    run_cases("mov", 5000, |r| {
+    run_cases("moves_and_conversions", 5000, |r| {
         let sz = Sz::ALL[r.below(4) as usize];
         let (c, s) = match r.below(9) {
             0 => gen_rm(r, sz, &[op_for(sz, 0x88)], None, &[]),
@@ -626,7 +634,7 @@ fn moves_and_conversions() {
 
 #[test]
 fn string_ops_with_rep() {
-    run_cases("string", 3000, |r| {
+    run_cases("string_ops_with_rep", 3000, |r| {
         let mut st = random_state(r);
         let size = r.below(4) as u8;
         let kind = r.below(5) as u8;
@@ -664,6 +672,23 @@ fn string_ops_with_rep() {
         if r.below(2) == 0 {
             st.rflags |= DF;
         }
+        if r.below(4) == 0 {
+            // 0x67: ESI/EDI/ECX (junk in the high halves: the registers are written as 32-bit
+            // ones). Not with a REP count of 0: whether the untouched registers are still
+            // zero-extended then is model-specific (this Intel host does it for the
+            // registers MOVS/STOS use and for ECX).
+            c.insert(0, 0x67);
+            if st.gpr[1] as u32 == 0 {
+                st.gpr[1] = 1;
+            }
+            for i in [1, 6, 7] {
+                st.gpr[i] |= r.next() << 32;
+            }
+        }
+        if r.below(4) == 0 {
+            // Segment overrides (GS has base 0 here; the others are ignored in 64-bit mode).
+            c.insert(0, [0x26u8, 0x2E, 0x36, 0x3E, 0x65][r.below(5) as usize]);
+        }
         case(c, st, ARITH | DF)
     });
 }
@@ -672,7 +697,7 @@ fn string_ops_with_rep() {
 fn gs_segment_override() {
     let mut h = Harness::new();
     h.set_gs_base(DATA);
-    let mut r = Rng(0x65);
+    let mut r = Rng(seed::for_test("gs_segment_override"));
     let mut failures = Vec::new();
     let n = 2000;
     for _ in 0..n {
@@ -711,7 +736,7 @@ fn gs_segment_override() {
 
 #[test]
 fn balanced_stack_sequences_and_xlat() {
-    run_cases("stack", 3000, |r| {
+    run_cases("balanced_stack_sequences_and_xlat", 3000, |r| {
         let mut st = random_state(r);
         let a = pick_reg(r, false);
         let b = pick_reg(r, false);

@@ -27,6 +27,18 @@ enum K {
     RmGpr,
     /// register-only xmm, xmm (MOVHLPS/MOVLHPS).
     XxReg,
+    /// xmm, xmm/m128 without alignment requirement (memory operand misaligned at random).
+    XxU,
+    /// Unaligned-capable store: r/m (memory misaligned at random, or xmm), xmm.
+    StoreU,
+    /// xmm, m64 (memory only: MOVLPS/MOVHPS/MOVLPD/MOVHPD loads).
+    MemLoad,
+    /// m, xmm (memory only: MOVLPS/MOVHPS/MOVLPD/MOVHPD stores, MOVNTPS/PD/DQ).
+    MemStore,
+    /// m32|64, r (MOVNTI).
+    MemGpr,
+    /// r32|64, xmm/m (scalar `n` bytes): CVT(T)SS2SI / CVT(T)SD2SI with a memory source.
+    GprXm(u8),
 }
 
 const P66: u8 = 0x66;
@@ -75,6 +87,22 @@ const TABLE: &[(u8, u8, K)] = &[
     (NONE, 0x2F, K::Scalar(4)), (F2, 0x2A, K::XGpr), (F3, 0x2A, K::XGpr),
     (F2, 0x2C, K::GprX), (F2, 0x2D, K::GprX), (F3, 0x2C, K::GprX),
     (F3, 0x5A, K::Scalar(4)), (F2, 0x5A, K::Scalar(8)),
+    // Packed/scalar float arithmetic not covered above.
+    (NONE, 0x5C, K::Xx), (P66, 0x5C, K::Xx), (NONE, 0x59, K::Xx), (P66, 0x5E, K::Xx),
+    (NONE, 0x5D, K::Xx), (P66, 0x5D, K::Xx), (NONE, 0x5F, K::Xx), (P66, 0x5F, K::Xx),
+    (NONE, 0x51, K::Xx), (P66, 0x51, K::Xx), (F3, 0x5C, K::Scalar(4)), (F3, 0x5F, K::Scalar(4)),
+    (P66, 0x54, K::Xx), (P66, 0x55, K::Xx), (P66, 0x56, K::Xx),
+    // Moves: MOVAPD, MOVUPD/MOVUPS/MOVDQU unaligned, MOVSS/MOVSD stores, half moves, MOVNT*.
+    (P66, 0x28, K::Xx), (P66, 0x29, K::Store), (P66, 0x10, K::XxU), (P66, 0x11, K::StoreU),
+    (NONE, 0x10, K::XxU), (NONE, 0x11, K::StoreU), (F3, 0x6F, K::XxU), (F3, 0x7F, K::StoreU),
+    (F3, 0x11, K::StoreU), (F2, 0x11, K::StoreU),
+    (NONE, 0x12, K::MemLoad), (NONE, 0x16, K::MemLoad), (P66, 0x12, K::MemLoad),
+    (P66, 0x16, K::MemLoad), (NONE, 0x13, K::MemStore), (NONE, 0x17, K::MemStore),
+    (P66, 0x13, K::MemStore), (P66, 0x17, K::MemStore), (NONE, 0x2B, K::MemStore),
+    (P66, 0x2B, K::MemStore), (P66, 0xE7, K::MemStore), (NONE, 0xC3, K::MemGpr),
+    // Conversions to integers with memory sources, CVTSS2SI.
+    (F3, 0x2D, K::GprX), (F3, 0x2D, K::GprXm(4)), (F3, 0x2C, K::GprXm(4)),
+    (F2, 0x2D, K::GprXm(8)), (F2, 0x2C, K::GprXm(8)),
 ];
 
 fn gpr(r: &mut Rng) -> u8 {
@@ -112,9 +140,9 @@ fn encode(pfx: u8, op: u8, w: bool, reg: u8, rm: Option<u8>, disp: u8, imm: Opti
 #[test]
 fn sse_integer_and_float_subset() {
     let mut h = Harness::new();
-    let mut r = Rng(0x5EE5);
+    let mut r = Rng(super::seed::for_test("sse_integer_and_float_subset"));
     let mut failures = Vec::new();
-    let n = 8000;
+    let n = 12000;
     for _ in 0..n {
         let (pfx, op, k) = TABLE[r.below(TABLE.len() as u64) as usize];
         let mut st = random_state(&mut r);
@@ -128,7 +156,7 @@ fn sse_integer_and_float_subset() {
         } else if r.below(4) == 0 {
             // Special values in every lane: quiet/signalling NaNs of both signs, infinities,
             // zeroes, denormals — NaN propagation and invalid operations.
-            const SPECIAL64: [u64; 8] = [
+            const SPECIAL64: [u64; 14] = [
                 0x7ff8_0000_0000_0001,
                 0xfff4_0000_0000_0000,
                 0x7ff0_0000_0000_0001,
@@ -137,32 +165,75 @@ fn sse_integer_and_float_subset() {
                 0x8000_0000_0000_0000,
                 0x0000_0000_0000_0001,
                 0xffff_ffff_ffff_ffff,
+                0x000f_ffff_ffff_ffff,
+                0x7fef_ffff_ffff_ffff,
+                0x0010_0000_0000_0000,
+                0x3ff0_0000_0000_0000,
+                0x4008_0000_0000_0000,
+                0x0000_0000_0000_0000,
             ];
-            const SPECIAL32: [u32; 6] = [
+            const SPECIAL32: [u32; 12] = [
                 0x7fc0_0001,
                 0xffa0_0000,
                 0x7f80_0000,
                 0xff80_0000,
                 0x8000_0000,
                 0x7fff_ffff,
+                0x0000_0001,
+                0x807f_ffff,
+                0x7f7f_ffff,
+                0x0080_0000,
+                0x3f80_0000,
+                0x4040_0000,
             ];
             for x in st.xmm.iter_mut() {
-                let lo = SPECIAL64[r.below(8) as usize];
-                let hi = u64::from(SPECIAL32[r.below(6) as usize])
-                    | u64::from(SPECIAL32[r.below(6) as usize]) << 32;
+                let lo = SPECIAL64[r.below(14) as usize];
+                let hi = u64::from(SPECIAL32[r.below(12) as usize])
+                    | u64::from(SPECIAL32[r.below(12) as usize]) << 32;
                 *x = u128::from(lo) | (u128::from(hi) << 64);
             }
         }
-        let mem = r.below(3) == 0 && !matches!(k, K::ShiftI(_) | K::XxReg | K::GprXI);
+        // MXCSR: every rounding mode, DAZ/FTZ, sticky flags already set; exceptions masked.
+        st.mxcsr = 0x1F80 | (r.below(4) as u32) << 13 | (r.below(64) as u32 & r.below(64) as u32);
+        if r.below(4) == 0 {
+            st.mxcsr |= 0x40;
+        }
+        if r.below(4) == 0 {
+            st.mxcsr |= 0x8000;
+        }
+        let mem = match k {
+            K::MemLoad | K::MemStore | K::MemGpr => true,
+            K::ShiftI(_) | K::XxReg | K::GprXI | K::GprX => false,
+            _ => r.below(3) == 0,
+        };
         st.gpr[3] = DATA + 0x100 + 16 * r.below(0x100);
-        let disp = 16 * r.below(8) as u8;
+        let misalign = if matches!(
+            k,
+            K::XxU | K::StoreU | K::MemLoad | K::MemStore | K::GprXm(_)
+        ) && !matches!(op, 0x2B | 0xE7)
+        {
+            r.below(16) as u8
+        } else {
+            0
+        };
+        let disp = 16 * r.below(8) as u8 + misalign;
         let x1 = r.below(16) as u8;
         let x2 = r.below(16) as u8;
         let imm = r.below(256) as u8;
         let w = r.below(2) == 0;
         let code = match k {
-            K::Xx | K::Scalar(_) | K::Store | K::XxReg => {
-                encode(pfx, op, false, x1, (!mem).then_some(x2), disp, None)
+            K::Xx
+            | K::Scalar(_)
+            | K::Store
+            | K::XxReg
+            | K::XxU
+            | K::StoreU
+            | K::MemLoad
+            | K::MemStore => encode(pfx, op, false, x1, (!mem).then_some(x2), disp, None),
+            K::MemGpr => encode(pfx, op, w, gpr(&mut r), None, disp, None),
+            K::GprXm(_) => {
+                let g = gpr(&mut r);
+                encode(pfx, op, w, g, (!mem).then_some(x2), disp, None)
             }
             K::XxI => encode(pfx, op, false, x1, (!mem).then_some(x2), disp, Some(imm)),
             K::ShiftI(n) => encode(pfx, op, false, n, Some(x2), 0, Some(imm % 40)),
@@ -190,6 +261,7 @@ fn sse_integer_and_float_subset() {
             flag_mask: ARITH,
             xmm: true,
             data_seed: 0x77,
+            expect: None,
         };
         if let Err(e) = check(&mut h, &c) {
             failures.push(e);

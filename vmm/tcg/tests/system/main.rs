@@ -3,6 +3,8 @@
 //! interrupts, self-modifying code, a checksum/recursion program, and a MIPS measurement.
 
 mod image;
+#[path = "../common/seed.rs"]
+mod seed;
 
 use rqemu_tcg::flags::IF;
 use rqemu_tcg::state::{cr0, cr4, efer, DescTable, SegReg, Segment};
@@ -499,7 +501,7 @@ fn thread_cpu_time() -> f64 {
 #[test]
 fn random_code_never_panics() {
     let mut g = Guest::new();
-    let mut seed = 0x1234_5678_9ABC_DEF0u64;
+    let mut seed = seed::for_test("random_code_never_panics");
     let mut next = move || {
         seed ^= seed << 13;
         seed ^= seed >> 7;

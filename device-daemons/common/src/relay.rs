@@ -10,13 +10,18 @@
 //! the `SET_FEATURES` that acks the feature, and forwards everything else verbatim, file
 //! descriptors included.
 //!
-//! Generic to every vhost-user daemon; a candidate for `rqemu-daemon`.
+//! A device opts in with `QueueDevice::relay_vring_enable` (`rqemu-net` does);
+//! [`serve_forever`](crate::vhost::serve_forever) then accepts the frontend itself and hands
+//! the `vhost` crate the inner end of the relay ([`start`]). The relay also records each ring's
+//! enable state ([`RingEnable`]), which `vhost-user-backend` 0.21 does not tell the backend.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -37,13 +42,22 @@ const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
 /// Errors of the relay.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub enum RelayError {
     /// Socket I/O failed.
     #[error("relay I/O: {0}")]
     Io(#[from] io::Error),
     /// A message larger than any vhost-user message.
     #[error("message of {0} bytes is too large")]
     TooLarge(usize),
+    /// The private socket between the relay and the `vhost` handler could not be made.
+    #[error("relay socket {}: {source}", path.display())]
+    Socket {
+        /// Where it was to be bound.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The enable state of each vring (bit i: ring i) as the frontend last set it. The relay
@@ -196,7 +210,7 @@ fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[OwnedFd]) -> io::Result<
 }
 
 /// Reads one whole message; `None` at end of stream.
-fn read_msg(sock: &UnixStream, msg: &mut Msg) -> Result<Option<()>, ProxyError> {
+fn read_msg(sock: &UnixStream, msg: &mut Msg) -> Result<Option<()>, RelayError> {
     msg.fds.clear();
     msg.len = 0;
     while msg.len < HDR_LEN {
@@ -210,12 +224,12 @@ fn read_msg(sock: &UnixStream, msg: &mut Msg) -> Result<Option<()>, ProxyError> 
         }
         msg.len += n;
         if msg.fds.len() > MAX_FDS {
-            return Err(ProxyError::TooLarge(msg.fds.len()));
+            return Err(RelayError::TooLarge(msg.fds.len()));
         }
     }
     let size = word(&msg.buf, 8) as usize;
     if size > MAX_PAYLOAD {
-        return Err(ProxyError::TooLarge(size));
+        return Err(RelayError::TooLarge(size));
     }
     let total = HDR_LEN + size;
     while msg.len < total {
@@ -246,7 +260,7 @@ fn forward_requests(
     back: &UnixStream,
     front_tx: &Mutex<()>,
     rings: &RingEnable,
-) -> Result<(), ProxyError> {
+) -> Result<(), RelayError> {
     let mut msg = new_msg();
     let mut features_acked = false;
     // Held-back enable states: (ring index, state), last one per ring.
@@ -324,13 +338,50 @@ fn forward_replies(
     back: &UnixStream,
     front: &UnixStream,
     front_tx: &Mutex<()>,
-) -> Result<(), ProxyError> {
+) -> Result<(), RelayError> {
     let mut msg = new_msg();
     while read_msg(back, &mut msg)?.is_some() {
         let _g = front_tx.lock().unwrap_or_else(|e| e.into_inner());
         send_with_fds(front, msg.buf.get(..msg.len).unwrap_or_default(), &msg.fds)?;
     }
     Ok(())
+}
+
+/// Starts relaying `front` (a frontend's connection): returns the listening socket the `vhost`
+/// crate's handler accepts the relay's inner end from (one connection pending), and the two
+/// relay threads (they end when either side closes).
+pub fn start(
+    front: UnixStream,
+    rings: Arc<RingEnable>,
+) -> Result<(UnixListener, [JoinHandle<()>; 2]), RelayError> {
+    let (inner, back) = relay_socket()?;
+    let threads = spawn(front, back, rings)?;
+    Ok((inner, threads))
+}
+
+/// A listening socket with one pending connection, for the relay to reach the vhost crate's
+/// handler (which only accepts from a `Listener`). It is bound in a fresh 0700 directory, and
+/// the path is removed as soon as the connection is made, so nothing else can connect and
+/// nothing is left behind.
+fn relay_socket() -> Result<(UnixListener, UnixStream), RelayError> {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!(
+        "rqemu-relay.{}.{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let path = dir.join("vhost.sock");
+    let _ = std::fs::remove_dir_all(&dir);
+    let pair = std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .and_then(|()| UnixListener::bind(&path))
+        .and_then(|l| Ok((l, UnixStream::connect(&path)?)));
+    let _ = std::fs::remove_dir_all(&dir);
+    pair.map_err(|source| RelayError::Socket { path, source })
 }
 
 /// Relays between `front` (the frontend's connection) and `back` (connected to the vhost
@@ -450,6 +501,22 @@ mod tests {
         qemu.write_all(&msg(REQ_RESET_OWNER, 0, &[])).unwrap();
         read_msg(&backend, &mut got).unwrap().unwrap();
         assert!(!rings.is_enabled(0) && !rings.is_enabled(5));
+        drop(qemu);
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn start_hands_the_handler_a_pending_connection() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (inner, threads) = start(front, Arc::default()).unwrap();
+        let (mut handler, _) = inner.accept().unwrap();
+        let req = msg(REQ_SET_FEATURES, 0, &0u64.to_le_bytes());
+        qemu.write_all(&req).unwrap();
+        let mut got = vec![0u8; req.len()];
+        handler.read_exact(&mut got).unwrap();
+        assert_eq!(got, req);
         drop(qemu);
         for t in threads {
             t.join().unwrap();

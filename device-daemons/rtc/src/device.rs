@@ -4,8 +4,6 @@ use rqemu_emulated_backend::cmos::Rtc;
 use rqemu_protocol::handshake::{FEATURE_POSTED, FEATURE_RING, FEATURE_SNAPSHOT, WINDOW_POSTED};
 use rqemu_protocol::{DeviceClass, DeviceInfo, EmulatedDevice, Space, Window};
 
-pub use rqemu_emulated_backend::cmos::DateTime;
-
 /// The RTC served over the forwarding protocol (one window: index port, data port).
 #[derive(Debug, Default)]
 pub struct RtcDevice(pub Rtc);

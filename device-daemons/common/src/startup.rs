@@ -1,0 +1,246 @@
+//! The one start-up of every rqemu daemon (`rqemu-blk`, `rqemu-net`, `rqemu-fs`,
+//! `rqemu-serial`, `rqemu-rtc`):
+//!
+//! * [`ListenArgs`]: the `--socket PATH | --fd N` options, flattened into each daemon's CLI;
+//! * [`main`]: parse the command line, set up logging, block the termination signals (before
+//!   any thread exists), run the daemon, and end the process in the one error-exit style
+//!   ([`exit_code`]: `rqemu-X: error: <cause chain>` on stderr once, status 1);
+//! * [`Daemon`]: the listening socket ([`Daemon::listen_stream`] for vhost-user,
+//!   [`Daemon::listen_seqpacket`] for the forwarding protocol) and the signal thread
+//!   ([`Daemon::exit_on_signal`]: quiesce the device, remove the socket file it bound, exit).
+
+use std::error::Error;
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use rqemu_protocol::sys::SeqListener;
+
+use crate::listen::{Endpoint, ListenError};
+use crate::{logging, signals};
+
+/// Where a daemon listens: a socket path, or an inherited listening fd (socket activation).
+/// Flatten it into the daemon's `clap::Parser` (`#[command(flatten)]`); exactly one of the
+/// two is required.
+#[derive(Debug, Clone, clap::Args)]
+#[group(id = "listen", required = true, multiple = false)]
+pub struct ListenArgs {
+    /// UNIX socket path to listen on (a stale socket is replaced, anything else refused).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Inherited listening UNIX socket fd (socket activation).
+    #[arg(long, value_name = "N")]
+    pub fd: Option<RawFd>,
+}
+
+impl ListenArgs {
+    /// The endpoint the options name.
+    pub fn endpoint(&self) -> Result<Endpoint, ListenError> {
+        Endpoint::from_args(self.socket.clone(), self.fd)
+    }
+}
+
+/// Errors of the common start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `pthread_sigmask` failed.
+    #[error("blocking the termination signals")]
+    Signals(#[source] io::Error),
+    /// No listening socket.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// The signal thread could not be started.
+    #[error("starting the signal thread")]
+    SignalThread(#[source] io::Error),
+}
+
+/// A daemon being started: its name and the socket path it bound (removed when a signal ends
+/// it).
+#[derive(Debug)]
+pub struct Daemon {
+    name: &'static str,
+    bound: Option<PathBuf>,
+}
+
+impl Daemon {
+    /// The binary's name (`rqemu-blk`, ...).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn listen<L>(
+        &mut self,
+        args: &ListenArgs,
+        open: impl FnOnce(&Endpoint) -> Result<L, ListenError>,
+    ) -> Result<L, StartError> {
+        let endpoint = args.endpoint()?;
+        let l = open(&endpoint)?;
+        // Only a path this daemon bound is removed at exit, never one it was refused.
+        if let Endpoint::Path(p) = &endpoint {
+            self.bound = Some(p.clone());
+        }
+        tracing::info!("listening on {endpoint}");
+        Ok(l)
+    }
+
+    /// Listens for vhost-user frontends (`SOCK_STREAM`).
+    pub fn listen_stream(&mut self, args: &ListenArgs) -> Result<UnixListener, StartError> {
+        self.listen(args, crate::listen::stream)
+    }
+
+    /// Listens for VMMs speaking the forwarding protocol (`SOCK_SEQPACKET`).
+    pub fn listen_seqpacket(&mut self, args: &ListenArgs) -> Result<SeqListener, StartError> {
+        self.listen(args, SeqListener::listen)
+    }
+
+    /// Starts the signal thread: on SIGTERM/SIGINT/SIGHUP it runs `quiesce` (finish in-flight
+    /// work, flush; returns the exit status), removes the socket file this daemon bound, and
+    /// exits the process.
+    pub fn exit_on_signal(
+        &self,
+        quiesce: impl FnOnce() -> u8 + Send + 'static,
+    ) -> Result<(), StartError> {
+        let path = self.bound.clone();
+        signals::spawn_handler(move |sig| {
+            tracing::info!("signal {sig}: exiting");
+            let code = quiesce();
+            if let Some(p) = path {
+                let _ = std::fs::remove_file(p);
+            }
+            std::process::exit(i32::from(code));
+        })
+        .map_err(StartError::SignalThread)?;
+        Ok(())
+    }
+}
+
+/// The `main` of every daemon binary: parses `A` (a usage error is clap's message, status 2),
+/// sets up logging, blocks the termination signals in the still single-threaded process, runs
+/// `run`, and turns its error into the one exit style ([`exit_code`]).
+pub fn main<A, E>(name: &'static str, run: impl FnOnce(A, Daemon) -> Result<(), E>) -> ExitCode
+where
+    A: clap::Parser,
+    E: Into<Box<dyn Error + Send + Sync>>,
+{
+    let args = A::parse();
+    logging::init();
+    let result = match signals::block_termination_signals() {
+        Ok(()) => run(args, Daemon { name, bound: None }).map_err(Into::into),
+        Err(e) => Err(StartError::Signals(e).into()),
+    };
+    exit_code(name, result)
+}
+
+/// The one error-exit style of every rqemu binary: on error, `NAME: error: <cause chain>`
+/// once on stderr and status 1; status 0 otherwise.
+pub fn exit_code(name: &str, result: Result<(), Box<dyn Error + Send + Sync>>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {}", chain(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `outer: cause: root cause`, skipping a cause whose text its parent already ends with (an
+/// error that prints its source in its own message).
+pub fn chain(e: &(dyn Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let part = s.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cur = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    #[command(name = "rqemu-test")]
+    struct Cli {
+        #[command(flatten)]
+        listen: ListenArgs,
+        #[arg(long)]
+        other: Option<String>,
+    }
+
+    fn parse_err(argv: &[&str]) -> String {
+        let mut v = vec!["rqemu-test"];
+        v.extend_from_slice(argv);
+        Cli::try_parse_from(v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn exactly_one_of_socket_and_fd() {
+        let c = Cli::try_parse_from(["rqemu-test", "--socket", "/s"]).unwrap();
+        assert_eq!(c.listen.endpoint().unwrap(), Endpoint::Path("/s".into()));
+        let c = Cli::try_parse_from(["rqemu-test", "--fd", "3"]).unwrap();
+        assert_eq!(c.listen.endpoint().unwrap(), Endpoint::Fd(3));
+        let e = parse_err(&[]);
+        assert!(e.contains("--socket <PATH>|--fd <N>"), "{e}");
+        let e = parse_err(&["--socket", "/s", "--fd", "3"]);
+        assert!(
+            e.contains("'--socket <PATH>' cannot be used with '--fd <N>'"),
+            "{e}"
+        );
+        let e = parse_err(&["--fd", "three"]);
+        assert!(e.contains("'three'") && e.contains("--fd <N>"), "{e}");
+    }
+
+    #[test]
+    fn the_error_chain_is_printed_once() {
+        let inner = io::Error::other("root cause");
+        let outer = StartError::SignalThread(inner);
+        assert_eq!(chain(&outer), "starting the signal thread: root cause");
+        // A cause the message already shows is not repeated.
+        let e = ListenError::Bind {
+            path: "/x/s".into(),
+            source: io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        let text = chain(&e);
+        assert!(text.starts_with("cannot listen on /x/s: "), "{text}");
+        assert_eq!(text.matches("No such file").count(), 1, "{text}");
+        assert_eq!(exit_code("rqemu-test", Ok(())), ExitCode::SUCCESS);
+        assert_eq!(
+            exit_code("rqemu-test", Err(Box::new(outer))),
+            ExitCode::FAILURE
+        );
+    }
+
+    #[test]
+    fn the_bound_path_is_remembered_only_for_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let mut d = Daemon {
+            name: "rqemu-test",
+            bound: None,
+        };
+        let args = ListenArgs {
+            socket: Some(p.clone()),
+            fd: None,
+        };
+        let _l = d.listen_seqpacket(&args).unwrap();
+        assert_eq!(d.bound.as_deref(), Some(p.as_path()));
+        assert_eq!(d.name(), "rqemu-test");
+        // The same path again (served): refused with the path in the message.
+        let mut d2 = Daemon {
+            name: "rqemu-test",
+            bound: None,
+        };
+        let e = d2.listen_stream(&args).unwrap_err();
+        assert!(chain(&e).contains("is in use by another process"), "{e}");
+        assert!(d2.bound.is_none(), "a refused path is not ours to remove");
+    }
+}
