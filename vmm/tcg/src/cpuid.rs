@@ -42,7 +42,12 @@ fn le(b: &[u8]) -> u32 {
 /// Returns EAX, EBX, ECX, EDX for `leaf`/`subleaf`.
 pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     match leaf {
-        0 => [MAX_LEAF, le(&VENDOR[0..4]), le(&VENDOR[8..12]), le(&VENDOR[4..8])],
+        0 => [
+            MAX_LEAF,
+            le(&VENDOR[0..4]),
+            le(&VENDOR[8..12]),
+            le(&VENDOR[4..8]),
+        ],
         // Family 6, model 0x0F, stepping 1; CLFLUSH line 64 bytes, 1 logical CPU, APIC ID 0.
         1 => [0x0000_06F1, (8 << 8) | (1 << 16), LEAF1_ECX, LEAF1_EDX],
         // Structured extended features, subleaf 0: EBX = TSC_ADJUST. With the invariant TSC
