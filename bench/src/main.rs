@@ -4,9 +4,6 @@
 mod blk;
 mod check;
 mod fs;
-mod fscheck;
-mod fshost;
-mod fsload;
 mod stats;
 
 use std::path::PathBuf;
@@ -173,7 +170,7 @@ fn main() {
         },
         Cmd::Blk(a) => blk::run(&a),
         Cmd::Fs(a) if a.check => match &a.socket {
-            Some(sock) => match fscheck::run(sock, a.tag.as_deref()) {
+            Some(sock) => match fs::check::run(sock, a.tag.as_deref()) {
                 0 => Ok(()),
                 n => Err(anyhow::anyhow!("{n} conformance check(s) failed")),
             },

@@ -34,7 +34,7 @@ use fuse_backend_rs::transport::FsCacheReqHandler;
 use crate::config::{XattrConfig, XATTR_LIST_MAX, XATTR_SIZE_MAX};
 use crate::copy_range::Handles;
 use crate::locks::{LockRequest, Locks};
-use crate::server::Passthrough;
+use crate::passthrough::Passthrough;
 
 /// The filesystem the server dispatches to.
 pub struct ConfinedFs {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use fuse_backend_rs::abi::fuse_abi::CopyFileRangeIn;
 
 use crate::inode_fd::reopen;
-use crate::server::Passthrough;
+use crate::passthrough::Passthrough;
 
 /// Largest length copied by one request: the reply's `size` is 32 bits (`u32::MAX` rounded
 /// down to a page, like the Linux client's own clamp).

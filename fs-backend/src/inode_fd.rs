@@ -23,7 +23,7 @@ use std::os::unix::ffi::OsStrExt;
 
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
-use crate::server::Passthrough;
+use crate::passthrough::Passthrough;
 
 fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)

@@ -7,6 +7,9 @@
 //!   `passthrough::PassthroughFs`, virtiofs `transport::{Reader, Writer}`), the same rust-vmm
 //!   line as the rest of the workspace (vm-memory 0.17.1, virtio-queue 0.17);
 //! * [`confine`]: the shared directory becomes the daemon's `/`.
+//! * [`passthrough`]: the served `PassthroughFs` type and its configuration, below every
+//!   module that works on it ([`inode_fd`], [`locks`], [`copy_range`], [`confined_fs`],
+//!   [`server`]).
 //!
 //! # Confinement design
 //!
@@ -72,6 +75,7 @@ pub mod confined_fs;
 pub mod copy_range;
 pub mod inode_fd;
 pub mod locks;
+pub mod passthrough;
 pub mod server;
 
 #[cfg(test)]

@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::inode_fd::reopen;
-use crate::server::Passthrough;
+use crate::passthrough::Passthrough;
 
 /// Most (inode, owner) fds kept; further owners get `ENOLCK` (a guest picks owners freely).
 pub const MAX_OWNER_FDS: usize = 1024;

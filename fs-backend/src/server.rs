@@ -20,18 +20,16 @@ use fuse_backend_rs::abi::fuse_abi::{
 };
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::DescriptorChain;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::config::{CacheMode, FsParams};
+use crate::config::FsParams;
 use crate::confined_fs::ConfinedFs;
 use crate::copy_range::Handles;
 use crate::locks::{is_conflict, LockRequest, Locks};
-
-/// The passthrough filesystem type served.
-pub type Passthrough = PassthroughFs<()>;
+use crate::passthrough::{self, Passthrough};
 
 /// Errors of the FUSE server.
 #[derive(Debug, thiserror::Error)]
@@ -51,24 +49,6 @@ pub enum ServerError {
     /// Decoding or answering the FUSE request failed.
     #[error("FUSE request: {0}")]
     Request(fuse_backend_rs::Error),
-}
-
-fn passthrough_config(params: &FsParams, root: &str) -> Config {
-    let timeout = params.cache.timeout();
-    Config {
-        root_dir: root.to_string(),
-        xattr: params.xattr,
-        cache_policy: match params.cache {
-            CacheMode::Auto => CachePolicy::Auto,
-            CacheMode::Always => CachePolicy::Always,
-            CacheMode::Never => CachePolicy::Never,
-        },
-        attr_timeout: timeout,
-        entry_timeout: timeout,
-        // Import the root at FUSE_INIT (and again after FUSE_DESTROY / a reconnect reset).
-        do_import: true,
-        ..Config::default()
-    }
 }
 
 /// The virtqueue a chain came from, for requests answered after
@@ -113,7 +93,7 @@ impl FsServer {
     pub fn new(params: &FsParams, root: &Path) -> Result<Self, ServerError> {
         let root = root.to_str().ok_or(ServerError::NonUtf8Root)?;
         let fs = Arc::new(
-            PassthroughFs::new(passthrough_config(params, root)).map_err(ServerError::Create)?,
+            PassthroughFs::new(passthrough::config(params, root)).map_err(ServerError::Create)?,
         );
         let locks = Arc::new(Locks::new(fs.clone()));
         let handles = Arc::new(Handles::new(fs.clone()));

@@ -130,6 +130,26 @@ impl Endpoint {
     }
 }
 
+/// The `sockaddr_un` of `path` and its length (`InvalidInput` when the path is too long).
+pub(crate) fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Ok((addr, len as libc::socklen_t))
+}
+
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -149,7 +169,7 @@ fn socket(kind: SocketType) -> io::Result<OwnedFd> {
 /// Connects a socket of type `kind` to `path` (used to tell a live socket from a stale one).
 fn connect(path: &Path, kind: SocketType) -> io::Result<OwnedFd> {
     let s = socket(kind)?;
-    let (addr, len) = crate::sys::sockaddr(path)?;
+    let (addr, len) = sockaddr(path)?;
     // SAFETY: addr is a valid sockaddr_un of length len.
     cvt(unsafe {
         libc::connect(
@@ -183,7 +203,7 @@ fn bind_path(path: &Path, kind: SocketType) -> Result<OwnedFd, ListenError> {
     }
     let bind = || -> io::Result<OwnedFd> {
         let s = socket(kind)?;
-        let (addr, len) = crate::sys::sockaddr(path)?;
+        let (addr, len) = sockaddr(path)?;
         // SAFETY: addr is a valid sockaddr_un of length len.
         cvt(unsafe {
             libc::bind(

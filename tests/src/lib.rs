@@ -15,7 +15,9 @@ pub mod net;
 pub mod paths;
 pub mod qemu;
 pub mod qemu_img;
+pub mod vmm;
 
 pub use daemon::Daemon;
 pub use paths::{project_binary, GuestAssets};
 pub use qemu::{GuestRun, QemuVm, VhostUserDevice};
+pub use vmm::RqemuVm;

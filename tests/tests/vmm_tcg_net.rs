@@ -4,13 +4,11 @@
 //! outside it). The socket is given without a type: the VMM discovers virtio-net from the
 //! daemon's rqemu identity block.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rqemu_e2e::net::{self, NetDaemonOptions, NetNs, GUEST_IP, HOST_IP};
-use rqemu_e2e::paths::project_binary;
-use rqemu_e2e::qemu::base64;
-use rqemu_e2e::GuestAssets;
+use rqemu_e2e::{GuestAssets, RqemuVm};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -31,21 +29,12 @@ fn tcg_linux_pings_through_rqemu_net() {
     let console = dir.path().join("console.log");
     let vmm_log = dir.path().join("vmm.log");
     let start = Instant::now();
-    let mut child = Command::new(project_binary("rqemu-vmm").expect("rqemu-vmm binary"))
-        .args(["--accel", "tcg", "--memory", "512M"])
-        .arg("--kernel")
-        .arg(&assets.vmlinuz)
-        .arg("--initrd")
-        .arg(&assets.initramfs)
-        .arg("--device-socket")
-        .arg(&sock)
-        .arg("--serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 panic=-1 tsc_early_khz=1000000 rqemu.run={}",
-            base64(script.as_bytes())
-        ))
+    let mut child = RqemuVm::new(&assets)
+        .device_socket(&sock.display().to_string())
+        .serial(&format!("file:{}", console.display()))
+        .run_cmdline(&script)
+        .command()
+        .unwrap_or_else(|e| panic!("{e}"))
         .stdin(Stdio::null())
         .env("RQEMU_LOG", "info")
         .stderr(std::fs::File::create(&vmm_log).expect("creating the VMM log"))

@@ -11,47 +11,17 @@
  *   portloop   time PORTLOOP_N reads of CMOS port 0x71 with the TSC, print min/p50/p99/max
  *              cycles, then power off (the forwarding benchmark)
  *   ticks      forever: every 2000 CMOS reads print "tick k=K sec=S" (daemon restart tests)
- * Every line is "key value..." so tests can check them. Built by vmm/tests with gcc.
+ * Every line is "key value..." so tests can check them (console.c prints them). Built by
+ * vmm/tests with gcc from start.S (+ start_pvh.S), payload.c, console.c and virtio_blk.c
+ * (headers: io.h, console.h, virtio_blk.h; no two files use each other).
  */
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
+#include "console.h"
+#include "io.h"
+#include "virtio_blk.h"
 
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline u32 mmio_read32(u64 a) { return *(volatile u32 *)a; }
 static inline void mmio_write32(u64 a, u32 v) { *(volatile u32 *)a = v; }
 static inline void mmio_write8(u64 a, u8 v) { *(volatile u8 *)a = v; }
-
-static void putc_(char c)
-{
-    while (!(inb(0x3fd) & 0x20))
-        ;
-    outb(0x3f8, (u8)c);
-}
-void puts_(const char *s) { while (*s) putc_(*s++); }
-static void puthex(u64 v)
-{
-    char buf[19];
-    int i = 18;
-    buf[i] = 0;
-    do { buf[--i] = "0123456789abcdef"[v & 15]; v >>= 4; } while (v);
-    buf[--i] = 'x';
-    buf[--i] = '0';
-    puts_(&buf[i]);
-}
-static void putdec(u64 v)
-{
-    char buf[21];
-    int i = 20;
-    buf[i] = 0;
-    do { buf[--i] = (char)('0' + v % 10); v /= 10; } while (v);
-    puts_(&buf[i]);
-}
-void kv_hex(const char *k, u64 v) { puts_(k); putc_('='); puthex(v); putc_(' '); }
-void kv_dec(const char *k, u64 v) { puts_(k); putc_('='); putdec(v); putc_(' '); }
-static void nl(void) { putc_('\n'); }
 
 static u8 rd8(u64 a) { return *(volatile u8 *)a; }
 static u32 rd32(u64 a) { return *(volatile u32 *)a; }
@@ -274,8 +244,6 @@ static void ticks(void)
         puts_("tick "); kv_dec("k", k); kv_dec("sec", sec); nl();
     }
 }
-
-void virtio_blk_test(void);
 
 static void finish(void)
 {

@@ -9,14 +9,9 @@
  * Writes sector 2 with a known pattern, reads sector 3 (prepared by the host) and prints:
  *   vblk window=<i> irqs=<n> write=<status> read=<status> hash=<hash of sector 3>
  */
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
-
-void puts_(const char *s);
-void kv_hex(const char *k, u64 v);
-void kv_dec(const char *k, u64 v);
+#include "console.h"
+#include "io.h"
+#include "virtio_blk.h"
 
 #define WIN(i) (0xd0000000UL + 0x1000UL * (i))
 #define QS 8
@@ -47,7 +42,6 @@ __asm__(
 
 static u32 rd(u64 a) { return *(volatile u32 *)a; }
 static void wr(u64 a, u32 v) { *(volatile u32 *)a = v; }
-static void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
 
 static void set_gate(int vec, void *fn)
 {

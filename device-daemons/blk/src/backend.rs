@@ -6,8 +6,8 @@
 use std::sync::Mutex;
 
 use rqemu_block_backend::virtio::{BlockDevice, Scratch};
-use rqemu_daemon::queue_backend::{QueueBackend, QueueDevice, Wake, Worker};
-use rqemu_daemon::vhost::{drain_queue, MemGuard, QueueError};
+use rqemu_daemon::queue_backend::{MemGuard, QueueBackend, QueueDevice, QueueError, Wake, Worker};
+use rqemu_daemon::vhost::drain_queue;
 use rqemu_protocol::identity::DeviceKind;
 
 /// The vhost-user face of a block device.

@@ -8,7 +8,8 @@
 //!   quiesce its device and flush before exiting;
 //! * [`logging`]: `tracing` to stderr, filtered by `RQEMU_LOG` (or `RUST_LOG`);
 //! * [`vhost`]: the one-frontend-at-a-time vhost-user accept loop and the queue drain loop;
-//! * [`queue_backend`]: the `VhostUserBackend` of queue-per-thread devices (blk, fs);
+//! * [`queue_backend`]: the `VhostUserBackend` of queue-per-thread devices (blk, fs, net) and
+//!   what their workers share (`QueueError`, `MemGuard`);
 //! * [`relay`]: an opt-in vhost-user message relay that holds back a frontend's early
 //!   `SET_VRING_ENABLE` (QEMU's virtio-net) and tracks ring enables;
 //! * [`emulated`]: what the forwarding-protocol daemons share (`--base` ports).

@@ -13,16 +13,41 @@ use std::sync::{Arc, RwLock};
 use rqemu_protocol::identity::{self, DeviceKind, Identity};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::relay::RingEnable;
-use crate::vhost::{MemGuard, QueueError};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Errors of a queue worker.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The event is not a queue kick of ours.
+    #[error("unexpected event {0}")]
+    UnknownEvent(u16),
+    /// An event other than EPOLLIN.
+    #[error("unexpected event set {0:?}")]
+    UnexpectedEventSet(EventSet),
+    /// Queue bookkeeping failed (used ring outside guest memory, ...).
+    #[error("virtqueue: {0}")]
+    Queue(#[from] virtio_queue::Error),
+    /// Notifying the frontend failed.
+    #[error("signalling the used queue: {0}")]
+    Signal(std::io::Error),
+}
+
+impl From<QueueError> for std::io::Error {
+    fn from(e: QueueError) -> Self {
+        std::io::Error::other(e)
+    }
+}
+
+/// The guest memory as the worker sees it for one batch.
+pub type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
 /// What woke a worker thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::queue_backend::{QueueBackend, QueueDevice};
+use crate::queue_backend::{MemGuard, QueueBackend, QueueDevice, QueueError};
 use crate::relay::{self, RelayError};
 
 /// Errors that end the accept loop.
@@ -121,32 +121,6 @@ pub fn serve_forever<D: QueueDevice>(
         backend.disconnected();
     }
 }
-
-/// Errors of a queue worker.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    /// The event is not a queue kick of ours.
-    #[error("unexpected event {0}")]
-    UnknownEvent(u16),
-    /// An event other than EPOLLIN.
-    #[error("unexpected event set {0:?}")]
-    UnexpectedEventSet(EventSet),
-    /// Queue bookkeeping failed (used ring outside guest memory, ...).
-    #[error("virtqueue: {0}")]
-    Queue(#[from] virtio_queue::Error),
-    /// Notifying the frontend failed.
-    #[error("signalling the used queue: {0}")]
-    Signal(std::io::Error),
-}
-
-impl From<QueueError> for std::io::Error {
-    fn from(e: QueueError) -> Self {
-        std::io::Error::other(e)
-    }
-}
-
-/// The guest memory as the worker sees it for one batch.
-pub type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
 /// Serves every available chain of `vring`: `handle` executes one chain and returns its used
 /// length; the chain then goes on the used ring. With EVENT_IDX, notifications are off while

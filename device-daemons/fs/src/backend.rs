@@ -5,8 +5,8 @@
 //! `SETLKW` that has to wait is answered later by its waiter thread through
 //! [`VringCompleter`] (the worker goes on serving the queue).
 
-use rqemu_daemon::queue_backend::{QueueBackend, QueueDevice, Wake, Worker};
-use rqemu_daemon::vhost::{drain_queue_deferrable, MemGuard, QueueError};
+use rqemu_daemon::queue_backend::{MemGuard, QueueBackend, QueueDevice, QueueError, Wake, Worker};
+use rqemu_daemon::vhost::drain_queue_deferrable;
 use rqemu_fs_backend::{FsParams, FsServer, Outcome, UsedRing};
 use rqemu_protocol::identity::DeviceKind;
 use vhost_user_backend::{VringRwLock, VringT};

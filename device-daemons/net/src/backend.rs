@@ -12,8 +12,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::Mutex;
 
-use rqemu_daemon::queue_backend::{QueueBackend, QueueDevice, Wake, Worker};
-use rqemu_daemon::vhost::{MemGuard, QueueError};
+use rqemu_daemon::queue_backend::{MemGuard, QueueBackend, QueueDevice, QueueError, Wake, Worker};
 use rqemu_net_backend::{NetDevice, RxState, StatsSnapshot, Tap, TapQueue, TxScratch};
 use rqemu_protocol::identity::DeviceKind;
 use vhost_user_backend::{VringRwLock, VringT};

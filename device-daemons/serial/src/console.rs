@@ -7,8 +7,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::device::SerialDevice;
-
 /// Errors setting up the console.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
@@ -45,6 +43,13 @@ impl std::str::FromStr for ConsoleSpec {
             Err(ConsoleError::Syntax(s.into()))
         }
     }
+}
+
+/// What console input is typed into (the UART's receive FIFO): takes what fits of `bytes`
+/// and returns how many it took (0 = full, try again later).
+pub trait ConsoleInput: Send + 'static {
+    /// Queues `bytes` for the guest; returns how many were taken.
+    fn input(&mut self, bytes: &[u8]) -> usize;
 }
 
 /// The console output side.
@@ -84,7 +89,7 @@ impl Write for ConsoleOut {
     }
 }
 
-fn pump(dev: &Mutex<SerialDevice>, mut src: impl Read) {
+fn pump(dev: &Mutex<impl ConsoleInput>, mut src: impl Read) {
     let mut buf = [0u8; 64];
     loop {
         let n = match src.read(&mut buf) {
@@ -134,7 +139,7 @@ pub fn open_console(spec: &ConsoleSpec) -> Result<Console, ConsoleError> {
 /// Starts the console input thread(s).
 pub fn spawn_input(
     spec: &ConsoleSpec,
-    dev: Arc<Mutex<SerialDevice>>,
+    dev: Arc<Mutex<impl ConsoleInput>>,
     listener: Option<UnixListener>,
     client: Arc<Mutex<Option<UnixStream>>>,
 ) -> io::Result<()> {

@@ -7,7 +7,7 @@ use rqemu_protocol::{
     DeviceClass, DeviceInfo, EmulatedDevice, Interrupts, IrqRequest, Space, Trigger, Window,
 };
 
-use crate::console::ConsoleOut;
+use crate::console::{ConsoleInput, ConsoleOut};
 
 /// Raises the UART's interrupt line (edge) through the protocol.
 #[derive(Debug)]
@@ -28,9 +28,11 @@ impl SerialDevice {
     pub fn new(irqs: Interrupts, out: ConsoleOut) -> Self {
         SerialDevice(Uart16550::new(Irq(irqs), out))
     }
+}
 
+impl ConsoleInput for SerialDevice {
     /// Feeds console input; returns how many bytes the receive FIFO took.
-    pub fn input(&mut self, bytes: &[u8]) -> usize {
+    fn input(&mut self, bytes: &[u8]) -> usize {
         self.0.input(bytes)
     }
 }

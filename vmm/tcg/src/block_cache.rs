@@ -5,6 +5,8 @@
 //! to such pages (by this CPU) invalidate every block of the page. The executor that runs a
 //! block is a separate module so a JIT can replace it.
 
+use crate::ctx::Handler;
+use crate::memory::CodeBitmap;
 use iced_x86::Instruction;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -32,36 +34,6 @@ impl Hasher for AddrHasher {
 
 type FastMap<V> = HashMap<u64, V, BuildHasherDefault<AddrHasher>>;
 
-/// Bitmap of guest-physical pages that hold cached code.
-#[derive(Debug, Default, Clone)]
-pub struct CodeBitmap {
-    bits: Vec<u64>,
-}
-
-impl CodeBitmap {
-    /// Whether the page containing `phys` holds cached code.
-    #[inline(always)]
-    pub fn is_code(&self, phys: u64) -> bool {
-        let pn = (phys >> 12) as usize;
-        match self.bits.get(pn / 64) {
-            Some(w) => w & (1 << (pn % 64)) != 0,
-            None => false,
-        }
-    }
-
-    fn set(&mut self, phys: u64, on: bool) {
-        let pn = (phys >> 12) as usize;
-        if pn / 64 >= self.bits.len() {
-            self.bits.resize(pn / 64 + 1, 0);
-        }
-        if on {
-            self.bits[pn / 64] |= 1 << (pn % 64);
-        } else {
-            self.bits[pn / 64] &= !(1 << (pn % 64));
-        }
-    }
-}
-
 /// One decoded block.
 #[derive(Debug, Clone, Default)]
 pub struct Block {
@@ -74,7 +46,7 @@ pub struct Block {
     /// The instructions.
     pub insns: Vec<Instruction>,
     /// The handler of each instruction (selected at decode time).
-    pub(crate) handlers: Vec<crate::exec::Handler>,
+    pub(crate) handlers: Vec<Handler>,
     /// The raw instruction bytes, to re-validate the block after external writes.
     pub bytes: Vec<u8>,
     /// The cache epoch at which the bytes were last known to match guest memory.

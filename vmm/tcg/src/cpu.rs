@@ -2,7 +2,8 @@
 //! lookup/decoding and the interpreter-based block executor).
 
 use crate::block_cache::{Block, BlockCache, MAX_BLOCK_INSNS};
-use crate::exec::{self, vec, Ctx, Event};
+use crate::ctx::{vec, Ctx, Event, Handler};
+use crate::exec;
 use crate::interrupt::{self, IntKind};
 use crate::memory::GuestRam;
 use crate::mmu::tlb::Tlb;
@@ -299,7 +300,7 @@ impl Cpu {
             icount,
         } = self;
         let (single, single_h);
-        let (insns, handlers, vip): (&[Instruction], &[exec::Handler], u64) = match &f {
+        let (insns, handlers, vip): (&[Instruction], &[Handler], u64) = match &f {
             Fetch::Block(i) => {
                 let b = cache.get(*i);
                 (&b.insns, &b.handlers, b.vip)

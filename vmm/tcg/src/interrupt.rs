@@ -1,7 +1,8 @@
 //! Exception and interrupt delivery through the 64-bit IDT (interrupt/trap gates, TSS RSP0-2
 //! and IST stacks, privilege changes), double-fault escalation and triple fault.
 
-use crate::exec::{vec, Ctx, Event, R};
+use crate::ctx::{vec, Ctx, Event, R};
+use crate::descriptor::read_descriptor;
 use crate::flags::{IF, NT, RF, TF, VM};
 use crate::platform::{Exit, ShutdownReason};
 use crate::state::{SegReg, Segment};
@@ -66,7 +67,7 @@ fn deliver_inner(
     let offset = (lo & 0xFFFF) | (((lo >> 48) & 0xFFFF) << 16) | ((hi & 0xFFFF_FFFF) << 32);
     let ist = (lo >> 32) & 7;
     let ext = u32::from(kind != IntKind::Software);
-    let mut cs = crate::exec::system_read_descriptor(cx, sel)
+    let mut cs = read_descriptor(cx, sel)
         .map_err(|_| Event::fault(vec::GP, Some(u32::from(sel & 0xFFFC) + ext)))?;
     if cs.attr & Segment::S == 0 || cs.attr & 0x8 == 0 || cs.attr & Segment::L == 0 {
         return Err(Event::fault(vec::GP, Some(u32::from(sel & 0xFFFC) + ext)));

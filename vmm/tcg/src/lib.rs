@@ -40,11 +40,15 @@
 //!
 //! # Structure
 //! - [`state`]: architectural registers ([`ArchState`]), [`flags`]: lazy RFLAGS.
-//! - [`mmu`]: 4-level page walk and software TLB; [`memory`]: guest RAM regions.
+//! - [`mmu`]: 4-level page walk and software TLB; [`memory`]: guest RAM regions and the
+//!   bitmap of pages holding cached code.
+//! - `ctx`: what every layer below shares: the execution context `Ctx`, the `Event`s that stop
+//!   an instruction, the exception vectors, the instruction `Handler` type.
 //! - [`block_cache`]: decoded blocks per guest-physical address with self-modifying-code
 //!   detection; the interpreter (`exec`) runs a block's instructions through handlers chosen
 //!   at decode time — the seam where a JIT would plug in.
-//! - `interrupt`: IDT delivery (TSS RSP0/IST, privilege changes, #DF, triple fault).
+//! - `interrupt`: IDT delivery (TSS RSP0/IST, privilege changes, #DF, triple fault);
+//!   `descriptor`: GDT/LDT descriptor reads.
 //! - [`cpuid`]: advertises exactly what is implemented.
 //!
 //! Single vCPU per `Cpu`; SMP needs atomic A/D-bit updates, atomic LOCKed RMW on guest RAM
@@ -53,6 +57,8 @@
 pub mod block_cache;
 mod cpu;
 pub mod cpuid;
+mod ctx;
+mod descriptor;
 mod exec;
 pub mod flags;
 mod interrupt;

@@ -1,4 +1,5 @@
-//! Guest physical RAM as seen by the TCG: a list of host-mapped regions.
+//! Guest physical RAM as seen by the TCG: a list of host-mapped regions, and the bitmap of
+//! guest-physical pages that hold cached code.
 //!
 //! # Safety contract
 //!
@@ -145,6 +146,37 @@ impl GuestRam {
     #[inline]
     pub fn write_u64(&self, gpa: u64, v: u64) -> bool {
         self.write(gpa, &v.to_le_bytes())
+    }
+}
+
+/// Bitmap of guest-physical pages that hold cached code.
+#[derive(Debug, Default, Clone)]
+pub struct CodeBitmap {
+    bits: Vec<u64>,
+}
+
+impl CodeBitmap {
+    /// Whether the page containing `phys` holds cached code.
+    #[inline(always)]
+    pub fn is_code(&self, phys: u64) -> bool {
+        let pn = (phys >> 12) as usize;
+        match self.bits.get(pn / 64) {
+            Some(w) => w & (1 << (pn % 64)) != 0,
+            None => false,
+        }
+    }
+
+    /// Marks (or unmarks) the page containing `phys` as holding cached code.
+    pub(crate) fn set(&mut self, phys: u64, on: bool) {
+        let pn = (phys >> 12) as usize;
+        if pn / 64 >= self.bits.len() {
+            self.bits.resize(pn / 64 + 1, 0);
+        }
+        if on {
+            self.bits[pn / 64] |= 1 << (pn % 64);
+        } else {
+            self.bits[pn / 64] &= !(1 << (pn % 64));
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Shared test support: building the guest payloads from `vmm/payloads/` with the system
-//! gcc, wrapping one into a bzImage-like blob, running `rqemu-vmm`, and the KVM check.
+//! gcc, wrapping one into a bzImage-like blob, running `rqemu-vmm`; the KVM check and binary
+//! lookup are the e2e harness's (`rqemu-e2e`).
 //!
 //! Payloads (see `payloads/payload.c`):
 //! * `payload.elf`     — ELF without PVH note → the VMM uses the Linux 64-bit entry;
@@ -107,36 +108,28 @@ pub fn payloads() -> &'static Payloads {
             pvh: dir.join("payload-pvh.elf"),
             bzimage: dir.join("payload.bzimage"),
         };
-        gcc(&p.elf, &["start.S", "payload.c", "virtio_blk.c"]);
+        gcc(
+            &p.elf,
+            &["start.S", "payload.c", "console.c", "virtio_blk.c"],
+        );
         gcc(
             &p.pvh,
-            &["start.S", "start_pvh.S", "payload.c", "virtio_blk.c"],
+            &[
+                "start.S",
+                "start_pvh.S",
+                "payload.c",
+                "console.c",
+                "virtio_blk.c",
+            ],
         );
         make_bzimage(&p.elf, &p.bzimage);
         p
     })
 }
 
-/// True if KVM can be used. If not: prints loudly, and fails unless RQEMU_ALLOW_NO_KVM=1.
-pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            let msg =
-                format!("\n*** KVM TESTS NOT RUN ({test}): /dev/kvm cannot be opened: {e} ***\n");
-            if std::env::var("RQEMU_ALLOW_NO_KVM").as_deref() == Ok("1") {
-                eprintln!("{msg}*** passing only because RQEMU_ALLOW_NO_KVM=1 ***\n");
-                false
-            } else {
-                panic!("{msg}set RQEMU_ALLOW_NO_KVM=1 to accept running without KVM");
-            }
-        }
-    }
-}
+/// True if KVM can be used (the e2e harness's check: fails loudly unless
+/// `RQEMU_ALLOW_NO_KVM=1`).
+pub use rqemu_e2e::vmm::kvm_or_skip;
 
 /// Outcome of one VMM run.
 #[derive(Debug)]
@@ -220,31 +213,12 @@ pub fn run_vmm(args: &[&str], timeout: Duration) -> Run {
     run
 }
 
-/// A workspace binary (`rqemu-blk`, `rqemu-fs`, ...): `$RQEMU_<NAME>_BIN` (e.g.
-/// `RQEMU_BLK_BIN`), else beside this test's target directory (`target/<profile>/deps/<test>`
-/// → `target/<profile>/<name>`; the test command builds every workspace binary first). Panics
-/// with what to run when it is missing: a test never skips silently.
+/// A workspace binary (`rqemu-blk`, `rqemu-fs`, ...), located by the e2e harness
+/// (`$RQEMU_BIN_DIR`, else beside this test's target directory; the test command builds every
+/// workspace binary first). Panics with what to run when it is missing: a test never skips
+/// silently.
 pub fn project_binary(name: &str) -> PathBuf {
-    let var = format!(
-        "RQEMU_{}_BIN",
-        name.trim_start_matches("rqemu-").to_uppercase()
-    );
-    if let Ok(p) = std::env::var(&var) {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
-    let bin = profile_dir.join(name);
-    assert!(
-        bin.exists(),
-        "{name} not found at {} (and {var} unset): build it first with \
-         `cargo build -p {name}` (scripts/test.sh builds every binary)",
-        bin.display()
-    );
-    bin
+    rqemu_e2e::project_binary(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The `rqemu-blk` daemon binary (see [`project_binary`]).

@@ -6,7 +6,6 @@
 use super::operand::{get_reg, set_reg};
 use super::x87::check_fpu;
 use super::{gp, ud, Ctx, R};
-use crate::flags::{CF, PF, ZF};
 use crate::state::cr4;
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
@@ -489,16 +488,4 @@ fn pack16(a: u128, b: u128, sat: impl Fn(i32) -> u8) -> u128 {
         r |= u128::from(sat(v)) << (8 * i);
     }
     r
-}
-
-/// Sets ZF/PF/CF for (U)COMISS/SD: unordered → all three, less → CF, equal → ZF.
-pub fn comi_flags(cx: &mut Ctx<'_>, ord: Option<std::cmp::Ordering>) {
-    use std::cmp::Ordering::*;
-    let f = match ord {
-        None => ZF | PF | CF,
-        Some(Less) => CF,
-        Some(Equal) => ZF,
-        Some(Greater) => 0,
-    };
-    cx.s.flags.set_arith(f);
 }

@@ -18,6 +18,19 @@ fn xi(r: Register) -> Option<usize> {
     (b..b + 16).contains(&n).then(|| n - b)
 }
 
+/// Sets ZF/PF/CF for (U)COMISS/SD: unordered → all three, less → CF, equal → ZF.
+fn comi_flags(cx: &mut Ctx<'_>, ord: Option<std::cmp::Ordering>) {
+    use crate::flags::{CF, PF, ZF};
+    use std::cmp::Ordering::*;
+    let f = match ord {
+        None => ZF | PF | CF,
+        Some(Less) => CF,
+        Some(Equal) => ZF,
+        Some(Greater) => 0,
+    };
+    cx.s.flags.set_arith(f);
+}
+
 /// Reads operand `i` as 128 bits (register) or `size` bytes zero-extended (memory).
 fn src(cx: &mut Ctx<'_>, ins: &Instruction, i: u32, size: usize) -> R<u128> {
     if ins.op_kind(i) == OpKind::Register {
@@ -130,7 +143,7 @@ pub fn fp_ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
                 return Ok(false);
             };
             merge_flags(cx, f)?;
-            super::sse::comi_flags(cx, ord);
+            comi_flags(cx, ord);
         }
         M::Cvtsi2sd | M::Cvtsi2ss => {
             let Some(d) = d else { return Ok(false) };

@@ -4,14 +4,10 @@
 pub mod tlb;
 pub mod walk;
 
-use crate::exec::{Ctx, Event, R};
+use crate::ctx::vec::{GP, PF};
+use crate::ctx::{Ctx, Event, R};
 use tlb::Hit;
 use walk::{Access, PagingMode};
-
-/// Vector of #GP.
-pub const GP: u8 = 13;
-/// Vector of #PF.
-pub const PF: u8 = 14;
 
 #[inline]
 fn canonical(va: u64) -> bool {

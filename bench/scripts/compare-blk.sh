@@ -2,10 +2,10 @@
 # rqemu-blk vs qemu-storage-daemon (vhost-user-blk export) on the same raw image, driven by
 # the same guest-less driver (rqemu-bench), plus fio (psync, one thread, page cache) on the
 # same file as the host's single-thread limit.
-# Prints the figures and the rqemu/QSD ratios. Usage: benches/compare-blk.sh [runtime-s]
+# Prints the figures and the rqemu/QSD ratios. Usage: bench/scripts/compare-blk.sh [runtime-s]
 set -Eeuo pipefail
 trap 'rc=$?; printf "%s: line %d: \"%s\" failed (exit %d)\n" "${0##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 runtime=${1:-5}
 command -v fio >/dev/null || { apt-get install -y -qq --no-install-recommends fio >/dev/null; }
 cargo build --release -q -p rqemu-blk -p rqemu-bench

@@ -1,35 +1,23 @@
-//! A stock Debian kernel (the reference guest's `vmlinux`, PVH entry) on KVM.
+//! A stock Debian kernel (the reference guest's `vmlinux`, PVH entry) on `rqemu-vmm --accel kvm`.
 //!
 //! On this machine's KVM-PVM a full Linux boot does not finish in useful time, so the test
 //! checks the early boot log only: the kernel must see our e820 map, every ACPI table, both
-//! CPUs (MADT), the IOAPIC and its overrides. The kernel is `$RQEMU_GUEST_KERNEL` or
-//! `target/guest/vmlinux` (built by the guest-image script); without one the test says so
-//! loudly and passes. `RQEMU_LINUX_FULL_BOOT=1` additionally waits for the virtio-mmio probe
-//! messages (for hosts whose KVM boots Linux quickly).
+//! CPUs (MADT), the IOAPIC and its overrides. The kernel is `vmlinux` from the guest assets
+//! (`$RQEMU_GUEST_DIR`, default `target/guest/`, built by `scripts/guest-assets.sh`); without
+//! it the test fails, saying what to run. Without `/dev/kvm` it fails too, unless
+//! `RQEMU_ALLOW_NO_KVM=1` (then it says loudly that it did not run).
+//! `RQEMU_LINUX_FULL_BOOT=1` additionally waits for the virtio-mmio probe messages (for hosts
+//! whose KVM boots Linux quickly).
 
-mod support;
-
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn kernel() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("RQEMU_GUEST_KERNEL") {
-        return Some(PathBuf::from(p));
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest/vmlinux");
-    p.exists().then_some(p)
-}
+use rqemu_e2e::vmm::kvm_or_skip;
+use rqemu_e2e::{GuestAssets, RqemuVm};
 
 #[test]
 fn stock_kernel_sees_memory_acpi_cpus_and_ioapic() {
-    let Some(kernel) = kernel() else {
-        panic!(
-            "no guest kernel: set RQEMU_GUEST_KERNEL or build target/guest/vmlinux with \
-             scripts/guest-assets.sh"
-        );
-    };
-    if !support::kvm_or_skip("stock_kernel_sees_memory_acpi_cpus_and_ioapic") {
+    let assets = GuestAssets::locate().unwrap_or_else(|e| panic!("{e}"));
+    if !kvm_or_skip("stock_kernel_sees_memory_acpi_cpus_and_ioapic") {
         return;
     }
     let full = std::env::var("RQEMU_LINUX_FULL_BOOT").as_deref() == Ok("1");
@@ -41,16 +29,16 @@ fn stock_kernel_sees_memory_acpi_cpus_and_ioapic() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("console.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rqemu-vmm"))
-        .arg("--kernel")
-        .arg(&kernel)
-        .args(["--accel", "kvm", "--memory", "512M", "--cpus", "2"])
-        .args(["--cmdline", "console=ttyS0 earlyprintk=ttyS0"])
-        .arg("--serial")
-        .arg(format!("file:{}", log.display()))
-        .stdin(Stdio::null())
+    let mut child = RqemuVm::new(&assets)
+        .kernel(&assets.vmlinux)
+        .no_initrd()
+        .accel("kvm")
+        .memory("512M")
+        .cpus(2)
+        .replace_cmdline("console=ttyS0 earlyprintk=ttyS0")
+        .serial(&format!("file:{}", log.display()))
         .spawn()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e}"));
     let mut wanted = vec![
         "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable",
         "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved",

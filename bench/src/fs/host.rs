@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::fs::{fill_pattern, pattern_word, Totals};
+use super::shared::{fill_pattern, pattern_word, Totals};
 use crate::{FsArgs, Workload};
 
 struct HostSet {

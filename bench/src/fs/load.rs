@@ -11,7 +11,7 @@ use rqemu_vhost_driver::fs::{self, name_arg, FsError, FuseClient, Request, Slot,
 use rqemu_vhost_driver::{Device, DriverMemory, SplitQueue};
 use vm_memory::ByteValued;
 
-use crate::fs::{fill_pattern, pattern_word, Totals, WorkingSet};
+use super::shared::{fill_pattern, pattern_word, Totals, WorkingSet};
 use crate::{FsArgs, Workload, STUCK};
 
 /// FORGETs collected before one BATCH_FORGET.

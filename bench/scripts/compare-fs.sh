@@ -12,11 +12,11 @@
 # subdirectory (untimed) and removes them. Prints the figures and the rqemu/virtiofsd ratios.
 # Note: virtiofsd's default --inode-file-handles=prefer weighs on its metadata figure (on the
 # machine this was written on, =never roughly doubled it); the defaults are compared here.
-# Usage: benches/compare-fs.sh [runtime-s] [repetitions]  (the median of the repetitions is
+# Usage: bench/scripts/compare-fs.sh [runtime-s] [repetitions]  (the median of the repetitions is
 # printed; the runs of one repetition alternate rqemu-fs, virtiofsd, host)
 set -Eeuo pipefail
 trap 'rc=$?; printf "%s: line %d: \"%s\" failed (exit %d)\n" "${0##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 runtime=${1:-5}
 reps=${2:-3}
 target=${CARGO_TARGET_DIR:-target}
