@@ -29,7 +29,7 @@ pub enum ConfigError {
     #[error("request queue count {0} out of range 1..=64")]
     Queues(u16),
     /// Unknown cache mode.
-    #[error("unknown cache mode {0:?} (expected auto, always or never)")]
+    #[error("unknown cache mode {0:?} (expected auto, always, never or metadata)")]
     CacheMode(String),
 }
 
@@ -75,6 +75,9 @@ pub enum CacheMode {
     Always,
     /// No caching: every access goes to the host (host-side changes are seen at once).
     Never,
+    /// File data as `Never`, but directory contents, entries and attributes cached with long
+    /// timeouts (virtiofsd's `metadata`): the host must not change the tree behind the guest.
+    Metadata,
 }
 
 impl CacheMode {
@@ -82,7 +85,7 @@ impl CacheMode {
     pub fn timeout(self) -> Duration {
         match self {
             CacheMode::Auto => Duration::from_secs(1),
-            CacheMode::Always => Duration::from_secs(86_400),
+            CacheMode::Always | CacheMode::Metadata => Duration::from_secs(86_400),
             CacheMode::Never => Duration::ZERO,
         }
     }
@@ -96,6 +99,7 @@ impl FromStr for CacheMode {
             "auto" => Ok(CacheMode::Auto),
             "always" => Ok(CacheMode::Always),
             "never" | "none" => Ok(CacheMode::Never),
+            "metadata" => Ok(CacheMode::Metadata),
             other => Err(ConfigError::CacheMode(other.to_string())),
         }
     }
@@ -363,6 +367,10 @@ mod tests {
         assert_eq!("never".parse::<CacheMode>().unwrap(), CacheMode::Never);
         assert_eq!("always".parse::<CacheMode>().unwrap(), CacheMode::Always);
         assert_eq!("auto".parse::<CacheMode>().unwrap(), CacheMode::Auto);
+        assert_eq!(
+            "metadata".parse::<CacheMode>().unwrap(),
+            CacheMode::Metadata
+        );
         assert!("sometimes".parse::<CacheMode>().is_err());
         assert_eq!(CacheMode::Never.timeout(), Duration::ZERO);
         assert!(CacheMode::Always.timeout() > CacheMode::Auto.timeout());

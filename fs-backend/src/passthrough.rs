@@ -20,6 +20,7 @@ pub(crate) fn config(params: &FsParams, root: &str) -> Config {
             CacheMode::Auto => CachePolicy::Auto,
             CacheMode::Always => CachePolicy::Always,
             CacheMode::Never => CachePolicy::Never,
+            CacheMode::Metadata => CachePolicy::Metadata,
         },
         attr_timeout: timeout,
         entry_timeout: timeout,

@@ -1,28 +1,38 @@
 //! `rqemu-fs`: a vhost-user virtio-fs daemon sharing one host directory.
 //!
-//! Start-up order matters (see `rqemu_fs_backend::confine`): the listening socket is bound and
-//! the passthrough opens `/proc/self/fd` first, then the process confines itself to the shared
-//! directory (mount namespace + `pivot_root`; needs root) before any thread exists. It then
-//! serves one frontend at a time and, when that frontend goes away (guest reboot, VMM restart),
-//! forgets that guest's inodes and waits for the next. SIGTERM/SIGINT: in-flight requests
-//! finish, exit 0.
+//! Start-up order matters: the listening socket is bound first (so `--fd` and socket
+//! activation work), then [`sandbox::confine_fs`] confines the still single-threaded process
+//! (by default: user namespace when unprivileged, mount+pid+net+ipc namespaces, a private
+//! procfs for the passthrough's `/proc/self/fd`, `pivot_root` into the share, capabilities,
+//! `no_new_privs`, landlock, seccomp on every thread) and creates the FUSE server inside it.
+//! It then serves one frontend at a time and, when that frontend goes away (guest reboot, VMM
+//! restart), forgets that guest's inodes and waits for the next. SIGTERM/SIGINT: in-flight
+//! requests finish, exit 0.
+//!
+//! The command line also takes virtiofsd's, as Kata and libvirt use it ([`compat`]).
 
 mod backend;
+mod compat;
+mod sandbox;
 
-use std::path::{Path, PathBuf};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
+use rqemu_daemon::listen::Endpoint;
 use rqemu_daemon::startup::{self, Daemon, ListenArgs};
-use rqemu_fs_backend::{confine, CacheMode, FsParams, FsServer, Tag};
+use rqemu_fs_backend::{confine, CacheMode, FsParams, Tag};
+use rqemu_sandbox::SandboxArgs;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum CacheArg {
     Auto,
     Always,
     Never,
+    Metadata,
 }
 
 /// vhost-user virtio-fs daemon: shares one host directory with a guest.
@@ -31,6 +41,9 @@ enum CacheArg {
 struct Args {
     #[command(flatten)]
     listen: ListenArgs,
+    /// virtiofsd's name for `--socket`.
+    #[arg(long = "socket-path", value_name = "PATH", group = "listen")]
+    socket_path: Option<PathBuf>,
     /// The directory to share; the guest can reach nothing outside it.
     #[arg(long)]
     shared_dir: PathBuf,
@@ -40,7 +53,8 @@ struct Args {
     /// Share read-only: every write fails with EROFS.
     #[arg(long)]
     readonly: bool,
-    /// Guest caching: auto (1 s timeouts), always (host must not change the dir), never.
+    /// Guest caching: auto (1 s timeouts), always (host must not change the dir), never,
+    /// metadata (no data cache, long metadata timeouts).
     #[arg(long, value_enum, default_value = "auto")]
     cache: CacheArg,
     /// Serve extended attributes.
@@ -49,9 +63,20 @@ struct Args {
     /// Number of request queues (one worker thread each; plus the hiprio queue).
     #[arg(long, default_value_t = 1)]
     queues: u16,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+    #[command(flatten)]
+    compat: compat::VirtiofsdArgs,
+    /// Diagnostic: once confined, try to walk out through the passthrough's /proc fd (the
+    /// result goes to stderr), then make a syscall outside the allow-list (the process dies).
+    #[arg(long, hide = true)]
+    self_check_escape: bool,
 }
 
 fn main() -> ExitCode {
+    if compat::early(std::env::args()) {
+        return ExitCode::SUCCESS;
+    }
     startup::main("rqemu-fs", run)
 }
 
@@ -63,6 +88,7 @@ fn params(args: &Args) -> Result<FsParams> {
             CacheArg::Auto => CacheMode::Auto,
             CacheArg::Always => CacheMode::Always,
             CacheArg::Never => CacheMode::Never,
+            CacheArg::Metadata => CacheMode::Metadata,
         },
         xattr: args.xattr,
         readonly: args.readonly,
@@ -97,27 +123,44 @@ fn raise_nofile_limit() {
     }
 }
 
-fn run(args: Args, mut daemon: Daemon) -> Result<()> {
+fn run(args: Args, daemon: Daemon) -> Result<()> {
     let params = params(&args)?;
+    tracing::debug!("options: {args:?}");
+    args.compat.check_and_warn()?;
     raise_nofile_limit();
     let shared = confine::canonical_dir(&args.shared_dir)?;
-    if !confine::is_root() {
-        // Checked before binding the socket, so a refused start leaves nothing behind.
-        return Err(confine::ConfineError::NotRoot.into());
+    let listen = match &args.socket_path {
+        Some(p) => ListenArgs {
+            socket: Some(p.clone()),
+            fd: None,
+        },
+        None => args.listen.clone(),
+    };
+    // Bound before confinement (the path is out of reach afterwards). Not through
+    // `Daemon::listen_stream`: its exit path would remove the socket by path, which inside
+    // the confinement names a file of the share. A stale socket is replaced at the next start.
+    let endpoint = listen.endpoint()?;
+    let listener = rqemu_daemon::listen::stream(&endpoint)?;
+    if let Endpoint::Path(p) = &endpoint {
+        tracing::info!("listening on {} (left in place at exit)", p.display());
+    } else {
+        tracing::info!("listening on {endpoint}");
     }
-    // Everything that needs the host's filesystem view happens before confinement.
-    let listener = daemon.listen_stream(&args.listen)?;
-    let server = FsServer::new(&params, Path::new("/"))?;
-    confine::enter(&shared, params.readonly)
+    let confined = sandbox::confine_fs(&args.sandbox, &shared, &params, listener.as_raw_fd())
         .with_context(|| format!("confining to {}", shared.display()))?;
+    let (server, report) = (confined.server, confined.report);
     server.import()?;
+    if args.self_check_escape {
+        sandbox::self_check_escape(&server);
+    }
     tracing::info!(
-        "sharing {} as tag {:?}{} with {} request queue(s), cache {:?}",
+        "sharing {} as tag {:?}{} with {} request queue(s), cache {:?}, sandbox {}",
         shared.display(),
         params.tag.as_str(),
         if params.readonly { " (read-only)" } else { "" },
         params.num_request_queues,
-        params.cache
+        params.cache,
+        report.mode.name()
     );
     let backend = Arc::new(backend::new(server, params));
 
