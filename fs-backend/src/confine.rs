@@ -1,7 +1,7 @@
-//! Confinement: make the shared directory the daemon's whole filesystem view.
-//!
-//! [`enter`] runs once, early in `main`, before any thread is spawned (so every later thread
-//! inherits the result):
+//! Confinement: make the shared directory the whole filesystem view of a thread (and of the
+//! threads it spawns later). rqemu-fs itself is confined by its `sandbox.rs` (the same steps in
+//! new user/mount/pid/net/ipc namespaces, with a private procfs for the passthrough); it uses
+//! [`canonical_dir`] from here. [`enter`]:
 //!
 //! 1. `unshare(CLONE_NEWNS)`: a private mount namespace; the host's mounts are not changed;
 //! 2. `mount("/", MS_REC | MS_PRIVATE)`: nothing we do propagates back to the host;
@@ -14,8 +14,9 @@
 //!
 //! After that `/` *is* the shared directory: `..` of the root is the root (also for a hostile
 //! `LOOKUP ".."` that fuse-backend-rs's passthrough accepts), an absolute or `../..` symlink
-//! resolves inside it, `/proc` does not exist (the passthrough keeps an fd to `/proc/self/fd`
-//! opened *before* pivoting), and rename races cannot carry a path above the root.
+//! resolves inside it, `/proc` does not exist, and rename races cannot carry a path above the
+//! root. (A `/proc/self/fd` fd opened before `enter` is the host's procfs: it leads outside;
+//! rqemu-fs opens it on a private procfs of a new pid namespace instead.)
 
 use std::ffi::CString;
 use std::io;

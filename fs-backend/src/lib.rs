@@ -6,7 +6,7 @@
 //!   [`fuse-backend-rs`](https://docs.rs/fuse-backend-rs/0.14) (`api::server::Server` over
 //!   `passthrough::PassthroughFs`, virtiofs `transport::{Reader, Writer}`), the same rust-vmm
 //!   line as the rest of the workspace (vm-memory 0.17.1, virtio-queue 0.17);
-//! * [`confine`]: the shared directory becomes the daemon's `/`.
+//! * [`confine`]: the shared directory path, and the shared directory as one thread's `/`.
 //! * [`passthrough`]: the served `PassthroughFs` type and its configuration, below every
 //!   module that works on it ([`inode_fd`], [`locks`], [`copy_range`], [`confined_fs`],
 //!   [`server`]).
@@ -24,21 +24,24 @@
 //!   (the passthrough's xattr code uses `/proc/self/fd/N`; [`confined_fs`] replaces it).
 //!
 //! So `rqemu-fs` takes the host filesystem away instead of filtering requests (the
-//! `virtiofsd` sandbox design):
+//! `virtiofsd` sandbox design; the daemon's `sandbox.rs` does it, with `rqemu-sandbox`):
 //!
-//! 1. [`server::FsServer::new`] opens `/proc/self/fd` (kept as an fd: the passthrough re-opens
-//!    `O_PATH` inodes through it) and `/proc/self/mountinfo`;
-//! 2. [`confine::enter`]: new mount namespace, all mounts private, `DIR` bind-mounted onto
-//!    itself (recursively read-only with `--readonly`, so the kernel answers writes with
-//!    `EROFS`),
-//!    `pivot_root` into it and the old root detached.
+//! 1. new user (when unprivileged), mount, pid, net and ipc namespaces; the daemon forks and
+//!    the child, PID 1 of the new pid namespace, mounts a **private procfs** on `/proc` (only
+//!    itself in it; `subset=pid`, read-only);
+//! 2. [`server::FsServer::new`] opens `/proc/self/fd` (kept as an fd: the passthrough re-opens
+//!    `O_PATH` inodes through it) and `/proc/self/mountinfo` — on that private procfs;
+//! 3. `DIR` bind-mounted onto itself (recursively read-only with `--readonly`, so the kernel
+//!    answers writes with `EROFS`), `pivot_root` into it and the old root detached; then
+//!    capabilities, no_new_privs, landlock and seccomp.
 //!
 //! Afterwards `/` is the shared directory in the daemon: `..` at the root stays at the root,
-//! absolute and `../..` symlinks can only name things inside, `/proc` is absent (no
-//! `/proc/self/fd/N` or `/proc/<pid>/root` tricks), and a directory moved out from under the
-//! guest is disconnected from the bind mount — `..` from it fails (`ENOENT`) instead of
-//! escaping. A hard link the *host* made to an outside inode exposes that one inode only.
-//! Needs root (CAP_SYS_ADMIN); the daemon refuses to start otherwise.
+//! absolute and `../..` symlinks can only name things inside, `/proc` is absent, the kept
+//! procfs fd shows no other process (`../../<pid>/root` reaches the share only), and a
+//! directory moved out from under the guest is disconnected from the bind mount — `..` from it
+//! fails (`ENOENT`) instead of escaping. A hard link the *host* made to an outside inode
+//! exposes that one inode only. [`confine::enter`] is the same mount-namespace +
+//! `pivot_root` for one thread (its test shows the path confinement).
 //!
 //! # FUSE coverage
 //!

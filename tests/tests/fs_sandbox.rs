@@ -157,6 +157,17 @@ fn fs_confinement_is_visible_in_proc_after_serving_a_frontend() {
         assert_eq!(hex(&status_field(&st, "CapInh")), 0, "{who}");
         assert_eq!(hex(&status_field(&st, "CapAmb")), 0, "{who}");
     }
+    // Queue workers narrow themselves: one filter more than the main thread.
+    let filters = |tid: &String| {
+        let st = std::fs::read_to_string(format!("/proc/{child}/task/{tid}/status")).unwrap();
+        status_field(&st, "Seccomp_filters").parse::<u32>().unwrap()
+    };
+    let main_filters = filters(&child.to_string());
+    assert!(main_filters >= 1);
+    assert!(
+        tasks.iter().any(|t| filters(t) > main_filters),
+        "no thread installed a narrower filter than the main thread's {main_filters}"
+    );
     // Its own namespaces.
     for ns in ["mnt", "pid", "net", "ipc"] {
         let theirs = std::fs::read_link(format!("/proc/{child}/ns/{ns}")).unwrap();
@@ -392,4 +403,70 @@ fn fs_virtiofsd_command_line_serves() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
+fn fs_unprivileged_runs_in_a_user_namespace() {
+    need_root();
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65534;
+    let work = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let shared = share(outside.path());
+    for p in [
+        work.path(),
+        outside.path(),
+        &shared,
+        &shared.join("file.txt"),
+    ] {
+        std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let socket = work.path().join("fs.sock");
+    let log = work.path().join("rqemu-fs.log");
+    let mut cmd = Command::new(project_binary("rqemu-fs").unwrap());
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--shared-dir")
+        .arg(&shared)
+        .uid(NOBODY)
+        .gid(NOBODY);
+    let daemon = Daemon::spawn("rqemu-fs", cmd, &socket, &log, DEFAULT_START_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut c = FuseClient::connect_init(&socket, &FsOptions::default())
+        .unwrap_or_else(|e| panic!("connecting to rqemu-fs: {e}\n{}", daemon.log()));
+    c.timeout = Duration::from_secs(20);
+    let f = c.lookup(1, "file.txt").unwrap();
+    let o = c.open(f.nodeid, libc::O_RDONLY as u32).unwrap();
+    assert_eq!(c.read(f.nodeid, o.fh, 0, 64).unwrap(), b"inside");
+    c.mkdir(1, "by-nobody", 0o755).unwrap();
+    let made = std::fs::metadata(shared.join("by-nobody")).unwrap();
+    assert_eq!(made.uid(), NOBODY, "files are created as the daemon's user");
+    let text = daemon.log();
+    assert!(
+        text.contains("sandbox namespace (strongest allowed) via a user namespace"),
+        "{text}"
+    );
+    let parent = daemon.pid();
+    let children =
+        std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).unwrap();
+    let child: u32 = children.trim().parse().unwrap();
+    for ns in ["user", "mnt", "pid", "net", "ipc"] {
+        let theirs = std::fs::read_link(format!("/proc/{child}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "rqemu-fs shares the host's {ns} namespace");
+    }
+    for tid in names(Path::new(&format!("/proc/{child}/task"))) {
+        let st = std::fs::read_to_string(format!("/proc/{child}/task/{tid}/status")).unwrap();
+        assert_eq!(status_field(&st, "Seccomp"), "2", "thread {tid}");
+        assert_eq!(status_field(&st, "NoNewPrivs"), "1", "thread {tid}");
+        assert_eq!(
+            status_field(&st, "Uid").split_whitespace().next(),
+            Some("65534")
+        );
+    }
+    drop(c);
+    let st = daemon
+        .terminate(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.success(), "rqemu-fs exited with {st}");
 }

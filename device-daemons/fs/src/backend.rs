@@ -9,6 +9,8 @@ use rqemu_daemon::queue_backend::{MemGuard, QueueBackend, QueueDevice, QueueErro
 use rqemu_daemon::vhost::drain_queue_deferrable;
 use rqemu_fs_backend::{FsParams, FsServer, Outcome, UsedRing};
 use rqemu_protocol::identity::DeviceKind;
+
+use crate::sandbox::QueueFilter;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -22,11 +24,26 @@ pub type FsBackend = QueueBackend<FsQueues>;
 pub struct FsQueues {
     server: FsServer,
     params: FsParams,
+    filter: QueueFilter,
 }
 
-/// Wraps a server.
-pub fn new(server: FsServer, params: FsParams) -> FsBackend {
-    QueueBackend::new(FsQueues { server, params }, DeviceKind::Fs, "rqemu-fs")
+impl std::fmt::Debug for QueueFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueFilter").finish_non_exhaustive()
+    }
+}
+
+/// Wraps a server; each queue worker narrows itself with `filter` on its first wake-up.
+pub fn new(server: FsServer, params: FsParams, filter: QueueFilter) -> FsBackend {
+    QueueBackend::new(
+        FsQueues {
+            server,
+            params,
+            filter,
+        },
+        DeviceKind::Fs,
+        "rqemu-fs",
+    )
 }
 
 /// Completes deferred requests of one vring from a waiter thread.
@@ -89,6 +106,7 @@ impl QueueDevice for FsQueues {
         mem: &MemGuard,
         event_idx: bool,
     ) -> Result<(), QueueError> {
+        self.filter.confine_once();
         let Wake::Queue(index) = wake else {
             return Ok(());
         };
@@ -129,7 +147,11 @@ mod tests {
             num_request_queues: queues,
             ..FsParams::default()
         };
-        new(FsServer::new(&params, dir.path()).unwrap(), params)
+        new(
+            FsServer::new(&params, dir.path()).unwrap(),
+            params,
+            QueueFilter::default(),
+        )
     }
 
     #[test]

@@ -148,7 +148,7 @@ fn run(args: Args, daemon: Daemon) -> Result<()> {
     }
     let confined = sandbox::confine_fs(&args.sandbox, &shared, &params, listener.as_raw_fd())
         .with_context(|| format!("confining to {}", shared.display()))?;
-    let (server, report) = (confined.server, confined.report);
+    let (server, report, filter) = (confined.server, confined.report, confined.queue_filter);
     server.import()?;
     if args.self_check_escape {
         sandbox::self_check_escape(&server);
@@ -162,7 +162,7 @@ fn run(args: Args, daemon: Daemon) -> Result<()> {
         params.cache,
         report.mode.name()
     );
-    let backend = Arc::new(backend::new(server, params));
+    let backend = Arc::new(backend::new(server, params, filter));
 
     let b = backend.clone();
     daemon.exit_on_signal(move || {

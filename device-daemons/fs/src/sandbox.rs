@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 
 use rqemu_fs_backend::{FsParams, FsServer, ServerError};
 use rqemu_sandbox::namespaces::{self, NsError};
-use rqemu_sandbox::{caps, pidns, policies, Report, SandboxArgs, SandboxMode};
+use rqemu_sandbox::{caps, pidns, policies, Group, Report, SandboxArgs, SandboxMode, ThreadKind};
 
 /// Errors confining rqemu-fs.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +86,46 @@ pub struct Confined {
     pub server: FsServer,
     /// What was applied (also logged).
     pub report: Report,
+    /// The queue workers' narrower filter.
+    pub queue_filter: QueueFilter,
+}
+
+/// The queue workers' allow-list (narrower than the process's: no accept, no `recvmsg` of
+/// fds, no socket calls), installed by each worker on itself ([`QueueFilter::confine_once`]).
+#[derive(Default)]
+pub struct QueueFilter {
+    progs: Vec<seccompiler::BpfProgram>,
+}
+
+thread_local! {
+    static NARROWED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl QueueFilter {
+    fn new(policy: &rqemu_sandbox::Policy, args: &SandboxArgs) -> Result<Self, FsSandboxError> {
+        let Some(list) = policy.threads.get(&ThreadKind::Queue) else {
+            return Ok(Self::default());
+        };
+        // The process filter (with its clone3 part) is already on every thread: only the
+        // narrower allow-list, which may install a further filter (SETLKW waiters inherit it).
+        let mut progs = list
+            .with_groups_cloned(&[Group::SeccompSelf])
+            .compile(args.seccomp)?;
+        Ok(QueueFilter {
+            progs: progs.pop().into_iter().collect(),
+        })
+    }
+
+    /// Installs the filter on the calling thread the first time it runs here.
+    pub fn confine_once(&self) {
+        if self.progs.is_empty() || NARROWED.with(|n| n.get()) {
+            return;
+        }
+        if let Err(e) = rqemu_sandbox::seccomp::apply_this_thread(&self.progs) {
+            tracing::warn!("queue worker keeps the process filter: {e}");
+        }
+        NARROWED.with(|n| n.set(true));
+    }
 }
 
 /// What the filesystem step did.
@@ -203,11 +243,13 @@ pub fn confine_fs(
         path: step.view.clone(),
         writable: !params.readonly,
     });
+    let queue_filter = QueueFilter::new(&policy, args)?;
     let report = rest_of_sandbox(&policy, args, &step, not_allowed)?;
     tracing::info!("rqemu-fs: {report}");
     Ok(Confined {
         server: step.server,
         report,
+        queue_filter,
     })
 }
 
