@@ -334,7 +334,8 @@ fn chroot_mode(shared: &Path, params: &FsParams) -> Result<FsStep, ModeError> {
         return Err(untouched(FsSandboxError::NoChrootCap));
     }
     let server = FsServer::new(params, Path::new("/")).map_err(untouched)?;
-    namespaces::chroot_into(shared).map_err(touched)?;
+    // Nothing of the process changed yet (the server is dropped): another mode may be tried.
+    namespaces::chroot_into(shared).map_err(untouched)?;
     Ok(FsStep {
         mode: SandboxMode::Chroot,
         user_namespace: false,
