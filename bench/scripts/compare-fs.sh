@@ -4,7 +4,7 @@
 # system calls directly on the directory (rqemu-bench fs --host-dir: one thread, one call at a
 # time) as the host's own figure.
 #
-# Both daemons run as they do by default: rqemu-fs confined (mount namespace + pivot_root),
+# Both daemons run as they do by default: rqemu-fs in its default sandbox (namespaces, seccomp),
 # virtiofsd with --sandbox namespace and --seccomp kill; both --cache auto, one request queue
 # (virtiofsd has exactly one; its default --thread-pool-size 0 serves it in the queue thread,
 # rqemu-fs has one worker thread per queue). Each workload gets a fresh daemon (virtiofsd serves
