@@ -244,4 +244,65 @@ mod tests {
         assert!(e.contains("'-'") && e.contains("--fd"), "{e}");
         assert!(Args::try_parse_from(["rqemu-fs", "--fd", "3", "--shared-dir", "/"]).is_ok());
     }
+
+    #[test]
+    fn virtiofsd_command_lines_parse() {
+        let args = Args::try_parse_from([
+            "rqemu-fs",
+            "--socket-path",
+            "/run/v.sock",
+            "--shared-dir",
+            "/srv",
+            "--cache",
+            "metadata",
+            "--sandbox",
+            "chroot",
+            "--seccomp",
+            "log",
+            "--thread-pool-size",
+            "0",
+            "--announce-submounts",
+            "--inode-file-handles",
+            "--xattr",
+            "--log-level",
+            "debug",
+            "--syslog",
+            "--no-readdirplus",
+            "--rlimit-nofile",
+            "4096",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.socket_path.as_deref(),
+            Some(std::path::Path::new("/run/v.sock"))
+        );
+        assert_eq!(
+            args.sandbox.sandbox,
+            Some(rqemu_sandbox::SandboxMode::Chroot)
+        );
+        assert_eq!(args.sandbox.seccomp, rqemu_sandbox::SeccompAction::Log);
+        assert_eq!(
+            args.compat.inode_file_handles,
+            Some(compat::InodeFileHandles::Prefer)
+        );
+        assert_eq!(params(&args).unwrap().cache, CacheMode::Metadata);
+        // The socket is given once, by either name.
+        let e = Args::try_parse_from([
+            "rqemu-fs",
+            "--socket-path",
+            "/a",
+            "--socket",
+            "/b",
+            "--shared-dir",
+            "/srv",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot be used with"), "{e}");
+        // Options that would change what the guest sees are refused, not ignored.
+        for bad in ["--translate-uid", "--xattrmap", "--posix-acl", "--modcaps"] {
+            let r = Args::try_parse_from(["rqemu-fs", "--fd", "3", "--shared-dir", "/", bad, "x"]);
+            assert!(r.is_err(), "{bad} was accepted");
+        }
+    }
 }
