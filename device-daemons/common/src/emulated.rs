@@ -1,5 +1,22 @@
 //! What the emulated-device daemons (`rqemu-serial`, `rqemu-rtc`) share beyond the common
-//! start-up ([`crate::startup`]): the `--base` port argument.
+//! start-up ([`crate::startup`]): the `--base` port argument and the accept loop ([`serve`]).
+
+use std::sync::{Arc, Mutex};
+
+use rqemu_protocol::sys::SeqListener;
+use rqemu_protocol::{DeviceInfo, EmulatedDevice, Interrupts};
+
+/// Tells the service manager the daemon is ready (`READY=1`), then serves VMM connections one
+/// after the other with [`rqemu_protocol::serve`] (returns only if accepting fails).
+pub fn serve<D: EmulatedDevice + 'static>(
+    listener: &SeqListener,
+    info: &DeviceInfo,
+    dev: Arc<Mutex<D>>,
+    irqs: &Interrupts,
+) -> std::io::Result<()> {
+    crate::notify::ready(&format!("{}: waiting for a VMM", info.name));
+    rqemu_protocol::serve(listener, info, dev, irqs)
+}
 
 /// Parses a port number, decimal or `0x` hexadecimal (clap `value_parser`).
 pub fn parse_port(s: &str) -> Result<u16, String> {
