@@ -112,11 +112,20 @@ impl Activated {
 
     /// Waits for a notification with the line `line` and returns it.
     fn expect_notify(&mut self, line: &str) -> String {
+        self.wait_notify(line, |m| m.lines().any(|l| l == line))
+    }
+
+    /// Waits for a notification containing `part` and returns it.
+    fn expect_notify_containing(&mut self, part: &str) -> String {
+        self.wait_notify(part, |m| m.contains(part))
+    }
+
+    fn wait_notify(&mut self, line: &str, wanted: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + WAIT;
         let (lock, cv) = &*self.seen;
         let mut seen = lock.lock().unwrap();
         loop {
-            if let Some(m) = seen.iter().find(|m| m.lines().any(|l| l == line)) {
+            if let Some(m) = seen.iter().find(|m| wanted(m)) {
                 return m.clone();
             }
             let now = Instant::now();
@@ -197,6 +206,9 @@ fn twice_around_a_hangup(mut d: Activated, run: impl Fn(&Activated)) {
         ready.contains("STATUS="),
         "READY=1 without a status: {ready:?}"
     );
+    // A frontend was served: the status said so (the daemon sends it before serving).
+    let serving = d.expect_notify_containing("serving a");
+    assert!(serving.starts_with("STATUS="), "{serving:?}");
     d.signal(libc::SIGHUP);
     run(&d);
     d.assert_running();
