@@ -52,6 +52,18 @@ impl Activated {
         ns: Option<&NetNs>,
         args: &[&str],
     ) -> Self {
+        Self::start_with_env(dir, name, seqpacket, ns, &[], args)
+    }
+
+    /// [`start`](Self::start) with more `NAME=VALUE` variables for the daemon.
+    fn start_with_env(
+        dir: &Path,
+        name: &'static str,
+        seqpacket: bool,
+        ns: Option<&NetNs>,
+        env: &[&str],
+        args: &[&str],
+    ) -> Self {
         let ssa = host_tool("systemd-socket-activate").unwrap_or_else(|e| {
             panic!("{e} (Debian package `systemd`): socket activation cannot be tested")
         });
@@ -71,8 +83,11 @@ impl Activated {
         cmd.arg("--fdname=listen")
             .arg("-E")
             .arg(format!("NOTIFY_SOCKET={}", notify_path.display()))
-            .args(["-E", "RQEMU_LOG=info"])
-            .arg(&bin)
+            .args(["-E", "RQEMU_LOG=info"]);
+        for e in env {
+            cmd.args(["-E", e]);
+        }
+        cmd.arg(&bin)
             .args(args)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
@@ -344,10 +359,59 @@ fn rqemu_serial_socket_activated_seqpacket() {
 #[test]
 fn rqemu_rtc_socket_activated_seqpacket() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Activated::start(dir.path(), "rqemu-rtc", true, None, &[]);
+    // With a watchdog (WatchdogSec=1s), WATCHDOG=1 keeps coming while it serves.
+    let mut d = Activated::start_with_env(
+        dir.path(),
+        "rqemu-rtc",
+        true,
+        None,
+        &["WATCHDOG_USEC=1000000"],
+        &[],
+    );
+    forwarded_read(&d, 0x71, Some((0x70, 0x0d)));
+    d.expect_notify("WATCHDOG=1");
     twice_around_a_hangup(d, |d| {
         // Status register D: bit 7 (valid RAM and time) set.
         let reg_d = forwarded_read(d, 0x71, Some((0x70, 0x0d)));
         assert_eq!(reg_d & 0x80, 0x80, "register D {reg_d:#x}");
     });
+}
+
+/// With stderr on the journal (`JOURNAL_STREAM` names it, as systemd sets it), each log line
+/// starts with its syslog priority and carries no timestamp of its own.
+#[test]
+fn logs_on_the_journal_stream_carry_syslog_priorities() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("journal.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let socket = dir.path().join("rtc.sock");
+    let mut child = Command::new(project_binary("rqemu-rtc").unwrap_or_else(|e| panic!("{e}")))
+        .arg("--socket")
+        .arg(&socket)
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env("RQEMU_LOG", "info")
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("listening on") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = text
+        .lines()
+        .find(|l| l.contains("listening on"))
+        .unwrap_or_else(|| panic!("no `listening on` line:\n{text}"));
+    assert!(line.starts_with("<6> INFO listening on"), "{line:?}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "ANSI codes on the journal:\n{text}"
+    );
 }
