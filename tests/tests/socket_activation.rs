@@ -377,24 +377,19 @@ fn rqemu_rtc_socket_activated_seqpacket() {
     });
 }
 
-/// With stderr on the journal (`JOURNAL_STREAM` names it, as systemd sets it), each log line
-/// starts with its syslog priority and carries no timestamp of its own.
-#[test]
-fn logs_on_the_journal_stream_carry_syslog_priorities() {
+/// Runs `rqemu-rtc --socket DIR/rtc.sock ARGS` with stderr into a file (`JOURNAL_STREAM`
+/// naming that file when `journal`) until it logs that it listens; returns that log.
+fn rtc_start_log(dir: &Path, journal: bool, args: &[&str]) -> String {
     use std::os::unix::fs::MetadataExt;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("journal.log");
+    let log = dir.join("rtc.log");
     let file = std::fs::File::create(&log).unwrap();
     let meta = file.metadata().unwrap();
-    let socket = dir.path().join("rtc.sock");
-    let mut child = Command::new(project_binary("rqemu-rtc").unwrap_or_else(|e| panic!("{e}")))
-        .arg("--socket")
-        .arg(&socket)
-        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
-        .env("RQEMU_LOG", "info")
-        .stderr(file)
-        .spawn()
-        .unwrap();
+    let mut cmd = Command::new(project_binary("rqemu-rtc").unwrap_or_else(|e| panic!("{e}")));
+    cmd.arg("--socket").arg(dir.join("rtc.sock")).args(args);
+    if journal {
+        cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    }
+    let mut child = cmd.env("RQEMU_LOG", "info").stderr(file).spawn().unwrap();
     let deadline = Instant::now() + WAIT;
     let text = loop {
         let text = std::fs::read_to_string(&log).unwrap();
@@ -405,6 +400,15 @@ fn logs_on_the_journal_stream_carry_syslog_priorities() {
     };
     let _ = child.kill();
     let _ = child.wait();
+    text
+}
+
+/// With stderr on the journal (`JOURNAL_STREAM` names it, as systemd sets it), each log line
+/// starts with its syslog priority and carries no timestamp of its own.
+#[test]
+fn logs_on_the_journal_stream_carry_syslog_priorities() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = rtc_start_log(dir.path(), true, &[]);
     let line = text
         .lines()
         .find(|l| l.contains("listening on"))
@@ -414,4 +418,21 @@ fn logs_on_the_journal_stream_carry_syslog_priorities() {
         !text.contains('\u{1b}'),
         "ANSI codes on the journal:\n{text}"
     );
+}
+
+/// `--log-format json`: one JSON object per line.
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = rtc_start_log(dir.path(), false, &["--log-format", "json"]);
+    let line = text
+        .lines()
+        .find(|l| l.contains("listening on"))
+        .unwrap_or_else(|| panic!("no `listening on` line:\n{text}"));
+    assert!(line.starts_with("{\"ts\":"), "{line:?}");
+    assert!(
+        line.contains(r#""level":"INFO","message":"listening on "#),
+        "{line:?}"
+    );
+    assert!(line.ends_with('}'), "{line:?}");
 }

@@ -9,7 +9,8 @@
 //!   activation), validated before use — one routine for stream and seqpacket sockets;
 //! * [`signals`]: SIGTERM/SIGINT handled on a dedicated thread so the daemon can quiesce its
 //!   device and flush before exiting (SIGHUP is taken there too, and ignored);
-//! * [`logging`]: `tracing` to stderr, filtered by `RQEMU_LOG` (or `RUST_LOG`);
+//! * [`logging`]: `tracing` to stderr, filtered by `RQEMU_LOG` (or `RUST_LOG`), as text
+//!   (journal-aware) or JSON lines (`--log-format json`);
 //! * [`vhost`]: the one-frontend-at-a-time vhost-user accept loop and the queue drain loop;
 //! * [`queue_backend`]: the `VhostUserBackend` of queue-per-thread devices (blk, fs, net) and
 //!   what their workers share (`QueueError`, `MemGuard`);
@@ -20,6 +21,7 @@
 pub mod activation;
 pub mod emulated;
 pub mod listen;
+mod log_json;
 pub mod logging;
 pub mod notify;
 pub mod queue_backend;

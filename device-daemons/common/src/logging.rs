@@ -1,4 +1,4 @@
-//! Logging set-up for daemons.
+//! Logging set-up for daemons (`--log-format text|json`).
 //!
 //! On a terminal: coloured, timestamped lines. Elsewhere: plain text. When stderr is the
 //! systemd journal (`JOURNAL_STREAM` names it), lines carry no timestamp (the journal adds its
@@ -13,9 +13,24 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
-/// Installs a stderr `tracing` subscriber. The filter comes from `RQEMU_LOG`, then `RUST_LOG`,
-/// then defaults to `info`. Safe to call more than once (later calls do nothing).
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable text (journal-aware).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs a stderr `tracing` subscriber writing text. The filter comes from `RQEMU_LOG`, then
+/// `RUST_LOG`, then defaults to `info`. Safe to call more than once (later calls do nothing).
 pub fn init() {
+    init_with(LogFormat::Text);
+}
+
+/// [`init`] with the given line format.
+pub fn init_with(format: LogFormat) {
     let filter = std::env::var("RQEMU_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".to_string());
@@ -23,7 +38,9 @@ pub fn init() {
         .with_env_filter(EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .with_target(false);
-    if stderr_is_journal() {
+    if format == LogFormat::Json {
+        let _ = builder.event_format(crate::log_json::Json).try_init();
+    } else if stderr_is_journal() {
         let format = tracing_subscriber::fmt::format()
             .with_target(false)
             .without_time()

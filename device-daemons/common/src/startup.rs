@@ -135,11 +135,11 @@ where
     A: clap::Parser,
     E: Into<Box<dyn Error + Send + Sync>>,
 {
-    let args = match service_manager() {
+    let (args, log_format) = match service_manager() {
         Ok(activated) => parse_args::<A>(activated),
         Err(e) => return exit_code(name, Err(e.into())),
     };
-    logging::init();
+    logging::init_with(log_format);
     let result = match signals::block_termination_signals() {
         Ok(()) => run(args, Daemon { name, bound: None }).map_err(Into::into),
         Err(e) => Err(StartError::Signals(e).into()),
@@ -155,15 +155,32 @@ fn service_manager() -> Result<bool, StartError> {
     Ok(activated)
 }
 
-/// Parses the command line; under socket activation `--socket`/`--fd` become optional.
-fn parse_args<A: clap::Parser>(activated: bool) -> A {
-    let mut cmd = A::command();
-    if !activated || !cmd.get_groups().any(|g| g.get_id() == "listen") {
-        return A::parse();
+/// Parses the command line, with `--log-format text|json` added to every daemon's options;
+/// under socket activation `--socket`/`--fd` become optional.
+fn parse_args<A: clap::Parser>(activated: bool) -> (A, logging::LogFormat) {
+    let mut cmd = A::command().arg(
+        clap::Arg::new(LOG_FORMAT)
+            .long(LOG_FORMAT)
+            .value_name("FORMAT")
+            .help("Log line format on stderr")
+            .value_parser(clap::value_parser!(logging::LogFormat))
+            .default_value("text"),
+    );
+    if activated && cmd.get_groups().any(|g| g.get_id() == "listen") {
+        cmd = cmd.mut_group("listen", |g| g.required(false));
     }
-    cmd = cmd.mut_group("listen", |g| g.required(false));
-    A::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+    let matches = cmd.get_matches();
+    let format = matches
+        .get_one::<logging::LogFormat>(LOG_FORMAT)
+        .copied()
+        .unwrap_or_default();
+    (
+        A::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()),
+        format,
+    )
 }
+
+const LOG_FORMAT: &str = "log-format";
 
 /// The one error-exit style of every rqemu binary: on error, `NAME: error: <cause chain>`
 /// once on stderr and status 1; status 0 otherwise.
