@@ -64,9 +64,17 @@ impl Notifier {
         })
     }
 
-    /// Sends one notification (`KEY=VALUE` lines).
+    /// Sends one notification (`KEY=VALUE` lines) as one datagram. It uses `write(2)`, which a
+    /// connected datagram socket takes as `send(2)`: every confined thread kind may `write`
+    /// (the signal thread, which says `STOPPING=1`, may not `sendto`).
     pub fn send(&self, state: &str) -> io::Result<()> {
-        self.sock.send(state.as_bytes()).map(|_| ())
+        let b = state.as_bytes();
+        // SAFETY: `b` is valid for reads of `b.len()` bytes; the fd is our connected socket.
+        let n = unsafe { libc::write(self.sock.as_raw_fd(), b.as_ptr().cast(), b.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// The connected socket's fd.
