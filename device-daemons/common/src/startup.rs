@@ -23,7 +23,7 @@ use crate::{activation, logging, notify, signals};
 
 /// Where a daemon listens: a socket path, or an inherited listening fd (socket activation).
 /// Flatten it into the daemon's `clap::Parser` (`#[command(flatten)]`); exactly one of the
-/// two is required.
+/// two is required, or neither under socket activation ([`crate::activation`]).
 #[derive(Debug, Clone, clap::Args)]
 #[group(id = "listen", required = true, multiple = false)]
 pub struct ListenArgs {
