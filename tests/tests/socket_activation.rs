@@ -6,7 +6,7 @@
 //!
 //! Needs `systemd-socket-activate` (Debian package `systemd`, installed by
 //! `scripts/install-deps.sh`) and the project binaries; rqemu-fs and rqemu-net need root (the
-//! tests fail saying so otherwise).
+//! tests fail saying so otherwise); the rqemu-vmm test needs the guest assets.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -435,4 +435,38 @@ fn log_format_json_writes_one_object_per_line() {
         "{line:?}"
     );
     assert!(line.ends_with('}'), "{line:?}");
+}
+
+/// rqemu-vmm (its unit is `Type=notify` too) says `READY=1` once the guest starts, and a
+/// SIGTERM then stops the VM with status 4 (the unit's `SuccessExitStatus=4`).
+#[test]
+fn rqemu_vmm_says_ready_when_the_guest_starts() {
+    let assets = rqemu_e2e::GuestAssets::locate().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("vmm.notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let log = dir.path().join("vmm.log");
+    let mut child = Command::new(project_binary("rqemu-vmm").unwrap_or_else(|e| panic!("{e}")))
+        .args(["--accel", "tcg", "--memory", "256M", "--serial", "none"])
+        .arg("--kernel")
+        .arg(&assets.vmlinuz)
+        .arg("--initrd")
+        .arg(&assets.initramfs)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let got = notify.recv(&mut buf).map(|n| buf[..n].to_vec());
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    let got = got.unwrap_or_else(|e| panic!("no notification from rqemu-vmm ({e}); log:\n{log}"));
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.lines().any(|l| l == "READY=1"), "{text:?}");
+    assert_eq!(status.code(), Some(4), "{status}; log:\n{log}");
 }
