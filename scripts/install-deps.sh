@@ -5,7 +5,8 @@
 #   - QEMU 10 (qemu-system-x86, qemu-utils: qemu-img, qemu-storage-daemon) from
 #     bookworm-backports — the e2e tests use QEMU TCG as the reference vhost-user frontend;
 #   - acpica-tools (iasl: cross-checks our ACPI tables), busybox-static, cpio, xz-utils, lz4, zstd, kmod, binutils (readelf), util-linux
-#     (blkdiscard/fallocate copied into the guest), gzip, iproute2 — for scripts/guest-assets.sh
+#     (blkdiscard/fallocate copied into the guest), gzip, iproute2 — for scripts/guest-assets.sh,
+#     systemd (systemd-analyze, systemd-socket-activate: the unit and socket-activation tests)
 #     and the tests.
 #
 # Run as root (or with sudo available). Output is quiet; on failure the apt log is printed.
@@ -25,7 +26,7 @@ BACKPORTS_FILE="$APT_DIR/sources.list.d/rqemu-backports.sources"
 BPO_PKGS=(qemu-system-x86 qemu-utils)
 BPO_MIN_VERSION="1:10"
 # Packages from the main suite.
-MAIN_PKGS=(busybox-static cpio xz-utils lz4 zstd kmod binutils util-linux gzip iproute2 acpica-tools)
+MAIN_PKGS=(busybox-static cpio xz-utils lz4 zstd kmod binutils util-linux gzip iproute2 acpica-tools systemd)
 
 log() { printf 'install-deps: %s\n' "$*"; }
 die() { printf 'install-deps: ERROR: %s\n' "$*" >&2; exit 1; }

@@ -18,6 +18,8 @@ fn run(cli: &Cli) -> anyhow::Result<GuestExit> {
     let vm = Vm::new(&cfg, accel).context("building the VM")?;
     tracing::debug!(?vm, mode = ?vm.kernel().mode, "starting guest");
     stop_on_signals(vm.controller()).context("installing SIGINT/SIGTERM handling")?;
+    // Built, devices attached: the guest starts now (a Type=notify unit is active from here).
+    rqemu_daemon::notify::ready("guest running");
     Ok(vm.run()?)
 }
 
@@ -69,6 +71,11 @@ fn main() -> ExitCode {
         .with_ansi(colour_wanted())
         .init();
     let cli = Cli::parse();
+    // NOTIFY_SOCKET is connected now, while the process is single-threaded.
+    if let Err(e) = rqemu_daemon::notify::init() {
+        eprintln!("rqemu-vmm: error: {}", rqemu_daemon::startup::chain(&e));
+        return ExitCode::FAILURE;
+    }
     match run(&cli) {
         Ok(GuestExit::PowerOff) => ExitCode::SUCCESS,
         Ok(other) => {

@@ -1,5 +1,35 @@
 //! What the emulated-device daemons (`rqemu-serial`, `rqemu-rtc`) share beyond the common
-//! start-up ([`crate::startup`]): the `--base` port argument.
+//! start-up ([`crate::startup`]): the `--base` port argument and the accept loop ([`serve`]).
+
+use std::sync::{Arc, Mutex};
+
+use rqemu_protocol::sys::SeqListener;
+use rqemu_protocol::{DeviceInfo, EmulatedDevice, Interrupts, ServeError};
+
+use crate::notify;
+
+/// Serves VMM connections one after the other, forever (a VMM restart reattaches), as
+/// [`rqemu_protocol::serve`] does, telling the service manager `READY=1` first and a `STATUS=`
+/// line as VMMs come and go. Returns only if accepting fails.
+pub fn serve<D: EmulatedDevice + 'static>(
+    listener: &SeqListener,
+    info: &DeviceInfo,
+    dev: Arc<Mutex<D>>,
+    irqs: &Interrupts,
+) -> std::io::Result<()> {
+    let waiting = format!("{}: waiting for a VMM", info.name);
+    notify::ready(&waiting);
+    loop {
+        let sock = listener.accept()?;
+        notify::status(&format!("{}: serving a VMM", info.name));
+        match rqemu_protocol::serve_connection(sock, info, &dev, irqs) {
+            Ok(()) => tracing::info!("VMM disconnected; waiting for the next one"),
+            Err(ServeError::Disconnected) => tracing::debug!("probe connection closed"),
+            Err(e) => tracing::warn!("connection ended: {e}"),
+        }
+        notify::status(&waiting);
+    }
+}
 
 /// Parses a port number, decimal or `0x` hexadecimal (clap `value_parser`).
 pub fn parse_port(s: &str) -> Result<u16, String> {

@@ -1,4 +1,4 @@
-//! Termination signals, handled synchronously on a dedicated thread.
+//! Termination signals, handled synchronously on a dedicated thread (SIGHUP: ignored there).
 //!
 //! [`block_termination_signals`] must run in `main` before any other thread is spawned, so
 //! every thread inherits the mask and the signals are only ever taken by [`wait_for_signal`]
@@ -43,15 +43,23 @@ pub fn wait_for_signal() -> io::Result<libc::c_int> {
     Ok(sig)
 }
 
-/// Spawns a thread that waits for a termination signal and then runs `on_signal`.
+/// Spawns a thread that waits for SIGTERM or SIGINT and then runs `on_signal`. SIGHUP (a
+/// service manager's "reload", a closed terminal) never ends the daemon: it has no
+/// configuration to re-read and logs to stderr, which needs no reopening, so it is logged
+/// and ignored.
 pub fn spawn_handler<F>(on_signal: F) -> io::Result<std::thread::JoinHandle<()>>
 where
     F: FnOnce(libc::c_int) + Send + 'static,
 {
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || match wait_for_signal() {
-            Ok(sig) => on_signal(sig),
-            Err(e) => tracing::error!("sigwait failed: {e}"),
+        .spawn(move || loop {
+            match wait_for_signal() {
+                Ok(libc::SIGHUP) => {
+                    tracing::info!("SIGHUP: nothing to reload (logs go to stderr); ignored");
+                }
+                Ok(sig) => return on_signal(sig),
+                Err(e) => return tracing::error!("sigwait failed: {e}"),
+            }
         })
 }

@@ -19,26 +19,30 @@ use std::process::ExitCode;
 use rqemu_protocol::sys::SeqListener;
 
 use crate::listen::{Endpoint, ListenError};
-use crate::{logging, signals};
+use crate::{activation, logging, notify, signals};
 
 /// Where a daemon listens: a socket path, or an inherited listening fd (socket activation).
 /// Flatten it into the daemon's `clap::Parser` (`#[command(flatten)]`); exactly one of the
-/// two is required.
+/// two is required, or neither under socket activation ([`crate::activation`]).
 #[derive(Debug, Clone, clap::Args)]
 #[group(id = "listen", required = true, multiple = false)]
 pub struct ListenArgs {
     /// UNIX socket path to listen on (a stale socket is replaced, anything else refused).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Inherited listening UNIX socket fd (socket activation).
+    /// Inherited listening UNIX socket fd. Under systemd socket activation (`LISTEN_FDS`)
+    /// neither option is needed.
     #[arg(long, value_name = "N")]
     pub fd: Option<RawFd>,
 }
 
 impl ListenArgs {
-    /// The endpoint the options name.
+    /// The endpoint the options name; without either, the socket-activation socket.
     pub fn endpoint(&self) -> Result<Endpoint, ListenError> {
-        Endpoint::from_args(self.socket.clone(), self.fd)
+        match (&self.socket, self.fd, activation::inherited()) {
+            (None, None, Some(a)) => Ok(Endpoint::Fd(a.fd)),
+            _ => Endpoint::from_args(self.socket.clone(), self.fd),
+        }
     }
 }
 
@@ -54,6 +58,12 @@ pub enum StartError {
     /// The signal thread could not be started.
     #[error("starting the signal thread")]
     SignalThread(#[source] io::Error),
+    /// The socket-activation variables are malformed.
+    #[error(transparent)]
+    Activation(#[from] activation::ActivationError),
+    /// `NOTIFY_SOCKET` is set but unusable.
+    #[error(transparent)]
+    Notify(#[from] notify::NotifyError),
 }
 
 /// A daemon being started: its name and the socket path it bound (removed when a signal ends
@@ -95,9 +105,9 @@ impl Daemon {
         self.listen(args, SeqListener::listen)
     }
 
-    /// Starts the signal thread: on SIGTERM/SIGINT/SIGHUP it runs `quiesce` (finish in-flight
-    /// work, flush; returns the exit status), removes the socket file this daemon bound, and
-    /// exits the process.
+    /// Starts the signal thread: on SIGTERM/SIGINT it tells the service manager `STOPPING=1`,
+    /// runs `quiesce` (finish in-flight work, flush; returns the exit status), removes the
+    /// socket file this daemon bound, and exits the process (SIGHUP is ignored).
     pub fn exit_on_signal(
         &self,
         quiesce: impl FnOnce() -> u8 + Send + 'static,
@@ -105,6 +115,7 @@ impl Daemon {
         let path = self.bound.clone();
         signals::spawn_handler(move |sig| {
             tracing::info!("signal {sig}: exiting");
+            notify::stopping();
             let code = quiesce();
             if let Some(p) = path {
                 let _ = std::fs::remove_file(p);
@@ -124,14 +135,52 @@ where
     A: clap::Parser,
     E: Into<Box<dyn Error + Send + Sync>>,
 {
-    let args = A::parse();
-    logging::init();
+    let (args, log_format) = match service_manager() {
+        Ok(activated) => parse_args::<A>(activated),
+        Err(e) => return exit_code(name, Err(e.into())),
+    };
+    logging::init_with(log_format);
     let result = match signals::block_termination_signals() {
         Ok(()) => run(args, Daemon { name, bound: None }).map_err(Into::into),
         Err(e) => Err(StartError::Signals(e).into()),
     };
     exit_code(name, result)
 }
+
+/// Takes what a service manager passed (socket activation, `NOTIFY_SOCKET`) while the process
+/// is single-threaded; returns whether a listening socket was passed.
+fn service_manager() -> Result<bool, StartError> {
+    let activated = activation::init()?.is_some();
+    notify::init()?;
+    Ok(activated)
+}
+
+/// Parses the command line, with `--log-format text|json` added to every daemon's options;
+/// under socket activation `--socket`/`--fd` become optional.
+fn parse_args<A: clap::Parser>(activated: bool) -> (A, logging::LogFormat) {
+    let mut cmd = A::command().arg(
+        clap::Arg::new(LOG_FORMAT)
+            .long(LOG_FORMAT)
+            .value_name("FORMAT")
+            .help("Log line format on stderr")
+            .value_parser(clap::value_parser!(logging::LogFormat))
+            .default_value("text"),
+    );
+    if activated && cmd.get_groups().any(|g| g.get_id() == "listen") {
+        cmd = cmd.mut_group("listen", |g| g.required(false));
+    }
+    let matches = cmd.get_matches();
+    let format = matches
+        .get_one::<logging::LogFormat>(LOG_FORMAT)
+        .copied()
+        .unwrap_or_default();
+    (
+        A::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()),
+        format,
+    )
+}
+
+const LOG_FORMAT: &str = "log-format";
 
 /// The one error-exit style of every rqemu binary: on error, `NAME: error: <cause chain>`
 /// once on stderr and status 1; status 0 otherwise.

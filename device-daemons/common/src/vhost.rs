@@ -18,8 +18,21 @@ use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::notify;
 use crate::queue_backend::{MemGuard, QueueBackend, QueueDevice, QueueError};
 use crate::relay::{self, RelayError};
+
+/// The listening socket's path (also for an inherited socket), for status lines.
+fn describe(listener: &UnixListener) -> String {
+    match listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p.to_owned()))
+    {
+        Some(p) => p.display().to_string(),
+        None => format!("fd {}", std::os::fd::AsRawFd::as_raw_fd(listener)),
+    }
+}
 
 /// Errors that end the accept loop.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +81,8 @@ pub fn serve_forever<D: QueueDevice>(
     listener: &UnixListener,
     backend: &Arc<QueueBackend<D>>,
 ) -> Result<std::convert::Infallible, ServeError> {
+    let waiting = format!("waiting for a frontend on {}", describe(listener));
+    notify::ready(&waiting);
     loop {
         let mut daemon = VhostUserDaemon::new(
             name.to_string(),
@@ -105,6 +120,7 @@ pub fn serve_forever<D: QueueDevice>(
             None
         };
         tracing::info!("frontend connected");
+        notify::status("serving a frontend");
         match daemon.wait() {
             Ok(())
             | Err(DaemonError::HandleRequest(
@@ -119,6 +135,7 @@ pub fn serve_forever<D: QueueDevice>(
             let _ = t.join();
         }
         backend.disconnected();
+        notify::status(&waiting);
     }
 }
 

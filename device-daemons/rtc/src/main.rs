@@ -38,6 +38,6 @@ fn run(args: Args, mut daemon: Daemon) -> anyhow::Result<()> {
     let irqs = Interrupts::for_requests(&info.irqs);
     let dev = Arc::new(Mutex::new(device::RtcDevice::default()));
     tracing::info!("rqemu-rtc at port {:#x}", args.base);
-    rqemu_protocol::serve(&listener, &info, dev, &irqs).context("accepting connections")?;
+    rqemu_daemon::emulated::serve(&listener, &info, dev, &irqs).context("accepting connections")?;
     Ok(())
 }

@@ -56,6 +56,6 @@ fn run(args: Args, mut daemon: Daemon) -> anyhow::Result<()> {
         args.base,
         args.console
     );
-    rqemu_protocol::serve(&listener, &info, dev, &irqs).context("accepting connections")?;
+    rqemu_daemon::emulated::serve(&listener, &info, dev, &irqs).context("accepting connections")?;
     Ok(())
 }
