@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use control::VcpuSync;
 pub use control::VmController;
+use control::{ApiCounters, MachineFacts, VcpuSync};
 
 use crate::accel::kvm::KvmAccel;
 use crate::accel::tcg::TcgAccel;
@@ -163,7 +163,9 @@ pub struct Vm {
     links: Vec<Arc<Link>>,
     kernel: LoadedKernel,
     sync: Arc<VcpuSync>,
-    daemon_watches: Vec<(std::path::PathBuf, std::os::unix::net::UnixStream)>,
+    daemon_watches: Vec<attach::Watch>,
+    facts: Arc<MachineFacts>,
+    api_counters: Arc<ApiCounters>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -246,6 +248,12 @@ impl Vm {
             kernel,
             sync: Arc::new(VcpuSync::default()),
             daemon_watches: devices.watches,
+            facts: Arc::new(MachineFacts {
+                vcpus: cfg.vcpus,
+                memory: cfg.memory,
+                devices: devices.devices,
+            }),
+            api_counters: Arc::default(),
         })
     }
 
@@ -279,6 +287,9 @@ impl Vm {
         VmController {
             sync: self.sync.clone(),
             exit: self.exit.clone(),
+            accel: self.accel.clone(),
+            facts: self.facts.clone(),
+            counters: self.api_counters.clone(),
         }
     }
 
@@ -315,8 +326,8 @@ impl Vm {
         };
 
         let mut watchers = Vec::new();
-        for (socket, stream) in std::mem::take(&mut self.daemon_watches) {
-            match attach::spawn_daemon_watch(socket, stream, self.exit.clone()) {
+        for watch in std::mem::take(&mut self.daemon_watches) {
+            match attach::spawn_daemon_watch(watch, self.exit.clone()) {
                 Ok(h) => watchers.push(h),
                 Err(e) => self.exit.request(GuestExit::Error(e.to_string())),
             }
