@@ -1,0 +1,274 @@
+//! End-to-end tests of the management API: a tiny guest that prints a tick line in a loop
+//! (`mode=ticks`) runs under the real `rqemu-vmm --api-socket`; it is paused (its output
+//! stops), resumed (it prints again) and shut down (exit status 0), through raw HTTP requests
+//! and through `rqemu-ctl`, on KVM and on the software CPU.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{on_both, payloads, project_binary, Accel};
+
+on_both!(
+    pause_resume_shutdown_over_http,
+    pause_resume_shutdown_with_rqemu_ctl,
+);
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A running `rqemu-vmm` with its console file and API socket.
+struct Guest {
+    child: Child,
+    console: PathBuf,
+    api: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Guest {
+    fn start(accel: Accel, extra_cmdline: &str) -> Guest {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        let api = dir.path().join("api.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_rqemu-vmm"))
+            .arg("--kernel")
+            .arg(&payloads().elf)
+            .args(["--accel", accel.arg(), "--memory", "64M"])
+            .args(["--cmdline", &format!("mode=ticks {extra_cmdline}")])
+            .arg(format!("--serial=file:{}", console.display()))
+            .arg("--api-socket")
+            .arg(&api)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning rqemu-vmm");
+        let g = Guest {
+            child,
+            console,
+            api,
+            _dir: dir,
+        };
+        g.wait_console(|s| s.matches("tick ").count() >= 2, "two tick lines");
+        g
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    fn wait_console(&self, done: impl Fn(&str) -> bool, what: &str) {
+        let start = Instant::now();
+        loop {
+            let s = self.console();
+            if done(&s) {
+                return;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "guest never printed {what}; console:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the VMM to exit; returns its status and stderr.
+    fn wait_exit(mut self) -> (Option<i32>, String) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > WAIT {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("rqemu-vmm did not exit after vm.shutdown");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        assert!(!self.api.exists(), "API socket left behind");
+        (status.code(), err)
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One raw HTTP/1.1 request; returns the status and the body.
+fn http(sock: &Path, method: &str, path: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(sock).expect("connecting to the API socket");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, body.to_string())
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+}
+
+/// The `tick k=K` counter of the last complete tick line.
+fn last_tick(console: &str) -> u64 {
+    console
+        .lines()
+        .filter(|l| l.starts_with("tick ") && l.contains(" sec="))
+        .filter_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("k=")))
+        .filter_map(|k| k.parse().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("no tick line in:\n{console}"))
+}
+
+/// While paused the console does not grow at all; after resume it does.
+fn check_paused_then_resumed(g: &Guest, pause: impl Fn(), resume: impl Fn()) {
+    pause();
+    let frozen = g.console();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        g.console(),
+        frozen,
+        "the guest printed while paused (console grew)"
+    );
+    resume();
+    let before = last_tick(&frozen);
+    g.wait_console(
+        |s| s.len() > frozen.len() && last_tick(s) > before,
+        "a new tick after resume",
+    );
+}
+
+fn pause_resume_shutdown_over_http(accel: Accel) {
+    if !accel.usable("pause_resume_shutdown_over_http") {
+        return;
+    }
+    let g = Guest::start(accel, "");
+    let api = g.api.clone();
+
+    let (st, body) = http(&api, "GET", "/api/v1/vmm.ping");
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(json(&body)["pid"], g.child.id());
+    let (st, body) = http(&api, "GET", "/api/v1/vm.info");
+    assert_eq!(st, 200, "{body}");
+    let info = json(&body);
+    assert_eq!(info["state"], "Running", "{info}");
+    assert_eq!(info["vcpus"], 1);
+    assert_eq!(info["memory"], 64u64 << 20);
+    assert_eq!(info["accelerator"], accel.arg());
+    let kinds: Vec<_> = info["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["type"].clone(), d["connection"].clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("serial".into(), "in-vmm".into()),
+            ("rtc".into(), "in-vmm".into())
+        ]
+    );
+
+    check_paused_then_resumed(
+        &g,
+        || {
+            assert_eq!(http(&api, "PUT", "/api/v1/vm.pause").0, 204);
+            let (st, body) = http(&api, "GET", "/api/v1/vm.info");
+            assert_eq!((st, json(&body)["state"].clone()), (200, "Paused".into()));
+            // Pausing a paused VM is a conflict, with a JSON error.
+            let (st, body) = http(&api, "PUT", "/api/v1/vm.pause");
+            assert_eq!(st, 409, "{body}");
+            assert!(json(&body)["error"].as_str().unwrap().contains("paused"));
+        },
+        || {
+            assert_eq!(http(&api, "PUT", "/api/v1/vm.resume").0, 204);
+            let (_, body) = http(&api, "GET", "/api/v1/vm.info");
+            assert_eq!(json(&body)["state"], "Running");
+        },
+    );
+    assert_eq!(http(&api, "PUT", "/api/v1/vm.resume").0, 409);
+    let (st, body) = http(&api, "GET", "/api/v1/vm.counters");
+    assert_eq!(st, 200, "{body}");
+    let c = json(&body);
+    assert_eq!(
+        (c["vm"]["pauses"].clone(), c["vm"]["resumes"].clone()),
+        (1.into(), 1.into())
+    );
+    // Unknown endpoints and wrong methods.
+    assert_eq!(http(&api, "GET", "/api/v1/vm.nothing").0, 404);
+    assert_eq!(http(&api, "GET", "/api/v1/vm.shutdown").0, 405);
+
+    assert_eq!(http(&api, "PUT", "/api/v1/vm.shutdown").0, 204);
+    let (code, err) = g.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+}
+
+fn ctl(api: &Path, cmd: &str) -> (bool, String, String) {
+    let out = Command::new(project_binary("rqemu-ctl"))
+        .arg("--api-socket")
+        .arg(api)
+        .arg(cmd)
+        .output()
+        .expect("running rqemu-ctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn pause_resume_shutdown_with_rqemu_ctl(accel: Accel) {
+    if !accel.usable("pause_resume_shutdown_with_rqemu_ctl") {
+        return;
+    }
+    let g = Guest::start(accel, "");
+    let api = g.api.clone();
+    let (ok, out, err) = ctl(&api, "ping");
+    assert!(ok, "{err}");
+    assert_eq!(json(&out)["pid"], g.child.id());
+    check_paused_then_resumed(
+        &g,
+        || {
+            let (ok, _, err) = ctl(&api, "pause");
+            assert!(ok, "{err}");
+            let (ok, out, err) = ctl(&api, "info");
+            assert!(ok, "{err}");
+            assert_eq!(json(&out)["state"], "Paused");
+        },
+        || {
+            let (ok, _, err) = ctl(&api, "resume");
+            assert!(ok, "{err}");
+        },
+    );
+    // An error answer: message on stderr, failure status.
+    let (ok, _, err) = ctl(&api, "resume");
+    assert!(!ok);
+    assert!(err.contains("not paused") && err.contains("409"), "{err}");
+    let (ok, _, err) = ctl(&api, "shutdown");
+    assert!(ok, "{err}");
+    let (code, err) = g.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    // The VMM is gone: rqemu-ctl says it cannot connect.
+    let (ok, _, err) = ctl(&api, "ping");
+    assert!(!ok);
+    assert!(err.contains("connecting to"), "{err}");
+}
