@@ -10,7 +10,8 @@
  *   virtio     drive the first virtio-blk window (virtio_blk.c), then power off
  *   portloop   time PORTLOOP_N reads of CMOS port 0x71 with the TSC, print min/p50/p99/max
  *              cycles, then power off (the forwarding benchmark)
- *   ticks      forever: every 2000 CMOS reads print "tick k=K sec=S" (daemon restart tests)
+ *   ticks      forever: every 2000 CMOS reads print "tick k=K sec=S tsc=T" (daemon
+ *              restart and API pause tests)
  * Every line is "key value..." so tests can check them (console.c prints them). Built by
  * vmm/tests with gcc from start.S (+ start_pvh.S), payload.c, console.c and virtio_blk.c
  * (headers: io.h, console.h, virtio_blk.h; no two files use each other).
@@ -241,7 +242,7 @@ static void ticks(void)
         u8 sec = 0;
         for (u32 i = 0; i < 2000; i++)
             sec = cmos(0x00);
-        puts_("tick "); kv_dec("k", k); kv_dec("sec", sec); nl();
+        puts_("tick "); kv_dec("k", k); kv_dec("sec", sec); kv_dec("tsc", rdtsc_ordered()); nl();
     }
 }
 

@@ -128,33 +128,60 @@ fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
 }
 
-/// The `tick k=K` counter of the last complete tick line.
-fn last_tick(console: &str) -> u64 {
+/// `(k, tsc)` of every complete tick line (`tick k=K sec=S tsc=T`).
+fn ticks(console: &str) -> Vec<(u64, u64)> {
+    let field = |l: &str, key: &str| -> Option<u64> {
+        l.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+    };
     console
         .lines()
-        .filter(|l| l.starts_with("tick ") && l.contains(" sec="))
-        .filter_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("k=")))
-        .filter_map(|k| k.parse().ok())
-        .next_back()
-        .unwrap_or_else(|| panic!("no tick line in:\n{console}"))
+        .filter(|l| l.starts_with("tick ") && l.contains(" tsc=") && l.ends_with(' '))
+        .filter_map(|l| Some((field(l, "k=")?, field(l, "tsc=")?)))
+        .collect()
 }
 
-/// While paused the console does not grow at all; after resume it does.
-fn check_paused_then_resumed(g: &Guest, pause: impl Fn(), resume: impl Fn()) {
+fn last_tick(console: &str) -> u64 {
+    ticks(console)
+        .last()
+        .unwrap_or_else(|| panic!("no tick line in:\n{console}"))
+        .0
+}
+
+/// How long the tests hold a pause.
+const PAUSE: Duration = Duration::from_millis(1500);
+
+/// While paused the console does not grow at all; after resume it does. Returns the guest
+/// TSC of the last tick before the pause and of the first after it, and how long the test
+/// held the pause (at least).
+fn check_paused_then_resumed(
+    g: &Guest,
+    pause: impl Fn(),
+    resume: impl Fn(),
+) -> (u64, u64, Duration) {
     pause();
     let frozen = g.console();
-    std::thread::sleep(Duration::from_millis(500));
+    let held = Instant::now();
+    std::thread::sleep(PAUSE);
     assert_eq!(
-        g.console(),
-        frozen,
+        g.console().len(),
+        frozen.len(),
         "the guest printed while paused (console grew)"
     );
+    let held = held.elapsed();
     resume();
     let before = last_tick(&frozen);
     g.wait_console(
         |s| s.len() > frozen.len() && last_tick(s) > before,
         "a new tick after resume",
     );
+    let all = ticks(&g.console());
+    let i = all
+        .iter()
+        .position(|&(k, _)| k == before)
+        .expect("the last tick before the pause");
+    (all[i].1, all[i + 1].1, held)
 }
 
 fn pause_resume_shutdown_over_http(accel: Accel) {
@@ -188,7 +215,7 @@ fn pause_resume_shutdown_over_http(accel: Accel) {
         ]
     );
 
-    check_paused_then_resumed(
+    let (tsc_before, tsc_after, held) = check_paused_then_resumed(
         &g,
         || {
             assert_eq!(http(&api, "PUT", "/api/v1/vm.pause").0, 204);
@@ -205,6 +232,18 @@ fn pause_resume_shutdown_over_http(accel: Accel) {
             assert_eq!(json(&body)["state"], "Running");
         },
     );
+    if accel == Accel::Tcg {
+        // The guest clock was held: between the last tick before the pause and the first
+        // after it, the software CPU's TSC (1 GHz) advanced by less than the pause lasted.
+        let ticked = Duration::from_nanos(tsc_after.wrapping_sub(tsc_before));
+        assert!(
+            ticked < held,
+            "the guest TSC advanced {ticked:?} across a pause of {held:?}: the clock was not held"
+        );
+    } else {
+        // KVM: the raw TSC keeps running across a pause (kvmclock is held instead).
+        let _ = (tsc_before, tsc_after, held);
+    }
     assert_eq!(http(&api, "PUT", "/api/v1/vm.resume").0, 409);
     let (st, body) = http(&api, "GET", "/api/v1/vm.counters");
     assert_eq!(st, 200, "{body}");
