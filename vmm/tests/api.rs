@@ -16,6 +16,7 @@ use support::{on_both, payloads, project_binary, Accel};
 on_both!(
     pause_resume_shutdown_over_http,
     pause_resume_shutdown_with_rqemu_ctl,
+    power_button_reaches_the_guest_through_the_ged,
 );
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -30,6 +31,12 @@ struct Guest {
 
 impl Guest {
     fn start(accel: Accel, extra_cmdline: &str) -> Guest {
+        let g = Guest::spawn(accel, &format!("mode=ticks {extra_cmdline}"));
+        g.wait_console(|s| s.matches("tick ").count() >= 2, "two tick lines");
+        g
+    }
+
+    fn spawn(accel: Accel, cmdline: &str) -> Guest {
         let dir = tempfile::tempdir().unwrap();
         let console = dir.path().join("console.log");
         let api = dir.path().join("api.sock");
@@ -37,7 +44,7 @@ impl Guest {
             .arg("--kernel")
             .arg(&payloads().elf)
             .args(["--accel", accel.arg(), "--memory", "64M"])
-            .args(["--cmdline", &format!("mode=ticks {extra_cmdline}")])
+            .args(["--cmdline", cmdline])
             .arg(format!("--serial=file:{}", console.display()))
             .arg("--api-socket")
             .arg(&api)
@@ -46,14 +53,12 @@ impl Guest {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawning rqemu-vmm");
-        let g = Guest {
+        Guest {
             child,
             console,
             api,
             _dir: dir,
-        };
-        g.wait_console(|s| s.matches("tick ").count() >= 2, "two tick lines");
-        g
+        }
     }
 
     fn console(&self) -> String {
@@ -310,4 +315,30 @@ fn pause_resume_shutdown_with_rqemu_ctl(accel: Accel) {
     let (ok, _, err) = ctl(&api, "ping");
     assert!(!ok);
     assert!(err.contains("connecting to"), "{err}");
+}
+
+/// `vm.power-button` sets the GED's power-button event and pulses its interrupt; the payload
+/// polls the GED event register (what the DSDT's `_EVT` reads), sees the event, reads the
+/// register clear again, and powers off.
+fn power_button_reaches_the_guest_through_the_ged(accel: Accel) {
+    if !accel.usable("power_button_reaches_the_guest_through_the_ged") {
+        return;
+    }
+    let g = Guest::spawn(accel, "mode=button");
+    g.wait_console(
+        |s| s.contains("action button-wait"),
+        "that it waits for the button",
+    );
+    assert!(!g.console().contains("button events"), "{}", g.console());
+    let (ok, _, err) = ctl(&g.api, "power-button");
+    assert!(ok, "{err}");
+    g.wait_console(|s| s.contains("action poweroff"), "the power-button event");
+    let console = g.console();
+    let line = console
+        .lines()
+        .find(|l| l.starts_with("button "))
+        .unwrap_or_else(|| panic!("{console}"));
+    assert_eq!(line, "button events=0x8 after=0x0 ", "{console}");
+    let (code, err) = g.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
 }

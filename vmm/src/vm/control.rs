@@ -8,6 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::accel::{kick, Accelerator};
+use crate::acpi::ged::GedHandle;
 use crate::api::{ApiError, Counters, DeviceInfo, VmApi, VmInfo, VmState};
 use crate::exit::{ExitRequester, GuestExit};
 use crate::forwarded::Link;
@@ -44,6 +45,8 @@ pub(super) struct MachineFacts {
     pub(super) vcpus: u32,
     pub(super) memory: u64,
     pub(super) devices: Vec<DeviceEntry>,
+    /// The ACPI Generic Event Device (power button).
+    pub(super) ged: GedHandle,
 }
 
 /// Host-side actions counted for `vm.counters`.
@@ -51,6 +54,7 @@ pub(super) struct MachineFacts {
 pub(super) struct ApiCounters {
     pauses: AtomicU64,
     resumes: AtomicU64,
+    power_button: AtomicU64,
     paused_ns: AtomicU64,
 }
 
@@ -326,9 +330,12 @@ impl VmApi for VmController {
 
     fn power_button(&self) -> Result<(), ApiError> {
         self.require_running_or_paused()?;
-        Err(ApiError::Internal(
-            "this machine has no ACPI power button (GED) yet".into(),
-        ))
+        self.facts
+            .ged
+            .power_button(&*self.accel)
+            .map_err(|e| ApiError::Internal(format!("raising the GED interrupt: {e}")))?;
+        self.counters.power_button.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn counters(&self) -> Counters {
@@ -339,6 +346,12 @@ impl VmApi for VmController {
         vm.insert("resumes".into(), c.resumes.load(Ordering::Relaxed));
         vm.insert("paused_ns".into(), c.paused_ns.load(Ordering::Relaxed));
         vm.insert("vcpus_running".into(), self.running_vcpus() as u64);
+        let ged = all.entry("ged".to_string()).or_default();
+        ged.insert(
+            "power_button".into(),
+            c.power_button.load(Ordering::Relaxed),
+        );
+        ged.insert("pending_events".into(), u64::from(self.facts.ged.pending()));
         for (i, d) in self.facts.devices.iter().enumerate() {
             let mut m = std::collections::BTreeMap::new();
             let name = match d {

@@ -29,8 +29,8 @@ use crate::devices::serial::{spawn_stdin_reader, SerialError, SerialOutput};
 use crate::exit::{ExitRequester, GuestExit};
 use crate::forwarded::{ForwardError, Link};
 use crate::layout::{
-    virtio_mmio_base, ACPI_PM_SIZE, ACPI_PM_START, I8042_PORT, SERIAL_GSI, VIRTIO_MMIO_COUNT,
-    VIRTIO_MMIO_GSI_BASE, VIRTIO_MMIO_SIZE,
+    virtio_mmio_base, ACPI_PM_SIZE, ACPI_PM_START, GED_SIZE, GED_START, I8042_PORT, SERIAL_GSI,
+    VIRTIO_MMIO_COUNT, VIRTIO_MMIO_GSI_BASE, VIRTIO_MMIO_SIZE,
 };
 use crate::memory::{GuestRam, MemoryError};
 use crate::virtio::vhost_user::VhostUserKind;
@@ -224,6 +224,8 @@ impl Vm {
             ACPI_PM_START,
             ACPI_PM_SIZE,
         )?;
+        let (ged, ged_handle) = acpi::ged::GedDevice::new();
+        mmio.insert(Arc::new(Mutex::new(ged)), GED_START, GED_SIZE)?;
         let devices = attach::attach_devices(&*accel, &ram, &pio, &mmio, &windows, cfg)?;
 
         let topo = CpuTopology { count: cfg.vcpus };
@@ -252,6 +254,7 @@ impl Vm {
                 vcpus: cfg.vcpus,
                 memory: cfg.memory,
                 devices: devices.devices,
+                ged: ged_handle,
             }),
             api_counters: Arc::default(),
         })
