@@ -342,3 +342,40 @@ fn power_button_reaches_the_guest_through_the_ged(accel: Accel) {
     let (code, err) = g.wait_exit();
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// An `--api-socket` path that is a regular file, or a socket somebody listens on, is refused
+/// at start-up (exit 1, the path named) and left alone.
+#[test]
+fn api_socket_path_in_use_or_not_a_socket_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, b"keep me").unwrap();
+    let live = dir.path().join("live.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    for path in [&file, &live] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rqemu-vmm"))
+            .arg("--kernel")
+            .arg(&payloads().elf)
+            .args([
+                "--accel",
+                "tcg",
+                "--memory",
+                "64M",
+                "--cmdline",
+                "mode=ticks",
+            ])
+            .args(["--serial", "none", "--api-socket"])
+            .arg(path)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running rqemu-vmm");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("API socket") && err.contains(&*path.to_string_lossy()),
+            "{err}"
+        );
+        assert!(path.exists());
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+}
