@@ -257,6 +257,16 @@ fn pause_resume_shutdown_over_http(accel: Accel) {
         (c["vm"]["pauses"].clone(), c["vm"]["resumes"].clone()),
         (1.into(), 1.into())
     );
+    // Register accesses the VMM saw: the guest printed its ticks through COM1 and read the
+    // CMOS 2000 times per tick (it printed at least two).
+    let n = |dev: &str, k: &str| {
+        c[dev][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{dev}.{k}: {c}"))
+    };
+    assert!(n("serial0", "writes") > 0, "{c}");
+    assert!(n("rtc1", "reads") >= 4000, "{c}");
+    assert!(n("rtc1", "writes") >= 4000, "{c}");
     // Unknown endpoints and wrong methods.
     assert_eq!(http(&api, "GET", "/api/v1/vm.nothing").0, 404);
     assert_eq!(http(&api, "GET", "/api/v1/vm.shutdown").0, 405);

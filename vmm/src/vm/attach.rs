@@ -12,6 +12,7 @@ use rqemu_protocol::Space;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::control::DeviceEntry;
+use super::counted::{AccessCounts, Counted, Shared};
 use super::{DeviceSocketConfig, VmConfig, VmError};
 use crate::accel::{Accelerator, IoEventAddress, IoEventBinding};
 use crate::acpi::VirtioWindow;
@@ -78,12 +79,14 @@ pub(super) fn attach_devices(
     for (i, w) in windows.iter().enumerate() {
         match vhost.get(i) {
             Some(d) => {
-                let (virtio_id, watch) = attach_vhost_user(accel, ram, mmio, d, w)?;
+                let counts = Arc::new(AccessCounts::default());
+                let (virtio_id, watch) = attach_vhost_user(accel, ram, mmio, d, w, &counts)?;
                 let connected = Arc::new(AtomicBool::new(watch.is_some()));
                 devices.push(DeviceEntry::VhostUser {
                     virtio_id,
                     socket: d.socket.clone(),
                     connected: connected.clone(),
+                    counts,
                 });
                 watches.extend(watch.map(|(p, s)| (p, s, connected)));
             }
@@ -117,17 +120,21 @@ pub(super) fn attach_devices(
             if let Some(l) = links.iter().find(|l| l.gsis().contains(&SERIAL_GSI)) {
                 return Err(VmError::GsiTaken(SERIAL_GSI, l.name().to_string()));
             }
-            devices.push(DeviceEntry::InVmm("serial"));
+            let counts = Arc::new(AccessCounts::default());
+            devices.push(DeviceEntry::InVmm("serial", counts.clone()));
             let (dev, irq) = SerialDevice::new(serial)?;
             let dev = Arc::new(Mutex::new(dev));
             accel.register_irqfd(&irq, SERIAL_GSI)?;
-            pio.insert(dev.clone(), u64::from(SERIAL_PORT), 8)?;
+            let counted = Counted::new(Shared(dev.clone()), counts);
+            pio.insert(Arc::new(Mutex::new(counted)), u64::from(SERIAL_PORT), 8)?;
             Some((dev, irq))
         }
     };
     if forwarded::claimed(&links, Space::Pio, u64::from(RTC_PORT), 2).is_none() {
-        devices.push(DeviceEntry::InVmm("rtc"));
-        pio.insert(Arc::new(Mutex::new(Rtc::new())), u64::from(RTC_PORT), 2)?;
+        let counts = Arc::new(AccessCounts::default());
+        devices.push(DeviceEntry::InVmm("rtc", counts.clone()));
+        let counted = Counted::new(Rtc::new(), counts);
+        pio.insert(Arc::new(Mutex::new(counted)), u64::from(RTC_PORT), 2)?;
     }
     Ok(Attached {
         watches,
@@ -147,6 +154,7 @@ pub(super) fn attach_vhost_user(
     mmio: &Bus,
     d: &DeviceSocketConfig,
     w: &VirtioWindow,
+    counts: &Arc<AccessCounts>,
 ) -> Result<
     (
         u32,
@@ -172,7 +180,8 @@ pub(super) fn attach_vhost_user(
     for call in transport.call_fds() {
         accel.register_irqfd(call, w.gsi)?;
     }
-    mmio.insert(Arc::new(Mutex::new(transport)), w.base, w.size)?;
+    let counted = Counted::new(transport, counts.clone());
+    mmio.insert(Arc::new(Mutex::new(counted)), w.base, w.size)?;
     Ok((virtio_id, watch.map(|s| (d.socket.clone(), s))))
 }
 

@@ -13,6 +13,8 @@ use crate::api::{ApiError, Counters, DeviceInfo, VmApi, VmInfo, VmState};
 use crate::exit::{ExitRequester, GuestExit};
 use crate::forwarded::Link;
 
+use super::counted::AccessCounts;
+
 use super::VmError;
 
 #[derive(Default)]
@@ -33,11 +35,13 @@ pub(super) enum DeviceEntry {
         socket: PathBuf,
         /// Cleared by the hang-up watch.
         connected: Arc<AtomicBool>,
+        /// Register accesses of its virtio-mmio transport.
+        counts: Arc<AccessCounts>,
     },
     /// A forwarding-protocol daemon and its socket.
     Forwarded(Arc<Link>, PathBuf),
-    /// An in-VMM default device (`serial`, `rtc`).
-    InVmm(&'static str),
+    /// An in-VMM default device (`serial`, `rtc`) and its register accesses.
+    InVmm(&'static str, Arc<AccessCounts>),
 }
 
 /// What the VM is made of, fixed when it is built.
@@ -262,6 +266,7 @@ impl VmApi for VmController {
                     virtio_id,
                     socket,
                     connected,
+                    ..
                 } => DeviceInfo {
                     kind: virtio_name(*virtio_id).to_string(),
                     socket: Some(socket.display().to_string()),
@@ -272,7 +277,7 @@ impl VmApi for VmController {
                     socket: Some(socket.display().to_string()),
                     connection: connection(l.handle().is_alive()),
                 },
-                DeviceEntry::InVmm(kind) => DeviceInfo {
+                DeviceEntry::InVmm(kind, _) => DeviceInfo {
                     kind: (*kind).to_string(),
                     socket: None,
                     connection: "in-vmm".to_string(),
@@ -358,8 +363,12 @@ impl VmApi for VmController {
                 DeviceEntry::VhostUser {
                     virtio_id,
                     connected,
+                    counts,
                     ..
                 } => {
+                    let (r, w) = counts.get();
+                    m.insert("mmio_reads".into(), r);
+                    m.insert("mmio_writes".into(), w);
                     m.insert(
                         "connected".into(),
                         u64::from(connected.load(Ordering::Relaxed)),
@@ -371,8 +380,10 @@ impl VmApi for VmController {
                     m.insert("reattaches".into(), l.reattach_count());
                     format!("{}{i}", l.name())
                 }
-                DeviceEntry::InVmm(kind) => {
-                    m.insert("in_vmm".into(), 1);
+                DeviceEntry::InVmm(kind, counts) => {
+                    let (r, w) = counts.get();
+                    m.insert("reads".into(), r);
+                    m.insert("writes".into(), w);
                     format!("{kind}{i}")
                 }
             };

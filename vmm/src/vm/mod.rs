@@ -8,6 +8,7 @@
 
 mod attach;
 mod control;
+mod counted;
 mod vcpu_thread;
 
 use std::sync::{Arc, Mutex};
