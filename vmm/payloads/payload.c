@@ -10,7 +10,9 @@
  *   virtio     drive the first virtio-blk window (virtio_blk.c), then power off
  *   portloop   time PORTLOOP_N reads of CMOS port 0x71 with the TSC, print min/p50/p99/max
  *              cycles, then power off (the forwarding benchmark)
- *   ticks      forever: every 2000 CMOS reads print "tick k=K sec=S" (daemon restart tests)
+ *   button     waits for the ACPI power button (GED event register), then powers off
+ *   ticks      forever: every 2000 CMOS reads print "tick k=K sec=S tsc=T" (daemon
+ *              restart and API pause tests)
  * Every line is "key value..." so tests can check them (console.c prints them). Built by
  * vmm/tests with gcc from start.S (+ start_pvh.S), payload.c, console.c and virtio_blk.c
  * (headers: io.h, console.h, virtio_blk.h; no two files use each other).
@@ -241,7 +243,7 @@ static void ticks(void)
         u8 sec = 0;
         for (u32 i = 0; i < 2000; i++)
             sec = cmos(0x00);
-        puts_("tick "); kv_dec("k", k); kv_dec("sec", sec); nl();
+        puts_("tick "); kv_dec("k", k); kv_dec("sec", sec); kv_dec("tsc", rdtsc_ordered()); nl();
     }
 }
 
@@ -257,6 +259,16 @@ static void finish(void)
         mmio_write8(sleep_ctl, (5 << 2) | (1 << 5));
     } else if (has_word("mode=ticks")) {
         ticks();
+    } else if (has_word("mode=button")) {
+        /* Waits for the ACPI power button: the GED's read-to-clear event register
+         * (0xc0001000, see vmm/src/acpi/ged.rs) shows bit 3 once the host pressed it. */
+        puts_("action button-wait\n");
+        u32 ev;
+        while (!((ev = rd32(0xc0001000)) & 8))
+            __asm__ volatile("pause");
+        puts_("button "); kv_hex("events", ev); kv_hex("after", rd32(0xc0001000)); nl();
+        puts_("action poweroff\n");
+        mmio_write8(sleep_ctl, (5 << 2) | (1 << 5));
     } else if (has_word("mode=poweroff")) {
         puts_("action poweroff\n");
         mmio_write8(sleep_ctl, (5 << 2) | (1 << 5));

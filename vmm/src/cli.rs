@@ -143,6 +143,10 @@ pub struct Cli {
     /// Serial console: stdio, file:PATH or none.
     #[arg(long, default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialOutput,
+    /// Serve the management API (HTTP/1.1 + JSON, Cloud Hypervisor's shape: vmm.ping,
+    /// vm.info, vm.pause, vm.resume, vm.shutdown, ...) on this UNIX socket; see `rqemu-ctl`.
+    #[arg(long = "api-socket")]
+    pub api_socket: Option<PathBuf>,
 }
 
 impl Cli {
@@ -206,6 +210,7 @@ mod tests {
         assert_eq!(c.serial, SerialOutput::Stdio);
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert!(c.device_sockets.is_empty());
+        assert_eq!(c.api_socket, None);
         rejects(&[], &["required", "--kernel"]);
     }
 

@@ -17,8 +17,10 @@ pub enum GuestExit {
         /// Guest RIP at the fault, if known.
         rip: u64,
     },
-    /// The host asked the VM to stop (API / signal), not the guest.
+    /// The host asked the VM to stop (signal), not the guest.
     Stopped,
+    /// The management API's `vm.shutdown`: the VM stopped on request (exit status 0).
+    HostShutdown,
     /// The VMM or a vCPU failed.
     Error(String),
 }
@@ -31,6 +33,7 @@ impl GuestExit {
             GuestExit::Reset(_) => 2,
             GuestExit::TripleFault { .. } => 3,
             GuestExit::Stopped => 4,
+            GuestExit::HostShutdown => 0,
             GuestExit::Error(_) => 1,
         }
     }
@@ -45,6 +48,7 @@ impl std::fmt::Display for GuestExit {
                 write!(f, "vCPU {vcpu} triple-faulted (shutdown) at rip={rip:#x}")
             }
             GuestExit::Stopped => write!(f, "VM stopped by the host"),
+            GuestExit::HostShutdown => write!(f, "VM shut down through the management API"),
             GuestExit::Error(e) => write!(f, "VM error: {e}"),
         }
     }

@@ -49,6 +49,12 @@ pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 pub const ACPI_PM_START: u64 = 0xc000_0000;
 /// Size of the ACPI PM device window.
 pub const ACPI_PM_SIZE: u64 = 0x1000;
+/// ACPI Generic Event Device's event register (MMIO, read-to-clear), see `acpi::ged`.
+pub const GED_START: u64 = 0xc000_1000;
+/// Size of the GED window.
+pub const GED_SIZE: u64 = 0x1000;
+/// GSI of the GED (edge, active high): an ISA line no platform or forwarded device uses.
+pub const GED_GSI: u32 = 12;
 /// First virtio-mmio window.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// Size of one virtio-mmio window.

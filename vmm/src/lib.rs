@@ -9,10 +9,12 @@
 //! * [`vm`] — assembling the machine and running vCPU threads until the guest exits;
 //! * [`virtio`] — virtio-mmio transport and the vhost-user frontend;
 //! * [`forwarded`] — emulated devices in daemons over the rqemu forwarding protocol;
+//! * [`api`] — the management API (`--api-socket`: HTTP/1.1 + JSON over a UNIX socket);
 //! * [`cli`] — the command line of the `rqemu-vmm` binary.
 
 pub mod accel;
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod bus;
 pub mod cli;

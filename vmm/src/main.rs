@@ -18,9 +18,16 @@ fn run(cli: &Cli) -> anyhow::Result<GuestExit> {
     let vm = Vm::new(&cfg, accel).context("building the VM")?;
     tracing::debug!(?vm, mode = ?vm.kernel().mode, "starting guest");
     stop_on_signals(vm.controller()).context("installing SIGINT/SIGTERM handling")?;
+    if let Some(path) = &cli.api_socket {
+        rqemu_vmm::api::spawn(path, std::sync::Arc::new(vm.controller()))?;
+    }
     // Built, devices attached: the guest starts now (a Type=notify unit is active from here).
     rqemu_daemon::notify::ready("guest running");
-    Ok(vm.run()?)
+    let outcome = vm.run();
+    if let Some(path) = &cli.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(outcome?)
 }
 
 /// SIGINT/SIGTERM stop the VM cleanly (all vCPU threads joined, exit status 4): the signals

@@ -66,6 +66,12 @@ fn tables_disassemble_with_iasl() {
                 assert!(dsl.contains("EisaId (\"PNP0B00\")"), "{dsl}");
                 assert!(dsl.contains("Name (_S5, Package"), "{dsl}");
                 assert!(dsl.contains("0xD0000000"), "{dsl}");
+                // The GED, its event register and _EVT, and the power button it notifies.
+                assert!(dsl.contains("Name (_HID, \"ACPI0013\""), "{dsl}");
+                assert!(dsl.contains("EisaId (\"PNP0C0C\")"), "{dsl}");
+                assert!(dsl.contains("SystemMemory, 0xC0001000"), "{dsl}");
+                assert!(dsl.contains("Method (_EVT, 1, Serialized)"), "{dsl}");
+                assert!(dsl.contains("Notify (\\_SB.PWRB, 0x80)"), "{dsl}");
             }
             "APIC" => {
                 assert_eq!(dsl.matches("Processor Local APIC").count(), 4, "{dsl}");

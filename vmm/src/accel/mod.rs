@@ -33,6 +33,7 @@ pub mod tcg;
 use vmm_sys_util::eventfd::EventFd;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::bus::Bus;
 use crate::exit::ExitRequester;
@@ -244,6 +245,9 @@ pub trait Accelerator: Send + Sync {
     fn attach_buses(&self, _pio: &Arc<Bus>, _mmio: &Arc<Bus>, _exit: &ExitRequester) -> Result<()> {
         Ok(())
     }
+    /// The VM was paused for `paused` (every vCPU parked): the guest clock must continue
+    /// from where it stopped, not jump ahead. Called before the vCPUs run again.
+    fn hold_clock(&self, _paused: Duration) {}
     /// Creates vCPU `index` of `topology` with CPUID, MSRs, FPU and LAPIC set up like a
     /// real boot (boot state comes separately, see [`Vcpu::set_boot_state`]).
     fn create_vcpu(&self, index: u32, topology: &CpuTopology) -> Result<Box<dyn Vcpu>>;

@@ -1,6 +1,7 @@
 //! The DSDT: COM1 (`PNP0501`), the CMOS RTC (`PNP0B00`), one `LNRO0005` virtio-mmio node
-//! per window (Memory32Fixed + edge Interrupt on its GSI) and the `_S5_` sleep package
-//! matching [`crate::devices::acpi_pm`].
+//! per window (Memory32Fixed + edge Interrupt on its GSI), the Generic Event Device and
+//! power button ([`super::ged`]) and the `_S5_` sleep package matching
+//! [`crate::devices::acpi_pm`].
 
 use acpi_tables::aml;
 use acpi_tables::sdt::Sdt;
@@ -81,6 +82,7 @@ pub fn build_dsdt(virtio: &[VirtioWindow]) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, 1);
     let mut body = Vec::new();
     sb.to_aml_bytes(&mut body);
+    super::ged::aml(&mut body);
     s5.to_aml_bytes(&mut body);
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()

@@ -4,6 +4,7 @@
 //! RSDP → XSDT → {FADT → DSDT, MADT}.
 
 mod dsdt;
+pub mod ged;
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};

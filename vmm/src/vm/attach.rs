@@ -3,6 +3,7 @@
 //! the in-VMM defaults (COM1, CMOS RTC) for what no daemon took.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -10,6 +11,8 @@ use rqemu_protocol::handshake::FEATURE_RING;
 use rqemu_protocol::Space;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::control::DeviceEntry;
+use super::counted::{AccessCounts, Counted, Shared};
 use super::{DeviceSocketConfig, VmConfig, VmError};
 use crate::accel::{Accelerator, IoEventAddress, IoEventBinding};
 use crate::acpi::VirtioWindow;
@@ -23,14 +26,20 @@ use crate::memory::GuestRam;
 use crate::virtio::empty::EmptyVirtioMmio;
 use crate::virtio::mmio::{reg, MmioTransport};
 use crate::virtio::vhost_user::VhostUserDevice;
+use crate::virtio::VirtioDevice;
 
 /// The in-VMM COM1 and its interrupt eventfd.
 pub(super) type InVmmSerial = (Arc<Mutex<SerialDevice>>, EventFd);
 
+/// A vhost-user connection to watch for hang-up, and the flag the watch clears then.
+pub(super) type Watch = (PathBuf, std::os::unix::net::UnixStream, Arc<AtomicBool>);
+
 /// What [`attach_devices`] set up.
 pub(super) struct Attached {
     /// Hang-up watches of vhost-user connections.
-    pub(super) watches: Vec<(PathBuf, std::os::unix::net::UnixStream)>,
+    pub(super) watches: Vec<Watch>,
+    /// Every device, for the management API.
+    pub(super) devices: Vec<DeviceEntry>,
     /// Forwarded devices.
     pub(super) links: Vec<Arc<Link>>,
     /// The in-VMM COM1, unless a daemon serves it.
@@ -66,9 +75,21 @@ pub(super) fn attach_devices(
         return Err(VmError::TooManyDevices(vhost.len()));
     }
     let mut watches = Vec::new();
+    let mut devices = Vec::new();
     for (i, w) in windows.iter().enumerate() {
         match vhost.get(i) {
-            Some(d) => watches.extend(attach_vhost_user(accel, ram, mmio, d, w)?),
+            Some(d) => {
+                let counts = Arc::new(AccessCounts::default());
+                let (virtio_id, watch) = attach_vhost_user(accel, ram, mmio, d, w, &counts)?;
+                let connected = Arc::new(AtomicBool::new(watch.is_some()));
+                devices.push(DeviceEntry::VhostUser {
+                    virtio_id,
+                    socket: d.socket.clone(),
+                    connected: connected.clone(),
+                    counts,
+                });
+                watches.extend(watch.map(|(p, s)| (p, s, connected)));
+            }
             None => mmio.insert(Arc::new(Mutex::new(EmptyVirtioMmio)), w.base, w.size)?,
         }
     }
@@ -80,7 +101,9 @@ pub(super) fn attach_devices(
         if !cfg.forward_rings {
             policy.features &= !FEATURE_RING;
         }
-        links.push(forwarded::attach(accel, pio, mmio, sock, path, &policy)?);
+        let link = forwarded::attach(accel, pio, mmio, sock, path, &policy)?;
+        devices.push(DeviceEntry::Forwarded(link.clone(), path.clone()));
+        links.push(link);
     }
 
     let serial = match forwarded::claimed(&links, Space::Pio, u64::from(SERIAL_PORT), 8) {
@@ -97,18 +120,25 @@ pub(super) fn attach_devices(
             if let Some(l) = links.iter().find(|l| l.gsis().contains(&SERIAL_GSI)) {
                 return Err(VmError::GsiTaken(SERIAL_GSI, l.name().to_string()));
             }
+            let counts = Arc::new(AccessCounts::default());
+            devices.push(DeviceEntry::InVmm("serial", counts.clone()));
             let (dev, irq) = SerialDevice::new(serial)?;
             let dev = Arc::new(Mutex::new(dev));
             accel.register_irqfd(&irq, SERIAL_GSI)?;
-            pio.insert(dev.clone(), u64::from(SERIAL_PORT), 8)?;
+            let counted = Counted::new(Shared(dev.clone()), counts);
+            pio.insert(Arc::new(Mutex::new(counted)), u64::from(SERIAL_PORT), 8)?;
             Some((dev, irq))
         }
     };
     if forwarded::claimed(&links, Space::Pio, u64::from(RTC_PORT), 2).is_none() {
-        pio.insert(Arc::new(Mutex::new(Rtc::new())), u64::from(RTC_PORT), 2)?;
+        let counts = Arc::new(AccessCounts::default());
+        devices.push(DeviceEntry::InVmm("rtc", counts.clone()));
+        let counted = Counted::new(Rtc::new(), counts);
+        pio.insert(Arc::new(Mutex::new(counted)), u64::from(RTC_PORT), 2)?;
     }
     Ok(Attached {
         watches,
+        devices,
         links,
         serial,
     })
@@ -116,15 +146,25 @@ pub(super) fn attach_devices(
 
 /// Connects a vhost-user daemon and maps its transport at window `w`: QueueNotify → the
 /// queue's kick eventfd (ioeventfd or bus ioevent), call eventfds → irqfd on the window's GSI.
+/// Returns the virtio device ID and the connection to watch.
+#[allow(clippy::type_complexity)]
 pub(super) fn attach_vhost_user(
     accel: &dyn Accelerator,
     ram: &GuestRam,
     mmio: &Bus,
     d: &DeviceSocketConfig,
     w: &VirtioWindow,
-) -> Result<Option<(std::path::PathBuf, std::os::unix::net::UnixStream)>, VmError> {
+    counts: &Arc<AccessCounts>,
+) -> Result<
+    (
+        u32,
+        Option<(std::path::PathBuf, std::os::unix::net::UnixStream)>,
+    ),
+    VmError,
+> {
     let mut dev = VhostUserDevice::open(d.kind, &d.socket, ram.memory().clone())?;
     let watch = dev.take_watch_stream();
+    let virtio_id = dev.device_type();
     let transport = MmioTransport::new(Box::new(dev))?;
     let notify = w.base + reg::QUEUE_NOTIFY;
     for (q, kick) in transport.kick_fds().iter().enumerate() {
@@ -140,8 +180,9 @@ pub(super) fn attach_vhost_user(
     for call in transport.call_fds() {
         accel.register_irqfd(call, w.gsi)?;
     }
-    mmio.insert(Arc::new(Mutex::new(transport)), w.base, w.size)?;
-    Ok(watch.map(|s| (d.socket.clone(), s)))
+    let counted = Counted::new(transport, counts.clone());
+    mmio.insert(Arc::new(Mutex::new(counted)), w.base, w.size)?;
+    Ok((virtio_id, watch.map(|s| (d.socket.clone(), s))))
 }
 
 /// A path that exists must be a socket (connecting to a regular file only says "connection
@@ -169,8 +210,7 @@ fn check_socket_path(path: &std::path::Path) -> Result<(), VmError> {
 /// Watches a vhost-user connection: if the daemon hangs up, the VM stops with a clear error
 /// (the guest's device would otherwise wait forever).
 pub(super) fn spawn_daemon_watch(
-    socket: std::path::PathBuf,
-    stream: std::os::unix::net::UnixStream,
+    (socket, stream, connected): Watch,
     exit: ExitRequester,
 ) -> Result<JoinHandle<()>, VmError> {
     use std::os::fd::AsRawFd;
@@ -186,6 +226,7 @@ pub(super) fn spawn_daemon_watch(
                 // SAFETY: one valid pollfd for the duration of the call.
                 let r = unsafe { libc::poll(&mut pfd, 1, 100) };
                 if r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                    connected.store(false, Ordering::Relaxed);
                     exit.request(GuestExit::Error(format!(
                         "vhost-user daemon {} disconnected",
                         socket.display()

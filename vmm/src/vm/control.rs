@@ -1,11 +1,19 @@
 //! vCPU thread control: a registry of live vCPU threads (so kicks never target an exited
-//! thread), pause/resume, and the host-side [`VmController`].
+//! thread), pause/resume, and the host-side [`VmController`] (also the management API's
+//! [`VmApi`]).
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::accel::kick;
+use crate::accel::{kick, Accelerator};
+use crate::acpi::ged::GedHandle;
+use crate::api::{ApiError, Counters, DeviceInfo, VmApi, VmInfo, VmState};
 use crate::exit::{ExitRequester, GuestExit};
+use crate::forwarded::Link;
+
+use super::counted::AccessCounts;
 
 use super::VmError;
 
@@ -13,6 +21,45 @@ use super::VmError;
 struct PauseState {
     requested: bool,
     parked: usize,
+    /// When the current pause began (the guest clock is held from then until resume).
+    since: Option<Instant>,
+}
+
+/// A device of the machine, as the management API describes it.
+pub(super) enum DeviceEntry {
+    /// A vhost-user daemon on a virtio-mmio window.
+    VhostUser {
+        /// virtio device ID (1 net, 2 blk, 26 fs).
+        virtio_id: u32,
+        /// Its socket.
+        socket: PathBuf,
+        /// Cleared by the hang-up watch.
+        connected: Arc<AtomicBool>,
+        /// Register accesses of its virtio-mmio transport.
+        counts: Arc<AccessCounts>,
+    },
+    /// A forwarding-protocol daemon and its socket.
+    Forwarded(Arc<Link>, PathBuf),
+    /// An in-VMM default device (`serial`, `rtc`) and its register accesses.
+    InVmm(&'static str, Arc<AccessCounts>),
+}
+
+/// What the VM is made of, fixed when it is built.
+pub(super) struct MachineFacts {
+    pub(super) vcpus: u32,
+    pub(super) memory: u64,
+    pub(super) devices: Vec<DeviceEntry>,
+    /// The ACPI Generic Event Device (power button).
+    pub(super) ged: GedHandle,
+}
+
+/// Host-side actions counted for `vm.counters`.
+#[derive(Default)]
+pub(super) struct ApiCounters {
+    pauses: AtomicU64,
+    resumes: AtomicU64,
+    power_button: AtomicU64,
+    paused_ns: AtomicU64,
 }
 
 /// Shared between the vCPU threads and the controller.
@@ -90,6 +137,9 @@ impl VcpuSync {
 pub struct VmController {
     pub(super) sync: Arc<VcpuSync>,
     pub(super) exit: ExitRequester,
+    pub(super) accel: Arc<dyn Accelerator>,
+    pub(super) facts: Arc<MachineFacts>,
+    pub(super) counters: Arc<ApiCounters>,
 }
 
 impl std::fmt::Debug for VmController {
@@ -100,12 +150,13 @@ impl std::fmt::Debug for VmController {
 
 impl VmController {
     /// Pauses every vCPU (each parks outside the guest); waits up to `timeout`.
+    /// The guest clock is held from now until [`VmController::resume`].
     pub fn pause(&self, timeout: Duration) -> Result<(), VmError> {
-        self.sync
-            .pause
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .requested = true;
+        {
+            let mut st = self.sync.pause.lock().unwrap_or_else(|e| e.into_inner());
+            st.requested = true;
+            st.since.get_or_insert_with(Instant::now);
+        }
         let start = Instant::now();
         loop {
             let running = self.sync.kick_all();
@@ -134,13 +185,210 @@ impl VmController {
         self.sync.running()
     }
 
-    /// Resumes paused vCPUs.
+    /// Resumes paused vCPUs; the guest clock continues from where the pause held it.
     pub fn resume(&self) {
+        let since = self
+            .sync
+            .pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .since
+            .take();
+        if let Some(t) = since {
+            // The vCPUs are still parked: the clock moves before any guest code sees it.
+            let held = t.elapsed();
+            self.accel.hold_clock(held);
+            self.counters
+                .paused_ns
+                .fetch_add(held.as_nanos() as u64, Ordering::Relaxed);
+        }
         self.sync.wake();
+    }
+
+    /// Whether a pause is in effect.
+    pub fn is_paused(&self) -> bool {
+        self.sync
+            .pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requested
     }
 
     /// Stops the VM: `Vm::run` returns [`GuestExit::Stopped`] once all vCPUs have joined.
     pub fn stop(&self) {
         self.exit.request(GuestExit::Stopped);
+    }
+}
+
+/// How long a `vm.pause` waits for every vCPU to park.
+const API_PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn virtio_name(id: u32) -> &'static str {
+    match id {
+        1 => "virtio-net",
+        2 => "virtio-blk",
+        26 => "virtio-fs",
+        _ => "virtio",
+    }
+}
+
+fn connection(up: bool) -> String {
+    if up { "connected" } else { "disconnected" }.to_string()
+}
+
+impl VmController {
+    fn state(&self) -> VmState {
+        if self.exit.should_stop() {
+            VmState::Shutdown
+        } else if self.is_paused() {
+            VmState::Paused
+        } else {
+            VmState::Running
+        }
+    }
+
+    fn require_running_or_paused(&self) -> Result<(), ApiError> {
+        if self.exit.should_stop() {
+            return Err(ApiError::Conflict("the VM is shutting down".into()));
+        }
+        Ok(())
+    }
+}
+
+impl VmApi for VmController {
+    fn info(&self) -> VmInfo {
+        let devices = self
+            .facts
+            .devices
+            .iter()
+            .map(|d| match d {
+                DeviceEntry::VhostUser {
+                    virtio_id,
+                    socket,
+                    connected,
+                    ..
+                } => DeviceInfo {
+                    kind: virtio_name(*virtio_id).to_string(),
+                    socket: Some(socket.display().to_string()),
+                    connection: connection(connected.load(Ordering::Relaxed)),
+                },
+                DeviceEntry::Forwarded(l, socket) => DeviceInfo {
+                    kind: format!("{:?}", l.class()).to_lowercase(),
+                    socket: Some(socket.display().to_string()),
+                    connection: connection(l.handle().is_alive()),
+                },
+                DeviceEntry::InVmm(kind, _) => DeviceInfo {
+                    kind: (*kind).to_string(),
+                    socket: None,
+                    connection: "in-vmm".to_string(),
+                },
+            })
+            .collect();
+        VmInfo {
+            state: self.state(),
+            vcpus: self.facts.vcpus,
+            memory: self.facts.memory,
+            accelerator: self.accel.name().to_string(),
+            devices,
+        }
+    }
+
+    fn pause(&self) -> Result<(), ApiError> {
+        self.require_running_or_paused()?;
+        if self.is_paused() {
+            return Err(ApiError::Conflict("the VM is already paused".into()));
+        }
+        match VmController::pause(self, API_PAUSE_TIMEOUT) {
+            Ok(()) => {
+                self.counters.pauses.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                // Do not leave some vCPUs parked and others running.
+                VmController::resume(self);
+                Err(ApiError::Internal(e.to_string()))
+            }
+        }
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        self.require_running_or_paused()?;
+        if !self.is_paused() {
+            return Err(ApiError::Conflict("the VM is not paused".into()));
+        }
+        VmController::resume(self);
+        self.counters.resumes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn shutdown(&self) -> Result<(), ApiError> {
+        self.exit.request(GuestExit::HostShutdown);
+        Ok(())
+    }
+
+    fn reboot(&self) -> Result<(), ApiError> {
+        self.require_running_or_paused()?;
+        self.exit
+            .request(GuestExit::Reset("the management API (vm.reboot)"));
+        Ok(())
+    }
+
+    fn power_button(&self) -> Result<(), ApiError> {
+        self.require_running_or_paused()?;
+        self.facts
+            .ged
+            .power_button(&*self.accel)
+            .map_err(|e| ApiError::Internal(format!("raising the GED interrupt: {e}")))?;
+        self.counters.power_button.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn counters(&self) -> Counters {
+        let mut all = Counters::new();
+        let vm = all.entry("vm".to_string()).or_default();
+        let c = &self.counters;
+        vm.insert("pauses".into(), c.pauses.load(Ordering::Relaxed));
+        vm.insert("resumes".into(), c.resumes.load(Ordering::Relaxed));
+        vm.insert("paused_ns".into(), c.paused_ns.load(Ordering::Relaxed));
+        vm.insert("vcpus_running".into(), self.running_vcpus() as u64);
+        let ged = all.entry("ged".to_string()).or_default();
+        ged.insert(
+            "power_button".into(),
+            c.power_button.load(Ordering::Relaxed),
+        );
+        ged.insert("pending_events".into(), u64::from(self.facts.ged.pending()));
+        for (i, d) in self.facts.devices.iter().enumerate() {
+            let mut m = std::collections::BTreeMap::new();
+            let name = match d {
+                DeviceEntry::VhostUser {
+                    virtio_id,
+                    connected,
+                    counts,
+                    ..
+                } => {
+                    let (r, w) = counts.get();
+                    m.insert("mmio_reads".into(), r);
+                    m.insert("mmio_writes".into(), w);
+                    m.insert(
+                        "connected".into(),
+                        u64::from(connected.load(Ordering::Relaxed)),
+                    );
+                    format!("{}{i}", virtio_name(*virtio_id))
+                }
+                DeviceEntry::Forwarded(l, _) => {
+                    m.insert("connected".into(), u64::from(l.handle().is_alive()));
+                    m.insert("reattaches".into(), l.reattach_count());
+                    format!("{}{i}", l.name())
+                }
+                DeviceEntry::InVmm(kind, counts) => {
+                    let (r, w) = counts.get();
+                    m.insert("reads".into(), r);
+                    m.insert("writes".into(), w);
+                    format!("{kind}{i}")
+                }
+            };
+            all.insert(name, m);
+        }
+        all
     }
 }

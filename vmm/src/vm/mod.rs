@@ -8,14 +8,15 @@
 
 mod attach;
 mod control;
+mod counted;
 mod vcpu_thread;
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use control::VcpuSync;
 pub use control::VmController;
+use control::{ApiCounters, MachineFacts, VcpuSync};
 
 use crate::accel::kvm::KvmAccel;
 use crate::accel::tcg::TcgAccel;
@@ -29,8 +30,8 @@ use crate::devices::serial::{spawn_stdin_reader, SerialError, SerialOutput};
 use crate::exit::{ExitRequester, GuestExit};
 use crate::forwarded::{ForwardError, Link};
 use crate::layout::{
-    virtio_mmio_base, ACPI_PM_SIZE, ACPI_PM_START, I8042_PORT, SERIAL_GSI, VIRTIO_MMIO_COUNT,
-    VIRTIO_MMIO_GSI_BASE, VIRTIO_MMIO_SIZE,
+    virtio_mmio_base, ACPI_PM_SIZE, ACPI_PM_START, GED_SIZE, GED_START, I8042_PORT, SERIAL_GSI,
+    VIRTIO_MMIO_COUNT, VIRTIO_MMIO_GSI_BASE, VIRTIO_MMIO_SIZE,
 };
 use crate::memory::{GuestRam, MemoryError};
 use crate::virtio::vhost_user::VhostUserKind;
@@ -163,7 +164,9 @@ pub struct Vm {
     links: Vec<Arc<Link>>,
     kernel: LoadedKernel,
     sync: Arc<VcpuSync>,
-    daemon_watches: Vec<(std::path::PathBuf, std::os::unix::net::UnixStream)>,
+    daemon_watches: Vec<attach::Watch>,
+    facts: Arc<MachineFacts>,
+    api_counters: Arc<ApiCounters>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -222,6 +225,8 @@ impl Vm {
             ACPI_PM_START,
             ACPI_PM_SIZE,
         )?;
+        let (ged, ged_handle) = acpi::ged::GedDevice::new();
+        mmio.insert(Arc::new(Mutex::new(ged)), GED_START, GED_SIZE)?;
         let devices = attach::attach_devices(&*accel, &ram, &pio, &mmio, &windows, cfg)?;
 
         let topo = CpuTopology { count: cfg.vcpus };
@@ -246,6 +251,13 @@ impl Vm {
             kernel,
             sync: Arc::new(VcpuSync::default()),
             daemon_watches: devices.watches,
+            facts: Arc::new(MachineFacts {
+                vcpus: cfg.vcpus,
+                memory: cfg.memory,
+                devices: devices.devices,
+                ged: ged_handle,
+            }),
+            api_counters: Arc::default(),
         })
     }
 
@@ -279,6 +291,9 @@ impl Vm {
         VmController {
             sync: self.sync.clone(),
             exit: self.exit.clone(),
+            accel: self.accel.clone(),
+            facts: self.facts.clone(),
+            counters: self.api_counters.clone(),
         }
     }
 
@@ -315,8 +330,8 @@ impl Vm {
         };
 
         let mut watchers = Vec::new();
-        for (socket, stream) in std::mem::take(&mut self.daemon_watches) {
-            match attach::spawn_daemon_watch(socket, stream, self.exit.clone()) {
+        for watch in std::mem::take(&mut self.daemon_watches) {
+            match attach::spawn_daemon_watch(watch, self.exit.clone()) {
                 Ok(h) => watchers.push(h),
                 Err(e) => self.exit.request(GuestExit::Error(e.to_string())),
             }

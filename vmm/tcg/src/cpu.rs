@@ -67,6 +67,12 @@ impl Cpu {
         }
     }
 
+    /// Holds the virtual TSC for `paused`: it continues from the value it had before the
+    /// host paused this CPU, instead of jumping by the time the pause lasted.
+    pub fn hold_clock(&mut self, paused: std::time::Duration) {
+        self.clock += paused;
+    }
+
     /// Must be called after the VMM changed CR0/CR3/CR4/EFER or segment state directly:
     /// flushes the TLB.
     pub fn state_changed(&mut self) {

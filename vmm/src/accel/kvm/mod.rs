@@ -112,6 +112,23 @@ impl Accelerator for KvmAccel {
         "kvm"
     }
 
+    /// kvmclock (the guest's clock source under KVM) is set back by the pause, so the guest
+    /// sees no time pass; the raw TSC keeps running (documented limitation).
+    fn hold_clock(&self, paused: std::time::Duration) {
+        let held = match self.vm.get_clock() {
+            Ok(mut c) => {
+                let ns = u64::try_from(paused.as_nanos()).unwrap_or(u64::MAX);
+                c.clock = c.clock.saturating_sub(ns);
+                c.flags = 0;
+                self.vm.set_clock(&c)
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = held {
+            tracing::warn!("KVM_GET/SET_CLOCK: the guest clock jumps by the pause: {e}");
+        }
+    }
+
     fn map_ram(&self, ram: &GuestRam) -> Result<()> {
         for (slot, region) in ram.memory().iter().enumerate() {
             let mr = kvm_userspace_memory_region {

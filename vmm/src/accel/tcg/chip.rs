@@ -5,7 +5,7 @@
 //! Shared between the vCPU thread (MMIO/PIO, interrupt polling and acknowledgement) and the
 //! irqfd thread (raising GSIs); a condition variable wakes a halted vCPU.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -84,9 +84,29 @@ pub(super) struct IrqChip {
     /// Set when a device interrupt was raised from outside the vCPU thread (device DMA may
     /// have written guest RAM: the CPU must revalidate cached code).
     external: AtomicBool,
+    /// Host time the VM spent paused: the guest clock (timers, TSC) is the host's monotonic
+    /// clock minus this, so it continues from where a pause held it.
+    held_ns: AtomicU64,
 }
 
 impl IrqChip {
+    /// The guest's "now": host monotonic time minus the time spent paused.
+    pub(super) fn now(&self) -> Instant {
+        let now = Instant::now();
+        now.checked_sub(self.held()).unwrap_or(now)
+    }
+
+    /// Total time the VM was paused.
+    pub(super) fn held(&self) -> Duration {
+        Duration::from_nanos(self.held_ns.load(Ordering::Acquire))
+    }
+
+    /// Adds a pause of `d` to the held time (called with every vCPU parked).
+    pub(super) fn hold(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.held_ns.fetch_add(ns, Ordering::AcqRel);
+    }
+
     pub(super) fn new() -> Self {
         IrqChip {
             ctl: Mutex::new(Controllers {
@@ -97,6 +117,7 @@ impl IrqChip {
             }),
             wake: Condvar::new(),
             external: AtomicBool::new(false),
+            held_ns: AtomicU64::new(0),
         }
     }
 
@@ -129,8 +150,9 @@ impl IrqChip {
 
     /// Whether an interrupt is ready for the CPU (runs the timers first).
     pub(super) fn interrupt_pending(&self) -> bool {
+        let now = self.now();
         let mut c = self.lock();
-        c.poll_timers(Instant::now());
+        c.poll_timers(now);
         c.pending()
     }
 
@@ -153,8 +175,8 @@ impl IrqChip {
 
     /// Blocks until an interrupt may be pending or `max` elapsed.
     pub(super) fn wait(&self, max: Duration) {
+        let now = self.now();
         let mut c = self.lock();
-        let now = Instant::now();
         c.poll_timers(now);
         if c.pending() {
             return;

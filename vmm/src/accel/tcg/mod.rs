@@ -67,6 +67,12 @@ impl Accelerator for TcgAccel {
         1
     }
 
+    /// The chips' timers and every vCPU's TSC run on [`IrqChip::now`], which leaves out the
+    /// time spent paused.
+    fn hold_clock(&self, paused: std::time::Duration) {
+        self.chip.hold(paused);
+    }
+
     fn map_ram(&self, ram: &GuestRam) -> Result<()> {
         let mem = ram.memory().clone();
         let mut regions = Vec::with_capacity(ram.regions().len());

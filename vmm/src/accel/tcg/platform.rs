@@ -3,7 +3,6 @@
 //! ioevent eventfds, see [`crate::bus::Bus::add_ioevent`]).
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Instant;
 
 use rqemu_tcg::{Platform, StopReason};
 
@@ -34,7 +33,7 @@ fn in_window(addr: u64, base: u64, size: u64) -> Option<u64> {
 impl Platform for TcgPlatform<'_> {
     fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
         if let Some(off) = in_window(gpa, LAPIC_START, LAPIC_SIZE) {
-            self.chip.lock().lapic.read(off, data, Instant::now());
+            self.chip.lock().lapic.read(off, data, self.chip.now());
         } else if let Some(off) = in_window(gpa, IOAPIC_START, IOAPIC_SIZE) {
             data.fill(0);
             self.chip.lock().ioapic.read(off, data);
@@ -46,7 +45,7 @@ impl Platform for TcgPlatform<'_> {
     fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
         if let Some(off) = in_window(gpa, LAPIC_START, LAPIC_SIZE) {
             let mut c = self.chip.lock();
-            let action = c.lapic.write(off, data, Instant::now());
+            let action = c.lapic.write(off, data, self.chip.now());
             c.lapic_action(action);
         } else if let Some(off) = in_window(gpa, IOAPIC_START, IOAPIC_SIZE) {
             let mut c = self.chip.lock();
@@ -61,8 +60,8 @@ impl Platform for TcgPlatform<'_> {
     fn pio_read(&mut self, port: u16, data: &mut [u8]) {
         let v = match port {
             0x20 | 0x21 | 0xa0 | 0xa1 => self.chip.lock().pic.read(port),
-            PIT_PORT..=0x43 => self.chip.lock().pit.read(port, Instant::now()),
-            PORT_61 => self.chip.lock().pit.read_port61(Instant::now()),
+            PIT_PORT..=0x43 => self.chip.lock().pit.read(port, self.chip.now()),
+            PORT_61 => self.chip.lock().pit.read_port61(self.chip.now()),
             _ => {
                 self.pio.read(u64::from(port), data);
                 return;
@@ -78,8 +77,8 @@ impl Platform for TcgPlatform<'_> {
         let v = data.first().copied().unwrap_or(0);
         match port {
             0x20 | 0x21 | 0xa0 | 0xa1 => self.chip.lock().pic.write(port, v),
-            PIT_PORT..=0x43 => self.chip.lock().pit.write(port, v, Instant::now()),
-            PORT_61 => self.chip.lock().pit.write_port61(v, Instant::now()),
+            PIT_PORT..=0x43 => self.chip.lock().pit.write(port, v, self.chip.now()),
+            PORT_61 => self.chip.lock().pit.write_port61(v, self.chip.now()),
             _ => {
                 if !self.pio.write(u64::from(port), data) {
                     tracing::trace!(port, ?data, "unhandled port write");

@@ -37,6 +37,8 @@ pub struct TcgVcpu {
     /// Set to 1 by the kick signal handler (see [`kick::arm_thread`]).
     kick: Box<AtomicU8>,
     booted: bool,
+    /// The part of the chip's held time already applied to this CPU's TSC.
+    held_applied: Duration,
 }
 
 impl std::fmt::Debug for TcgVcpu {
@@ -72,6 +74,7 @@ impl TcgVcpu {
             exit: p.exit,
             kick: Box::new(AtomicU8::new(0)),
             booted: false,
+            held_applied: Duration::ZERO,
         }
     }
 
@@ -135,6 +138,12 @@ impl Vcpu for TcgVcpu {
             }
             if self.chip.take_external() {
                 self.cpu.note_external_writes();
+            }
+            let held = self.chip.held();
+            if held > self.held_applied {
+                // The VM was paused: the TSC continues from where it was held.
+                self.cpu.hold_clock(held - self.held_applied);
+                self.held_applied = held;
             }
             let mut plat = TcgPlatform {
                 chip: &self.chip,

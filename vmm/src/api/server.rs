@@ -1,0 +1,57 @@
+//! The API thread: accepts on the `--api-socket` listener and answers each connection's one
+//! request in turn.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rqemu_protocol::listen::{Endpoint, SocketType};
+
+use super::{handle, http, ApiError, VmApi};
+
+/// How long a client may take to send its request or read the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds `path` (a stale socket is replaced, a live one or a non-socket refused) and serves
+/// the API on a thread named "api" for the rest of the process.
+pub fn spawn(path: &Path, vm: Arc<dyn VmApi>) -> Result<JoinHandle<()>, ApiError> {
+    let fd = Endpoint::Path(path.to_path_buf())
+        .listen(SocketType::Stream)
+        .map_err(|e| ApiError::Listen(path.to_path_buf(), e))?;
+    let listener = UnixListener::from(fd);
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(s) => serve(s, &*vm),
+                    Err(e) => tracing::warn!("API socket: accept: {e}"),
+                }
+            }
+        })
+        .map_err(ApiError::Io)
+}
+
+fn serve(mut stream: UnixStream, vm: &dyn VmApi) {
+    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+    let (status, body) = match http::read_request(&mut stream) {
+        Ok(req) => {
+            tracing::debug!(method = %req.method, path = %req.path, "API request");
+            handle(vm, &req.method, &req.path)
+        }
+        Err(ApiError::Io(e)) => {
+            tracing::debug!("API client: {e}");
+            return;
+        }
+        Err(e) => {
+            let body = serde_json::json!({ "error": e.to_string() });
+            (e.status(), serde_json::to_vec(&body).ok())
+        }
+    };
+    if let Err(e) = http::write_response(&mut stream, status, body.as_deref()) {
+        tracing::debug!("API client: writing the answer: {e}");
+    }
+}
