@@ -251,7 +251,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .get(1)
         .ok_or("usage: boot_linux KERNEL [CMDLINE] [MAX_MINSTR]")?;
     let cmdline = args.get(2).cloned().unwrap_or_else(|| {
-        "console=ttyS0 earlyprintk=serial,ttyS0,115200 lpj=1000000 tsc_early_khz=1000000 \
+        "console=ttyS0 earlyprintk=serial,ttyS0,115200 lpj=1000000 \
          noapic nolapic panic=-1"
             .into()
     });

@@ -22,6 +22,9 @@ pub struct Cpu {
     cache: BlockCache,
     clock: Instant,
     irq_shadow: bool,
+    /// The interrupt shadow (after STI, MOV SS, POP SS) was consumed at the last poll: run
+    /// exactly one instruction, then poll again.
+    shadow_step: bool,
     /// Blocks run since the platform was last polled for interrupts.
     since_poll: u32,
     /// Instructions retired since creation.
@@ -62,6 +65,7 @@ impl Cpu {
             cache: BlockCache::default(),
             clock: Instant::now(),
             irq_shadow: false,
+            shadow_step: false,
             since_poll: u32::MAX,
             icount: 0,
         }
@@ -148,8 +152,17 @@ impl Cpu {
                 }
                 Err(Event::Exit(x)) => return x,
             };
-            if let Some(x) = self.exec_fetch(ram, plat, fetch) {
+            // The shadow covers only the instruction after STI/MOV SS: the guest's `sti`
+            // windows are often a handful of instructions long (`sti; ...; cli` in the
+            // scheduler and lock paths), so interrupts are polled right after it, not
+            // POLL_BLOCKS blocks later when IF may already be clear again.
+            let step = std::mem::take(&mut self.shadow_step);
+            let limit = if step { 1 } else { usize::MAX };
+            if let Some(x) = self.exec_fetch(ram, plat, fetch, limit) {
                 return x;
+            }
+            if step {
+                self.since_poll = POLL_BLOCKS;
             }
         }
     }
@@ -177,6 +190,7 @@ impl Cpu {
     fn check_interrupts(&mut self, ram: &GuestRam, plat: &mut dyn Platform) -> Result<(), Exit> {
         if self.irq_shadow {
             self.irq_shadow = false;
+            self.shadow_step = true;
             return Ok(());
         }
         let nmi = plat.take_nmi();
@@ -295,13 +309,21 @@ impl Cpu {
     }
 
     /// Executes a block (or single instruction); returns an exit if `run` must return.
-    fn exec_fetch(&mut self, ram: &GuestRam, plat: &mut dyn Platform, f: Fetch) -> Option<Exit> {
+    /// At most `limit` instructions of the block run.
+    fn exec_fetch(
+        &mut self,
+        ram: &GuestRam,
+        plat: &mut dyn Platform,
+        f: Fetch,
+        limit: usize,
+    ) -> Option<Exit> {
         let Cpu {
             arch,
             tlb,
             cache,
             clock,
             irq_shadow,
+            shadow_step: _,
             since_poll,
             icount,
         } = self;
@@ -336,7 +358,7 @@ impl Cpu {
         };
         cx.delta = cx.s.rip.wrapping_sub(vip);
         let mut exit = None;
-        for (ins, handler) in insns.iter().zip(handlers) {
+        for (ins, handler) in insns.iter().zip(handlers).take(limit) {
             cx.next_rip = ins.next_ip().wrapping_add(cx.delta);
             *icount += 1;
             match handler(&mut cx, ins) {

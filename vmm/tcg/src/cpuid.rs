@@ -50,6 +50,10 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
         ],
         // Family 6, model 0x0F, stepping 1; CLFLUSH line 64 bytes, 1 logical CPU, APIC ID 0.
         1 => [0x0000_06F1, (8 << 8) | (1 << 16), LEAF1_ECX, LEAF1_EDX],
+        // Thermal/power leaf: EAX bit 2 = ARAT, the LAPIC timer keeps running while the CPU
+        // halts (it is host time). Without it Linux flags the LAPIC timer C3STOP, finds no
+        // broadcast device and stays in periodic ticks: no high-resolution timers, no NOHZ.
+        6 => [1 << 2, 0, 0, 0],
         // Structured extended features, subleaf 0: EBX = TSC_ADJUST. With the invariant TSC
         // (leaf 0x8000_0007) it tells Linux the TSC needs no clocksource watchdog, which would
         // otherwise compare it with jiffies that a busy host delays.
@@ -94,6 +98,7 @@ mod tests {
         assert_eq!(cpuid(7, 0), [0, LEAF7_EBX, 0, 0], "leaf 7: TSC_ADJUST only");
         assert_eq!(cpuid(7, 1), [0; 4], "no leaf-7 subleaf 1");
         assert!(cpuid(0, 0)[0] >= 0x16, "leaves 0x15/0x16 reachable");
+        assert_eq!(cpuid(6, 0), [1 << 2, 0, 0, 0], "leaf 6: ARAT only");
         let [den, num, crystal, _] = cpuid(0x15, 0);
         assert_eq!(
             u64::from(crystal) * u64::from(num) / u64::from(den),

@@ -330,6 +330,33 @@ fn external_interrupt_wakes_hlt() {
 }
 
 #[test]
+fn interrupt_is_taken_right_after_the_sti_shadow() {
+    // cli; mov eax, 1; sti; nop (shadow); nop; nop; cli; hlt — the IF=1 window is two
+    // instructions long and ends in the middle of a block, like Linux's `sti ... cli` paths.
+    const AT: u64 = 0x2_0000;
+    let code = [0xFA, 0xB8, 1, 0, 0, 0, 0xFB, 0x90, 0x90, 0x90, 0xFA, 0xF4];
+    let mut g = Guest::new();
+    g.mem[AT as usize..AT as usize + code.len()].copy_from_slice(&code);
+    let mut p = TestPlatform {
+        pending: Some(0x42),
+        ..TestPlatform::default()
+    };
+    let e = g.run_at(AT, &mut p);
+    assert!(halted(&e), "{e:?}");
+    assert_eq!(
+        p.acked,
+        vec![0x42],
+        "the interrupt was taken in the STI window"
+    );
+    let (v, _, rip, ..) = g.log();
+    assert_eq!(
+        (v, rip),
+        (0x42, AT + 8),
+        "taken after exactly the one instruction the STI shadow covers"
+    );
+}
+
+#[test]
 fn self_modifying_code_is_detected() {
     let mut g = Guest::new();
     let e = g.run_at(image::SMC, &mut TestPlatform::default());
