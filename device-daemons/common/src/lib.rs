@@ -2,6 +2,7 @@
 //!
 //! * [`startup`]: the one start-up of every daemon (`--socket`/`--fd` options, logging, signal
 //!   mask and thread, listening socket, the error-exit style);
+//! * [`confine`]: entering the sandbox once start-up is over ([`startup::Daemon::confine`]);
 //! * [`listen`]: the listening socket, bound to a path or inherited (`--fd N`, systemd socket
 //!   activation), validated before use — one routine for stream and seqpacket sockets;
 //! * [`signals`]: SIGTERM/SIGINT/SIGHUP handled on a dedicated thread so the daemon can
@@ -14,6 +15,7 @@
 //!   `SET_VRING_ENABLE` (QEMU's virtio-net) and tracks ring enables;
 //! * [`emulated`]: what the forwarding-protocol daemons share (`--base` ports).
 
+pub mod confine;
 pub mod emulated;
 pub mod listen;
 pub mod logging;

@@ -25,7 +25,13 @@ use crate::{logging, signals};
 /// Flatten it into the daemon's `clap::Parser` (`#[command(flatten)]`); exactly one of the
 /// two is required.
 #[derive(Debug, Clone, clap::Args)]
-#[group(id = "listen", required = true, multiple = false)]
+#[group(skip)]
+#[command(group(
+    clap::ArgGroup::new("listen")
+        .required(true)
+        .multiple(false)
+        .args(["socket", "fd"])
+))]
 pub struct ListenArgs {
     /// UNIX socket path to listen on (a stale socket is replaced, anything else refused).
     #[arg(long, value_name = "PATH")]
@@ -33,6 +39,10 @@ pub struct ListenArgs {
     /// Inherited listening UNIX socket fd (socket activation).
     #[arg(long, value_name = "N")]
     pub fd: Option<RawFd>,
+    /// `--sandbox namespace|chroot|none`, `--seccomp kill|log|trap|none` (see
+    /// [`crate::confine`]).
+    #[command(flatten)]
+    pub sandbox: rqemu_sandbox::SandboxArgs,
 }
 
 impl ListenArgs {
@@ -62,12 +72,19 @@ pub enum StartError {
 pub struct Daemon {
     name: &'static str,
     bound: Option<PathBuf>,
+    confined: bool,
 }
 
 impl Daemon {
     /// The binary's name (`rqemu-blk`, ...).
     pub fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// Records that the process is confined: the socket path is out of reach (and `unlink`
+    /// outside the allow-list), so it is left for the next start to replace.
+    pub(crate) fn set_confined(&mut self, confined: bool) {
+        self.confined = confined;
     }
 
     fn listen<L>(
@@ -102,8 +119,13 @@ impl Daemon {
         &self,
         quiesce: impl FnOnce() -> u8 + Send + 'static,
     ) -> Result<(), StartError> {
-        let path = self.bound.clone();
+        let path = if self.confined {
+            None
+        } else {
+            self.bound.clone()
+        };
         signals::spawn_handler(move |sig| {
+            crate::confine::confine_thread_once(rqemu_sandbox::ThreadKind::Signal);
             tracing::info!("signal {sig}: exiting");
             let code = quiesce();
             if let Some(p) = path {
@@ -127,7 +149,15 @@ where
     let args = A::parse();
     logging::init();
     let result = match signals::block_termination_signals() {
-        Ok(()) => run(args, Daemon { name, bound: None }).map_err(Into::into),
+        Ok(()) => run(
+            args,
+            Daemon {
+                name,
+                bound: None,
+                confined: false,
+            },
+        )
+        .map_err(Into::into),
         Err(e) => Err(StartError::Signals(e).into()),
     };
     exit_code(name, result)
@@ -226,10 +256,12 @@ mod tests {
         let mut d = Daemon {
             name: "rqemu-test",
             bound: None,
+            confined: false,
         };
         let args = ListenArgs {
             socket: Some(p.clone()),
             fd: None,
+            sandbox: rqemu_sandbox::SandboxArgs::default(),
         };
         let _l = d.listen_seqpacket(&args).unwrap();
         assert_eq!(d.bound.as_deref(), Some(p.as_path()));
@@ -238,6 +270,7 @@ mod tests {
         let mut d2 = Daemon {
             name: "rqemu-test",
             bound: None,
+            confined: false,
         };
         let e = d2.listen_stream(&args).unwrap_err();
         assert!(chain(&e).contains("is in use by another process"), "{e}");
