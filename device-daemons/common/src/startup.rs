@@ -39,6 +39,9 @@ pub struct ListenArgs {
     /// Inherited listening UNIX socket fd (socket activation).
     #[arg(long, value_name = "N")]
     pub fd: Option<RawFd>,
+    /// Also serve peers running as this uid (besides the daemon's own; repeatable).
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uid: Vec<u32>,
     /// `--sandbox namespace|chroot|none`, `--seccomp kill|log|trap|none` (see
     /// [`crate::confine`]).
     #[command(flatten)]
@@ -93,6 +96,7 @@ impl Daemon {
         open: impl FnOnce(&Endpoint) -> Result<L, ListenError>,
     ) -> Result<L, StartError> {
         let endpoint = args.endpoint()?;
+        rqemu_protocol::listen::allow_uids(args.allow_uid.clone());
         let l = open(&endpoint)?;
         // Only a path this daemon bound is removed at exit, never one it was refused.
         if let Endpoint::Path(p) = &endpoint {
@@ -261,6 +265,7 @@ mod tests {
         let args = ListenArgs {
             socket: Some(p.clone()),
             fd: None,
+            allow_uid: Vec::new(),
             sandbox: rqemu_sandbox::SandboxArgs::default(),
         };
         let _l = d.listen_seqpacket(&args).unwrap();

@@ -51,7 +51,11 @@ pub enum ServeError {
 fn accept(listener: &UnixListener) -> Result<UnixStream, ServeError> {
     loop {
         match listener.accept() {
-            Ok((c, _)) => return Ok(c),
+            Ok((c, _)) => {
+                if rqemu_protocol::listen::peer_allowed(std::os::fd::AsRawFd::as_raw_fd(&c)) {
+                    return Ok(c);
+                }
+            }
             Err(e)
                 if matches!(
                     e.kind(),
