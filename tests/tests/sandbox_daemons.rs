@@ -227,5 +227,20 @@ fn the_socket_is_owner_only_and_other_uids_are_refused() {
     h.read(0, Space::Pio, 0x71, &mut b)
         .expect("served after a refusal");
     assert!(d.is_running());
+    // Killing the daemon (the pid-namespace parent) outright takes the confined child along.
+    let tree = process_tree(d.pid());
+    assert!(tree.len() >= 2, "no pid-namespace child: {tree:?}");
     d.kill().unwrap();
+    let deadline = Instant::now() + START;
+    for pid in &tree[1..] {
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|st| !st.contains(") Z "))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "pid {pid} outlived the killed daemon"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
