@@ -244,3 +244,57 @@ fn the_socket_is_owner_only_and_other_uids_are_refused() {
         }
     }
 }
+
+#[test]
+fn net_serves_a_frontend_confined() {
+    use rqemu_e2e::net::{spawn_daemon, NetDaemonOptions, NetNs};
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("net.sock");
+    for opts in [
+        NetDaemonOptions::default(),
+        NetDaemonOptions {
+            queues: 2,
+            inherit_tap: true,
+            ..NetDaemonOptions::default()
+        },
+    ] {
+        // A fresh namespace (and tap) each time: the killed daemon's tap goes with its fds.
+        let ns = NetNs::create().expect("a network namespace for the tap (needs root)");
+        let mut d = spawn_daemon(&ns, dir.path(), &sock, &opts).expect("rqemu-net starts");
+        let deadline = Instant::now() + START;
+        while !d.log().contains("rqemu-net: sandbox ") {
+            assert!(Instant::now() < deadline, "no sandbox report:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A vhost-user frontend's first request, through the relay to the vhost handler:
+        // VHOST_USER_GET_FEATURES (1), version 1, no payload; the reply carries a u64.
+        let mut front = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        front
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        for _ in 0..2 {
+            let mut req = Vec::new();
+            for w in [1u32, 1, 0] {
+                req.extend_from_slice(&w.to_le_bytes());
+            }
+            front.write_all(&req).unwrap();
+            let mut reply = [0u8; 20];
+            front
+                .read_exact(&mut reply)
+                .unwrap_or_else(|e| panic!("no GET_FEATURES reply ({e}):\n{}", d.log()));
+            assert_eq!(&reply[..4], &1u32.to_le_bytes(), "request echoed");
+            let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
+            assert_ne!(features & (1 << 32), 0, "VIRTIO_F_VERSION_1 offered");
+        }
+        let threads = assert_confined(&d);
+        assert!(
+            threads >= 4,
+            "{threads} threads (control, signal, relay x2)"
+        );
+        assert!(d.is_running(), "rqemu-net died:\n{}", d.log());
+        drop(front);
+        d.kill().unwrap();
+        let _ = std::fs::remove_file(&sock);
+    }
+}
