@@ -190,12 +190,26 @@ fn is_served(path: &Path, kind: SocketType) -> bool {
     }
 }
 
+/// A confined daemon killed outright (SIGKILL) serves on until its pid-namespace child has
+/// followed its parent (`PR_SET_PDEATHSIG`), a few milliseconds: a restart right after must
+/// not take that for a live daemon. A socket still answering after a second is one.
+fn is_served_for_a_while(path: &Path, kind: SocketType) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while is_served(path, kind) {
+        if std::time::Instant::now() >= deadline {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
 fn bind_path(path: &Path, kind: SocketType) -> Result<OwnedFd, ListenError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(ListenError::NotASocket(path.to_owned()));
         }
-        if is_served(path, kind) {
+        if is_served_for_a_while(path, kind) {
             return Err(ListenError::InUse(path.to_owned()));
         }
         // A stale socket file left by a daemon that died: replace it.
