@@ -190,12 +190,26 @@ fn is_served(path: &Path, kind: SocketType) -> bool {
     }
 }
 
+/// A confined daemon killed outright (SIGKILL) serves on until its pid-namespace child has
+/// followed its parent (`PR_SET_PDEATHSIG`), a few milliseconds: a restart right after must
+/// not take that for a live daemon. A socket still answering after a second is one.
+fn is_served_for_a_while(path: &Path, kind: SocketType) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while is_served(path, kind) {
+        if std::time::Instant::now() >= deadline {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
 fn bind_path(path: &Path, kind: SocketType) -> Result<OwnedFd, ListenError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(ListenError::NotASocket(path.to_owned()));
         }
-        if is_served(path, kind) {
+        if is_served_for_a_while(path, kind) {
             return Err(ListenError::InUse(path.to_owned()));
         }
         // A stale socket file left by a daemon that died: replace it.
@@ -212,6 +226,8 @@ fn bind_path(path: &Path, kind: SocketType) -> Result<OwnedFd, ListenError> {
                 len,
             )
         })?;
+        // Owner only (issue #12), before anyone can connect (not listening yet).
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         // SAFETY: plain listen(2) on our socket.
         cvt(unsafe { libc::listen(s.as_raw_fd(), BACKLOG) })?;
         Ok(s)
@@ -220,6 +236,50 @@ fn bind_path(path: &Path, kind: SocketType) -> Result<OwnedFd, ListenError> {
         path: path.to_owned(),
         source,
     })
+}
+
+static ALLOWED_UIDS: std::sync::OnceLock<Vec<libc::uid_t>> = std::sync::OnceLock::new();
+
+/// Sets the uids besides the daemon's own whose connections are served (`--allow-uid`); once,
+/// at start-up (later calls are ignored).
+pub fn allow_uids(uids: Vec<libc::uid_t>) {
+    let _ = ALLOWED_UIDS.set(uids);
+}
+
+/// The uid of the process at the other end of a connected UNIX socket (`SO_PEERCRED`).
+pub fn peer_uid(fd: RawFd) -> io::Result<libc::uid_t> {
+    // SAFETY: ucred is plain data.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred`/`len` describe a valid ucred buffer.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::addr_of_mut!(cred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(cred.uid)
+}
+
+/// Whether an accepted connection may be served: its peer runs as the daemon's own uid or one
+/// `allow_uids` listed. A refusal is logged; the caller closes the connection and goes on.
+pub fn peer_allowed(fd: RawFd) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match peer_uid(fd) {
+        Ok(uid) if uid == me || ALLOWED_UIDS.get().is_some_and(|l| l.contains(&uid)) => true,
+        Ok(uid) => {
+            tracing::warn!("refused a connection from uid {uid} (not {me} nor --allow-uid)");
+            false
+        }
+        Err(e) => {
+            tracing::warn!("refused a connection: SO_PEERCRED: {e}");
+            false
+        }
+    }
 }
 
 fn sockopt(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {

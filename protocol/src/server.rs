@@ -599,6 +599,11 @@ pub fn serve<D: EmulatedDevice + 'static>(
 ) -> io::Result<()> {
     loop {
         let sock = listener.accept()?;
+        if !crate::listen::peer_allowed(std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(
+            &sock,
+        ))) {
+            continue;
+        }
         match serve_connection(sock, info, &dev, irqs) {
             Ok(()) => tracing::info!("VMM disconnected; waiting for the next one"),
             Err(ServeError::Disconnected) => tracing::debug!("probe connection closed"),

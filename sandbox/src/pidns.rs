@@ -37,6 +37,12 @@ pub fn fork_into_pid1(action: SeccompAction) -> Result<(), PidNsError> {
         return Err(PidNsError::Fork(io::Error::last_os_error()));
     }
     if pid == 0 {
+        // The parent only waits and forwards signals: if it is killed outright (SIGKILL, which
+        // it cannot forward), the child must not stay behind, serving, unsupervised.
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+            return Err(PidNsError::Fork(io::Error::last_os_error()));
+        }
         return Ok(());
     }
     reap(pid, action)

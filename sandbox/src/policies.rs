@@ -58,6 +58,9 @@ pub const TUNSETOFFLOAD: u32 = 0x4004_54d0;
 /// `TUNSETVNETHDRSZ` (`_IOW('T', 216, int)`).
 pub const TUNSETVNETHDRSZ: u32 = 0x4004_54d8;
 
+/// `TUNSETQUEUE` (`_IOW('T', 217, int)`).
+pub const TUNSETQUEUE: u32 = 0x4004_54d9;
+
 /// rqemu-net: the tap queues are open; queue workers read and write frames on them; the
 /// control thread sets offloads (`TUNSETOFFLOAD`, no capability needed on an attached queue);
 /// the relay threads pass vhost-user messages with their fds between two sockets.
@@ -70,7 +73,12 @@ pub fn net() -> Policy {
                 ThreadKind::Control,
                 list(&[Epoll, SocketMsg, Accept, Threads, UnixSockets]).with_ioctls(&tap),
             ),
-            (ThreadKind::Queue, list(&[Epoll])),
+            // A multi-queue tap's queue is attached/detached by its worker as the guest
+            // enables the pair (`TUNSETQUEUE`, no capability needed on its own tap).
+            (
+                ThreadKind::Queue,
+                list(&[Epoll]).with_ioctls(&[TUNSETQUEUE]),
+            ),
             (ThreadKind::Helper, list(&[Epoll, SocketMsg])),
             (ThreadKind::Signal, list(&[])),
         ],

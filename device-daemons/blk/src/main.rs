@@ -85,6 +85,8 @@ fn run(args: Args, mut daemon: Daemon) -> Result<()> {
     let backend = Arc::new(backend::new(dev));
 
     let listener = daemon.listen_stream(&args.listen)?;
+    // Everything is open: confine before any thread (the signal thread included) starts.
+    daemon.confine(rqemu_daemon::confine::policies::blk(), &args.listen.sandbox)?;
     let b = backend.clone();
     daemon.exit_on_signal(move || match backend::shutdown(&b) {
         Ok(()) => 0,

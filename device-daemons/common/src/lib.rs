@@ -5,6 +5,7 @@
 //! * [`activation`]: the listening socket passed by systemd socket activation (`LISTEN_FDS`);
 //! * [`notify`]: `sd_notify` messages to the service manager (`READY=1`, `STATUS=`,
 //!   `STOPPING=1`, `WATCHDOG=1`);
+//! * [`confine`]: entering the sandbox once start-up is over ([`startup::Daemon::confine`]);
 //! * [`listen`]: the listening socket, bound to a path or inherited (`--fd N`, systemd socket
 //!   activation), validated before use — one routine for stream and seqpacket sockets;
 //! * [`signals`]: SIGTERM/SIGINT handled on a dedicated thread so the daemon can quiesce its
@@ -19,6 +20,7 @@
 //! * [`emulated`]: what the forwarding-protocol daemons share (`--base` ports).
 
 pub mod activation;
+pub mod confine;
 pub mod emulated;
 pub mod listen;
 mod log_json;

@@ -293,6 +293,8 @@ impl<D: QueueDevice> VhostUserBackend for QueueBackend<D> {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
+        // vhost-user-backend creates the worker threads: narrow them on their first event.
+        crate::confine::confine_thread_once(crate::confine::ThreadKind::Queue);
         let worker = Worker {
             thread: thread_id,
             vrings,

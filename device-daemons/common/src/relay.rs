@@ -18,10 +18,8 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -50,14 +48,8 @@ pub enum RelayError {
     #[error("message of {0} bytes is too large")]
     TooLarge(usize),
     /// The private socket between the relay and the `vhost` handler could not be made.
-    #[error("relay socket {}: {source}", path.display())]
-    Socket {
-        /// Where it was to be bound.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
+    #[error("relay socket ({0})")]
+    Socket(&'static str, #[source] io::Error),
 }
 
 /// The enable state of each vring (bit i: ring i) as the frontend last set it. The relay
@@ -158,6 +150,14 @@ fn recv_with_fds(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> i
         }
         // SAFETY: as for CMSG_FIRSTHDR.
         c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        // More fds than the control buffer holds: the kernel dropped (closed) the rest, so the
+        // message cannot be relayed faithfully (issue #12). The fds received are closed with
+        // the message.
+        return Err(io::Error::other(
+            "a message carried more file descriptors than a vhost-user message can (MSG_CTRUNC)",
+        ));
     }
     Ok(n)
 }
@@ -360,28 +360,86 @@ pub fn start(
 }
 
 /// A listening socket with one pending connection, for the relay to reach the vhost crate's
-/// handler (which only accepts from a `Listener`). It is bound in a fresh 0700 directory, and
-/// the path is removed as soon as the connection is made, so nothing else can connect and
-/// nothing is left behind.
+/// handler (which only accepts from a `Listener`), made without any path (the daemon is
+/// confined: no filesystem, issue #12): an AF_UNIX socket autobound to an abstract address (`bind`
+/// of the family alone), connected to at once, then shut down for reading so that no other connection can
+/// be made. Between `listen` and our `connect` a local process of the same network namespace
+/// (none in `--sandbox namespace`, which has its own) could connect first: [`only_ours`] tells,
+/// after the handler accepted, whether it took ours.
 fn relay_socket() -> Result<(UnixListener, UnixStream), RelayError> {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!(
-        "rqemu-relay.{}.{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let path = dir.join("vhost.sock");
-    let _ = std::fs::remove_dir_all(&dir);
-    let pair = std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .and_then(|()| UnixListener::bind(&path))
-        .and_then(|l| Ok((l, UnixStream::connect(&path)?)));
-    let _ = std::fs::remove_dir_all(&dir);
-    pair.map_err(|source| RelayError::Socket { path, source })
+    let sock = |what| RelayError::Socket(what, io::Error::last_os_error());
+    // SAFETY: plain socket creation; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(sock("socket"));
+    }
+    // SAFETY: a fresh fd owned by nobody else.
+    let listener = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Binding an address of the family alone autobinds to a fresh abstract address.
+    let family = libc::AF_UNIX as libc::sa_family_t;
+    let family_len = std::mem::size_of::<libc::sa_family_t>() as libc::socklen_t;
+    // SAFETY: `family` is a valid (minimal) sockaddr of `family_len` bytes.
+    let r = unsafe {
+        libc::bind(
+            listener.as_raw_fd(),
+            std::ptr::addr_of!(family).cast(),
+            family_len,
+        )
+    };
+    if r != 0 {
+        return Err(sock("bind"));
+    }
+    // SAFETY: listen on our bound socket.
+    if unsafe { libc::listen(listener.as_raw_fd(), 1) } != 0 {
+        return Err(sock("listen"));
+    }
+    // SAFETY: sockaddr_un is plain data.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr`/`len` describe a valid sockaddr_un buffer.
+    let r = unsafe {
+        libc::getsockname(
+            listener.as_raw_fd(),
+            std::ptr::addr_of_mut!(addr).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(sock("getsockname"));
+    }
+    // SAFETY: as for the listener.
+    let cfd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if cfd < 0 {
+        return Err(sock("socket"));
+    }
+    // SAFETY: a fresh fd owned by nobody else.
+    let client = unsafe { OwnedFd::from_raw_fd(cfd) };
+    // SAFETY: `addr`/`len` are the listener's own address as getsockname returned it.
+    let r = unsafe { libc::connect(client.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len) };
+    if r != 0 {
+        return Err(sock("connect"));
+    }
+    // No connection after ours: a shut-down listener refuses connects (ECONNREFUSED) but
+    // still hands out the pending one.
+    // SAFETY: shutdown on an fd we own.
+    if unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RD) } != 0 {
+        return Err(sock("shutdown"));
+    }
+    Ok((UnixListener::from(listener), UnixStream::from(client)))
+}
+
+/// After the handler accepted from `listener` (a duplicate of the relay's): whether nothing is
+/// left pending, i.e. the connection it took was the relay's (the only one, see
+/// [`relay_socket`]). Anything left is accepted and closed.
+pub fn only_ours(listener: &UnixListener) -> Result<bool, RelayError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| RelayError::Socket("fcntl", e))?;
+    match listener.accept() {
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+        Err(e) => Err(RelayError::Socket("accept", e)),
+    }
 }
 
 /// Relays between `front` (the frontend's connection) and `back` (connected to the vhost
@@ -402,6 +460,7 @@ pub fn spawn(
     let requests = std::thread::Builder::new()
         .name("relay-req".into())
         .spawn(move || {
+            crate::confine::confine_thread_once(crate::confine::ThreadKind::Helper);
             if let Err(e) = forward_requests(&f, &b, &l, &rings) {
                 tracing::debug!("relay (requests): {e}");
             }
@@ -410,6 +469,7 @@ pub fn spawn(
     let replies = std::thread::Builder::new()
         .name("relay-rep".into())
         .spawn(move || {
+            crate::confine::confine_thread_once(crate::confine::ThreadKind::Helper);
             if let Err(e) = forward_replies(&back, &front, &lock) {
                 tracing::debug!("relay (replies): {e}");
             }
@@ -518,6 +578,90 @@ mod tests {
         handler.read_exact(&mut got).unwrap();
         assert_eq!(got, req);
         drop(qemu);
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn the_relay_socket_takes_no_second_connection_and_tells_whose_was_taken() {
+        let (inner, back) = relay_socket().unwrap();
+        let addr = inner.local_addr().unwrap();
+        assert!(addr.as_pathname().is_none(), "no path: {addr:?}");
+        // A stranger connecting now is refused (the listener is shut down for reading).
+        // SAFETY: a fresh AF_UNIX socket, closed below.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0);
+        // SAFETY: sockaddr_un is plain data; getsockname fills it.
+        let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        // SAFETY: valid buffer and length.
+        let r = unsafe {
+            libc::getsockname(
+                inner.as_raw_fd(),
+                std::ptr::addr_of_mut!(sa).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: the address getsockname returned.
+        let r = unsafe { libc::connect(fd, std::ptr::addr_of!(sa).cast(), len) };
+        let e = io::Error::last_os_error();
+        // SAFETY: our fd.
+        unsafe { libc::close(fd) };
+        assert_eq!(r, -1, "a second connection was accepted");
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
+        // The one pending connection is the relay's own.
+        let check = inner.try_clone().unwrap();
+        let (mut handler, _) = inner.accept().unwrap();
+        assert!(only_ours(&check).unwrap());
+        (&back).write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        handler.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"x");
+    }
+
+    #[test]
+    fn a_message_with_too_many_fds_ends_the_relay() {
+        let (qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut backend) = UnixStream::pair().unwrap();
+        let threads = spawn(front, back, Arc::default()).unwrap();
+        // More fds than any vhost-user message carries: the control data is truncated.
+        let fds: Vec<OwnedFd> = (0..MAX_FDS * 3)
+            .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+            .collect();
+        let data = msg(REQ_SET_FEATURES, 0, &0u64.to_le_bytes());
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let payload = std::mem::size_of_val(raw.as_slice());
+        // SAFETY: CMSG_SPACE/CMSG_LEN are constant computations.
+        let (space, clen) = unsafe {
+            (
+                libc::CMSG_SPACE(payload as u32) as usize,
+                libc::CMSG_LEN(payload as u32),
+            )
+        };
+        let mut cbuf = vec![0u64; space.div_ceil(8)];
+        let iov = [IoSlice::new(&data)];
+        // SAFETY: msghdr is plain data.
+        let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
+        m.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        m.msg_iovlen = 1;
+        m.msg_control = cbuf.as_mut_ptr().cast();
+        m.msg_controllen = space as _;
+        // SAFETY: the control buffer holds one cmsghdr with `payload` bytes of fds.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&m);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = clen as _;
+            std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c).cast(), raw.len());
+        }
+        // SAFETY: `m` points at live buffers.
+        let n = unsafe { libc::sendmsg(qemu.as_raw_fd(), &m, 0) };
+        assert_eq!(n, data.len() as isize, "{}", io::Error::last_os_error());
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).unwrap();
+        assert!(got.is_empty(), "a truncated message was relayed");
         for t in threads {
             t.join().unwrap();
         }

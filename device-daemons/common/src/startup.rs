@@ -25,7 +25,13 @@ use crate::{activation, logging, notify, signals};
 /// Flatten it into the daemon's `clap::Parser` (`#[command(flatten)]`); exactly one of the
 /// two is required, or neither under socket activation ([`crate::activation`]).
 #[derive(Debug, Clone, clap::Args)]
-#[group(id = "listen", required = true, multiple = false)]
+#[group(skip)]
+#[command(group(
+    clap::ArgGroup::new("listen")
+        .required(true)
+        .multiple(false)
+        .args(["socket", "fd"])
+))]
 pub struct ListenArgs {
     /// UNIX socket path to listen on (a stale socket is replaced, anything else refused).
     #[arg(long, value_name = "PATH")]
@@ -34,6 +40,13 @@ pub struct ListenArgs {
     /// neither option is needed.
     #[arg(long, value_name = "N")]
     pub fd: Option<RawFd>,
+    /// Also serve peers running as this uid (besides the daemon's own; repeatable).
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uid: Vec<u32>,
+    /// `--sandbox namespace|chroot|none`, `--seccomp kill|log|trap|none` (see
+    /// [`crate::confine`]).
+    #[command(flatten)]
+    pub sandbox: rqemu_sandbox::SandboxArgs,
 }
 
 impl ListenArgs {
@@ -72,6 +85,7 @@ pub enum StartError {
 pub struct Daemon {
     name: &'static str,
     bound: Option<PathBuf>,
+    confined: bool,
 }
 
 impl Daemon {
@@ -80,12 +94,19 @@ impl Daemon {
         self.name
     }
 
+    /// Records that the process is confined: the socket path is out of reach (and `unlink`
+    /// outside the allow-list), so it is left for the next start to replace.
+    pub(crate) fn set_confined(&mut self, confined: bool) {
+        self.confined = confined;
+    }
+
     fn listen<L>(
         &mut self,
         args: &ListenArgs,
         open: impl FnOnce(&Endpoint) -> Result<L, ListenError>,
     ) -> Result<L, StartError> {
         let endpoint = args.endpoint()?;
+        rqemu_protocol::listen::allow_uids(args.allow_uid.clone());
         let l = open(&endpoint)?;
         // Only a path this daemon bound is removed at exit, never one it was refused.
         if let Endpoint::Path(p) = &endpoint {
@@ -112,8 +133,13 @@ impl Daemon {
         &self,
         quiesce: impl FnOnce() -> u8 + Send + 'static,
     ) -> Result<(), StartError> {
-        let path = self.bound.clone();
+        let path = if self.confined {
+            None
+        } else {
+            self.bound.clone()
+        };
         signals::spawn_handler(move |sig| {
+            crate::confine::confine_thread_once(rqemu_sandbox::ThreadKind::Signal);
             tracing::info!("signal {sig}: exiting");
             notify::stopping();
             let code = quiesce();
@@ -141,7 +167,15 @@ where
     };
     logging::init_with(log_format);
     let result = match signals::block_termination_signals() {
-        Ok(()) => run(args, Daemon { name, bound: None }).map_err(Into::into),
+        Ok(()) => run(
+            args,
+            Daemon {
+                name,
+                bound: None,
+                confined: false,
+            },
+        )
+        .map_err(Into::into),
         Err(e) => Err(StartError::Signals(e).into()),
     };
     exit_code(name, result)
@@ -275,10 +309,13 @@ mod tests {
         let mut d = Daemon {
             name: "rqemu-test",
             bound: None,
+            confined: false,
         };
         let args = ListenArgs {
             socket: Some(p.clone()),
             fd: None,
+            allow_uid: Vec::new(),
+            sandbox: rqemu_sandbox::SandboxArgs::default(),
         };
         let _l = d.listen_seqpacket(&args).unwrap();
         assert_eq!(d.bound.as_deref(), Some(p.as_path()));
@@ -287,6 +324,7 @@ mod tests {
         let mut d2 = Daemon {
             name: "rqemu-test",
             bound: None,
+            confined: false,
         };
         let e = d2.listen_stream(&args).unwrap_err();
         assert!(chain(&e).contains("is in use by another process"), "{e}");

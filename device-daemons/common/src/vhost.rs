@@ -64,7 +64,11 @@ pub enum ServeError {
 fn accept(listener: &UnixListener) -> Result<UnixStream, ServeError> {
     loop {
         match listener.accept() {
-            Ok((c, _)) => return Ok(c),
+            Ok((c, _)) => {
+                if rqemu_protocol::listen::peer_allowed(std::os::fd::AsRawFd::as_raw_fd(&c)) {
+                    return Ok(c);
+                }
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -108,9 +112,18 @@ pub fn serve_forever<D: QueueDevice>(
             let front = accept(listener)?;
             let (inner, threads) =
                 relay::start(front, backend.rings()).map_err(ServeError::Relay)?;
+            let check = inner.try_clone().map_err(ServeError::Listener)?;
             daemon
                 .start(&mut Listener::from(inner))
                 .map_err(|e| ServeError::Accept(format!("from the relay: {e}")))?;
+            if !relay::only_ours(&check).map_err(ServeError::Relay)? {
+                // Another local process connected to the relay's abstract socket before the
+                // relay did: the handler serves it, not the frontend. Give up (and let the
+                // supervisor restart the daemon) rather than serve a stranger.
+                return Err(ServeError::Accept(
+                    "the relay's private socket was connected to by another process".into(),
+                ));
+            }
             Some(threads)
         } else {
             let mut l = Listener::from(listener.try_clone().map_err(ServeError::Listener)?);

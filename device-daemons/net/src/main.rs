@@ -128,6 +128,8 @@ fn run(args: Args, mut daemon: Daemon) -> Result<()> {
     let backend = Arc::new(backend::new(dev, taps));
 
     let listener = daemon.listen_stream(&args.listen)?;
+    // Everything is open: confine before any thread (the signal thread included) starts.
+    daemon.confine(rqemu_daemon::confine::policies::net(), &args.listen.sandbox)?;
     let b = backend.clone();
     daemon.exit_on_signal(move || {
         b.shutdown(|q| tracing::info!("stats: {:?}", q.stats()));

@@ -33,6 +33,8 @@ fn main() -> ExitCode {
 /// the process.
 fn run(args: Args, mut daemon: Daemon) -> anyhow::Result<()> {
     let listener = daemon.listen_seqpacket(&args.listen)?;
+    // Everything is open: confine before any thread (the signal thread included) starts.
+    daemon.confine(rqemu_daemon::confine::policies::rtc(), &args.listen.sandbox)?;
     daemon.exit_on_signal(|| 0)?;
     let info = device::device_info(args.base);
     let irqs = Interrupts::for_requests(&info.irqs);

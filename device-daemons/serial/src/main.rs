@@ -44,11 +44,16 @@ fn main() -> ExitCode {
 /// the process.
 fn run(args: Args, mut daemon: Daemon) -> anyhow::Result<()> {
     let listener = daemon.listen_seqpacket(&args.listen)?;
+    let (out, console_listener, client) = console::open_console(&args.console)?;
+    // Everything is open: confine before any thread (the signal thread included) starts.
+    daemon.confine(
+        rqemu_daemon::confine::policies::serial(),
+        &args.listen.sandbox,
+    )?;
     daemon.exit_on_signal(|| 0)?;
 
     let info = device::device_info(args.base, args.irq);
     let irqs = Interrupts::for_requests(&info.irqs);
-    let (out, console_listener, client) = console::open_console(&args.console)?;
     let dev = Arc::new(Mutex::new(SerialDevice::new(irqs.clone(), out)));
     console::spawn_input(&args.console, dev.clone(), console_listener, client)?;
     tracing::info!(

@@ -91,7 +91,7 @@ pub enum Group {
     /// Accepting the next frontend on the held listening socket (`accept4`).
     Accept,
     /// New AF_UNIX sockets only (`socket`/`socketpair` with `AF_UNIX`), `connect`,
-    /// `setsockopt` (receive timeouts).
+    /// `setsockopt` (receive timeouts), `bind`/`listen` (an autobound abstract address).
     UnixSockets,
     /// Creating threads: `clone` with thread flags only (never a new process or namespace),
     /// `clone3` (answered ENOSYS by a second filter so glibc falls back to `clone`, whose flags
@@ -221,6 +221,10 @@ const UNIX_SOCKETS: &[Allow] = &[
     Allow::If(SYS_socketpair, &[eq(0, AF_UNIX as u64)]),
     Allow::Any(SYS_connect),
     Allow::Any(SYS_setsockopt),
+    // rqemu-net's relay: a private abstract socket (autobound: `bind` of the family alone;
+    // a path cannot be bound where there is no filesystem) for the vhost handler.
+    Allow::Any(SYS_bind),
+    Allow::Any(SYS_listen),
 ];
 
 /// The flags glibc's `pthread_create` passes to `clone`, as far as they decide what is
