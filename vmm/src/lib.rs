@@ -9,6 +9,7 @@
 //! * [`vm`] — assembling the machine and running vCPU threads until the guest exits;
 //! * [`virtio`] — virtio-mmio transport and the vhost-user frontend;
 //! * [`forwarded`] — emulated devices in daemons over the rqemu forwarding protocol;
+//! * [`sandbox`] — the confinement entered once the machine is built, per-thread allow-lists;
 //! * [`cli`] — the command line of the `rqemu-vmm` binary.
 
 pub mod accel;
@@ -21,5 +22,6 @@ pub mod exit;
 pub mod forwarded;
 pub mod layout;
 pub mod memory;
+pub mod sandbox;
 pub mod virtio;
 pub mod vm;
