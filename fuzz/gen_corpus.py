@@ -11,9 +11,16 @@ them): valid inputs that take each fuzz target past its first checks.
 - fuse_request: one valid FUSE request per opcode rqemu-fs serves, against the target's rig
   (root = 1 opened as handle 2, file `f` = inode 2 opened as handle 1, `d` and `node`);
 - net_tx_packet: vnet header + Ethernet frames (IPv4/IPv6, TCP/UDP, VLAN, checksum offload,
-  TSO/UFO) with the offload selector byte first.
+  TSO/UFO) with the offload selector byte first;
+- fwd_to_daemon, fwd_to_vmm: forwarding-protocol messages in both directions (HELLO, GRANT,
+  REFUSE, framed accesses and replies, postcard control messages and replies, ring slots),
+  after the targets' selector byte;
+- vhost_user_backend: vhost-user frontend sessions (negotiation, config, memory table, queue
+  set-up and start, stop, memory regions added and removed, replies asked for);
+- virtio_mmio: a virtio-mmio driver's register sequence (reset, feature negotiation, queue
+  set-up, DRIVER_OK, notify, config accesses) as 8-byte accesses.
 
-Usage: fuzz/gen_corpus.py   (needs qemu-img and qemu-io)
+Usage: fuzz/gen_corpus.py [qcow2|blk|fuse|net|fwd|mmio|vhost]...   (qcow2 needs qemu-img and qemu-io)
 """
 
 import os
@@ -281,13 +288,205 @@ def net_seeds():
         put("net_tx_packet", name, data)
 
 
+# ---------------------------------------------------------------- forwarding protocol
+
+MAGIC = b"RQEMUFWD"
+
+
+def hs_header(ty, length):
+    return MAGIC + struct.pack("<HHI", 1, ty, length)
+
+
+def window(space, base, size, flags=0):
+    return struct.pack("<BB6xQQ", space, flags, base, size)
+
+
+def hello(cls, name, features, windows, irqs):
+    b = bytearray(320)
+    b[0:16] = hs_header(1, 320)
+    struct.pack_into("<HBB", b, 16, cls, len(windows), len(irqs))
+    struct.pack_into("<Q", b, 24, features)
+    b[32 : 32 + len(name)] = name
+    for i, w in enumerate(windows):
+        b[64 + i * 24 : 88 + i * 24] = window(*w)
+    for i, (trigger, hint) in enumerate(irqs):
+        struct.pack_into("<B3xI", b, 256 + i * 8, trigger, hint)
+    return bytes(b)
+
+
+def grant(features, vcpus, windows, gsis):
+    b = bytearray(256)
+    b[0:16] = hs_header(2, 256)
+    struct.pack_into("<BBH", b, 16, len(windows), len(gsis), vcpus)
+    struct.pack_into("<Q", b, 24, features)
+    for i, w in enumerate(windows):
+        b[32 + i * 24 : 56 + i * 24] = window(*w)
+    for i, g in enumerate(gsis):
+        struct.pack_into("<I", b, 224 + i * 4, g)
+    return bytes(b)
+
+
+def refuse(reason):
+    b = bytearray(128)
+    b[0:16] = hs_header(3, 128)
+    b[16 : 16 + len(reason)] = reason
+    return bytes(b)
+
+
+def fwd_frame(tag, payload):
+    return struct.pack("<II", tag, len(payload)) + payload
+
+
+def varint(v):
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def access(seq, op, space, length, addr, data):
+    return struct.pack("<QBBB5xQQ", seq, op, space, length, addr, data)
+
+
+def ring_slot(seq, op, space, length, addr, data, resp_seq=0, status=0, resp=0):
+    return struct.pack("<QBBB5xQQQB7xQQ", seq, op, space, length, addr, data, resp_seq, status, resp, 0)
+
+
+def fwd_seeds():
+    serial = hello(1, b"rqemu-serial", 7, [(0, 0x3F8, 8, 1)], [(0, 4)])
+    rtc = hello(2, b"rqemu-rtc", 5, [(0, 0x70, 2)], [(0, 8), (1, 0xFFFFFFFF)])
+    mmio = hello(7, b"other", 1, [(1, 0xD000_0000, 0x1000), (0, 0x500, 16)], [])
+    for name, h in [("hello-serial", serial), ("hello-rtc", rtc), ("hello-mmio", mmio)]:
+        put("fwd_to_vmm", name, b"\x00" + h)
+    put("fwd_to_vmm", "access-reply", b"\x01" + fwd_frame(0x11, struct.pack("<QB7xQ", 5, 0, 0x41)))
+    for name, body in [
+        ("control-ok", b"\x00"),
+        ("control-state", b"\x01" + varint(6) + b"state!"),
+        ("control-error", b"\x02" + varint(7) + b"refused"),
+    ]:
+        put("fwd_to_vmm", name, b"\x01" + fwd_frame(0x21, body))
+    done = bytearray(8192)
+    struct.pack_into("<Q", done, 128, 3)
+    done[256 + 2 * 64 : 256 + 3 * 64] = ring_slot(3, 1, 0, 1, 0x71, 0, 3, 0, 0x59)
+    put("fwd_to_vmm", "ring-done", b"\x02" + struct.pack("<Q", 3) + bytes(done[:448]))
+    put("fwd_to_vmm", "ring-pending", b"\x02" + struct.pack("<Q", 1) + bytes(256 + 64))
+
+    put("fwd_to_daemon", "grant", b"\x01" + grant(5, 2, [(0, 0x3F8, 8, 1)], [4]))
+    put("fwd_to_daemon", "grant-two", b"\x01" + grant(1, 1, [(1, 0xD000_0000, 0x1000), (0, 0x70, 2)], [8, 9]))
+    put("fwd_to_daemon", "refuse", b"\x01" + refuse(b"window 0x3f8 is taken"))
+    for name, a in [
+        ("access-read", access(1, 1, 0, 1, 0x3FD, 0)),
+        ("access-write", access(2, 2, 0, 2, 0x70, 0x8B)),
+        ("access-posted", access(3, 3, 1, 8, 0xD000_0010, 0x1122334455667788)),
+    ]:
+        put("fwd_to_daemon", name, b"\x00" + fwd_frame(0x10, a))
+    irq_lines = varint(2) + b"\x00" + varint(4) + b"\x00" + b"\x01" + varint(8) + b"\x01"
+    regions = varint(1) + varint(0) + varint(0x4000000) + varint(0)
+    for name, body in [
+        ("control-set-rings", b"\x00" + varint(2)),
+        ("control-set-irqfds", b"\x01" + irq_lines),
+        ("control-set-mem-table", b"\x02" + regions),
+        ("control-reset", b"\x03"),
+        ("control-shutdown", b"\x04"),
+        ("control-snapshot", b"\x05"),
+        ("control-restore", b"\x06" + varint(4) + b"\x01\x02\x03\x04"),
+    ]:
+        put("fwd_to_daemon", name, b"\x00" + fwd_frame(0x20, body))
+    slots = ring_slot(1, 1, 0, 1, 0x71, 0) + ring_slot(2, 2, 0, 1, 0x70, 0x0A)
+    put("fwd_to_daemon", "ring-two", b"\x02" + struct.pack("<Q", 2) + slots)
+
+
+# ---------------------------------------------------------------- virtio-mmio
+
+
+def mmio_seeds():
+    def w(off, v, size=2):
+        return struct.pack("<BHBI", 1, off, size, v)
+
+    def r(off, size=2):
+        return struct.pack("<BHBI", 0, off, size, 0)
+
+    probe = r(0x000) + r(0x004) + r(0x008) + r(0x00C)
+    nego = (
+        w(0x070, 0) + w(0x070, 1) + w(0x070, 3)
+        + w(0x014, 0) + r(0x010) + w(0x014, 1) + r(0x010)
+        + w(0x024, 0) + w(0x020, 1 << 28) + w(0x024, 1) + w(0x020, 1)
+        + w(0x070, 11) + r(0x070)
+    )
+
+    def queue(i, size):
+        base = 0x100000 * (i + 1)
+        return (
+            w(0x030, i) + r(0x034) + w(0x038, size)
+            + w(0x080, base) + w(0x084, 0) + w(0x090, base + 0x1000) + w(0x094, 0)
+            + w(0x0A0, base + 0x2000) + w(0x0A4, 0) + w(0x044, 1) + r(0x044)
+        )
+
+    live = probe + nego + queue(0, 128) + queue(1, 64) + w(0x070, 15) + w(0x050, 0) + r(0x060) + w(0x064, 1)
+    put("virtio_mmio", "probe", probe)
+    put("virtio_mmio", "activate", live)
+    put("virtio_mmio", "activate-then-reset", live + w(0x070, 0) + r(0x070) + probe + nego)
+    put("virtio_mmio", "config", probe + r(0x100, 0) + r(0x104) + w(0x108, 0xAB, 0) + w(0x10C, 0x1234, 1) + r(0x10C, 3) + r(0x0FC))
+    put("virtio_mmio", "bad-queue-size", probe + nego + queue(0, 100) + queue(1, 512) + w(0x070, 15) + r(0x070))
+    put("virtio_mmio", "shm", r(0x0AC) + w(0x0AC, 1) + r(0x0B0) + r(0x0B4) + r(0x0B8) + r(0x0BC))
+
+
+GENERATORS = {
+    "qcow2": (("qcow2_image", "qcow2_header"), lambda: qcow2_seeds()),
+    "blk": (("blk_request",), lambda: blk_seeds()),
+    "fuse": (("fuse_request",), lambda: fuse_seeds()),
+    "net": (("net_tx_packet",), lambda: net_seeds()),
+    "fwd": (("fwd_to_daemon", "fwd_to_vmm"), lambda: fwd_seeds()),
+    "mmio": (("virtio_mmio",), lambda: mmio_seeds()),
+    "vhost": (("vhost_user_backend",), lambda: vhost_seeds()),
+}
+
+
+# ---------------------------------------------------------------- vhost-user
+
+
+def vu(req, payload=b"", flags=1):
+    return struct.pack("<III", req, flags, len(payload)) + payload
+
+
+def vhost_seeds():
+    ua = 0x7000_0000_0000
+    hello = vu(1) + vu(3) + vu(15) + vu(16, struct.pack("<Q", 0x8001)) + vu(17)
+    feats = vu(2, struct.pack("<Q", (1 << 32) | (1 << 29) | (1 << 30)))
+    config = vu(24, struct.pack("<III", 0, 8, 0) + bytes(8)) + vu(24, struct.pack("<III", 0xF00, 64, 0) + bytes(64))
+    mem = vu(5, struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, 1 << 20, ua, 0))
+
+    def ring(i, num):
+        base = ua + 0x10000 * (i + 1)
+        return (
+            vu(8, struct.pack("<II", i, num))
+            + vu(9, struct.pack("<IIQQQQ", i, 0, base, base + 0x2000, base + 0x1000, 0))
+            + vu(10, struct.pack("<II", i, 0))
+            + vu(13, struct.pack("<Q", i))
+            + vu(12, struct.pack("<Q", i))
+            + vu(18, struct.pack("<II", i, 1))
+        )
+
+    put("vhost_user_backend", "negotiate", hello + feats + config)
+    put("vhost_user_backend", "start-queues", hello + feats + mem + ring(0, 128) + ring(1, 64))
+    put("vhost_user_backend", "start-stop", hello + feats + mem + ring(0, 256) + vu(11, struct.pack("<II", 0, 0)) + vu(4))
+    put("vhost_user_backend", "mem-add-remove", hello + vu(36) + vu(37, struct.pack("<Q", 0) + struct.pack("<QQQQ", 0, 1 << 20, ua, 0)) + vu(38, struct.pack("<Q", 0) + struct.pack("<QQQQ", 0, 1 << 20, ua, 0)))
+    put("vhost_user_backend", "need-reply", vu(1) + vu(16, struct.pack("<Q", 0x8009)) + vu(2, struct.pack("<Q", 1 << 32), flags=9) + vu(24, struct.pack("<III", 4, 4, 0) + bytes(4), flags=9))
+
+
 def main():
-    for t in ("qcow2_image", "qcow2_header", "blk_request", "fuse_request", "net_tx_packet"):
-        shutil.rmtree(os.path.join(CORPUS, t), ignore_errors=True)
-    qcow2_seeds()
-    blk_seeds()
-    fuse_seeds()
-    net_seeds()
+    # fuzz/gen_corpus.py [GROUP...]: only these groups (default: all; qcow2 needs qemu-img).
+    groups = sys.argv[1:] or list(GENERATORS)
+    for g in groups:
+        targets, gen = GENERATORS[g]
+        for t in targets:
+            shutil.rmtree(os.path.join(CORPUS, t), ignore_errors=True)
+        gen()
     total = sum(
         os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(CORPUS) for f in fs
     )

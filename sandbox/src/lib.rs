@@ -85,6 +85,9 @@ pub enum SandboxError {
     /// `--sandbox chroot` without CAP_SYS_CHROOT.
     #[error("chroot needs CAP_SYS_CHROOT")]
     NoChrootCap,
+    /// `--sandbox chroot` for a policy that keeps socket directories.
+    #[error("chroot cannot keep the socket directories reachable (use namespace or none)")]
+    ChrootSocketDirs,
     /// `prctl(PR_SET_NO_NEW_PRIVS)` failed.
     #[error("prctl(PR_SET_NO_NEW_PRIVS)")]
     NoNewPrivs(#[source] std::io::Error),
@@ -128,6 +131,12 @@ pub struct Policy {
     pub close_other_fds: bool,
     /// A directory to keep (the new root in `namespace`/`chroot` modes), or none.
     pub keep_dir: Option<KeepDir>,
+    /// Directories whose UNIX sockets the process keeps connecting to by path (rqemu-vmm
+    /// reattaching restarted daemons): absolute and symlink-free (the caller canonicalises
+    /// them); in `namespace` mode bind-mounted read-only at the same path under the empty root
+    /// (landlock does not govern connecting to a socket, and denies everything else there);
+    /// `chroot` cannot keep them and is then not possible.
+    pub keep_socket_dirs: Vec<PathBuf>,
     /// Capabilities kept (numbers, [`caps::cap`]); everything else leaves the bounding set.
     pub keep_caps: Vec<u32>,
     /// A new pid namespace (the process forks, the child is PID 1).
@@ -155,6 +164,12 @@ impl Policy {
             path: path.into(),
             writable,
         });
+        self
+    }
+
+    /// Sets the directories whose sockets stay reachable by path.
+    pub fn keep_socket_dirs(mut self, dirs: impl IntoIterator<Item = PathBuf>) -> Self {
+        self.keep_socket_dirs = dirs.into_iter().collect();
         self
     }
 
@@ -467,7 +482,8 @@ fn namespace_mode(policy: &Policy, action: SeccompAction) -> Result<Option<FsOut
     namespaces::make_mounts_private().map_err(touched)?;
     match &policy.keep_dir {
         Some(d) => namespaces::pivot_into_dir(&d.path, !d.writable),
-        None => namespaces::pivot_into_empty_root(),
+        None if policy.keep_socket_dirs.is_empty() => namespaces::pivot_into_empty_root(),
+        None => namespaces::pivot_into_root_with_dirs(&policy.keep_socket_dirs),
     }
     .map_err(touched)?;
     Ok(Some(FsOutcome {
@@ -480,6 +496,9 @@ fn namespace_mode(policy: &Policy, action: SeccompAction) -> Result<Option<FsOut
 fn chroot_mode(policy: &Policy) -> Result<Option<FsOutcome>, ModeError> {
     if !caps::has(caps::cap::SYS_CHROOT) {
         return Err(untouched(SandboxError::NoChrootCap));
+    }
+    if !policy.keep_socket_dirs.is_empty() {
+        return Err(untouched(SandboxError::ChrootSocketDirs));
     }
     match &policy.keep_dir {
         Some(d) => namespaces::chroot_into(&d.path),

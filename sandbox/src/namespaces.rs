@@ -113,8 +113,7 @@ fn pivot_into(dir: &CString) -> Result<(), NsError> {
 /// namespace, so the host never sees it): the first existing directory of these.
 const TMPFS_MOUNT_POINTS: [&str; 4] = ["/tmp", "/mnt", "/proc", "/dev"];
 
-/// In a private mount namespace: mounts an empty tmpfs, pivots into it and makes it read-only.
-pub fn pivot_into_empty_root() -> Result<(), NsError> {
+fn empty_root_mount_point() -> Result<CString, NsError> {
     let target = TMPFS_MOUNT_POINTS
         .iter()
         .find(|p| Path::new(p).is_dir())
@@ -122,7 +121,12 @@ pub fn pivot_into_empty_root() -> Result<(), NsError> {
             step: "finding a directory to mount the empty root on".into(),
             source: io::Error::from_raw_os_error(libc::ENOENT),
         })?;
-    let target = cstring(Path::new(target))?;
+    cstring(Path::new(target))
+}
+
+/// In a private mount namespace: mounts an empty tmpfs, pivots into it and makes it read-only.
+pub fn pivot_into_empty_root() -> Result<(), NsError> {
+    let target = empty_root_mount_point()?;
     let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     // SAFETY: valid NUL-terminated strings.
     check("mounting the empty root tmpfs", unsafe {
@@ -137,6 +141,79 @@ pub fn pivot_into_empty_root() -> Result<(), NsError> {
     pivot_into(&target)?;
     // SAFETY: valid strings (or null where the kernel allows it).
     check("making the empty root read-only", unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_RDONLY | flags,
+            std::ptr::null(),
+        ) as libc::c_long
+    })
+}
+
+/// In a private mount namespace: pivots into an empty read-only tmpfs that holds, at their
+/// own paths, read-only bind mounts (nosuid, nodev, noexec) of `dirs` (absolute, canonical):
+/// what a process needs to keep connecting to the UNIX sockets in them by path. A directory
+/// beneath another kept one is reached through it.
+pub fn pivot_into_root_with_dirs(dirs: &[PathBuf]) -> Result<(), NsError> {
+    let mut sorted: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    sorted.sort();
+    sorted.dedup();
+    let mut kept: Vec<&Path> = Vec::new();
+    for d in sorted {
+        if !d.is_absolute() || d == Path::new("/") {
+            return Err(NsError::Path(d.to_path_buf()));
+        }
+        if !kept.iter().any(|k| d.starts_with(k)) {
+            kept.push(d);
+        }
+    }
+    // Opened before the tmpfs is mounted: a kept directory may be beneath its mount point.
+    let step = |step: String| move |source| NsError::Step { step, source };
+    let fds = kept
+        .iter()
+        .map(|d| std::fs::File::open(d).map_err(step(format!("opening {}", d.display()))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let target = empty_root_mount_point()?;
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // SAFETY: valid NUL-terminated strings.
+    check("mounting the root tmpfs", unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            flags,
+            c"size=64k,nr_inodes=1024,mode=0755".as_ptr().cast(),
+        ) as libc::c_long
+    })?;
+    let root = Path::new(std::ffi::OsStr::from_bytes(target.as_bytes()));
+    for (d, fd) in kept.iter().zip(&fds) {
+        use std::os::fd::AsRawFd;
+        let mirror = root.join(d.strip_prefix("/").unwrap_or(d));
+        std::fs::create_dir_all(&mirror)
+            .map_err(step(format!("creating the mount point of {}", d.display())))?;
+        let src = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|_| NsError::Path(d.to_path_buf()))?;
+        let cmirror = cstring(&mirror)?;
+        // SAFETY: valid NUL-terminated strings (or null where the kernel allows it).
+        check(&format!("bind-mounting {}", d.display()), unsafe {
+            libc::mount(
+                src.as_ptr(),
+                cmirror.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ) as libc::c_long
+        })?;
+        set_mount_attrs(
+            &cmirror,
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        )?;
+    }
+    drop(fds);
+    pivot_into(&target)?;
+    // SAFETY: valid strings (or null where the kernel allows it).
+    check("making the root read-only", unsafe {
         libc::mount(
             std::ptr::null(),
             c"/".as_ptr(),
@@ -176,13 +253,22 @@ struct MountAttr {
     userns_fd: u64,
 }
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 
 /// Makes the bind mount at `dir` and every mount below it read-only (`mount_setattr` with
 /// `AT_RECURSIVE`); on kernels without it (< 5.12) remounts the top mount only.
 fn make_readonly(dir: &CString) -> Result<(), NsError> {
+    set_mount_attrs(dir, MOUNT_ATTR_RDONLY)
+}
+
+/// Sets `attrs` (`MOUNT_ATTR_*`, read-only among them) on the bind mount at `dir` and every
+/// mount below it; on kernels without `mount_setattr` remounts the top mount read-only.
+fn set_mount_attrs(dir: &CString, attrs: u64) -> Result<(), NsError> {
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY,
+        attr_set: attrs,
         attr_clr: 0,
         propagation: 0,
         userns_fd: 0,

@@ -24,6 +24,7 @@ fn policy(name: &'static str, threads: Vec<(ThreadKind, AllowList)>) -> Policy {
         keep_fds: Vec::new(),
         close_other_fds: true,
         keep_dir: None,
+        keep_socket_dirs: Vec::new(),
         keep_caps: Vec::new(),
         pid_namespace: true,
         net_namespace: true,
@@ -193,6 +194,7 @@ pub fn vmm(accel: VmmAccel) -> Policy {
     let control = control.union(&list(&[
         Epoll,
         SocketMsg,
+        Accept,
         UnixSockets,
         Threads,
         MemfdCreate,

@@ -147,6 +147,16 @@ pub struct Cli {
     /// vm.info, vm.pause, vm.resume, vm.shutdown, ...) on this UNIX socket; see `rqemu-ctl`.
     #[arg(long = "api-socket")]
     pub api_socket: Option<PathBuf>,
+    /// `--sandbox namespace|chroot|none` (default: the strongest the privileges allow;
+    /// `chroot` cannot keep the device socket directories, so it is refused with device
+    /// sockets) and `--seccomp kill|log|trap|none` (default kill), entered once the machine is
+    /// built and its devices attached.
+    #[command(flatten)]
+    pub sandbox: rqemu_sandbox::SandboxArgs,
+    /// Test hook: once confined, make a syscall no thread of the VMM is allowed (`openat`);
+    /// with `--seccomp kill` the VMM dies of SIGSYS there.
+    #[arg(long = "sandbox-selftest", hide = true)]
+    pub sandbox_selftest: bool,
 }
 
 impl Cli {
@@ -347,6 +357,17 @@ mod tests {
         // Unknown options and stray arguments.
         rejects(&["--kernel", "k", "--smp", "2"], &["'--smp'"]);
         rejects(&["--kernel", "k", "extra"], &["'extra'"]);
+    }
+
+    #[test]
+    fn sandbox_defaults_to_the_strongest_mode_and_kill() {
+        let cli = parse(&["--kernel", "k"]).unwrap();
+        assert_eq!(cli.sandbox, rqemu_sandbox::SandboxArgs::default());
+        assert!(!cli.sandbox_selftest);
+        let cli = parse(&["--kernel", "k", "--sandbox", "none", "--seccomp", "log"]).unwrap();
+        assert_eq!(cli.sandbox.sandbox, Some(rqemu_sandbox::SandboxMode::None));
+        assert_eq!(cli.sandbox.seccomp, rqemu_sandbox::SeccompAction::Log);
+        assert!(parse(&["--kernel", "k", "--seccomp", "allow"]).is_err());
     }
 
     #[test]

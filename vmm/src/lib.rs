@@ -10,6 +10,7 @@
 //! * [`virtio`] — virtio-mmio transport and the vhost-user frontend;
 //! * [`forwarded`] — emulated devices in daemons over the rqemu forwarding protocol;
 //! * [`api`] — the management API (`--api-socket`: HTTP/1.1 + JSON over a UNIX socket);
+//! * [`sandbox`] — the confinement entered once the machine is built, per-thread allow-lists;
 //! * [`cli`] — the command line of the `rqemu-vmm` binary.
 
 pub mod accel;
@@ -23,5 +24,6 @@ pub mod exit;
 pub mod forwarded;
 pub mod layout;
 pub mod memory;
+pub mod sandbox;
 pub mod virtio;
 pub mod vm;

@@ -7,27 +7,44 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use rqemu_vmm::cli::Cli;
 use rqemu_vmm::exit::GuestExit;
+use rqemu_vmm::sandbox;
 use rqemu_vmm::vm::{create_accelerator, Vm, VmController};
 
 fn run(cli: &Cli) -> anyhow::Result<GuestExit> {
-    let cfg = match cli.vm_config() {
+    let mut cfg = match cli.vm_config() {
         Ok(c) => c,
         Err(e) => bail!(e),
     };
+    let socket_dirs = sandbox::socket_dirs(&mut cfg.devices);
     let accel = create_accelerator(cli.accel_choice()).context("choosing the accelerator")?;
+    let accel_name = accel.name();
     let vm = Vm::new(&cfg, accel).context("building the VM")?;
+    let api = match &cli.api_socket {
+        Some(path) => Some(rqemu_vmm::api::bind(path)?),
+        None => None,
+    };
     tracing::debug!(?vm, mode = ?vm.kernel().mode, "starting guest");
+    // Everything is open and the VMM still has one thread: confine it (threads started from
+    // now on narrow themselves to their kind's allow-list).
+    sandbox::enter(&cli.sandbox, accel_name, socket_dirs).context("entering the sandbox")?;
+    if cli.sandbox_selftest {
+        // SAFETY: openat with a valid NUL-terminated path; the fd, if any, is closed.
+        let fd = unsafe { libc::openat(libc::AT_FDCWD, c"/".as_ptr(), libc::O_RDONLY) };
+        eprintln!("rqemu-vmm: sandbox self-test: openat survived (fd {fd})");
+        if fd >= 0 {
+            // SAFETY: closing the fd just opened.
+            unsafe { libc::close(fd) };
+        }
+    }
     stop_on_signals(vm.controller()).context("installing SIGINT/SIGTERM handling")?;
-    if let Some(path) = &cli.api_socket {
-        rqemu_vmm::api::spawn(path, std::sync::Arc::new(vm.controller()))?;
+    if let Some(listener) = api {
+        rqemu_vmm::api::spawn(listener, std::sync::Arc::new(vm.controller()))?;
     }
     // Built, devices attached: the guest starts now (a Type=notify unit is active from here).
     rqemu_daemon::notify::ready("guest running");
-    let outcome = vm.run();
-    if let Some(path) = &cli.api_socket {
-        let _ = std::fs::remove_file(path);
-    }
-    Ok(outcome?)
+    // The API socket file stays behind (the confined VMM cannot see it): the next `rqemu-vmm`
+    // on that path replaces a socket nobody answers on.
+    Ok(vm.run()?)
 }
 
 /// SIGINT/SIGTERM stop the VM cleanly (all vCPU threads joined, exit status 4): the signals
@@ -49,6 +66,7 @@ fn stop_on_signals(ctl: VmController) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            sandbox::confine_current(sandbox::VmmThread::Signal);
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {

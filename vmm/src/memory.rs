@@ -1,5 +1,9 @@
 //! Guest RAM: one memfd, mapped `MAP_SHARED` per region so that the same pages can be handed
 //! to device daemons (vhost-user `SET_MEM_TABLE` sends the fd + offset of every region).
+//!
+//! The memfd is sealed against shrinking and growing (`F_SEAL_SHRINK | F_SEAL_GROW`, as QEMU
+//! does): a daemon holding it cannot truncate guest RAM under the VMM (a SIGBUS on the next
+//! access). Every mapping is `MADV_DONTDUMP`: guest memory never lands in a core file.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -24,6 +28,9 @@ pub enum MemoryError {
     /// mmap of a region failed.
     #[error("mapping guest RAM: {0}")]
     Mmap(String),
+    /// Sealing the memfd or `madvise` failed.
+    #[error("{0}: {1}")]
+    Harden(&'static str, #[source] std::io::Error),
 }
 
 /// One contiguous RAM region with the file backing it (for sharing with daemons).
@@ -121,6 +128,14 @@ impl GuestRam {
             let fo = FileOffset::from_arc(file.clone(), offset);
             let mmap = MmapRegion::from_file(fo, len_usize)
                 .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+            // SAFETY: the range is exactly the mapping `mmap` owns; MADV_DONTDUMP only changes
+            // whether it is written to core files.
+            if unsafe { libc::madvise(mmap.as_ptr().cast(), len_usize, libc::MADV_DONTDUMP) } != 0 {
+                return Err(MemoryError::Harden(
+                    "madvise(MADV_DONTDUMP) on guest RAM",
+                    std::io::Error::last_os_error(),
+                ));
+            }
             let region = GuestRegionMmap::new(mmap, GuestAddress(base))
                 .ok_or_else(|| MemoryError::Mmap("region overflows the address space".into()))?;
             mmaps.push(region);
@@ -164,14 +179,32 @@ impl GuestRam {
 
 fn create_memfd(size: u64) -> Result<File, MemoryError> {
     // SAFETY: the name is a valid NUL-terminated C string; the return value is checked.
-    let fd = unsafe { libc::memfd_create(c"rqemu-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"rqemu-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(MemoryError::Memfd)?;
-    debug_assert!(file.as_raw_fd() >= 0);
+    // SAFETY: fcntl on the fd `file` owns, with an integer argument.
+    let r = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    if r != 0 {
+        return Err(MemoryError::Harden(
+            "sealing the guest RAM memfd (F_SEAL_SHRINK | F_SEAL_GROW)",
+            std::io::Error::last_os_error(),
+        ));
+    }
     Ok(file)
 }
 
@@ -226,6 +259,31 @@ mod tests {
         use std::os::unix::fs::FileExt;
         r[1].file.read_exact_at(&mut buf, r[1].file_offset).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xabcd);
+    }
+
+    #[test]
+    fn ram_is_sealed_against_resizing_and_not_dumped() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let file = &ram.regions()[0].file;
+        // SAFETY: fcntl on an fd we own.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        assert_eq!(
+            seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW),
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW
+        );
+        assert!(file.set_len(4 << 20).is_err(), "shrinking must fail");
+        assert!(file.set_len(16 << 20).is_err(), "growing must fail");
+        // The mapping carries the "dd" (do not dump) flag in smaps.
+        let start = ram.memory().iter().next().unwrap().as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        let header = format!("{start:x}-");
+        assert!(
+            lines.any(|l| l.starts_with(&header)),
+            "mapping not in smaps"
+        );
+        let flags = lines.find(|l| l.starts_with("VmFlags:")).unwrap();
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
     }
 
     #[test]

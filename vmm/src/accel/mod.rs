@@ -248,6 +248,12 @@ pub trait Accelerator: Send + Sync {
     /// The VM was paused for `paused` (every vCPU parked): the guest clock must continue
     /// from where it stopped, not jump ahead. Called before the vCPUs run again.
     fn hold_clock(&self, _paused: Duration) {}
+    /// Starts the accelerator's helper threads (TCG: the irqfd poller). Called by the VM once
+    /// the process is confined (a sandbox is entered while the process has one thread):
+    /// irqfds registered before are served from then on.
+    fn start_threads(&self) -> Result<()> {
+        Ok(())
+    }
     /// Creates vCPU `index` of `topology` with CPUID, MSRs, FPU and LAPIC set up like a
     /// real boot (boot state comes separately, see [`Vcpu::set_boot_state`]).
     fn create_vcpu(&self, index: u32, topology: &CpuTopology) -> Result<Box<dyn Vcpu>>;

@@ -14,16 +14,22 @@ use super::{handle, http, ApiError, VmApi};
 /// How long a client may take to send its request or read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Binds `path` (a stale socket is replaced, a live one or a non-socket refused) and serves
-/// the API on a thread named "api" for the rest of the process.
-pub fn spawn(path: &Path, vm: Arc<dyn VmApi>) -> Result<JoinHandle<()>, ApiError> {
+/// Binds `path` (a stale socket is replaced, a live one or a non-socket refused). Bind before
+/// the VMM is confined (its root is empty then); serve with [`spawn`] afterwards.
+pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     let fd = Endpoint::Path(path.to_path_buf())
         .listen(SocketType::Stream)
         .map_err(|e| ApiError::Listen(path.to_path_buf(), e))?;
-    let listener = UnixListener::from(fd);
+    Ok(UnixListener::from(fd))
+}
+
+/// Serves the API on `listener` on a thread named "api" for the rest of the process; the
+/// thread narrows itself to its sandbox kind first.
+pub fn spawn(listener: UnixListener, vm: Arc<dyn VmApi>) -> Result<JoinHandle<()>, ApiError> {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            crate::sandbox::confine_current(crate::sandbox::VmmThread::Api);
             for conn in listener.incoming() {
                 match conn {
                     Ok(s) => serve(s, &*vm),

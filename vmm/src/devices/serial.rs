@@ -110,6 +110,7 @@ pub fn spawn_stdin_reader(
     std::thread::Builder::new()
         .name("serial-stdin".into())
         .spawn(move || {
+            crate::sandbox::confine_current(crate::sandbox::VmmThread::StdinReader);
             let stdin = io::stdin();
             let fd = stdin.as_raw_fd();
             let mut buf = [0u8; 64];

@@ -46,6 +46,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("fwd-supervisor".into())
         .spawn(move || {
+            crate::sandbox::confine_current(crate::sandbox::VmmThread::Supervisor);
             let mut watches: Vec<Watch> = links
                 .into_iter()
                 .map(|link| Watch {

@@ -104,8 +104,10 @@ struct Machine {
 }
 
 fn machine() -> Machine {
+    let accel = TcgAccel::new().unwrap();
+    accel.start_threads().unwrap();
     Machine {
-        accel: Arc::new(TcgAccel::new().unwrap()),
+        accel: Arc::new(accel),
         pio: Bus::new(),
         mmio: Bus::new(),
     }

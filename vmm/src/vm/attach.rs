@@ -217,6 +217,7 @@ pub(super) fn spawn_daemon_watch(
     std::thread::Builder::new()
         .name("vhost-watch".into())
         .spawn(move || {
+            crate::sandbox::confine_current(crate::sandbox::VmmThread::DaemonWatch);
             while !exit.should_stop() {
                 let mut pfd = libc::pollfd {
                     fd: stream.as_raw_fd(),

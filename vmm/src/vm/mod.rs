@@ -299,6 +299,7 @@ impl Vm {
 
     /// Runs all vCPUs until the guest exits; every thread is joined before returning.
     pub fn run(mut self) -> Result<GuestExit, VmError> {
+        self.accel.start_threads()?;
         let mut handles: Vec<JoinHandle<()>> = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus.drain(..) {
             let ctx = vcpu_thread::VcpuContext {
@@ -310,7 +311,10 @@ impl Vm {
             let name = format!("vcpu{}", vcpu.index());
             let h = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || vcpu_thread::run_vcpu(vcpu, &ctx))
+                .spawn(move || {
+                    crate::sandbox::confine_current(crate::sandbox::VmmThread::Vcpu);
+                    vcpu_thread::run_vcpu(vcpu, &ctx)
+                })
                 .map_err(|e| VmError::Os("spawning a vCPU thread", e));
             match h {
                 Ok(h) => handles.push(h),
@@ -348,6 +352,8 @@ impl Vm {
                 ))),
             }
         }
+        // Every thread is started: the main thread keeps only what it does from now on.
+        crate::sandbox::confine_current(crate::sandbox::VmmThread::Main);
         let reason = self.exit.wait();
         self.sync.wake();
         let stuck = stop_vcpus(&self.sync, &handles);

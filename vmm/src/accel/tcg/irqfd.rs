@@ -25,11 +25,14 @@ struct Shared {
     stop: AtomicBool,
 }
 
-/// The irqfd poller (thread started lazily on the first registration).
+/// The irqfd poller: its thread starts at the first registration after [`Irqfds::start`]
+/// (none before: the VMM enters its sandbox with a single thread, after registering the
+/// irqfds of the devices it attached).
 pub(super) struct Irqfds {
     shared: Arc<Shared>,
     chip: Arc<IrqChip>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    started: AtomicBool,
 }
 
 fn os(op: &'static str) -> impl FnOnce(std::io::Error) -> AccelError {
@@ -46,7 +49,40 @@ impl Irqfds {
             }),
             chip,
             thread: Mutex::new(None),
+            started: AtomicBool::new(false),
         })
+    }
+
+    /// Allows the poller thread; starts it now if irqfds are registered.
+    pub(super) fn start(&self) -> Result<()> {
+        self.started.store(true, Ordering::SeqCst);
+        let any = !self
+            .shared
+            .bindings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        if any {
+            self.spawn_once()?;
+        }
+        Ok(())
+    }
+
+    fn spawn_once(&self) -> Result<()> {
+        let mut t = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        if t.is_none() {
+            let shared = self.shared.clone();
+            let chip = self.chip.clone();
+            let h = std::thread::Builder::new()
+                .name("tcg-irqfd".into())
+                .spawn(move || {
+                    crate::sandbox::confine_current(crate::sandbox::VmmThread::IrqfdPoller);
+                    poll_loop(&shared, &chip)
+                })
+                .map_err(os("spawning the irqfd thread"))?;
+            *t = Some(h);
+        }
+        Ok(())
     }
 
     pub(super) fn register(&self, fd: &EventFd, gsi: u32) -> Result<()> {
@@ -60,15 +96,8 @@ impl Irqfds {
                 gsi,
                 fd: clone,
             });
-        let mut t = self.thread.lock().unwrap_or_else(|e| e.into_inner());
-        if t.is_none() {
-            let shared = self.shared.clone();
-            let chip = self.chip.clone();
-            let h = std::thread::Builder::new()
-                .name("tcg-irqfd".into())
-                .spawn(move || poll_loop(&shared, &chip))
-                .map_err(os("spawning the irqfd thread"))?;
-            *t = Some(h);
+        if self.started.load(Ordering::SeqCst) {
+            self.spawn_once()?;
         }
         self.shared
             .wake

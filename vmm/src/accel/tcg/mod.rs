@@ -129,6 +129,10 @@ impl Accelerator for TcgAccel {
         Ok(())
     }
 
+    fn start_threads(&self) -> Result<()> {
+        self.irqfds.start()
+    }
+
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
         self.irqfds.register(fd, gsi)
     }
