@@ -369,3 +369,146 @@ fn bad_images_fail_with_a_clear_message() {
     assert_eq!(err.matches("rqemu-blk: error: ").count(), 1, "{err}");
     assert_eq!(std::fs::read(dir.path().join("x.sock")).unwrap(), b"keep");
 }
+
+/// A raw image on a file system with O_DIRECT (the temp dir; tmpfs has none and the daemon
+/// then fails with a message naming O_DIRECT, which fails the test loudly).
+fn direct_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+#[test]
+fn engines_and_cache_modes_keep_every_write() {
+    for extra in [
+        &["--cache", "none", "--aio", "io-uring"][..],
+        &["--cache", "none", "--aio", "sync"],
+        &["--cache", "directsync", "--aio", "io-uring"],
+        &["--cache", "unsafe", "--aio", "threads"],
+        &["--cache", "writeback", "--aio", "io-uring"],
+    ] {
+        let dir = direct_dir();
+        let img = raw_image(dir.path(), 16 << 20);
+        let mut args = vec!["--format", "raw"];
+        args.extend_from_slice(extra);
+        let d = Daemon::start(dir.path(), &img, &args);
+        let mut dev = d.connect(1);
+        let slots = Slots::new(&mut dev, 128, 4096).unwrap();
+        // 64 writes in flight at once (one kick), then the same blocks read back in flight.
+        for i in 0..64 {
+            let s = slots.get(i);
+            dev.mem.write(s.data, &pattern(4096, i as u64 + 7)).unwrap();
+            blk::post(&mut dev, 0, s, T_OUT, (i * 8 * 3) as u64, 4096).unwrap();
+        }
+        dev.queues[0].kick().unwrap();
+        let collect = |dev: &mut Device, n: usize| {
+            let (mut done, start) = (0, Instant::now());
+            while done < n {
+                while let Some((_, _)) = dev.queues[0].pop_used(&dev.mem).unwrap() {
+                    done += 1;
+                }
+                assert!(start.elapsed() < TIMEOUT, "{extra:?}: {done}/{n} completed");
+                dev.queues[0].wait_call(Duration::from_millis(50)).unwrap();
+            }
+        };
+        collect(&mut dev, 64);
+        for i in 0..64 {
+            assert_eq!(blk::status(&dev, slots.get(i)).unwrap(), S_OK, "{extra:?}");
+            dev.mem.write(slots.get(i).data, &[0u8; 4096]).unwrap();
+            blk::post(&mut dev, 0, slots.get(i), T_IN, (i * 8 * 3) as u64, 4096).unwrap();
+        }
+        dev.queues[0].kick().unwrap();
+        collect(&mut dev, 64);
+        for i in 0..64 {
+            let mut back = vec![0u8; 4096];
+            dev.mem.read(slots.get(i).data, &mut back).unwrap();
+            assert_eq!(blk::status(&dev, slots.get(i)).unwrap(), S_OK, "{extra:?}");
+            assert!(back == pattern(4096, i as u64 + 7), "{extra:?}: block {i}");
+        }
+        let (st, _) =
+            blk::request(&mut dev, 0, slots.get(0), T_FLUSH, 0, &mut [], TIMEOUT).unwrap();
+        assert_eq!(st, S_OK);
+        let on_disk = std::fs::read(&img).unwrap();
+        for i in 0..64 {
+            let at = i * 4096 * 3;
+            assert!(
+                on_disk[at..at + 4096] == pattern(4096, i as u64 + 7)[..],
+                "{extra:?}: block {i} on disk"
+            );
+        }
+        assert_eq!(d.terminate().code(), Some(0), "{extra:?}");
+    }
+}
+
+#[test]
+fn image_locks_keep_qemu_and_a_second_writer_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 1 << 20);
+    let path = img.to_str().unwrap();
+    let d = Daemon::start(dir.path(), &img, &["--format", "raw"]);
+    // QEMU 10's `qemu-img info` takes no lock (it cannot be refused); a consistent reader can.
+    let out = qemu_img(&["convert", "-O", "raw", path, "/dev/null"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("shared \"write\" lock"),
+        "qemu-img convert of an image served writable: {err}"
+    );
+    // A second daemon is refused, naming the first.
+    let second = Command::new(env!("CARGO_BIN_EXE_rqemu-blk"))
+        .arg("--socket")
+        .arg(dir.path().join("second.sock"))
+        .args(["--format", "raw", "--readonly", "--image", path])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("locked") && err.contains(&format!("pid {}", d.child.id())),
+        "{err}"
+    );
+    assert_eq!(d.terminate().code(), Some(0));
+    assert!(
+        qemu_img(&["convert", "-O", "raw", path, &format!("{path}.copy")])
+            .status
+            .success(),
+        "locks released"
+    );
+
+    // Read-only: readers share, writers are refused (qemu-io opens writable).
+    let d = Daemon::start(dir.path(), &img, &["--format", "raw", "--readonly"]);
+    assert!(qemu_img(&["info", path]).status.success());
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512", path])
+        .output()
+        .expect("qemu-io is required for this test");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("lock"), "qemu-io write under a reader: {all}");
+    // And --force-share lets a writer in anyway.
+    let d2 = Daemon::start(dir.path(), &img, &["--format", "raw", "--force-share"]);
+    assert_eq!(d2.terminate().code(), Some(0));
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+#[test]
+fn o_direct_on_qcow2_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"])
+            .status
+            .success()
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_rqemu-blk"))
+        .arg("--socket")
+        .arg(dir.path().join("x.sock"))
+        .arg("--image")
+        .arg(&img)
+        .args(["--cache", "none"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("O_DIRECT") && err.contains("qcow2"), "{err}");
+}
