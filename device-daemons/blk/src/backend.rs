@@ -189,8 +189,9 @@ impl BlkQueues {
             }
             u.submit().map_err(QueueError::Signal)?;
             u.reap(|h, n| {
-                if let Err(e) = publish(h, n, &mut used_any) {
-                    err = Some(e);
+                used_any = true;
+                if let Err(e) = vring.add_used(h, n) {
+                    err = Some(QueueError::from(e));
                 }
             });
             if !event_idx || !vring.enable_notification()? {
@@ -207,29 +208,18 @@ impl BlkQueues {
     }
 
     /// Publishes the completions the ring's eventfd announced.
-    fn serve_completions(
-        vring: &VringRwLock,
-        event_idx: bool,
-        st: &mut QueueState,
-    ) -> Result<(), QueueError> {
+    fn serve_completions(vring: &VringRwLock, st: &mut QueueState) -> Result<(), QueueError> {
         let Some(u) = st.uring.as_mut() else {
             return Ok(());
         };
         let mut err = None;
         let mut used_any = false;
+        // Every completion reaped goes on the used ring; the driver hears about them once per
+        // batch (EVENT_IDX: if its used_event falls in the batch), not once per request.
         u.reap(|head, used| {
-            let r = vring
-                .add_used(head, used)
-                .map_err(QueueError::from)
-                .and_then(|()| {
-                    if event_idx && vring.needs_notification()? {
-                        vring.signal_used_queue().map_err(QueueError::Signal)?;
-                    }
-                    Ok(())
-                });
             used_any = true;
-            if let Err(e) = r {
-                err = Some(e);
+            if let Err(e) = vring.add_used(head, used) {
+                err = Some(QueueError::from(e));
             }
         });
         if let Some(e) = err {
@@ -286,7 +276,7 @@ impl QueueDevice for BlkQueues {
             None => return Err(QueueError::UnknownEvent(index as u16)),
         };
         match (wake, st.uring.is_some()) {
-            (Wake::Fd(_), _) => Self::serve_completions(vring, event_idx, &mut st),
+            (Wake::Fd(_), _) => Self::serve_completions(vring, &mut st),
             (Wake::Queue(_), true) => self.serve_uring(vring, mem, event_idx, &mut st),
             (Wake::Queue(_), false) => drain_queue(vring, mem, event_idx, |chain| {
                 self.dev
