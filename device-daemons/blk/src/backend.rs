@@ -206,30 +206,6 @@ impl BlkQueues {
         }
         Ok(())
     }
-
-    /// Publishes the completions the ring's eventfd announced.
-    fn serve_completions(vring: &VringRwLock, st: &mut QueueState) -> Result<(), QueueError> {
-        let Some(u) = st.uring.as_mut() else {
-            return Ok(());
-        };
-        let mut err = None;
-        let mut used_any = false;
-        // Every completion reaped goes on the used ring; the driver hears about them once per
-        // batch (EVENT_IDX: if its used_event falls in the batch), not once per request.
-        u.reap(|head, used| {
-            used_any = true;
-            if let Err(e) = vring.add_used(head, used) {
-                err = Some(QueueError::from(e));
-            }
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
-        if used_any && vring.needs_notification()? {
-            vring.signal_used_queue().map_err(QueueError::Signal)?;
-        }
-        Ok(())
-    }
 }
 
 impl QueueDevice for BlkQueues {
@@ -276,8 +252,10 @@ impl QueueDevice for BlkQueues {
             None => return Err(QueueError::UnknownEvent(index as u16)),
         };
         match (wake, st.uring.is_some()) {
-            (Wake::Fd(_), _) => Self::serve_completions(vring, &mut st),
-            (Wake::Queue(_), true) => self.serve_uring(vring, mem, event_idx, &mut st),
+            // Completions, or a kick: either way, reap what completed and take what the
+            // driver made available meanwhile (fewer wake-ups than serving each alone).
+            (_, true) => self.serve_uring(vring, mem, event_idx, &mut st),
+            (Wake::Fd(_), false) => Ok(()),
             (Wake::Queue(_), false) => drain_queue(vring, mem, event_idx, |chain| {
                 self.dev
                     .process_chain(&**mem, chain, &mut st.scratch)
