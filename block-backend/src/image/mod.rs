@@ -326,10 +326,11 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
         Format::Raw => Ok(Box::new(
             raw::RawImage::new(file, opts.read_only)?.with_direct(direct),
         )),
-        Format::Qcow2 => Ok(Box::new(qcow2::Qcow2Image::open(
+        Format::Qcow2 => Ok(Box::new(qcow2::Qcow2Image::open_locked(
             file,
             base_dir(path),
             opts.read_only,
+            !opts.force_share,
         )?)),
     }
 }

@@ -512,3 +512,40 @@ fn o_direct_on_qcow2_is_refused_clearly() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("O_DIRECT") && err.contains("qcow2"), "{err}");
 }
+
+#[test]
+fn backing_files_are_locked_against_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = raw_image(dir.path(), 1 << 20);
+    let top = dir.path().join("top.qcow2");
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "raw", t])
+            .status
+            .success()
+    );
+    let write_base = || {
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 512", b])
+            .output()
+            .expect("qemu-io is required for this test");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let d = Daemon::start(dir.path(), &top, &[]);
+    let out = write_base();
+    assert!(
+        out.contains("lock"),
+        "qemu-io write to the backing file: {out}"
+    );
+    // Readers of the backing file are welcome.
+    assert!(qemu_img(&["convert", "-O", "raw", b, &format!("{b}.copy")])
+        .status
+        .success());
+    assert_eq!(d.terminate().code(), Some(0));
+    let out = write_base();
+    assert!(!out.contains("lock"), "locks released: {out}");
+}

@@ -118,7 +118,18 @@ impl Qcow2Image {
     /// Opens a qcow2 image. `base_dir` resolves a relative backing file name; the backing
     /// chain is opened read-only now (a sandboxed daemon opens nothing later).
     pub fn open(file: File, base_dir: PathBuf, read_only: bool) -> Result<Qcow2Image> {
-        Self::open_depth(file, &base_dir, read_only, 0)
+        Self::open_depth(file, &base_dir, read_only, 0, false)
+    }
+
+    /// [`Qcow2Image::open`], taking QEMU-compatible read locks on every backing file with
+    /// `lock_backing` (shared with readers, refused to writers: see [`super::lock`]).
+    pub fn open_locked(
+        file: File,
+        base_dir: PathBuf,
+        read_only: bool,
+        lock_backing: bool,
+    ) -> Result<Qcow2Image> {
+        Self::open_depth(file, &base_dir, read_only, 0, lock_backing)
     }
 
     /// The parsed header.
@@ -126,7 +137,13 @@ impl Qcow2Image {
         &self.header
     }
 
-    fn open_depth(file: File, base_dir: &Path, read_only: bool, depth: u32) -> Result<Qcow2Image> {
+    fn open_depth(
+        file: File,
+        base_dir: &Path,
+        read_only: bool,
+        depth: u32,
+        lock_backing: bool,
+    ) -> Result<Qcow2Image> {
         let file_len = file
             .metadata()
             .map_err(|e| ImageError::io("stat of qcow2 image", e))?
@@ -198,7 +215,7 @@ impl Qcow2Image {
             header.refcount_table_offset,
             header.refcount_table_clusters,
         )?;
-        let backing = open_backing(&header, base_dir, depth)?;
+        let backing = open_backing(&header, base_dir, depth, lock_backing)?;
         if !read_only && header.autoclear_features != 0 {
             // We maintain no autoclear feature (e.g. persistent bitmaps): clear them all.
             write_all(&file, &0u64.to_be_bytes(), header::OFF_AUTOCLEAR)
@@ -280,7 +297,12 @@ impl Qcow2Image {
     }
 }
 
-fn open_backing(h: &Header, base_dir: &Path, depth: u32) -> Result<Option<Box<dyn DiskImage>>> {
+fn open_backing(
+    h: &Header,
+    base_dir: &Path,
+    depth: u32,
+    lock_backing: bool,
+) -> Result<Option<Box<dyn DiskImage>>> {
     let Some(name) = &h.backing_file else {
         return Ok(None);
     };
@@ -301,6 +323,15 @@ fn open_backing(h: &Header, base_dir: &Path, depth: u32) -> Result<Option<Box<dy
     };
     let ctx = |e| ImageError::io(format!("opening backing file {}", path.display()), e);
     let file = File::open(&path).map_err(ctx)?;
+    if lock_backing {
+        let (perm, shared) = super::lock::guest_disk_perms(true);
+        super::lock::lock(
+            &file,
+            &format!("backing file {}", path.display()),
+            perm,
+            shared,
+        )?;
+    }
     let format = match h.backing_format.as_deref() {
         Some("raw") => Format::Raw,
         Some("qcow2") => Format::Qcow2,
@@ -320,7 +351,7 @@ fn open_backing(h: &Header, base_dir: &Path, depth: u32) -> Result<Option<Box<dy
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| PathBuf::from("."));
             Box::new(
-                Qcow2Image::open_depth(file, &dir, true, depth + 1).map_err(|e| {
+                Qcow2Image::open_depth(file, &dir, true, depth + 1, lock_backing).map_err(|e| {
                     ImageError::Unsupported(format!("backing file {}: {e}", path.display()))
                 })?,
             )
