@@ -48,6 +48,25 @@ fn rqemu_blk_raw_cache_none_workloads() {
     .run());
 }
 
+/// The same guest workload on qcow2 with guest data clusters O_DIRECT (fresh image, and over
+/// a raw backing file: copy-on-write), then `qemu-img check`.
+#[test]
+fn rqemu_blk_qcow2_cache_none_workloads() {
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    ok(Workloads {
+        extra: args(&["--cache", "none"]),
+        ..Workloads::new(Rqemu, Format::Qcow2)
+    }
+    .run());
+    ok(Workloads {
+        backing: Backing::Raw,
+        seed: 4,
+        extra: args(&["--cache", "none"]),
+        ..Workloads::new(Rqemu, Format::Qcow2)
+    }
+    .run());
+}
+
 #[test]
 fn rqemu_blk_qcow2_fresh_workload() {
     ok(Workloads::new(Rqemu, Format::Qcow2).run());

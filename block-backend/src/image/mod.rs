@@ -150,7 +150,8 @@ pub struct OpenOptions {
     /// Open the image read-only: writes, discards and write-zeroes fail with
     /// [`ImageError::ReadOnly`].
     pub read_only: bool,
-    /// Host cache mode (O_DIRECT for `None`/`Directsync`: raw images only for now).
+    /// Host cache mode (O_DIRECT for `None`/`Directsync`: the whole file for raw images, the
+    /// guest data clusters for qcow2).
     pub cache: CacheMode,
     /// Skip QEMU-compatible image locking (QEMU's `force-share`): the caller takes the risk
     /// of another writer.
@@ -296,14 +297,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
             )))
         }
     };
-    if opts.cache.direct() && format != Format::Raw {
-        return Err(ImageError::Unsupported(format!(
-            "{}: O_DIRECT (--cache none/directsync) is implemented for raw images only; use \
-             --cache writeback for {format}",
-            path.display()
-        )));
-    }
-    let direct = if opts.cache.direct() {
+    let direct = if opts.cache.direct() && format == Format::Raw {
         direct::set_direct(&file).map_err(|e| {
             ImageError::io(format!("O_DIRECT on {} (file system?)", path.display()), e)
         })?;
@@ -326,12 +320,38 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
         Format::Raw => Ok(Box::new(
             raw::RawImage::new(file, opts.read_only)?.with_direct(direct),
         )),
-        Format::Qcow2 => Ok(Box::new(qcow2::Qcow2Image::open_locked(
-            file,
-            base_dir(path),
-            opts.read_only,
-            !opts.force_share,
-        )?)),
+        Format::Qcow2 => {
+            let img = qcow2::Qcow2Image::open_locked(
+                file,
+                base_dir(path),
+                opts.read_only,
+                !opts.force_share,
+            )?;
+            if !opts.cache.direct() {
+                return Ok(Box::new(img));
+            }
+            // Guest data through a second, O_DIRECT descriptor (same open flags otherwise).
+            let data = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!opts.read_only)
+                .custom_flags(
+                    libc::O_DIRECT
+                        | if opts.cache == CacheMode::Directsync {
+                            libc::O_DSYNC
+                        } else {
+                            0
+                        },
+                )
+                .open(path)
+                .map_err(|e| {
+                    ImageError::io(
+                        format!("O_DIRECT open of {} (file system?)", path.display()),
+                        e,
+                    )
+                })?;
+            let align = direct::probe_alignment(&data);
+            Ok(Box::new(img.with_direct_data(data, align)))
+        }
     }
 }
 

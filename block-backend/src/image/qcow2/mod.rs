@@ -89,6 +89,9 @@ impl Geom {
 /// An open qcow2 image.
 pub struct Qcow2Image {
     file: File,
+    /// With `--cache none`/`directsync`: a second descriptor of the image opened O_DIRECT,
+    /// and its alignment, for guest data clusters (metadata stays on `file`).
+    data: Option<(File, usize)>,
     header: Header,
     geom: Geom,
     read_only: bool,
@@ -130,6 +133,14 @@ impl Qcow2Image {
         lock_backing: bool,
     ) -> Result<Qcow2Image> {
         Self::open_depth(file, &base_dir, read_only, 0, lock_backing)
+    }
+
+    /// Moves guest data I/O to `data`, the same image opened again with O_DIRECT, whose
+    /// alignment is `align` (metadata keeps going through the page cache and is made durable
+    /// by flushes, as before).
+    pub fn with_direct_data(mut self, data: File, align: usize) -> Qcow2Image {
+        self.data = Some((data, align));
+        self
     }
 
     /// The parsed header.
@@ -233,6 +244,7 @@ impl Qcow2Image {
         let meta = Meta::new(geom, header.l1_table_offset, l1, rc, map, !read_only)?;
         Ok(Qcow2Image {
             file,
+            data: None,
             header,
             geom,
             read_only,
