@@ -41,15 +41,17 @@ fn vhost_control() -> AllowList {
 }
 
 /// rqemu-blk: the image fds are open; queue workers read and write them (`pread`/`pwrite`/
-/// `preadv`/`pwritev`), flush (`fdatasync`), discard and write zeroes (`fallocate`). No
-/// capabilities; an empty root.
+/// `preadv`/`pwritev`), flush (`fdatasync`), discard and write zeroes (`fallocate`), or
+/// submit to the queue's io_uring made at start-up (`--aio io-uring`: `io_uring_enter`; the
+/// control and signal threads wait there for I/O in flight before a flush). No capabilities;
+/// an empty root.
 pub fn blk() -> Policy {
     policy(
         "rqemu-blk",
         vec![
-            (ThreadKind::Control, vhost_control()),
-            (ThreadKind::Queue, list(&[Epoll, FileSync])),
-            (ThreadKind::Signal, list(&[FileSync])),
+            (ThreadKind::Control, vhost_control().union(&list(&[IoUring]))),
+            (ThreadKind::Queue, list(&[Epoll, FileSync, IoUring])),
+            (ThreadKind::Signal, list(&[FileSync, IoUring])),
         ],
     )
 }

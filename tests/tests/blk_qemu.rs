@@ -22,6 +22,51 @@ fn rqemu_blk_raw_workload_with_serial() {
     .run());
 }
 
+/// The guest's workload (O_DIRECT and buffered writes, fsync, discards, write-zeroes, read
+/// back and checked in the guest and on the host) with the image opened O_DIRECT and requests
+/// in flight on io_uring; then on two queues, and with the synchronous engine.
+#[test]
+fn rqemu_blk_raw_cache_none_workloads() {
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    ok(Workloads {
+        extra: args(&["--cache", "none", "--aio", "io-uring"]),
+        ..Workloads::new(Rqemu, Format::Raw)
+    }
+    .run());
+    ok(Workloads {
+        queues: 2,
+        seed: 5,
+        extra: args(&["--cache", "none", "--aio", "io-uring"]),
+        ..Workloads::new(Rqemu, Format::Raw)
+    }
+    .run());
+    ok(Workloads {
+        seed: 9,
+        extra: args(&["--cache", "directsync", "--aio", "sync"]),
+        ..Workloads::new(Rqemu, Format::Raw)
+    }
+    .run());
+}
+
+/// The same guest workload on qcow2 with guest data clusters O_DIRECT (fresh image, and over
+/// a raw backing file: copy-on-write), then `qemu-img check`.
+#[test]
+fn rqemu_blk_qcow2_cache_none_workloads() {
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    ok(Workloads {
+        extra: args(&["--cache", "none"]),
+        ..Workloads::new(Rqemu, Format::Qcow2)
+    }
+    .run());
+    ok(Workloads {
+        backing: Backing::Raw,
+        seed: 4,
+        extra: args(&["--cache", "none"]),
+        ..Workloads::new(Rqemu, Format::Qcow2)
+    }
+    .run());
+}
+
 #[test]
 fn rqemu_blk_qcow2_fresh_workload() {
     ok(Workloads::new(Rqemu, Format::Qcow2).run());

@@ -10,6 +10,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub mod direct;
+pub mod lock;
 pub mod mem;
 pub mod qcow2;
 pub mod raw;
@@ -65,6 +67,9 @@ pub enum ImageError {
     /// format on the next start (the message says what).
     #[error("write refused: {0}")]
     Refused(String),
+    /// Another process uses the image in a conflicting way (QEMU-compatible image locks).
+    #[error("image is locked: {0}")]
+    Locked(String),
 }
 
 impl ImageError {
@@ -111,6 +116,32 @@ pub enum FormatHint {
     Exact(Format),
 }
 
+/// Host cache mode, with QEMU's meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Page cache, guest flushes honoured (QEMU's default).
+    #[default]
+    Writeback,
+    /// O_DIRECT (page cache bypassed), guest flushes honoured.
+    None,
+    /// Page cache, guest flushes ignored (data may be lost on a host crash).
+    Unsafe,
+    /// O_DIRECT and O_DSYNC: every write is durable when it completes.
+    Directsync,
+}
+
+impl CacheMode {
+    /// Whether the image is opened with O_DIRECT.
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::Directsync)
+    }
+
+    /// Whether guest flushes reach the host (`fdatasync`).
+    pub fn flushes(self) -> bool {
+        self != CacheMode::Unsafe
+    }
+}
+
 /// Options for [`open`].
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
@@ -119,6 +150,12 @@ pub struct OpenOptions {
     /// Open the image read-only: writes, discards and write-zeroes fail with
     /// [`ImageError::ReadOnly`].
     pub read_only: bool,
+    /// Host cache mode (O_DIRECT for `None`/`Directsync`: the whole file for raw images, the
+    /// guest data clusters for qcow2).
+    pub cache: CacheMode,
+    /// Skip QEMU-compatible image locking (QEMU's `force-share`): the caller takes the risk
+    /// of another writer.
+    pub force_share: bool,
 }
 
 /// A virtual disk.
@@ -148,6 +185,19 @@ pub trait DiskImage: Send + Sync + fmt::Debug {
 
     /// Makes a range read as zeroes. With `unmap`, the space may be deallocated.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()>;
+
+    /// The file and the O_DIRECT alignment (1 without O_DIRECT) when the disk's bytes are the
+    /// file's bytes at the same offsets for reads and writes that [`DiskImage::direct_io_ok`]
+    /// accepts: asynchronous engines then submit I/O on it themselves. `None` by default.
+    fn passthrough_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        None
+    }
+
+    /// Whether a write of `len` bytes at `offset` may go straight to
+    /// [`DiskImage::passthrough_fd`] (no format check needed). `true` by default.
+    fn direct_io_ok(&self, _offset: u64, _len: u64) -> bool {
+        true
+    }
 
     /// Reads the bytes at `offset` into `bufs` (guest memory), in order. The default goes
     /// through `bounce` (at most 256 KiB at a time) and [`DiskImage::read_at`]; formats that
@@ -219,11 +269,21 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
 
 /// Opens an image file, detecting or checking its format.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(!opts.read_only)
+        .custom_flags(if opts.cache == CacheMode::Directsync {
+            libc::O_DSYNC
+        } else {
+            0
+        })
         .open(path)
         .map_err(|e| ImageError::io(format!("opening {}", path.display()), e))?;
+    if !opts.force_share {
+        let (perm, shared) = lock::guest_disk_perms(opts.read_only);
+        lock::lock(&file, &path.display().to_string(), perm, shared)?;
+    }
     let detected =
         detect(&file).map_err(|e| ImageError::io(format!("reading {}", path.display()), e))?;
     let format = match opts.format {
@@ -237,6 +297,14 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
             )))
         }
     };
+    let direct = if opts.cache.direct() && format == Format::Raw {
+        direct::set_direct(&file).map_err(|e| {
+            ImageError::io(format!("O_DIRECT on {} (file system?)", path.display()), e)
+        })?;
+        Some(direct::probe_alignment(&file))
+    } else {
+        None
+    };
     match format {
         Format::Raw if opts.format == FormatHint::Auto && !opts.read_only => {
             tracing::warn!(
@@ -245,14 +313,45 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
                  (and lift that restriction)",
                 path.display()
             );
-            Ok(Box::new(raw::RawImage::new_probed(file, false)?))
+            Ok(Box::new(
+                raw::RawImage::new_probed(file, false)?.with_direct(direct),
+            ))
         }
-        Format::Raw => Ok(Box::new(raw::RawImage::new(file, opts.read_only)?)),
-        Format::Qcow2 => Ok(Box::new(qcow2::Qcow2Image::open(
-            file,
-            base_dir(path),
-            opts.read_only,
-        )?)),
+        Format::Raw => Ok(Box::new(
+            raw::RawImage::new(file, opts.read_only)?.with_direct(direct),
+        )),
+        Format::Qcow2 => {
+            let img = qcow2::Qcow2Image::open_locked(
+                file,
+                base_dir(path),
+                opts.read_only,
+                !opts.force_share,
+            )?;
+            if !opts.cache.direct() {
+                return Ok(Box::new(img));
+            }
+            // Guest data through a second, O_DIRECT descriptor (same open flags otherwise).
+            let data = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!opts.read_only)
+                .custom_flags(
+                    libc::O_DIRECT
+                        | if opts.cache == CacheMode::Directsync {
+                            libc::O_DSYNC
+                        } else {
+                            0
+                        },
+                )
+                .open(path)
+                .map_err(|e| {
+                    ImageError::io(
+                        format!("O_DIRECT open of {} (file system?)", path.display()),
+                        e,
+                    )
+                })?;
+            let align = direct::probe_alignment(&data);
+            Ok(Box::new(img.with_direct_data(data, align)))
+        }
     }
 }
 

@@ -105,6 +105,8 @@ pub struct RawImage {
     size: u64,
     read_only: bool,
     block_device: bool,
+    /// O_DIRECT alignment when the file was opened with O_DIRECT.
+    direct: Option<usize>,
     /// Set when the format was probed: writes touching the first sector are checked (and
     /// serialised by this lock, so two partial writes cannot build a header together).
     probe_guard: Option<ProbeGuard>,
@@ -151,8 +153,30 @@ impl RawImage {
             size,
             read_only,
             block_device,
+            direct: None,
             probe_guard: None,
         })
+    }
+
+    /// Records that the file is open with O_DIRECT (`Some(alignment)`): buffers that do not
+    /// meet the alignment then go through aligned bounce buffers.
+    pub fn with_direct(mut self, direct: Option<usize>) -> RawImage {
+        self.direct = direct;
+        self
+    }
+
+    /// Whether guest I/O on `bufs` at `offset` must be bounced (O_DIRECT, misaligned).
+    fn needs_bounce(&self, bufs: &[super::GuestSlice<'_>], offset: u64) -> bool {
+        self.direct
+            .is_some_and(|a| offset % a as u64 != 0 || !super::direct::guest_aligned(bufs, a))
+    }
+
+    /// [`read_upto`], through an aligned buffer under O_DIRECT.
+    fn read_file(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match self.direct {
+            Some(a) => super::direct::read_bounced(&self.file, a, buf, offset),
+            None => read_upto(&self.file, buf, offset).map(|_| ()),
+        }
     }
 
     /// Like [`RawImage::new`], for an image whose format was probed (not stated by the user):
@@ -193,7 +217,8 @@ impl RawImage {
         };
         let _held = guard.lock.lock().unwrap_or_else(PoisonError::into_inner);
         let mut head = [0u8; PROBE_LEN];
-        let n = read_upto(&self.file, &mut head, 0)
+        let n = PROBE_LEN.min(self.size as usize);
+        self.read_file(&mut head[..n], 0)
             .map_err(|e| ImageError::io("raw read of the first sector", e))?;
         // The first sector as it will be after the write (the file may be shorter).
         let start = offset as usize;
@@ -237,8 +262,7 @@ impl DiskImage for RawImage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
         // A file truncated under us reads as zeroes rather than failing.
-        read_upto(&self.file, buf, offset)
-            .map(|_| ())
+        self.read_file(buf, offset)
             .map_err(|e| ImageError::io(format!("raw read at {offset}"), e))
     }
 
@@ -246,8 +270,13 @@ impl DiskImage for RawImage {
         let len = buf.len() as u64;
         self.check_write(offset, len)?;
         self.guarded(offset, len, Payload::Data(buf), || {
-            write_all(&self.file, buf, offset)
-                .map_err(|e| ImageError::io(format!("raw write at {offset}"), e))
+            let aligned = self.direct.is_none_or(|a| buf.as_ptr() as usize % a == 0);
+            if aligned {
+                write_all(&self.file, buf, offset)
+            } else {
+                super::direct::write_bounced(&self.file, buf, offset)
+            }
+            .map_err(|e| ImageError::io(format!("raw write at {offset}"), e))
         })
     }
 
@@ -259,10 +288,19 @@ impl DiskImage for RawImage {
         &self,
         bufs: &[super::GuestSlice<'_>],
         offset: u64,
-        _bounce: &mut Vec<u8>,
+        bounce: &mut Vec<u8>,
     ) -> Result<()> {
         let len = bufs.iter().map(|b| b.len() as u64).sum();
         check_range(offset, len, self.size)?;
+        if self.needs_bounce(bufs, offset) {
+            let mut off = offset;
+            return super::for_each_chunk(bufs, bounce, |chunk, tmp| {
+                self.read_at(tmp, off)?;
+                chunk.copy_from(tmp);
+                off += tmp.len() as u64;
+                Ok(())
+            });
+        }
         super::vectored::read_at(&self.file, bufs, offset)
             .map_err(|e| ImageError::io(format!("raw read at {offset}"), e))
     }
@@ -275,7 +313,7 @@ impl DiskImage for RawImage {
     ) -> Result<()> {
         let len = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_write(offset, len)?;
-        if self.touches_probe_area(offset, len) {
+        if self.touches_probe_area(offset, len) || self.needs_bounce(bufs, offset) {
             // Guest memory can change under us: copy it first, check and write the copy.
             let mut off = offset;
             return super::for_each_chunk(bufs, bounce, |chunk, tmp| {
@@ -287,6 +325,14 @@ impl DiskImage for RawImage {
         }
         super::vectored::write_at(&self.file, bufs, offset)
             .map_err(|e| ImageError::io(format!("raw write at {offset}"), e))
+    }
+
+    fn passthrough_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        Some((self.file.as_raw_fd(), self.direct.unwrap_or(1)))
+    }
+
+    fn direct_io_ok(&self, offset: u64, len: u64) -> bool {
+        !self.touches_probe_area(offset, len)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

@@ -22,6 +22,7 @@ fn open_with(path: &Path, format: FormatHint) -> Box<dyn DiskImage> {
     let opts = OpenOptions {
         format,
         read_only: false,
+        ..OpenOptions::default()
     };
     open(path, &opts).unwrap()
 }

@@ -33,6 +33,8 @@ pub struct BlkParams {
     pub discard_sector_alignment: u32,
     /// Largest number of data segments in one request (`seg_max`).
     pub seg_max: u32,
+    /// Answer FLUSH without flushing (`--cache unsafe`).
+    pub ignore_flush: bool,
 }
 
 impl Default for BlkParams {
@@ -46,6 +48,7 @@ impl Default for BlkParams {
             max_discard_sectors: (1 << 22) - 1,
             discard_sector_alignment: 8,
             seg_max: 254,
+            ignore_flush: false,
         }
     }
 }

@@ -12,7 +12,7 @@ pub mod config;
 mod request;
 
 pub use config::BlkParams;
-pub use request::{Completion, RequestError, Scratch, Status, CHUNK};
+pub use request::{Completion, Parsed, Prepared, RawIo, RequestError, Scratch, Status, CHUNK};
 
 /// A virtio-blk device over one disk image, shared by all its queues.
 #[derive(Debug)]

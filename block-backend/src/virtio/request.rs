@@ -148,6 +148,95 @@ impl<'a> Stream<'a> {
     }
 }
 
+/// A parsed chain whose request runs synchronously ([`BlockDevice::run_parsed`]).
+pub struct Parsed<'a> {
+    readable: Stream<'a>,
+    data_out: Stream<'a>,
+    status_slot: Stream<'a>,
+    bad_readable: Option<RequestError>,
+}
+
+/// A chain after [`BlockDevice::prepare_chain`].
+pub enum Prepared<'a> {
+    /// Nowhere to put a status: complete with this (used length 0), nothing done.
+    Dropped(Completion),
+    /// Run it with [`BlockDevice::run_parsed`] (after earlier asynchronous I/O completed, to
+    /// keep flushes and the like ordered after it).
+    Sync(Parsed<'a>),
+    /// A read or write moving bytes straight between guest memory and the image file at the
+    /// same offset ([`crate::image::DiskImage::passthrough_fd`]): the caller submits it.
+    Io(RawIo),
+}
+
+/// A validated read or write for an asynchronous engine: iovecs into guest memory, the file
+/// offset, and where the status byte goes. The pointers stay valid as long as the guest memory
+/// the chain was parsed against stays mapped: the engine keeps that mapping alive until
+/// [`RawIo::complete`].
+#[derive(Debug)]
+pub struct RawIo {
+    /// `true` for a write (guest to file).
+    pub write: bool,
+    /// File offset.
+    pub offset: u64,
+    /// Guest buffers (at stable addresses for the kernel while in flight).
+    pub iov: Box<[libc::iovec]>,
+    /// Total bytes of `iov`.
+    pub len: usize,
+    status: *mut u8,
+}
+
+// SAFETY: the raw pointers are into guest memory, which is shared with the guest anyway;
+// `RawIo` only carries them to the thread that completes the request.
+unsafe impl Send for RawIo {}
+
+impl RawIo {
+    /// Writes the status for the kernel's result `res` (bytes moved or `-errno`) and returns
+    /// the used length. A short read is completed with zeroes (end of file); a short write is
+    /// an I/O error.
+    ///
+    /// # Safety
+    /// The guest memory the chain was parsed against must still be mapped.
+    pub unsafe fn complete(&self, res: i32) -> u32 {
+        let moved = usize::try_from(res).ok();
+        let ok = match moved {
+            Some(n) if n == self.len => true,
+            Some(n) if !self.write => {
+                let mut skip = n;
+                for v in self.iov.iter() {
+                    if skip >= v.iov_len {
+                        skip -= v.iov_len;
+                        continue;
+                    }
+                    // SAFETY: inside the guest buffer `v` (`skip < iov_len`), mapped per the
+                    // caller's contract.
+                    unsafe {
+                        std::ptr::write_bytes(
+                            v.iov_base.cast::<u8>().add(skip),
+                            0,
+                            v.iov_len - skip,
+                        )
+                    };
+                    skip = 0;
+                }
+                true
+            }
+            _ => false,
+        };
+        if !ok {
+            tracing::debug!(
+                "{} at {} failed: result {res}",
+                if self.write { "write" } else { "read" },
+                self.offset
+            );
+        }
+        let st = if ok { Status::Ok } else { Status::IoErr };
+        // SAFETY: the status byte is a device-writable guest byte, mapped per the contract.
+        unsafe { std::ptr::write_volatile(self.status, st.byte()) };
+        let data = if ok && !self.write { self.len } else { 0 };
+        u32::try_from(data + 1).unwrap_or(u32::MAX)
+    }
+}
+
 impl BlockDevice {
     /// Executes the request carried by `chain` and writes its status. Returns the used length.
     pub fn process_chain<'a, M, T>(
@@ -162,6 +251,35 @@ impl BlockDevice {
         T: Deref,
         T::Target: GuestMemory + Sized,
     {
+        match self.prepare_chain(mem, chain, false) {
+            Prepared::Dropped(c) => c,
+            Prepared::Sync(p) => self.run_parsed(p, scratch),
+            // Not produced without `passthrough`.
+            Prepared::Io(_) => Completion {
+                used_len: 0,
+                status: None,
+            },
+        }
+    }
+
+    /// Parses `chain`; with `passthrough`, an aligned read or write on an image that allows it
+    /// comes back as [`Prepared::Io`] for the caller to submit.
+    pub fn prepare_chain<'a, M, T>(
+        &self,
+        mem: &'a M,
+        chain: DescriptorChain<T>,
+        passthrough: bool,
+    ) -> Prepared<'a>
+    where
+        M: GuestMemory,
+        <<M as GuestMemory>::R as GuestMemoryRegion>::B: WithBitmapSlice<'a, S = ()>,
+        T: Deref,
+        T::Target: GuestMemory + Sized,
+    {
+        let dropped = Prepared::Dropped(Completion {
+            used_len: 0,
+            status: None,
+        });
         let mut readable = Stream::new();
         let mut writable = Stream::new();
         let mut bad_readable: Option<RequestError> = None;
@@ -177,31 +295,92 @@ impl BlockDevice {
                 (Err(e), true) => {
                     // Nowhere safe to put a status: drop the request.
                     tracing::debug!("dropping request: writable descriptor: {e}");
-                    return Completion {
-                        used_len: 0,
-                        status: None,
-                    };
+                    return dropped;
                 }
                 (Err(e), false) => bad_readable = Some(e.into()),
             }
         }
         let Some(data_len) = writable.len.checked_sub(1) else {
             tracing::debug!("dropping request: no device-writable byte for the status");
-            return Completion {
-                used_len: 0,
-                status: None,
-            };
+            return dropped;
         };
-        let (mut data_out, status_slot) = match writable.take(data_len) {
+        let (data_out, status_slot) = match writable.take(data_len) {
             Ok(d) => (d, writable),
             Err(e) => {
                 tracing::debug!("dropping request: {e}");
-                return Completion {
-                    used_len: 0,
-                    status: None,
-                };
+                return dropped;
             }
         };
+        let parsed = Parsed {
+            readable,
+            data_out,
+            status_slot,
+            bad_readable,
+        };
+        if passthrough {
+            if let Some(io) = self.as_raw_io(&parsed) {
+                return Prepared::Io(io);
+            }
+        }
+        Prepared::Sync(parsed)
+    }
+
+    /// The passthrough form of a valid, aligned IN/OUT request, if it has one.
+    fn as_raw_io(&self, p: &Parsed<'_>) -> Option<RawIo> {
+        let (fd_align, status) = (
+            self.image.passthrough_fd()?.1,
+            p.status_slot.slices.iter().find(|s| !s.is_empty())?,
+        );
+        if p.bad_readable.is_some() || p.readable.len < HEADER_LEN {
+            return None;
+        }
+        let mut header = [0u8; HEADER_LEN];
+        let mut readable = Stream {
+            slices: p.readable.slices.clone(),
+            len: p.readable.len,
+        };
+        readable.take(HEADER_LEN).ok()?.read_into(&mut header);
+        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
+        let (write, data) = match kind {
+            VIRTIO_BLK_T_IN => (false, &p.data_out),
+            VIRTIO_BLK_T_OUT if !self.params.read_only => (true, &readable),
+            _ => return None,
+        };
+        let offset = self.byte_range(sector, data.len).ok()?;
+        if data.len == 0 || (write && !self.image.direct_io_ok(offset, data.len as u64)) {
+            return None;
+        }
+        let a = fd_align as u64;
+        if offset % a != 0 || !crate::image::direct::guest_aligned(&data.slices, fd_align) {
+            return None; // the synchronous path bounces it
+        }
+        let iov: Box<[libc::iovec]> = data
+            .slices
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| libc::iovec {
+                iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                iov_len: s.len(),
+            })
+            .collect();
+        Some(RawIo {
+            write,
+            offset,
+            iov,
+            len: data.len,
+            status: status.ptr_guard_mut().as_ptr(),
+        })
+    }
+
+    /// Runs a parsed request synchronously and writes its status.
+    pub fn run_parsed(&self, p: Parsed<'_>, scratch: &mut Scratch) -> Completion {
+        let Parsed {
+            mut readable,
+            mut data_out,
+            status_slot,
+            bad_readable,
+        } = p;
         let result = match bad_readable {
             Some(e) => Err(e),
             None => self.execute(&mut readable, &mut data_out, scratch),
@@ -256,7 +435,9 @@ impl BlockDevice {
                 Ok((Status::Ok, 0))
             }
             VIRTIO_BLK_T_FLUSH => {
-                self.image.flush()?;
+                if !self.params.ignore_flush {
+                    self.image.flush()?;
+                }
                 Ok((Status::Ok, 0))
             }
             VIRTIO_BLK_T_GET_ID => {

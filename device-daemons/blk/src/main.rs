@@ -5,6 +5,7 @@
 //! next. SIGTERM/SIGINT: in-flight requests finish, the image is flushed, exit 0.
 
 mod backend;
+mod uring;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use rqemu_block_backend::image::{self, Format, FormatHint, OpenOptions};
+use rqemu_block_backend::image::{self, CacheMode, Format, FormatHint, OpenOptions};
 use rqemu_block_backend::virtio::{BlkParams, BlockDevice};
 use rqemu_daemon::startup::{self, Daemon, ListenArgs};
 
@@ -21,6 +22,18 @@ enum FormatArg {
     Auto,
     Raw,
     Qcow2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CacheArg {
+    /// Page cache; guest flushes reach the disk.
+    Writeback,
+    /// O_DIRECT (raw images); guest flushes reach the disk.
+    None,
+    /// Page cache; guest flushes ignored.
+    Unsafe,
+    /// O_DIRECT + O_DSYNC (raw images).
+    Directsync,
 }
 
 /// vhost-user virtio-blk daemon (raw and qcow2 images).
@@ -44,6 +57,17 @@ struct Args {
     /// Disk serial number reported to the guest (at most 20 bytes).
     #[arg(long)]
     serial: Option<String>,
+    /// Host cache mode, as QEMU's `cache=`.
+    #[arg(long, value_enum, default_value = "writeback")]
+    cache: CacheArg,
+    /// I/O engine of the queue threads: io_uring (many requests in flight per queue; falls
+    /// back to threads when the kernel refuses io_uring), threads or sync (both: one request at
+    /// a time per queue thread).
+    #[arg(long, value_enum, default_value = "io-uring")]
+    aio: backend::Aio,
+    /// Do not take QEMU-compatible image locks (another writer may then corrupt the image).
+    #[arg(long)]
+    force_share: bool,
 }
 
 fn main() -> ExitCode {
@@ -56,9 +80,17 @@ fn run(args: Args, mut daemon: Daemon) -> Result<()> {
         FormatArg::Raw => FormatHint::Exact(Format::Raw),
         FormatArg::Qcow2 => FormatHint::Exact(Format::Qcow2),
     };
+    let cache = match args.cache {
+        CacheArg::Writeback => CacheMode::Writeback,
+        CacheArg::None => CacheMode::None,
+        CacheArg::Unsafe => CacheMode::Unsafe,
+        CacheArg::Directsync => CacheMode::Directsync,
+    };
     let opts = OpenOptions {
         format,
         read_only: args.readonly,
+        cache,
+        force_share: args.force_share,
     };
     let img = image::open(&args.image, &opts)
         .with_context(|| format!("cannot open image {}", args.image.display()))?;
@@ -67,11 +99,13 @@ fn run(args: Args, mut daemon: Daemon) -> Result<()> {
         num_queues: args.queues,
         read_only: args.readonly,
         serial: args.serial.unwrap_or_default().into_bytes(),
+        ignore_flush: !cache.flushes(),
         ..BlkParams::default()
     };
     let dev = BlockDevice::new(img.clone(), params)?;
+    let aio = backend::Aio::resolve(args.aio, &*img);
     tracing::info!(
-        "serving {} ({}, {} bytes{}) with {} queue(s)",
+        "serving {} ({}, {} bytes{}) with {} queue(s), cache {:?}, aio {:?}",
         args.image.display(),
         img.format(),
         img.size(),
@@ -80,9 +114,11 @@ fn run(args: Args, mut daemon: Daemon) -> Result<()> {
         } else {
             ""
         },
-        args.queues
+        args.queues,
+        args.cache,
+        aio
     );
-    let backend = Arc::new(backend::new(dev));
+    let backend = Arc::new(backend::new(dev, aio)?);
 
     let listener = daemon.listen_stream(&args.listen)?;
     // Everything is open: confine before any thread (the signal thread included) starts.

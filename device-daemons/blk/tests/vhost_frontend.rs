@@ -369,3 +369,231 @@ fn bad_images_fail_with_a_clear_message() {
     assert_eq!(err.matches("rqemu-blk: error: ").count(), 1, "{err}");
     assert_eq!(std::fs::read(dir.path().join("x.sock")).unwrap(), b"keep");
 }
+
+/// A raw image on a file system with O_DIRECT (the temp dir; tmpfs has none and the daemon
+/// then fails with a message naming O_DIRECT, which fails the test loudly).
+fn direct_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+#[test]
+fn engines_and_cache_modes_keep_every_write() {
+    for extra in [
+        &["--cache", "none", "--aio", "io-uring"][..],
+        &["--cache", "none", "--aio", "sync"],
+        &["--cache", "directsync", "--aio", "io-uring"],
+        &["--cache", "unsafe", "--aio", "threads"],
+        &["--cache", "writeback", "--aio", "io-uring"],
+    ] {
+        let dir = direct_dir();
+        let img = raw_image(dir.path(), 16 << 20);
+        let mut args = vec!["--format", "raw"];
+        args.extend_from_slice(extra);
+        let d = Daemon::start(dir.path(), &img, &args);
+        let mut dev = d.connect(1);
+        let slots = Slots::new(&mut dev, 128, 4096).unwrap();
+        // 64 writes in flight at once (one kick), then the same blocks read back in flight.
+        for i in 0..64 {
+            let s = slots.get(i);
+            dev.mem.write(s.data, &pattern(4096, i as u64 + 7)).unwrap();
+            blk::post(&mut dev, 0, s, T_OUT, (i * 8 * 3) as u64, 4096).unwrap();
+        }
+        dev.queues[0].kick().unwrap();
+        let collect = |dev: &mut Device, n: usize| {
+            let (mut done, start) = (0, Instant::now());
+            while done < n {
+                while let Some((_, _)) = dev.queues[0].pop_used(&dev.mem).unwrap() {
+                    done += 1;
+                }
+                assert!(start.elapsed() < TIMEOUT, "{extra:?}: {done}/{n} completed");
+                dev.queues[0].wait_call(Duration::from_millis(50)).unwrap();
+            }
+        };
+        collect(&mut dev, 64);
+        for i in 0..64 {
+            assert_eq!(blk::status(&dev, slots.get(i)).unwrap(), S_OK, "{extra:?}");
+            dev.mem.write(slots.get(i).data, &[0u8; 4096]).unwrap();
+            blk::post(&mut dev, 0, slots.get(i), T_IN, (i * 8 * 3) as u64, 4096).unwrap();
+        }
+        dev.queues[0].kick().unwrap();
+        collect(&mut dev, 64);
+        for i in 0..64 {
+            let mut back = vec![0u8; 4096];
+            dev.mem.read(slots.get(i).data, &mut back).unwrap();
+            assert_eq!(blk::status(&dev, slots.get(i)).unwrap(), S_OK, "{extra:?}");
+            assert!(back == pattern(4096, i as u64 + 7), "{extra:?}: block {i}");
+        }
+        let (st, _) =
+            blk::request(&mut dev, 0, slots.get(0), T_FLUSH, 0, &mut [], TIMEOUT).unwrap();
+        assert_eq!(st, S_OK);
+        let on_disk = std::fs::read(&img).unwrap();
+        for i in 0..64 {
+            let at = i * 4096 * 3;
+            assert!(
+                on_disk[at..at + 4096] == pattern(4096, i as u64 + 7)[..],
+                "{extra:?}: block {i} on disk"
+            );
+        }
+        assert_eq!(d.terminate().code(), Some(0), "{extra:?}");
+    }
+}
+
+#[test]
+fn image_locks_keep_qemu_and_a_second_writer_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 1 << 20);
+    let path = img.to_str().unwrap();
+    let d = Daemon::start(dir.path(), &img, &["--format", "raw"]);
+    // QEMU 10's `qemu-img info` takes no lock (it cannot be refused); a consistent reader can.
+    let out = qemu_img(&["convert", "-O", "raw", path, "/dev/null"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("shared \"write\" lock"),
+        "qemu-img convert of an image served writable: {err}"
+    );
+    // A second daemon is refused, naming the first.
+    let second = Command::new(env!("CARGO_BIN_EXE_rqemu-blk"))
+        .arg("--socket")
+        .arg(dir.path().join("second.sock"))
+        .args(["--format", "raw", "--readonly", "--image", path])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("locked") && err.contains(&format!("pid {}", d.child.id())),
+        "{err}"
+    );
+    assert_eq!(d.terminate().code(), Some(0));
+    assert!(
+        qemu_img(&["convert", "-O", "raw", path, &format!("{path}.copy")])
+            .status
+            .success(),
+        "locks released"
+    );
+
+    // Read-only: readers share, writers are refused (qemu-io opens writable).
+    let d = Daemon::start(dir.path(), &img, &["--format", "raw", "--readonly"]);
+    assert!(qemu_img(&["info", path]).status.success());
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512", path])
+        .output()
+        .expect("qemu-io is required for this test");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("lock"), "qemu-io write under a reader: {all}");
+    // And --force-share lets a writer in anyway.
+    let d2 = Daemon::start(dir.path(), &img, &["--format", "raw", "--force-share"]);
+    assert_eq!(d2.terminate().code(), Some(0));
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+/// qcow2 with O_DIRECT guest data (metadata through the page cache, flushed): writes in
+/// flight, including sub-cluster ones that need copy-on-write, read back, and the image passes
+/// `qemu-img check` and holds exactly what was written.
+#[test]
+fn qcow2_with_cache_none_keeps_every_write() {
+    for cache in ["none", "directsync"] {
+        let dir = direct_dir();
+        let img = dir.path().join("d.qcow2");
+        let path = img.to_str().unwrap();
+        assert!(qemu_img(&["create", "-q", "-f", "qcow2", path, "16M"])
+            .status
+            .success());
+        let d = Daemon::start(dir.path(), &img, &["--cache", cache]);
+        let mut dev = d.connect(1);
+        let slots = Slots::new(&mut dev, 64, 4096).unwrap();
+        // 4 KiB writes every 12 KiB: partial 64 KiB clusters (copy-on-write of zeroes).
+        let len = |i: usize| if i % 3 == 0 { 512 } else { 4096 };
+        for i in 0..64 {
+            let s = slots.get(i);
+            dev.mem
+                .write(s.data, &pattern(len(i), i as u64 + 3))
+                .unwrap();
+            blk::post(&mut dev, 0, s, T_OUT, (i * 24) as u64, len(i) as u32).unwrap();
+        }
+        dev.queues[0].kick().unwrap();
+        let (mut done, start) = (0, Instant::now());
+        while done < 64 {
+            while let Some((_, _)) = dev.queues[0].pop_used(&dev.mem).unwrap() {
+                done += 1;
+            }
+            assert!(start.elapsed() < TIMEOUT, "{cache}: {done}/64 completed");
+            dev.queues[0].wait_call(Duration::from_millis(50)).unwrap();
+        }
+        for i in 0..64 {
+            assert_eq!(blk::status(&dev, slots.get(i)).unwrap(), S_OK, "{cache}");
+            let mut back = vec![0u8; len(i)];
+            let (st, _) = blk::request(
+                &mut dev,
+                0,
+                slots.get(i),
+                T_IN,
+                (i * 24) as u64,
+                &mut back,
+                TIMEOUT,
+            )
+            .unwrap();
+            assert_eq!(st, S_OK);
+            assert!(back == pattern(len(i), i as u64 + 3), "{cache}: write {i}");
+        }
+        assert_eq!(d.terminate().code(), Some(0), "{cache}");
+        let out = qemu_img(&["check", "-f", "qcow2", path]);
+        assert!(
+            out.status.success(),
+            "{cache}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let flat = dir.path().join("flat.raw");
+        let out = qemu_img(&["convert", "-O", "raw", path, flat.to_str().unwrap()]);
+        assert!(out.status.success());
+        let flat = std::fs::read(&flat).unwrap();
+        for i in 0..64 {
+            let at = i * 24 * 512;
+            assert!(
+                flat[at..at + len(i)] == pattern(len(i), i as u64 + 3)[..],
+                "{cache}: write {i} in the image"
+            );
+        }
+    }
+}
+
+#[test]
+fn backing_files_are_locked_against_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = raw_image(dir.path(), 1 << 20);
+    let top = dir.path().join("top.qcow2");
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "raw", t])
+            .status
+            .success()
+    );
+    let write_base = || {
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 512", b])
+            .output()
+            .expect("qemu-io is required for this test");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let d = Daemon::start(dir.path(), &top, &[]);
+    let out = write_base();
+    assert!(
+        out.contains("lock"),
+        "qemu-io write to the backing file: {out}"
+    );
+    // Readers of the backing file are welcome.
+    assert!(qemu_img(&["convert", "-O", "raw", b, &format!("{b}.copy")])
+        .status
+        .success());
+    assert_eq!(d.terminate().code(), Some(0));
+    let out = write_base();
+    assert!(!out.contains("lock"), "locks released: {out}");
+}

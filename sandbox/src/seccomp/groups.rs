@@ -113,6 +113,9 @@ pub enum Group {
     Unlink,
     /// The pid-1 helper's parent: waiting for the child and forwarding signals to it.
     Reaper,
+    /// Submitting to and reaping from io_uring instances made at start-up
+    /// (`io_uring_enter` only: no new ring, no registration once confined).
+    IoUring,
 }
 
 use libc::*;
@@ -311,6 +314,8 @@ const FS_PASSTHROUGH: &[Allow] = &[
 
 const MEMFD_CREATE: &[Allow] = &[Allow::Any(SYS_memfd_create)];
 
+const IO_URING: &[Allow] = &[Allow::Any(SYS_io_uring_enter)];
+
 const UNLINK: &[Allow] = &[Allow::Any(SYS_unlink), Allow::Any(SYS_unlinkat)];
 
 const REAPER: &[Allow] = &[
@@ -344,6 +349,7 @@ impl Group {
         Group::MemfdCreate,
         Group::Unlink,
         Group::Reaper,
+        Group::IoUring,
     ];
 
     /// The syscalls of the group.
@@ -367,6 +373,7 @@ impl Group {
             Group::MemfdCreate => MEMFD_CREATE,
             Group::Unlink => UNLINK,
             Group::Reaper => REAPER,
+            Group::IoUring => IO_URING,
         }
     }
 
@@ -391,6 +398,7 @@ impl Group {
             Group::MemfdCreate => "memfd-create",
             Group::Unlink => "unlink",
             Group::Reaper => "reaper",
+            Group::IoUring => "io-uring",
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct BlkOptions {
     pub queues: u16,
     /// Serial / GET_ID string.
     pub serial: Option<String>,
+    /// More `rqemu-blk` arguments (`--cache none`, `--aio sync`, ...); refused for QSD.
+    pub extra: Vec<String>,
 }
 
 impl Default for BlkOptions {
@@ -52,6 +54,7 @@ impl Default for BlkOptions {
             readonly: false,
             queues: 1,
             serial: None,
+            extra: Vec::new(),
         }
     }
 }
@@ -87,9 +90,16 @@ impl BlkBackend {
                 if let Some(serial) = &opts.serial {
                     cmd.args(["--serial", serial]);
                 }
+                cmd.args(&opts.extra);
                 Ok(cmd)
             }
             Self::Qsd => {
+                if !opts.extra.is_empty() {
+                    return Err(BlkError::Unsupported(format!(
+                        "rqemu-blk arguments {:?} for qemu-storage-daemon",
+                        opts.extra
+                    )));
+                }
                 if opts.serial.is_some() {
                     return Err(BlkError::Unsupported(
                         "qemu-storage-daemon's vhost-user-blk export has no serial option".into(),

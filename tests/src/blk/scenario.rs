@@ -99,6 +99,8 @@ pub struct Workloads {
     /// (instead of SIGTERM after the guest powered off): whatever the guest flushed must be in
     /// the image, and a qcow2 clean (no leaks), without a disconnect or a clean exit.
     pub kill: bool,
+    /// More `rqemu-blk` arguments ([`BlkOptions::extra`]).
+    pub extra: Vec<String>,
 }
 
 impl Workloads {
@@ -113,6 +115,7 @@ impl Workloads {
             disk_size: 32 * MIB,
             seed: 1,
             kill: false,
+            extra: Vec::new(),
         }
     }
 
@@ -127,6 +130,7 @@ impl Workloads {
             readonly: false,
             queues: self.queues,
             serial: self.serial.clone(),
+            extra: self.extra.clone(),
         };
         let daemon = self
             .backend

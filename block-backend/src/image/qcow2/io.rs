@@ -1,5 +1,6 @@
 //! qcow2 data paths: read, write (allocation, copy-on-write), discard / write-zeroes, flush.
 
+use super::super::direct;
 use super::super::raw::{datasync, punch_hole, write_all};
 use super::super::{ImageError, Result};
 use super::meta::{Mapping, Meta, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
@@ -21,6 +22,28 @@ fn write_err(off: u64) -> impl Fn(std::io::Error) -> ImageError {
 }
 
 impl Qcow2Image {
+    /// Reads guest data at host offset `off`: through the O_DIRECT data descriptor when there
+    /// is one (an aligned bounce buffer around the range), else through the image's.
+    fn read_data(&self, dst: &mut [u8], off: u64) -> Result<()> {
+        match &self.data {
+            Some((f, a)) => direct::read_bounced(f, *a, dst, off)
+                .map_err(|e| ImageError::io(format!("qcow2 data read at {off:#x}"), e)),
+            None => read_file(&self.file, dst, off),
+        }
+    }
+
+    /// Writes guest data at host offset `off`: O_DIRECT (from an aligned copy) when the range
+    /// meets the alignment, else through the buffered descriptor (the kernel keeps the two
+    /// coherent: O_DIRECT I/O writes back and invalidates cached pages of its range).
+    fn write_data(&self, src: &[u8], off: u64) -> std::io::Result<()> {
+        match &self.data {
+            Some((f, a)) if off % *a as u64 == 0 && src.len() % *a == 0 => {
+                direct::write_bounced(f, src, off)
+            }
+            _ => write_all(&self.file, src, off),
+        }
+    }
+
     pub(super) fn read_impl(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let cs = self.geom.cluster_size;
         let mut done = 0usize;
@@ -37,7 +60,7 @@ impl Qcow2Image {
             match m {
                 Mapping::Normal(h) => {
                     drop(meta);
-                    read_file(&self.file, dst, h + in_off)?;
+                    self.read_data(dst, h + in_off)?;
                 }
                 Mapping::Zero | Mapping::ZeroAlloc(_) => dst.fill(0),
                 Mapping::Unallocated => {
@@ -73,7 +96,7 @@ impl Qcow2Image {
                 meta.check_data(h + in_off, run)?;
                 drop(meta);
                 let src = &buf[done..done + run as usize];
-                write_all(&self.file, src, h + in_off).map_err(write_err(off))?;
+                self.write_data(src, h + in_off).map_err(write_err(off))?;
                 done += run as usize;
             } else {
                 let n = ((cs - in_off) as usize).min(buf.len() - done);
@@ -97,14 +120,16 @@ impl Qcow2Image {
         let target = match m {
             Mapping::Normal(h) => {
                 meta.check_data(h + in_off as u64, data.len() as u64)?;
-                return write_all(&self.file, data, h + in_off as u64).map_err(write_err(off));
+                return self
+                    .write_data(data, h + in_off as u64)
+                    .map_err(write_err(off));
             }
             Mapping::ZeroAlloc(h) => h,
             _ => meta.alloc_cluster(&self.file)?,
         };
         meta.check_data(target, cs)?;
         if full && valid == cs as usize {
-            write_all(&self.file, data, target).map_err(write_err(off))?;
+            self.write_data(data, target).map_err(write_err(off))?;
         } else {
             let mut scratch = std::mem::take(&mut meta.scratch);
             let r = (|| {
@@ -119,7 +144,7 @@ impl Qcow2Image {
                     _ => scratch.fill(0),
                 }
                 scratch[in_off..in_off + data.len()].copy_from_slice(data);
-                write_all(&self.file, &scratch, target).map_err(write_err(off))
+                self.write_data(&scratch, target).map_err(write_err(off))
             })();
             meta.scratch = scratch;
             r?;

@@ -89,6 +89,9 @@ impl Geom {
 /// An open qcow2 image.
 pub struct Qcow2Image {
     file: File,
+    /// With `--cache none`/`directsync`: a second descriptor of the image opened O_DIRECT,
+    /// and its alignment, for guest data clusters (metadata stays on `file`).
+    data: Option<(File, usize)>,
     header: Header,
     geom: Geom,
     read_only: bool,
@@ -118,7 +121,26 @@ impl Qcow2Image {
     /// Opens a qcow2 image. `base_dir` resolves a relative backing file name; the backing
     /// chain is opened read-only now (a sandboxed daemon opens nothing later).
     pub fn open(file: File, base_dir: PathBuf, read_only: bool) -> Result<Qcow2Image> {
-        Self::open_depth(file, &base_dir, read_only, 0)
+        Self::open_depth(file, &base_dir, read_only, 0, false)
+    }
+
+    /// [`Qcow2Image::open`], taking QEMU-compatible read locks on every backing file with
+    /// `lock_backing` (shared with readers, refused to writers: see [`super::lock`]).
+    pub fn open_locked(
+        file: File,
+        base_dir: PathBuf,
+        read_only: bool,
+        lock_backing: bool,
+    ) -> Result<Qcow2Image> {
+        Self::open_depth(file, &base_dir, read_only, 0, lock_backing)
+    }
+
+    /// Moves guest data I/O to `data`, the same image opened again with O_DIRECT, whose
+    /// alignment is `align` (metadata keeps going through the page cache and is made durable
+    /// by flushes, as before).
+    pub fn with_direct_data(mut self, data: File, align: usize) -> Qcow2Image {
+        self.data = Some((data, align));
+        self
     }
 
     /// The parsed header.
@@ -126,7 +148,13 @@ impl Qcow2Image {
         &self.header
     }
 
-    fn open_depth(file: File, base_dir: &Path, read_only: bool, depth: u32) -> Result<Qcow2Image> {
+    fn open_depth(
+        file: File,
+        base_dir: &Path,
+        read_only: bool,
+        depth: u32,
+        lock_backing: bool,
+    ) -> Result<Qcow2Image> {
         let file_len = file
             .metadata()
             .map_err(|e| ImageError::io("stat of qcow2 image", e))?
@@ -198,7 +226,7 @@ impl Qcow2Image {
             header.refcount_table_offset,
             header.refcount_table_clusters,
         )?;
-        let backing = open_backing(&header, base_dir, depth)?;
+        let backing = open_backing(&header, base_dir, depth, lock_backing)?;
         if !read_only && header.autoclear_features != 0 {
             // We maintain no autoclear feature (e.g. persistent bitmaps): clear them all.
             write_all(&file, &0u64.to_be_bytes(), header::OFF_AUTOCLEAR)
@@ -216,6 +244,7 @@ impl Qcow2Image {
         let meta = Meta::new(geom, header.l1_table_offset, l1, rc, map, !read_only)?;
         Ok(Qcow2Image {
             file,
+            data: None,
             header,
             geom,
             read_only,
@@ -280,7 +309,12 @@ impl Qcow2Image {
     }
 }
 
-fn open_backing(h: &Header, base_dir: &Path, depth: u32) -> Result<Option<Box<dyn DiskImage>>> {
+fn open_backing(
+    h: &Header,
+    base_dir: &Path,
+    depth: u32,
+    lock_backing: bool,
+) -> Result<Option<Box<dyn DiskImage>>> {
     let Some(name) = &h.backing_file else {
         return Ok(None);
     };
@@ -301,6 +335,15 @@ fn open_backing(h: &Header, base_dir: &Path, depth: u32) -> Result<Option<Box<dy
     };
     let ctx = |e| ImageError::io(format!("opening backing file {}", path.display()), e);
     let file = File::open(&path).map_err(ctx)?;
+    if lock_backing {
+        let (perm, shared) = super::lock::guest_disk_perms(true);
+        super::lock::lock(
+            &file,
+            &format!("backing file {}", path.display()),
+            perm,
+            shared,
+        )?;
+    }
     let format = match h.backing_format.as_deref() {
         Some("raw") => Format::Raw,
         Some("qcow2") => Format::Qcow2,
@@ -320,7 +363,7 @@ fn open_backing(h: &Header, base_dir: &Path, depth: u32) -> Result<Option<Box<dy
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| PathBuf::from("."));
             Box::new(
-                Qcow2Image::open_depth(file, &dir, true, depth + 1).map_err(|e| {
+                Qcow2Image::open_depth(file, &dir, true, depth + 1, lock_backing).map_err(|e| {
                     ImageError::Unsupported(format!("backing file {}: {e}", path.display()))
                 })?,
             )
