@@ -1,11 +1,18 @@
 //! CPUID: advertises exactly what this CPU implements.
 
-/// Vendor string (a neutral vendor: the guest takes generic, quirk-free code paths).
-pub const VENDOR: &[u8; 12] = b"RqemuTCGx64!";
+/// Vendor string: a vendor the kernel and glibc know, so they take their tested paths (as
+/// QEMU's TCG CPU models do).
+pub const VENDOR: &[u8; 12] = b"GenuineIntel";
 
 const BRAND: &[u8; 48] = b"rqemu TCG x86-64 software CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
 
-/// Leaf 1 EDX: FPU, PSE, TSC, MSR, PAE, CX8, APIC, PGE, CMOV, PAT, CLFSH, FXSR, SSE, SSE2.
+/// Leaf 1 EAX: family 6, model 0x86 (Tremont, the Atom core of Snow Ridge: x86-64-v2 with
+/// MOVBE, RDRAND, RDSEED, CLFLUSHOPT, CLWB, RDPID and no AVX, as QEMU's `Snowridge`
+/// model), stepping 1.
+pub const SIGNATURE: u32 = (0x8 << 16) | (6 << 8) | (0x6 << 4) | 1;
+
+/// Leaf 1 EDX: FPU, PSE, TSC, MSR, PAE, CX8, APIC, PGE, CMOV, PAT, CLFSH, MMX, FXSR, SSE,
+/// SSE2.
 pub const LEAF1_EDX: u32 = (1 << 0)
     | (1 << 3)
     | (1 << 4)
@@ -17,26 +24,60 @@ pub const LEAF1_EDX: u32 = (1 << 0)
     | (1 << 15)
     | (1 << 16)
     | (1 << 19)
+    | (1 << 23)
     | (1 << 24)
     | (1 << 25)
     | (1 << 26);
-/// Leaf 1 ECX: CX16, POPCNT, hypervisor.
-pub const LEAF1_ECX: u32 = (1 << 13) | (1 << 23) | (1 << 31);
+/// Leaf 1 ECX: CX16, MOVBE, POPCNT, RDRAND, hypervisor.
+pub const LEAF1_ECX: u32 = (1 << 13) | (1 << 22) | (1 << 23) | (1 << 30) | (1 << 31);
+/// Leaf 7 subleaf 0 EBX: ERMS (REP MOVSB/STOSB), RDSEED, CLFLUSHOPT, CLWB.
+pub const LEAF7_EBX: u32 = (1 << 9) | (1 << 18) | (1 << 23) | (1 << 24);
+/// Leaf 7 subleaf 0 ECX: RDPID.
+pub const LEAF7_ECX: u32 = 1 << 22;
 /// Leaf 0x80000001 EDX: SYSCALL, NX, 1 GiB pages, RDTSCP, LM.
 pub const EXT1_EDX: u32 = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29);
-/// Leaf 0x80000001 ECX: LAHF/SAHF in 64-bit mode, ABM (LZCNT).
-pub const EXT1_ECX: u32 = (1 << 0) | (1 << 5);
+/// Leaf 0x80000001 ECX: LAHF/SAHF in 64-bit mode, ABM (LZCNT), PREFETCHW.
+pub const EXT1_ECX: u32 = (1 << 0) | (1 << 5) | (1 << 8);
+
+/// Leaf 4 (deterministic cache parameters): L1d 32 KiB, L1i 32 KiB (8-way), L2 1 MiB and
+/// L3 4 MiB (16-way), 64-byte lines. Sizes only steer the guest's copy strategies (glibc's
+/// non-temporal thresholds); there are no caches.
+const CACHES: [[u32; 4]; 4] = [
+    [0x121, 63 | (7 << 22), 63, 0],
+    [0x122, 63 | (7 << 22), 63, 0],
+    [0x143, 63 | (15 << 22), 1023, 0],
+    [0x163, 63 | (15 << 22), 4095, 0],
+];
+
+/// Frequency of the TSC and of the local APIC timer's bus clock: both count host nanoseconds.
+pub const TSC_HZ: u32 = 1_000_000_000;
+const TSC_MHZ: u32 = TSC_HZ / 1_000_000;
+const MAX_LEAF: u32 = 0x16;
 
 fn le(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
 /// Returns EAX, EBX, ECX, EDX for `leaf`/`subleaf`.
-pub fn cpuid(leaf: u32, _subleaf: u32) -> [u32; 4] {
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     match leaf {
-        0 => [7, le(&VENDOR[0..4]), le(&VENDOR[8..12]), le(&VENDOR[4..8])],
-        // Family 6, model 0x0F, stepping 1; CLFLUSH line 64 bytes, 1 logical CPU, APIC ID 0.
-        1 => [0x0000_06F1, (8 << 8) | (1 << 16), LEAF1_ECX, LEAF1_EDX],
+        0 => [
+            MAX_LEAF,
+            le(&VENDOR[0..4]),
+            le(&VENDOR[8..12]),
+            le(&VENDOR[4..8]),
+        ],
+        // CLFLUSH line 64 bytes, 1 logical CPU, APIC ID 0.
+        1 => [SIGNATURE, (8 << 8) | (1 << 16), LEAF1_ECX, LEAF1_EDX],
+        // One round; descriptor 0xFF: "use leaf 4".
+        2 => [0x0000_FF01, 0, 0, 0],
+        4 => CACHES.get(subleaf as usize).copied().unwrap_or([0; 4]),
+        7 if subleaf == 0 => [0, LEAF7_EBX, LEAF7_ECX, 0],
+        // TSC = crystal * EBX / EAX: the TSC and the local APIC timer both count host
+        // nanoseconds (1 GHz), so the guest needs no calibration against the PIT.
+        0x15 => [1, 1, TSC_HZ, 0],
+        // Base, maximum and bus frequencies in MHz.
+        0x16 => [TSC_MHZ, TSC_MHZ, TSC_MHZ, 0],
         0x8000_0000 => [0x8000_0008, 0, 0, 0],
         0x8000_0001 => [0, 0, EXT1_ECX, EXT1_EDX],
         0x8000_0002..=0x8000_0004 => {
@@ -64,6 +105,16 @@ mod tests {
         }
         assert_eq!(&v[..], &VENDOR[..]);
         assert_ne!(cpuid(0x8000_0001, 0)[3] & (1 << 29), 0, "long mode");
-        assert_eq!(cpuid(7, 0), [0; 4], "no leaf-7 features advertised");
+        assert_ne!(cpuid(1, 0)[3] & (1 << 23), 0, "MMX (x86-64 baseline)");
+        assert_eq!(cpuid(1, 0)[0] >> 8 & 0xF, 6, "family 6");
+        assert_eq!(cpuid(7, 1), [0; 4], "no leaf-7 subleaf-1 features");
+        let l2 = cpuid(4, 2);
+        let size = ((l2[1] >> 22) + 1) * (((l2[1] >> 12) & 0x3FF) + 1) * ((l2[1] & 0xFFF) + 1);
+        assert_eq!(size * (l2[2] + 1), 1 << 20, "L2 size from leaf 4");
+        assert_eq!(
+            cpuid(4, 4)[0] & 0x1F,
+            0,
+            "leaf 4 ends with a null cache type"
+        );
     }
 }

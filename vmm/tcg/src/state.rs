@@ -295,6 +295,8 @@ impl Default for ArchState {
             msr: Msrs {
                 apic_base: 0xFEE0_0900,
                 pat: 0x0007_0406_0007_0406,
+                // Fast strings enabled (bit 0), as firmware leaves it.
+                misc_enable: 1,
                 ..Msrs::default()
             },
             xmm: [0; 16],

@@ -6,6 +6,8 @@
 mod alu;
 mod bits;
 mod control;
+mod ext;
+mod mmx;
 mod muldiv;
 pub(crate) mod operand;
 mod shift;
@@ -211,6 +213,7 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Prefetchw
         | M::Clflush
         | M::Clflushopt
+        | M::Clwb
         | M::Wbinvd
         | M::Invd
         | M::Endbr64
@@ -295,7 +298,6 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Wrmsr
         | M::Rdtsc
         | M::Rdtscp
-        | M::Rdpid
         | M::Lgdt
         | M::Lidt
         | M::Lldt
@@ -316,6 +318,10 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Verr
         | M::Verw => system::exec,
         M::Movsd | M::Cmpsd => sse::exec,
+        M::Rdrand | M::Rdseed | M::Movbe | M::Rdpid => ext::exec,
+        M::Cvtpi2ps | M::Cvtpi2pd | M::Cvtps2pi | M::Cvttps2pi | M::Cvtpd2pi | M::Cvttpd2pi => {
+            mmx::exec
+        }
         M::Fninit
         | M::Fnstcw
         | M::Fldcw
@@ -329,6 +335,7 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Ldmxcsr
         | M::Stmxcsr
         | M::Emms => x87::exec,
+        _ if mmx::uses_mm(ins) => mmx::exec,
         _ => sse::exec,
     }
 }

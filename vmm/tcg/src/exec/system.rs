@@ -169,7 +169,9 @@ fn rdmsr(cx: &mut Ctx<'_>, idx: u32) -> R<u64> {
     Ok(match idx {
         0x10 => tsc(cx),
         0x1B => m.apic_base,
-        0x8B | 0x3A | 0xFE | 0x17 | 0x79 => 0,
+        0x8B | 0xFE | 0x17 | 0x79 => 0,
+        // IA32_FEAT_CTL: locked by the "firmware" with VMX and SGX off.
+        0x3A => 1,
         0x174..=0x176 => m.sysenter[(idx - 0x174) as usize],
         0x1A0 => m.misc_enable,
         0x277 => m.pat,

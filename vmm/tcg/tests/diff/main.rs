@@ -1,6 +1,8 @@
 //! Differential tests: instruction semantics of the TCG versus the host CPU.
 
+mod features;
 mod harness;
+mod mmx;
 mod sse;
 
 use harness::{check, random_state, Case, Harness, Rng, DATA};
