@@ -33,7 +33,7 @@ pub fn uses_mm(ins: &Instruction) -> bool {
     (0..ins.op_count()).any(|i| is_mm(ins, i))
 }
 
-/// MMn.
+/// MMn (after [`enter_mmx`]).
 pub fn get_mm(cx: &Ctx<'_>, i: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&cx.s.fpu.st[i][..8]);
@@ -48,14 +48,21 @@ pub fn set_mm(cx: &mut Ctx<'_>, i: usize, v: u64) {
     r[9] = 0xFF;
 }
 
-/// The x87 → MMX state transition.
-fn enter_mmx(cx: &mut Ctx<'_>) {
+/// The x87 → MMX state transition (done before the instruction's operands are accessed).
+/// `fpu.st` is in stack order (ST(i), as FXSAVE stores it) while MMi is the physical register
+/// Ri = ST((i - TOP) mod 8): with TOP = 0 the two coincide, so the array is rotated once.
+pub(super) fn enter_mmx(cx: &mut Ctx<'_>) {
+    let top = usize::from((cx.s.fpu.fsw >> 11) & 7);
+    let old = cx.s.fpu.st;
+    for (i, r) in cx.s.fpu.st.iter_mut().enumerate() {
+        *r = old[(i + 8 - top) & 7];
+    }
     cx.s.fpu.ftw = 0xFF;
     cx.s.fpu.fsw &= !(7 << 11);
 }
 
 /// #UD with CR0.EM, #NM with CR0.TS.
-fn check_mmx(cx: &Ctx<'_>) -> R<()> {
+pub(super) fn check_mmx(cx: &Ctx<'_>) -> R<()> {
     if cx.s.cr0 & cr0::EM != 0 {
         return ud();
     }
@@ -129,19 +136,16 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         if cx.s.cr4 & cr4::OSFXSR == 0 {
             return ud();
         }
-        let mm = uses_mm(ins);
-        conversions(cx, ins)?;
-        if mm {
+        if uses_mm(ins) {
             enter_mmx(cx);
         }
-        return Ok(());
+        return conversions(cx, ins);
     }
     if !uses_mm(ins) {
         return ud();
     }
-    ops(cx, ins)?;
     enter_mmx(cx);
-    Ok(())
+    ops(cx, ins)
 }
 
 fn ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {

@@ -12,7 +12,10 @@ mod muldiv;
 pub(crate) mod operand;
 mod shift;
 mod sse;
+mod sse41;
+mod sse_cmp;
 mod sse_fp;
+mod ssse3;
 mod string;
 mod system;
 mod x87;
@@ -317,7 +320,8 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Lsl
         | M::Verr
         | M::Verw => system::exec,
-        M::Movsd | M::Cmpsd => sse::exec,
+        M::Cmpsd | M::Cmpss | M::Cmpps | M::Cmppd => sse_cmp::exec,
+        M::Movsd => sse::exec,
         M::Rdrand | M::Rdseed | M::Movbe | M::Rdpid => ext::exec,
         M::Cvtpi2ps | M::Cvtpi2pd | M::Cvtps2pi | M::Cvttps2pi | M::Cvtpd2pi | M::Cvttpd2pi => {
             mmx::exec
@@ -335,6 +339,71 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Ldmxcsr
         | M::Stmxcsr
         | M::Emms => x87::exec,
+        M::Pshufb
+        | M::Phaddw
+        | M::Phaddd
+        | M::Phaddsw
+        | M::Phsubw
+        | M::Phsubd
+        | M::Phsubsw
+        | M::Pmaddubsw
+        | M::Pmulhrsw
+        | M::Psignb
+        | M::Psignw
+        | M::Psignd
+        | M::Pabsb
+        | M::Pabsw
+        | M::Pabsd
+        | M::Palignr => ssse3::exec,
+        M::Pblendvb
+        | M::Blendvps
+        | M::Blendvpd
+        | M::Ptest
+        | M::Pmovsxbw
+        | M::Pmovsxbd
+        | M::Pmovsxbq
+        | M::Pmovsxwd
+        | M::Pmovsxwq
+        | M::Pmovsxdq
+        | M::Pmovzxbw
+        | M::Pmovzxbd
+        | M::Pmovzxbq
+        | M::Pmovzxwd
+        | M::Pmovzxwq
+        | M::Pmovzxdq
+        | M::Pmuldq
+        | M::Pcmpeqq
+        | M::Movntdqa
+        | M::Packusdw
+        | M::Pcmpgtq
+        | M::Pminsb
+        | M::Pminsd
+        | M::Pminuw
+        | M::Pminud
+        | M::Pmaxsb
+        | M::Pmaxsd
+        | M::Pmaxuw
+        | M::Pmaxud
+        | M::Pmulld
+        | M::Phminposuw
+        | M::Roundps
+        | M::Roundpd
+        | M::Roundss
+        | M::Roundsd
+        | M::Blendps
+        | M::Blendpd
+        | M::Pblendw
+        | M::Pextrb
+        | M::Pextrd
+        | M::Pextrq
+        | M::Extractps
+        | M::Pinsrb
+        | M::Insertps
+        | M::Pinsrd
+        | M::Pinsrq
+        | M::Dpps
+        | M::Dppd
+        | M::Mpsadbw => sse41::exec,
         _ if mmx::uses_mm(ins) => mmx::exec,
         _ => sse::exec,
     }

@@ -4,6 +4,10 @@ mod features;
 mod harness;
 mod mmx;
 mod sse;
+mod sse41;
+mod sse_cmp;
+mod ssse3;
+mod xmm_table;
 
 use harness::{check, random_state, Case, Harness, Rng, DATA};
 use rqemu_tcg::flags::{AF, ARITH, CF, DF, OF, PF, SF, ZF};
