@@ -53,6 +53,8 @@ check sort-n text "$P/sort -n -r -k 2 $IN"
 check bc text "echo 'scale=60; 4*a(1); e(1); l(10); sqrt(2); s(1)+c(1); 2^300; 1/7; 355/113' | $P/bc -l"
 check mawk-libm text "$P/mawk 'BEGIN { for (i = 1; i <= 12; i++) printf \"%.17g %.17g %.17g %.17g %.17g\n\", sin(i), cos(i / 3), exp(i / 2), log(i * 10), atan2(i, 7) }'"
 check mawk-sum text "$P/mawk '{ s += sqrt(\$1 + 0.5); n++ } END { printf \"%d %.17g\n\", n, s }' $IN"
+# glibc's view of the CPU: which glibc-hwcaps levels (x86-64-v2, -v3, -v4) it supports.
+/lib64/ld-linux-x86-64.so.2 --help | $B grep 'x86-64-v' | $B sed 's/^ */ISA /'
 echo "PROG done"
 "#;
 
@@ -149,6 +151,18 @@ fn debian_programs_match_the_host_under_tcg() {
         guest_res.contains_key("done"),
         "the guest script did not finish\n{report}"
     );
+
+    // glibc in the guest must see x86-64-v2 (SSE3 to SSE4.2, POPCNT, CX16, LAHF).
+    let isa: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("ISA x86-64-v"))
+        .collect();
+    assert!(
+        isa.iter()
+            .any(|l| l.contains("x86-64-v2 (supported, searched)")),
+        "glibc does not consider the software CPU x86-64-v2: {isa:?}\n{report}"
+    );
+    eprintln!("tcg_programs: glibc-hwcaps in the guest: {isa:?}");
 
     let mut bad = Vec::new();
     for (name, want) in &host_res {

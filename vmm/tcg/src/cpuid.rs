@@ -8,7 +8,8 @@ const BRAND: &[u8; 48] = b"rqemu TCG x86-64 software CPU\0\0\0\0\0\0\0\0\0\0\0\0
 
 /// Leaf 1 EAX: family 6, model 0x86 (Tremont, the Atom core of Snow Ridge: x86-64-v2 with
 /// MOVBE, RDRAND, RDSEED, CLFLUSHOPT, CLWB, RDPID and no AVX, as QEMU's `Snowridge`
-/// model), stepping 1.
+/// model), stepping 1. Tremont lacks LZCNT and BMI1/BMI2, which this CPU adds (no kernel or
+/// glibc path keys on that combination); with AVX2 the identity should become Haswell's.
 pub const SIGNATURE: u32 = (0x8 << 16) | (6 << 8) | (0x6 << 4) | 1;
 
 /// Leaf 1 EDX: FPU, PSE, TSC, MSR, PAE, CX8, APIC, PGE, CMOV, PAT, CLFSH, MMX, FXSR, SSE,
@@ -28,10 +29,18 @@ pub const LEAF1_EDX: u32 = (1 << 0)
     | (1 << 24)
     | (1 << 25)
     | (1 << 26);
-/// Leaf 1 ECX: CX16, MOVBE, POPCNT, RDRAND, hypervisor.
-pub const LEAF1_ECX: u32 = (1 << 13) | (1 << 22) | (1 << 23) | (1 << 30) | (1 << 31);
-/// Leaf 7 subleaf 0 EBX: ERMS (REP MOVSB/STOSB), RDSEED, CLFLUSHOPT, CLWB.
-pub const LEAF7_EBX: u32 = (1 << 9) | (1 << 18) | (1 << 23) | (1 << 24);
+/// Leaf 1 ECX: SSE3, SSSE3, CX16, SSE4.1, SSE4.2, MOVBE, POPCNT, RDRAND, hypervisor.
+pub const LEAF1_ECX: u32 = (1 << 0)
+    | (1 << 9)
+    | (1 << 13)
+    | (1 << 19)
+    | (1 << 20)
+    | (1 << 22)
+    | (1 << 23)
+    | (1 << 30)
+    | (1 << 31);
+/// Leaf 7 subleaf 0 EBX: BMI1, BMI2, ERMS (REP MOVSB/STOSB), RDSEED, CLFLUSHOPT, CLWB.
+pub const LEAF7_EBX: u32 = (1 << 3) | (1 << 8) | (1 << 9) | (1 << 18) | (1 << 23) | (1 << 24);
 /// Leaf 7 subleaf 0 ECX: RDPID.
 pub const LEAF7_ECX: u32 = 1 << 22;
 /// Leaf 0x80000001 EDX: SYSCALL, NX, 1 GiB pages, RDTSCP, LM.

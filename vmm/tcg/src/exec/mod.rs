@@ -5,6 +5,7 @@
 
 mod alu;
 mod bits;
+mod bmi;
 mod control;
 mod ext;
 mod mmx;
@@ -12,13 +13,16 @@ mod muldiv;
 pub(crate) mod operand;
 mod shift;
 mod sse;
+mod sse3;
 mod sse41;
+mod sse42;
 mod sse_cmp;
 mod sse_fp;
 mod ssse3;
 mod string;
 mod system;
 mod x87;
+mod x87_stack;
 
 pub(crate) use system::read_descriptor as system_read_descriptor;
 
@@ -404,6 +408,37 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Dpps
         | M::Dppd
         | M::Mpsadbw => sse41::exec,
+        M::Crc32
+        | M::Pcmpestri
+        | M::Pcmpestri64
+        | M::Pcmpestrm
+        | M::Pcmpestrm64
+        | M::Pcmpistri
+        | M::Pcmpistrm => sse42::exec,
+        M::Addsubps
+        | M::Addsubpd
+        | M::Haddps
+        | M::Haddpd
+        | M::Hsubps
+        | M::Hsubpd
+        | M::Lddqu
+        | M::Movddup
+        | M::Movshdup
+        | M::Movsldup => sse3::exec,
+        M::Fld | M::Fisttp => x87_stack::exec,
+        M::Andn
+        | M::Bextr
+        | M::Blsi
+        | M::Blsmsk
+        | M::Blsr
+        | M::Bzhi
+        | M::Mulx
+        | M::Pdep
+        | M::Pext
+        | M::Rorx
+        | M::Sarx
+        | M::Shlx
+        | M::Shrx => bmi::exec,
         _ if mmx::uses_mm(ins) => mmx::exec,
         _ => sse::exec,
     }

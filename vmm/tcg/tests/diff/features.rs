@@ -86,6 +86,49 @@ fn table() -> Vec<Entry> {
             "sse2",
             Code(|| v(&[0x66, 0x0F, 0xD4, 0xC1]), ARITH),
         ),
+        // haddps xmm0, xmm1; fninit; fisttp: see sse3.rs
+        (
+            1,
+            0,
+            ECX,
+            0,
+            "sse3",
+            Code(|| v(&[0xF2, 0x0F, 0x7C, 0xC1]), ARITH),
+        ),
+        // pshufb xmm0, xmm1
+        (
+            1,
+            0,
+            ECX,
+            9,
+            "ssse3",
+            Code(|| v(&[0x66, 0x0F, 0x38, 0x00, 0xC1]), ARITH),
+        ),
+        // ptest xmm0, xmm1
+        (
+            1,
+            0,
+            ECX,
+            19,
+            "sse4_1",
+            Code(|| v(&[0x66, 0x0F, 0x38, 0x17, 0xC1]), ARITH),
+        ),
+        // pcmpistri xmm0, xmm1, 0x0c; crc32 eax, ecx
+        (
+            1,
+            0,
+            ECX,
+            20,
+            "sse4_2",
+            Code(
+                || {
+                    v(&[
+                        0x66, 0x0F, 0x3A, 0x63, 0xC1, 0x0C, 0xF2, 0x0F, 0x38, 0xF1, 0xC1,
+                    ])
+                },
+                ARITH,
+            ),
+        ),
         // cmpxchg16b [rbx]
         (
             1,
@@ -126,6 +169,27 @@ fn table() -> Vec<Entry> {
             Code(|| v(&[0x48, 0x0F, 0xC7, 0xF0, 0xB8, 0, 0, 0, 0]), ARITH),
         ),
         (1, 0, ECX, 31, "hypervisor", System("no instruction")),
+        // andn rax, rcx, rdx; tzcnt rax, rcx
+        (
+            7,
+            0,
+            EBX,
+            3,
+            "bmi1",
+            Code(
+                || v(&[0xC4, 0xE2, 0xF0, 0xF2, 0xC2, 0xF3, 0x48, 0x0F, 0xBC, 0xC1]),
+                CF | ZF,
+            ),
+        ),
+        // pdep rax, rcx, rdx
+        (
+            7,
+            0,
+            EBX,
+            8,
+            "bmi2",
+            Code(|| v(&[0xC4, 0xE2, 0xF3, 0xF5, 0xC2]), ARITH),
+        ),
         // rep movsb from [rbx] to [rbx+0x100]
         (7, 0, EBX, 9, "erms", Code(rep_movsb_probe, ARITH)),
         // rdseed rax; mov eax, 0

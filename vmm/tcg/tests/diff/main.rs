@@ -1,10 +1,13 @@
 //! Differential tests: instruction semantics of the TCG versus the host CPU.
 
+mod bmi;
 mod features;
 mod harness;
 mod mmx;
 mod sse;
+mod sse3;
 mod sse41;
+mod sse42;
 mod sse_cmp;
 mod ssse3;
 mod xmm_table;
