@@ -29,7 +29,8 @@ pub const LEAF1_EDX: u32 = (1 << 0)
     | (1 << 24)
     | (1 << 25)
     | (1 << 26);
-/// Leaf 1 ECX: SSE3, SSSE3, CX16, SSE4.1, SSE4.2, MOVBE, POPCNT, RDRAND, hypervisor.
+/// Leaf 1 ECX: SSE3, SSSE3, CX16, SSE4.1, SSE4.2, MOVBE, POPCNT, XSAVE, RDRAND, hypervisor
+/// (OSXSAVE, bit 27, mirrors CR4.OSXSAVE: see [`cpuid_for`]).
 pub const LEAF1_ECX: u32 = (1 << 0)
     | (1 << 9)
     | (1 << 13)
@@ -37,8 +38,11 @@ pub const LEAF1_ECX: u32 = (1 << 0)
     | (1 << 20)
     | (1 << 22)
     | (1 << 23)
+    | (1 << 26)
     | (1 << 30)
     | (1 << 31);
+/// Leaf 1 ECX: OSXSAVE.
+pub const OSXSAVE: u32 = 1 << 27;
 /// Leaf 7 subleaf 0 EBX: BMI1, BMI2, ERMS (REP MOVSB/STOSB), RDSEED, CLFLUSHOPT, CLWB.
 pub const LEAF7_EBX: u32 = (1 << 3) | (1 << 8) | (1 << 9) | (1 << 18) | (1 << 23) | (1 << 24);
 /// Leaf 7 subleaf 0 ECX: RDPID.
@@ -57,6 +61,22 @@ const CACHES: [[u32; 4]; 4] = [
     [0x143, 63 | (15 << 22), 1023, 0],
     [0x163, 63 | (15 << 22), 4095, 0],
 ];
+
+/// CPUID as the guest sees it in state `s`: [`cpuid`] plus the bits that follow control
+/// registers (OSXSAVE = CR4.OSXSAVE).
+pub fn cpuid_for(s: &crate::state::ArchState, leaf: u32, subleaf: u32) -> [u32; 4] {
+    let mut r = cpuid(leaf, subleaf);
+    if leaf == 1 && s.cr4 & crate::state::cr4::OSXSAVE != 0 {
+        r[2] |= OSXSAVE;
+    }
+    r
+}
+
+/// XCR0 bits this CPU supports: x87 and SSE.
+pub const XCR0_SUPPORTED: u64 = 0b11;
+/// Size of the standard-format XSAVE area for the supported components (legacy region and
+/// header).
+pub const XSAVE_SIZE: u32 = 576;
 
 /// Frequency of the TSC and of the local APIC timer's bus clock: both count host nanoseconds.
 pub const TSC_HZ: u32 = 1_000_000_000;
@@ -82,6 +102,8 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
         2 => [0x0000_FF01, 0, 0, 0],
         4 => CACHES.get(subleaf as usize).copied().unwrap_or([0; 4]),
         7 if subleaf == 0 => [0, LEAF7_EBX, LEAF7_ECX, 0],
+        // XSAVE: x87 and SSE components, standard format only (no XSAVEOPT/C/S).
+        0xD if subleaf == 0 => [XCR0_SUPPORTED as u32, XSAVE_SIZE, XSAVE_SIZE, 0],
         // TSC = crystal * EBX / EAX: the TSC and the local APIC timer both count host
         // nanoseconds (1 GHz), so the guest needs no calibration against the PIT.
         0x15 => [1, 1, TSC_HZ, 0],
@@ -125,5 +147,20 @@ mod tests {
             0,
             "leaf 4 ends with a null cache type"
         );
+        let t = cpuid(0x15, 0);
+        assert_eq!(
+            u64::from(t[2]) * u64::from(t[1]) / u64::from(t[0]),
+            1_000_000_000
+        );
+        assert!(cpuid(0, 0)[0] >= 0x16, "leaves 0x15/0x16 are reachable");
+        assert_eq!(
+            cpuid(0xD, 0),
+            [3, 576, 576, 0],
+            "XSAVE: x87 + SSE, standard format"
+        );
+        let mut s = crate::state::ArchState::default();
+        assert_eq!(cpuid_for(&s, 1, 0)[2] & OSXSAVE, 0);
+        s.cr4 |= crate::state::cr4::OSXSAVE;
+        assert_ne!(cpuid_for(&s, 1, 0)[2] & OSXSAVE, 0, "OSXSAVE follows CR4");
     }
 }

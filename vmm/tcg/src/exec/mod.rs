@@ -23,6 +23,7 @@ mod string;
 mod system;
 mod x87;
 mod x87_stack;
+mod xsave;
 
 pub(crate) use system::read_descriptor as system_read_descriptor;
 
@@ -319,7 +320,6 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Clts
         | M::In
         | M::Out
-        | M::Xgetbv
         | M::Lar
         | M::Lsl
         | M::Verr
@@ -426,6 +426,7 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Movshdup
         | M::Movsldup => sse3::exec,
         M::Fld | M::Fisttp => x87_stack::exec,
+        M::Xgetbv | M::Xsetbv | M::Xsave | M::Xsave64 | M::Xrstor | M::Xrstor64 => xsave::exec,
         M::Andn
         | M::Bextr
         | M::Blsi

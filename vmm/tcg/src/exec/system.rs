@@ -245,10 +245,10 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     if privileged && cpl != 0 {
         return gp(0);
     }
-    let g = &mut cx.s.gpr;
     match m {
         M::Cpuid => {
-            let r = cpuid::cpuid(g[0] as u32, g[1] as u32);
+            let r = cpuid::cpuid_for(cx.s, cx.s.gpr[0] as u32, cx.s.gpr[1] as u32);
+            let g = &mut cx.s.gpr;
             g[0] = u64::from(r[0]);
             g[3] = u64::from(r[1]);
             g[1] = u64::from(r[2]);

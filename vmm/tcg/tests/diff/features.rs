@@ -159,6 +159,18 @@ fn table() -> Vec<Entry> {
             "popcnt",
             Code(|| v(&[0xF3, 0x48, 0x0F, 0xB8, 0xC1]), ARITH),
         ),
+        // xor ecx, ecx; xgetbv; and eax, 3; xor edx, edx (XSAVE/XRSTOR: see xsave.rs)
+        (
+            1,
+            0,
+            ECX,
+            26,
+            "xsave",
+            Code(
+                || v(&[0x31, 0xC9, 0x0F, 0x01, 0xD0, 0x83, 0xE0, 0x03, 0x31, 0xD2]),
+                0,
+            ),
+        ),
         // rdrand rax; mov eax, 0 (random: only CF=1 and the other flags clear are compared)
         (
             1,

@@ -11,6 +11,7 @@ mod sse42;
 mod sse_cmp;
 mod ssse3;
 mod xmm_table;
+mod xsave;
 
 use harness::{check, random_state, Case, Harness, Rng, DATA};
 use rqemu_tcg::flags::{AF, ARITH, CF, DF, OF, PF, SF, ZF};
