@@ -43,8 +43,11 @@ pub const LEAF1_ECX: u32 = (1 << 0)
     | (1 << 31);
 /// Leaf 1 ECX: OSXSAVE.
 pub const OSXSAVE: u32 = 1 << 27;
-/// Leaf 7 subleaf 0 EBX: BMI1, BMI2, ERMS (REP MOVSB/STOSB), RDSEED, CLFLUSHOPT, CLWB.
-pub const LEAF7_EBX: u32 = (1 << 3) | (1 << 8) | (1 << 9) | (1 << 18) | (1 << 23) | (1 << 24);
+/// Leaf 7 subleaf 0 EBX: TSC_ADJUST, BMI1, BMI2, ERMS (REP MOVSB/STOSB), RDSEED, CLFLUSHOPT,
+/// CLWB. With the invariant TSC, TSC_ADJUST lets Linux trust the TSC without its clocksource
+/// watchdog (which compares against jiffies, and those lag on a slow software CPU).
+pub const LEAF7_EBX: u32 =
+    (1 << 1) | (1 << 3) | (1 << 8) | (1 << 9) | (1 << 18) | (1 << 23) | (1 << 24);
 /// Leaf 7 subleaf 0 ECX: RDPID.
 pub const LEAF7_ECX: u32 = 1 << 22;
 /// Leaf 0x80000001 EDX: SYSCALL, NX, 1 GiB pages, RDTSCP, LM.

@@ -120,6 +120,8 @@ pub struct Msrs {
     pub kernel_gs_base: u64,
     /// IA32_TSC_AUX.
     pub tsc_aux: u64,
+    /// IA32_TSC_ADJUST (added to the TSC; moved by TSC writes).
+    pub tsc_adjust: u64,
     /// IA32_APIC_BASE.
     pub apic_base: u64,
     /// IA32_PAT.

@@ -168,6 +168,7 @@ fn rdmsr(cx: &mut Ctx<'_>, idx: u32) -> R<u64> {
     let m = &cx.s.msr;
     Ok(match idx {
         0x10 => tsc(cx),
+        0x3B => m.tsc_adjust,
         0x1B => m.apic_base,
         0x8B | 0xFE | 0x17 | 0x79 => 0,
         // IA32_FEAT_CTL: locked by the "firmware" with VMX and SGX off.
@@ -200,8 +201,16 @@ fn canonical_or_gp(v: u64) -> R<u64> {
 fn wrmsr(cx: &mut Ctx<'_>, idx: u32, v: u64) -> R<()> {
     match idx {
         0x10 => {
-            let now = tsc(cx).wrapping_sub(cx.s.tsc_offset);
+            let old = tsc(cx);
+            let now = old.wrapping_sub(cx.s.tsc_offset);
             cx.s.tsc_offset = v.wrapping_sub(now);
+            // A TSC write moves IA32_TSC_ADJUST by the same amount (SDM 17.17.3).
+            cx.s.msr.tsc_adjust = cx.s.msr.tsc_adjust.wrapping_add(v.wrapping_sub(old));
+        }
+        0x3B => {
+            let delta = v.wrapping_sub(cx.s.msr.tsc_adjust);
+            cx.s.tsc_offset = cx.s.tsc_offset.wrapping_add(delta);
+            cx.s.msr.tsc_adjust = v;
         }
         0x1B => cx.s.msr.apic_base = v,
         0x8B | 0x79 => {}

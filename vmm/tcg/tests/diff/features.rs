@@ -202,6 +202,7 @@ fn table() -> Vec<Entry> {
             "bmi2",
             Code(|| v(&[0xC4, 0xE2, 0xF3, 0xF5, 0xC2]), ARITH),
         ),
+        (7, 0, EBX, 1, "tsc_adjust", System("an MSR")),
         // rep movsb from [rbx] to [rbx+0x100]
         (7, 0, EBX, 9, "erms", Code(rep_movsb_probe, ARITH)),
         // rdseed rax; mov eax, 0
@@ -371,4 +372,56 @@ fn every_advertised_feature_has_a_passing_probe() {
         ran += 1;
     }
     eprintln!("features: {ran} advertised features executed and match the host");
+}
+
+/// IA32_TSC_ADJUST (advertised in leaf 7): writing it moves the TSC by the difference, and
+/// a TSC write moves it by the TSC's change (CPL 0 in the TCG only: the host test runs in
+/// user mode). Bounds are generous (2^40 ns) and only guard against wild values.
+#[test]
+fn tsc_adjust_msr() {
+    use super::harness::TcgOutcome;
+    let mut h = Harness::new();
+    let mut code = Vec::new();
+    let tsc_to = |reg: u8| {
+        vec![
+            0x48,
+            0xC1,
+            0xE2,
+            0x20,
+            0x48,
+            0x09,
+            0xD0,
+            0x49,
+            0x89,
+            0xC0 | reg,
+        ]
+    };
+    // TSC_ADJUST := 2^32; r8 := TSC
+    code.extend([
+        0xB9, 0x3B, 0, 0, 0, 0x31, 0xC0, 0xBA, 1, 0, 0, 0, 0x0F, 0x30, 0x0F, 0x31,
+    ]);
+    code.extend(tsc_to(0));
+    // TSC := 0; r9 := TSC_ADJUST; r10 := TSC
+    code.extend([0xB9, 0x10, 0, 0, 0, 0x31, 0xC0, 0x31, 0xD2, 0x0F, 0x30]);
+    code.extend([0xB9, 0x3B, 0, 0, 0, 0x0F, 0x32]);
+    code.extend(tsc_to(1));
+    code.extend([0x0F, 0x31]);
+    code.extend(tsc_to(2));
+    let st = random_state(&mut Rng(3));
+    let s = match h.run_tcg(&code, &st) {
+        TcgOutcome::Done(s) => s,
+        other => panic!("TSC_ADJUST sequence: {other:?}"),
+    };
+    let (tsc1, adj, tsc2) = (s.gpr[8], s.gpr[9] as i64, s.gpr[10]);
+    assert!(
+        tsc1 >= 1 << 32,
+        "TSC_ADJUST did not move the TSC: {tsc1:#x}"
+    );
+    // adj = 2^32 + (0 - TSC just before the write) = 2^32 - tsc1 - (a little).
+    let expect = (1i64 << 32) - tsc1 as i64;
+    assert!(
+        adj <= expect && adj > expect - (1 << 40),
+        "TSC_ADJUST {adj:#x}, expected about {expect:#x}"
+    );
+    assert!(tsc2 < 1 << 40, "TSC after writing 0: {tsc2:#x}");
 }
