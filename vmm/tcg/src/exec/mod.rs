@@ -22,6 +22,7 @@ mod ssse3;
 mod string;
 mod system;
 mod x87;
+mod x87_move;
 mod x87_stack;
 mod xsave;
 
@@ -426,6 +427,19 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Movshdup
         | M::Movsldup => sse3::exec,
         M::Fld | M::Fisttp => x87_stack::exec,
+        M::Fst
+        | M::Fstp
+        | M::Fist
+        | M::Fistp
+        | M::Fild
+        | M::Fldz
+        | M::Fld1
+        | M::Fchs
+        | M::Fabs
+        | M::Fxch
+        | M::Fincstp
+        | M::Fdecstp
+        | M::Ffree => x87_move::exec,
         M::Xgetbv | M::Xsetbv | M::Xsave | M::Xsave64 | M::Xrstor | M::Xrstor64 => xsave::exec,
         M::Andn
         | M::Bextr

@@ -8,16 +8,16 @@ use crate::state::cr0;
 use iced_x86::{Instruction, MemorySize, Mnemonic as M, OpKind, Register};
 
 /// FSW bits.
-const IE: u16 = 1 << 0;
-const DE: u16 = 1 << 1;
-const PE: u16 = 1 << 5;
-const SF: u16 = 1 << 6;
-const C1: u16 = 1 << 9;
+pub(super) const IE: u16 = 1 << 0;
+pub(super) const DE: u16 = 1 << 1;
+pub(super) const PE: u16 = 1 << 5;
+pub(super) const SF: u16 = 1 << 6;
+pub(super) const C1: u16 = 1 << 9;
 
 /// The "real indefinite" QNaN.
-const INDEFINITE: (u16, u64) = (0xFFFF, 0xC000_0000_0000_0000);
+pub(super) const INDEFINITE: (u16, u64) = (0xFFFF, 0xC000_0000_0000_0000);
 
-fn top(cx: &Ctx<'_>) -> usize {
+pub(super) fn top(cx: &Ctx<'_>) -> usize {
     usize::from((cx.s.fpu.fsw >> 11) & 7)
 }
 
@@ -25,25 +25,25 @@ fn set_top(cx: &mut Ctx<'_>, t: usize) {
     cx.s.fpu.fsw = (cx.s.fpu.fsw & !(7 << 11)) | ((t as u16 & 7) << 11);
 }
 
-fn valid(cx: &Ctx<'_>, phys: usize) -> bool {
+pub(super) fn valid(cx: &Ctx<'_>, phys: usize) -> bool {
     cx.s.fpu.ftw & (1 << phys) != 0
 }
 
-fn to_bytes(se: u16, mant: u64) -> [u8; 16] {
+pub(super) fn to_bytes(se: u16, mant: u64) -> [u8; 16] {
     let mut r = [0u8; 16];
     r[..8].copy_from_slice(&mant.to_le_bytes());
     r[8..10].copy_from_slice(&se.to_le_bytes());
     r
 }
 
-fn from_bytes(b: &[u8; 16]) -> (u16, u64) {
+pub(super) fn from_bytes(b: &[u8; 16]) -> (u16, u64) {
     let mut m = [0u8; 8];
     m.copy_from_slice(&b[..8]);
     (u16::from_le_bytes([b[8], b[9]]), u64::from_le_bytes(m))
 }
 
 /// Pushes an 80-bit value (sign+exponent, mantissa).
-fn push(cx: &mut Ctx<'_>, v: (u16, u64)) {
+pub(super) fn push(cx: &mut Ctx<'_>, v: (u16, u64)) {
     let t = (top(cx) + 7) & 7;
     let v = if valid(cx, t) {
         // Stack overflow: masked response loads the indefinite.
@@ -59,7 +59,7 @@ fn push(cx: &mut Ctx<'_>, v: (u16, u64)) {
     set_top(cx, t);
 }
 
-fn pop(cx: &mut Ctx<'_>) {
+pub(super) fn pop(cx: &mut Ctx<'_>) {
     let t = top(cx);
     cx.s.fpu.ftw &= !(1 << t);
     cx.s.fpu.st.rotate_left(1);

@@ -10,6 +10,7 @@ mod sse41;
 mod sse42;
 mod sse_cmp;
 mod ssse3;
+mod x87;
 mod xmm_table;
 mod xsave;
 
