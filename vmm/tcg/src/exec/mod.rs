@@ -22,6 +22,7 @@ mod ssse3;
 mod string;
 mod system;
 mod x87;
+mod x87_arith;
 mod x87_move;
 mod x87_stack;
 mod xsave;
@@ -427,6 +428,18 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Movshdup
         | M::Movsldup => sse3::exec,
         M::Fld | M::Fisttp => x87_stack::exec,
+        M::Fadd
+        | M::Faddp
+        | M::Fiadd
+        | M::Fsub
+        | M::Fsubp
+        | M::Fisub
+        | M::Fsubr
+        | M::Fsubrp
+        | M::Fisubr
+        | M::Fmul
+        | M::Fmulp
+        | M::Fimul => x87_arith::exec,
         M::Fst
         | M::Fstp
         | M::Fist

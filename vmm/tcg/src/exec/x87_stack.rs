@@ -68,7 +68,7 @@ pub(super) fn pop(cx: &mut Ctx<'_>) {
 
 /// Converts a binary32/binary64 (`frac_bits`, `exp_bits`) to 80-bit extended; sets IE for
 /// signalling NaNs and DE for denormals.
-fn widen(cx: &mut Ctx<'_>, bits: u64, frac_bits: u32, exp_bits: u32) -> (u16, u64) {
+pub(super) fn widen(cx: &mut Ctx<'_>, bits: u64, frac_bits: u32, exp_bits: u32) -> (u16, u64) {
     let bias = (1i32 << (exp_bits - 1)) - 1;
     let sign = ((bits >> (frac_bits + exp_bits)) & 1) as u16;
     let e = ((bits >> frac_bits) & ((1 << exp_bits) - 1)) as i32;
