@@ -439,7 +439,13 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Fisubr
         | M::Fmul
         | M::Fmulp
-        | M::Fimul => x87_arith::exec,
+        | M::Fimul
+        | M::Fdiv
+        | M::Fdivp
+        | M::Fidiv
+        | M::Fdivr
+        | M::Fdivrp
+        | M::Fidivr => x87_arith::exec,
         M::Fst
         | M::Fstp
         | M::Fist

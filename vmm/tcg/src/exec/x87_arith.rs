@@ -1,4 +1,5 @@
-//! x87 arithmetic on 80-bit values in software: FADD/FSUB/FSUBR/FMUL and their popping,
+//! x87 arithmetic on 80-bit values in software: FADD/FSUB/FSUBR/FMUL/FDIV/FDIVR and their
+//! popping,
 //! memory (m32/m64) and integer (m16/m32) forms, rounded under FCW.PC and FCW.RC.
 //! Masked-response exceptions only.
 
@@ -206,6 +207,55 @@ fn mul(a: Val, b: Val, fcw: u16, flags: &mut u16) -> (u16, u64) {
     }
 }
 
+/// Zero-divide (FSW.ZE).
+const ZE: u16 = 1 << 2;
+
+fn div(a: Val, b: Val, fcw: u16, flags: &mut u16) -> (u16, u64) {
+    if let Some(n) = nan_result(a, b, flags) {
+        return n;
+    }
+    let sg = |v: Val| match v {
+        Val::Zero(s) | Val::Inf(s) | Val::Fin(s, _, _) => s,
+        _ => false,
+    };
+    let s = sg(a) != sg(b);
+    let sign = if s { 0x8000 } else { 0 };
+    match (a, b) {
+        (Val::Inf(_), Val::Inf(_)) | (Val::Zero(_), Val::Zero(_)) => {
+            *flags |= IE;
+            INDEFINITE
+        }
+        (Val::Inf(_), _) => (sign | 0x7FFF, 1 << 63),
+        (_, Val::Inf(_)) | (Val::Zero(_), _) => (sign, 0),
+        (_, Val::Zero(_)) => {
+            *flags |= ZE;
+            (sign | 0x7FFF, 1 << 63)
+        }
+        (Val::Fin(_, ea, ma), Val::Fin(_, eb, mb)) => {
+            // 128 quotient bits by long division; the remainder is the sticky bit.
+            let (mut rem, mut q) = (u128::from(ma), 0u128);
+            let d = u128::from(mb);
+            for _ in 0..128 {
+                q <<= 1;
+                if rem >= d {
+                    rem -= d;
+                    q |= 1;
+                }
+                rem <<= 1;
+            }
+            let (sig, e) = if q >> 127 != 0 {
+                (q, ea - eb)
+            } else {
+                (q << 1, ea - eb - 1)
+            };
+            let (r, f) = round(s, e, sig, rem != 0, fcw);
+            *flags |= f;
+            r
+        }
+        _ => INDEFINITE,
+    }
+}
+
 fn add(a: Val, b: Val, fcw: u16, flags: &mut u16) -> (u16, u64) {
     if let Some(n) = nan_result(a, b, flags) {
         return n;
@@ -325,7 +375,10 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             cx.s.fpu.st[di] = to_bytes(INDEFINITE.0, INDEFINITE.1);
             cx.s.fpu.ftw |= 1 << ((t + di) & 7);
             cx.s.fpu.fsw = (cx.s.fpu.fsw & !C1) | flags;
-            if matches!(m, M::Faddp | M::Fsubp | M::Fsubrp | M::Fmulp) {
+            if matches!(
+                m,
+                M::Faddp | M::Fsubp | M::Fsubrp | M::Fmulp | M::Fdivp | M::Fdivrp
+            ) {
                 pop(cx);
             }
             return Ok(());
@@ -351,8 +404,21 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     let fcw = cx.s.fpu.fcw;
     let mut de = mem_de;
     let (x, y) = (unpack(a, &mut de), unpack(b, &mut de));
-    // Invalid operands and NaNs take precedence over the denormal-operand exception.
-    if !matches!(x, Val::NaN(..) | Val::Invalid) && !matches!(y, Val::NaN(..) | Val::Invalid) {
+    // Invalid operands and NaNs take precedence over the denormal-operand exception, and so
+    // does division by zero.
+    let divisor = if matches!(m, M::Fdivr | M::Fdivrp | M::Fidivr) {
+        x
+    } else {
+        y
+    };
+    let by_zero = matches!(
+        m,
+        M::Fdiv | M::Fdivp | M::Fidiv | M::Fdivr | M::Fdivrp | M::Fidivr
+    ) && matches!(divisor, Val::Zero(_));
+    if !by_zero
+        && !matches!(x, Val::NaN(..) | Val::Invalid)
+        && !matches!(y, Val::NaN(..) | Val::Invalid)
+    {
         flags |= de;
     }
     let flip = |v: Val| match v {
@@ -365,11 +431,16 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         M::Fmul | M::Fmulp | M::Fimul => mul(x, y, fcw, &mut flags),
         M::Fadd | M::Faddp | M::Fiadd => add(x, y, fcw, &mut flags),
         M::Fsub | M::Fsubp | M::Fisub => add(x, flip(y), fcw, &mut flags),
+        M::Fdiv | M::Fdivp | M::Fidiv => div(x, y, fcw, &mut flags),
+        M::Fdivr | M::Fdivrp | M::Fidivr => div(y, x, fcw, &mut flags),
         _ => add(flip(x), y, fcw, &mut flags),
     };
     cx.s.fpu.st[di] = to_bytes(r.0, r.1);
     cx.s.fpu.fsw = (cx.s.fpu.fsw & !C1) | flags;
-    if matches!(m, M::Faddp | M::Fsubp | M::Fsubrp | M::Fmulp) {
+    if matches!(
+        m,
+        M::Faddp | M::Fsubp | M::Fsubrp | M::Fmulp | M::Fdivp | M::Fdivrp
+    ) {
         pop(cx);
     }
     Ok(())

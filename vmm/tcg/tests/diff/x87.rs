@@ -133,11 +133,11 @@ fn x87_loads_stores_and_rounding() {
     );
 }
 
-/// FADD/FSUB/FSUBR/FMUL (register, popping, m32/m64 and m16/m32 integer forms) under every
+/// FADD/FSUB/FSUBR/FMUL/FDIV/FDIVR (register, popping, m32/m64 and m16/m32 integer forms) under every
 /// precision and rounding control, with operands near each other (cancellation), far apart,
 /// denormal, infinite, NaN.
 #[test]
-fn x87_add_sub_mul() {
+fn x87_add_sub_mul_div() {
     let mut h = Harness::new();
     let mut r = Rng(0xADD8);
     let mut failures = Vec::new();
@@ -180,8 +180,8 @@ fn x87_add_sub_mul() {
         code.extend([0x4C, 0x89, 0x03, 0x4C, 0x89, 0x4B, 0x08]);
         code.extend([0x4C, 0x89, 0x53, 0x10, 0x4C, 0x89, 0x5B, 0x18]);
         code.extend([0xDB, 0x2B, 0xDB, 0x6B, 0x10]);
-        let op = r.below(4) as u8; // /0 add, /1 mul, /4 sub, /5 subr
-        let reg = [0u8, 1, 4, 5][op as usize];
+        // /0 add, /1 mul, /4 sub, /5 subr, /6 div, /7 divr
+        let reg = [0u8, 1, 4, 5, 6, 7][r.below(6) as usize];
         let i = r.below(2) as u8;
         match r.below(6) {
             0 => code.extend([0xD8, 0xC0 | (reg << 3) | i]), // fop st0, st(i)
