@@ -445,7 +445,11 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Fidiv
         | M::Fdivr
         | M::Fdivrp
-        | M::Fidivr => x87_arith::exec,
+        | M::Fidivr
+        | M::Fcomi
+        | M::Fcomip
+        | M::Fucomi
+        | M::Fucomip => x87_arith::exec,
         M::Fst
         | M::Fstp
         | M::Fist

@@ -353,11 +353,79 @@ fn mem_operand(cx: &mut Ctx<'_>, ins: &Instruction, flags: &mut u16) -> R<(u16, 
     })
 }
 
+/// Orders two values (None = unordered); zeros of either sign are equal.
+fn compare(a: Val, b: Val) -> Option<std::cmp::Ordering> {
+    use std::cmp::Ordering;
+    let key = |v: Val| -> Option<(i8, i32, u64)> {
+        // (sign class, exponent, mantissa) with infinities at the ends.
+        Some(match v {
+            Val::Zero(_) => (0, 0, 0),
+            Val::Inf(s) => (if s { -2 } else { 2 }, 0, 0),
+            Val::Fin(s, e, m) => (if s { -1 } else { 1 }, e, m),
+            _ => return None,
+        })
+    };
+    let (x, y) = (key(a)?, key(b)?);
+    Some(match x.0.cmp(&y.0) {
+        Ordering::Equal if x.0 == 1 => (x.1, x.2).cmp(&(y.1, y.2)),
+        Ordering::Equal if x.0 == -1 => (y.1, y.2).cmp(&(x.1, x.2)),
+        o => o,
+    })
+}
+
+/// FCOMI/FCOMIP/FUCOMI/FUCOMIP: ST(0) against ST(i) into ZF/PF/CF.
+fn comi(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
+    use crate::flags::{CF, PF, ZF};
+    let m = ins.mnemonic();
+    let t = top(cx);
+    let i = st_index(ins.op1_register());
+    let mut flags = 0u16;
+    let ord = if !valid(cx, t) || !valid(cx, (t + i) & 7) {
+        flags |= IE | SF;
+        None
+    } else {
+        let mut de = 0;
+        let a = unpack(from_bytes(&cx.s.fpu.st[0]), &mut de);
+        let b = unpack(from_bytes(&cx.s.fpu.st[i]), &mut de);
+        let signalling = |v: Val| match v {
+            Val::NaN(_, mm) => mm & (1 << 62) == 0,
+            Val::Invalid => true,
+            _ => false,
+        };
+        let nan = |v: Val| matches!(v, Val::NaN(..) | Val::Invalid);
+        if signalling(a)
+            || signalling(b)
+            || (matches!(m, M::Fcomi | M::Fcomip) && (nan(a) || nan(b)))
+        {
+            flags |= IE;
+        } else if !nan(a) && !nan(b) {
+            flags |= de;
+        }
+        compare(a, b)
+    };
+    use std::cmp::Ordering::*;
+    let f = match ord {
+        None => ZF | PF | CF,
+        Some(Less) => CF,
+        Some(Equal) => ZF,
+        Some(Greater) => 0,
+    };
+    cx.s.flags.set_arith(f);
+    cx.s.fpu.fsw = (cx.s.fpu.fsw & !C1) | flags;
+    if matches!(m, M::Fcomip | M::Fucomip) {
+        pop(cx);
+    }
+    Ok(())
+}
+
 pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     if cx.s.cr0 & (cr0::EM | cr0::TS) != 0 {
         return Err(Event::fault(super::vec::NM, None));
     }
     let m = ins.mnemonic();
+    if matches!(m, M::Fcomi | M::Fcomip | M::Fucomi | M::Fucomip) {
+        return comi(cx, ins);
+    }
     let t = top(cx);
     let mut flags = 0u16;
     let mut mem_de = 0u16;

@@ -183,7 +183,13 @@ fn x87_add_sub_mul_div() {
         // /0 add, /1 mul, /4 sub, /5 subr, /6 div, /7 divr
         let reg = [0u8, 1, 4, 5, 6, 7][r.below(6) as usize];
         let i = r.below(2) as u8;
-        match r.below(6) {
+        match r.below(7) {
+            6 => {
+                // fcomi / fucomi / fcomip / fucomip st0, st(i)
+                let (a, b) =
+                    [(0xDB, 0xF0), (0xDB, 0xE8), (0xDF, 0xF0), (0xDF, 0xE8)][r.below(4) as usize];
+                code.extend([a, b | i]);
+            }
             0 => code.extend([0xD8, 0xC0 | (reg << 3) | i]), // fop st0, st(i)
             1 => code.extend([0xDC, 0xC0 | (reg << 3) | 1]), // fop st1, st0
             2 => code.extend([0xDE, 0xC0 | (reg << 3) | 1]), // fopp st1, st0
@@ -196,7 +202,7 @@ fn x87_add_sub_mul_div() {
         let c = Case {
             code,
             st,
-            flag_mask: 0,
+            flag_mask: rqemu_tcg::flags::ARITH,
             xmm: true,
             data_seed: 0xAD,
         };
