@@ -5,6 +5,8 @@
 #   vmlinux              the ELF kernel extracted from that bzImage (PVH note verified)
 #   initramfs.cpio.gz    busybox-static + the virtio/fuse modules + /init (tests/guest/init.sh)
 #                        + util-linux blkdiscard/fallocate (for BLKZEROOUT / zero-range tests)
+#                        + dynamically linked Debian programs in /opt/host/bin (compressors,
+#                          checksums, bc, mawk; with their libraries) for tests/tests/tcg_programs.rs
 #   kernel-version       the kernel package version, e.g. 6.1.192-2
 #
 # The kernel is fetched with `apt-get download` (needs the Debian apt lists, see
@@ -26,6 +28,11 @@ MODULES=(virtio_ring virtio virtio_mmio virtio_blk failover net_failover virtio_
 # util-linux tools copied (with their shared libraries) into the guest's /usr/bin; they shadow
 # the busybox applets of the same name (busybox blkdiscard has no -z, busybox fallocate no -p/-z).
 UL_TOOLS=(/usr/sbin/blkdiscard /usr/bin/fallocate)
+# Dynamically linked Debian programs (and their shared libraries) copied into /opt/host/bin, out
+# of PATH so they shadow no busybox applet: the software CPU must run the host's glibc and these
+# programs' optimised code paths exactly as the host does (tests/tests/tcg_programs.rs).
+HOST_PROGS=(/usr/bin/gzip /usr/bin/xz /usr/bin/bzip2 /usr/bin/zstd /usr/bin/sha256sum
+    /usr/bin/sha1sum /usr/bin/md5sum /usr/bin/b2sum /usr/bin/sort /usr/bin/bc /usr/bin/mawk)
 
 log() { printf 'guest-assets: %s\n' "$*"; }
 die() { printf 'guest-assets: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -143,6 +150,15 @@ copy_lib() {
 for t in "${UL_TOOLS[@]}"; do
     [ -x "$t" ] || die "$t not found (util-linux)"
     cp -L "$t" "$STAGE/usr/bin/$(basename "$t")"
+    for lib in $(ldd "$t" | awk '/=> \// { print $3 } /^[[:space:]]*\/lib/ { print $1 }'); do
+        copy_lib "$lib"
+    done
+done
+
+mkdir -p "$STAGE/opt/host/bin"
+for t in "${HOST_PROGS[@]}"; do
+    [ -x "$t" ] || die "$t not found; run scripts/install-deps.sh"
+    cp -L "$t" "$STAGE/opt/host/bin/$(basename "$t")"
     for lib in $(ldd "$t" | awk '/=> \// { print $3 } /^[[:space:]]*\/lib/ { print $1 }'); do
         copy_lib "$lib"
     done

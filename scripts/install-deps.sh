@@ -26,7 +26,8 @@ BACKPORTS_FILE="$APT_DIR/sources.list.d/rqemu-backports.sources"
 BPO_PKGS=(qemu-system-x86 qemu-utils)
 BPO_MIN_VERSION="1:10"
 # Packages from the main suite.
-MAIN_PKGS=(busybox-static cpio xz-utils lz4 zstd kmod binutils util-linux gzip iproute2 acpica-tools systemd)
+MAIN_PKGS=(busybox-static cpio xz-utils lz4 zstd kmod binutils util-linux gzip iproute2 acpica-tools
+    systemd bzip2 coreutils bc mawk)
 
 log() { printf 'install-deps: %s\n' "$*"; }
 die() { printf 'install-deps: ERROR: %s\n' "$*" >&2; exit 1; }

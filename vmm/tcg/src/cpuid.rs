@@ -1,11 +1,19 @@
 //! CPUID: advertises exactly what this CPU implements.
 
-/// Vendor string (a neutral vendor: the guest takes generic, quirk-free code paths).
+/// Vendor string: a vendor the kernel and glibc know, so they take their tested paths (as
+/// QEMU's TCG CPU models do).
 pub const VENDOR: &[u8; 12] = b"GenuineIntel";
 
 const BRAND: &[u8; 48] = b"rqemu TCG x86-64 software CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
 
-/// Leaf 1 EDX: FPU, PSE, TSC, MSR, PAE, CX8, APIC, PGE, CMOV, PAT, CLFSH, FXSR, SSE, SSE2.
+/// Leaf 1 EAX: family 6, model 0x86 (Tremont, the Atom core of Snow Ridge: x86-64-v2 with
+/// MOVBE, RDRAND, RDSEED, CLFLUSHOPT, CLWB, RDPID and no AVX, as QEMU's `Snowridge`
+/// model), stepping 1. Tremont lacks LZCNT and BMI1/BMI2, which this CPU adds (no kernel or
+/// glibc path keys on that combination); with AVX2 the identity should become Haswell's.
+pub const SIGNATURE: u32 = (0x8 << 16) | (6 << 8) | (0x6 << 4) | 1;
+
+/// Leaf 1 EDX: FPU, PSE, TSC, MSR, PAE, CX8, APIC, PGE, CMOV, PAT, CLFSH, MMX, FXSR, SSE,
+/// SSE2.
 pub const LEAF1_EDX: u32 = (1 << 0)
     | (1 << 3)
     | (1 << 4)
@@ -17,23 +25,66 @@ pub const LEAF1_EDX: u32 = (1 << 0)
     | (1 << 15)
     | (1 << 16)
     | (1 << 19)
+    | (1 << 23)
     | (1 << 24)
     | (1 << 25)
     | (1 << 26);
-/// Leaf 1 ECX: CX16, POPCNT, hypervisor.
-pub const LEAF1_ECX: u32 = (1 << 13) | (1 << 23) | (1 << 31);
-/// Leaf 7 subleaf 0 EBX: TSC_ADJUST (MSR 0x3B).
-pub const LEAF7_EBX: u32 = 1 << 1;
+/// Leaf 1 ECX: SSE3, SSSE3, CX16, SSE4.1, SSE4.2, MOVBE, POPCNT, XSAVE, RDRAND, hypervisor
+/// (OSXSAVE, bit 27, mirrors CR4.OSXSAVE: see [`cpuid_for`]).
+pub const LEAF1_ECX: u32 = (1 << 0)
+    | (1 << 9)
+    | (1 << 13)
+    | (1 << 19)
+    | (1 << 20)
+    | (1 << 22)
+    | (1 << 23)
+    | (1 << 26)
+    | (1 << 30)
+    | (1 << 31);
+/// Leaf 1 ECX: OSXSAVE.
+pub const OSXSAVE: u32 = 1 << 27;
+/// Leaf 7 subleaf 0 EBX: TSC_ADJUST, BMI1, BMI2, ERMS (REP MOVSB/STOSB), RDSEED, CLFLUSHOPT,
+/// CLWB. With the invariant TSC, TSC_ADJUST lets Linux trust the TSC without its clocksource
+/// watchdog (which compares against jiffies, and those lag on a slow software CPU).
+pub const LEAF7_EBX: u32 =
+    (1 << 1) | (1 << 3) | (1 << 8) | (1 << 9) | (1 << 18) | (1 << 23) | (1 << 24);
+/// Leaf 7 subleaf 0 ECX: RDPID.
+pub const LEAF7_ECX: u32 = 1 << 22;
 /// Leaf 0x80000001 EDX: SYSCALL, NX, 1 GiB pages, RDTSCP, LM.
 pub const EXT1_EDX: u32 = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29);
-/// Leaf 0x80000001 ECX: LAHF/SAHF in 64-bit mode, ABM (LZCNT).
-pub const EXT1_ECX: u32 = (1 << 0) | (1 << 5);
+/// Leaf 0x80000001 ECX: LAHF/SAHF in 64-bit mode, ABM (LZCNT), PREFETCHW.
+pub const EXT1_ECX: u32 = (1 << 0) | (1 << 5) | (1 << 8);
 
-/// The highest basic leaf.
+/// Leaf 4 (deterministic cache parameters): L1d 32 KiB, L1i 32 KiB (8-way), L2 1 MiB and
+/// L3 4 MiB (16-way), 64-byte lines. Sizes only steer the guest's copy strategies (glibc's
+/// non-temporal thresholds); there are no caches.
+const CACHES: [[u32; 4]; 4] = [
+    [0x121, 63 | (7 << 22), 63, 0],
+    [0x122, 63 | (7 << 22), 63, 0],
+    [0x143, 63 | (15 << 22), 1023, 0],
+    [0x163, 63 | (15 << 22), 4095, 0],
+];
+
+/// CPUID as the guest sees it in state `s`: [`cpuid`] plus the bits that follow control
+/// registers (OSXSAVE = CR4.OSXSAVE).
+pub fn cpuid_for(s: &crate::state::ArchState, leaf: u32, subleaf: u32) -> [u32; 4] {
+    let mut r = cpuid(leaf, subleaf);
+    if leaf == 1 && s.cr4 & crate::state::cr4::OSXSAVE != 0 {
+        r[2] |= OSXSAVE;
+    }
+    r
+}
+
+/// XCR0 bits this CPU supports: x87 and SSE.
+pub const XCR0_SUPPORTED: u64 = 0b11;
+/// Size of the standard-format XSAVE area for the supported components (legacy region and
+/// header).
+pub const XSAVE_SIZE: u32 = 576;
+
+/// Frequency of the TSC and of the local APIC timer's bus clock: both count host nanoseconds.
+pub const TSC_HZ: u32 = 1_000_000_000;
+const TSC_MHZ: u32 = TSC_HZ / 1_000_000;
 const MAX_LEAF: u32 = 0x16;
-
-/// The frequency of the TSC and of the LAPIC timer's input clock: both count host nanoseconds.
-pub const CLOCK_HZ: u64 = 1_000_000_000;
 
 fn le(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
@@ -48,26 +99,23 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
             le(&VENDOR[8..12]),
             le(&VENDOR[4..8]),
         ],
-        // Family 6, model 0x0F, stepping 1; CLFLUSH line 64 bytes, 1 logical CPU, APIC ID 0.
-        1 => [0x0000_06F1, (8 << 8) | (1 << 16), LEAF1_ECX, LEAF1_EDX],
+        // CLFLUSH line 64 bytes, 1 logical CPU, APIC ID 0.
+        1 => [SIGNATURE, (8 << 8) | (1 << 16), LEAF1_ECX, LEAF1_EDX],
+        // One round; descriptor 0xFF: "use leaf 4".
+        2 => [0x0000_FF01, 0, 0, 0],
+        4 => CACHES.get(subleaf as usize).copied().unwrap_or([0; 4]),
         // Thermal/power leaf: EAX bit 2 = ARAT, the LAPIC timer keeps running while the CPU
         // halts (it is host time). Without it Linux flags the LAPIC timer C3STOP, finds no
         // broadcast device and stays in periodic ticks: no high-resolution timers, no NOHZ.
         6 => [1 << 2, 0, 0, 0],
-        // Structured extended features, subleaf 0: EBX = TSC_ADJUST. With the invariant TSC
-        // (leaf 0x8000_0007) it tells Linux the TSC needs no clocksource watchdog, which would
-        // otherwise compare it with jiffies that a busy host delays.
-        7 if subleaf == 0 => [0, LEAF7_EBX, 0, 0],
-        // TSC and core-crystal frequencies, so that the guest needs no calibration against the
-        // PIT (which fails or drifts when the host is busy, leaving the TSC "unstable" and the
-        // kernel without a usable clock): TSC = crystal * EBX / EAX, the crystal (ECX, Hz) being
-        // the LAPIC timer's input clock; Linux then also skips calibrating the LAPIC timer.
-        0x15 => [1, 1, CLOCK_HZ as u32, 0],
+        7 if subleaf == 0 => [0, LEAF7_EBX, LEAF7_ECX, 0],
+        // XSAVE: x87 and SSE components, standard format only (no XSAVEOPT/C/S).
+        0xD if subleaf == 0 => [XCR0_SUPPORTED as u32, XSAVE_SIZE, XSAVE_SIZE, 0],
+        // TSC = crystal * EBX / EAX: the TSC and the local APIC timer both count host
+        // nanoseconds (1 GHz), so the guest needs no calibration against the PIT.
+        0x15 => [1, 1, TSC_HZ, 0],
         // Base, maximum and bus frequencies in MHz.
-        0x16 => {
-            let mhz = (CLOCK_HZ / 1_000_000) as u32;
-            [mhz, mhz, mhz, 0]
-        }
+        0x16 => [TSC_MHZ, TSC_MHZ, TSC_MHZ, 0],
         0x8000_0000 => [0x8000_0008, 0, 0, 0],
         0x8000_0001 => [0, 0, EXT1_ECX, EXT1_EDX],
         0x8000_0002..=0x8000_0004 => {
@@ -95,15 +143,31 @@ mod tests {
         }
         assert_eq!(&v[..], &VENDOR[..]);
         assert_ne!(cpuid(0x8000_0001, 0)[3] & (1 << 29), 0, "long mode");
-        assert_eq!(cpuid(7, 0), [0, LEAF7_EBX, 0, 0], "leaf 7: TSC_ADJUST only");
-        assert_eq!(cpuid(7, 1), [0; 4], "no leaf-7 subleaf 1");
-        assert!(cpuid(0, 0)[0] >= 0x16, "leaves 0x15/0x16 reachable");
-        assert_eq!(cpuid(6, 0), [1 << 2, 0, 0, 0], "leaf 6: ARAT only");
-        let [den, num, crystal, _] = cpuid(0x15, 0);
+        assert_ne!(cpuid(1, 0)[3] & (1 << 23), 0, "MMX (x86-64 baseline)");
+        assert_eq!(cpuid(1, 0)[0] >> 8 & 0xF, 6, "family 6");
+        assert_eq!(cpuid(7, 1), [0; 4], "no leaf-7 subleaf-1 features");
+        let l2 = cpuid(4, 2);
+        let size = ((l2[1] >> 22) + 1) * (((l2[1] >> 12) & 0x3FF) + 1) * ((l2[1] & 0xFFF) + 1);
+        assert_eq!(size * (l2[2] + 1), 1 << 20, "L2 size from leaf 4");
         assert_eq!(
-            u64::from(crystal) * u64::from(num) / u64::from(den),
-            CLOCK_HZ,
-            "TSC = crystal * EBX / EAX"
+            cpuid(4, 4)[0] & 0x1F,
+            0,
+            "leaf 4 ends with a null cache type"
         );
+        let t = cpuid(0x15, 0);
+        assert_eq!(
+            u64::from(t[2]) * u64::from(t[1]) / u64::from(t[0]),
+            1_000_000_000
+        );
+        assert!(cpuid(0, 0)[0] >= 0x16, "leaves 0x15/0x16 are reachable");
+        assert_eq!(
+            cpuid(0xD, 0),
+            [3, 576, 576, 0],
+            "XSAVE: x87 + SSE, standard format"
+        );
+        let mut s = crate::state::ArchState::default();
+        assert_eq!(cpuid_for(&s, 1, 0)[2] & OSXSAVE, 0);
+        s.cr4 |= crate::state::cr4::OSXSAVE;
+        assert_ne!(cpuid_for(&s, 1, 0)[2] & OSXSAVE, 0, "OSXSAVE follows CR4");
     }
 }

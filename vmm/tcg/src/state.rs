@@ -120,6 +120,8 @@ pub struct Msrs {
     pub kernel_gs_base: u64,
     /// IA32_TSC_AUX.
     pub tsc_aux: u64,
+    /// IA32_TSC_ADJUST (added to the TSC; moved by TSC writes).
+    pub tsc_adjust: u64,
     /// IA32_APIC_BASE.
     pub apic_base: u64,
     /// IA32_PAT.
@@ -206,8 +208,11 @@ pub mod cr4 {
     pub const OSXMMEXCPT: u64 = 1 << 10;
     /// Time stamp disable (RDTSC at CPL>0 → #GP).
     pub const TSD: u64 = 1 << 2;
+    /// XSAVE and XCR0 enabled.
+    pub const OSXSAVE: u64 = 1 << 18;
     /// The CR4 bits this CPU accepts.
-    pub const SUPPORTED: u64 = TSD | PSE | PAE | PGE | OSFXSR | OSXMMEXCPT | (1 << 3) | (1 << 8);
+    pub const SUPPORTED: u64 =
+        TSD | PSE | PAE | PGE | OSFXSR | OSXMMEXCPT | OSXSAVE | (1 << 3) | (1 << 8);
 }
 
 /// EFER bits.
@@ -262,6 +267,8 @@ pub struct ArchState {
     pub mxcsr: u32,
     /// x87 state.
     pub fpu: Fpu,
+    /// XCR0 (XSAVE feature mask; bit 0 always set).
+    pub xcr0: u64,
     /// The CPU executed HLT and waits for an interrupt.
     pub halted: bool,
     /// Offset added to the virtual TSC (set by writes to IA32_TSC).
@@ -295,11 +302,14 @@ impl Default for ArchState {
             msr: Msrs {
                 apic_base: 0xFEE0_0900,
                 pat: 0x0007_0406_0007_0406,
+                // Fast strings enabled (bit 0), as firmware leaves it.
+                misc_enable: 1,
                 ..Msrs::default()
             },
             xmm: [0; 16],
             mxcsr: 0x1F80,
             fpu: Fpu::default(),
+            xcr0: 1,
             halted: false,
             tsc_offset: 0,
         }

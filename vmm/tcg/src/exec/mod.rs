@@ -5,15 +5,27 @@
 
 mod alu;
 mod bits;
+mod bmi;
 mod control;
+mod ext;
+mod mmx;
 mod muldiv;
 pub(crate) mod operand;
 mod shift;
 mod sse;
+mod sse3;
+mod sse41;
+mod sse42;
+mod sse_cmp;
 mod sse_fp;
+mod ssse3;
 mod string;
 mod system;
 mod x87;
+mod x87_arith;
+mod x87_move;
+mod x87_stack;
+mod xsave;
 
 // The shared vocabulary, for the handler modules (`use super::{Ctx, R, ...}`).
 pub(crate) use crate::ctx::{gp, ud, vec, Ctx, Event, Handler, R};
@@ -96,6 +108,7 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Prefetchw
         | M::Clflush
         | M::Clflushopt
+        | M::Clwb
         | M::Wbinvd
         | M::Invd
         | M::Endbr64
@@ -180,7 +193,6 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Wrmsr
         | M::Rdtsc
         | M::Rdtscp
-        | M::Rdpid
         | M::Lgdt
         | M::Lidt
         | M::Lldt
@@ -195,12 +207,16 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Clts
         | M::In
         | M::Out
-        | M::Xgetbv
         | M::Lar
         | M::Lsl
         | M::Verr
         | M::Verw => system::exec,
-        M::Movsd | M::Cmpsd => sse::exec,
+        M::Cmpsd | M::Cmpss | M::Cmpps | M::Cmppd => sse_cmp::exec,
+        M::Movsd => sse::exec,
+        M::Rdrand | M::Rdseed | M::Movbe | M::Rdpid => ext::exec,
+        M::Cvtpi2ps | M::Cvtpi2pd | M::Cvtps2pi | M::Cvttps2pi | M::Cvtpd2pi | M::Cvttpd2pi => {
+            mmx::exec
+        }
         M::Fninit
         | M::Fnstcw
         | M::Fldcw
@@ -214,6 +230,139 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Ldmxcsr
         | M::Stmxcsr
         | M::Emms => x87::exec,
+        M::Pshufb
+        | M::Phaddw
+        | M::Phaddd
+        | M::Phaddsw
+        | M::Phsubw
+        | M::Phsubd
+        | M::Phsubsw
+        | M::Pmaddubsw
+        | M::Pmulhrsw
+        | M::Psignb
+        | M::Psignw
+        | M::Psignd
+        | M::Pabsb
+        | M::Pabsw
+        | M::Pabsd
+        | M::Palignr => ssse3::exec,
+        M::Pblendvb
+        | M::Blendvps
+        | M::Blendvpd
+        | M::Ptest
+        | M::Pmovsxbw
+        | M::Pmovsxbd
+        | M::Pmovsxbq
+        | M::Pmovsxwd
+        | M::Pmovsxwq
+        | M::Pmovsxdq
+        | M::Pmovzxbw
+        | M::Pmovzxbd
+        | M::Pmovzxbq
+        | M::Pmovzxwd
+        | M::Pmovzxwq
+        | M::Pmovzxdq
+        | M::Pmuldq
+        | M::Pcmpeqq
+        | M::Movntdqa
+        | M::Packusdw
+        | M::Pcmpgtq
+        | M::Pminsb
+        | M::Pminsd
+        | M::Pminuw
+        | M::Pminud
+        | M::Pmaxsb
+        | M::Pmaxsd
+        | M::Pmaxuw
+        | M::Pmaxud
+        | M::Pmulld
+        | M::Phminposuw
+        | M::Roundps
+        | M::Roundpd
+        | M::Roundss
+        | M::Roundsd
+        | M::Blendps
+        | M::Blendpd
+        | M::Pblendw
+        | M::Pextrb
+        | M::Pextrd
+        | M::Pextrq
+        | M::Extractps
+        | M::Pinsrb
+        | M::Insertps
+        | M::Pinsrd
+        | M::Pinsrq
+        | M::Dpps
+        | M::Dppd
+        | M::Mpsadbw => sse41::exec,
+        M::Crc32
+        | M::Pcmpestri
+        | M::Pcmpestri64
+        | M::Pcmpestrm
+        | M::Pcmpestrm64
+        | M::Pcmpistri
+        | M::Pcmpistrm => sse42::exec,
+        M::Addsubps
+        | M::Addsubpd
+        | M::Haddps
+        | M::Haddpd
+        | M::Hsubps
+        | M::Hsubpd
+        | M::Lddqu
+        | M::Movddup
+        | M::Movshdup
+        | M::Movsldup => sse3::exec,
+        M::Fld | M::Fisttp => x87_stack::exec,
+        M::Fadd
+        | M::Faddp
+        | M::Fiadd
+        | M::Fsub
+        | M::Fsubp
+        | M::Fisub
+        | M::Fsubr
+        | M::Fsubrp
+        | M::Fisubr
+        | M::Fmul
+        | M::Fmulp
+        | M::Fimul
+        | M::Fdiv
+        | M::Fdivp
+        | M::Fidiv
+        | M::Fdivr
+        | M::Fdivrp
+        | M::Fidivr
+        | M::Fcomi
+        | M::Fcomip
+        | M::Fucomi
+        | M::Fucomip => x87_arith::exec,
+        M::Fst
+        | M::Fstp
+        | M::Fist
+        | M::Fistp
+        | M::Fild
+        | M::Fldz
+        | M::Fld1
+        | M::Fchs
+        | M::Fabs
+        | M::Fxch
+        | M::Fincstp
+        | M::Fdecstp
+        | M::Ffree => x87_move::exec,
+        M::Xgetbv | M::Xsetbv | M::Xsave | M::Xsave64 | M::Xrstor | M::Xrstor64 => xsave::exec,
+        M::Andn
+        | M::Bextr
+        | M::Blsi
+        | M::Blsmsk
+        | M::Blsr
+        | M::Bzhi
+        | M::Mulx
+        | M::Pdep
+        | M::Pext
+        | M::Rorx
+        | M::Sarx
+        | M::Shlx
+        | M::Shrx => bmi::exec,
+        _ if mmx::uses_mm(ins) => mmx::exec,
         _ => sse::exec,
     }
 }

@@ -106,7 +106,7 @@ fn get32(v: u128, i: u32) -> u32 {
 }
 
 /// Interleaves the low (`high == false`) or high halves of `a` and `b` in `w`-bit elements.
-fn unpack(a: u128, b: u128, w: u32, high: bool) -> u128 {
+pub(super) fn unpack(a: u128, b: u128, w: u32, high: bool) -> u128 {
     let n = 64 / w;
     let m = if w == 64 {
         u128::from(u64::MAX)
@@ -124,17 +124,17 @@ fn unpack(a: u128, b: u128, w: u32, high: bool) -> u128 {
     r
 }
 
-fn sat_i8(v: i32) -> u8 {
+pub(super) fn sat_i8(v: i32) -> u8 {
     v.clamp(-128, 127) as i8 as u8
 }
-fn sat_u8(v: i32) -> u8 {
+pub(super) fn sat_u8(v: i32) -> u8 {
     v.clamp(0, 255) as u8
 }
 fn sat_i16(v: i32) -> u16 {
     v.clamp(-32768, 32767) as i16 as u16
 }
 
-fn shift_lanes(a: u128, w: u32, count: u64, kind: u8) -> u128 {
+pub(super) fn shift_lanes(a: u128, w: u32, count: u64, kind: u8) -> u128 {
     // kind: 0 = left logical, 1 = right logical, 2 = right arithmetic
     let mut r = 0u128;
     let n = 128 / w;
@@ -168,7 +168,7 @@ fn pshuf32(v: u128, imm: u8) -> u128 {
     r
 }
 
-fn pshuf16_half(v: u128, imm: u8, high: bool) -> u128 {
+pub(super) fn pshuf16_half(v: u128, imm: u8, high: bool) -> u128 {
     let base = if high { 4 } else { 0 };
     let mut r = v;
     for i in 0..4u32 {
@@ -377,6 +377,18 @@ fn int_ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
         };
         return Ok(true);
     }
+    let Some(f) = int_binop(m) else {
+        return Ok(false);
+    };
+    let d = dst(ins)?;
+    let b = rx(cx, ins, 1, true)?;
+    cx.s.xmm[d] = f(cx.s.xmm[d], b);
+    Ok(true)
+}
+
+/// The lane-wise integer operation of mnemonic `m` on 128-bit values (also used by MMX on
+/// zero-extended 64-bit values: every lane stays within its half).
+pub(super) fn int_binop(m: M) -> Option<fn(u128, u128) -> u128> {
     let f: fn(u128, u128) -> u128 = match m {
         M::Pxor | M::Xorps | M::Xorpd => |a, b| a ^ b,
         M::Por | M::Orps | M::Orpd => |a, b| a | b,
@@ -472,15 +484,12 @@ fn int_ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
             }
             r
         },
-        _ => return Ok(false),
+        _ => return None,
     };
-    let d = dst(ins)?;
-    let b = rx(cx, ins, 1, true)?;
-    cx.s.xmm[d] = f(cx.s.xmm[d], b);
-    Ok(true)
+    Some(f)
 }
 
-fn pack16(a: u128, b: u128, sat: impl Fn(i32) -> u8) -> u128 {
+pub(super) fn pack16(a: u128, b: u128, sat: impl Fn(i32) -> u8) -> u128 {
     let mut r = 0u128;
     for i in 0..16u32 {
         let src = if i < 8 { a } else { b };

@@ -140,11 +140,11 @@ fn rdmsr(cx: &mut Ctx<'_>, idx: u32) -> R<u64> {
     let m = &cx.s.msr;
     Ok(match idx {
         0x10 => tsc(cx),
-        // IA32_TSC_ADJUST: the TSC starts at 0, so the adjustment is exactly the offset that
-        // TSC writes (and this MSR's writes) have applied.
-        0x3B => cx.s.tsc_offset,
+        0x3B => m.tsc_adjust,
         0x1B => m.apic_base,
-        0x8B | 0x3A | 0xFE | 0x17 | 0x79 => 0,
+        0x8B | 0xFE | 0x17 | 0x79 => 0,
+        // IA32_FEAT_CTL: locked by the "firmware" with VMX and SGX off.
+        0x3A => 1,
         0x174..=0x176 => m.sysenter[(idx - 0x174) as usize],
         0x1A0 => m.misc_enable,
         0x277 => m.pat,
@@ -173,10 +173,17 @@ fn canonical_or_gp(v: u64) -> R<u64> {
 fn wrmsr(cx: &mut Ctx<'_>, idx: u32, v: u64) -> R<()> {
     match idx {
         0x10 => {
-            let now = tsc(cx).wrapping_sub(cx.s.tsc_offset);
+            let old = tsc(cx);
+            let now = old.wrapping_sub(cx.s.tsc_offset);
             cx.s.tsc_offset = v.wrapping_sub(now);
+            // A TSC write moves IA32_TSC_ADJUST by the same amount (SDM 17.17.3).
+            cx.s.msr.tsc_adjust = cx.s.msr.tsc_adjust.wrapping_add(v.wrapping_sub(old));
         }
-        0x3B => cx.s.tsc_offset = v,
+        0x3B => {
+            let delta = v.wrapping_sub(cx.s.msr.tsc_adjust);
+            cx.s.tsc_offset = cx.s.tsc_offset.wrapping_add(delta);
+            cx.s.msr.tsc_adjust = v;
+        }
         0x1B => cx.s.msr.apic_base = v,
         0x8B | 0x79 => {}
         0x174..=0x176 => cx.s.msr.sysenter[(idx - 0x174) as usize] = v,
@@ -219,10 +226,10 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     if privileged && cpl != 0 {
         return gp(0);
     }
-    let g = &mut cx.s.gpr;
     match m {
         M::Cpuid => {
-            let r = cpuid::cpuid(g[0] as u32, g[1] as u32);
+            let r = cpuid::cpuid_for(cx.s, cx.s.gpr[0] as u32, cx.s.gpr[1] as u32);
+            let g = &mut cx.s.gpr;
             g[0] = u64::from(r[0]);
             g[3] = u64::from(r[1]);
             g[1] = u64::from(r[2]);

@@ -67,8 +67,14 @@ fn fxsave(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     if va & 15 != 0 {
         return gp(0);
     }
+    let img = fx_image(cx);
     // Bytes 416-511 are reserved or left to software: like the hardware, not written.
-    let mut img = [0u8; 416];
+    cx.write_bytes(va, &img[..416])
+}
+
+/// The FXSAVE image of the current x87/SSE state (also XSAVE's legacy region).
+pub fn fx_image(cx: &Ctx<'_>) -> [u8; 512] {
+    let mut img = [0u8; 512];
     let f = &cx.s.fpu;
     img[0..2].copy_from_slice(&f.fcw.to_le_bytes());
     img[2..4].copy_from_slice(&f.fsw.to_le_bytes());
@@ -91,7 +97,7 @@ fn fxsave(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     for i in 0..16 {
         img[160 + 16 * i..176 + 16 * i].copy_from_slice(&cx.s.xmm[i].to_le_bytes());
     }
-    cx.write_bytes(va, &img)
+    img
 }
 
 fn fxrstor(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
@@ -101,11 +107,18 @@ fn fxrstor(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     }
     let mut img = [0u8; 512];
     cx.read_bytes(va, &mut img)?;
-    let u16at = |o: usize| u16::from_le_bytes([img[o], img[o + 1]]);
     let mxcsr = u32::from_le_bytes([img[24], img[25], img[26], img[27]]);
     if mxcsr & !MXCSR_MASK != 0 {
         return gp(0);
     }
+    fx_load(cx, &img);
+    Ok(())
+}
+
+/// Loads the x87/SSE state from an FXSAVE image (MXCSR already validated).
+pub fn fx_load(cx: &mut Ctx<'_>, img: &[u8; 512]) {
+    let u16at = |o: usize| u16::from_le_bytes([img[o], img[o + 1]]);
+    let mxcsr = u32::from_le_bytes([img[24], img[25], img[26], img[27]]);
     let mut st = [[0u8; 16]; 8];
     for (i, s) in st.iter_mut().enumerate() {
         s.copy_from_slice(&img[32 + 16 * i..48 + 16 * i]);
@@ -139,5 +152,4 @@ fn fxrstor(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         b.copy_from_slice(&img[160 + 16 * i..176 + 16 * i]);
         cx.s.xmm[i] = u128::from_le_bytes(b);
     }
-    Ok(())
 }

@@ -413,7 +413,9 @@ impl Harness {
         a.seg[SegReg::Gs as usize].base = self.gs_base;
         a.seg[SegReg::Fs as usize].base = self.fs_base;
         a.cr0 = cr0::PE | cr0::ET | cr0::NE | cr0::WP | cr0::PG | cr0::MP;
-        a.cr4 = cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT;
+        a.cr4 = cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE;
+        // x87 and SSE enabled in XCR0 (the host has more; tests request these two).
+        a.xcr0 = 3;
         a.efer = efer::LME | efer::LMA | efer::NXE | efer::SCE;
         a.cr3 = 0x1000;
         a.cr2 = 0;

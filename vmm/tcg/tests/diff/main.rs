@@ -1,13 +1,24 @@
 //! Differential tests: instruction semantics of the TCG versus the host CPU.
 
 mod addressing;
+mod bmi;
 mod control;
 mod faults;
+mod features;
 mod harness;
+mod mmx;
 #[path = "../common/seed.rs"]
 mod seed;
 mod sse;
+mod sse3;
+mod sse41;
+mod sse42;
+mod sse_cmp;
 mod sse_state;
+mod ssse3;
+mod x87;
+mod xmm_table;
+mod xsave;
 
 use harness::{check, random_state, Case, Harness, Rng, DATA};
 use rqemu_tcg::flags::{AF, ARITH, CF, DF, OF, PF, SF, ZF};
