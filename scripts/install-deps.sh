@@ -6,7 +6,8 @@
 #     bookworm-backports — the e2e tests use QEMU TCG as the reference vhost-user frontend;
 #   - acpica-tools (iasl: cross-checks our ACPI tables), busybox-static, cpio, xz-utils, lz4, zstd, kmod, binutils (readelf), util-linux
 #     (blkdiscard/fallocate copied into the guest), gzip, iproute2 — for scripts/guest-assets.sh,
-#     systemd (systemd-analyze, systemd-socket-activate: the unit and socket-activation tests)
+#     systemd (systemd-analyze, systemd-socket-activate: the unit and socket-activation tests),
+#     bzip2, coreutils, bc, mawk (real dynamically linked programs the TCG tests run in the guest)
 #     and the tests.
 #
 # Run as root (or with sudo available). Output is quiet; on failure the apt log is printed.

@@ -49,7 +49,10 @@ pub fn blk() -> Policy {
     policy(
         "rqemu-blk",
         vec![
-            (ThreadKind::Control, vhost_control().union(&list(&[IoUring]))),
+            (
+                ThreadKind::Control,
+                vhost_control().union(&list(&[IoUring])),
+            ),
             (ThreadKind::Queue, list(&[Epoll, FileSync, IoUring])),
             (ThreadKind::Signal, list(&[FileSync, IoUring])),
         ],

@@ -25,7 +25,6 @@ use clap::{Parser, ValueEnum};
 use rqemu_daemon::listen::Endpoint;
 use rqemu_daemon::startup::{self, Daemon, ListenArgs};
 use rqemu_fs_backend::{confine, CacheMode, FsParams, Tag};
-use rqemu_sandbox::SandboxArgs;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum CacheArg {
@@ -63,8 +62,6 @@ struct Args {
     /// Number of request queues (one worker thread each; plus the hiprio queue).
     #[arg(long, default_value_t = 1)]
     queues: u16,
-    #[command(flatten)]
-    sandbox: SandboxArgs,
     #[command(flatten)]
     compat: compat::VirtiofsdArgs,
     /// Diagnostic: once confined, try to walk out through the passthrough's /proc fd (the
@@ -133,6 +130,7 @@ fn run(args: Args, daemon: Daemon) -> Result<()> {
         Some(p) => ListenArgs {
             socket: Some(p.clone()),
             fd: None,
+            ..args.listen.clone()
         },
         None => args.listen.clone(),
     };
@@ -140,14 +138,16 @@ fn run(args: Args, daemon: Daemon) -> Result<()> {
     // `Daemon::listen_stream`: its exit path would remove the socket by path, which inside
     // the confinement names a file of the share. A stale socket is replaced at the next start.
     let endpoint = listen.endpoint()?;
+    rqemu_protocol::listen::allow_uids(listen.allow_uid.clone());
     let listener = rqemu_daemon::listen::stream(&endpoint)?;
     if let Endpoint::Path(p) = &endpoint {
         tracing::info!("listening on {} (left in place at exit)", p.display());
     } else {
         tracing::info!("listening on {endpoint}");
     }
-    let confined = sandbox::confine_fs(&args.sandbox, &shared, &params, listener.as_raw_fd())
-        .with_context(|| format!("confining to {}", shared.display()))?;
+    let confined =
+        sandbox::confine_fs(&args.listen.sandbox, &shared, &params, listener.as_raw_fd())
+            .with_context(|| format!("confining to {}", shared.display()))?;
     let (server, report, filter) = (confined.server, confined.report, confined.queue_filter);
     server.import()?;
     if args.self_check_escape {
@@ -277,10 +277,13 @@ mod tests {
             Some(std::path::Path::new("/run/v.sock"))
         );
         assert_eq!(
-            args.sandbox.sandbox,
+            args.listen.sandbox.sandbox,
             Some(rqemu_sandbox::SandboxMode::Chroot)
         );
-        assert_eq!(args.sandbox.seccomp, rqemu_sandbox::SeccompAction::Log);
+        assert_eq!(
+            args.listen.sandbox.seccomp,
+            rqemu_sandbox::SeccompAction::Log
+        );
         assert_eq!(
             args.compat.inode_file_handles,
             Some(compat::InodeFileHandles::Prefer)

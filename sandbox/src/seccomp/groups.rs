@@ -330,7 +330,7 @@ const REAPER: &[Allow] = &[
 
 impl Group {
     /// Every group.
-    pub const ALL: [Group; 18] = [
+    pub const ALL: [Group; 19] = [
         Group::Exit,
         Group::Memory,
         Group::Futex,

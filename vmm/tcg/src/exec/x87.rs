@@ -67,20 +67,21 @@ fn fxsave(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     if va & 15 != 0 {
         return gp(0);
     }
-    let img = fx_image(cx);
+    let img = fx_image(cx, ins.mnemonic() == M::Fxsave64);
     // Bytes 416-511 are reserved or left to software: like the hardware, not written.
     cx.write_bytes(va, &img[..416])
 }
 
-/// The FXSAVE image of the current x87/SSE state (also XSAVE's legacy region).
-pub fn fx_image(cx: &Ctx<'_>) -> [u8; 512] {
+/// The FXSAVE image of the current x87/SSE state (also XSAVE's legacy region); `wide`: the
+/// 64-bit format (REX.W: 64-bit FIP/FDP).
+pub fn fx_image(cx: &Ctx<'_>, wide: bool) -> [u8; 512] {
     let mut img = [0u8; 512];
     let f = &cx.s.fpu;
     img[0..2].copy_from_slice(&f.fcw.to_le_bytes());
     img[2..4].copy_from_slice(&f.fsw.to_le_bytes());
     img[4] = f.ftw;
     img[6..8].copy_from_slice(&(f.fop & 0x7FF).to_le_bytes());
-    if ins.mnemonic() == M::Fxsave64 {
+    if wide {
         img[8..16].copy_from_slice(&f.fip.to_le_bytes());
         img[16..24].copy_from_slice(&f.fdp.to_le_bytes());
     } else {
@@ -111,12 +112,13 @@ fn fxrstor(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     if mxcsr & !MXCSR_MASK != 0 {
         return gp(0);
     }
-    fx_load(cx, &img);
+    fx_load(cx, &img, ins.mnemonic() == M::Fxrstor64);
     Ok(())
 }
 
-/// Loads the x87/SSE state from an FXSAVE image (MXCSR already validated).
-pub fn fx_load(cx: &mut Ctx<'_>, img: &[u8; 512]) {
+/// Loads the x87/SSE state from an FXSAVE image (MXCSR already validated); `wide`: the 64-bit
+/// format.
+pub fn fx_load(cx: &mut Ctx<'_>, img: &[u8; 512], wide: bool) {
     let u16at = |o: usize| u16::from_le_bytes([img[o], img[o + 1]]);
     let mxcsr = u32::from_le_bytes([img[24], img[25], img[26], img[27]]);
     let mut st = [[0u8; 16]; 8];
@@ -128,7 +130,7 @@ pub fn fx_load(cx: &mut Ctx<'_>, img: &[u8; 512]) {
     let mut fip = u64::from_le_bytes(q);
     q.copy_from_slice(&img[16..24]);
     let mut fdp = u64::from_le_bytes(q);
-    if ins.mnemonic() != M::Fxrstor64 {
+    if !wide {
         // 32-bit format: the selectors above the offsets are not part of FIP/FDP.
         fip &= 0xFFFF_FFFF;
         fdp &= 0xFFFF_FFFF;

@@ -41,17 +41,19 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
                 return gp(0);
             }
             let rfbm = cx.s.xcr0 & ((cx.s.gpr[2] << 32) | (cx.s.gpr[0] & 0xFFFF_FFFF));
+            // REX.W: the 64-bit format of the legacy region's FIP/FDP.
+            let wide = matches!(m, M::Xsave64 | M::Xrstor64);
             if matches!(m, M::Xsave | M::Xsave64) {
-                xsave(cx, va, rfbm)
+                xsave(cx, va, rfbm, wide)
             } else {
-                xrstor(cx, va, rfbm)
+                xrstor(cx, va, rfbm, wide)
             }
         }
     }
 }
 
-fn xsave(cx: &mut Ctx<'_>, va: u64, rfbm: u64) -> R<()> {
-    let img = fx_image(cx);
+fn xsave(cx: &mut Ctx<'_>, va: u64, rfbm: u64, wide: bool) -> R<()> {
+    let img = fx_image(cx, wide);
     cx.check_write(va, 512 + 64)?;
     if rfbm & 1 != 0 {
         cx.write_bytes(va, &img[..24])?;
@@ -69,7 +71,7 @@ fn xsave(cx: &mut Ctx<'_>, va: u64, rfbm: u64) -> R<()> {
     cx.write(va + 512, 8, (old & !rfbm) | rfbm)
 }
 
-fn xrstor(cx: &mut Ctx<'_>, va: u64, rfbm: u64) -> R<()> {
+fn xrstor(cx: &mut Ctx<'_>, va: u64, rfbm: u64, wide: bool) -> R<()> {
     let mut hdr = [0u8; 64];
     cx.read_bytes(va + 512, &mut hdr)?;
     let q = |i: usize| u64::from_le_bytes(hdr[8 * i..8 * i + 8].try_into().unwrap_or([0; 8]));
@@ -86,7 +88,7 @@ fn xrstor(cx: &mut Ctx<'_>, va: u64, rfbm: u64) -> R<()> {
         return gp(0);
     }
     // Start from the current state and replace what the request covers.
-    let mut cur = fx_image(cx);
+    let mut cur = fx_image(cx, wide);
     if rfbm & 1 != 0 {
         if xstate_bv & 1 != 0 {
             cur[..24].copy_from_slice(&img[..24]);
@@ -95,7 +97,7 @@ fn xrstor(cx: &mut Ctx<'_>, va: u64, rfbm: u64) -> R<()> {
             let init = Fpu::default();
             let st = [[0u8; 16]; 8];
             cx.s.fpu = Fpu { st, ..init };
-            let fresh = fx_image(cx);
+            let fresh = fx_image(cx, wide);
             cur[..24].copy_from_slice(&fresh[..24]);
             cur[32..160].copy_from_slice(&fresh[32..160]);
         }
@@ -110,6 +112,6 @@ fn xrstor(cx: &mut Ctx<'_>, va: u64, rfbm: u64) -> R<()> {
     if rfbm & 6 != 0 {
         cur[24..28].copy_from_slice(&img[24..28]);
     }
-    fx_load(cx, &cur);
+    fx_load(cx, &cur, wide);
     Ok(())
 }

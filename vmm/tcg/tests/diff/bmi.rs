@@ -112,6 +112,7 @@ fn bmi1_bmi2() {
             flag_mask: o.flags,
             xmm: false,
             data_seed: 0xB3,
+            expect: None,
         };
         if let Err(e) = check(&mut h, &c) {
             failures.push(e);
@@ -147,6 +148,7 @@ fn tzcnt_zero_and_nonzero() {
                 flag_mask: CF | ZF,
                 xmm: false,
                 data_seed: 1,
+                expect: None,
             };
             if let Err(e) = check(&mut h, &c) {
                 panic!("tzcnt: {e}");

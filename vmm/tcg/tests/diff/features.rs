@@ -2,7 +2,7 @@
 //! must have a probe here, and every user-mode probe runs one instruction of its class
 //! through the differential harness (the host must have the feature too).
 
-use super::harness::{check, random_state, Case, Harness, Rng, DATA};
+use super::harness::{check, random_state, Case, End, Harness, Rng, DATA};
 use super::mmx::{load_mm_from_r8_r15, store_mm_and_emms};
 use rqemu_tcg::cpuid::cpuid;
 use rqemu_tcg::flags::{ARITH, CF, ZF};
@@ -365,6 +365,7 @@ fn every_advertised_feature_has_a_passing_probe() {
             flag_mask: *flag_mask,
             xmm: true,
             data_seed: 0x42,
+            expect: None,
         };
         if let Err(e) = check(&mut h, &c) {
             panic!("{name}: {e}");
@@ -409,7 +410,7 @@ fn tsc_adjust_msr() {
     code.extend(tsc_to(2));
     let st = random_state(&mut Rng(3));
     let s = match h.run_tcg(&code, &st) {
-        TcgOutcome::Done(s) => s,
+        TcgOutcome::Ran(s, End::Done, _) => s,
         other => panic!("TSC_ADJUST sequence: {other:?}"),
     };
     let (tsc1, adj, tsc2) = (s.gpr[8], s.gpr[9] as i64, s.gpr[10]);

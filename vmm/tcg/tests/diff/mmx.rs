@@ -216,6 +216,7 @@ fn mmx_instructions() {
             flag_mask: ARITH,
             xmm: true,
             data_seed: 0x88,
+            expect: None,
         };
         if let Err(e) = check(&mut h, &c) {
             failures.push(e);
@@ -271,6 +272,7 @@ fn mmx_tag_word_in_fxsave() {
             flag_mask: 0,
             xmm: true,
             data_seed: 0x99,
+            expect: None,
         };
         if let Err(e) = check(&mut h, &c) {
             panic!("emms={emms}: {e}");

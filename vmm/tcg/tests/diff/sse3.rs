@@ -106,6 +106,7 @@ fn sse3_fisttp() {
             flag_mask: 0,
             xmm: true,
             data_seed: 0xF1,
+            expect: None,
         };
         if let Err(e) = check(&mut h, &c) {
             failures.push(e);

@@ -118,6 +118,7 @@ fn x87_loads_stores_and_rounding() {
             flag_mask: 0,
             xmm: true,
             data_seed: 0x87,
+            expect: None,
         };
         if let Err(e) = check(&mut h, &c) {
             failures.push(e);
@@ -205,6 +206,7 @@ fn x87_add_sub_mul_div() {
             flag_mask: rqemu_tcg::flags::ARITH,
             xmm: true,
             data_seed: 0xAD,
+            expect: None,
         };
         if let Err(e) = check(&mut h, &c) {
             failures.push(e);

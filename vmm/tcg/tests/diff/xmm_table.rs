@@ -193,6 +193,7 @@ pub fn run(name: &str, table: &[Op], n: usize, seed: u64) {
             flag_mask: o.flags,
             xmm: true,
             data_seed: seed,
+            expect: None,
         };
         if let Err(e) = check(&mut h, &c) {
             failures.push(e);

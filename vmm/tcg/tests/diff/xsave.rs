@@ -57,6 +57,7 @@ fn xsave_xrstor_x87_sse() {
             flag_mask: 0,
             xmm: true,
             data_seed: 0x75,
+            expect: None,
         };
         if let Err(e) = check(&mut h, &c) {
             failures.push(e);
