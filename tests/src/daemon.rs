@@ -311,3 +311,23 @@ mod tests {
         assert!(!status.success());
     }
 }
+
+/// `pid` and its descendants (the pid-namespace parent forks the confined child).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i];
+        let tasks = std::fs::read_dir(format!("/proc/{p}/task")).expect("tasks");
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            all.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    all
+}

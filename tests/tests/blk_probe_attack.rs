@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rqemu_e2e::daemon::DEFAULT_START_TIMEOUT;
+use rqemu_e2e::daemon::{process_tree, DEFAULT_START_TIMEOUT};
 use rqemu_e2e::qemu_img::qemu_img;
 use rqemu_e2e::{project_binary, Daemon, GuestAssets, QemuVm, VhostUserDevice};
 
@@ -36,13 +36,16 @@ fn blk_auto(dir: &Path, name: &str, image: &Path) -> Daemon {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Whether process `pid` has `path` open.
+/// Whether process `pid` or one of its descendants (a confined daemon serves from a child in
+/// its pid namespace) has `path` open.
 fn has_open(pid: u32, path: &Path) -> bool {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("listing the fds of {pid}: {e}"));
-    fds.filter_map(Result::ok)
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .any(|target| target == path)
+    process_tree(pid).into_iter().any(|p| {
+        let fds = std::fs::read_dir(format!("/proc/{p}/fd"))
+            .unwrap_or_else(|e| panic!("listing the fds of {p}: {e}"));
+        fds.filter_map(Result::ok)
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .any(|target| target == path)
+    })
 }
 
 /// A qcow2 image (64 MiB virtual) backed by `secret`, padded to whole sectors: what the

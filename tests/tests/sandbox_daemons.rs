@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rqemu_e2e::daemon::Daemon;
+use rqemu_e2e::daemon::{process_tree, Daemon};
 use rqemu_e2e::paths::project_binary;
 use rqemu_protocol::{ForwardedDevice, GrantPolicy, Space};
 
@@ -34,26 +34,6 @@ fn spawn(name: &str, dir: &Path, extra: &[&str]) -> Daemon {
         std::thread::sleep(Duration::from_millis(20));
     }
     d
-}
-
-/// `pid` and its descendants (the pid-namespace parent forks the confined child).
-fn process_tree(pid: u32) -> Vec<u32> {
-    let mut all = vec![pid];
-    let mut i = 0;
-    while i < all.len() {
-        let p = all[i];
-        let tasks = std::fs::read_dir(format!("/proc/{p}/task")).expect("tasks");
-        for t in tasks.flatten() {
-            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            all.extend(
-                children
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<u32>().ok()),
-            );
-        }
-        i += 1;
-    }
-    all
 }
 
 fn field<'a>(status: &'a str, name: &str) -> &'a str {

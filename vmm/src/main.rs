@@ -42,9 +42,13 @@ fn run(cli: &Cli) -> anyhow::Result<GuestExit> {
     }
     // Built, devices attached: the guest starts now (a Type=notify unit is active from here).
     rqemu_daemon::notify::ready("guest running");
-    // The API socket file stays behind (the confined VMM cannot see it): the next `rqemu-vmm`
-    // on that path replaces a socket nobody answers on.
-    Ok(vm.run()?)
+    let outcome = vm.run();
+    // Unconfined, the socket file is removed; confined, the VMM cannot reach it (an empty
+    // root) and the next `rqemu-vmm` on that path replaces a socket nobody answers on.
+    if let Some(path) = &cli.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(outcome?)
 }
 
 /// SIGINT/SIGTERM stop the VM cleanly (all vCPU threads joined, exit status 4): the signals

@@ -1,5 +1,6 @@
 //! What the emulated-device daemons (`rqemu-serial`, `rqemu-rtc`) share beyond the common
-//! start-up ([`crate::startup`]): the `--base` port argument and the accept loop ([`serve`]).
+//! start-up ([`crate::startup`]): the `--base` port argument and the accept loop ([`serve`],
+//! which serves only peers of the daemon's uid or `--allow-uid`).
 
 use std::sync::{Arc, Mutex};
 
@@ -21,6 +22,12 @@ pub fn serve<D: EmulatedDevice + 'static>(
     notify::ready(&waiting);
     loop {
         let sock = listener.accept()?;
+        // Owner-only service: a peer of another uid (not `--allow-uid`) is dropped unserved.
+        if !rqemu_protocol::listen::peer_allowed(std::os::fd::AsRawFd::as_raw_fd(
+            &std::os::fd::AsFd::as_fd(&sock),
+        )) {
+            continue;
+        }
         notify::status(&format!("{}: serving a VMM", info.name));
         match rqemu_protocol::serve_connection(sock, info, &dev, irqs) {
             Ok(()) => tracing::info!("VMM disconnected; waiting for the next one"),

@@ -6,8 +6,8 @@
 //! compromised daemon `openat(procfd, "../../<pid>/root")` and walk any host process's root.
 //! So in `namespace` mode (the default when possible) [`confine_fs`]:
 //!
-//! 1. closes every inherited fd but stdio and the listening socket (bound before, so
-//!    `--fd`/socket activation keep working);
+//! 1. closes every inherited fd but stdio, the listening socket (bound before, so
+//!    `--fd`/socket activation keep working) and `NOTIFY_SOCKET`'s (READY=1 comes after);
 //! 2. enters a user namespace when it lacks CAP_SYS_ADMIN (uid/gid mapped onto themselves, as
 //!    virtiofsd does unprivileged), then new mount, pid, net and ipc namespaces;
 //! 3. forks ([`rqemu_sandbox::pidns`]): the parent stays a thin waiter (no fds, no
@@ -171,7 +171,10 @@ pub fn confine_fs(
     if threads != 1 {
         return Err(rqemu_sandbox::SandboxError::MultiThreaded(threads).into());
     }
-    namespaces::close_other_fds(&[listener])?;
+    // The listening socket and the service manager's notification socket stay open.
+    let mut keep = vec![listener];
+    keep.extend(rqemu_daemon::notify::fd());
+    namespaces::close_other_fds(&keep)?;
     if args.seccomp != rqemu_sandbox::SeccompAction::None {
         // glibc's malloc opens /proc/sys/vm/overcommit_memory once: now, while /proc is there.
         rqemu_sandbox::malloc_quirk::prewarm();
