@@ -258,6 +258,26 @@ pub fn is_listening(path: &Path) -> bool {
     })
 }
 
+/// `pid` and its descendants (the pid-namespace parent forks the confined child).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i];
+        let tasks = std::fs::read_dir(format!("/proc/{p}/task")).expect("tasks");
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            all.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,24 +330,4 @@ mod tests {
         let status = d.terminate(Duration::from_secs(5)).unwrap();
         assert!(!status.success());
     }
-}
-
-/// `pid` and its descendants (the pid-namespace parent forks the confined child).
-pub fn process_tree(pid: u32) -> Vec<u32> {
-    let mut all = vec![pid];
-    let mut i = 0;
-    while i < all.len() {
-        let p = all[i];
-        let tasks = std::fs::read_dir(format!("/proc/{p}/task")).expect("tasks");
-        for t in tasks.flatten() {
-            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            all.extend(
-                children
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<u32>().ok()),
-            );
-        }
-        i += 1;
-    }
-    all
 }
