@@ -1,6 +1,6 @@
 //! The float instructions of SSE3 (ADDSUB/HADD/HSUB), SSE4.1 (ROUND*, DPPS/DPPD), the SSE
 //! compares (CMPPS/PD/SS/SD) and the MMX-SSE conversions (CVT(T)PS2PI, CVT(T)PD2PI,
-//! CVTPI2PS) on the host's SSE unit, like the SSE/SSE2 arithmetic of [`super::sse_fp`]:
+//! CVTPI2PS), SSE2's packed conversions and RCP/RSQRT on the host's SSE unit, like the SSE/SSE2 arithmetic of [`super::sse_fp`]:
 //! each runs natively (`op xmm0, xmm1[, imm8]`) under the guest's rounding/DAZ/FTZ with every
 //! exception masked, so results, NaN propagation and the MXCSR exception flags are the
 //! hardware's; an unmasked exception raises #XM (#UD without CR4.OSXMMEXCPT) before the
@@ -12,8 +12,8 @@
 //! clear; DPPS computes into lane 0 and the result is spread over imm8's output lanes).
 
 use super::sse_fp::{host_csr, merge_flags, FLAGS, UE};
-use super::{ud, Ctx, R};
-use iced_x86::Mnemonic as M;
+use super::{gp, ud, Ctx, R};
+use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 use std::arch::asm;
 
 /// `op xmm0, xmm1` with xmm0 = `v[0]`, xmm1 = `v[1]`, under MXCSR `c[0]`: xmm0 is stored in
@@ -70,6 +70,13 @@ fn host(m: M, a: u128, b: u128, imm: u8, csr: u32) -> Option<(u128, u32)> {
         M::Cvttps2dq => native!(v, c, "cvttps2dq xmm0, xmm1"),
         M::Cvtpd2dq => native!(v, c, "cvtpd2dq xmm0, xmm1"),
         M::Cvttpd2dq => native!(v, c, "cvttpd2dq xmm0, xmm1"),
+        M::Cvtdq2pd => native!(v, c, "cvtdq2pd xmm0, xmm1"),
+        M::Cvtps2pd => native!(v, c, "cvtps2pd xmm0, xmm1"),
+        M::Cvtpd2ps => native!(v, c, "cvtpd2ps xmm0, xmm1"),
+        M::Rcpps => native!(v, c, "rcpps xmm0, xmm1"),
+        M::Rsqrtps => native!(v, c, "rsqrtps xmm0, xmm1"),
+        M::Rcpss => native!(v, c, "rcpss xmm0, xmm1"),
+        M::Rsqrtss => native!(v, c, "rsqrtss xmm0, xmm1"),
         M::Cmpps => native_imm!(v, c, "cmpps", imm, [0, 1, 2, 3, 4, 5, 6, 7]),
         M::Cmppd => native_imm!(v, c, "cmppd", imm, [0, 1, 2, 3, 4, 5, 6, 7]),
         M::Cmpss => native_imm!(v, c, "cmpss", imm, [0, 1, 2, 3, 4, 5, 6, 7]),
@@ -134,4 +141,49 @@ pub(super) fn exec(cx: &mut Ctx<'_>, m: M, a: u128, b: u128, imm: u8) -> R<u128>
             .fold(0, |acc, i| acc | (dot << (32 * i)));
     }
     Ok(r)
+}
+
+/// SSE/SSE2 packed conversions (CVTDQ2PS, CVT(T)PS2DQ, CVT(T)PD2DQ, CVTDQ2PD, CVTPS2PD,
+/// CVTPD2PS) and the reciprocal approximations RCPPS/RCPSS/RSQRTPS/RSQRTSS (the host's
+/// approximation: like KVM, a guest sees its host's tables). Ok(false): not one of these.
+pub(super) fn sse2_ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
+    let m = ins.mnemonic();
+    // Bytes of a memory source (16: aligned).
+    let size = match m {
+        M::Cvtdq2ps
+        | M::Cvtps2dq
+        | M::Cvttps2dq
+        | M::Cvtpd2dq
+        | M::Cvttpd2dq
+        | M::Cvtpd2ps
+        | M::Rcpps
+        | M::Rsqrtps => 16,
+        M::Cvtdq2pd | M::Cvtps2pd => 8,
+        M::Rcpss | M::Rsqrtss => 4,
+        _ => return Ok(false),
+    };
+    let xi = |r: Register| {
+        let (n, b) = (r as usize, Register::XMM0 as usize);
+        (b..b + 16).contains(&n).then(|| n - b)
+    };
+    let Some(d) = xi(ins.op0_register()).filter(|_| ins.op0_kind() == OpKind::Register) else {
+        return ud();
+    };
+    let b = if ins.op1_kind() == OpKind::Register {
+        match xi(ins.op1_register()) {
+            Some(x) => cx.s.xmm[x],
+            None => return ud(),
+        }
+    } else {
+        let va = cx.ea(ins);
+        if size == 16 && va & 15 != 0 {
+            return gp(0);
+        }
+        let mut buf = [0u8; 16];
+        cx.read_bytes(va, &mut buf[..size])?;
+        u128::from_le_bytes(buf)
+    };
+    let a = cx.s.xmm[d];
+    cx.s.xmm[d] = exec(cx, m, a, b, 0)?;
+    Ok(true)
 }
