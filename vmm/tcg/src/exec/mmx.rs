@@ -314,21 +314,6 @@ fn is_conversion(m: M) -> bool {
     )
 }
 
-/// Float → int32 with x86 semantics (round to nearest even or truncate; NaN and out of range
-/// give the "integer indefinite" 0x80000000).
-fn to_i32(v: f64, truncate: bool) -> u32 {
-    let r = if truncate {
-        v.trunc()
-    } else {
-        v.round_ties_even()
-    };
-    if r.is_nan() || !(-2_147_483_648.0..2_147_483_648.0).contains(&r) {
-        0x8000_0000
-    } else {
-        r as i32 as u32
-    }
-}
-
 /// CVTPI2PS/PD, CVT(T)PS2PI, CVT(T)PD2PI.
 fn conversions(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     let m = ins.mnemonic();
@@ -339,9 +324,9 @@ fn conversions(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             let lo = s as u32 as i32;
             let hi = (s >> 32) as u32 as i32;
             cx.s.xmm[d] = if m == M::Cvtpi2ps {
-                let v =
-                    u128::from((lo as f32).to_bits()) | (u128::from((hi as f32).to_bits()) << 32);
-                (cx.s.xmm[d] & !u128::from(u64::MAX)) | v
+                // CVTDQ2PS on the two integers (the upper lanes, 0, convert exactly).
+                let v = super::sse_native::exec(cx, M::Cvtdq2ps, 0, u128::from(s), 0)?;
+                (cx.s.xmm[d] & !u128::from(u64::MAX)) | (v & u128::from(u64::MAX))
             } else {
                 u128::from(f64::from(lo).to_bits()) | (u128::from(f64::from(hi).to_bits()) << 64)
             };
@@ -349,10 +334,14 @@ fn conversions(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         M::Cvtps2pi | M::Cvttps2pi => {
             let d = dst_mm(ins)?;
             let s = src64(cx, ins, 1)?;
-            let t = m == M::Cvttps2pi;
-            let f = |x: u64| f64::from(f32::from_bits(x as u32));
-            let v = u64::from(to_i32(f(s), t)) | (u64::from(to_i32(f(s >> 32), t)) << 32);
-            set_mm(cx, d, v);
+            // CVT(T)PS2DQ on the two floats (the upper lanes, +0.0, convert exactly).
+            let op = if m == M::Cvttps2pi {
+                M::Cvttps2dq
+            } else {
+                M::Cvtps2dq
+            };
+            let v = super::sse_native::exec(cx, op, 0, u128::from(s), 0)?;
+            set_mm(cx, d, v as u64);
         }
         _ => {
             let d = dst_mm(ins)?;
@@ -371,10 +360,13 @@ fn conversions(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
                     u128::from_le_bytes(b)
                 }
             };
-            let t = m == M::Cvttpd2pi;
-            let f = |x: u128| f64::from_bits(x as u64);
-            let v = u64::from(to_i32(f(s), t)) | (u64::from(to_i32(f(s >> 64), t)) << 32);
-            set_mm(cx, d, v);
+            let op = if m == M::Cvttpd2pi {
+                M::Cvttpd2dq
+            } else {
+                M::Cvtpd2dq
+            };
+            let v = super::sse_native::exec(cx, op, 0, s, 0)?;
+            set_mm(cx, d, v as u64);
         }
     }
     Ok(())

@@ -18,6 +18,7 @@ mod sse41;
 mod sse42;
 mod sse_cmp;
 mod sse_fp;
+mod sse_native;
 mod ssse3;
 mod string;
 mod system;

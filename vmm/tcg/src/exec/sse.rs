@@ -1,7 +1,7 @@
 //! SSE/SSE2 subset: data movement, integer SIMD (logic, add/sub, compares, min/max, multiply,
 //! shifts, shuffles, unpack/pack, masks), and scalar/packed float basics (add/sub/mul/div/
-//! sqrt/min/max, conversions, (U)COMIS). Float ops use the host's IEEE arithmetic with
-//! round-to-nearest; MXCSR exception flags and rounding control are not modelled.
+//! sqrt/min/max, conversions, (U)COMIS). Float ops run on the host SSE unit under the guest
+//! MXCSR (`sse_fp`, `sse_native`).
 
 use super::operand::{get_reg, set_reg};
 use super::x87::check_fpu;
@@ -196,7 +196,11 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     if cx.s.cr4 & cr4::OSFXSR == 0 {
         return ud();
     }
-    if int_ops(cx, ins)? || move_ops(cx, ins)? || super::sse_fp::fp_ops(cx, ins)? {
+    if int_ops(cx, ins)?
+        || move_ops(cx, ins)?
+        || super::sse_fp::fp_ops(cx, ins)?
+        || super::sse_native::sse2_ops(cx, ins)?
+    {
         return Ok(());
     }
     ud()

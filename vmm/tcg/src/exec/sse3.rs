@@ -12,40 +12,6 @@ fn xi(r: Register) -> Option<usize> {
     (b..b + 16).contains(&n).then(|| n - b)
 }
 
-/// x86 NaN rules: the first NaN operand, quietened; an invalid operation gives the default
-/// QNaN.
-fn f32op(a: u32, b: u32, sub: bool) -> u32 {
-    let (x, y) = (f32::from_bits(a), f32::from_bits(b));
-    if x.is_nan() {
-        a | (1 << 22)
-    } else if y.is_nan() {
-        b | (1 << 22)
-    } else {
-        let r = if sub { x - y } else { x + y };
-        if r.is_nan() {
-            0xffc0_0000
-        } else {
-            r.to_bits()
-        }
-    }
-}
-
-fn f64op(a: u64, b: u64, sub: bool) -> u64 {
-    let (x, y) = (f64::from_bits(a), f64::from_bits(b));
-    if x.is_nan() {
-        a | (1 << 51)
-    } else if y.is_nan() {
-        b | (1 << 51)
-    } else {
-        let r = if sub { x - y } else { x + y };
-        if r.is_nan() {
-            0xfff8_0000_0000_0000
-        } else {
-            r.to_bits()
-        }
-    }
-}
-
 fn l32(v: u128, i: u32) -> u32 {
     (v >> (32 * i)) as u32
 }
@@ -90,31 +56,8 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     };
     let a = cx.s.xmm[d];
     cx.s.xmm[d] = match m {
-        M::Addsubps => from32([
-            f32op(l32(a, 0), l32(b, 0), true),
-            f32op(l32(a, 1), l32(b, 1), false),
-            f32op(l32(a, 2), l32(b, 2), true),
-            f32op(l32(a, 3), l32(b, 3), false),
-        ]),
-        M::Addsubpd => from64([
-            f64op(l64(a, 0), l64(b, 0), true),
-            f64op(l64(a, 1), l64(b, 1), false),
-        ]),
-        M::Haddps | M::Hsubps => {
-            let s = m == M::Hsubps;
-            from32([
-                f32op(l32(a, 0), l32(a, 1), s),
-                f32op(l32(a, 2), l32(a, 3), s),
-                f32op(l32(b, 0), l32(b, 1), s),
-                f32op(l32(b, 2), l32(b, 3), s),
-            ])
-        }
-        M::Haddpd | M::Hsubpd => {
-            let s = m == M::Hsubpd;
-            from64([
-                f64op(l64(a, 0), l64(a, 1), s),
-                f64op(l64(b, 0), l64(b, 1), s),
-            ])
+        M::Addsubps | M::Addsubpd | M::Haddps | M::Haddpd | M::Hsubps | M::Hsubpd => {
+            super::sse_native::exec(cx, m, a, b, 0)?
         }
         M::Lddqu => b,
         M::Movddup => from64([l64(b, 0), l64(b, 0)]),

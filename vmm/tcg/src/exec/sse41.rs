@@ -71,116 +71,6 @@ fn blend(a: u128, b: u128, w: u32, sel: impl Fn(u32) -> bool) -> u128 {
     r
 }
 
-/// ROUNDxx: imm bit 2 selects MXCSR.RC, else imm[1:0]: nearest even, down, up, truncate.
-fn round_mode(imm: u8, mxcsr: u32) -> u8 {
-    if imm & 4 != 0 {
-        ((mxcsr >> 13) & 3) as u8
-    } else {
-        imm & 3
-    }
-}
-
-fn round64(x: f64, mode: u8) -> f64 {
-    if x.is_nan() {
-        return f64::from_bits(x.to_bits() | (1 << 51));
-    }
-    match mode {
-        0 => x.round_ties_even(),
-        1 => x.floor(),
-        2 => x.ceil(),
-        _ => x.trunc(),
-    }
-}
-
-fn round32(x: f32, mode: u8) -> f32 {
-    if x.is_nan() {
-        return f32::from_bits(x.to_bits() | (1 << 22));
-    }
-    match mode {
-        0 => x.round_ties_even(),
-        1 => x.floor(),
-        2 => x.ceil(),
-        _ => x.trunc(),
-    }
-}
-
-/// x86 SSE addition/multiplication NaN rules (first NaN operand, quietened; invalid → the
-/// default QNaN).
-fn fop32(a: f32, b: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    if a.is_nan() {
-        f32::from_bits(a.to_bits() | (1 << 22))
-    } else if b.is_nan() {
-        f32::from_bits(b.to_bits() | (1 << 22))
-    } else {
-        let r = f(a, b);
-        if r.is_nan() {
-            f32::from_bits(0xffc0_0000)
-        } else {
-            r
-        }
-    }
-}
-
-fn fop64(a: f64, b: f64, f: impl Fn(f64, f64) -> f64) -> f64 {
-    if a.is_nan() {
-        f64::from_bits(a.to_bits() | (1 << 51))
-    } else if b.is_nan() {
-        f64::from_bits(b.to_bits() | (1 << 51))
-    } else {
-        let r = f(a, b);
-        if r.is_nan() {
-            f64::from_bits(0xfff8_0000_0000_0000)
-        } else {
-            r
-        }
-    }
-}
-
-fn dpps(a: u128, b: u128, imm: u8) -> u128 {
-    let f = |v: u128, i: u32| f32::from_bits(lane(v, 32, i) as u32);
-    let p: Vec<f32> = (0..4)
-        .map(|i| {
-            if imm & (0x10 << i) != 0 {
-                fop32(f(a, i), f(b, i), |x, y| x * y)
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let add = |x, y| fop32(x, y, |x, y| x + y);
-    // The SDM's order. Which NaN a real CPU returns when several are involved does not
-    // follow it (it even differs between destination lanes): NaN payloads may differ.
-    let s = add(add(p[0], p[1]), add(p[2], p[3]));
-    let mut r = 0u128;
-    for i in 0..4 {
-        if imm & (1 << i) != 0 {
-            put(&mut r, 32, i, u64::from(s.to_bits()));
-        }
-    }
-    r
-}
-
-fn dppd(a: u128, b: u128, imm: u8) -> u128 {
-    let f = |v: u128, i: u32| f64::from_bits(lane(v, 64, i));
-    let p: Vec<f64> = (0..2)
-        .map(|i| {
-            if imm & (0x10 << i) != 0 {
-                fop64(f(a, i), f(b, i), |x, y| x * y)
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let s = fop64(p[0], p[1], |x, y| x + y);
-    let mut r = 0u128;
-    for i in 0..2 {
-        if imm & (1 << i) != 0 {
-            put(&mut r, 64, i, s.to_bits());
-        }
-    }
-    r
-}
-
 fn mpsadbw(a: u128, b: u128, imm: u8) -> u128 {
     let ao = 4 * u32::from((imm >> 2) & 1);
     let bo = 4 * u32::from(imm & 3);
@@ -285,18 +175,8 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             r
         }
         M::Roundss | M::Roundsd => {
-            let mode = round_mode(imm(2), cx.s.mxcsr);
-            let mut r = a;
-            if m == M::Roundss {
-                let b = src(cx, ins, 1, 4)?;
-                let x = round32(f32::from_bits(b as u32), mode);
-                put(&mut r, 32, 0, u64::from(x.to_bits()));
-            } else {
-                let b = src(cx, ins, 1, 8)?;
-                let x = round64(f64::from_bits(b as u64), mode);
-                put(&mut r, 64, 0, x.to_bits());
-            }
-            r
+            let b = src(cx, ins, 1, if m == M::Roundss { 4 } else { 8 })?;
+            super::sse_native::exec(cx, m, a, b, imm(2))?
         }
         _ => {
             let b = src(cx, ins, 1, 16)?;
@@ -352,20 +232,9 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
                         .unwrap_or((0, 0));
                     u128::from(min) | (u128::from(idx) << 16)
                 }
-                M::Roundps => {
-                    let mode = round_mode(imm(2), cx.s.mxcsr);
-                    map(b, b, 32, |_, _, x, _| {
-                        u64::from(round32(f32::from_bits(x as u32), mode).to_bits())
-                    })
+                M::Roundps | M::Roundpd | M::Dpps | M::Dppd => {
+                    super::sse_native::exec(cx, m, a, b, imm(2))?
                 }
-                M::Roundpd => {
-                    let mode = round_mode(imm(2), cx.s.mxcsr);
-                    map(b, b, 64, |_, _, x, _| {
-                        round64(f64::from_bits(x), mode).to_bits()
-                    })
-                }
-                M::Dpps => dpps(a, b, imm(2)),
-                M::Dppd => dppd(a, b, imm(2)),
                 M::Mpsadbw => mpsadbw(a, b, imm(2)),
                 _ => return ud(),
             }

@@ -172,24 +172,24 @@ pub fn fp_ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
 /// #XM: SIMD floating-point exception.
 const XM: u8 = 19;
 /// MXCSR exception flags: IE DE ZE OE UE PE.
-const FLAGS: u32 = 0x3F;
+pub(super) const FLAGS: u32 = 0x3F;
 /// The pre-computation exceptions (IE DE ZE): when one is unmasked, the post-computation ones
 /// (OE UE PE) of the same instruction are not reported.
 const PRE: u32 = 0x07;
 
 const OE: u32 = 0x08;
-const UE: u32 = 0x10;
+pub(super) const UE: u32 = 0x10;
 const PE: u32 = 0x20;
 
 /// The MXCSR the host runs an instruction with: the guest's control bits, all exceptions
 /// masked, no flags.
-fn host_csr(guest: u32) -> u32 {
+pub(super) fn host_csr(guest: u32) -> u32 {
     (guest & 0xFFFF & !FLAGS) | 0x1F80
 }
 
 /// Merges exception flags `f` of an instruction into the guest MXCSR, or raises #XM/#UD
 /// (destination not written) when one of them is unmasked.
-fn merge_flags(cx: &mut Ctx<'_>, f: u32) -> R<()> {
+pub(super) fn merge_flags(cx: &mut Ctx<'_>, f: u32) -> R<()> {
     let unmasked = f & !(cx.s.mxcsr >> 7) & FLAGS;
     if unmasked == 0 {
         cx.s.mxcsr |= f;

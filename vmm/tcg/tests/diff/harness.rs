@@ -510,7 +510,10 @@ pub struct Case {
 pub fn check(h: &mut Harness, c: &Case) -> Result<End, String> {
     let pattern = pattern(c.data_seed);
     h.data().copy_from_slice(&pattern);
-    let (host, host_end) = h.run_host(&c.code, &c.st);
+    let (host, mut host_end) = h.run_host(&c.code, &c.st);
+    if let End::Fault { vector, rip, .. } = &mut host_end {
+        *rip = super::host_quirks::icebp_rip(*vector, *rip, &c.code, Harness::code_addr());
+    }
     let host_data = h.data().to_vec();
     h.data().copy_from_slice(&pattern);
     let what = || {

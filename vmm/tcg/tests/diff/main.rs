@@ -6,6 +6,7 @@ mod control;
 mod faults;
 mod features;
 mod harness;
+mod host_quirks;
 mod mmx;
 #[path = "../common/seed.rs"]
 mod seed;

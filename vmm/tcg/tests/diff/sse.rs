@@ -103,6 +103,10 @@ const TABLE: &[(u8, u8, K)] = &[
     // Conversions to integers with memory sources, CVTSS2SI.
     (F3, 0x2D, K::GprX), (F3, 0x2D, K::GprXm(4)), (F3, 0x2C, K::GprXm(4)),
     (F2, 0x2D, K::GprXm(8)), (F2, 0x2C, K::GprXm(8)),
+    // Packed conversions, reciprocal approximations.
+    (NONE, 0x5B, K::Xx), (P66, 0x5B, K::Xx), (F3, 0x5B, K::Xx), (F2, 0xE6, K::Xx),
+    (P66, 0xE6, K::Xx), (F3, 0xE6, K::Scalar(8)), (NONE, 0x5A, K::Scalar(8)), (P66, 0x5A, K::Xx),
+    (NONE, 0x53, K::Xx), (NONE, 0x52, K::Xx), (F3, 0x53, K::Scalar(4)), (F3, 0x52, K::Scalar(4)),
 ];
 
 fn gpr(r: &mut Rng) -> u8 {

@@ -3,6 +3,7 @@
 //! FXRSTOR/FXSAVE (and the REX.W forms) of random images.
 
 use super::harness::{random_state, Case, Rng, State, ANY, DATA};
+use super::host_quirks::{clear_mask_extra, quirks};
 use super::run_cases;
 use rqemu_tcg::flags::ARITH;
 
@@ -114,9 +115,15 @@ fn fxrstor_fxsave_round_trip() {
         c.extend([0x66, 0xC7, 0x43, 2]);
         c.extend((r.next() as u16 & 0x3F00).to_le_bytes());
         // FIP/FDP: canonical in 48 bits (the host may keep 57-bit pointers with LA57).
+        // A host that saves the pointers only with FSW.ES set gets zero pointers and FOP.
+        let zero_pointers = quirks().fx_pointers_need_es;
         for off in [8u8, 16] {
             c.extend([0x48, 0xC7, 0x43, off]);
-            c.extend((r.next() as u32).to_le_bytes());
+            let v = r.next() as u32;
+            c.extend(if zero_pointers { 0 } else { v }.to_le_bytes());
+        }
+        if zero_pointers {
+            c.extend([0x66, 0xC7, 0x43, 6, 0, 0]); // mov word [rbx+6], 0 (FOP)
         }
         if w64 {
             c.push(0x48);
@@ -129,6 +136,7 @@ fn fxrstor_fxsave_round_trip() {
             c.push(0x48);
         }
         c.extend([0x0F, 0xAE, 0x83, 0x00, 0x02, 0x00, 0x00]); // fxsave [rbx+512]
+        c.extend(clear_mask_extra(0x200));
         c.extend([0xDB, 0xE3]); // fninit: leave no odd x87 state behind
         Case {
             code: c,
@@ -178,6 +186,7 @@ fn x87_control_instructions() {
             }
         }
         c.extend([0x48, 0x0F, 0xAE, 0x83, 0x00, 0x01, 0, 0]); // fxsave64 [rbx+0x100]
+        c.extend(clear_mask_extra(0x100));
         c.extend([0xDB, 0xE3]); // fninit
         Case {
             code: c,

@@ -3,6 +3,7 @@
 //! erased before comparing: hardware may report components in their init state as 0.
 
 use super::harness::{check, random_state, Case, Harness, Rng, DATA};
+use super::host_quirks::clear_mask_extra;
 use super::mmx::load_mm_from_r8_r15;
 
 fn mov_eax(v: u8) -> [u8; 5] {
@@ -29,6 +30,7 @@ fn xsave_xrstor_x87_sse() {
         code.extend([0x31, 0xD2]);
         code.extend(mov_eax([1, 2, 3][r.below(3) as usize]));
         code.extend([0x0F, 0xAE, 0x23]);
+        code.extend(clear_mask_extra(0));
         code.extend([0x48, 0xC7, 0x83, 0x00, 0x02, 0, 0, 0, 0, 0, 0]);
         if r.below(2) == 0 {
             // Modify the image, then XRSTOR some of it back:
