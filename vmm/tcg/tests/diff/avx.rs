@@ -294,3 +294,41 @@ fn avx_state() {
         failures.len()
     );
 }
+
+/// AVX2 additions: VPBLENDD, VPERMD/PS/Q/PD, variable shifts, VPBROADCAST*, VBROADCASTI128,
+/// VINSERTI128/VEXTRACTI128, VPERM2I128, VPMASKMOV (256-bit integer forms of the SSE
+/// instructions run in `avx_sse_forms`).
+#[test]
+fn avx2_additions() {
+    if !have("AVX2", std::arch::is_x86_feature_detected!("avx2")) {
+        return;
+    }
+    let t = [
+        V(1, 3, 0x02, N | I, None),       // vpblendd
+        V(1, 2, 0x36, N | L1, None),      // vpermd
+        V(1, 2, 0x16, N | L1, None),      // vpermps
+        V(1, 3, 0x00, I | L1 | W1, None), // vpermq
+        V(1, 3, 0x01, I | L1 | W1, None), // vpermpd
+        V(1, 2, 0x45, N, None),           // vpsrlvd
+        V(1, 2, 0x45, N | W1, None),      // vpsrlvq
+        V(1, 2, 0x46, N, None),           // vpsravd
+        V(1, 2, 0x47, N, None),           // vpsllvd
+        V(1, 2, 0x47, N | W1, None),      // vpsllvq
+        V(1, 2, 0x58, 0, None),           // vpbroadcastd
+        V(1, 2, 0x59, 0, None),           // vpbroadcastq
+        V(1, 2, 0x78, 0, None),           // vpbroadcastb
+        V(1, 2, 0x79, 0, None),           // vpbroadcastw
+        V(1, 2, 0x18, REG, None),         // vbroadcastss xmm
+        V(1, 2, 0x19, REG | L1, None),    // vbroadcastsd xmm
+        V(1, 2, 0x5A, MEM | L1, None),    // vbroadcasti128
+        V(1, 3, 0x38, N | I | L1, None),  // vinserti128
+        V(1, 3, 0x39, I | L1, None),      // vextracti128
+        V(1, 3, 0x46, N | I | L1, None),  // vperm2i128
+        V(1, 2, 0x8C, N | MEM, None),     // vpmaskmovd load
+        V(1, 2, 0x8C, N | MEM | W1, None),
+        V(1, 2, 0x8E, N | MEM, None), // vpmaskmovd store
+        V(1, 2, 0x8E, N | MEM | W1, None),
+    ];
+    let seed = super::seed::for_test("avx2_additions");
+    run("avx2", &t, 8000, seed);
+}
