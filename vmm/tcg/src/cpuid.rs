@@ -72,14 +72,21 @@ pub fn cpuid_for(s: &crate::state::ArchState, leaf: u32, subleaf: u32) -> [u32; 
     if leaf == 1 && s.cr4 & crate::state::cr4::OSXSAVE != 0 {
         r[2] |= OSXSAVE;
     }
+    if leaf == 0xD && subleaf == 0 && s.xcr0 & 4 == 0 {
+        r[1] = XSAVE_AVX_OFFSET;
+    }
     r
 }
 
-/// XCR0 bits this CPU supports: x87 and SSE.
-pub const XCR0_SUPPORTED: u64 = 0b11;
-/// Size of the standard-format XSAVE area for the supported components (legacy region and
-/// header).
-pub const XSAVE_SIZE: u32 = 576;
+/// XCR0 bits this CPU supports: x87, SSE and AVX (YMM upper halves).
+pub const XCR0_SUPPORTED: u64 = 0b111;
+/// Offset of the AVX component (YMM0-15 bits 255:128) in the standard XSAVE format.
+pub const XSAVE_AVX_OFFSET: u32 = 576;
+/// Size of the AVX component.
+pub const XSAVE_AVX_SIZE: u32 = 256;
+/// Size of the standard-format XSAVE area for the supported components (legacy region,
+/// header and AVX component).
+pub const XSAVE_SIZE: u32 = XSAVE_AVX_OFFSET + XSAVE_AVX_SIZE;
 
 /// Frequency of the TSC and of the local APIC timer's bus clock: both count host nanoseconds.
 pub const TSC_HZ: u32 = 1_000_000_000;
@@ -109,8 +116,10 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
         // broadcast device and stays in periodic ticks: no high-resolution timers, no NOHZ.
         6 => [1 << 2, 0, 0, 0],
         7 if subleaf == 0 => [0, LEAF7_EBX, LEAF7_ECX, 0],
-        // XSAVE: x87 and SSE components, standard format only (no XSAVEOPT/C/S).
+        // XSAVE: x87, SSE and AVX components, standard format only (no XSAVEOPT/C/S). EBX
+        // (the size for the components enabled in XCR0) follows XCR0 in [`cpuid_for`].
         0xD if subleaf == 0 => [XCR0_SUPPORTED as u32, XSAVE_SIZE, XSAVE_SIZE, 0],
+        0xD if subleaf == 2 => [XSAVE_AVX_SIZE, XSAVE_AVX_OFFSET, 0, 0],
         // TSC = crystal * EBX / EAX: the TSC and the local APIC timer both count host
         // nanoseconds (1 GHz), so the guest needs no calibration against the PIT.
         0x15 => [1, 1, TSC_HZ, 0],
@@ -162,12 +171,24 @@ mod tests {
         assert!(cpuid(0, 0)[0] >= 0x16, "leaves 0x15/0x16 are reachable");
         assert_eq!(
             cpuid(0xD, 0),
-            [3, 576, 576, 0],
-            "XSAVE: x87 + SSE, standard format"
+            [7, 832, 832, 0],
+            "XSAVE: x87 + SSE + AVX, standard format"
         );
+        assert_eq!(cpuid(0xD, 2), [256, 576, 0, 0], "AVX component");
         let mut s = crate::state::ArchState::default();
         assert_eq!(cpuid_for(&s, 1, 0)[2] & OSXSAVE, 0);
         s.cr4 |= crate::state::cr4::OSXSAVE;
         assert_ne!(cpuid_for(&s, 1, 0)[2] & OSXSAVE, 0, "OSXSAVE follows CR4");
+        assert_eq!(
+            cpuid_for(&s, 0xD, 0)[1],
+            576,
+            "XSAVE size for XCR0 = x87|SSE"
+        );
+        s.xcr0 = 7;
+        assert_eq!(
+            cpuid_for(&s, 0xD, 0)[1],
+            832,
+            "XSAVE size for XCR0 = x87|SSE|AVX"
+        );
     }
 }

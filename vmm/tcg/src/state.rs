@@ -261,8 +261,11 @@ pub struct ArchState {
     pub efer: u64,
     /// Other MSRs.
     pub msr: Msrs,
-    /// XMM0-15.
+    /// XMM0-15 (bits 127:0 of YMM0-15).
     pub xmm: [u128; 16],
+    /// Bits 255:128 of YMM0-15 (the AVX state component). Legacy SSE instructions leave
+    /// them alone; VEX-encoded instructions writing an XMM register zero them.
+    pub ymmh: [u128; 16],
     /// MXCSR.
     pub mxcsr: u32,
     /// x87 state.
@@ -307,6 +310,7 @@ impl Default for ArchState {
                 ..Msrs::default()
             },
             xmm: [0; 16],
+            ymmh: [0; 16],
             mxcsr: 0x1F80,
             fpu: Fpu::default(),
             xcr0: 1,

@@ -4,6 +4,10 @@
 //! the block runner and call back into these helpers for slow paths.
 
 mod alu;
+mod avx;
+mod avx2;
+mod avx_cmp;
+mod avx_legacy;
 mod bits;
 mod bmi;
 mod control;
@@ -40,6 +44,9 @@ fn nop(_cx: &mut Ctx<'_>, _ins: &Instruction) -> R<()> {
 /// Selects the handler for a decoded instruction (done once, when a block is decoded).
 pub(crate) fn select(ins: &Instruction) -> Handler {
     use Mnemonic as M;
+    if avx::is_avx(ins) {
+        return avx::exec;
+    }
     match ins.mnemonic() {
         M::Mov => match alu::form(ins) {
             alu::Form::RegReg => alu::mov_rr,

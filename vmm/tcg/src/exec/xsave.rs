@@ -1,10 +1,10 @@
-//! XSAVE feature set for the x87 and SSE state components: XGETBV/XSETBV (XCR0), XSAVE and
+//! XSAVE feature set for the x87, SSE and AVX state components: XGETBV/XSETBV (XCR0), XSAVE and
 //! XRSTOR in the standard format (no XSAVEOPT/XSAVEC/XSAVES, no compacted format). The legacy
 //! region is the FXSAVE image (`x87::fx_image`/`x87::fx_load`).
 
 use super::x87::{fx_image, fx_load, MXCSR_MASK};
 use super::{gp, ud, Ctx, R};
-use crate::cpuid::XCR0_SUPPORTED;
+use crate::cpuid::{XCR0_SUPPORTED, XSAVE_AVX_OFFSET, XSAVE_AVX_SIZE};
 use crate::state::{cr4, Fpu};
 use iced_x86::{Instruction, Mnemonic as M};
 
@@ -28,7 +28,8 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             if cx.s.cpl() != 0 || cx.s.gpr[1] as u32 != 0 || v & 1 == 0 {
                 return gp(0);
             }
-            if v & !XCR0_SUPPORTED != 0 {
+            // SSE must be enabled with AVX.
+            if v & !XCR0_SUPPORTED != 0 || v & 6 == 4 {
                 return gp(0);
             }
             cx.s.xcr0 = v;
@@ -54,7 +55,12 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
 
 fn xsave(cx: &mut Ctx<'_>, va: u64, rfbm: u64, wide: bool) -> R<()> {
     let img = fx_image(cx, wide);
-    cx.check_write(va, 512 + 64)?;
+    let len = if rfbm & 4 != 0 {
+        (XSAVE_AVX_OFFSET + XSAVE_AVX_SIZE) as usize
+    } else {
+        512 + 64
+    };
+    cx.check_write(va, len)?;
     if rfbm & 1 != 0 {
         cx.write_bytes(va, &img[..24])?;
         cx.write_bytes(va + 32, &img[32..160])?;
@@ -65,6 +71,13 @@ fn xsave(cx: &mut Ctx<'_>, va: u64, rfbm: u64, wide: bool) -> R<()> {
     if rfbm & 6 != 0 {
         // MXCSR and MXCSR_MASK go with the SSE (or AVX) component.
         cx.write_bytes(va + 24, &img[24..32])?;
+    }
+    if rfbm & 4 != 0 {
+        let mut b = [0u8; XSAVE_AVX_SIZE as usize];
+        for (i, h) in cx.s.ymmh.iter().enumerate() {
+            b[16 * i..16 * i + 16].copy_from_slice(&h.to_le_bytes());
+        }
+        cx.write_bytes(va + u64::from(XSAVE_AVX_OFFSET), &b)?;
     }
     // XSTATE_BV: every saved component is reported in use (allowed: no init tracking).
     let old = cx.read(va + 512, 8)?;
@@ -83,6 +96,10 @@ fn xrstor(cx: &mut Ctx<'_>, va: u64, rfbm: u64, wide: bool) -> R<()> {
     }
     let mut img = [0u8; 512];
     cx.read_bytes(va, &mut img)?;
+    let mut avx = [0u8; XSAVE_AVX_SIZE as usize];
+    if rfbm & xstate_bv & 4 != 0 {
+        cx.read_bytes(va + u64::from(XSAVE_AVX_OFFSET), &mut avx)?;
+    }
     let mxcsr = u32::from_le_bytes([img[24], img[25], img[26], img[27]]);
     if rfbm & 6 != 0 && mxcsr & !MXCSR_MASK != 0 {
         return gp(0);
@@ -113,5 +130,13 @@ fn xrstor(cx: &mut Ctx<'_>, va: u64, rfbm: u64, wide: bool) -> R<()> {
         cur[24..28].copy_from_slice(&img[24..28]);
     }
     fx_load(cx, &cur, wide);
+    if rfbm & 4 != 0 {
+        // Not in XSTATE_BV: the init state (zero); `avx` was left zero.
+        for (i, h) in cx.s.ymmh.iter_mut().enumerate() {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&avx[16 * i..16 * i + 16]);
+            *h = u128::from_le_bytes(b);
+        }
+    }
     Ok(())
 }

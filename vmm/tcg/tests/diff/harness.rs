@@ -35,6 +35,8 @@ pub struct State {
     pub mxcsr: u32,
     pub _pad: u32,
     pub xmm: [u128; 16],
+    /// Bits 255:128 of YMM0-15 (loaded and stored on the host only when it has AVX).
+    pub ymmh: [u128; 16],
 }
 
 impl Default for State {
@@ -47,6 +49,7 @@ impl Default for State {
             mxcsr: 0x1F80,
             _pad: 0,
             xmm: [0; 16],
+            ymmh: [0; 16],
         }
     }
 }
@@ -91,6 +94,55 @@ const POST: &[u8] = &[
     0x0f, 0xae, 0x14, 0x24, 0x48, 0x83, 0xc4, 0x08, 0x41, 0x5f, 0x41, 0x5e, 0x41, 0x5d, 0x41, 0x5c,
     0x5d, 0x5b, 0xfc, 0xc3,
 ];
+
+/// Whether the host has AVX: the trampoline then also loads and stores the YMM upper halves
+/// (`State::ymmh`, at 0x190).
+pub fn host_avx() -> bool {
+    std::arch::is_x86_feature_detected!("avx")
+}
+
+/// `vinsertf128 ymmI, ymmI, [rdi+0x190+16*I], 1` (load) or `vextractf128
+/// [rdi+0x190+16*I], ymmI, 1` (store) for I = 0..16.
+fn ymmh_moves(store: bool) -> Vec<u8> {
+    let mut v = Vec::new();
+    for i in 0..16u8 {
+        let r = if i < 8 { 0x80 } else { 0 };
+        let vvvv = if store { 15 } else { !i & 15 };
+        v.extend([
+            0xC4,
+            r | 0x63,
+            (vvvv << 3) | 0x05,
+            if store { 0x19 } else { 0x18 },
+        ]);
+        v.push(0x80 | ((i & 7) << 3) | 7);
+        v.extend((0x190u32 + 16 * u32::from(i)).to_le_bytes());
+        v.push(1);
+    }
+    v
+}
+
+/// The trampoline halves for this host: PRE and POST, plus the YMM upper-half moves when the
+/// host has AVX (after the XMM loads, and right after POST's `xchg rdi, [rsp]`).
+fn trampoline() -> &'static (Vec<u8>, Vec<u8>) {
+    static T: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        if !host_avx() {
+            return (PRE.to_vec(), POST.to_vec());
+        }
+        // `mov rax, [rdi]` follows the XMM loads.
+        let k = PRE
+            .windows(3)
+            .position(|w| w == [0x48, 0x8b, 0x07])
+            .expect("PRE layout");
+        let mut pre = PRE[..k].to_vec();
+        pre.extend(ymmh_moves(false));
+        pre.extend_from_slice(&PRE[k..]);
+        let mut post = POST[..20].to_vec();
+        post.extend(ymmh_moves(true));
+        post.extend_from_slice(&POST[20..]);
+        (pre, post)
+    })
+}
 
 /// How a run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -330,7 +382,7 @@ impl Harness {
 
     /// Address of the first test byte (same on host and TCG).
     pub fn code_addr() -> u64 {
-        EXEC + PRE.len() as u64
+        EXEC + trampoline().0.len() as u64
     }
 
     fn load_code(&mut self, img: &[u8]) {
@@ -341,10 +393,11 @@ impl Harness {
 
     /// Runs `code` natively: the final state and how it ended.
     pub fn run_host(&mut self, code: &[u8], st: &State) -> (State, End) {
-        let mut img = Vec::with_capacity(PRE.len() + code.len() + POST.len());
-        img.extend_from_slice(PRE);
+        let (pre, post) = trampoline();
+        let mut img = Vec::with_capacity(pre.len() + code.len() + post.len());
+        img.extend_from_slice(pre);
         img.extend_from_slice(code);
-        img.extend_from_slice(POST);
+        img.extend_from_slice(post);
         self.load_code(&img);
         let lo = Self::code_addr();
         CODE_LO.store(lo, SeqCst);
@@ -392,7 +445,7 @@ impl Harness {
     /// Runs `code` in the TCG.
     pub fn run_tcg(&mut self, code: &[u8], st: &State) -> TcgOutcome {
         let start = Self::code_addr();
-        let mut img = vec![0x90; PRE.len()];
+        let mut img = vec![0x90; trampoline().0.len()];
         img.extend_from_slice(code);
         img.push(0xF4);
         self.load_code(&img);
@@ -403,6 +456,7 @@ impl Harness {
         // Host user code always runs with IF=1 (visible through PUSHF).
         a.set_rflags(st.rflags | flags::IF);
         a.xmm = st.xmm;
+        a.ymmh = st.ymmh;
         a.mxcsr = st.mxcsr;
         a.rip = start;
         a.halted = false;
@@ -414,8 +468,8 @@ impl Harness {
         a.seg[SegReg::Fs as usize].base = self.fs_base;
         a.cr0 = cr0::PE | cr0::ET | cr0::NE | cr0::WP | cr0::PG | cr0::MP;
         a.cr4 = cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE;
-        // x87 and SSE enabled in XCR0 (the host has more; tests request these two).
-        a.xcr0 = 3;
+        // x87, SSE and AVX enabled in XCR0 (the host has more; tests request these).
+        a.xcr0 = 7;
         a.efer = efer::LME | efer::LMA | efer::NXE | efer::SCE;
         a.cr3 = 0x1000;
         a.cr2 = 0;
@@ -436,6 +490,7 @@ impl Harness {
             mxcsr: a.mxcsr,
             _pad: 0,
             xmm: a.xmm,
+            ymmh: a.ymmh,
         };
         let (rip, cr2) = (a.rip, a.cr2);
         match exit {
@@ -587,6 +642,16 @@ pub fn check(h: &mut Harness, c: &Case) -> Result<End, String> {
         for i in 0..16 {
             if host.xmm[i] != tcg.xmm[i] {
                 err += &format!(" xmm{i}: host {:#x} tcg {:#x};", host.xmm[i], tcg.xmm[i]);
+            }
+        }
+    }
+    if c.xmm && host.ymmh != tcg.ymmh {
+        for i in 0..16 {
+            if host.ymmh[i] != tcg.ymmh[i] {
+                err += &format!(
+                    " ymm{i}[255:128]: host {:#x} tcg {:#x};",
+                    host.ymmh[i], tcg.ymmh[i]
+                );
             }
         }
     }

@@ -1,6 +1,8 @@
 //! Differential tests: instruction semantics of the TCG versus the host CPU.
 
 mod addressing;
+mod avx;
+mod avx_table;
 mod bmi;
 mod control;
 mod faults;

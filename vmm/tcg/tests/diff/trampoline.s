@@ -1,6 +1,8 @@
 # Differential-test trampoline (GNU as, intel syntax): the PRE and POST byte arrays of harness.rs
 # are the two halves (as --64 -o t.o trampoline.s && objdump -d -M intel t.o).
-# State layout: gpr[16] @0, rflags @0x80, mxcsr @0x88, xmm[16] @0x90. The code page is mapped at
+# State layout: gpr[16] @0, rflags @0x80, mxcsr @0x88, xmm[16] @0x90, ymmh[16] @0x190 (YMM upper
+# halves: on AVX hosts harness.rs inserts `vinsertf128 ymmI, ymmI, [rdi+0x190+16*I], 1` after the
+# XMM loads and `vextractf128 [rdi+0x190+16*I], ymmI, 1` after POST's xchg; see ymmh_moves). The code page is mapped at
 # the fixed address 0x51000000; 0x51001ff0 holds the host RSP, 0x51001ff8 the test's final RSP.
 .intel_syntax noprefix
 # ---- PRE (followed by the test bytes) ----
