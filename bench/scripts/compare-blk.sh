@@ -47,9 +47,6 @@ for m in "${modes[@]}"; do
   wait_sock "$work/r.sock"
   for c in "${cases[@]}"; do R[$m $c]=$(bench "$work/r.sock" $c); done
   kill $pid; wait $pid 2>/dev/null || true
-  # A confined daemon cannot reach its socket path to remove it: the next start must not
-  # mistake the stale file for a live socket.
-  rm -f "$work/r.sock"
 
   qemu-storage-daemon --object iothread,id=io0 \
     --blockdev "driver=file,node-name=f0,filename=$img,aio=io_uring,cache.direct=$qdirect" \

@@ -77,3 +77,22 @@ pub fn restrict(
         RulesetStatus::NotEnforced => Enforced::Not,
     })
 }
+
+/// Restricts the calling thread to one filesystem action: removing files directly beneath
+/// the directory `dir` is open on (the pid-namespace parent removing the daemon's socket).
+pub fn restrict_to_removing_in(
+    dir: std::os::fd::BorrowedFd<'_>,
+) -> Result<Enforced, LandlockError> {
+    let all = AccessFs::from_all(ABI_WANTED);
+    let status = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(all)?
+        .create()?
+        .add_rule(PathBeneath::new(dir, AccessFs::RemoveFile))?
+        .restrict_self()?;
+    Ok(match status.ruleset {
+        RulesetStatus::FullyEnforced => Enforced::Fully,
+        RulesetStatus::PartiallyEnforced => Enforced::Partially,
+        RulesetStatus::NotEnforced => Enforced::Not,
+    })
+}

@@ -149,9 +149,19 @@ pub struct Policy {
     pub rlimits: Rlimits,
     /// The allow-list of each thread kind (the process filter is their union).
     pub threads: BTreeMap<ThreadKind, AllowList>,
+    /// A socket file the process bound, removed when it exits: with a pid namespace, by the
+    /// waiting parent (which holds its directory open for that alone, see [`pidns`]) once
+    /// the confined child is gone — the child cannot reach the path any more.
+    pub remove_at_exit: Option<PathBuf>,
 }
 
 impl Policy {
+    /// Sets the socket file removed when the process exits ([`Policy::remove_at_exit`]).
+    pub fn remove_at_exit(mut self, path: Option<PathBuf>) -> Self {
+        self.remove_at_exit = path;
+        self
+    }
+
     /// Sets the fds kept.
     pub fn keep_fds(mut self, fds: impl IntoIterator<Item = RawFd>) -> Self {
         self.keep_fds = fds.into_iter().collect();
@@ -477,7 +487,7 @@ fn namespace_mode(policy: &Policy, action: SeccompAction) -> Result<Option<FsOut
         }
     })?;
     if policy.pid_namespace {
-        pidns::fork_into_pid1(action).map_err(touched)?;
+        pidns::fork_into_pid1(action, policy.remove_at_exit.as_deref()).map_err(touched)?;
     }
     namespaces::make_mounts_private().map_err(touched)?;
     match &policy.keep_dir {

@@ -31,6 +31,7 @@ fn policy(name: &'static str, threads: Vec<(ThreadKind, AllowList)>) -> Policy {
         ipc_namespace: true,
         rlimits: Rlimits::default(),
         threads: threads.into_iter().collect::<BTreeMap<_, _>>(),
+        remove_at_exit: None,
     }
 }
 

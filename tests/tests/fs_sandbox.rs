@@ -18,7 +18,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -182,7 +182,8 @@ fn fs_confinement_is_visible_in_proc_after_serving_a_frontend() {
     let mut want = names(&shared);
     assert_eq!(names(Path::new(&format!("/proc/{child}/root"))), want);
 
-    // The waiter: no fd beyond stdio, no capability, a seccomp filter.
+    // The waiter: no fd beyond stdio but the socket's directory (to remove the socket at
+    // exit), no capability, a seccomp filter.
     let st = std::fs::read_to_string(format!("/proc/{parent}/status")).unwrap();
     assert_eq!(
         status_field(&st, "Seccomp"),
@@ -192,8 +193,14 @@ fn fs_confinement_is_visible_in_proc_after_serving_a_frontend() {
     assert_eq!(status_field(&st, "NoNewPrivs"), "1");
     assert_eq!(hex(&status_field(&st, "CapEff")), 0);
     assert_eq!(hex(&status_field(&st, "CapBnd")), 0);
-    let fds = names(Path::new(&format!("/proc/{parent}/fd")));
-    assert_eq!(fds, ["0", "1", "2"].map(String::from).into(), "waiter fds");
+    let fd_dir = format!("/proc/{parent}/fd");
+    let extra: Vec<PathBuf> = names(Path::new(&fd_dir))
+        .into_iter()
+        .filter(|n| !["0", "1", "2"].contains(&n.as_str()))
+        .map(|n| std::fs::read_link(format!("{fd_dir}/{n}")).unwrap())
+        .collect();
+    let socket_dir = daemon.socket().parent().unwrap().canonicalize().unwrap();
+    assert_eq!(extra, [socket_dir], "waiter fds beyond stdio");
 
     // Every procfs fd the server holds is a private procfs where it is alone: walking up and
     // into another process's root (the escape of issue #12) reaches only the share.

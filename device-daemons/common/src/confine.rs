@@ -55,7 +55,11 @@ impl Daemon {
         if SANDBOX.get().is_some() {
             return Err(ConfineError::Twice);
         }
-        let policy = policy.keep_fds(open_fds()?);
+        // The socket path it bound is removed at exit by the pid-namespace parent (the
+        // confined child cannot reach it).
+        let policy = policy
+            .keep_fds(open_fds()?)
+            .remove_at_exit(self.bound_path().map(Into::into));
         let sandbox = rqemu_sandbox::enter(&policy, args).map_err(ConfineError::Enter)?;
         self.set_confined(
             args.seccomp != SeccompAction::None || sandbox.report.mode != SandboxMode::None,

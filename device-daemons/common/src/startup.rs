@@ -94,8 +94,14 @@ impl Daemon {
         self.name
     }
 
+    /// The socket path this daemon bound, if it bound one.
+    pub(crate) fn bound_path(&self) -> Option<&std::path::Path> {
+        self.bound.as_deref()
+    }
+
     /// Records that the process is confined: the socket path is out of reach (and `unlink`
-    /// outside the allow-list), so it is left for the next start to replace.
+    /// outside the allow-list); the pid-namespace parent removes it at exit (see
+    /// [`crate::confine`]), or it is left for the next start to replace.
     pub(crate) fn set_confined(&mut self, confined: bool) {
         self.confined = confined;
     }

@@ -136,18 +136,24 @@ fn run(args: Args, daemon: Daemon) -> Result<()> {
     };
     // Bound before confinement (the path is out of reach afterwards). Not through
     // `Daemon::listen_stream`: its exit path would remove the socket by path, which inside
-    // the confinement names a file of the share. A stale socket is replaced at the next start.
+    // the confinement names a file of the share. The pid-namespace parent removes it at exit
+    // (other sandbox modes leave it; a stale socket is replaced at the next start).
     let endpoint = listen.endpoint()?;
     rqemu_protocol::listen::allow_uids(listen.allow_uid.clone());
     let listener = rqemu_daemon::listen::stream(&endpoint)?;
-    if let Endpoint::Path(p) = &endpoint {
-        tracing::info!("listening on {} (left in place at exit)", p.display());
-    } else {
-        tracing::info!("listening on {endpoint}");
-    }
-    let confined =
-        sandbox::confine_fs(&args.listen.sandbox, &shared, &params, listener.as_raw_fd())
-            .with_context(|| format!("confining to {}", shared.display()))?;
+    tracing::info!("listening on {endpoint}");
+    let socket = match &endpoint {
+        Endpoint::Path(p) => Some(p.as_path()),
+        Endpoint::Fd(_) => None,
+    };
+    let confined = sandbox::confine_fs(
+        &args.listen.sandbox,
+        &shared,
+        &params,
+        listener.as_raw_fd(),
+        socket,
+    )
+    .with_context(|| format!("confining to {}", shared.display()))?;
     let (server, report, filter) = (confined.server, confined.report, confined.queue_filter);
     server.import()?;
     if args.self_check_escape {

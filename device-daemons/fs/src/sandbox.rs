@@ -159,13 +159,15 @@ fn touched(e: impl Into<FsSandboxError>) -> ModeError {
 }
 
 /// Confines rqemu-fs to `shared` (canonical) as `args` say, creating its server on the way.
-/// Call it single-threaded, after binding the listening socket `listener`. In `namespace` mode
-/// this returns in the forked child (PID 1 of the new pid namespace) only.
+/// Call it single-threaded, after binding the listening socket `listener` (at path `socket`,
+/// removed at exit by the pid-namespace parent). In `namespace` mode this returns in the
+/// forked child (PID 1 of the new pid namespace) only.
 pub fn confine_fs(
     args: &SandboxArgs,
     shared: &Path,
     params: &FsParams,
     listener: RawFd,
+    socket: Option<&Path>,
 ) -> Result<Confined, FsSandboxError> {
     let threads = namespaces::thread_count().map_err(rqemu_sandbox::SandboxError::Threads)?;
     if threads != 1 {
@@ -195,7 +197,7 @@ pub fn confine_fs(
     let mut step = None;
     for &mode in candidates {
         let tried = match mode {
-            SandboxMode::Namespace => namespace_mode(args, shared, params),
+            SandboxMode::Namespace => namespace_mode(args, shared, params, socket),
             SandboxMode::Chroot => chroot_mode(shared, params),
             SandboxMode::None => FsServer::new(params, shared)
                 .map(|server| FsStep {
@@ -301,6 +303,7 @@ fn namespace_mode(
     args: &SandboxArgs,
     shared: &Path,
     params: &FsParams,
+    socket: Option<&Path>,
 ) -> Result<FsStep, ModeError> {
     let mut user_namespace = false;
     if !caps::has(caps::cap::SYS_ADMIN) {
@@ -317,7 +320,8 @@ fn namespace_mode(
             untouched(e)
         }
     })?;
-    pidns::fork_into_pid1(args.seccomp).map_err(touched)?;
+    // The parent outside removes the socket file the child can no longer reach, at exit.
+    pidns::fork_into_pid1(args.seccomp, socket).map_err(touched)?;
     namespaces::make_mounts_private().map_err(touched)?;
     mount_private_proc().map_err(touched)?;
     // The passthrough opens /proc/self/fd (and /proc/self/mountinfo) now: the private procfs.

@@ -111,7 +111,8 @@ pub enum Group {
     /// Removing one's socket path at exit (`unlink`, `unlinkat`): fails harmlessly inside the
     /// sandbox (nothing is reachable), kept so that a clean shutdown is not a SIGSYS death.
     Unlink,
-    /// The pid-1 helper's parent: waiting for the child and forwarding signals to it.
+    /// The pid-1 helper's parent: waiting for the child and forwarding signals to it, and
+    /// removing the socket file the daemon bound once the child is gone.
     Reaper,
     /// Submitting to and reaping from io_uring instances made at start-up
     /// (`io_uring_enter` only: no new ring, no registration once confined).
@@ -326,6 +327,10 @@ const REAPER: &[Allow] = &[
     Allow::Any(SYS_rt_sigprocmask),
     Allow::Any(SYS_rt_sigaction),
     Allow::Any(SYS_getpid),
+    // Removing the daemon's socket file once the child is gone, through the directory fd it
+    // holds (landlock allows nothing else): checked first, then unlinked.
+    Allow::Any(SYS_newfstatat),
+    Allow::Any(SYS_unlinkat),
 ];
 
 impl Group {
