@@ -120,6 +120,11 @@ impl Driver {
 
     /// Probes, acking `extra` device features (low word) besides VERSION_1.
     fn probe_with(socket: &Path, extra: u32) -> Driver {
+        Self::probe_hook(socket, extra, || {})
+    }
+
+    /// [`Driver::probe_with`], running `before_driver_ok` just before DRIVER_OK is written.
+    fn probe_hook(socket: &Path, extra: u32, before_driver_ok: impl FnOnce()) -> Driver {
         let ram = GuestRam::new(16 << 20).unwrap();
         let mut dev = VhostUserDevice::connect(VhostUserKind::Blk, socket, ram.memory().clone())
             .expect("connecting to the vhost-user-blk daemon");
@@ -166,6 +171,7 @@ impl Driver {
         w(&mut t, reg::QUEUE_DEVICE_LOW, USED as u32);
         w(&mut t, reg::QUEUE_DEVICE_HIGH, 0);
         w(&mut t, reg::QUEUE_READY, 1);
+        before_driver_ok();
         w(
             &mut t,
             reg::STATUS,
@@ -460,4 +466,29 @@ fn rqemu_blk_killed_and_restarted_is_reconnected() {
             "image {round}"
         );
     }
+}
+
+/// The MMIO writes that activate the device return while the daemon cannot answer (stopped
+/// with SIGSTOP): the vhost-user messages go out on the device's control thread, never in the
+/// (v)CPU's register write. Blocking there would end in the 10 s reply timeout and
+/// DEVICE_NEEDS_RESET. Once the daemon runs again the device works.
+#[test]
+fn a_stopped_daemon_does_not_block_register_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let d = qsd(dir.path(), &img);
+    let pid = d.0.id() as i32;
+    // SAFETY: plain kill(2) to our child.
+    let mut drv = Driver::probe_hook(&d.1, 0, || unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    });
+    // Probing asserted no DEVICE_NEEDS_RESET while the daemon was stopped.
+    assert!(drv.status.connected());
+    // SAFETY: plain kill(2) to our child.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let mut data = pattern(4096, 42);
+    assert_eq!(drv.request(T_OUT, 3, &mut data), 0, "write status");
+    let mut back = vec![0u8; 4096];
+    assert_eq!(drv.request(T_IN, 3, &mut back), 0, "read status");
+    assert_eq!(back, data);
 }

@@ -270,11 +270,7 @@ impl Control {
     /// module docs). With `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` this becomes the inflight
     /// region's `last_avail_idx`, after SET_INFLIGHT_FD hands the region to the daemon.
     fn resume_base(mem: &GuestMemory, q: &QueueConfig) -> u16 {
-        let mut idx = [0u8; 2];
-        match mem.read_slice(&mut idx, GuestAddress(q.used.wrapping_add(2))) {
-            Ok(()) => u16::from_le_bytes(idx),
-            Err(_) => 0, // unreachable for a ring that was started: its address was checked
-        }
+        ring_idx(mem, q.used)
     }
 
     fn lost(&mut self, why: &str) {
@@ -348,17 +344,22 @@ impl Control {
         for c in &self.calls {
             let _ = c.write(1);
         }
-        let bases: Vec<(usize, u16)> = self
+        let bases: Vec<String> = self
             .active
             .iter()
             .flat_map(|a| a.queues.iter())
-            .map(|(i, q)| (*i, Self::resume_base(&self.mem, q)))
+            .map(|(i, q)| {
+                let used = Self::resume_base(&self.mem, q);
+                let avail = ring_idx(&self.mem, q.avail);
+                format!("q{i} at {used} ({} pending)", avail.wrapping_sub(used))
+            })
             .collect();
         tracing::warn!(
             "vhost-user daemon at {} reconnected after {:.1?}: state replayed, rings resumed \
-             at (queue, used idx) {bases:?}",
+             at their used index: [{}]",
             self.path.display(),
-            down.since.elapsed()
+            down.since.elapsed(),
+            bases.join(", ")
         );
     }
 
@@ -399,5 +400,15 @@ impl Control {
             c.set_config(*off, data)?;
         }
         Ok(())
+    }
+}
+
+/// The `idx` field of the split ring (avail or used) at `ring`; 0 if unreadable (not for a
+/// started ring: its addresses were checked at activation).
+fn ring_idx(mem: &GuestMemory, ring: u64) -> u16 {
+    let mut idx = [0u8; 2];
+    match mem.read_slice(&mut idx, GuestAddress(ring.wrapping_add(2))) {
+        Ok(()) => u16::from_le_bytes(idx),
+        Err(_) => 0,
     }
 }
