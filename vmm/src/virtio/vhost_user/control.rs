@@ -222,6 +222,8 @@ impl Control {
                 }
             }
             Command::Reset => {
+                // A reset returns the config space to the daemon's defaults too.
+                self.config_writes.clear();
                 if let (Some(a), Some(c)) = (self.active.take(), self.conn.as_mut()) {
                     c.stop(a.queues.iter().map(|(i, _)| *i));
                 }
