@@ -3,8 +3,8 @@
 //! the kernel read), while it is still the only thread; every thread created afterwards
 //! narrows itself to the allow-list of its kind ([`VmmThread`] → [`ThreadKind`]).
 //!
-//! The VMM keeps reaching its device sockets by path (the forwarding supervisor reattaches
-//! restarted daemons): the directories of the `--device-socket` paths stay reachable
+//! The VMM keeps reaching its device sockets by path (the forwarding supervisor and the
+//! vhost-user control threads reconnect restarted daemons): the directories of the `--device-socket` paths stay reachable
 //! ([`socket_dirs`]: bind-mounted read-only at their own path under the empty root; landlock
 //! denies every file access there, connecting to a socket is not one).
 //!
@@ -26,7 +26,8 @@ pub enum VmmThread {
     /// unregisters irqfds, shuts the device connections down.
     Main,
     /// A vCPU thread: `KVM_RUN` (or the software CPU), port/MMIO exits dispatched to the
-    /// buses: vhost-user frontend messages, forwarding rings and doorbells.
+    /// buses: forwarding rings and doorbells (vhost-user messages are posted to the device's
+    /// control thread).
     Vcpu,
     /// The `sigwait` thread (SIGINT/SIGTERM stop the VM).
     Signal,
@@ -35,8 +36,10 @@ pub enum VmmThread {
     Supervisor,
     /// The TCG irqfd poller (call eventfds → the software interrupt chips).
     IrqfdPoller,
-    /// A vhost-user connection watch (`poll` for a hang-up).
-    DaemonWatch,
+    /// A vhost-user device's control thread: every vhost-user message (activation, reset,
+    /// config writes the vCPUs post), hang-up polls, reconnecting a restarted daemon by path
+    /// (AF_UNIX `connect`) and replaying the device state into it.
+    VhostControl,
     /// The console input reader (stdin → the in-VMM COM1).
     StdinReader,
     /// The management API server (`--api-socket`): accepts, reads and answers requests;
@@ -49,12 +52,12 @@ impl VmmThread {
     /// The sandbox thread kind (allow-list) of this thread.
     pub fn kind(self) -> ThreadKind {
         match self {
-            VmmThread::Main | VmmThread::Supervisor | VmmThread::Api => ThreadKind::Control,
+            VmmThread::Main | VmmThread::Supervisor | VmmThread::Api | VmmThread::VhostControl => {
+                ThreadKind::Control
+            }
             VmmThread::Vcpu => ThreadKind::Vcpu,
             VmmThread::Signal => ThreadKind::Signal,
-            VmmThread::IrqfdPoller | VmmThread::DaemonWatch | VmmThread::StdinReader => {
-                ThreadKind::Helper
-            }
+            VmmThread::IrqfdPoller | VmmThread::StdinReader => ThreadKind::Helper,
         }
     }
 }
@@ -221,8 +224,9 @@ mod tests {
             VmmThread::Signal,
             VmmThread::Supervisor,
             VmmThread::IrqfdPoller,
-            VmmThread::DaemonWatch,
+            VmmThread::VhostControl,
             VmmThread::StdinReader,
+            VmmThread::Api,
         ] {
             assert!(p.threads.contains_key(&t.kind()), "{t:?}");
         }

@@ -154,10 +154,16 @@ fn every_thread_is_confined_and_restarted_daemons_are_still_reattached(accel: Ac
         .spawn()
         .unwrap();
     let mut stderr = vmm.stderr.take().unwrap();
+    let log_so_far = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log_so_far.clone();
     let log = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stderr.read(&mut buf) {
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        sink.lock().unwrap().clone()
     });
     let pid = vmm.id();
     let mut alive = |what: &str| {
@@ -175,7 +181,7 @@ fn every_thread_is_confined_and_restarted_daemons_are_still_reattached(accel: Ac
     // started after the sandbox was entered carry one more filter (their kind's).
     let ts = tasks(pid);
     let names: Vec<&str> = ts.iter().map(|t| t.name.as_str()).collect();
-    for want in ["vcpu0", "signals", "fwd-supervisor", "vhost-watch"] {
+    for want in ["vcpu0", "signals", "fwd-supervisor", "vhost-ctl"] {
         assert!(names.contains(&want), "no {want} thread in {names:?}");
     }
     if accel == Accel::Tcg {
@@ -214,6 +220,28 @@ fn every_thread_is_confined_and_restarted_daemons_are_still_reattached(accel: Ac
         last_tick(&read(&console)).is_some_and(|(_, s)| s < 0x60)
     });
     alive("RTC daemon reattached");
+
+    // rqemu-blk dies and comes back: the confined vhost-user control thread reconnects it by
+    // path (a daemon just killed may hold the image lock a moment: start it until it stays).
+    let blk_args = ["--image", image.to_str().unwrap(), "--format", "raw"];
+    drop(blk);
+    wait_until("the VMM to see rqemu-blk gone", || {
+        log_so_far.lock().unwrap().contains("blk.sock lost")
+    });
+    alive("rqemu-blk gone");
+    let reconnected = || log_so_far.lock().unwrap().contains("blk.sock reconnected");
+    let mut blk;
+    loop {
+        blk = Daemon::spawn("rqemu-blk", &dir.path().join("blk.sock"), &blk_args);
+        while !reconnected() && blk.child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if reconnected() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    alive("rqemu-blk reconnected");
     for t in tasks(pid) {
         assert_eq!(t.seccomp, "2", "{t:?}");
     }

@@ -6,14 +6,16 @@
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod support;
 
 use rqemu_vmm::bus::BusDevice;
+use rqemu_vmm::exit::ExitRequester;
 use rqemu_vmm::memory::GuestRam;
 use rqemu_vmm::virtio::mmio::{reg, status, MmioTransport};
-use rqemu_vmm::virtio::vhost_user::{VhostUserDevice, VhostUserKind};
+use rqemu_vmm::virtio::vhost_user::{ControlStatus, VhostUserDevice, VhostUserKind};
 use rqemu_vmm::virtio::{device_id, VIRTIO_F_VERSION_1};
 use vm_memory::{Address, Bytes, GuestAddress};
 
@@ -74,12 +76,17 @@ fn qsd(dir: &Path, image: &Path) -> Daemon {
 }
 
 fn rqemu_blk(bin: &Path, dir: &Path, image: &Path) -> Daemon {
+    rqemu_blk_with(bin, dir, image, &[])
+}
+
+fn rqemu_blk_with(bin: &Path, dir: &Path, image: &Path, extra: &[&str]) -> Daemon {
     let sock = dir.join("rqemu-blk.sock");
     let mut child = Command::new(bin)
         .arg("--socket")
         .arg(&sock)
         .arg("--image")
         .arg(image)
+        .args(extra)
         .stdin(Stdio::null())
         .spawn()
         .expect("spawning rqemu-blk");
@@ -101,16 +108,31 @@ fn w(t: &mut MmioTransport, off: u64, v: u32) {
 struct Driver {
     ram: GuestRam,
     t: MmioTransport,
+    status: Arc<ControlStatus>,
     avail_idx: u16,
     used_seen: u16,
 }
 
 impl Driver {
     fn probe(socket: &Path) -> Driver {
+        Self::probe_with(socket, 0)
+    }
+
+    /// Probes, acking `extra` device features (low word) besides VERSION_1.
+    fn probe_with(socket: &Path, extra: u32) -> Driver {
+        Self::probe_hook(socket, extra, || {})
+    }
+
+    /// [`Driver::probe_with`], running `before_driver_ok` just before DRIVER_OK is written.
+    fn probe_hook(socket: &Path, extra: u32, before_driver_ok: impl FnOnce()) -> Driver {
         let ram = GuestRam::new(16 << 20).unwrap();
-        let dev = VhostUserDevice::connect(VhostUserKind::Blk, socket, ram.memory().clone())
+        let mut dev = VhostUserDevice::connect(VhostUserKind::Blk, socket, ram.memory().clone())
             .expect("connecting to the vhost-user-blk daemon");
+        let control = dev.take_control().expect("control");
+        let status = control.status();
         let mut t = MmioTransport::new(Box::new(dev)).unwrap();
+        // Ends when the transport (and so the device) is dropped.
+        control.spawn(ExitRequester::new()).unwrap();
         assert_eq!(r(&mut t, reg::MAGIC), 0x7472_6976);
         assert_eq!(r(&mut t, reg::VERSION), 2);
         assert_eq!(r(&mut t, reg::DEVICE_ID), device_id::BLOCK);
@@ -120,8 +142,11 @@ impl Driver {
         assert_ne!(u64::from(hi) << 32 & VIRTIO_F_VERSION_1, 0);
         w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
         w(&mut t, reg::DRIVER_FEATURES, 1); // VERSION_1 only
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 0);
+        let lo = r(&mut t, reg::DEVICE_FEATURES);
+        assert_eq!(lo & extra, extra, "the daemon offers {extra:#x}");
         w(&mut t, reg::DRIVER_FEATURES_SEL, 0);
-        w(&mut t, reg::DRIVER_FEATURES, 0);
+        w(&mut t, reg::DRIVER_FEATURES, extra);
         w(
             &mut t,
             reg::STATUS,
@@ -146,6 +171,7 @@ impl Driver {
         w(&mut t, reg::QUEUE_DEVICE_LOW, USED as u32);
         w(&mut t, reg::QUEUE_DEVICE_HIGH, 0);
         w(&mut t, reg::QUEUE_READY, 1);
+        before_driver_ok();
         w(
             &mut t,
             reg::STATUS,
@@ -156,6 +182,7 @@ impl Driver {
         Driver {
             ram,
             t,
+            status,
             avail_idx: 0,
             used_seen: 0,
         }
@@ -332,4 +359,136 @@ fn device_type_is_discovered_from_rqemu_daemons_only() {
     // ... and works with an explicit type.
     VhostUserDevice::open(Some(VhostUserKind::Blk), &q.1, ram.memory().clone())
         .expect("explicit type");
+}
+
+/// Waits until `cond` holds (panics with `what` after [`TIMEOUT`]).
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const VIRTIO_BLK_F_DISCARD: u32 = 1 << 13;
+
+/// Starts rqemu-blk until `done` holds, starting it again when it exits first: a daemon just
+/// killed may hold the image lock a moment longer (its sandboxed child is still exiting).
+fn restart_until(
+    bin: &Path,
+    dir: &Path,
+    img: &Path,
+    extra: &[&str],
+    done: impl Fn() -> bool,
+) -> Daemon {
+    let start = Instant::now();
+    loop {
+        let mut d = rqemu_blk_with(bin, dir, img, extra);
+        loop {
+            if done() {
+                return d;
+            }
+            if d.0.try_wait().ok().flatten().is_some() {
+                break; // exited: start it again
+            }
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "rqemu-blk {extra:?} never did it"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// rqemu-blk SIGKILLed under a live device: the device reconnects to the daemon restarted on
+/// the same socket path, the rings resume where the guest's used index says, and I/O goes on;
+/// a restarted daemon lacking a negotiated feature (`--readonly` drops DISCARD) is refused
+/// until a proper one is back.
+#[test]
+fn rqemu_blk_killed_and_restarted_is_reconnected() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter("rqemu_vmm=debug")
+        .try_init();
+    let bin = support::rqemu_blk_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    // Synchronous I/O: requests complete in order (see the control module's docs).
+    let sync = ["--aio", "sync"];
+    let mut daemon = rqemu_blk_with(&bin, dir.path(), &img, &sync);
+    let sock = daemon.1.clone();
+    let mut d = Driver::probe_with(&sock, VIRTIO_BLK_F_DISCARD);
+    for round in 0..3u8 {
+        let mut data = pattern(4096, round);
+        let sector = 8 * u64::from(round);
+        assert_eq!(d.request(T_OUT, sector, &mut data), 0, "write {round}");
+        drop(daemon); // SIGKILL
+        wait_until("the hang-up to be seen", || !d.status.connected());
+        // The driver submits while the daemon is down: the request waits for the next one.
+        let mut back = vec![0u8; 4096];
+        let m = d.ram.memory().clone();
+        let status = d.status.clone();
+        let want = u64::from(round) + 1;
+        let (pending, restarted) = std::thread::scope(|s| {
+            let h = s.spawn(|| d.request(T_IN, sector, &mut back));
+            std::thread::sleep(Duration::from_millis(200));
+            let restarted = restart_until(&bin, dir.path(), &img, &sync, || {
+                status.reconnects() == want
+            });
+            (h.join().unwrap(), restarted)
+        });
+        daemon = restarted;
+        assert_eq!(pending, 0, "read {round} across the restart");
+        assert_eq!(back, data, "read {round}");
+        assert_eq!(d.status.reconnects(), u64::from(round) + 1);
+        let used: u16 = m.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used, d.avail_idx, "every request completed exactly once");
+    }
+    // A read-only daemon does not offer DISCARD, which the driver acked: refused.
+    drop(daemon);
+    wait_until("the hang-up to be seen", || !d.status.connected());
+    let ro = restart_until(&bin, dir.path(), &img, &["--readonly"], || {
+        d.status.refusals() > 0
+    });
+    assert!(!d.status.connected());
+    drop(ro);
+    let _daemon = restart_until(&bin, dir.path(), &img, &sync, || d.status.connected());
+    let mut back = vec![0u8; 4096];
+    assert_eq!(d.request(T_IN, 16, &mut back), 0);
+    assert_eq!(back, pattern(4096, 2));
+    let host = std::fs::read(&img).unwrap();
+    for round in 0..3u8 {
+        let at = 8 * 512 * usize::from(round);
+        assert_eq!(
+            &host[at..at + 4096],
+            &pattern(4096, round)[..],
+            "image {round}"
+        );
+    }
+}
+
+/// The MMIO writes that activate the device return while the daemon cannot answer (stopped
+/// with SIGSTOP): the vhost-user messages go out on the device's control thread, never in the
+/// (v)CPU's register write. Blocking there would end in the 10 s reply timeout and
+/// DEVICE_NEEDS_RESET. Once the daemon runs again the device works.
+#[test]
+fn a_stopped_daemon_does_not_block_register_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let d = qsd(dir.path(), &img);
+    let pid = d.0.id() as i32;
+    // SAFETY: plain kill(2) to our child.
+    let mut drv = Driver::probe_hook(&d.1, 0, || unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    });
+    // Probing asserted no DEVICE_NEEDS_RESET while the daemon was stopped.
+    assert!(drv.status.connected());
+    // SAFETY: plain kill(2) to our child.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let mut data = pattern(4096, 42);
+    assert_eq!(drv.request(T_OUT, 3, &mut data), 0, "write status");
+    let mut back = vec![0u8; 4096];
+    assert_eq!(drv.request(T_IN, 3, &mut back), 0, "read status");
+    assert_eq!(back, data);
 }

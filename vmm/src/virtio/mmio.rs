@@ -140,6 +140,8 @@ impl MmioTransport {
         let mk = || EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioError::EventFd);
         let kicks = queues.iter().map(|_| mk()).collect::<Result<Vec<_>, _>>()?;
         let calls = queues.iter().map(|_| mk()).collect::<Result<Vec<_>, _>>()?;
+        let mut device = device;
+        device.set_notifiers(&kicks, &calls)?;
         Ok(MmioTransport {
             device,
             status: 0,

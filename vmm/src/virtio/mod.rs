@@ -5,7 +5,8 @@
 //! * [`empty`] — the transport of a window without a device (DeviceID 0), so every window
 //!   the DSDT declares can be probed;
 //! * [`vhost_user`] — a [`VirtioDevice`] that forwards everything to a vhost-user backend
-//!   (rqemu's daemons, `qemu-storage-daemon`, `virtiofsd`, ...).
+//!   (rqemu's daemons, `qemu-storage-daemon`, `virtiofsd`, ...) from a control thread, and
+//!   reconnects a daemon that died under the running guest.
 //!
 //! Data path: the guest's QueueNotify write hits an **ioeventfd** (KVM) or the bus ioevent
 //! (TCG) and signals the queue's kick eventfd, which the daemon polls; the daemon signals
@@ -75,6 +76,11 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Features offered to the driver.
     fn device_features(&self) -> u64;
+    /// Hands the device the transport's kick and call eventfds (one each per queue), once,
+    /// when the transport is made.
+    fn set_notifiers(&mut self, _kicks: &[EventFd], _calls: &[EventFd]) -> Result<(), VirtioError> {
+        Ok(())
+    }
     /// Reads device config space at `offset`.
     fn read_config(&mut self, offset: u64, data: &mut [u8]);
     /// Writes device config space at `offset`.

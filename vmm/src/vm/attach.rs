@@ -2,10 +2,7 @@
 //! daemons on virtio-mmio windows, forwarding daemons on the windows they are granted), and
 //! the in-VMM defaults (COM1, CMOS RTC) for what no daemon took.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use rqemu_protocol::handshake::FEATURE_RING;
 use rqemu_protocol::Space;
@@ -19,25 +16,21 @@ use crate::acpi::VirtioWindow;
 use crate::bus::Bus;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialDevice, SerialOutput};
-use crate::exit::{ExitRequester, GuestExit};
 use crate::forwarded::{self, Link, Probed};
 use crate::layout::{RTC_PORT, SERIAL_GSI, SERIAL_PORT};
 use crate::memory::GuestRam;
 use crate::virtio::empty::EmptyVirtioMmio;
 use crate::virtio::mmio::{reg, MmioTransport};
-use crate::virtio::vhost_user::VhostUserDevice;
+use crate::virtio::vhost_user::{Control, VhostUserDevice};
 use crate::virtio::VirtioDevice;
 
 /// The in-VMM COM1 and its interrupt eventfd.
 pub(super) type InVmmSerial = (Arc<Mutex<SerialDevice>>, EventFd);
 
-/// A vhost-user connection to watch for hang-up, and the flag the watch clears then.
-pub(super) type Watch = (PathBuf, std::os::unix::net::UnixStream, Arc<AtomicBool>);
-
 /// What [`attach_devices`] set up.
 pub(super) struct Attached {
-    /// Hang-up watches of vhost-user connections.
-    pub(super) watches: Vec<Watch>,
+    /// The control sides of the vhost-user devices (run on their threads by `Vm::run`).
+    pub(super) controls: Vec<Control>,
     /// Every device, for the management API.
     pub(super) devices: Vec<DeviceEntry>,
     /// Forwarded devices.
@@ -74,21 +67,20 @@ pub(super) fn attach_devices(
     if vhost.len() > windows.len() {
         return Err(VmError::TooManyDevices(vhost.len()));
     }
-    let mut watches = Vec::new();
+    let mut controls = Vec::new();
     let mut devices = Vec::new();
     for (i, w) in windows.iter().enumerate() {
         match vhost.get(i) {
             Some(d) => {
                 let counts = Arc::new(AccessCounts::default());
-                let (virtio_id, watch) = attach_vhost_user(accel, ram, mmio, d, w, &counts)?;
-                let connected = Arc::new(AtomicBool::new(watch.is_some()));
+                let (virtio_id, control) = attach_vhost_user(accel, ram, mmio, d, w, &counts)?;
                 devices.push(DeviceEntry::VhostUser {
                     virtio_id,
                     socket: d.socket.clone(),
-                    connected: connected.clone(),
+                    status: control.status(),
                     counts,
                 });
-                watches.extend(watch.map(|(p, s)| (p, s, connected)));
+                controls.push(control);
             }
             None => mmio.insert(Arc::new(Mutex::new(EmptyVirtioMmio)), w.base, w.size)?,
         }
@@ -137,7 +129,7 @@ pub(super) fn attach_devices(
         pio.insert(Arc::new(Mutex::new(counted)), u64::from(RTC_PORT), 2)?;
     }
     Ok(Attached {
-        watches,
+        controls,
         devices,
         links,
         serial,
@@ -146,8 +138,7 @@ pub(super) fn attach_devices(
 
 /// Connects a vhost-user daemon and maps its transport at window `w`: QueueNotify → the
 /// queue's kick eventfd (ioeventfd or bus ioevent), call eventfds → irqfd on the window's GSI.
-/// Returns the virtio device ID and the connection to watch.
-#[allow(clippy::type_complexity)]
+/// Returns the virtio device ID and the device's control side.
 pub(super) fn attach_vhost_user(
     accel: &dyn Accelerator,
     ram: &GuestRam,
@@ -155,15 +146,13 @@ pub(super) fn attach_vhost_user(
     d: &DeviceSocketConfig,
     w: &VirtioWindow,
     counts: &Arc<AccessCounts>,
-) -> Result<
-    (
-        u32,
-        Option<(std::path::PathBuf, std::os::unix::net::UnixStream)>,
-    ),
-    VmError,
-> {
+) -> Result<(u32, Control), VmError> {
     let mut dev = VhostUserDevice::open(d.kind, &d.socket, ram.memory().clone())?;
-    let watch = dev.take_watch_stream();
+    let control = dev.take_control().ok_or_else(|| {
+        VmError::Virtio(crate::virtio::VirtioError::Config(
+            "vhost-user control taken twice".into(),
+        ))
+    })?;
     let virtio_id = dev.device_type();
     let transport = MmioTransport::new(Box::new(dev))?;
     let notify = w.base + reg::QUEUE_NOTIFY;
@@ -182,7 +171,7 @@ pub(super) fn attach_vhost_user(
     }
     let counted = Counted::new(transport, counts.clone());
     mmio.insert(Arc::new(Mutex::new(counted)), w.base, w.size)?;
-    Ok((virtio_id, watch.map(|s| (d.socket.clone(), s))))
+    Ok((virtio_id, control))
 }
 
 /// A path that exists must be a socket (connecting to a regular file only says "connection
@@ -205,36 +194,4 @@ fn check_socket_path(path: &std::path::Path) -> Result<(), VmError> {
         "device or other special file"
     };
     Err(VmError::NotASocket(path.to_path_buf(), kind))
-}
-
-/// Watches a vhost-user connection: if the daemon hangs up, the VM stops with a clear error
-/// (the guest's device would otherwise wait forever).
-pub(super) fn spawn_daemon_watch(
-    (socket, stream, connected): Watch,
-    exit: ExitRequester,
-) -> Result<JoinHandle<()>, VmError> {
-    use std::os::fd::AsRawFd;
-    std::thread::Builder::new()
-        .name("vhost-watch".into())
-        .spawn(move || {
-            crate::sandbox::confine_current(crate::sandbox::VmmThread::DaemonWatch);
-            while !exit.should_stop() {
-                let mut pfd = libc::pollfd {
-                    fd: stream.as_raw_fd(),
-                    events: libc::POLLRDHUP,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                let r = unsafe { libc::poll(&mut pfd, 1, 100) };
-                if r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-                    connected.store(false, Ordering::Relaxed);
-                    exit.request(GuestExit::Error(format!(
-                        "vhost-user daemon {} disconnected",
-                        socket.display()
-                    )));
-                    return;
-                }
-            }
-        })
-        .map_err(|e| VmError::Os("spawning a daemon watch thread", e))
 }

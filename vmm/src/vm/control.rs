@@ -3,7 +3,7 @@
 //! [`VmApi`]).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use crate::acpi::ged::GedHandle;
 use crate::api::{ApiError, Counters, DeviceInfo, VmApi, VmInfo, VmState};
 use crate::exit::{ExitRequester, GuestExit};
 use crate::forwarded::Link;
+use crate::virtio::vhost_user::ControlStatus;
 
 use super::counted::AccessCounts;
 
@@ -33,8 +34,8 @@ pub(super) enum DeviceEntry {
         virtio_id: u32,
         /// Its socket.
         socket: PathBuf,
-        /// Cleared by the hang-up watch.
-        connected: Arc<AtomicBool>,
+        /// Its connection state (kept by the device's control thread).
+        status: Arc<ControlStatus>,
         /// Register accesses of its virtio-mmio transport.
         counts: Arc<AccessCounts>,
     },
@@ -265,12 +266,12 @@ impl VmApi for VmController {
                 DeviceEntry::VhostUser {
                     virtio_id,
                     socket,
-                    connected,
+                    status,
                     ..
                 } => DeviceInfo {
                     kind: virtio_name(*virtio_id).to_string(),
                     socket: Some(socket.display().to_string()),
-                    connection: connection(connected.load(Ordering::Relaxed)),
+                    connection: connection(status.connected()),
                 },
                 DeviceEntry::Forwarded(l, socket) => DeviceInfo {
                     kind: format!("{:?}", l.class()).to_lowercase(),
@@ -362,17 +363,16 @@ impl VmApi for VmController {
             let name = match d {
                 DeviceEntry::VhostUser {
                     virtio_id,
-                    connected,
+                    status,
                     counts,
                     ..
                 } => {
                     let (r, w) = counts.get();
                     m.insert("mmio_reads".into(), r);
                     m.insert("mmio_writes".into(), w);
-                    m.insert(
-                        "connected".into(),
-                        u64::from(connected.load(Ordering::Relaxed)),
-                    );
+                    m.insert("connected".into(), u64::from(status.connected()));
+                    m.insert("reconnects".into(), status.reconnects());
+                    m.insert("refusals".into(), status.refusals());
                     format!("{}{i}", virtio_name(*virtio_id))
                 }
                 DeviceEntry::Forwarded(l, _) => {

@@ -164,7 +164,7 @@ pub struct Vm {
     links: Vec<Arc<Link>>,
     kernel: LoadedKernel,
     sync: Arc<VcpuSync>,
-    daemon_watches: Vec<attach::Watch>,
+    vhost_controls: Vec<crate::virtio::vhost_user::Control>,
     facts: Arc<MachineFacts>,
     api_counters: Arc<ApiCounters>,
 }
@@ -250,7 +250,7 @@ impl Vm {
             links: devices.links,
             kernel,
             sync: Arc::new(VcpuSync::default()),
-            daemon_watches: devices.watches,
+            vhost_controls: devices.controls,
             facts: Arc::new(MachineFacts {
                 vcpus: cfg.vcpus,
                 memory: cfg.memory,
@@ -334,10 +334,12 @@ impl Vm {
         };
 
         let mut watchers = Vec::new();
-        for watch in std::mem::take(&mut self.daemon_watches) {
-            match attach::spawn_daemon_watch(watch, self.exit.clone()) {
+        for control in std::mem::take(&mut self.vhost_controls) {
+            match control.spawn(self.exit.clone()) {
                 Ok(h) => watchers.push(h),
-                Err(e) => self.exit.request(GuestExit::Error(e.to_string())),
+                Err(e) => self.exit.request(GuestExit::Error(format!(
+                    "spawning a vhost-user control thread: {e}"
+                ))),
             }
         }
         if !self.links.is_empty() {

@@ -1,0 +1,284 @@
+//! rqemu-blk SIGKILLed under a running Linux guest (`rqemu-vmm --accel tcg`): the VMM
+//! reconnects each daemon the test starts again on the same socket path, and the guest's
+//! O_DIRECT write+verify loop on `/dev/vda` finishes without an I/O error; the data is
+//! checked on the host. A daemon restarted `--readonly` (no BLK_DISCARD, which the guest
+//! negotiated) is refused with a log line naming the missing feature, and the proper daemon
+//! started after it is accepted.
+//!
+//! Each 64 KiB write is one request and the guest waits for it before the next one, so at
+//! most one request is in flight when the daemon dies: the used index the VMM resumes the
+//! ring at is exact (see `vmm/src/virtio/vhost_user/control.rs`).
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use rqemu_e2e::blk::{BlkBackend, BlkOptions};
+use rqemu_e2e::daemon::{Daemon, DaemonError, DEFAULT_START_TIMEOUT};
+use rqemu_e2e::{GuestAssets, RqemuVm};
+
+const TIMEOUT: Duration = Duration::from_secs(900);
+/// 64 KiB blocks written and verified by the guest.
+const BLOCKS: u32 = 40;
+/// The daemon is killed once the guest reports these iterations done.
+const KILL_AFTER: [u32; 4] = [3, 11, 19, 27];
+
+fn script() -> String {
+    format!(
+        r#"N={BLOCKS}
+dd if=/dev/urandom of=/tmp/all bs=64k count=$N 2>/dev/null || exit 30
+i=0
+while [ $i -lt $N ]; do
+  dd if=/tmp/all of=/tmp/w bs=64k skip=$i count=1 2>/dev/null || exit 31
+  dd if=/tmp/w of=/dev/vda bs=64k seek=$i count=1 oflag=direct conv=notrunc 2>/tmp/err || {{ echo "BLK-FAIL write $i: $(cat /tmp/err)"; exit 32; }}
+  dd if=/dev/vda of=/tmp/r bs=64k skip=$i count=1 iflag=direct 2>/tmp/err || {{ echo "BLK-FAIL read $i: $(cat /tmp/err)"; exit 33; }}
+  cmp /tmp/w /tmp/r || {{ echo "BLK-FAIL verify $i"; exit 34; }}
+  echo "BLK-ITER $i"
+  i=$((i+1))
+done
+echo "BLK-SHA $(sha256sum /tmp/all | cut -d' ' -f1)"
+echo BLK-DONE
+sleep 5
+dd if=/dev/vda of=/tmp/back bs=64k count=$N iflag=direct 2>/tmp/err || {{ echo "BLK-FAIL readback: $(cat /tmp/err)"; exit 35; }}
+cmp /tmp/all /tmp/back || {{ echo "BLK-FAIL readback differs"; exit 36; }}
+echo "BLK-IOERR $(dmesg | grep -c 'I/O error')"
+echo BLK-END
+"#
+    )
+}
+
+fn read(p: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
+}
+
+/// The highest `BLK-ITER n` on the console.
+fn last_iter(console: &str) -> Option<u32> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("BLK-ITER "))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+}
+
+/// Starts rqemu-blk on `sock` (again): a daemon just killed may hold the image lock (and its
+/// listening socket) a moment longer — its sandboxed child is still exiting —, so an early
+/// exit is retried (here, and by [`Blk::keep_up`] once it seemed to listen).
+fn start_blk(dir: &Path, image: &Path, readonly: bool) -> Daemon {
+    let opts = BlkOptions {
+        readonly,
+        ..BlkOptions::default()
+    };
+    let sock = dir.join("blk0.sock");
+    let log = dir.join(if readonly { "blk-ro.log" } else { "blk.log" });
+    let start = Instant::now();
+    loop {
+        let cmd = BlkBackend::Rqemu
+            .command(&sock, image, &opts)
+            .unwrap_or_else(|e| panic!("{e}"));
+        match Daemon::spawn("rqemu-blk", cmd, &sock, &log, DEFAULT_START_TIMEOUT) {
+            Ok(d) => return d,
+            Err(DaemonError::ExitedEarly { log, .. })
+                if start.elapsed() < DEFAULT_START_TIMEOUT =>
+            {
+                eprintln!(
+                    "rqemu-blk exited at start, starting it again: {}",
+                    log.trim()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// The rqemu-blk the test keeps running.
+struct Blk {
+    dir: std::path::PathBuf,
+    image: std::path::PathBuf,
+    readonly: bool,
+    daemon: Option<Daemon>,
+}
+
+impl Blk {
+    fn start(dir: &Path, image: &Path, readonly: bool) -> Self {
+        Blk {
+            dir: dir.to_path_buf(),
+            image: image.to_path_buf(),
+            readonly,
+            daemon: Some(start_blk(dir, image, readonly)),
+        }
+    }
+
+    /// SIGKILLs the daemon and starts it again (`readonly` or not).
+    fn restart(&mut self, readonly: bool) {
+        if let Some(d) = self.daemon.take() {
+            d.kill().expect("killing rqemu-blk");
+        }
+        self.readonly = readonly;
+        self.daemon = Some(start_blk(&self.dir, &self.image, readonly));
+    }
+
+    /// Starts the daemon again if it exited (see [`start_blk`]).
+    fn keep_up(&mut self) {
+        let Some(d) = self.daemon.as_mut() else {
+            return;
+        };
+        if !d.is_running() {
+            eprintln!("rqemu-blk exited: {}", d.log().trim());
+            std::thread::sleep(Duration::from_millis(100));
+            self.daemon = Some(start_blk(&self.dir, &self.image, self.readonly));
+        }
+    }
+}
+
+struct Run {
+    dir: tempfile::TempDir,
+    console: std::path::PathBuf,
+    vmm_log: std::path::PathBuf,
+    vmm: Child,
+    start: Instant,
+}
+
+impl Run {
+    fn report(&self) -> String {
+        format!(
+            "--- console ---\n{}\n--- rqemu-vmm ---\n{}\n--- rqemu-blk ---\n{}",
+            read(&self.console),
+            read(&self.vmm_log),
+            read(&self.dir.path().join("blk.log"))
+        )
+    }
+
+    /// Waits until `cond(console, vmm log)`, keeping `blk` up; panics if the VMM exits first.
+    fn wait(&mut self, what: &str, blk: &mut Blk, cond: impl Fn(&str, &str) -> bool) {
+        loop {
+            if cond(&read(&self.console), &read(&self.vmm_log)) {
+                return;
+            }
+            blk.keep_up();
+            if let Some(st) = self.vmm.try_wait().unwrap() {
+                panic!("rqemu-vmm exited ({st}) before {what}\n{}", self.report());
+            }
+            if self.start.elapsed() > TIMEOUT {
+                let _ = self.vmm.kill();
+                let _ = self.vmm.wait();
+                panic!("no {what} within {TIMEOUT:?}\n{}", self.report());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn tcg_linux_io_survives_rqemu_blk_sigkills() {
+    let assets = GuestAssets::locate().expect("guest assets (run scripts/guest-assets.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let f = std::fs::File::create(&image).unwrap();
+    f.set_len(64 << 20).unwrap();
+    drop(f);
+    let mut blk = Blk::start(dir.path(), &image, false);
+    let console = dir.path().join("console.log");
+    let vmm_log = dir.path().join("vmm.log");
+    let start = Instant::now();
+    let vmm = RqemuVm::new(&assets)
+        .device_socket(&format!("blk:{}", dir.path().join("blk0.sock").display()))
+        .serial(&format!("file:{}", console.display()))
+        .run_cmdline(&script())
+        .command()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .stdin(Stdio::null())
+        .env("RQEMU_LOG", "info")
+        .stderr(std::fs::File::create(&vmm_log).expect("creating the VMM log"))
+        .spawn()
+        .expect("spawning rqemu-vmm");
+    let mut run = Run {
+        dir,
+        console,
+        vmm_log,
+        vmm,
+        start,
+    };
+    let dir = run.dir.path().to_path_buf();
+
+    // SIGKILL under the guest's loop, each time started again on the same path.
+    for (n, after) in KILL_AFTER.into_iter().enumerate() {
+        run.wait(&format!("iteration {after}"), &mut blk, |c, _| {
+            last_iter(c).is_some_and(|i| i >= after)
+        });
+        blk.restart(false);
+        run.wait("the reconnection", &mut blk, |_, l| {
+            l.matches("blk0.sock reconnected").count() > n
+        });
+    }
+    run.wait("the end of the write loop", &mut blk, |c, _| {
+        c.contains("BLK-DONE")
+    });
+
+    // A read-only daemon lacks BLK_DISCARD, which the guest acked: refused, then a proper one.
+    blk.restart(true);
+    run.wait("the read-only daemon refused", &mut blk, |_, l| {
+        l.contains("refusing the vhost-user daemon")
+    });
+    blk.restart(false);
+    run.wait("the guest's power-off", &mut blk, |c, _| {
+        c.contains("RQEMU-EXIT=")
+    });
+    let status = run.vmm.wait().unwrap();
+    let report = run.report();
+    drop(blk);
+
+    let text = read(&run.console);
+    assert!(!text.contains("BLK-FAIL"), "{report}");
+    assert!(text.contains("BLK-END"), "{report}");
+    assert!(
+        text.contains("BLK-IOERR 0"),
+        "the guest logged I/O errors\n{report}"
+    );
+    assert!(text.contains("RQEMU-EXIT=0"), "{report}");
+    assert!(status.success(), "{status}\n{report}");
+    let vlog = read(&run.vmm_log);
+    let refusal = vlog
+        .lines()
+        .find(|l| l.contains("refusing the vhost-user daemon"))
+        .unwrap_or_default();
+    assert!(
+        refusal.contains("BLK_DISCARD (bit 13)"),
+        "the refusal names the missing feature: {refusal}"
+    );
+    assert_eq!(
+        vlog.matches("blk0.sock reconnected").count(),
+        KILL_AFTER.len() + 1,
+        "{report}"
+    );
+
+    // The host sees exactly the guest's bytes.
+    let want = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("BLK-SHA "))
+        .unwrap_or_else(|| panic!("no BLK-SHA\n{report}"))
+        .trim()
+        .to_string();
+    let bytes = std::fs::read(&image).unwrap();
+    let part = dir.join("written.bin");
+    std::fs::write(&part, &bytes[..(BLOCKS as usize) << 16]).unwrap();
+    let out = std::process::Command::new("sha256sum")
+        .arg(&part)
+        .output()
+        .expect("sha256sum");
+    let host = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        host.split_whitespace().next().unwrap_or_default(),
+        want,
+        "host image digest"
+    );
+    for l in vlog.lines().filter(|l| l.contains("reconnected after")) {
+        eprintln!("{}", l.split("WARN").last().unwrap_or(l).trim());
+    }
+    eprintln!(
+        "rqemu-vmm TCG: {} rqemu-blk SIGKILLs + a refused read-only daemon, {BLOCKS} x 64 KiB \
+         written and verified, power-off after {:.1} s",
+        KILL_AFTER.len(),
+        run.start.elapsed().as_secs_f64()
+    );
+}
