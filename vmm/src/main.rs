@@ -43,6 +43,8 @@ fn run(cli: &Cli) -> anyhow::Result<GuestExit> {
     // Built, devices attached: the guest starts now (a Type=notify unit is active from here).
     rqemu_daemon::notify::ready("guest running");
     let outcome = vm.run();
+    // An answer being written (to vm.shutdown, say) reaches its client before the exit.
+    rqemu_vmm::api::quiesce(std::time::Duration::from_secs(1));
     // Unconfined, the socket file is removed; confined, the VMM cannot reach it (an empty
     // root) and the next `rqemu-vmm` on that path replaces a socket nobody answers on.
     if let Some(path) = &cli.api_socket {

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-pub use server::{bind, spawn};
+pub use server::{bind, quiesce, spawn};
 
 /// Errors of the management API.
 #[derive(Debug, thiserror::Error)]

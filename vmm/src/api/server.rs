@@ -40,13 +40,37 @@ pub fn spawn(listener: UnixListener, vm: Arc<dyn VmApi>) -> Result<JoinHandle<()
         .map_err(ApiError::Io)
 }
 
+/// Held while a request is answered: the VMM waits for it before exiting, so that the answer
+/// to `vm.shutdown` (which ends the VM) still reaches its client.
+static ANSWERING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Waits (at most `timeout`) until no request is being answered; call it before the process
+/// exits.
+pub fn quiesce(timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        match ANSWERING.try_lock() {
+            Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => return,
+            Err(std::sync::TryLockError::WouldBlock) => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+        }
+    }
+}
+
 fn serve(mut stream: UnixStream, vm: &dyn VmApi) {
     let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
     let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
     let (status, body) = match http::read_request(&mut stream) {
         Ok(req) => {
             tracing::debug!(method = %req.method, path = %req.path, "API request");
-            handle(vm, &req.method, &req.path)
+            let answering = ANSWERING.lock().unwrap_or_else(|p| p.into_inner());
+            let (status, body) = handle(vm, &req.method, &req.path);
+            if let Err(e) = http::write_response(&mut stream, status, body.as_deref()) {
+                tracing::debug!("API client: writing the answer: {e}");
+            }
+            drop(answering);
+            return;
         }
         Err(ApiError::Io(e)) => {
             tracing::debug!("API client: {e}");
