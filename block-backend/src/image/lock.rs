@@ -90,7 +90,24 @@ fn byte_held_elsewhere(file: &File, start: i64) -> io::Result<bool> {
 /// conflicts; on conflict the bytes taken are released and [`ImageError::Locked`] names the
 /// permission and, where `/proc` shows them, the other processes that have the file open.
 /// The locks live as long as the file description (any fd of `file`).
+/// A holder that is going away (a daemon just killed, whose confined child follows within
+/// milliseconds) is waited for up to [`LOCK_PATIENCE`] before the conflict is reported.
 pub fn lock(file: &File, what: &str, perm: u32, shared: u32) -> Result<()> {
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match try_lock(file, what, perm, shared) {
+            Err(ImageError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// How long a conflicting lock is retried: a restart right after a SIGKILL.
+pub const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn try_lock(file: &File, what: &str, perm: u32, shared: u32) -> Result<()> {
     let ctx = |e| ImageError::io(format!("locking {what}"), e);
     for i in 0..4 {
         let bit = 1u32 << i;
