@@ -1,0 +1,295 @@
+//! `rqemu-vsock` with QEMU TCG (`vhost-user-vsock-device` on `-M microvm`, memfd memory) as
+//! the frontend and Linux's virtio-vsock transport in the guest, host side in Firecracker's
+//! hybrid-vsock convention:
+//!
+//! * guest → host: the guest's `socat` connects to CID 2 port 1234, the daemon to
+//!   `PATH_1234`, where this test listens; 2 MiB uploaded, checksums compared;
+//! * guest → a host port nobody serves: refused (RST);
+//! * host → guest: this test connects to `PATH`, writes `CONNECT 5001\n`, gets `OK <port>\n`,
+//!   and talks to a guest `socat VSOCK-LISTEN:5001 EXEC:cat` (echo); then `CONNECT 5000` and
+//!   1 MiB downloaded into the guest (more than the daemon's 256 KiB credit: flow control
+//!   both ways), checksums compared.
+//!
+//! The guest needs the kernel's vsock modules and `socat` (Debian, dynamically linked): both
+//! are appended to the test initramfs (from the guest assets' kernel tree and the host), the
+//! shared initramfs is unchanged. The daemon runs with its default sandbox (as root: a mount
+//! namespace keeping only the directory of `PATH`).
+//!
+//! Needs root, `scripts/install-deps.sh` (socat, QEMU 10), `scripts/guest-assets.sh`,
+//! `cargo build -p rqemu-vsock`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rqemu_e2e::net::{pattern, sha256_hex};
+use rqemu_e2e::{project_binary, Daemon, GuestAssets, GuestRun, QemuVm};
+
+const TIMEOUT: Duration = Duration::from_secs(900);
+const UP_LEN: usize = 2 << 20;
+const DOWN_LEN: usize = 1 << 20;
+const MODULES: [&str; 3] = [
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
+];
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(
+        uid, 0,
+        "rqemu-vsock e2e needs root (the daemon's default sandbox)"
+    );
+}
+
+/// The vsock modules of the guest kernel, as `(name, bytes)`.
+fn modules(assets: &GuestAssets) -> Vec<(String, Vec<u8>)> {
+    let tree = assets.dir.join("kernel-tree/lib/modules");
+    let kver = std::fs::read_dir(&tree)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/guest-assets.sh)", tree.display()))
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .next()
+        .unwrap_or_else(|| panic!("no kernel version under {}", tree.display()));
+    let dir = kver.join("kernel/net/vmw_vsock");
+    MODULES
+        .iter()
+        .map(|m| {
+            let ko = dir.join(format!("{m}.ko"));
+            let bytes = if ko.exists() {
+                std::fs::read(&ko).unwrap()
+            } else {
+                let xz = dir.join(format!("{m}.ko.xz"));
+                let out = Command::new("xz")
+                    .arg("-dc")
+                    .arg(&xz)
+                    .output()
+                    .unwrap_or_else(|e| panic!("xz -dc {}: {e}", xz.display()));
+                assert!(
+                    out.status.success(),
+                    "module {m} is in neither {} nor {}",
+                    ko.display(),
+                    xz.display()
+                );
+                out.stdout
+            };
+            (m.to_string(), bytes)
+        })
+        .collect()
+}
+
+/// `/usr/bin/socat` and its shared libraries, as `(guest path, bytes)`.
+fn socat_files() -> Vec<(String, Vec<u8>)> {
+    let socat = Path::new("/usr/bin/socat");
+    assert!(
+        socat.exists(),
+        "/usr/bin/socat missing: run scripts/install-deps.sh (Debian package socat)"
+    );
+    let ldd = Command::new("ldd").arg(socat).output().expect("ldd");
+    let mut files = vec![("opt/vsock/socat".to_string(), std::fs::read(socat).unwrap())];
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+            files.push((p.trim_start_matches('/').to_string(), bytes));
+        }
+    }
+    files
+}
+
+fn guest_script() -> String {
+    let mut s = String::from("set -u\n");
+    for m in MODULES {
+        s.push_str(&format!(
+            "insmod /opt/vsock/{m}.ko || {{ echo 'insmod {m} failed'; exit 10; }}\n"
+        ));
+    }
+    s.push_str(&format!(
+        r#"S=/opt/vsock/socat
+head -c {UP_LEN} /dev/urandom >/tmp/up
+echo "RQEMU-VAL up-sha256=$(sha256sum /tmp/up | cut -d' ' -f1)"
+$S -u FILE:/tmp/up VSOCK-CONNECT:2:1234 || {{ echo 'upload failed'; exit 11; }}
+if $S -u /dev/null VSOCK-CONNECT:2:999 2>/tmp/refused; then r=no; else r=yes; fi
+echo "RQEMU-VAL refused=$r"
+$S VSOCK-LISTEN:5001 EXEC:cat &
+echo=$!
+$S -u VSOCK-LISTEN:5000 CREATE:/tmp/down || {{ echo 'download failed'; exit 12; }}
+wait $echo || {{ echo 'echo failed'; exit 13; }}
+echo "RQEMU-VAL down-sha256=$(sha256sum /tmp/down | cut -d' ' -f1)"
+echo "RQEMU-VAL down-len=$(wc -c </tmp/down)"
+"#
+    ));
+    s
+}
+
+/// `CONNECT port` on the daemon's socket until the guest accepts (its listener may not be up
+/// yet: a refusal closes the socket without `OK`). Returns the stream and the host port.
+fn host_connect(path: &Path, port: u32, deadline: Instant) -> Result<(UnixStream, u32), String> {
+    loop {
+        let mut s = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        s.write_all(format!("CONNECT {port}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+        // One byte at a time would do too; BufReader may not read past the line since the
+        // guest sends nothing before the host does.
+        if r.read_line(&mut line).map_err(|e| e.to_string())? > 0 {
+            let host_port = line
+                .trim_end()
+                .strip_prefix("OK ")
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| format!("bad answer {line:?}"))?;
+            return Ok((s, host_port));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("guest port {port} never accepted"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The host side of the test, on its own thread: takes the upload on `PATH_1234`, then talks
+/// to the guest's echo and download listeners. Returns the upload.
+fn host_side(path: PathBuf, upload: UnixListener) -> Result<Vec<u8>, String> {
+    let deadline = Instant::now() + TIMEOUT;
+    let (mut s, _) = upload.accept().map_err(|e| e.to_string())?;
+    let mut up = Vec::new();
+    s.read_to_end(&mut up).map_err(|e| e.to_string())?;
+
+    let (mut echo, port) = host_connect(&path, 5001, deadline)?;
+    if port < 1024 {
+        return Err(format!("host port {port}"));
+    }
+    echo.write_all(b"hello vsock\n")
+        .map_err(|e| e.to_string())?;
+    echo.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let mut back = Vec::new();
+    echo.read_to_end(&mut back).map_err(|e| e.to_string())?;
+    if back != b"hello vsock\n" {
+        return Err(format!(
+            "echo answered {:?}",
+            String::from_utf8_lossy(&back)
+        ));
+    }
+
+    let (mut down, _) = host_connect(&path, 5000, deadline)?;
+    down.write_all(&pattern(DOWN_LEN, 5))
+        .map_err(|e| e.to_string())?;
+    down.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let mut rest = Vec::new();
+    down.read_to_end(&mut rest).map_err(|e| e.to_string())?;
+    Ok(up)
+}
+
+fn fail(what: &str, run: Option<&GuestRun>, daemon: &Daemon) -> ! {
+    panic!(
+        "{what}\n--- guest ---\n{}\n--- rqemu-vsock log ---\n{}",
+        run.map(GuestRun::transcript).unwrap_or_default(),
+        daemon.log()
+    )
+}
+
+#[test]
+fn guest_and_host_connect_both_ways_over_hybrid_vsock() {
+    require_root();
+    let assets = GuestAssets::locate().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = dir.path().join("vsock.vhost");
+    let uds = dir.path().join("v.sock");
+    let mut cmd = Command::new(project_binary("rqemu-vsock").unwrap_or_else(|e| panic!("{e}")));
+    cmd.arg("--socket")
+        .arg(&vhost)
+        .args(["--guest-cid", "3"])
+        .arg("--uds-path")
+        .arg(&uds)
+        .env("RUST_LOG", "info");
+    let daemon = Daemon::spawn(
+        "rqemu-vsock",
+        cmd,
+        &vhost,
+        &dir.path().join("vsock.log"),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Created after the daemon confined itself: reachable through the kept directory.
+    let upload = UnixListener::bind(dir.path().join("v.sock_1234")).unwrap();
+    let host = {
+        let uds = uds.clone();
+        std::thread::spawn(move || host_side(uds, upload))
+    };
+
+    let mut vm = QemuVm::new(&assets, dir.path())
+        .memory_mib(512)
+        .timeout(TIMEOUT)
+        .arg("-chardev")
+        .arg(format!("socket,id=vsk,path={}", vhost.display()))
+        .arg("-device")
+        .arg("vhost-user-vsock-device,chardev=vsk")
+        .script(&guest_script());
+    for (m, bytes) in modules(&assets) {
+        vm = vm.file(&format!("opt/vsock/{m}.ko"), 0o644, bytes);
+    }
+    for (path, bytes) in socat_files() {
+        vm = vm.file(&path, 0o755, bytes);
+    }
+    let run = vm
+        .run()
+        .unwrap_or_else(|e| fail(&e.to_string(), None, &daemon));
+    if let Err(e) = run.expect_success() {
+        fail(&format!("guest failed: {e}"), Some(&run), &daemon);
+    }
+    let up = match host.join() {
+        Ok(Ok(up)) => up,
+        Ok(Err(e)) => fail(&format!("host side: {e}"), Some(&run), &daemon),
+        Err(_) => fail("host side panicked", Some(&run), &daemon),
+    };
+    let up_sha = sha256_hex(&up).unwrap();
+    if up.len() != UP_LEN || run.value("up-sha256") != Some(up_sha.as_str()) {
+        fail(
+            &format!(
+                "upload: host got {} bytes sha256 {up_sha}, guest sent {UP_LEN} sha256 {:?}",
+                up.len(),
+                run.value("up-sha256")
+            ),
+            Some(&run),
+            &daemon,
+        );
+    }
+    let down_sha = sha256_hex(&pattern(DOWN_LEN, 5)).unwrap();
+    if run.value("down-sha256") != Some(down_sha.as_str())
+        || run.value("down-len") != Some(DOWN_LEN.to_string().as_str())
+    {
+        fail("download mismatch", Some(&run), &daemon);
+    }
+    if run.value("refused") != Some("yes") {
+        fail(
+            "a connection to an unserved host port was not refused",
+            Some(&run),
+            &daemon,
+        );
+    }
+    let log = daemon.log();
+    assert!(log.contains("sandbox namespace"), "not confined:\n{log}");
+    // The counters logged when the frontend went away: three connections (upload, echo,
+    // download), no packet of the Linux driver refused.
+    assert!(
+        log.contains("bad_packets: 0, connections: 3,"),
+        "unexpected counters:\n{log}"
+    );
+    let status = daemon
+        .terminate(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(status.success(), "rqemu-vsock exited with {status}");
+}
