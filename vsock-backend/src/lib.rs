@@ -5,12 +5,14 @@
 //! * [`host`]: the host side in Firecracker's hybrid-vsock convention (`PATH` +
 //!   `CONNECT <port>\n` for host-initiated connections, `PATH_<port>` for guest-initiated);
 //! * [`muxer`]: the connection table between guest packets and host sockets;
-//! * [`queue`]: RX/TX virtqueue chains in and out of the muxer.
+//! * [`queue`]: RX/TX virtqueue chains in and out of the muxer;
+//! * [`fuzz`]: the fuzz entry point (a guest session against a real muxer).
 //!
 //! The event queue (queue 2) carries only `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, sent after a
 //! migration; its buffers are left alone.
 
 pub mod conn;
+pub mod fuzz;
 pub mod host;
 pub mod muxer;
 pub mod packet;
