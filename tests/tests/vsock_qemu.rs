@@ -201,6 +201,62 @@ fn fail(what: &str, run: Option<&GuestRun>, daemon: &Daemon) -> ! {
     )
 }
 
+fn boot_guest(assets: &GuestAssets, dir: &Path, vhost: &Path, daemon: &Daemon) -> GuestRun {
+    let mut vm = QemuVm::new(assets, dir)
+        .memory_mib(512)
+        .timeout(TIMEOUT)
+        .arg("-chardev")
+        .arg(format!("socket,id=vsk,path={}", vhost.display()))
+        .arg("-device")
+        .arg("vhost-user-vsock-device,chardev=vsk")
+        .script(&guest_script());
+    for (m, bytes) in modules(assets) {
+        vm = vm.file(&format!("opt/vsock/{m}.ko"), 0o644, bytes);
+    }
+    for (path, bytes) in socat_files() {
+        vm = vm.file(&path, 0o755, bytes);
+    }
+    let run = vm
+        .run()
+        .unwrap_or_else(|e| fail(&e.to_string(), None, daemon));
+    if let Err(e) = run.expect_success() {
+        fail(&format!("guest failed: {e}"), Some(&run), daemon);
+    }
+    run
+}
+
+fn check_run(boot: u32, run: &GuestRun, up: &[u8], daemon: &Daemon) {
+    let up_sha = sha256_hex(up).unwrap();
+    if up.len() != UP_LEN || run.value("up-sha256") != Some(up_sha.as_str()) {
+        fail(
+            &format!(
+                "boot {boot}: upload: host got {} bytes sha256 {up_sha}, guest sent {UP_LEN} sha256 {:?}",
+                up.len(),
+                run.value("up-sha256")
+            ),
+            Some(run),
+            daemon,
+        );
+    }
+    let down_sha = sha256_hex(&pattern(DOWN_LEN, 5)).unwrap();
+    if run.value("down-sha256") != Some(down_sha.as_str())
+        || run.value("down-len") != Some(DOWN_LEN.to_string().as_str())
+    {
+        fail(
+            &format!("boot {boot}: download mismatch"),
+            Some(run),
+            daemon,
+        );
+    }
+    if run.value("refused") != Some("yes") {
+        fail(
+            &format!("boot {boot}: a connection to an unserved host port was not refused"),
+            Some(run),
+            daemon,
+        );
+    }
+}
+
 #[test]
 fn guest_and_host_connect_both_ways_over_hybrid_vsock() {
     require_root();
@@ -225,67 +281,33 @@ fn guest_and_host_connect_both_ways_over_hybrid_vsock() {
     .unwrap_or_else(|e| panic!("{e}"));
     // Created after the daemon confined itself: reachable through the kept directory.
     let upload = UnixListener::bind(dir.path().join("v.sock_1234")).unwrap();
-    let host = {
-        let uds = uds.clone();
-        std::thread::spawn(move || host_side(uds, upload))
-    };
-
-    let mut vm = QemuVm::new(&assets, dir.path())
-        .memory_mib(512)
-        .timeout(TIMEOUT)
-        .arg("-chardev")
-        .arg(format!("socket,id=vsk,path={}", vhost.display()))
-        .arg("-device")
-        .arg("vhost-user-vsock-device,chardev=vsk")
-        .script(&guest_script());
-    for (m, bytes) in modules(&assets) {
-        vm = vm.file(&format!("opt/vsock/{m}.ko"), 0o644, bytes);
+    // Two guests in turn on one daemon: the second finds it ready again (connections of the
+    // first reset, the host sockets' epoll polled by the new connection's worker).
+    for boot in 1..=2 {
+        let host = {
+            let uds = uds.clone();
+            let upload = upload.try_clone().unwrap();
+            std::thread::spawn(move || host_side(uds, upload))
+        };
+        let run = boot_guest(&assets, dir.path(), &vhost, &daemon);
+        let up = match host.join() {
+            Ok(Ok(up)) => up,
+            Ok(Err(e)) => fail(&format!("boot {boot}: host side: {e}"), Some(&run), &daemon),
+            Err(_) => fail("host side panicked", Some(&run), &daemon),
+        };
+        check_run(boot, &run, &up, &daemon);
     }
-    for (path, bytes) in socat_files() {
-        vm = vm.file(&path, 0o755, bytes);
-    }
-    let run = vm
-        .run()
-        .unwrap_or_else(|e| fail(&e.to_string(), None, &daemon));
-    if let Err(e) = run.expect_success() {
-        fail(&format!("guest failed: {e}"), Some(&run), &daemon);
-    }
-    let up = match host.join() {
-        Ok(Ok(up)) => up,
-        Ok(Err(e)) => fail(&format!("host side: {e}"), Some(&run), &daemon),
-        Err(_) => fail("host side panicked", Some(&run), &daemon),
-    };
-    let up_sha = sha256_hex(&up).unwrap();
-    if up.len() != UP_LEN || run.value("up-sha256") != Some(up_sha.as_str()) {
-        fail(
-            &format!(
-                "upload: host got {} bytes sha256 {up_sha}, guest sent {UP_LEN} sha256 {:?}",
-                up.len(),
-                run.value("up-sha256")
-            ),
-            Some(&run),
-            &daemon,
-        );
-    }
-    let down_sha = sha256_hex(&pattern(DOWN_LEN, 5)).unwrap();
-    if run.value("down-sha256") != Some(down_sha.as_str())
-        || run.value("down-len") != Some(DOWN_LEN.to_string().as_str())
-    {
-        fail("download mismatch", Some(&run), &daemon);
-    }
-    if run.value("refused") != Some("yes") {
-        fail(
-            "a connection to an unserved host port was not refused",
-            Some(&run),
-            &daemon,
-        );
+    // The daemon notices the second frontend's departure on its own time: wait for its line.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon.log().contains("connections: 6,") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
     }
     let log = daemon.log();
     assert!(log.contains("sandbox namespace"), "not confined:\n{log}");
-    // The counters logged when the frontend went away: three connections (upload, echo,
-    // download), no packet of the Linux driver refused.
+    // The counters logged when the second frontend went away: three connections (upload,
+    // echo, download) per guest, no packet of the Linux driver refused.
     assert!(
-        log.contains("bad_packets: 0, connections: 3,"),
+        log.contains("bad_packets: 0, connections: 6,"),
         "unexpected counters:\n{log}"
     );
     let status = daemon
