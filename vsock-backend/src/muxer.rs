@@ -417,6 +417,7 @@ impl Muxer {
                 }
             };
             if !(self.accept_filter)(stream.as_raw_fd()) {
+                tracing::debug!("host connection refused by the peer check");
                 continue;
             }
             if self.handshakes.len() >= MAX_HANDSHAKES {
