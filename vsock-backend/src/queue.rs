@@ -131,3 +131,150 @@ pub fn process_rx<M: GuestMemory>(
     }
     Ok(used)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    use super::*;
+    use crate::host::port_path;
+    use crate::packet::{Header, Op, HOST_CID, TYPE_STREAM};
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const BUF: u64 = 0x10_0000;
+
+    /// Descriptors `(addr, len, writable)` linked into one chain from table index 0.
+    fn chain(descs: &[(u64, u32, bool)]) -> Vec<RawDescriptor> {
+        let last = descs.len() - 1;
+        descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, w))| {
+                let mut flags = if w { F_WRITE } else { 0 };
+                if i != last {
+                    flags |= F_NEXT;
+                }
+                let next = if i == last { 0 } else { i as u16 + 1 };
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+            })
+            .collect()
+    }
+
+    fn used(mq: &MockSplitQueue<'_, GuestMemoryMmap>) -> Vec<(u32, u32)> {
+        let n = mq.used().idx().load();
+        (0..n)
+            .map(|i| {
+                let e = mq.used().ring().ref_at(usize::from(i)).unwrap().load();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        _port: UnixListener,
+        mem: GuestMemoryMmap,
+        mux: Muxer,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let port = UnixListener::bind(port_path(&path, 80)).unwrap();
+        let l = UnixListener::bind(&path).unwrap();
+        let mux = Muxer::new(3, path, l, Box::new(|_| true)).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        Rig {
+            _dir: dir,
+            _port: port,
+            mem,
+            mux,
+        }
+    }
+
+    fn request() -> Vec<u8> {
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 4000,
+            dst_port: 80,
+            type_: TYPE_STREAM,
+            op: Op::Request as u16,
+            buf_alloc: 4096,
+            ..Header::default()
+        }
+        .encode()
+        .to_vec()
+    }
+
+    #[test]
+    fn a_split_tx_header_and_a_split_rx_buffer() {
+        let mut r = rig();
+        r.mem.write_slice(&request(), GuestAddress(BUF)).unwrap();
+        let mq = MockSplitQueue::new(&r.mem, 16);
+        mq.add_desc_chains(&chain(&[(BUF, 7, false), (BUF + 7, 37, false)]), 0)
+            .unwrap();
+        let mut q: Queue = mq.create_queue().unwrap();
+        assert_eq!(process_tx(&mut r.mux, &mut q, &r.mem).unwrap(), 1);
+        assert_eq!(used(&mq), vec![(0, 0)]);
+        assert_eq!(r.mux.connections(), 1);
+
+        // RESPONSE into a buffer split in 10 + 100 bytes.
+        let mq = MockSplitQueue::new(&r.mem, 16);
+        mq.add_desc_chains(&chain(&[(BUF, 10, true), (BUF + 0x1000, 100, true)]), 0)
+            .unwrap();
+        let mut q: Queue = mq.create_queue().unwrap();
+        assert_eq!(process_rx(&mut r.mux, &mut q, &r.mem).unwrap(), 1);
+        assert_eq!(used(&mq), vec![(0, HDR_LEN as u32)]);
+        let mut hdr = [0u8; HDR_LEN];
+        r.mem.read_slice(&mut hdr[..10], GuestAddress(BUF)).unwrap();
+        r.mem
+            .read_slice(&mut hdr[10..], GuestAddress(BUF + 0x1000))
+            .unwrap();
+        let h = Header::parse(&hdr).unwrap();
+        assert_eq!(
+            (h.op(), h.src_port, h.dst_port),
+            (Some(Op::Response), 80, 4000)
+        );
+    }
+
+    #[test]
+    fn chains_outside_memory_or_too_small_harm_nothing() {
+        let mut r = rig();
+        // A TX descriptor beyond guest memory: used, dropped.
+        let mq = MockSplitQueue::new(&r.mem, 16);
+        mq.add_desc_chains(&chain(&[(0x30_0000, 44, false)]), 0)
+            .unwrap();
+        let mut q: Queue = mq.create_queue().unwrap();
+        assert_eq!(process_tx(&mut r.mux, &mut q, &r.mem).unwrap(), 1);
+        assert_eq!(r.mux.connections(), 0);
+        assert!(!r.mux.has_rx());
+
+        // Nothing to send: the RX chain stays available.
+        let mq = MockSplitQueue::new(&r.mem, 16);
+        mq.add_desc_chains(&chain(&[(BUF, 100, true)]), 0).unwrap();
+        let mut q: Queue = mq.create_queue().unwrap();
+        assert_eq!(process_rx(&mut r.mux, &mut q, &r.mem).unwrap(), 0);
+        assert!(used(&mq).is_empty());
+
+        // Something to send, but the RX chain is too small for a header, then outside memory.
+        r.mem.write_slice(&request(), GuestAddress(BUF)).unwrap();
+        let mq = MockSplitQueue::new(&r.mem, 16);
+        mq.add_desc_chains(&chain(&[(BUF, 44, false)]), 0).unwrap();
+        let mut q: Queue = mq.create_queue().unwrap();
+        process_tx(&mut r.mux, &mut q, &r.mem).unwrap();
+        assert!(r.mux.has_rx());
+        let mq = MockSplitQueue::new(&r.mem, 16);
+        mq.add_desc_chains(&chain(&[(BUF, 20, true)]), 0).unwrap();
+        mq.add_desc_chains(&chain(&[(0x1f_fff0, 100, true)]), 1)
+            .unwrap();
+        let mut q: Queue = mq.create_queue().unwrap();
+        assert_eq!(process_rx(&mut r.mux, &mut q, &r.mem).unwrap(), 2);
+        assert_eq!(used(&mq), vec![(0, 0), (1, 0)]);
+    }
+}
