@@ -238,7 +238,11 @@ impl Muxer {
         }
         if let Some(c) = self.conns.get_mut(&key) {
             c.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt);
-            c.credit_requested = false;
+            // Asked again only once credit came back: a guest whose reader is stalled answers
+            // a CREDIT_REQUEST with no credit, and asking again would ping-pong forever.
+            if c.credit.peer_free() > 0 {
+                c.credit_requested = false;
+            }
         }
         match op {
             Op::Rst => self.remove(key),
