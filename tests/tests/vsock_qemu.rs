@@ -2,11 +2,12 @@
 //! the frontend and Linux's virtio-vsock transport in the guest, host side in Firecracker's
 //! hybrid-vsock convention:
 //!
-//! * guest → host: the guest's `socat` connects to CID 2 port 1234, the daemon to
-//!   `PATH_1234`, where this test listens; 2 MiB uploaded, checksums compared;
+//! * guest → host: three `socat`s in the guest connect to CID 2 port 1234 at once, the daemon
+//!   to `PATH_1234`, where this test listens; 1 MiB uploaded on each, checksums compared;
 //! * guest → a host port nobody serves: refused (RST);
 //! * host → guest: this test connects to `PATH`, writes `CONNECT 5001\n`, gets `OK <port>\n`,
-//!   and talks to a guest `socat VSOCK-LISTEN:5001 EXEC:cat` (echo); then `CONNECT 5000` and
+//!   and streams 1 MiB through a guest `socat VSOCK-LISTEN:5001 EXEC:cat` (echo, both
+//!   directions at once, each beyond the 256 KiB credit); then `CONNECT 5000` and
 //!   1 MiB downloaded into the guest (more than the daemon's 256 KiB credit: flow control
 //!   both ways), checksums compared.
 //!
@@ -28,7 +29,9 @@ use rqemu_e2e::net::{pattern, sha256_hex};
 use rqemu_e2e::{project_binary, Daemon, GuestAssets, GuestRun, QemuVm};
 
 const TIMEOUT: Duration = Duration::from_secs(900);
-const UP_LEN: usize = 2 << 20;
+const UP_LEN: usize = 1 << 20;
+const UPLOADS: usize = 3;
+const ECHO_LEN: usize = 1 << 20;
 const DOWN_LEN: usize = 1 << 20;
 const MODULES: [&str; 3] = [
     "vsock",
@@ -116,9 +119,16 @@ fn guest_script() -> String {
     }
     s.push_str(&format!(
         r#"S=/opt/vsock/socat
-head -c {UP_LEN} /dev/urandom >/tmp/up
-echo "RQEMU-VAL up-sha256=$(sha256sum /tmp/up | cut -d' ' -f1)"
-$S -u FILE:/tmp/up VSOCK-CONNECT:2:1234 || {{ echo 'upload failed'; exit 11; }}
+pids=
+for i in $(seq 1 {UPLOADS}); do
+    head -c {UP_LEN} /dev/urandom >/tmp/up$i
+    echo "RQEMU-VAL up-sha256-$i=$(sha256sum /tmp/up$i | cut -d' ' -f1)"
+done
+for i in $(seq 1 {UPLOADS}); do
+    $S -u FILE:/tmp/up$i VSOCK-CONNECT:2:1234 &
+    pids="$pids $!"
+done
+for p in $pids; do wait $p || {{ echo 'upload failed'; exit 11; }}; done
 if $S -u /dev/null VSOCK-CONNECT:2:999 2>/tmp/refused; then r=no; else r=yes; fi
 echo "RQEMU-VAL refused=$r"
 $S VSOCK-LISTEN:5001 EXEC:cat &
@@ -158,29 +168,46 @@ fn host_connect(path: &Path, port: u32, deadline: Instant) -> Result<(UnixStream
     }
 }
 
-/// The host side of the test, on its own thread: takes the upload on `PATH_1234`, then talks
-/// to the guest's echo and download listeners. Returns the upload.
-fn host_side(path: PathBuf, upload: UnixListener) -> Result<Vec<u8>, String> {
+/// The host side of the test, on its own thread: takes the uploads on `PATH_1234` (each read
+/// on its own thread, all at once), then talks to the guest's echo and download listeners.
+/// Returns the uploads.
+fn host_side(path: PathBuf, upload: UnixListener) -> Result<Vec<Vec<u8>>, String> {
     let deadline = Instant::now() + TIMEOUT;
-    let (mut s, _) = upload.accept().map_err(|e| e.to_string())?;
-    let mut up = Vec::new();
-    s.read_to_end(&mut up).map_err(|e| e.to_string())?;
+    let mut readers = Vec::new();
+    for _ in 0..UPLOADS {
+        let (mut s, _) = upload.accept().map_err(|e| e.to_string())?;
+        readers.push(std::thread::spawn(move || {
+            let mut up = Vec::new();
+            s.read_to_end(&mut up).map(|_| up)
+        }));
+    }
+    let mut ups = Vec::new();
+    for r in readers {
+        ups.push(
+            r.join()
+                .map_err(|_| "upload reader panicked".to_string())?
+                .map_err(|e| e.to_string())?,
+        );
+    }
 
     let (mut echo, port) = host_connect(&path, 5001, deadline)?;
     if port < 1024 {
         return Err(format!("host port {port}"));
     }
-    echo.write_all(b"hello vsock\n")
-        .map_err(|e| e.to_string())?;
-    echo.shutdown(std::net::Shutdown::Write)
-        .map_err(|e| e.to_string())?;
+    // Full duplex: a writer thread streams while this thread reads the echo back.
+    let mut w = echo.try_clone().map_err(|e| e.to_string())?;
+    let writer = std::thread::spawn(move || {
+        w.write_all(&pattern(ECHO_LEN, 9))?;
+        w.shutdown(std::net::Shutdown::Write)
+    });
     let mut back = Vec::new();
     echo.read_to_end(&mut back).map_err(|e| e.to_string())?;
-    if back != b"hello vsock\n" {
-        return Err(format!(
-            "echo answered {:?}",
-            String::from_utf8_lossy(&back)
-        ));
+    writer
+        .join()
+        .map_err(|_| "echo writer panicked".to_string())?
+        .map_err(|e| format!("echo writer: {e}"))?;
+    if back != pattern(ECHO_LEN, 9) {
+        return Err(format!("echo gave back {} different bytes", back.len()));
     }
 
     let (mut down, _) = host_connect(&path, 5000, deadline)?;
@@ -190,7 +217,7 @@ fn host_side(path: PathBuf, upload: UnixListener) -> Result<Vec<u8>, String> {
         .map_err(|e| e.to_string())?;
     let mut rest = Vec::new();
     down.read_to_end(&mut rest).map_err(|e| e.to_string())?;
-    Ok(up)
+    Ok(ups)
 }
 
 fn fail(what: &str, run: Option<&GuestRun>, daemon: &Daemon) -> ! {
@@ -225,15 +252,25 @@ fn boot_guest(assets: &GuestAssets, dir: &Path, vhost: &Path, daemon: &Daemon) -
     run
 }
 
-fn check_run(boot: u32, run: &GuestRun, up: &[u8], daemon: &Daemon) {
-    let up_sha = sha256_hex(up).unwrap();
-    if up.len() != UP_LEN || run.value("up-sha256") != Some(up_sha.as_str()) {
+fn check_run(boot: u32, run: &GuestRun, ups: &[Vec<u8>], daemon: &Daemon) {
+    // The uploads arrive in any order: compare the sets of checksums.
+    let mut host: Vec<String> = ups
+        .iter()
+        .map(|u| format!("{} {}", u.len(), sha256_hex(u).unwrap()))
+        .collect();
+    let mut guest: Vec<String> = (1..=UPLOADS)
+        .map(|i| {
+            format!(
+                "{UP_LEN} {}",
+                run.value(&format!("up-sha256-{i}")).unwrap_or("?")
+            )
+        })
+        .collect();
+    host.sort();
+    guest.sort();
+    if host != guest {
         fail(
-            &format!(
-                "boot {boot}: upload: host got {} bytes sha256 {up_sha}, guest sent {UP_LEN} sha256 {:?}",
-                up.len(),
-                run.value("up-sha256")
-            ),
+            &format!("boot {boot}: uploads: host got {host:?}, guest sent {guest:?}"),
             Some(run),
             daemon,
         );
@@ -290,24 +327,24 @@ fn guest_and_host_connect_both_ways_over_hybrid_vsock() {
             std::thread::spawn(move || host_side(uds, upload))
         };
         let run = boot_guest(&assets, dir.path(), &vhost, &daemon);
-        let up = match host.join() {
-            Ok(Ok(up)) => up,
+        let ups = match host.join() {
+            Ok(Ok(ups)) => ups,
             Ok(Err(e)) => fail(&format!("boot {boot}: host side: {e}"), Some(&run), &daemon),
             Err(_) => fail("host side panicked", Some(&run), &daemon),
         };
-        check_run(boot, &run, &up, &daemon);
+        check_run(boot, &run, &ups, &daemon);
     }
     // The daemon notices the second frontend's departure on its own time: wait for its line.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !daemon.log().contains("connections: 6,") && Instant::now() < deadline {
+    while !daemon.log().contains("connections: 10,") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     let log = daemon.log();
     assert!(log.contains("sandbox namespace"), "not confined:\n{log}");
-    // The counters logged when the second frontend went away: three connections (upload,
-    // echo, download) per guest, no packet of the Linux driver refused.
+    // The counters logged when the second frontend went away: five connections (three
+    // uploads, echo, download) per guest, no packet of the Linux driver refused.
     assert!(
-        log.contains("bad_packets: 0, connections: 6,"),
+        log.contains("bad_packets: 0, connections: 10,"),
         "unexpected counters:\n{log}"
     );
     let status = daemon
