@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 /// Receive buffer announced to the guest per connection (bytes the daemon holds for a host
 /// socket that does not read).
@@ -124,6 +125,8 @@ pub struct Conn {
     pub credit_requested: bool,
     /// A CREDIT_UPDATE is queued.
     pub update_queued: bool,
+    /// When the connection was made (host-initiated ones expire unanswered).
+    pub created: Instant,
 }
 
 impl Conn {
@@ -141,6 +144,7 @@ impl Conn {
             local_shutdown: 0,
             credit_requested: false,
             update_queued: false,
+            created: Instant::now(),
         }
     }
 

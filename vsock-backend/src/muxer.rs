@@ -12,8 +12,10 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::conn::{Conn, State};
 use crate::host::{self, Handshake};
@@ -29,6 +31,12 @@ pub const MAX_HANDSHAKES: usize = 64;
 /// Control packets queued for the guest beyond which guest TX is not processed (the guest's
 /// TX ring then fills: the guest is throttled instead of the daemon growing).
 pub const MAX_BACKLOG: usize = 256;
+/// How long the guest has to accept a host-initiated connection (`CONNECT <port>`): then the
+/// host socket is closed and the guest gets RST, as when it refuses.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Period of the timer that expires unanswered host-initiated connections (armed once at
+/// start-up: a confined daemon does not set timers).
+const TICK: Duration = Duration::from_secs(1);
 /// First port handed out to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -38,6 +46,9 @@ pub enum MuxError {
     /// Creating or using the epoll instance failed.
     #[error("epoll: {0}")]
     Epoll(#[source] io::Error),
+    /// Creating the connection timer failed.
+    #[error("timerfd: {0}")]
+    Timer(#[source] vmm_sys_util::errno::Error),
     /// The listening socket could not be made non-blocking.
     #[error("listening socket: {0}")]
     Listener(#[source] io::Error),
@@ -49,6 +60,7 @@ pub type Key = (u32, u32);
 #[derive(Debug, Clone, Copy)]
 enum Token {
     Listener,
+    Timer,
     Handshake,
     Conn(Key),
 }
@@ -83,6 +95,8 @@ pub struct Muxer {
     listener: UnixListener,
     accept_filter: Box<dyn Fn(RawFd) -> bool + Send>,
     epoll: Epoll,
+    timer: TimerFd,
+    connect_timeout: Duration,
     conns: BTreeMap<Key, Conn>,
     handshakes: HashMap<RawFd, Handshake>,
     tokens: HashMap<RawFd, Token>,
@@ -130,12 +144,25 @@ impl Muxer {
             .map_err(MuxError::Epoll)?;
         let mut tokens = HashMap::new();
         tokens.insert(fd, Token::Listener);
+        let mut timer = TimerFd::new().map_err(MuxError::Timer)?;
+        timer.reset(TICK, Some(TICK)).map_err(MuxError::Timer)?;
+        let tfd = timer.as_raw_fd();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                tfd,
+                EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, tfd as u64),
+            )
+            .map_err(MuxError::Epoll)?;
+        tokens.insert(tfd, Token::Timer);
         Ok(Muxer {
             guest_cid,
             uds_path,
             listener,
             accept_filter,
             epoll,
+            timer,
+            connect_timeout: CONNECT_TIMEOUT,
             conns: BTreeMap::new(),
             handshakes: HashMap::new(),
             tokens,
@@ -396,6 +423,11 @@ impl Muxer {
                 let fd = ev.data() as RawFd;
                 match self.tokens.get(&fd).copied() {
                     Some(Token::Listener) => self.accept(),
+                    Some(Token::Timer) => {
+                        // Readable (the event says so): the read does not block.
+                        let _ = self.timer.wait();
+                        self.expire_connecting();
+                    }
                     Some(Token::Handshake) => self.handshake(fd),
                     Some(Token::Conn(key)) => self.conn_event(key, ev.event_set()),
                     None => {}
@@ -472,6 +504,31 @@ impl Muxer {
         self.tokens.insert(fd, Token::Conn(key));
         self.conns.insert(key, c);
         self.queue(key, Op::Request, 0);
+    }
+
+    /// Sets how long the guest has to accept a host-initiated connection.
+    pub fn set_connect_timeout(&mut self, timeout: Duration) {
+        self.connect_timeout = timeout;
+    }
+
+    /// Resets the host-initiated connections the guest left unanswered for too long.
+    pub fn expire_connecting(&mut self) {
+        let expired: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.state == State::Connecting && c.created.elapsed() >= self.connect_timeout
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            tracing::debug!(
+                "guest port {} did not answer: closing host port {}",
+                key.1,
+                key.0
+            );
+            self.kill(key);
+        }
     }
 
     fn allocate_port(&mut self, peer: u32) -> u32 {

@@ -183,6 +183,29 @@ fn host_connection_refused_by_the_guest_is_closed() {
 }
 
 #[test]
+fn host_connections_the_guest_leaves_unanswered_expire() {
+    let mut r = rig();
+    let mut host = UnixStream::connect(r.path()).unwrap();
+    host.write_all(b"CONNECT 7\n").unwrap();
+    let p = r.drain();
+    assert_eq!(ops(&p), vec![Some(Op::Request)]);
+    r.mux.expire_connecting();
+    assert_eq!(r.mux.connections(), 1, "within the timeout");
+    r.mux.set_connect_timeout(std::time::Duration::ZERO);
+    r.mux.expire_connecting();
+    assert_eq!(r.mux.connections(), 0);
+    let p = r.drain();
+    assert_eq!(ops(&p), vec![Some(Op::Rst)]);
+    let mut rest = Vec::new();
+    host.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "closed without OK");
+    // The guest's late RESPONSE is for nothing: RST.
+    r.mux
+        .from_guest(&pkt(Op::Response, 7, p[0].0.src_port, &[]));
+    assert_eq!(ops(&r.drain()), vec![Some(Op::Rst)]);
+}
+
+#[test]
 fn host_data_respects_the_guest_credit() {
     let mut r = rig();
     let l = r.listen(9);
