@@ -14,12 +14,14 @@
 //! The guest needs the kernel's vsock modules and `socat` (Debian, dynamically linked): both
 //! are appended to the test initramfs (from the guest assets' kernel tree and the host), the
 //! shared initramfs is unchanged. The daemon runs with its default sandbox (as root: a mount
-//! namespace keeping only the directory of `PATH`).
+//! namespace keeping only the directory of `PATH`, seccomp kill): while a guest is served,
+//! every thread of it is checked (seccomp, no_new_privs, no capability); `PATH` is 0600.
 //!
 //! Needs root, `scripts/install-deps.sh` (socat, QEMU 10), `scripts/guest-assets.sh`,
 //! `cargo build -p rqemu-vsock`.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -118,7 +120,8 @@ fn guest_script() -> String {
         ));
     }
     s.push_str(&format!(
-        r#"S=/opt/vsock/socat
+        r#"# Every socat is bounded: a host side that gave up fails the guest instead of hanging it.
+S="timeout 120 /opt/vsock/socat"
 pids=
 for i in $(seq 1 {UPLOADS}); do
     head -c {UP_LEN} /dev/urandom >/tmp/up$i
@@ -171,7 +174,7 @@ fn host_connect(path: &Path, port: u32, deadline: Instant) -> Result<(UnixStream
 /// The host side of the test, on its own thread: takes the uploads on `PATH_1234` (each read
 /// on its own thread, all at once), then talks to the guest's echo and download listeners.
 /// Returns the uploads.
-fn host_side(path: PathBuf, upload: UnixListener) -> Result<Vec<Vec<u8>>, String> {
+fn host_side(path: PathBuf, upload: UnixListener, pid: u32) -> Result<Vec<Vec<u8>>, String> {
     let deadline = Instant::now() + TIMEOUT;
     let mut readers = Vec::new();
     for _ in 0..UPLOADS {
@@ -191,6 +194,11 @@ fn host_side(path: PathBuf, upload: UnixListener) -> Result<Vec<Vec<u8>>, String
     }
 
     let (mut echo, port) = host_connect(&path, 5001, deadline)?;
+    // While the guest is served: the control, signal and queue worker threads at least.
+    let threads = check_confined(pid)?;
+    if threads < 3 {
+        return Err(format!("only {threads} daemon threads"));
+    }
     if port < 1024 {
         return Err(format!("host port {port}"));
     }
@@ -220,6 +228,64 @@ fn host_side(path: PathBuf, upload: UnixListener) -> Result<Vec<Vec<u8>>, String
     Ok(ups)
 }
 
+/// `pid` and its descendants (the pid-namespace parent forks the confined child).
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", all[i])).into_iter();
+        for t in tasks.flatten().flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            all.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    all
+}
+
+/// Every thread of the daemon (its queue worker included, while a guest is served) runs
+/// under seccomp with no_new_privs and no capability; returns the threads checked.
+fn check_confined(pid: u32) -> Result<usize, String> {
+    let field = |status: &str, name: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let mut threads = 0;
+    for p in process_tree(pid) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+                continue;
+            };
+            let who = format!(
+                "pid {p} thread {:?} ({})",
+                t.file_name(),
+                field(&status, "Name")
+            );
+            for (name, want) in [
+                ("Seccomp", "2"),
+                ("NoNewPrivs", "1"),
+                ("CapEff", "0000000000000000"),
+            ] {
+                if field(&status, name) != want {
+                    return Err(format!("{who}: {name} {}", field(&status, name)));
+                }
+            }
+            threads += 1;
+        }
+    }
+    Ok(threads)
+}
+
 fn fail(what: &str, run: Option<&GuestRun>, daemon: &Daemon) -> ! {
     panic!(
         "{what}\n--- guest ---\n{}\n--- rqemu-vsock log ---\n{}",
@@ -243,13 +309,8 @@ fn boot_guest(assets: &GuestAssets, dir: &Path, vhost: &Path, daemon: &Daemon) -
     for (path, bytes) in socat_files() {
         vm = vm.file(&path, 0o755, bytes);
     }
-    let run = vm
-        .run()
-        .unwrap_or_else(|e| fail(&e.to_string(), None, daemon));
-    if let Err(e) = run.expect_success() {
-        fail(&format!("guest failed: {e}"), Some(&run), daemon);
-    }
-    run
+    vm.run()
+        .unwrap_or_else(|e| fail(&e.to_string(), None, daemon))
 }
 
 fn check_run(boot: u32, run: &GuestRun, ups: &[Vec<u8>], daemon: &Daemon) {
@@ -318,13 +379,16 @@ fn guest_and_host_connect_both_ways_over_hybrid_vsock() {
     .unwrap_or_else(|e| panic!("{e}"));
     // Created after the daemon confined itself: reachable through the kept directory.
     let upload = UnixListener::bind(dir.path().join("v.sock_1234")).unwrap();
+    let mode = std::fs::metadata(&uds).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "--uds-path socket mode");
     // Two guests in turn on one daemon: the second finds it ready again (connections of the
     // first reset, the host sockets' epoll polled by the new connection's worker).
     for boot in 1..=2 {
         let host = {
             let uds = uds.clone();
             let upload = upload.try_clone().unwrap();
-            std::thread::spawn(move || host_side(uds, upload))
+            let pid = daemon.pid();
+            std::thread::spawn(move || host_side(uds, upload, pid))
         };
         let run = boot_guest(&assets, dir.path(), &vhost, &daemon);
         let ups = match host.join() {
@@ -332,6 +396,14 @@ fn guest_and_host_connect_both_ways_over_hybrid_vsock() {
             Ok(Err(e)) => fail(&format!("boot {boot}: host side: {e}"), Some(&run), &daemon),
             Err(_) => fail("host side panicked", Some(&run), &daemon),
         };
+        // The host side first: its error explains a guest that gave up waiting.
+        if let Err(e) = run.expect_success() {
+            fail(
+                &format!("boot {boot}: guest failed: {e}"),
+                Some(&run),
+                &daemon,
+            );
+        }
         check_run(boot, &run, &ups, &daemon);
     }
     // The daemon notices the second frontend's departure on its own time: wait for its line.
