@@ -18,9 +18,11 @@ them): valid inputs that take each fuzz target past its first checks.
 - vhost_user_backend: vhost-user frontend sessions (negotiation, config, memory table, queue
   set-up and start, stop, memory regions added and removed, replies asked for);
 - virtio_mmio: a virtio-mmio driver's register sequence (reset, feature negotiation, queue
-  set-up, DRIVER_OK, notify, config accesses) as 8-byte accesses.
+  set-up, DRIVER_OK, notify, config accesses) as 8-byte accesses;
+- vsock_session: rqemu-vsock guest sessions (guest and host connections, data, credit,
+  shutdown, refusals, invalid packets) in rqemu_vsock_backend::fuzz's command layout.
 
-Usage: fuzz/gen_corpus.py [qcow2|blk|fuse|net|fwd|mmio|vhost]...   (qcow2 needs qemu-img and qemu-io)
+Usage: fuzz/gen_corpus.py [qcow2|blk|fuse|net|fwd|mmio|vhost|vsock]...   (qcow2 needs qemu-img and qemu-io)
 """
 
 import os
@@ -444,7 +446,45 @@ GENERATORS = {
     "fwd": (("fwd_to_daemon", "fwd_to_vmm"), lambda: fwd_seeds()),
     "mmio": (("virtio_mmio",), lambda: mmio_seeds()),
     "vhost": (("vhost_user_backend",), lambda: vhost_seeds()),
+    "vsock": (("vsock_session",), lambda: vsock_seeds()),
 }
+
+
+# ---------------------------------------------------------------- vsock
+
+
+def vsock_seeds():
+    # Commands of rqemu_vsock_backend::fuzz: 0 guest packet, 1 RX buffer, 2 host events,
+    # 3 host data, 4 host CONNECT.
+    OP = dict(request=1, response=2, rst=3, shutdown=4, rw=5, credit_update=6, credit_request=7)
+
+    def pkt(op, src_port, dst_port, payload=b"", flags=0, buf_alloc=65536, fwd_cnt=0, src_cid=3,
+            dst_cid=2, typ=1):
+        h = struct.pack("<QQIIIHHIII", src_cid, dst_cid, src_port, dst_port, len(payload), typ,
+                        OP[op], flags, buf_alloc, fwd_cnt)
+        p = h + payload
+        return bytes([0]) + struct.pack("<H", len(p)) + p
+
+    rx = lambda room=4096: bytes([1]) + struct.pack("<H", room)  # noqa: E731
+    events = bytes([2])
+    host_data = lambda n: bytes([3, n])  # noqa: E731
+    connect = lambda port: bytes([4, port])  # noqa: E731
+    drain = rx() * 4
+
+    put("vsock_session", "guest-connect-rw",
+        pkt("request", 1000, 1) + drain + pkt("rw", 1000, 1, b"hello") + host_data(50)
+        + events + drain + pkt("shutdown", 1000, 1, flags=3) + drain)
+    put("vsock_session", "guest-refused", pkt("request", 1000, 7) + drain)
+    put("vsock_session", "host-connect",
+        connect(9) + events + drain + pkt("response", 9, 1 << 30) + host_data(20) + events + drain
+        + pkt("rst", 9, 1 << 30) + drain)
+    put("vsock_session", "credit",
+        pkt("request", 1000, 2, buf_alloc=10) + drain + host_data(100) + events + drain
+        + pkt("credit_update", 1000, 2, buf_alloc=100, fwd_cnt=10) + drain
+        + pkt("credit_request", 1000, 2) + drain)
+    put("vsock_session", "bad-packets",
+        pkt("rw", 1, 2, b"x") + pkt("request", 1, 2, src_cid=9) + pkt("request", 1, 2, typ=2)
+        + bytes([0, 10, 0]) + bytes(10) + drain)
 
 
 # ---------------------------------------------------------------- vhost-user

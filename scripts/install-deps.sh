@@ -7,7 +7,8 @@
 #   - acpica-tools (iasl: cross-checks our ACPI tables), busybox-static, cpio, xz-utils, lz4, zstd, kmod, binutils (readelf), util-linux
 #     (blkdiscard/fallocate copied into the guest), gzip, iproute2 — for scripts/guest-assets.sh,
 #     systemd (systemd-analyze, systemd-socket-activate: the unit and socket-activation tests),
-#     bzip2, coreutils, bc, mawk (real dynamically linked programs the TCG tests run in the guest)
+#     bzip2, coreutils, bc, mawk (real dynamically linked programs the TCG tests run in the guest),
+#     socat (the guest end of the vsock e2e test: VSOCK-CONNECT/VSOCK-LISTEN)
 #     and the tests.
 #
 # Run as root (or with sudo available). Output is quiet; on failure the apt log is printed.
@@ -28,7 +29,7 @@ BPO_PKGS=(qemu-system-x86 qemu-utils)
 BPO_MIN_VERSION="1:10"
 # Packages from the main suite.
 MAIN_PKGS=(busybox-static cpio xz-utils lz4 zstd kmod binutils util-linux gzip iproute2 acpica-tools
-    systemd bzip2 coreutils bc mawk)
+    systemd bzip2 coreutils bc mawk socat)
 
 log() { printf 'install-deps: %s\n' "$*"; }
 die() { printf 'install-deps: ERROR: %s\n' "$*" >&2; exit 1; }

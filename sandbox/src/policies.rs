@@ -124,6 +124,25 @@ pub fn fs(shared_dir: impl Into<std::path::PathBuf>, writable: bool) -> Policy {
     p
 }
 
+/// rqemu-vsock: the vhost-user listener and the host-side `PATH` listener are open; the queue
+/// worker accepts host connections on `PATH` and connects new AF_UNIX sockets to `PATH_<port>`
+/// for guest connections (`socket`/`connect`: the daemon adds the directory of `PATH` as a kept
+/// socket directory, bind-mounted at the same path in `--sandbox namespace`), reads and writes
+/// them (`recvfrom`/`sendto`, `shutdown`), polls them in its epoll instance. No capabilities.
+pub fn vsock() -> Policy {
+    policy(
+        "rqemu-vsock",
+        vec![
+            (ThreadKind::Control, vhost_control()),
+            (
+                ThreadKind::Queue,
+                list(&[Epoll, SocketMsg, Accept, UnixSockets]),
+            ),
+            (ThreadKind::Signal, list(&[])),
+        ],
+    )
+}
+
 /// The forwarding-protocol control thread: accept, the SEQPACKET handshake (recvmsg with the
 /// ring memfd and doorbell eventfds), map the rings, start ring workers.
 fn forwarding_control() -> AllowList {
@@ -230,6 +249,7 @@ pub fn by_name(name: &str, shared_dir: Option<&std::path::Path>) -> Option<Polic
         "fs" => fs(shared_dir?, true),
         "serial" => serial(),
         "rtc" => rtc(),
+        "vsock" => vsock(),
         "vmm-kvm" => vmm(VmmAccel::Kvm {
             vcpu_ioctls: Vec::new(),
             vm_ioctls: Vec::new(),
@@ -245,7 +265,7 @@ mod tests {
     use crate::SeccompAction;
 
     fn all() -> Vec<Policy> {
-        ["blk", "net", "serial", "rtc", "vmm-kvm", "vmm-tcg"]
+        ["blk", "net", "serial", "rtc", "vsock", "vmm-kvm", "vmm-tcg"]
             .iter()
             .map(|n| by_name(n, None).unwrap())
             .chain([fs("/srv", false)])
