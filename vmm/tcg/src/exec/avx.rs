@@ -255,7 +255,10 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         }
         M::Vcmpps | M::Vcmppd | M::Vcmpss | M::Vcmpsd => super::avx_cmp::exec(cx, ins)?,
         _ => {
-            if super::avx2::exec(cx, ins)? || super::avx_legacy::exec(cx, ins)? {
+            if super::avx2::exec(cx, ins)?
+                || super::fma::exec(cx, ins)?
+                || super::avx_legacy::exec(cx, ins)?
+            {
                 return Ok(());
             }
             return ud();

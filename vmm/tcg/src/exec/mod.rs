@@ -12,6 +12,7 @@ mod bits;
 mod bmi;
 mod control;
 mod ext;
+pub(crate) mod fma;
 mod mmx;
 mod muldiv;
 pub(crate) mod operand;

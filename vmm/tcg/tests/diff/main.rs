@@ -7,6 +7,7 @@ mod bmi;
 mod control;
 mod faults;
 mod features;
+mod fma;
 mod harness;
 mod host_quirks;
 mod mmx;
