@@ -8,6 +8,7 @@ mod control;
 mod faults;
 mod features;
 mod fma;
+mod gather;
 mod harness;
 mod host_quirks;
 mod mmx;
