@@ -62,7 +62,7 @@ fn avx2_gathers() {
             } else {
                 u128::from(off)
             };
-            let bit = (i * iw) as u32;
+            let bit = i * iw;
             if bit < 128 {
                 lo |= v << bit;
             } else {
