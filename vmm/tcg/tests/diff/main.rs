@@ -2,6 +2,7 @@
 
 mod addressing;
 mod avx;
+mod avx_audit;
 mod avx_table;
 mod bmi;
 mod control;
