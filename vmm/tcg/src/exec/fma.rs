@@ -12,8 +12,12 @@
 //! hardware. VCVTPS2PH's immediate is part of the encoding: bits 2:0 select one of eight
 //! native instructions (bits 7:3 are ignored by the hardware).
 
-use super::avx::{dst, set_v, src, to_bytes, width, Y};
+use super::avx::{dst, el, set_el, set_v, src, to_bytes, width, Y};
+use super::fma_unbounded::{fma_inexact, half_inexact};
 use super::sse_fp::{host_csr, merge_flags, FLAGS, UE};
+
+const OE: u32 = 0x08;
+const PE: u32 = 0x20;
 use super::{ud, Ctx, R};
 use iced_x86::{Instruction, Mnemonic as M, OpKind};
 use std::arch::asm;
@@ -155,12 +159,73 @@ pub(super) fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
     let a = src(cx, ins, 0, w, false)?;
     let b = src(cx, ins, 1, w, false)?;
     let c = src(cx, ins, 2, if scalar != 0 { scalar } else { w }, false)?;
-    let Some((r, f)) = with_ue(cx.s.mxcsr, |csr| host(m, [a, b, c], csr)) else {
+    let csr = cx.s.mxcsr;
+    let Some((r, mut f)) = with_ue(csr, |csr| host(m, [a, b, c], csr)) else {
         return ud();
     };
+    if f & post_unmasked(csr) != 0 {
+        f = (f & !PE) | fma_pe(m, [a, b, c], csr, scalar != 0, w);
+    }
     merge_flags(cx, f)?;
     set_v(cx, d, y && scalar == 0, r);
     Ok(true)
+}
+
+/// The post-computation exceptions (OE, UE) unmasked in `csr`.
+fn post_unmasked(csr: u32) -> u32 {
+    !(csr >> 7) & (OE | UE)
+}
+
+/// `v` with only element `i` (width `ew`) kept.
+fn lane(v: Y, ew: u32, i: u32) -> Y {
+    let mut r = [0, 0];
+    set_el(&mut r, ew, i, el(v, ew, i));
+    r
+}
+
+/// PE of FMA `m` on `v` when an unmasked OE/UE was raised: per lane, the unbounded-exponent
+/// inexactness where that lane overflowed or underflowed, else the lane's own PE.
+fn fma_pe(m: M, v: [Y; 3], csr: u32, scalar: bool, w: usize) -> u32 {
+    let name = format!("{m:?}").to_lowercase();
+    let single = name.ends_with('s');
+    let ew = if single { 32 } else { 64 };
+    let n = if scalar { 1 } else { w as u32 * 8 / ew };
+    let daz = csr & 0x40 != 0;
+    // Multiplicands and addend among (destination, vvvv, r/m).
+    let (ia, ib, ic) = if name.contains("132") {
+        (0, 2, 1)
+    } else if name.contains("213") {
+        (1, 0, 2)
+    } else {
+        (1, 2, 0)
+    };
+    let mut pe = 0;
+    for i in 0..n {
+        let vi = if scalar {
+            v
+        } else {
+            [lane(v[0], ew, i), lane(v[1], ew, i), lane(v[2], ew, i)]
+        };
+        let Some((_, fl)) = with_ue(csr, |c| host(m, vi, c)) else {
+            continue;
+        };
+        if fl & post_unmasked(csr) == 0 {
+            pe |= fl & PE;
+            continue;
+        }
+        let sub = if name.starts_with("vfmaddsub") {
+            i % 2 == 0
+        } else if name.starts_with("vfmsubadd") {
+            i % 2 == 1
+        } else {
+            name.starts_with("vfmsub") || name.starts_with("vfnmadd")
+        };
+        let (a, b, c) = (el(v[ia], ew, i), el(v[ib], ew, i), el(v[ic], ew, i));
+        if fma_inexact(a, b, c, sub, single, daz) {
+            pe = PE;
+        }
+    }
+    pe
 }
 
 /// VCVTPH2PS / VCVTPS2PH.
@@ -190,7 +255,7 @@ fn f16c(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     let s = src(cx, ins, 1, w, false)?;
     let imm = ins.immediate(2) as u8 & 7;
     let y = w == 32;
-    let run = |csr: u32| {
+    let run = |s: Y, csr: u32| {
         let mut b = [[0u8; 32], to_bytes(s), [0u8; 32]];
         let mut c = [host_csr(csr), 0u32];
         macro_rules! by_imm {
@@ -214,9 +279,26 @@ fn f16c(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         }
         Some((super::avx::from_bytes(&b[0]), c[0] & FLAGS))
     };
-    let Some((r, f)) = with_ue(csr, run) else {
+    let Some((r, mut f)) = with_ue(csr, |c| run(s, c)) else {
         return ud();
     };
+    if f & post_unmasked(csr) != 0 {
+        // Per lane as in `fma_pe`.
+        let mut pe = 0;
+        for i in 0..(w as u32 / 4) {
+            let Some((_, fl)) = with_ue(csr, |c| run(lane(s, 32, i), c)) else {
+                continue;
+            };
+            pe |= if fl & post_unmasked(csr) == 0 {
+                fl & PE
+            } else if half_inexact(el(s, 32, i) as u32, csr & 0x40 != 0) {
+                PE
+            } else {
+                0
+            };
+        }
+        f = (f & !PE) | pe;
+    }
     merge_flags(cx, f)?;
     let n = w / 2;
     if ins.op0_kind() == OpKind::Register {

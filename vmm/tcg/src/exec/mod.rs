@@ -13,6 +13,7 @@ mod bmi;
 mod control;
 mod ext;
 pub(crate) mod fma;
+mod fma_unbounded;
 mod mmx;
 mod muldiv;
 pub(crate) mod operand;

@@ -1,6 +1,6 @@
 //! FMA3 and F16C differential cases: every FMA opcode (132/213/231, PS/PD/SS/SD, 128 and 256
 //! bits) and VCVTPH2PS/VCVTPS2PH with special lanes, random rounding modes, DAZ/FTZ and
-//! unmasked IE/DE/ZE/PE (#XM and the MXCSR flags compared with the host).
+//! unmasked exceptions (#XM and the MXCSR flags compared with the host).
 
 use super::avx::have;
 use super::avx_table::{run, I, L0, N, V, W1, XM};
