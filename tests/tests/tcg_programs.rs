@@ -152,16 +152,19 @@ fn debian_programs_match_the_host_under_tcg() {
         "the guest script did not finish\n{report}"
     );
 
-    // glibc in the guest must see x86-64-v2 (SSE3 to SSE4.2, POPCNT, CX16, LAHF).
+    // glibc in the guest must see x86-64-v2 (SSE3 to SSE4.2, POPCNT, CX16, LAHF) and
+    // x86-64-v3 (AVX, AVX2, BMI1/2, FMA, F16C, LZCNT, MOVBE, OSXSAVE).
     let isa: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("ISA x86-64-v"))
         .collect();
-    assert!(
-        isa.iter()
-            .any(|l| l.contains("x86-64-v2 (supported, searched)")),
-        "glibc does not consider the software CPU x86-64-v2: {isa:?}\n{report}"
-    );
+    for level in ["x86-64-v2", "x86-64-v3"] {
+        assert!(
+            isa.iter()
+                .any(|l| l.contains(&format!("{level} (supported, searched)"))),
+            "glibc does not consider the software CPU {level}: {isa:?}\n{report}"
+        );
+    }
     eprintln!("tcg_programs: glibc-hwcaps in the guest: {isa:?}");
 
     let mut bad = Vec::new();

@@ -8,8 +8,9 @@ const BRAND: &[u8; 48] = b"rqemu TCG x86-64 software CPU\0\0\0\0\0\0\0\0\0\0\0\0
 
 /// Leaf 1 EAX: family 6, model 0x86 (Tremont, the Atom core of Snow Ridge: x86-64-v2 with
 /// MOVBE, RDRAND, RDSEED, CLFLUSHOPT, CLWB, RDPID and no AVX, as QEMU's `Snowridge`
-/// model), stepping 1. Tremont lacks LZCNT and BMI1/BMI2, which this CPU adds (no kernel or
-/// glibc path keys on that combination); with AVX2 the identity should become Haswell's.
+/// model), stepping 1. Tremont lacks LZCNT, BMI1/BMI2 and AVX/AVX2/FMA/F16C, which this CPU adds
+/// (the kernel and glibc key their choices on the feature bits, not on this model; a
+/// Haswell identity would fit the features better but brings its errata paths).
 pub const SIGNATURE: u32 = (0x8 << 16) | (6 << 8) | (0x6 << 4) | 1;
 
 /// Leaf 1 EDX: FPU, PSE, TSC, MSR, PAE, CX8, APIC, PGE, CMOV, PAT, CLFSH, MMX, FXSR, SSE,
@@ -29,8 +30,9 @@ pub const LEAF1_EDX: u32 = (1 << 0)
     | (1 << 24)
     | (1 << 25)
     | (1 << 26);
-/// Leaf 1 ECX: SSE3, SSSE3, CX16, SSE4.1, SSE4.2, MOVBE, POPCNT, XSAVE, RDRAND, hypervisor
-/// (OSXSAVE, bit 27, mirrors CR4.OSXSAVE: see [`cpuid_for`]).
+/// Leaf 1 ECX: SSE3, SSSE3, CX16, SSE4.1, SSE4.2, MOVBE, POPCNT, XSAVE, AVX, RDRAND,
+/// hypervisor (OSXSAVE, bit 27, mirrors CR4.OSXSAVE: see [`cpuid_for`]; FMA and F16C are
+/// added when the host has them: [`LEAF1_ECX_HOST`]).
 pub const LEAF1_ECX: u32 = (1 << 0)
     | (1 << 9)
     | (1 << 13)
@@ -39,15 +41,31 @@ pub const LEAF1_ECX: u32 = (1 << 0)
     | (1 << 22)
     | (1 << 23)
     | (1 << 26)
+    | (1 << 28)
     | (1 << 30)
     | (1 << 31);
+/// Leaf 1 ECX: FMA (bit 12) and F16C (bit 29), which run on the host's units
+/// (`exec/fma.rs`): advertised only when the host has them.
+pub const LEAF1_ECX_HOST: u32 = (1 << 12) | (1 << 29);
+
+/// Leaf 1 ECX as advertised on this host.
+fn leaf1_ecx() -> u32 {
+    let mut ecx = LEAF1_ECX;
+    if crate::exec::fma::host_fma() {
+        ecx |= 1 << 12;
+    }
+    if crate::exec::fma::host_f16c() {
+        ecx |= 1 << 29;
+    }
+    ecx
+}
 /// Leaf 1 ECX: OSXSAVE.
 pub const OSXSAVE: u32 = 1 << 27;
-/// Leaf 7 subleaf 0 EBX: TSC_ADJUST, BMI1, BMI2, ERMS (REP MOVSB/STOSB), RDSEED, CLFLUSHOPT,
-/// CLWB. With the invariant TSC, TSC_ADJUST lets Linux trust the TSC without its clocksource
+/// Leaf 7 subleaf 0 EBX: TSC_ADJUST, BMI1, AVX2, BMI2, ERMS (REP MOVSB/STOSB), RDSEED,
+/// CLFLUSHOPT, CLWB. With the invariant TSC, TSC_ADJUST lets Linux trust the TSC without its clocksource
 /// watchdog (which compares against jiffies, and those lag on a slow software CPU).
 pub const LEAF7_EBX: u32 =
-    (1 << 1) | (1 << 3) | (1 << 8) | (1 << 9) | (1 << 18) | (1 << 23) | (1 << 24);
+    (1 << 1) | (1 << 3) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 18) | (1 << 23) | (1 << 24);
 /// Leaf 7 subleaf 0 ECX: RDPID.
 pub const LEAF7_ECX: u32 = 1 << 22;
 /// Leaf 0x80000001 EDX: SYSCALL, NX, 1 GiB pages, RDTSCP, LM.
@@ -107,7 +125,7 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
             le(&VENDOR[4..8]),
         ],
         // CLFLUSH line 64 bytes, 1 logical CPU, APIC ID 0.
-        1 => [SIGNATURE, (8 << 8) | (1 << 16), LEAF1_ECX, LEAF1_EDX],
+        1 => [SIGNATURE, (8 << 8) | (1 << 16), leaf1_ecx(), LEAF1_EDX],
         // One round; descriptor 0xFF: "use leaf 4".
         2 => [0x0000_FF01, 0, 0, 0],
         4 => CACHES.get(subleaf as usize).copied().unwrap_or([0; 4]),

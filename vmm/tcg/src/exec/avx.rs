@@ -6,7 +6,7 @@
 //! F16C to [`super::fma`].
 
 use super::avx_legacy::{get_y, vreg};
-use super::operand::set_reg;
+use super::operand::{get_reg, set_reg};
 use super::{gp, ud, vec, Ctx, Event, R};
 use crate::flags::{CF, ZF};
 use crate::state::{cr0, cr4};
@@ -254,8 +254,44 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             set_reg(cx.s, ins.op0_register(), r);
         }
         M::Vcmpps | M::Vcmppd | M::Vcmpss | M::Vcmpsd => super::avx_cmp::exec(cx, ins)?,
+        M::Vmovss | M::Vmovsd if ins.op_count() == 3 && ins.op2_kind() == OpKind::Register => {
+            // Register forms (0F10 and 0F11): the low element of operand 2, the rest of
+            // operand 1's low 128 bits.
+            let (d, _) = dst(ins)?;
+            let a = src(cx, ins, 1, 16, false)?[0];
+            let b = src(cx, ins, 2, 16, false)?[0];
+            let lo: u128 = if m == M::Vmovss {
+                0xFFFF_FFFF
+            } else {
+                u128::from(u64::MAX)
+            };
+            set_v(cx, d, false, [(a & !lo) | (b & lo), 0]);
+        }
+        M::Vmaskmovdqu => {
+            // Bytes of operand 1 whose operand-2 byte has its sign bit set, to [DS:rDI].
+            let v = src(cx, ins, 1, 16, false)?[0];
+            let mask = src(cx, ins, 2, 16, false)?[0];
+            let mut di = get_reg(cx.s, iced_x86::Register::RDI);
+            if ins.op0_kind() == OpKind::MemorySegEDI {
+                di &= 0xFFFF_FFFF;
+            }
+            let va = cx.seg_base(ins.memory_segment()).wrapping_add(di);
+            for i in 0..16 {
+                if (mask >> (8 * i + 7)) & 1 != 0 {
+                    cx.check_write(va.wrapping_add(i), 1)?;
+                }
+            }
+            for i in 0..16 {
+                if (mask >> (8 * i + 7)) & 1 != 0 {
+                    cx.write(va.wrapping_add(i), 1, (v >> (8 * i)) as u64 & 0xFF)?;
+                }
+            }
+        }
         _ => {
-            if super::avx2::exec(cx, ins)? || super::avx_legacy::exec(cx, ins)? {
+            if super::avx2::exec(cx, ins)?
+                || super::fma::exec(cx, ins)?
+                || super::avx_legacy::exec(cx, ins)?
+            {
                 return Ok(());
             }
             return ud();

@@ -2,8 +2,10 @@
 //! variable shifts VPSLLV*/VPSRLV*/VPSRAVD, and the gathers (VGATHER*/VPGATHER*).
 
 use super::avx::{dst, el, set_el, set_v, src, width};
-use super::{Ctx, R};
-use iced_x86::{Instruction, Mnemonic as M};
+use super::avx_legacy::{get_y, vreg};
+use super::operand::get_reg;
+use super::{ud, Ctx, R};
+use iced_x86::{Instruction, Mnemonic as M, Register};
 
 /// Runs `ins` if it is one of this module's instructions (`Ok(false)` otherwise).
 pub(super) fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
@@ -66,7 +68,90 @@ pub(super) fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
             }
             set_v(cx, d, y, r);
         }
+        M::Vgatherdps
+        | M::Vgatherdpd
+        | M::Vgatherqps
+        | M::Vgatherqpd
+        | M::Vpgatherdd
+        | M::Vpgatherdq
+        | M::Vpgatherqd
+        | M::Vpgatherqq => gather(cx, ins)?,
         _ => return Ok(false),
     }
     Ok(true)
+}
+
+/// VGATHER*/VPGATHER*: elements are processed in order, those whose mask element has its
+/// sign bit set loaded into the destination, and every processed element's mask element
+/// cleared (set or not), so a fault on element k leaves elements < k done and the rest of
+/// both registers untouched (no VEX.128 zeroing: as the host does it) and the instruction
+/// restartable. On completion the whole mask register is zero, and so are the destination's
+/// bits beyond the gathered elements. #UD when any two of the destination, index
+/// and mask registers are the same.
+fn gather(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
+    let m = ins.mnemonic();
+    let idx_q = matches!(
+        m,
+        M::Vgatherqps | M::Vgatherqpd | M::Vpgatherqd | M::Vpgatherqq
+    );
+    let data_q = matches!(
+        m,
+        M::Vgatherdpd | M::Vgatherqpd | M::Vpgatherdq | M::Vpgatherqq
+    );
+    let (Some((d, dy)), Some((k, ky)), Some((x, xy))) = (
+        vreg(ins.op0_register()),
+        vreg(ins.op2_register()),
+        vreg(ins.memory_index()),
+    ) else {
+        return ud();
+    };
+    if d == k || d == x || k == x {
+        return ud();
+    }
+    let (iw, dw) = (if idx_q { 64 } else { 32 }, if data_q { 64 } else { 32 });
+    let n = (if xy { 256 } else { 128 } / iw).min(if dy { 256 } else { 128 } / dw);
+    // Base + displacement (the index is a vector: added per element).
+    let mut base = ins.memory_displacement64();
+    let mut a32 = false;
+    let b = ins.memory_base();
+    if b != Register::None {
+        a32 = b.is_gpr32();
+        base = base.wrapping_add(get_reg(cx.s, b));
+    }
+    let scale = ins.memory_index_scale().trailing_zeros();
+    let seg = cx.seg_base(ins.memory_segment());
+    let index = get_y(cx, x);
+    let mut v = get_y(cx, d);
+    let mut mask = get_y(cx, k);
+    for i in 0..n {
+        if el(mask, dw, i) >> (dw - 1) != 0 {
+            let off = el(index, iw, i);
+            let off = if iw == 32 {
+                off as u32 as i32 as i64 as u64
+            } else {
+                off
+            };
+            let mut ea = base.wrapping_add(off << scale);
+            if a32 {
+                ea &= 0xFFFF_FFFF;
+            }
+            match cx.read(seg.wrapping_add(ea), (dw / 8) as u8) {
+                Ok(val) => set_el(&mut v, dw, i, val),
+                Err(e) => {
+                    // Only the completed elements change: no VEX.128 zeroing on a fault.
+                    set_v(cx, d, true, v);
+                    set_v(cx, k, true, mask);
+                    return Err(e);
+                }
+            }
+        }
+        set_el(&mut mask, dw, i, 0);
+    }
+    // Elements beyond those gathered (QPS/PQD with a 128-bit index) are zero.
+    for i in n..(if dy { 256 } else { 128 } / dw) {
+        set_el(&mut v, dw, i, 0);
+    }
+    set_v(cx, d, dy, v);
+    set_v(cx, k, ky, [0, 0]);
+    Ok(())
 }

@@ -160,7 +160,8 @@ fn operand(cx: &mut Ctx<'_>, ins: &Instruction, i: u32) -> R<Src> {
                 Src::Mem(va)
             }
         }
-        _ => Src::Imm(ins.immediate(i) as u8),
+        OpKind::Immediate8 | OpKind::Immediate8_2nd => Src::Imm(ins.immediate(i) as u8),
+        _ => return super::ud(),
     })
 }
 

@@ -12,6 +12,8 @@ mod bits;
 mod bmi;
 mod control;
 mod ext;
+pub(crate) mod fma;
+mod fma_unbounded;
 mod mmx;
 mod muldiv;
 pub(crate) mod operand;

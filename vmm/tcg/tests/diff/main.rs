@@ -2,11 +2,14 @@
 
 mod addressing;
 mod avx;
+mod avx_audit;
 mod avx_table;
 mod bmi;
 mod control;
 mod faults;
 mod features;
+mod fma;
+mod gather;
 mod harness;
 mod host_quirks;
 mod mmx;
