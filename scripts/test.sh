@@ -31,6 +31,16 @@ if [ -n "$dups" ]; then
 fi
 echo "no duplicate rust-vmm crate"
 
+step "security advisories (cargo audit against the RustSec database)"
+# The database is a git repository on github.com; crates.io alone does not carry it. Where it
+# cannot be fetched, say so loudly rather than pass in silence.
+if timeout 15 git ls-remote -q https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
+  command -v cargo-audit >/dev/null || cargo install --locked -q cargo-audit
+  cargo audit
+else
+  echo "ADVISORIES NOT CHECKED: the RustSec advisory database (github.com/rustsec/advisory-db) is unreachable from this machine" >&2
+fi
+
 step "format"
 cargo fmt --all -- --check
 step "clippy"
