@@ -8,66 +8,12 @@ mod support;
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use support::{on_both, payloads, project_binary, Accel};
-
-const T: Duration = Duration::from_secs(120);
-
-/// A daemon process, killed on drop.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn spawn(bin: &str, socket: &Path, extra: &[&str]) -> Daemon {
-        let child = Command::new(project_binary(bin))
-            .arg("--socket")
-            .arg(socket)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {bin}: {e}"));
-        let d = Daemon {
-            child,
-            socket: socket.to_path_buf(),
-        };
-        wait_until(&format!("{bin} listening"), || d.socket.exists());
-        d
-    }
-
-    fn rtc(dir: &Path) -> Daemon {
-        Daemon::spawn("rqemu-rtc", &dir.join("rtc.sock"), &[])
-    }
-
-    fn arg(&self) -> &str {
-        self.socket.to_str().unwrap()
-    }
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + T;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn read(p: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
-}
+use support::daemon::{read, wait_until, Daemon};
+use support::{on_both, payloads, Accel};
 
 /// Last `tick k=K sec=S` of `text`: (K, S).
 fn last_tick(text: &str) -> Option<(u64, u32)> {

@@ -8,6 +8,8 @@
 //! * `payload.bzimage` — setup header + the flat payload, loaded by linux-loader's BzImage.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
