@@ -4,7 +4,7 @@
 //! standard protocol: a `VHOST_USER_GET_CONFIG` (protocol feature CONFIG) at offset
 //! [`IDENTITY_OFFSET`] for [`IDENTITY_LEN`] bytes returns an identity block. That offset lies in
 //! the 4 KiB vhost-user config window but far beyond any virtio device's configuration space
-//! (virtio-blk: 60 bytes, virtio-net: 24, virtio-fs: 40), so it cannot clash with a real field.
+//! (virtio-blk: 60 bytes, virtio-net: 24, virtio-fs: 40, virtio-vsock: 8), so it cannot clash with a real field.
 //!
 //! A third-party backend answers such a request with an error (zero-size reply) or with bytes
 //! that do not start with [`MAGIC`]: the VMM then knows it is not an rqemu daemon and asks the
@@ -17,7 +17,7 @@
 //! | 0 | 8 | magic `"RQEMUDEV"` |
 //! | 8 | 2 | identity version ([`VERSION`]) |
 //! | 10 | 2 | reserved, 0 |
-//! | 12 | 4 | virtio device ID (1 net, 2 blk, 26 fs) |
+//! | 12 | 4 | virtio device ID (1 net, 2 blk, 19 vsock, 26 fs) |
 //! | 16 | 32 | daemon name, UTF-8, NUL-padded |
 //! | 48 | 16 | reserved, 0 |
 //!
@@ -64,6 +64,8 @@ pub enum DeviceKind {
     Blk,
     /// virtio-fs (ID 26).
     Fs,
+    /// virtio-vsock (ID 19).
+    Vsock,
     /// Any other virtio device ID.
     Other(u32),
 }
@@ -75,6 +77,7 @@ impl DeviceKind {
             DeviceKind::Net => 1,
             DeviceKind::Blk => 2,
             DeviceKind::Fs => 26,
+            DeviceKind::Vsock => 19,
             DeviceKind::Other(id) => id,
         }
     }
@@ -85,6 +88,7 @@ impl DeviceKind {
             1 => DeviceKind::Net,
             2 => DeviceKind::Blk,
             26 => DeviceKind::Fs,
+            19 => DeviceKind::Vsock,
             other => DeviceKind::Other(other),
         }
     }
@@ -199,9 +203,23 @@ mod tests {
             DeviceKind::Net,
             DeviceKind::Blk,
             DeviceKind::Fs,
+            DeviceKind::Vsock,
             DeviceKind::Other(7),
         ] {
             assert_eq!(DeviceKind::from_virtio_id(k.virtio_id()), k);
         }
+        // The encoding is the virtio device ID: a block written as `Other(19)` by an older
+        // daemon reads as `Vsock`.
+        let old = Identity::new(DeviceKind::Other(19), "rqemu-vsock")
+            .unwrap()
+            .encode();
+        assert_eq!(old[12..16], 19u32.to_le_bytes());
+        assert_eq!(Identity::decode(&old).unwrap().kind, DeviceKind::Vsock);
+        assert_eq!(
+            Identity::new(DeviceKind::Vsock, "rqemu-vsock")
+                .unwrap()
+                .encode(),
+            old
+        );
     }
 }

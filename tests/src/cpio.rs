@@ -123,6 +123,39 @@ pub fn append_initramfs(base: &Path, extra: &[u8], out: &Path) -> Result<(), Cpi
     std::fs::write(out, bytes).map_err(io(out))
 }
 
+/// Writes `out` = the base initramfs plus an archive holding `files` (`(path, mode, bytes)`,
+/// parent directories created) and, when given, `script` as `/test.sh` (a `#!/bin/sh` line
+/// added; the guest's `/init` runs it and reports its status as `RQEMU-EXIT=`).
+pub fn test_initramfs(
+    base: &Path,
+    files: &[(String, u32, Vec<u8>)],
+    script: Option<&str>,
+    out: &Path,
+) -> Result<(), CpioError> {
+    let mut archive = CpioArchive::new();
+    let mut dirs: Vec<String> = Vec::new();
+    for (path, _, _) in files {
+        let mut parent = Path::new(path.trim_start_matches('/')).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            dirs.push(p.to_string_lossy().into_owned());
+            parent = p.parent();
+        }
+    }
+    dirs.sort();
+    dirs.dedup();
+    for d in &dirs {
+        archive.add_dir(d, 0o755)?;
+    }
+    for (path, mode, data) in files {
+        archive.add_file(path, *mode, data)?;
+    }
+    if let Some(script) = script {
+        let text = format!("#!/bin/sh\n{script}\n");
+        archive.add_file("test.sh", 0o755, text.as_bytes())?;
+    }
+    append_initramfs(base, &archive.finish(), out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@ pub mod paths;
 pub mod qemu;
 pub mod qemu_img;
 pub mod vmm;
+pub mod vsock;
 
 pub use daemon::Daemon;
 pub use paths::{project_binary, GuestAssets};

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::cpio::{append_initramfs, CpioArchive, CpioError};
+use crate::cpio::{test_initramfs, CpioError};
 use crate::paths::{host_tool, GuestAssets, PathError};
 
 /// The line `/init` prints first.
@@ -287,29 +287,13 @@ impl QemuVm {
         if self.script.is_none() && self.files.is_empty() {
             return Ok(self.assets.initramfs.clone());
         }
-        let mut archive = CpioArchive::new();
-        let mut dirs: Vec<String> = Vec::new();
-        for (path, _, _) in &self.files {
-            let mut parent = Path::new(path.trim_start_matches('/')).parent();
-            while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
-                dirs.push(p.to_string_lossy().into_owned());
-                parent = p.parent();
-            }
-        }
-        dirs.sort();
-        dirs.dedup();
-        for d in &dirs {
-            archive.add_dir(d, 0o755)?;
-        }
-        for (path, mode, data) in &self.files {
-            archive.add_file(path, *mode, data)?;
-        }
-        if let Some(script) = &self.script {
-            let text = format!("#!/bin/sh\n{script}\n");
-            archive.add_file("test.sh", 0o755, text.as_bytes())?;
-        }
         let out = self.work_dir.join("initramfs-test.img");
-        append_initramfs(&self.assets.initramfs, &archive.finish(), &out)?;
+        test_initramfs(
+            &self.assets.initramfs,
+            &self.files,
+            self.script.as_deref(),
+            &out,
+        )?;
         Ok(out)
     }
 

@@ -85,6 +85,13 @@ impl RqemuVm {
         self
     }
 
+    /// Boots this initrd instead of the shared one (e.g. built with
+    /// [`crate::cpio::test_initramfs`]).
+    pub fn initrd(mut self, initrd: &Path) -> Self {
+        self.initrd = Some(initrd.to_path_buf());
+        self
+    }
+
     /// Boots without an initrd.
     pub fn no_initrd(mut self) -> Self {
         self.initrd = None;

@@ -20,14 +20,15 @@
 //! Needs root, `scripts/install-deps.sh` (socat, QEMU 10), `scripts/guest-assets.sh`,
 //! `cargo build -p rqemu-vsock`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rqemu_e2e::net::{pattern, sha256_hex};
+use rqemu_e2e::vsock::{self, host_connect};
 use rqemu_e2e::{project_binary, Daemon, GuestAssets, GuestRun, QemuVm};
 
 const TIMEOUT: Duration = Duration::from_secs(900);
@@ -35,11 +36,6 @@ const UP_LEN: usize = 1 << 20;
 const UPLOADS: usize = 3;
 const ECHO_LEN: usize = 1 << 20;
 const DOWN_LEN: usize = 1 << 20;
-const MODULES: [&str; 3] = [
-    "vsock",
-    "vmw_vsock_virtio_transport_common",
-    "vmw_vsock_virtio_transport",
-];
 
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -50,75 +46,9 @@ fn require_root() {
     );
 }
 
-/// The vsock modules of the guest kernel, as `(name, bytes)`.
-fn modules(assets: &GuestAssets) -> Vec<(String, Vec<u8>)> {
-    let tree = assets.dir.join("kernel-tree/lib/modules");
-    let kver = std::fs::read_dir(&tree)
-        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/guest-assets.sh)", tree.display()))
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .next()
-        .unwrap_or_else(|| panic!("no kernel version under {}", tree.display()));
-    let dir = kver.join("kernel/net/vmw_vsock");
-    MODULES
-        .iter()
-        .map(|m| {
-            let ko = dir.join(format!("{m}.ko"));
-            let bytes = if ko.exists() {
-                std::fs::read(&ko).unwrap()
-            } else {
-                let xz = dir.join(format!("{m}.ko.xz"));
-                let out = Command::new("xz")
-                    .arg("-dc")
-                    .arg(&xz)
-                    .output()
-                    .unwrap_or_else(|e| panic!("xz -dc {}: {e}", xz.display()));
-                assert!(
-                    out.status.success(),
-                    "module {m} is in neither {} nor {}",
-                    ko.display(),
-                    xz.display()
-                );
-                out.stdout
-            };
-            (m.to_string(), bytes)
-        })
-        .collect()
-}
-
-/// `/usr/bin/socat` and its shared libraries, as `(guest path, bytes)`.
-fn socat_files() -> Vec<(String, Vec<u8>)> {
-    let socat = Path::new("/usr/bin/socat");
-    assert!(
-        socat.exists(),
-        "/usr/bin/socat missing: run scripts/install-deps.sh (Debian package socat)"
-    );
-    let ldd = Command::new("ldd").arg(socat).output().expect("ldd");
-    let mut files = vec![("opt/vsock/socat".to_string(), std::fs::read(socat).unwrap())];
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line
-                .split_whitespace()
-                .next()
-                .filter(|p| p.starts_with('/')),
-        };
-        if let Some(p) = path.filter(|p| p.starts_with('/')) {
-            let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
-            files.push((p.trim_start_matches('/').to_string(), bytes));
-        }
-    }
-    files
-}
-
 fn guest_script() -> String {
     let mut s = String::from("set -u\n");
-    for m in MODULES {
-        s.push_str(&format!(
-            "insmod /opt/vsock/{m}.ko || {{ echo 'insmod {m} failed'; exit 10; }}\n"
-        ));
-    }
+    s.push_str(&vsock::insmod_script());
     s.push_str(&format!(
         r#"# Every socat is bounded: a host side that gave up fails the guest instead of hanging it.
 S="timeout 120 /opt/vsock/socat"
@@ -143,32 +73,6 @@ echo "RQEMU-VAL down-len=$(wc -c </tmp/down)"
 "#
     ));
     s
-}
-
-/// `CONNECT port` on the daemon's socket until the guest accepts (its listener may not be up
-/// yet: a refusal closes the socket without `OK`). Returns the stream and the host port.
-fn host_connect(path: &Path, port: u32, deadline: Instant) -> Result<(UnixStream, u32), String> {
-    loop {
-        let mut s = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        s.write_all(format!("CONNECT {port}\n").as_bytes())
-            .map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
-        // One byte at a time would do too; BufReader may not read past the line since the
-        // guest sends nothing before the host does.
-        if r.read_line(&mut line).map_err(|e| e.to_string())? > 0 {
-            let host_port = line
-                .trim_end()
-                .strip_prefix("OK ")
-                .and_then(|p| p.parse().ok())
-                .ok_or_else(|| format!("bad answer {line:?}"))?;
-            return Ok((s, host_port));
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("guest port {port} never accepted"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// The host side of the test, on its own thread: takes the uploads on `PATH_1234` (each read
@@ -303,11 +207,8 @@ fn boot_guest(assets: &GuestAssets, dir: &Path, vhost: &Path, daemon: &Daemon) -
         .arg("-device")
         .arg("vhost-user-vsock-device,chardev=vsk")
         .script(&guest_script());
-    for (m, bytes) in modules(assets) {
-        vm = vm.file(&format!("opt/vsock/{m}.ko"), 0o644, bytes);
-    }
-    for (path, bytes) in socat_files() {
-        vm = vm.file(&path, 0o755, bytes);
+    for (path, mode, bytes) in vsock::guest_files(assets) {
+        vm = vm.file(&path, mode, bytes);
     }
     vm.run()
         .unwrap_or_else(|e| fail(&e.to_string(), None, daemon))

@@ -41,6 +41,8 @@ pub enum DeviceKind {
     Net,
     /// virtio-fs.
     Fs,
+    /// virtio-vsock.
+    Vsock,
     /// Discovered by the rqemu handshake.
     Auto,
 }
@@ -60,6 +62,7 @@ pub fn parse_device_socket(s: &str) -> Result<DeviceSocket, String> {
         Some(("blk", p)) => (DeviceKind::Blk, p),
         Some(("net", p)) => (DeviceKind::Net, p),
         Some(("fs", p)) => (DeviceKind::Fs, p),
+        Some(("vsock", p)) => (DeviceKind::Vsock, p),
         Some(("auto", p)) => (DeviceKind::Auto, p),
         _ => (DeviceKind::Auto, s),
     };
@@ -130,10 +133,10 @@ pub struct Cli {
     /// CPU accelerator.
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     pub accel: AccelArg,
-    /// Device daemon socket, `[blk|net|fs|auto:]PATH` (repeatable). Without a type the
+    /// Device daemon socket, `[blk|net|fs|vsock|auto:]PATH` (repeatable). Without a type the
     /// daemon is probed: a forwarding daemon (rqemu-serial, rqemu-rtc, ...) gets the windows
     /// it claims; a vhost-user daemon takes the next virtio-mmio window, its type read from
-    /// its rqemu identity (third-party daemons need `blk:`, `net:` or `fs:`).
+    /// its rqemu identity (third-party daemons need `blk:`, `net:`, `fs:` or `vsock:`).
     #[arg(long = "device-socket", value_parser = parse_device_socket)]
     pub device_sockets: Vec<DeviceSocket>,
     /// How register accesses reach forwarding daemons: per-vCPU shared-memory rings (the
@@ -180,6 +183,7 @@ impl Cli {
                     DeviceKind::Blk => Some(VhostUserKind::Blk),
                     DeviceKind::Net => Some(VhostUserKind::Net),
                     DeviceKind::Fs => Some(VhostUserKind::Fs),
+                    DeviceKind::Vsock => Some(VhostUserKind::Vsock),
                     DeviceKind::Auto => None,
                 };
                 Ok(DeviceSocketConfig {
@@ -265,9 +269,13 @@ mod tests {
             "/i",
             "--device-socket",
             "fs:/f",
+            "--device-socket",
+            "vsock:/v",
         ])
         .unwrap();
         let cfg = c.vm_config().unwrap();
+        assert_eq!(cfg.devices[1].kind, Some(VhostUserKind::Vsock));
+        assert_eq!(cfg.devices[1].socket, PathBuf::from("/v"));
         assert_eq!(cfg.boot.initrd, Some(PathBuf::from("/i")));
         assert_eq!(cfg.devices[0].kind, Some(VhostUserKind::Fs));
     }

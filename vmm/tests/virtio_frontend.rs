@@ -361,6 +361,42 @@ fn device_type_is_discovered_from_rqemu_daemons_only() {
         .expect("explicit type");
 }
 
+/// rqemu-vsock is discovered as virtio-vsock (type 19) or taken with an explicit type; its
+/// config space (`le64 guest_cid`) is the daemon's, and it has three queues (rx, tx, event).
+#[test]
+fn rqemu_vsock_is_fronted_with_the_daemons_guest_cid() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vsock.sock");
+    let mut child = Command::new(support::project_binary("rqemu-vsock"))
+        .arg("--socket")
+        .arg(&sock)
+        .args(["--guest-cid", "3735928559", "--sandbox", "none"])
+        .arg("--uds-path")
+        .arg(dir.path().join("v.sock"))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawning rqemu-vsock");
+    wait_socket(&sock, &mut child);
+    let d = Daemon(child, sock);
+    let ram = GuestRam::new(4 << 20).unwrap();
+    for kind in [None, Some(VhostUserKind::Vsock)] {
+        let dev = VhostUserDevice::open(kind, &d.1, ram.memory().clone()).expect("open");
+        let mut t = MmioTransport::new(Box::new(dev)).unwrap();
+        assert_eq!(r(&mut t, reg::DEVICE_ID), device_id::VSOCK);
+        let cid = u64::from(r(&mut t, reg::CONFIG)) | u64::from(r(&mut t, reg::CONFIG + 4)) << 32;
+        assert_eq!(cid, 0xdead_beef, "{kind:?}");
+        // Beyond the 8-byte config space: zeros, not the identity block or garbage.
+        assert_eq!(r(&mut t, reg::CONFIG + 8), 0);
+        let max: Vec<u32> = (0..4)
+            .map(|q| {
+                w(&mut t, reg::QUEUE_SEL, q);
+                r(&mut t, reg::QUEUE_NUM_MAX)
+            })
+            .collect();
+        assert!(max[..3].iter().all(|&m| m > 0) && max[3] == 0, "{max:?}");
+    }
+}
+
 /// Waits until `cond` holds (panics with `what` after [`TIMEOUT`]).
 fn wait_until(what: &str, cond: impl Fn() -> bool) {
     let start = Instant::now();

@@ -15,7 +15,6 @@ use rqemu_protocol::identity::DeviceKind;
 use rqemu_vsock_backend::queue::{process_rx, process_tx, QueueIoError};
 use rqemu_vsock_backend::{
     read_config, MuxError, MuxStats, Muxer, FEATURES, NUM_QUEUES, RX_QUEUE, TX_QUEUE,
-    VIRTIO_ID_VSOCK,
 };
 use vhost_user_backend::{VringRwLock, VringT};
 
@@ -27,11 +26,7 @@ const MAX_QUEUE_SIZE: usize = 1024;
 
 /// Wraps a muxer.
 pub fn new(mux: Muxer) -> VsockBackend {
-    QueueBackend::new(
-        VsockQueues::new(mux),
-        DeviceKind::Other(VIRTIO_ID_VSOCK),
-        "rqemu-vsock",
-    )
+    QueueBackend::new(VsockQueues::new(mux), DeviceKind::Vsock, "rqemu-vsock")
 }
 
 /// Errors of the queue worker.
@@ -178,8 +173,9 @@ mod tests {
         let id = Identity::decode(&id).unwrap();
         assert_eq!(
             (id.kind, id.name.as_str()),
-            (DeviceKind::Other(19), "rqemu-vsock")
+            (DeviceKind::Vsock, "rqemu-vsock")
         );
+        assert_eq!(id.kind.virtio_id(), rqemu_vsock_backend::VIRTIO_ID_VSOCK);
         assert_eq!(b.get_config(0, 8), 42u64.to_le_bytes().to_vec());
         assert_eq!(b.num_queues(), 3);
         assert_eq!(b.queues_per_thread(), vec![0b111]);

@@ -27,6 +27,8 @@ pub mod device_id {
     pub const NET: u32 = 1;
     /// Block device.
     pub const BLOCK: u32 = 2;
+    /// Socket device (virtio-vsock).
+    pub const VSOCK: u32 = 19;
     /// virtio-fs.
     pub const FS: u32 = 26;
 }

@@ -208,7 +208,7 @@ impl Conn {
             op: "device type discovery",
             msg: format!(
                 "{why}; this is not an rqemu daemon (or too old): give the type explicitly \
-                 (blk:PATH, net:PATH or fs:PATH)"
+                 (blk:PATH, net:PATH, fs:PATH or vsock:PATH)"
             ),
         };
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
@@ -232,6 +232,7 @@ impl Conn {
             identity::DeviceKind::Blk => VhostUserKind::Blk,
             identity::DeviceKind::Net => VhostUserKind::Net,
             identity::DeviceKind::Fs => VhostUserKind::Fs,
+            identity::DeviceKind::Vsock => VhostUserKind::Vsock,
             identity::DeviceKind::Other(n) => {
                 return Err(VirtioError::Backend {
                     path,

@@ -51,6 +51,8 @@ fn device(kind: VhostUserKind, bit: u32) -> Option<&'static str> {
         (VhostUserKind::Net, 17) => "NET_CTRL_VQ",
         (VhostUserKind::Net, 22) => "NET_MQ",
         (VhostUserKind::Fs, 0) => "FS_NOTIFICATION",
+        (VhostUserKind::Vsock, 0) => "VSOCK_STREAM",
+        (VhostUserKind::Vsock, 1) => "VSOCK_SEQPACKET",
         _ => return None,
     })
 }
@@ -79,5 +81,9 @@ mod tests {
         );
         assert_eq!(names(VhostUserKind::Net, 1 << 5), "NET_MAC (bit 5)");
         assert_eq!(names(VhostUserKind::Fs, 0), "");
+        assert_eq!(
+            names(VhostUserKind::Vsock, 1 << 1),
+            "VSOCK_SEQPACKET (bit 1)"
+        );
     }
 }

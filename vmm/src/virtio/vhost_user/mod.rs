@@ -41,6 +41,9 @@ pub enum VhostUserKind {
     Net,
     /// virtio-fs.
     Fs,
+    /// virtio-vsock: the daemon holds every connection; the VMM only relays its config
+    /// space (`guest_cid`).
+    Vsock,
 }
 
 impl VhostUserKind {
@@ -49,6 +52,7 @@ impl VhostUserKind {
             VhostUserKind::Blk => device_id::BLOCK,
             VhostUserKind::Net => device_id::NET,
             VhostUserKind::Fs => device_id::FS,
+            VhostUserKind::Vsock => device_id::VSOCK,
         }
     }
 
@@ -58,6 +62,8 @@ impl VhostUserKind {
             VhostUserKind::Blk => 60,
             VhostUserKind::Net => 12,
             VhostUserKind::Fs => 40,
+            // `le64 guest_cid`.
+            VhostUserKind::Vsock => 8,
         }
     }
 
@@ -67,6 +73,8 @@ impl VhostUserKind {
             VhostUserKind::Blk => 1,
             VhostUserKind::Net => 2,
             VhostUserKind::Fs => 2,
+            // rx, tx, event.
+            VhostUserKind::Vsock => 3,
         }
     }
 }
