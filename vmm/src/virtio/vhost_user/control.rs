@@ -40,7 +40,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::conn::{Conn, RingStart};
+use super::conn::{Conn, InflightDesc, InflightFd, InflightStep, RingStart};
 use super::features;
 use super::VhostUserKind;
 use crate::exit::ExitRequester;
@@ -84,6 +84,8 @@ pub struct ControlStatus {
     connected: AtomicBool,
     reconnects: AtomicU64,
     refusals: AtomicU64,
+    /// A duplicate of the inflight region's memfd (for inspection).
+    inflight: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 impl ControlStatus {
@@ -100,6 +102,18 @@ impl ControlStatus {
     /// How many restarted daemons were refused.
     pub fn refusals(&self) -> u64 {
         self.refusals.load(Ordering::Relaxed)
+    }
+
+    /// The inflight region (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`) of the current
+    /// activation, if the daemon tracks requests in flight: a new open file of its memfd, for
+    /// inspection (tests, debugging).
+    pub fn inflight_region(&self) -> Option<std::fs::File> {
+        let g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref().and_then(|f| f.try_clone().ok())
+    }
+
+    fn set_inflight(&self, f: Option<std::fs::File>) {
+        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) = f;
     }
 }
 
@@ -127,6 +141,8 @@ pub struct Control {
     calls: Vec<EventFd>,
     active: Option<Activation>,
     config_writes: Vec<(u32, Vec<u8>)>,
+    /// The inflight region of the current activation (with `INFLIGHT_SHMFD`).
+    inflight: Option<InflightFd>,
     status: Arc<ControlStatus>,
 }
 
@@ -165,6 +181,7 @@ impl Control {
             calls: Vec::new(),
             active: None,
             config_writes: Vec::new(),
+            inflight: None,
             status,
         }
     }
@@ -215,7 +232,9 @@ impl Control {
             }
             Command::Activate(a) => {
                 self.active = Some(a);
-                // A fresh activation: the driver's rings start at index 0.
+                // A fresh activation: the driver's rings start at index 0, and nothing is
+                // in flight (a new inflight region).
+                self.inflight = None;
                 match self.start(|_| 0) {
                     Ok(()) => self.kick(),
                     Err(e) => self.lost(&e.to_string()),
@@ -224,6 +243,8 @@ impl Control {
             Command::Reset => {
                 // A reset returns the config space to the daemon's defaults too.
                 self.config_writes.clear();
+                self.inflight = None;
+                self.status.set_inflight(None);
                 if let (Some(a), Some(c)) = (self.active.take(), self.conn.as_mut()) {
                     c.stop(a.queues.iter().map(|(i, _)| *i));
                 }
@@ -255,7 +276,22 @@ impl Control {
                 base: base(cfg),
             })
             .collect();
-        c.start(&self.mem, a.features, &rings, &self.kicks, &self.calls)
+        let step = match &self.inflight {
+            Some(r) => InflightStep::Handover(r),
+            None => InflightStep::Fresh(self.queues),
+        };
+        if let Some(r) = c.start(
+            &self.mem,
+            a.features,
+            &rings,
+            &self.kicks,
+            &self.calls,
+            step,
+        )? {
+            self.status.set_inflight(r.file.try_clone().ok());
+            self.inflight = Some(r);
+        }
+        Ok(())
     }
 
     /// Kicks every active ring once (what the guest signalled while no daemon had the kick
@@ -356,9 +392,16 @@ impl Control {
                 format!("q{i} at {used} ({} pending)", avail.wrapping_sub(used))
             })
             .collect();
+        let inflight = match &self.inflight {
+            Some(r) => format!(
+                "; inflight region ({:?}) handed over: the daemon resubmits what was in flight",
+                InflightDesc(&r.desc)
+            ),
+            None => String::new(),
+        };
         tracing::warn!(
             "vhost-user daemon at {} reconnected after {:.1?}: state replayed, rings resumed \
-             at their used index: [{}]",
+             at their used index: [{}]{inflight}",
             self.path.display(),
             down.since.elapsed(),
             bases.join(", ")
