@@ -238,17 +238,27 @@ impl Region {
         let Some(d) = self.desc(head).filter(|_| q < usize::from(self.queues)) else {
             return Ok(vring.add_used(head, len)?);
         };
+        self.batch_head(q, d, head);
+        vring.add_used(head, len)?;
+        let used = vring.get_ref().get_queue().next_used();
+        self.batch_done(q, d, used);
+        Ok(())
+    }
+
+    /// Before publishing `head` (at `d`): it heads the last batch.
+    fn batch_head(&self, q: usize, d: usize, head: u16) {
         let last = self.u16_at(q, 12);
         self.u16_at(q, d + 6)
             .store(last.load(Ordering::Relaxed), Ordering::Relaxed);
         last.store(head, Ordering::Release);
         fence(Ordering::SeqCst);
-        vring.add_used(head, len)?;
+    }
+
+    /// After publishing the batch headed by `d`: cleared, and the used index recorded.
+    fn batch_done(&self, q: usize, d: usize, used: u16) {
         fence(Ordering::SeqCst);
         self.u8_at(q, d).store(0, Ordering::Release);
-        let used = vring.get_ref().get_queue().next_used();
         self.u16_at(q, 14).store(used, Ordering::Release);
-        Ok(())
     }
 
     /// Recovery of queue `q` against the used ring index `used`: fixes the last batch,
@@ -467,4 +477,116 @@ fn chains_for(
         chains.push(c);
     }
     Ok(chains)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_resume_in_counter_order_and_a_published_batch_is_cleared() {
+        let r = Region::create(2, 16).unwrap();
+        assert_eq!(r.len(), 2 * queue_bytes(16));
+        assert_eq!(queue_bytes(16) % 64, 0);
+        for h in [5, 2, 9, 7] {
+            r.popped(1, h);
+        }
+        // Head 7 completed normally (used index 1).
+        let d7 = r.desc(7).unwrap();
+        r.batch_head(1, d7, 7);
+        r.batch_done(1, d7, 1);
+        // Head 2 published (used index 2) but the daemon died before clearing it.
+        r.batch_head(1, r.desc(2).unwrap(), 2);
+        // Out-of-range heads and queues are ignored.
+        r.popped(1, 16);
+        r.popped(9, 0);
+        // The frontend hands the same memfd to the next daemon.
+        let next = Region::map(r.fd().try_clone().unwrap(), r.len() as u64, 0, 2, 16).unwrap();
+        drop(r);
+        assert!(next.recover.iter().all(|f| f.load(Ordering::Relaxed)));
+        assert_eq!(next.recover(0, 0), Vec::<u16>::new(), "queue 0: nothing");
+        assert_eq!(next.recover(1, 2), vec![5, 9], "in counter order, 2 done");
+        // The recorded used index now matches; the counter goes on after the last one.
+        assert_eq!(next.recover(1, 2), vec![5, 9]);
+        next.popped(1, 3);
+        let d3 = next.desc(3).unwrap();
+        assert_eq!(next.u64_at(1, d3 + 8).load(Ordering::Relaxed), 4);
+        assert_eq!(next.recover(1, 2), vec![5, 9, 3]);
+    }
+
+    #[test]
+    fn a_region_that_does_not_fit_is_refused() {
+        let r = Region::create(1, 16).unwrap();
+        let fd = || r.fd().try_clone().unwrap();
+        assert!(Region::map(fd(), r.len() as u64, 0, 2, 16).is_err());
+        assert!(Region::map(fd(), r.len() as u64, 0, 0, 16).is_err());
+        assert!(Region::map(fd(), r.len() as u64, 0, 1, 0).is_err());
+        assert!(Region::map(fd(), r.len() as u64, 0, 1, 16).is_ok());
+    }
+
+    /// A ring of 16 at 0x1000 (desc), 0x2000 (avail), 0x3000 (used) in 64 KiB of memory.
+    fn ring() -> (GuestMemoryAtomic<GuestMemoryMmap>, VringRwLock) {
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(m);
+        let v = VringRwLock::new(atomic.clone(), 16).unwrap();
+        v.set_queue_size(16);
+        v.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
+        v.set_queue_ready(true);
+        (atomic, v)
+    }
+
+    #[test]
+    fn a_handed_over_region_resubmits_its_heads_before_new_requests() {
+        use vm_memory::Bytes;
+        let (atomic, vring) = ring();
+        let mem = atomic.memory();
+        // Descriptors 0..4: one-descriptor chains at 0x8000 + 0x100·i.
+        for i in 0..4u64 {
+            let base = GuestAddress(0x1000 + 16 * i);
+            mem.write_obj(0x8000 + 0x100 * i, base).unwrap();
+            mem.write_obj(0x10u32, base.unchecked_add(8)).unwrap();
+            mem.write_obj(0u16, base.unchecked_add(12)).unwrap();
+        }
+        // The driver made heads 0, 1, 2, 3 available; the dead daemon completed head 1
+        // (used idx 1) and left 2 and 0 in flight (popped in that order); head 3 was never
+        // popped.
+        for (slot, h) in [1u16, 2, 0, 3].iter().enumerate() {
+            mem.write_obj(*h, GuestAddress(0x2004 + 2 * slot as u64))
+                .unwrap();
+        }
+        mem.write_obj(4u16, GuestAddress(0x2002)).unwrap();
+        mem.write_obj(1u16, GuestAddress(0x3002)).unwrap();
+        let old = Region::create(1, 16).unwrap();
+        for h in [1, 2, 0] {
+            old.popped(0, h);
+        }
+        let d1 = old.desc(1).unwrap();
+        old.batch_head(0, d1, 1);
+        old.batch_done(0, d1, 1);
+        let inflight = Inflight::default();
+        inflight.set(Some(
+            Region::map(old.fd().try_clone().unwrap(), old.len() as u64, 0, 1, 16).unwrap(),
+        ));
+        vring.set_queue_next_avail(1); // what the frontend says: the used index
+        vring.set_queue_next_used(1);
+        let mut t = Tracker::new(&inflight, 0, &vring, &mem).unwrap();
+        let mut got = Vec::new();
+        while let Some(c) = t.pop(&vring, &mem) {
+            let addr = c.clone().next().map(|d| d.addr().0);
+            got.push((c.head_index(), addr));
+            t.add_used(&vring, c.head_index(), 0).unwrap();
+        }
+        assert_eq!(
+            got,
+            vec![(2, Some(0x8200)), (0, Some(0x8000)), (3, Some(0x8300))],
+            "2 and 0 resubmitted in pop order, then 3 from the avail ring"
+        );
+        let used: u16 = mem.read_obj(GuestAddress(0x3002)).unwrap();
+        assert_eq!(used, 4, "each head once");
+        let r = inflight.get().unwrap();
+        assert!(r.recover(0, 4).is_empty(), "every mark cleared");
+        // A second tracker does not recover again.
+        let mut t = Tracker::new(&inflight, 0, &vring, &mem).unwrap();
+        assert!(t.pop(&vring, &mem).is_none());
+    }
 }

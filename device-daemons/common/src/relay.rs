@@ -633,6 +633,53 @@ mod tests {
     }
 
     #[test]
+    fn inflight_requests_are_answered_by_the_relay() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut backend) = UnixStream::pair().unwrap();
+        let inflight = Arc::new(Inflight::default());
+        let threads = spawn(front, back, Arc::default(), Some(inflight.clone())).unwrap();
+        // GET_INFLIGHT_FD for 2 queues of 16: a fresh region and its memfd.
+        let mut ask = [0u8; INFLIGHT_LEN];
+        ask[16..18].copy_from_slice(&2u16.to_le_bytes());
+        ask[18..20].copy_from_slice(&16u16.to_le_bytes());
+        qemu.write_all(&msg(REQ_GET_INFLIGHT_FD, 0, &ask)).unwrap();
+        let mut got = new_msg();
+        read_msg(&qemu, &mut got).unwrap().unwrap();
+        assert_eq!(got.request(), REQ_GET_INFLIGHT_FD);
+        assert_eq!(got.flags(), FLAG_VERSION | FLAG_REPLY);
+        let size = u64::from(word(got.payload(), 0));
+        assert_eq!(size as usize, 2 * crate::inflight::queue_bytes(16));
+        assert_eq!(got.payload()[16..20], ask[16..20]);
+        let fd = got.fds.pop().expect("the memfd");
+        assert_eq!(inflight.get().unwrap().shape(), (2, 16));
+        // SET_INFLIGHT_FD with that fd, a reply asked for: mapped, status 0.
+        let mut set = ask;
+        set[..8].copy_from_slice(&size.to_le_bytes());
+        send_with_fds(
+            &qemu,
+            &msg(REQ_SET_INFLIGHT_FD, FLAG_NEED_REPLY, &set),
+            &[fd],
+        )
+        .unwrap();
+        read_msg(&qemu, &mut got).unwrap().unwrap();
+        assert_eq!(got.request(), REQ_SET_INFLIGHT_FD);
+        assert_eq!(got.payload(), &0u64.to_le_bytes());
+        // Without an fd: status non-zero.
+        qemu.write_all(&msg(REQ_SET_INFLIGHT_FD, FLAG_NEED_REPLY, &set))
+            .unwrap();
+        read_msg(&qemu, &mut got).unwrap().unwrap();
+        assert_eq!(got.payload(), &1u64.to_le_bytes());
+        // Neither reached the vhost handler.
+        drop(qemu);
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
     fn ring_states_follow_features_and_resets() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, backend) = UnixStream::pair().unwrap();
