@@ -14,6 +14,11 @@
 //! [`serve_forever`](crate::vhost::serve_forever) then accepts the frontend itself and hands
 //! the `vhost` crate the inner end of the relay ([`start`]). The relay also records each ring's
 //! enable state ([`RingEnable`]), which `vhost-user-backend` 0.21 does not tell the backend.
+//!
+//! A device that tracks requests in flight (`QueueDevice::inflight_tracking`: `rqemu-blk`)
+//! goes through the relay too: it answers GET_INFLIGHT_FD and SET_INFLIGHT_FD itself (the
+//! handler of `vhost-user-backend` 0.21 answers "not supported") over the connection's
+//! [`Inflight`](crate::inflight::Inflight) and never forwards them.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::Shutdown;

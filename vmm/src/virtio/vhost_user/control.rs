@@ -20,15 +20,16 @@
 //!   every kick eventfd and every call eventfd is signalled once (the daemon rescans its
 //!   rings, the driver its used rings).
 //!
-//! Where a ring resumes ([`Control::resume_base`]): without inflight tracking the daemon
-//! restarts at the used ring's `idx` in guest memory (QEMU does the same for split rings).
-//! Requests the dead daemon popped but never completed sit between that index and the avail
-//! index, so the new daemon takes them again: with in-order completion (rqemu-blk with
-//! `--aio sync` or a qcow2 image; one request at a time) they are redone, at least once
-//! (a write is repeated, which is harmless for a disk). A daemon that completed out of order
-//! (io_uring) when it died leaves the used index short of a completed request: that one is
-//! done twice and its descriptor head is returned twice, or a request is lost. Exactly-once
-//! needs `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` (the seam: `resume_base` and the replay).
+//! Where a ring resumes ([`Control::resume_base`]): the daemon restarts at the used ring's `idx`
+//! in guest memory (QEMU does the same for split rings). Requests the dead daemon popped but
+//! never completed sit between that index and the avail index. Without inflight tracking the
+//! new daemon takes them again: redone at least once with in-order completion, but a daemon
+//! that completed out of order (io_uring) leaves a completed request beyond the used index
+//! (done twice) or loses one. With `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` each fresh activation
+//! gets the daemon's inflight region (GET_INFLIGHT_FD), kept here until the driver resets the
+//! device, and every daemon that takes over gets it back (SET_INFLIGHT_FD, before the rings):
+//! it resubmits the heads still marked in flight and resumes the avail ring past them, so each
+//! request completes exactly once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -305,8 +306,8 @@ impl Control {
     }
 
     /// Where a ring resumes on a new daemon: the used ring's `idx` in guest memory (see the
-    /// module docs). With `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` this becomes the inflight
-    /// region's `last_avail_idx`, after SET_INFLIGHT_FD hands the region to the daemon.
+    /// module docs). With `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` the daemon moves its avail
+    /// index past the requests it resubmits (the region says how many).
     fn resume_base(mem: &GuestMemory, q: &QueueConfig) -> u16 {
         ring_idx(mem, q.used)
     }
