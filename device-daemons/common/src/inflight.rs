@@ -136,6 +136,19 @@ impl Region {
                 queue_size,
             });
         }
+        // A mapping past the end of the file would fault (SIGBUS) when touched.
+        let file_len =
+            std::fs::File::from(fd.try_clone().map_err(|e| InflightError::Sys("dup", e))?)
+                .metadata()
+                .map_err(|e| InflightError::Sys("fstat", e))?
+                .len();
+        if offset.checked_add(size).is_none_or(|end| end > file_len) {
+            return Err(InflightError::Size {
+                size,
+                queues,
+                queue_size,
+            });
+        }
         let len = size as usize;
         // SAFETY: a new shared mapping of the fd; checked below.
         let ptr = unsafe {
@@ -521,6 +534,10 @@ mod tests {
         assert!(Region::map(fd(), r.len() as u64, 0, 2, 16).is_err());
         assert!(Region::map(fd(), r.len() as u64, 0, 0, 16).is_err());
         assert!(Region::map(fd(), r.len() as u64, 0, 1, 0).is_err());
+        assert!(
+            Region::map(fd(), r.len() as u64, 64, 1, 16).is_err(),
+            "past the end"
+        );
         assert!(Region::map(fd(), r.len() as u64, 0, 1, 16).is_ok());
     }
 
