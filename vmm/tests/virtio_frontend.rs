@@ -556,7 +556,8 @@ fn used_idx(d: &Driver) -> u16 {
 /// exactly once, every status is OK and every byte is on the image.
 ///
 /// The moment: the test polls the inflight region (the VMM's memfd) after notifying; once a
-/// head of the burst is marked it SIGSTOPs the daemon (its userspace, the only writer of the
+/// request of the burst is used and another still marked (later: any marked) it SIGSTOPs the
+/// daemon (its userspace, the only writer of the
 /// region, is frozen), reads the marks again and, if some are still there, SIGKILLs it. A
 /// burst that completed before the stop is simply let finish, and another is tried.
 #[test]
@@ -568,7 +569,17 @@ fn rqemu_blk_killed_with_requests_in_flight_completes_each_exactly_once() {
     let bin = support::rqemu_blk_binary();
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let args = ["--aio", "io-uring", "--sandbox", "none"];
+    // O_DIRECT: the writes really run in the background and may complete out of order.
+    let args = [
+        "--aio",
+        "io-uring",
+        "--cache",
+        "none",
+        "--format",
+        "raw",
+        "--sandbox",
+        "none",
+    ];
     let mut daemon = rqemu_blk_with(&bin, dir.path(), &img, &args);
     let sock = daemon.1.clone();
     let mut d = Driver::probe(&sock);
@@ -580,21 +591,28 @@ fn rqemu_blk_killed_with_requests_in_flight_completes_each_exactly_once() {
     let region = d.status.inflight_region().unwrap();
     let mut killed = 0u32;
     let mut resubmitted = 0usize;
+    let mut out_of_order = 0u32;
     let mut last_seed = None;
-    for round in 0..200u8 {
-        if killed >= 3 {
+    // Up to round MIXED the daemon is stopped only with some requests of the burst used and
+    // others in flight (an out-of-order completion is then possible); after it, with any
+    // request in flight (caught in nearly every round).
+    const MIXED: u32 = 300;
+    for round in 0..400u32 {
+        if killed >= 10 || killed >= 3 && (out_of_order > 0 || round >= MIXED) {
             break;
         }
-        let seed = round.wrapping_mul(16);
+        let seed = (round as u8).wrapping_mul(16);
         let start_used = used_idx(&d);
         submit_burst(&mut d, seed);
         last_seed = Some(seed);
         let pid = daemon.0.id() as i32;
-        // Wait for the daemon to take a request of this burst (or to finish it).
+        // Wait until the daemon completed a request of this burst and still has another in
+        // flight (or finished the burst).
         let t0 = Instant::now();
         let mut stopped = false;
         while used_idx(&d) != d.avail_idx && t0.elapsed() < TIMEOUT {
-            if !inflight_heads(&region).is_empty() {
+            let mixed = used_idx(&d) != start_used || round >= MIXED;
+            if mixed && !inflight_heads(&region).is_empty() {
                 // SAFETY: plain kill(2) to our child.
                 unsafe { libc::kill(pid, libc::SIGSTOP) };
                 stopped = true;
@@ -626,10 +644,23 @@ fn rqemu_blk_killed_with_requests_in_flight_completes_each_exactly_once() {
         } else {
             killed += 1;
             resubmitted += marked.len();
+            // Heads were submitted in order 0, 3, 6, ...: a used head after a marked one is
+            // a completion out of order (resuming at the used index alone would redo it and
+            // lose the marked one).
+            let m = d.ram.memory();
+            let used_now = used_idx(&d).wrapping_sub(start_used);
+            let used_heads: Vec<u16> = (0..used_now)
+                .map(|k| {
+                    let slot = u64::from(start_used.wrapping_add(k) % QSIZE);
+                    m.read_obj::<u32>(GuestAddress(USED + 4 + slot * 8))
+                        .unwrap() as u16
+                })
+                .collect();
+            let ooo = used_heads.iter().any(|u| marked.iter().any(|h| u > h));
+            out_of_order += u32::from(ooo);
             eprintln!(
-                "round {round}: SIGKILL with heads {marked:?} in flight (used {} of {})",
-                used_idx(&d).wrapping_sub(start_used),
-                BURST
+                "round {round}: SIGKILL with heads {marked:?} in flight, {used_heads:?} used{}",
+                if ooo { " (out of order)" } else { "" }
             );
             drop(daemon); // SIGKILL (the stopped process dies too)
             wait_until("the hang-up to be seen", || !d.status.connected());
@@ -676,9 +707,12 @@ fn rqemu_blk_killed_with_requests_in_flight_completes_each_exactly_once() {
     }
     assert!(
         killed > 0,
-        "the daemon was never caught with a request in flight in 200 bursts"
+        "the daemon was never caught with a request in flight in 400 bursts"
     );
-    eprintln!("{killed} kill(s) with {resubmitted} request(s) in flight, each completed once");
+    eprintln!(
+        "{killed} kill(s) with {resubmitted} request(s) in flight ({out_of_order} after an \
+         out-of-order completion), each completed once"
+    );
     // The data of the last burst is on the image.
     drop(daemon);
     let host = std::fs::read(&img).unwrap();

@@ -564,17 +564,17 @@ mod tests {
             mem.write_obj(0x10u32, base.unchecked_add(8)).unwrap();
             mem.write_obj(0u16, base.unchecked_add(12)).unwrap();
         }
-        // The driver made heads 0, 1, 2, 3 available; the dead daemon completed head 1
-        // (used idx 1) and left 2 and 0 in flight (popped in that order); head 3 was never
-        // popped.
-        for (slot, h) in [1u16, 2, 0, 3].iter().enumerate() {
+        // The driver made heads 2, 1, 0, 3 available; the dead daemon popped 2, 1, 0,
+        // completed 1 out of order (used idx 1) and left 2 and 0 in flight; head 3 was never
+        // popped. (Resuming at the used index alone would take 1 again and lose 2.)
+        for (slot, h) in [2u16, 1, 0, 3].iter().enumerate() {
             mem.write_obj(*h, GuestAddress(0x2004 + 2 * slot as u64))
                 .unwrap();
         }
         mem.write_obj(4u16, GuestAddress(0x2002)).unwrap();
         mem.write_obj(1u16, GuestAddress(0x3002)).unwrap();
         let old = Region::create(1, 16).unwrap();
-        for h in [1, 2, 0] {
+        for h in [2, 1, 0] {
             old.popped(0, h);
         }
         let d1 = old.desc(1).unwrap();
@@ -596,7 +596,7 @@ mod tests {
         assert_eq!(
             got,
             vec![(2, Some(0x8200)), (0, Some(0x8000)), (3, Some(0x8300))],
-            "2 and 0 resubmitted in pop order, then 3 from the avail ring"
+            "2 and 0 resubmitted in counter order, then 3 from the avail ring"
         );
         let used: u16 = mem.read_obj(GuestAddress(0x3002)).unwrap();
         assert_eq!(used, 4, "each head once");
