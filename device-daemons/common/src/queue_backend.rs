@@ -2,7 +2,8 @@
 //! [`QueueBackend`] implements `VhostUserBackend` over a small [`QueueDevice`] seam — guest
 //! memory of the current frontend, EVENT_IDX, the rqemu identity inside GET_CONFIG, worker
 //! threads (one per queue unless the device groups them), extra fds a worker polls (a tap
-//! queue), ring enable states from the opt-in [`relay`](crate::relay), fresh exit events per
+//! queue), ring enable states from the opt-in [`relay`](crate::relay), in-flight tracking
+//! (opt-in: [`inflight`](crate::inflight), through [`Worker::tracker`]), fresh exit events per
 //! connection, and a shutdown gate that lets the signal thread wait for batches in progress.
 
 use std::io;
