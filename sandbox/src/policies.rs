@@ -44,17 +44,24 @@ fn vhost_control() -> AllowList {
 /// rqemu-blk: the image fds are open; queue workers read and write them (`pread`/`pwrite`/
 /// `preadv`/`pwritev`), flush (`fdatasync`), discard and write zeroes (`fallocate`), or
 /// submit to the queue's io_uring made at start-up (`--aio io-uring`: `io_uring_enter`; the
-/// control and signal threads wait there for I/O in flight before a flush). No capabilities;
-/// an empty root.
+/// control and signal threads wait there for I/O in flight before a flush). The frontend's
+/// messages go through the relay (in-flight tracking): the control thread makes the relay's
+/// private socket pair, the relay threads pass messages with their fds and answer
+/// GET_INFLIGHT_FD (a new memfd, sized and mapped shared) and SET_INFLIGHT_FD (mapped).
+/// No capabilities; an empty root.
 pub fn blk() -> Policy {
     policy(
         "rqemu-blk",
         vec![
             (
                 ThreadKind::Control,
-                vhost_control().union(&list(&[IoUring])),
+                vhost_control().union(&list(&[IoUring, UnixSockets])),
             ),
             (ThreadKind::Queue, list(&[Epoll, FileSync, IoUring])),
+            (
+                ThreadKind::Helper,
+                list(&[Epoll, SocketMsg, MemfdCreate, FileSync]),
+            ),
             (ThreadKind::Signal, list(&[FileSync, IoUring])),
         ],
     )

@@ -242,15 +242,15 @@ fn blk_namespace_mode_confines_every_thread_and_kills_on_a_forbidden_syscall() {
     require_root();
     let s = Scratch::new();
     let mut p = Probe::start(&s, &["--policy", "blk", "--sandbox", "namespace"]);
-    p.assert_all_ok(&["control", "queue", "signal"]);
+    p.assert_all_ok(&["control", "queue", "helper", "signal"]);
     let child = p.confined();
     assert_ne!(child, p.pid(), "no pid-1 child: {:#?}", p.lines);
     // PID 1 of its namespace.
     let st = status_map(&std::fs::read_to_string(format!("/proc/{child}/status")).unwrap());
     assert_eq!(st["NSpid"].split_whitespace().last(), Some("1"), "{st:#?}");
-    // Control, queue and signal threads, every one filtered: the process's two filters (clone3,
-    // allow-list) plus its own kind's, once.
-    assert_eq!(assert_confined(child, NO_CAPS, "rqemu-blk"), 3);
+    // Control, queue, helper (the relay) and signal threads, every one filtered: the process's
+    // two filters (clone3, allow-list) plus its own kind's, once.
+    assert_eq!(assert_confined(child, NO_CAPS, "rqemu-blk"), 4);
     for t in tasks(child) {
         assert_eq!(t["CapPrm"], NO_CAPS);
         assert_eq!(t["CapBnd"], NO_CAPS);
@@ -365,7 +365,11 @@ fn every_policy_survives_its_daemons_syscalls_under_kill() {
     require_root();
     let s = Scratch::new();
     for (policy, kinds, caps) in [
-        ("blk", &["control", "queue", "signal"][..], NO_CAPS),
+        (
+            "blk",
+            &["control", "queue", "helper", "signal"][..],
+            NO_CAPS,
+        ),
         (
             "net",
             &["control", "queue", "helper", "signal"][..],
@@ -552,12 +556,12 @@ fn unprivileged_namespace_mode_goes_through_a_user_namespace() {
     require_root();
     let s = Scratch::new();
     let mut p = Probe::start(&s, &["--policy", "blk", "--setuid", "65534"]);
-    p.assert_all_ok(&["control", "queue", "signal"]);
+    p.assert_all_ok(&["control", "queue", "helper", "signal"]);
     assert!(p.has("mode namespace"), "{:#?}", p.lines);
     assert!(p.has("user-namespace true"), "{:#?}", p.lines);
     let child = p.confined();
     assert_ne!(child, p.pid());
-    assert_eq!(assert_confined(child, NO_CAPS, "unprivileged blk"), 3);
+    assert_eq!(assert_confined(child, NO_CAPS, "unprivileged blk"), 4);
     for kind in ["user", "mnt", "pid", "net", "ipc"] {
         assert_ne!(ns(&child.to_string(), kind), ns("self", kind), "{kind}");
     }

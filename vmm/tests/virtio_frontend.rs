@@ -528,3 +528,236 @@ fn a_stopped_daemon_does_not_block_register_writes() {
     assert_eq!(drv.request(T_IN, 3, &mut back), 0, "read status");
     assert_eq!(back, data);
 }
+
+/// Requests of one burst: 3 descriptors each (header, data, status), heads 0, 3, 6, 9, 12.
+const BURST: u16 = 5;
+/// Bytes written by each request of a burst.
+const BURST_LEN: usize = 128 << 10;
+
+/// Guest address of request `i`'s header (its status byte at +0x100, data at +0x1000).
+fn burst_area(i: u16) -> u64 {
+    0x100000 + u64::from(i) * 0x40000
+}
+
+/// The host image offset request `i` of a burst writes.
+fn burst_offset(i: u16) -> usize {
+    usize::from(i) * BURST_LEN
+}
+
+/// Puts a burst of [`BURST`] writes (data `pattern(BURST_LEN, seed + i)`) on the avail ring
+/// and notifies.
+fn submit_burst(d: &mut Driver, seed: u8) {
+    let m = d.ram.memory().clone();
+    for i in 0..BURST {
+        let a = burst_area(i);
+        m.write_obj(T_OUT, GuestAddress(a)).unwrap();
+        m.write_obj(0u32, GuestAddress(a + 4)).unwrap();
+        let sector = (burst_offset(i) / 512) as u64;
+        m.write_obj(sector, GuestAddress(a + 8)).unwrap();
+        m.write_obj(0xffu8, GuestAddress(a + 0x100)).unwrap();
+        let data = pattern(BURST_LEN, seed.wrapping_add(i as u8));
+        m.write_slice(&data, GuestAddress(a + 0x1000)).unwrap();
+        let h = 3 * i;
+        d.desc(h, a, 16, 1, h + 1);
+        d.desc(h + 1, a + 0x1000, BURST_LEN as u32, 1, h + 2);
+        d.desc(h + 2, a + 0x100, 1, 2, 0);
+        let slot = u64::from(d.avail_idx % QSIZE);
+        m.write_obj(h, GuestAddress(AVAIL + 4 + slot * 2)).unwrap();
+        d.avail_idx = d.avail_idx.wrapping_add(1);
+    }
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    m.write_obj(d.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    w(&mut d.t, reg::QUEUE_NOTIFY, 0);
+}
+
+/// The heads of queue 0 marked in flight in the inflight region (`DescStateSplit.inflight`
+/// of the split-ring layout: 16-byte header, 16 bytes per descriptor).
+fn inflight_heads(region: &std::fs::File) -> Vec<u16> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 16 + 16 * usize::from(QSIZE)];
+    region.read_exact_at(&mut buf, 0).unwrap();
+    (0..QSIZE)
+        .filter(|h| buf[16 + 16 * usize::from(*h)] != 0)
+        .collect()
+}
+
+fn used_idx(d: &Driver) -> u16 {
+    d.ram.memory().read_obj(GuestAddress(USED + 2)).unwrap()
+}
+
+/// rqemu-blk (io_uring: completions out of order) SIGKILLed while writes are in flight: the
+/// VMM hands the restarted daemon the inflight region (SET_INFLIGHT_FD), which resubmits the
+/// requests the dead one left in flight. Each request's head comes back on the used ring
+/// exactly once, every status is OK and every byte is on the image.
+///
+/// The moment: the test polls the inflight region (the VMM's memfd) after notifying; once a
+/// request of the burst is used and another still marked (later: any marked) it SIGSTOPs the
+/// daemon (its userspace, the only writer of the
+/// region, is frozen), reads the marks again and, if some are still there, SIGKILLs it. A
+/// burst that completed before the stop is simply let finish, and another is tried.
+#[test]
+fn rqemu_blk_killed_with_requests_in_flight_completes_each_exactly_once() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter("rqemu_vmm=info")
+        .try_init();
+    let bin = support::rqemu_blk_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    // O_DIRECT: the writes really run in the background and may complete out of order.
+    let args = [
+        "--aio",
+        "io-uring",
+        "--cache",
+        "none",
+        "--format",
+        "raw",
+        "--sandbox",
+        "none",
+    ];
+    let mut daemon = rqemu_blk_with(&bin, dir.path(), &img, &args);
+    let sock = daemon.1.clone();
+    let mut d = Driver::probe(&sock);
+    // The activation runs on the control thread: the region comes with it.
+    wait_until(
+        "the VMM to hold the inflight region (rqemu-blk offers INFLIGHT_SHMFD)",
+        || d.status.inflight_region().is_some(),
+    );
+    let region = d.status.inflight_region().unwrap();
+    let mut killed = 0u32;
+    let mut resubmitted = 0usize;
+    let mut out_of_order = 0u32;
+    let mut last_seed = None;
+    // Up to round MIXED the daemon is stopped only with some requests of the burst used and
+    // others in flight (an out-of-order completion is then possible); after it, with any
+    // request in flight (caught in nearly every round).
+    const MIXED: u32 = 300;
+    for round in 0..400u32 {
+        if killed >= 10 || killed >= 3 && (out_of_order > 0 || round >= MIXED) {
+            break;
+        }
+        let seed = (round as u8).wrapping_mul(16);
+        let start_used = used_idx(&d);
+        submit_burst(&mut d, seed);
+        last_seed = Some(seed);
+        let pid = daemon.0.id() as i32;
+        // Wait until the daemon completed a request of this burst and still has another in
+        // flight (or finished the burst).
+        let t0 = Instant::now();
+        let mut stopped = false;
+        while used_idx(&d) != d.avail_idx && t0.elapsed() < TIMEOUT {
+            let mixed = used_idx(&d) != start_used || round >= MIXED;
+            if mixed && !inflight_heads(&region).is_empty() {
+                // SAFETY: plain kill(2) to our child.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                stopped = true;
+                break;
+            }
+        }
+        let marked = if stopped {
+            // The stop is asynchronous: wait until the daemon is stopped for sure.
+            wait_until("the daemon to stop", || {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| {
+                        s.rsplit(')')
+                            .next()
+                            .unwrap_or("")
+                            .trim_start()
+                            .starts_with('T')
+                    })
+                    .unwrap_or(true)
+            });
+            inflight_heads(&region)
+        } else {
+            Vec::new()
+        };
+        if marked.is_empty() {
+            // Nothing in flight any more: let it finish this burst.
+            // SAFETY: plain kill(2) to our child.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            wait_until("the burst to complete", || used_idx(&d) == d.avail_idx);
+        } else {
+            killed += 1;
+            resubmitted += marked.len();
+            // Heads were submitted in order 0, 3, 6, ...: a used head after a marked one is
+            // a completion out of order (resuming at the used index alone would redo it and
+            // lose the marked one).
+            let m = d.ram.memory();
+            let used_now = used_idx(&d).wrapping_sub(start_used);
+            let used_heads: Vec<u16> = (0..used_now)
+                .map(|k| {
+                    let slot = u64::from(start_used.wrapping_add(k) % QSIZE);
+                    m.read_obj::<u32>(GuestAddress(USED + 4 + slot * 8))
+                        .unwrap() as u16
+                })
+                .collect();
+            let ooo = used_heads.iter().any(|u| marked.iter().any(|h| u > h));
+            out_of_order += u32::from(ooo);
+            eprintln!(
+                "round {round}: SIGKILL with heads {marked:?} in flight, {used_heads:?} used{}",
+                if ooo { " (out of order)" } else { "" }
+            );
+            drop(daemon); // SIGKILL (the stopped process dies too)
+            wait_until("the hang-up to be seen", || !d.status.connected());
+            let want = u64::from(killed);
+            let status = d.status.clone();
+            daemon = restart_until(&bin, dir.path(), &img, &args, || {
+                status.reconnects() == want
+            });
+            // (A request done twice would show below as a head used twice.)
+            wait_until("the burst to complete after the restart", || {
+                used_idx(&d).wrapping_sub(start_used) >= BURST
+            });
+            assert!(
+                inflight_heads(&region).is_empty(),
+                "the new daemon cleared every mark"
+            );
+        }
+        // Exactly once: each head of the burst once among the used entries of this round.
+        let m = d.ram.memory();
+        let mut heads: Vec<u16> = (0..BURST)
+            .map(|k| {
+                let slot = u64::from(start_used.wrapping_add(k) % QSIZE);
+                let id: u32 = m.read_obj(GuestAddress(USED + 4 + slot * 8)).unwrap();
+                id as u16
+            })
+            .collect();
+        heads.sort_unstable();
+        assert_eq!(
+            heads,
+            (0..BURST).map(|i| 3 * i).collect::<Vec<_>>(),
+            "round {round}: every request's head on the used ring exactly once"
+        );
+        for i in 0..BURST {
+            let st: u8 = m.read_obj(GuestAddress(burst_area(i) + 0x100)).unwrap();
+            assert_eq!(st, 0, "round {round}: status of request {i}");
+        }
+        // A short pause: no used entry appears beyond the burst (no request done twice).
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            used_idx(&d),
+            d.avail_idx,
+            "round {round}: no extra completion"
+        );
+    }
+    assert!(
+        killed > 0,
+        "the daemon was never caught with a request in flight in 400 bursts"
+    );
+    eprintln!(
+        "{killed} kill(s) with {resubmitted} request(s) in flight ({out_of_order} after an \
+         out-of-order completion), each completed once"
+    );
+    // The data of the last burst is on the image.
+    drop(daemon);
+    let host = std::fs::read(&img).unwrap();
+    let seed = last_seed.unwrap();
+    for i in 0..BURST {
+        let at = burst_offset(i);
+        assert!(
+            host[at..at + BURST_LEN] == pattern(BURST_LEN, seed.wrapping_add(i as u8))[..],
+            "image data of request {i}"
+        );
+    }
+}

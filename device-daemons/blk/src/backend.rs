@@ -13,11 +13,11 @@ use std::sync::Mutex;
 use clap::ValueEnum;
 use rqemu_block_backend::image::DiskImage;
 use rqemu_block_backend::virtio::{BlockDevice, Prepared, Scratch};
+use rqemu_daemon::inflight::Tracker;
 use rqemu_daemon::queue_backend::{MemGuard, QueueBackend, QueueDevice, QueueError, Wake, Worker};
-use rqemu_daemon::vhost::drain_queue;
+use rqemu_daemon::vhost::drain_tracked;
 use rqemu_protocol::identity::DeviceKind;
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueT;
 
 use crate::uring::UringQueue;
 
@@ -143,14 +143,16 @@ impl BlkQueues {
         mem: &MemGuard,
         event_idx: bool,
         st: &mut QueueState,
+        t: &mut Tracker,
     ) -> Result<(), QueueError> {
         let QueueState { scratch, uring } = st;
         let Some(u) = uring.as_mut() else {
             return Ok(());
         };
         let mut used_any = false;
+        let done = t.completer();
         let publish = |head: u16, used: u32, used_any: &mut bool| -> Result<(), QueueError> {
-            vring.add_used(head, used)?;
+            done.add_used(vring, head, used)?;
             if event_idx && vring.needs_notification()? {
                 vring.signal_used_queue().map_err(QueueError::Signal)?;
             }
@@ -162,12 +164,7 @@ impl BlkQueues {
             if event_idx {
                 vring.disable_notification()?;
             }
-            loop {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
+            while let Some(chain) = t.pop(vring, mem) {
                 let head = chain.head_index();
                 match self.dev.prepare_chain(&**mem, chain, true) {
                     Prepared::Io(io) => {
@@ -190,8 +187,8 @@ impl BlkQueues {
             u.submit().map_err(QueueError::Signal)?;
             u.reap(|h, n| {
                 used_any = true;
-                if let Err(e) = vring.add_used(h, n) {
-                    err = Some(QueueError::from(e));
+                if let Err(e) = done.add_used(vring, h, n) {
+                    err = Some(e);
                 }
             });
             if !event_idx || !vring.enable_notification()? {
@@ -225,6 +222,10 @@ impl QueueDevice for BlkQueues {
         self.dev.read_config(offset, size)
     }
 
+    fn inflight_tracking(&self) -> bool {
+        true
+    }
+
     fn worker_fds(&self, thread: usize) -> Vec<RawFd> {
         // One queue per worker thread: thread t serves queue t.
         self.event_fds
@@ -254,13 +255,21 @@ impl QueueDevice for BlkQueues {
         match (wake, st.uring.is_some()) {
             // Completions, or a kick: either way, reap what completed and take what the
             // driver made available meanwhile (fewer wake-ups than serving each alone).
-            (_, true) => self.serve_uring(vring, mem, event_idx, &mut st),
+            (_, true) => {
+                let mut t = worker.tracker(index, mem)?;
+                self.serve_uring(vring, mem, event_idx, &mut st, &mut t)
+            }
             (Wake::Fd(_), false) => Ok(()),
-            (Wake::Queue(_), false) => drain_queue(vring, mem, event_idx, |chain| {
-                self.dev
-                    .process_chain(&**mem, chain, &mut st.scratch)
-                    .used_len
-            }),
+            (Wake::Queue(_), false) => {
+                let mut t = worker.tracker(index, mem)?;
+                drain_tracked(vring, mem, event_idx, &mut t, |chain| {
+                    Some(
+                        self.dev
+                            .process_chain(&**mem, chain, &mut st.scratch)
+                            .used_len,
+                    )
+                })
+            }
         }
     }
 

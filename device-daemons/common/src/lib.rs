@@ -22,6 +22,7 @@
 pub mod activation;
 pub mod confine;
 pub mod emulated;
+pub mod inflight;
 pub mod listen;
 mod log_json;
 pub mod logging;

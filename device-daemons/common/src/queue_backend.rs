@@ -2,7 +2,8 @@
 //! [`QueueBackend`] implements `VhostUserBackend` over a small [`QueueDevice`] seam — guest
 //! memory of the current frontend, EVENT_IDX, the rqemu identity inside GET_CONFIG, worker
 //! threads (one per queue unless the device groups them), extra fds a worker polls (a tap
-//! queue), ring enable states from the opt-in [`relay`](crate::relay), fresh exit events per
+//! queue), ring enable states from the opt-in [`relay`](crate::relay), in-flight tracking
+//! (opt-in: [`inflight`](crate::inflight), through [`Worker::tracker`]), fresh exit events per
 //! connection, and a shutdown gate that lets the signal thread wait for batches in progress.
 
 use std::io;
@@ -19,6 +20,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::inflight::{Inflight, Tracker};
 use crate::relay::RingEnable;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -66,6 +68,7 @@ pub struct Worker<'a> {
     /// Bit q: the thread serves queue q.
     mask: u64,
     rings: &'a RingEnable,
+    inflight: &'a Inflight,
 }
 
 impl std::fmt::Debug for Worker<'_> {
@@ -97,6 +100,13 @@ impl Worker<'_> {
     /// always `false` for a device that does not opt into the relay).
     pub fn is_enabled(&self, queue: usize) -> bool {
         self.rings.is_enabled(queue)
+    }
+
+    /// A batch's [`Tracker`] of queue `queue`: pops and completes chains through the
+    /// inflight region when the frontend negotiated `INFLIGHT_SHMFD` (after a daemon restart
+    /// its first pops are the requests the dead daemon left in flight).
+    pub fn tracker(&self, queue: usize, mem: &MemGuard) -> Result<Tracker, QueueError> {
+        Tracker::new(self.inflight, queue, self.vring(queue)?, mem)
     }
 
     /// Device-wide index of the thread's `position`-th queue.
@@ -136,6 +146,12 @@ pub trait QueueDevice: Send + Sync + 'static {
     fn relay_vring_enable(&self) -> bool {
         false
     }
+    /// Whether the device tracks requests in flight (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`,
+    /// answered by the [`relay`](crate::relay)): its workers then pop and complete every chain
+    /// through [`Worker::tracker`].
+    fn inflight_tracking(&self) -> bool {
+        false
+    }
     /// Serves a wake-up of a worker: for [`Wake::Queue`], the available chains of that queue
     /// (e.g. with [`drain_queue`](crate::vhost::drain_queue)). An error ends the worker
     /// thread for the rest of the connection.
@@ -163,6 +179,8 @@ pub struct QueueBackend<D> {
     masks: Vec<u64>,
     /// Ring enable states, kept by the relay of the current connection.
     rings: Arc<RingEnable>,
+    /// The inflight region of the current connection (set by the relay).
+    inflight: Arc<Inflight>,
 }
 
 impl<D: QueueDevice> QueueBackend<D> {
@@ -171,6 +189,7 @@ impl<D: QueueDevice> QueueBackend<D> {
         QueueBackend {
             masks: dev.queues_per_thread(),
             rings: Arc::default(),
+            inflight: Arc::default(),
             dev,
             mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
@@ -199,6 +218,7 @@ impl<D: QueueDevice> QueueBackend<D> {
     /// then [`QueueDevice::disconnected`].
     pub fn disconnected(&self) {
         self.rings.set_all(false);
+        self.inflight.set(None);
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) =
             GuestMemoryAtomic::new(GuestMemoryMmap::new());
         self.dev.disconnected();
@@ -207,6 +227,11 @@ impl<D: QueueDevice> QueueBackend<D> {
     /// The ring enable states the relay keeps.
     pub fn rings(&self) -> Arc<RingEnable> {
         self.rings.clone()
+    }
+
+    /// The inflight region the relay sets (GET/SET_INFLIGHT_FD).
+    pub fn inflight(&self) -> Arc<Inflight> {
+        self.inflight.clone()
     }
 
     /// The epoll event id of extra fd `i` of a worker (above the ids `vhost-user-backend`
@@ -243,9 +268,14 @@ impl<D: QueueDevice> VhostUserBackend for QueueBackend<D> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let p = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        if self.dev.inflight_tracking() {
+            p | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        } else {
+            p
+        }
     }
 
     fn acked_features(&self, features: u64) {
@@ -300,6 +330,7 @@ impl<D: QueueDevice> VhostUserBackend for QueueBackend<D> {
             vrings,
             mask: self.masks.get(thread_id).copied().unwrap_or(0),
             rings: &self.rings,
+            inflight: &self.inflight,
         };
         let fd_base = self.fd_event(0);
         let wake = if u64::from(device_event) >= fd_base {
@@ -451,6 +482,7 @@ mod tests {
             vrings: &t0,
             mask: 0b101,
             rings: &b.rings,
+            inflight: &b.inflight,
         };
         assert!(w.vring(0).is_ok() && w.vring(2).is_ok());
         assert!(w.vring(1).is_err() && w.vring(64).is_err());

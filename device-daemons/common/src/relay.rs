@@ -14,6 +14,11 @@
 //! [`serve_forever`](crate::vhost::serve_forever) then accepts the frontend itself and hands
 //! the `vhost` crate the inner end of the relay ([`start`]). The relay also records each ring's
 //! enable state ([`RingEnable`]), which `vhost-user-backend` 0.21 does not tell the backend.
+//!
+//! A device that tracks requests in flight (`QueueDevice::inflight_tracking`: `rqemu-blk`)
+//! goes through the relay too: it answers GET_INFLIGHT_FD and SET_INFLIGHT_FD itself (the
+//! handler of `vhost-user-backend` 0.21 answers "not supported") over the connection's
+//! [`Inflight`](crate::inflight::Inflight) and never forwards them.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::Shutdown;
@@ -22,6 +27,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use crate::inflight::{Inflight, Region};
 
 const HDR_LEN: usize = 12;
 /// Largest payload relayed (vhost-user messages are at most a few KiB).
@@ -33,6 +40,11 @@ const REQ_SET_FEATURES: u32 = 2;
 const REQ_RESET_OWNER: u32 = 4;
 const REQ_SET_VRING_ENABLE: u32 = 18;
 const REQ_RESET_DEVICE: u32 = 34;
+const REQ_GET_INFLIGHT_FD: u32 = 31;
+const REQ_SET_INFLIGHT_FD: u32 = 32;
+/// Bytes of `VhostUserInflight` (mmap_size, mmap_offset: u64; num_queues, queue_size: u16;
+/// padded to 8).
+const INFLIGHT_LEN: usize = 24;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -260,6 +272,7 @@ fn forward_requests(
     back: &UnixStream,
     front_tx: &Mutex<()>,
     rings: &RingEnable,
+    inflight: Option<&Inflight>,
 ) -> Result<(), RelayError> {
     let mut msg = new_msg();
     let mut features_acked = false;
@@ -326,11 +339,86 @@ fn forward_requests(
             REQ_SET_VRING_ENABLE => {
                 rings.set(word(msg.payload(), 0), word(msg.payload(), 4) != 0);
             }
+            REQ_GET_INFLIGHT_FD | REQ_SET_INFLIGHT_FD if inflight.is_some() => {
+                let reply = answer_inflight(&mut msg, inflight);
+                if let Some((bytes, fd)) = reply {
+                    let _g = front_tx.lock().unwrap_or_else(|e| e.into_inner());
+                    send_with_fds(front, &bytes, fd.as_slice())?;
+                }
+                continue;
+            }
             _ => {}
         }
         send_with_fds(back, msg.buf.get(..msg.len).unwrap_or_default(), &msg.fds)?;
     }
     Ok(())
+}
+
+/// Answers GET_INFLIGHT_FD (a fresh region, its memfd attached) or SET_INFLIGHT_FD (maps the
+/// region the frontend kept; a reply only if asked for): the reply bytes and fds to send.
+/// A failure is logged and answered with an empty region (GET) or a non-zero status (SET).
+fn answer_inflight(msg: &mut Msg, inflight: Option<&Inflight>) -> Option<(Vec<u8>, Vec<OwnedFd>)> {
+    let inflight = inflight?;
+    let p = msg.payload();
+    let u64_at = |at| u64::from(word(p, at)) | (u64::from(word(p, at + 4)) << 32);
+    let (size, offset) = (u64_at(0), u64_at(8));
+    let half = word(p, 16);
+    let (queues, queue_size) = ((half & 0xffff) as u16, (half >> 16) as u16);
+    let request = msg.request();
+    let mut reply = Vec::with_capacity(HDR_LEN + INFLIGHT_LEN);
+    reply.extend(request.to_le_bytes());
+    reply.extend((FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+    if request == REQ_GET_INFLIGHT_FD {
+        let region = Region::create(queues, queue_size);
+        let mut body = [0u8; INFLIGHT_LEN];
+        let mut fds = Vec::new();
+        match region {
+            Ok(r) => {
+                body[..8].copy_from_slice(&(r.len() as u64).to_le_bytes());
+                body[16..18].copy_from_slice(&queues.to_le_bytes());
+                body[18..20].copy_from_slice(&queue_size.to_le_bytes());
+                match r.fd().try_clone() {
+                    Ok(fd) => fds.push(fd),
+                    Err(e) => tracing::warn!("GET_INFLIGHT_FD: {e}"),
+                }
+                tracing::info!(
+                    "inflight region: {} bytes for {queues} queue(s) of {queue_size}",
+                    r.len()
+                );
+                inflight.set(Some(r));
+            }
+            Err(e) => tracing::warn!("GET_INFLIGHT_FD: {e}"),
+        }
+        reply.extend((INFLIGHT_LEN as u32).to_le_bytes());
+        reply.extend(body);
+        return Some((reply, fds));
+    }
+    let status: u64 = match msg.fds.pop() {
+        Some(fd) => match Region::map(fd, size, offset, queues, queue_size) {
+            Ok(r) => {
+                tracing::info!(
+                    "inflight region handed over: {size} bytes for {queues} queue(s) of \
+                     {queue_size}; requests in flight are resubmitted"
+                );
+                inflight.set(Some(r));
+                0
+            }
+            Err(e) => {
+                tracing::warn!("SET_INFLIGHT_FD: {e}");
+                1
+            }
+        },
+        None => {
+            tracing::warn!("SET_INFLIGHT_FD without a file descriptor");
+            1
+        }
+    };
+    if msg.flags() & FLAG_NEED_REPLY == 0 {
+        return None;
+    }
+    reply.extend(8u32.to_le_bytes());
+    reply.extend(status.to_le_bytes());
+    Some((reply, Vec::new()))
 }
 
 /// Backend → frontend, verbatim.
@@ -353,9 +441,10 @@ fn forward_replies(
 pub fn start(
     front: UnixStream,
     rings: Arc<RingEnable>,
+    inflight: Option<Arc<Inflight>>,
 ) -> Result<(UnixListener, [JoinHandle<()>; 2]), RelayError> {
     let (inner, back) = relay_socket()?;
-    let threads = spawn(front, back, rings)?;
+    let threads = spawn(front, back, rings, inflight)?;
     Ok((inner, threads))
 }
 
@@ -443,11 +532,13 @@ pub fn only_ours(listener: &UnixListener) -> Result<bool, RelayError> {
 }
 
 /// Relays between `front` (the frontend's connection) and `back` (connected to the vhost
-/// request handler) until either side closes; then shuts both down.
+/// request handler) until either side closes; then shuts both down. With `inflight`, the
+/// relay answers GET/SET_INFLIGHT_FD itself (the `vhost` handler does not implement them).
 pub fn spawn(
     front: UnixStream,
     back: UnixStream,
     rings: Arc<RingEnable>,
+    inflight: Option<Arc<Inflight>>,
 ) -> io::Result<[JoinHandle<()>; 2]> {
     let front = Arc::new(front);
     let back = Arc::new(back);
@@ -461,7 +552,7 @@ pub fn spawn(
         .name("relay-req".into())
         .spawn(move || {
             crate::confine::confine_thread_once(crate::confine::ThreadKind::Helper);
-            if let Err(e) = forward_requests(&f, &b, &l, &rings) {
+            if let Err(e) = forward_requests(&f, &b, &l, &rings, inflight.as_deref()) {
                 tracing::debug!("relay (requests): {e}");
             }
             close(&f, &b);
@@ -497,7 +588,7 @@ mod tests {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut backend) = UnixStream::pair().unwrap();
         let rings = Arc::new(RingEnable::default());
-        let threads = spawn(front, back, rings.clone()).unwrap();
+        let threads = spawn(front, back, rings.clone(), None).unwrap();
         // Early enables of ring 0 (off, then on with a reply requested): answered by the
         // relay, not forwarded yet.
         qemu.write_all(&msg(REQ_SET_VRING_ENABLE, 0, &[0u8; 8]))
@@ -547,11 +638,58 @@ mod tests {
     }
 
     #[test]
+    fn inflight_requests_are_answered_by_the_relay() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut backend) = UnixStream::pair().unwrap();
+        let inflight = Arc::new(Inflight::default());
+        let threads = spawn(front, back, Arc::default(), Some(inflight.clone())).unwrap();
+        // GET_INFLIGHT_FD for 2 queues of 16: a fresh region and its memfd.
+        let mut ask = [0u8; INFLIGHT_LEN];
+        ask[16..18].copy_from_slice(&2u16.to_le_bytes());
+        ask[18..20].copy_from_slice(&16u16.to_le_bytes());
+        qemu.write_all(&msg(REQ_GET_INFLIGHT_FD, 0, &ask)).unwrap();
+        let mut got = new_msg();
+        read_msg(&qemu, &mut got).unwrap().unwrap();
+        assert_eq!(got.request(), REQ_GET_INFLIGHT_FD);
+        assert_eq!(got.flags(), FLAG_VERSION | FLAG_REPLY);
+        let size = u64::from(word(got.payload(), 0));
+        assert_eq!(size as usize, 2 * crate::inflight::queue_bytes(16));
+        assert_eq!(got.payload()[16..20], ask[16..20]);
+        let fd = got.fds.pop().expect("the memfd");
+        assert_eq!(inflight.get().unwrap().shape(), (2, 16));
+        // SET_INFLIGHT_FD with that fd, a reply asked for: mapped, status 0.
+        let mut set = ask;
+        set[..8].copy_from_slice(&size.to_le_bytes());
+        send_with_fds(
+            &qemu,
+            &msg(REQ_SET_INFLIGHT_FD, FLAG_NEED_REPLY, &set),
+            &[fd],
+        )
+        .unwrap();
+        read_msg(&qemu, &mut got).unwrap().unwrap();
+        assert_eq!(got.request(), REQ_SET_INFLIGHT_FD);
+        assert_eq!(got.payload(), &0u64.to_le_bytes());
+        // Without an fd: status non-zero.
+        qemu.write_all(&msg(REQ_SET_INFLIGHT_FD, FLAG_NEED_REPLY, &set))
+            .unwrap();
+        read_msg(&qemu, &mut got).unwrap().unwrap();
+        assert_eq!(got.payload(), &1u64.to_le_bytes());
+        // Neither reached the vhost handler.
+        drop(qemu);
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
     fn ring_states_follow_features_and_resets() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, backend) = UnixStream::pair().unwrap();
         let rings = Arc::new(RingEnable::default());
-        let threads = spawn(front, back, rings.clone()).unwrap();
+        let threads = spawn(front, back, rings.clone(), None).unwrap();
         let mut got = new_msg();
         // No PROTOCOL_FEATURES: every ring is enabled by SET_FEATURES.
         qemu.write_all(&msg(REQ_SET_FEATURES, 0, &0u64.to_le_bytes()))
@@ -570,7 +708,7 @@ mod tests {
     #[test]
     fn start_hands_the_handler_a_pending_connection() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
-        let (inner, threads) = start(front, Arc::default()).unwrap();
+        let (inner, threads) = start(front, Arc::default(), None).unwrap();
         let (mut handler, _) = inner.accept().unwrap();
         let req = msg(REQ_SET_FEATURES, 0, &0u64.to_le_bytes());
         qemu.write_all(&req).unwrap();
@@ -625,7 +763,7 @@ mod tests {
     fn a_message_with_too_many_fds_ends_the_relay() {
         let (qemu, front) = UnixStream::pair().unwrap();
         let (back, mut backend) = UnixStream::pair().unwrap();
-        let threads = spawn(front, back, Arc::default()).unwrap();
+        let threads = spawn(front, back, Arc::default(), None).unwrap();
         // More fds than any vhost-user message carries: the control data is truncated.
         let fds: Vec<OwnedFd> = (0..MAX_FDS * 3)
             .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
@@ -671,7 +809,7 @@ mod tests {
     fn oversized_messages_end_the_relay() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut backend) = UnixStream::pair().unwrap();
-        let threads = spawn(front, back, Arc::default()).unwrap();
+        let threads = spawn(front, back, Arc::default(), None).unwrap();
         let mut m = msg(5, 0, &[]);
         m[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         qemu.write_all(&m).unwrap();

@@ -14,10 +14,11 @@ use std::sync::Arc;
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon, VringRwLock, VringT};
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::inflight::Tracker;
 use crate::notify;
 use crate::queue_backend::{MemGuard, QueueBackend, QueueDevice, QueueError};
 use crate::relay::{self, RelayError};
@@ -108,10 +109,14 @@ pub fn serve_forever<D: QueueDevice>(
                 })?;
             }
         }
-        let relay_threads = if backend.device().relay_vring_enable() {
+        let inflight = backend
+            .device()
+            .inflight_tracking()
+            .then(|| backend.inflight());
+        let relay_threads = if backend.device().relay_vring_enable() || inflight.is_some() {
             let front = accept(listener)?;
             let (inner, threads) =
-                relay::start(front, backend.rings()).map_err(ServeError::Relay)?;
+                relay::start(front, backend.rings(), inflight).map_err(ServeError::Relay)?;
             let check = inner.try_clone().map_err(ServeError::Listener)?;
             daemon
                 .start(&mut Listener::from(inner))
@@ -173,6 +178,18 @@ pub fn drain_queue_deferrable(
     vring: &VringRwLock,
     mem: &MemGuard,
     event_idx: bool,
+    handle: impl FnMut(DescriptorChain<MemGuard>) -> Option<u32>,
+) -> Result<(), QueueError> {
+    drain_tracked(vring, mem, event_idx, &mut Tracker::untracked(0), handle)
+}
+
+/// [`drain_queue_deferrable`] popping and completing through `tracker` (inflight tracking:
+/// [`Worker::tracker`](crate::queue_backend::Worker::tracker)).
+pub fn drain_tracked(
+    vring: &VringRwLock,
+    mem: &MemGuard,
+    event_idx: bool,
+    tracker: &mut Tracker,
     mut handle: impl FnMut(DescriptorChain<MemGuard>) -> Option<u32>,
 ) -> Result<(), QueueError> {
     let mut used_any = false;
@@ -180,15 +197,10 @@ pub fn drain_queue_deferrable(
         if event_idx {
             vring.disable_notification()?;
         }
-        loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { break };
+        while let Some(chain) = tracker.pop(vring, mem) {
             let head = chain.head_index();
             if let Some(used) = handle(chain) {
-                vring.add_used(head, used)?;
+                tracker.add_used(vring, head, used)?;
                 // With EVENT_IDX the driver says which completion it wants to hear about:
                 // telling it as soon as that one is used lets it refill the ring while this
                 // batch goes on (the two sides overlap instead of taking turns).

@@ -351,12 +351,47 @@ fn thread_work(
             if kind == ThreadKind::Queue && (policy == "blk" || policy == "fs") {
                 block_io(file)?;
             }
+            if kind == ThreadKind::Helper && policy == "blk" {
+                inflight_region()?;
+            }
             if policy == "fs" && matches!(kind, ThreadKind::Queue | ThreadKind::Helper) {
                 fs_ops(root.ok_or("no shared dir")?, readonly)?;
             }
             Ok(())
         }
     }
+}
+
+/// rqemu-blk's relay answering GET_INFLIGHT_FD: a memfd, sized, mapped shared, written.
+fn inflight_region() -> Result<(), String> {
+    // SAFETY: a static NUL-terminated name; the fd is closed below.
+    let fd = unsafe { libc::memfd_create(c"inflight".as_ptr(), libc::MFD_CLOEXEC) };
+    check("memfd_create", i64::from(fd))?;
+    // SAFETY: ftruncate on our memfd.
+    let r = unsafe { libc::ftruncate(fd, 4096) };
+    // SAFETY: a shared mapping of our memfd, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    // SAFETY: our fd.
+    unsafe { libc::close(fd) };
+    check("ftruncate", i64::from(r))?;
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap of the inflight memfd: errno {}", errno()));
+    }
+    // SAFETY: the page just mapped.
+    unsafe {
+        p.cast::<u8>().write_volatile(1);
+        libc::munmap(p, 4096);
+    }
+    Ok(())
 }
 
 /// The control thread's vhost-user part: a message carrying a memfd and an eventfd

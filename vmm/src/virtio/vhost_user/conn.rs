@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -31,7 +31,43 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The protocol features rqemu-vmm uses when the daemon offers them.
 pub(super) const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
     .union(VhostUserProtocolFeatures::CONFIG)
-    .union(VhostUserProtocolFeatures::REPLY_ACK);
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+
+/// The inflight region a daemon allocated (GET_INFLIGHT_FD), kept by the VMM for the device's
+/// lifetime and handed to every daemon that takes over (SET_INFLIGHT_FD).
+pub(super) struct InflightFd {
+    /// As the daemon described it.
+    pub desc: VhostUserInflight,
+    /// The memfd.
+    pub file: std::fs::File,
+}
+
+impl std::fmt::Debug for InflightFd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InflightFd({:?})", InflightDesc(&self.desc))
+    }
+}
+
+impl std::fmt::Debug for InflightDesc<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = self.0;
+        let (size, queues, qs) = (d.mmap_size, d.num_queues, d.queue_size);
+        write!(f, "{size} bytes, {queues} queue(s) of {qs}")
+    }
+}
+
+/// Display helper for a [`VhostUserInflight`].
+pub(super) struct InflightDesc<'a>(pub &'a VhostUserInflight);
+
+/// What happens to the inflight region when the rings start.
+#[derive(Debug)]
+pub(super) enum InflightStep<'a> {
+    /// A fresh activation: GET_INFLIGHT_FD for `queues` queues (a new, empty region).
+    Fresh(usize),
+    /// A daemon taking over: SET_INFLIGHT_FD with the region the previous one wrote.
+    Handover(&'a InflightFd),
+}
 
 /// Runs `connect` until it succeeds, fails with something other than "no socket yet" /
 /// "refused" (a daemon still starting), or [`CONNECT_TIMEOUT`] has passed.
@@ -270,7 +306,8 @@ impl Conn {
         rings: &[RingStart],
         kicks: &[EventFd],
         calls: &[EventFd],
-    ) -> Result<(), VirtioError> {
+        inflight: InflightStep<'_>,
+    ) -> Result<Option<InflightFd>, VirtioError> {
         let mut f = features;
         if self.has_protocol() {
             f |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -286,6 +323,32 @@ impl Conn {
         self.frontend
             .set_mem_table(&regions)
             .map_err(|e| self.err("SET_MEM_TABLE", e))?;
+        let mut fresh = None;
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            match inflight {
+                InflightStep::Fresh(queues) => {
+                    let ask = VhostUserInflight {
+                        num_queues: u16::try_from(queues).unwrap_or(u16::MAX),
+                        queue_size: QUEUE_SIZE,
+                        ..VhostUserInflight::default()
+                    };
+                    let (desc, file) = self
+                        .frontend
+                        .get_inflight_fd(&ask)
+                        .map_err(|e| self.err("GET_INFLIGHT_FD", e))?;
+                    tracing::debug!(path = %self.path.display(), "inflight region: {:?}", InflightDesc(&desc));
+                    fresh = Some(InflightFd { desc, file });
+                }
+                InflightStep::Handover(r) => {
+                    self.frontend
+                        .set_inflight_fd(&r.desc, r.file.as_raw_fd())
+                        .map_err(|e| self.err("SET_INFLIGHT_FD", e))?;
+                }
+            }
+        }
         for r in rings {
             let (Some(kick), Some(call)) = (kicks.get(r.index), calls.get(r.index)) else {
                 return Err(VirtioError::Config(format!(
@@ -301,7 +364,7 @@ impl Conn {
         self.frontend
             .get_features()
             .map_err(|e| self.err("GET_FEATURES (barrier)", e))?;
-        Ok(())
+        Ok(fresh)
     }
 
     fn setup_ring(

@@ -20,15 +20,16 @@
 //!   every kick eventfd and every call eventfd is signalled once (the daemon rescans its
 //!   rings, the driver its used rings).
 //!
-//! Where a ring resumes ([`Control::resume_base`]): without inflight tracking the daemon
-//! restarts at the used ring's `idx` in guest memory (QEMU does the same for split rings).
-//! Requests the dead daemon popped but never completed sit between that index and the avail
-//! index, so the new daemon takes them again: with in-order completion (rqemu-blk with
-//! `--aio sync` or a qcow2 image; one request at a time) they are redone, at least once
-//! (a write is repeated, which is harmless for a disk). A daemon that completed out of order
-//! (io_uring) when it died leaves the used index short of a completed request: that one is
-//! done twice and its descriptor head is returned twice, or a request is lost. Exactly-once
-//! needs `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` (the seam: `resume_base` and the replay).
+//! Where a ring resumes ([`Control::resume_base`]): the daemon restarts at the used ring's `idx`
+//! in guest memory (QEMU does the same for split rings). Requests the dead daemon popped but
+//! never completed sit between that index and the avail index. Without inflight tracking the
+//! new daemon takes them again: redone at least once with in-order completion, but a daemon
+//! that completed out of order (io_uring) leaves a completed request beyond the used index
+//! (done twice) or loses one. With `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` each fresh activation
+//! gets the daemon's inflight region (GET_INFLIGHT_FD), kept here until the driver resets the
+//! device, and every daemon that takes over gets it back (SET_INFLIGHT_FD, before the rings):
+//! it resubmits the heads still marked in flight and resumes the avail ring past them, so each
+//! request completes exactly once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -40,7 +41,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::conn::{Conn, RingStart};
+use super::conn::{Conn, InflightDesc, InflightFd, InflightStep, RingStart};
 use super::features;
 use super::VhostUserKind;
 use crate::exit::ExitRequester;
@@ -84,6 +85,8 @@ pub struct ControlStatus {
     connected: AtomicBool,
     reconnects: AtomicU64,
     refusals: AtomicU64,
+    /// A duplicate of the inflight region's memfd (for inspection).
+    inflight: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 impl ControlStatus {
@@ -100,6 +103,18 @@ impl ControlStatus {
     /// How many restarted daemons were refused.
     pub fn refusals(&self) -> u64 {
         self.refusals.load(Ordering::Relaxed)
+    }
+
+    /// The inflight region (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`) of the current
+    /// activation, if the daemon tracks requests in flight: a new open file of its memfd, for
+    /// inspection (tests, debugging).
+    pub fn inflight_region(&self) -> Option<std::fs::File> {
+        let g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref().and_then(|f| f.try_clone().ok())
+    }
+
+    fn set_inflight(&self, f: Option<std::fs::File>) {
+        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) = f;
     }
 }
 
@@ -127,6 +142,8 @@ pub struct Control {
     calls: Vec<EventFd>,
     active: Option<Activation>,
     config_writes: Vec<(u32, Vec<u8>)>,
+    /// The inflight region of the current activation (with `INFLIGHT_SHMFD`).
+    inflight: Option<InflightFd>,
     status: Arc<ControlStatus>,
 }
 
@@ -165,6 +182,7 @@ impl Control {
             calls: Vec::new(),
             active: None,
             config_writes: Vec::new(),
+            inflight: None,
             status,
         }
     }
@@ -215,7 +233,9 @@ impl Control {
             }
             Command::Activate(a) => {
                 self.active = Some(a);
-                // A fresh activation: the driver's rings start at index 0.
+                // A fresh activation: the driver's rings start at index 0, and nothing is
+                // in flight (a new inflight region).
+                self.inflight = None;
                 match self.start(|_| 0) {
                     Ok(()) => self.kick(),
                     Err(e) => self.lost(&e.to_string()),
@@ -224,6 +244,8 @@ impl Control {
             Command::Reset => {
                 // A reset returns the config space to the daemon's defaults too.
                 self.config_writes.clear();
+                self.inflight = None;
+                self.status.set_inflight(None);
                 if let (Some(a), Some(c)) = (self.active.take(), self.conn.as_mut()) {
                     c.stop(a.queues.iter().map(|(i, _)| *i));
                 }
@@ -255,7 +277,22 @@ impl Control {
                 base: base(cfg),
             })
             .collect();
-        c.start(&self.mem, a.features, &rings, &self.kicks, &self.calls)
+        let step = match &self.inflight {
+            Some(r) => InflightStep::Handover(r),
+            None => InflightStep::Fresh(self.queues),
+        };
+        if let Some(r) = c.start(
+            &self.mem,
+            a.features,
+            &rings,
+            &self.kicks,
+            &self.calls,
+            step,
+        )? {
+            self.status.set_inflight(r.file.try_clone().ok());
+            self.inflight = Some(r);
+        }
+        Ok(())
     }
 
     /// Kicks every active ring once (what the guest signalled while no daemon had the kick
@@ -269,8 +306,8 @@ impl Control {
     }
 
     /// Where a ring resumes on a new daemon: the used ring's `idx` in guest memory (see the
-    /// module docs). With `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` this becomes the inflight
-    /// region's `last_avail_idx`, after SET_INFLIGHT_FD hands the region to the daemon.
+    /// module docs). With `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` the daemon moves its avail
+    /// index past the requests it resubmits (the region says how many).
     fn resume_base(mem: &GuestMemory, q: &QueueConfig) -> u16 {
         ring_idx(mem, q.used)
     }
@@ -356,9 +393,16 @@ impl Control {
                 format!("q{i} at {used} ({} pending)", avail.wrapping_sub(used))
             })
             .collect();
+        let inflight = match &self.inflight {
+            Some(r) => format!(
+                "; inflight region ({:?}) handed over: the daemon resubmits what was in flight",
+                InflightDesc(&r.desc)
+            ),
+            None => String::new(),
+        };
         tracing::warn!(
             "vhost-user daemon at {} reconnected after {:.1?}: state replayed, rings resumed \
-             at their used index: [{}]",
+             at their used index: [{}]{inflight}",
             self.path.display(),
             down.since.elapsed(),
             bases.join(", ")
