@@ -242,12 +242,13 @@ fn drive(
             }
             if !draining {
                 gen.submit(i, q, &mut in_flight)?;
-                // Tell a waiting device at once: it starts while the next ones are added.
-                q.kick_if_needed(mem)?;
             }
         }
         if progressed {
             last_progress = Instant::now();
+            if !draining {
+                q.kick()?;
+            }
         } else if last_progress.elapsed() > STUCK {
             bail!(
                 "no completion for {STUCK:?} with {} requests in flight",

@@ -10,7 +10,6 @@ use super::memory::{DriverMemory, MemoryError};
 
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
-const VRING_USED_F_NO_NOTIFY: u16 = 1;
 
 /// Errors of the queue.
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +53,6 @@ pub struct SplitQueue {
     avail_idx: u16,
     last_used: u16,
     event_idx: bool,
-    /// `avail_idx` when the device was last notified or found not to need it.
-    kicked_idx: u16,
 }
 
 impl SplitQueue {
@@ -81,7 +78,6 @@ impl SplitQueue {
             avail_idx: 0,
             last_used: 0,
             event_idx,
-            kicked_idx: 0,
         })
     }
 
@@ -157,40 +153,8 @@ impl SplitQueue {
     }
 
     /// Notifies the device.
-    pub fn kick(&mut self) -> Result<(), QueueError> {
-        self.kicked_idx = self.avail_idx;
+    pub fn kick(&self) -> Result<(), QueueError> {
         self.kick.write(1).map_err(QueueError::Event)
-    }
-
-    /// Notifies the device of the chains added since the last notification, unless it asked
-    /// not to be (virtio 1.x, 2.7.10: `avail_event` with EVENT_IDX, else
-    /// `VRING_USED_F_NO_NOTIFY`). Returns whether it notified. Called after each
-    /// [`SplitQueue::add`], it lets a device that is waiting start on the first chain while
-    /// the driver adds the next ones.
-    pub fn kick_if_needed(&mut self, mem: &DriverMemory) -> Result<bool, QueueError> {
-        let (old, new) = (self.kicked_idx, self.avail_idx);
-        if old == new {
-            return Ok(false);
-        }
-        self.kicked_idx = new;
-        // The chains are published (`add` fenced): read what the device asked for.
-        fence(Ordering::SeqCst);
-        let m = mem.mem();
-        let needed = if self.event_idx {
-            let at = GuestAddress(self.used + 4 + 8 * u64::from(self.size));
-            let avail_event: u16 = m.read_obj(at).map_err(MemoryError::from)?;
-            // vring_need_event(): the device's mark lies in (old, new].
-            new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
-        } else {
-            let flags: u16 = m
-                .read_obj(GuestAddress(self.used))
-                .map_err(MemoryError::from)?;
-            flags & VRING_USED_F_NO_NOTIFY == 0
-        };
-        if needed {
-            self.kick()?;
-        }
-        Ok(needed)
     }
 
     /// Takes one completion from the used ring: (head, used length).
@@ -258,57 +222,5 @@ impl SplitQueue {
         }
         let _ = self.call.read();
         Ok(true)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn add_one(q: &mut SplitQueue, mem: &DriverMemory) {
-        q.add(mem, &[(0x1000, 16, false)]).unwrap();
-    }
-
-    /// Kicks written to the eventfd since the last call.
-    fn kicks(q: &SplitQueue) -> u64 {
-        q.kick_fd().read().unwrap_or(0)
-    }
-
-    #[test]
-    fn kicks_follow_the_devices_avail_event() {
-        let mut mem = DriverMemory::new(1 << 20).unwrap();
-        let mut q = SplitQueue::new(&mut mem, 8, true).unwrap();
-        let avail_event = GuestAddress(q.used_addr() + 4 + 8 * 8);
-        // avail_event 0: the device wants to hear about the first chain...
-        add_one(&mut q, &mem);
-        assert!(q.kick_if_needed(&mem).unwrap());
-        assert_eq!(kicks(&q), 1);
-        // ... and not about the next ones until it moves its mark.
-        add_one(&mut q, &mem);
-        assert!(!q.kick_if_needed(&mem).unwrap());
-        assert!(!q.kick_if_needed(&mem).unwrap(), "nothing new");
-        assert_eq!(kicks(&q), 0);
-        // The device re-enabled notifications after taking two: the third is announced.
-        mem.mem().write_obj(2u16.to_le(), avail_event).unwrap();
-        add_one(&mut q, &mem);
-        add_one(&mut q, &mem);
-        assert!(q.kick_if_needed(&mem).unwrap(), "mark 2 lies in (2, 4]");
-        assert_eq!(kicks(&q), 1);
-    }
-
-    #[test]
-    fn kicks_follow_no_notify_without_event_idx() {
-        let mut mem = DriverMemory::new(1 << 20).unwrap();
-        let mut q = SplitQueue::new(&mut mem, 8, false).unwrap();
-        let flags = GuestAddress(q.used_addr());
-        mem.mem()
-            .write_obj(VRING_USED_F_NO_NOTIFY.to_le(), flags)
-            .unwrap();
-        add_one(&mut q, &mem);
-        assert!(!q.kick_if_needed(&mem).unwrap());
-        mem.mem().write_obj(0u16, flags).unwrap();
-        add_one(&mut q, &mem);
-        assert!(q.kick_if_needed(&mem).unwrap());
-        assert_eq!(kicks(&q), 1);
     }
 }
