@@ -1,8 +1,8 @@
 //! Adapter between `vhost-user-backend` and the transport-free [`BlockDevice`]: the shared
 //! [`QueueBackend`] (one worker thread per queue, shutdown gate) over [`BlkQueues`], which
 //! gives each queue its own bounce buffer and, with `--aio io-uring` on a raw image, its own
-//! io_uring ([`UringQueue`]): reads and writes are submitted in batches and go on the used
-//! ring as they complete; every other request (flush, discard, GET_ID, qcow2, misaligned
+//! io_uring ([`UringQueue`]): reads and writes are submitted as they are taken (O_DIRECT) or
+//! in batches (page cache) and go on the used ring as they complete; every other request (flush, discard, GET_ID, qcow2, misaligned
 //! O_DIRECT buffers) waits for the queue's I/O in flight, then runs synchronously, so a flush
 //! covers every write before it. On shutdown the signal thread waits for batches in progress
 //! and I/O in flight and flushes the image: nothing acknowledged is lost.
@@ -82,11 +82,14 @@ pub fn new(dev: BlockDevice, aio: Aio) -> Result<BlkBackend, BackendError> {
     let entries = u32::from(dev.params().max_queue_size);
     let mut queues = Vec::with_capacity(n);
     let mut event_fds = Vec::with_capacity(n);
-    let fd = dev.image().passthrough_fd().map(|(fd, _)| fd);
+    let passthrough = dev.image().passthrough_fd();
+    let fd = passthrough.map(|(fd, _)| fd);
+    // An alignment above 1: the file is opened with O_DIRECT.
+    let at_once = passthrough.is_some_and(|(_, align)| align > 1);
     let mut use_uring = aio == Aio::IoUring && fd.is_some();
     for _ in 0..n {
         let uring = match (use_uring, fd) {
-            (true, Some(fd)) => match UringQueue::new(fd, entries) {
+            (true, Some(fd)) => match UringQueue::new(fd, entries, at_once) {
                 Ok(u) => Some(u),
                 Err(e) if queues.is_empty() => {
                     tracing::warn!("io_uring unavailable ({e}): falling back to synchronous I/O");
