@@ -5,12 +5,13 @@
 #   page cache: rqemu-blk --cache writeback | QSD cache.direct=off | fio buffered
 #   O_DIRECT:   rqemu-blk --cache none      | QSD cache.direct=on  | fio --direct=1
 # Prints the figures, rqemu/QSD and rqemu/fio ratios, and the load average at the start.
-# Usage: bench/scripts/compare-blk.sh [runtime-s] (RQEMU_AIO=io-uring|threads|sync for rqemu-blk)
+# Usage: bench/scripts/compare-blk.sh [runtime-s] (RQEMU_AIO=io-uring|threads|sync forces an
+# engine for rqemu-blk; by default it picks its own per cache mode)
 set -Eeuo pipefail
 trap 'rc=$?; printf "%s: line %d: \"%s\" failed (exit %d)\n" "${0##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 cd "$(dirname "$0")/../.."
 runtime=${1:-5}
-aio=${RQEMU_AIO:-io-uring}
+aio=${RQEMU_AIO:-}
 command -v fio >/dev/null || { apt-get install -y -qq --no-install-recommends fio >/dev/null; }
 cargo build --release -q -p rqemu-blk -p rqemu-bench
 bin=${CARGO_TARGET_DIR:-target}/release
@@ -42,7 +43,7 @@ for m in "${modes[@]}"; do
   # Warm the page cache for the buffered runs (and drop nothing: the direct runs bypass it).
   [ "$m" = pagecache ] && cat "$img" >/dev/null
 
-  "$bin/rqemu-blk" --socket "$work/r.sock" --image "$img" --format raw --cache "$cache" --aio "$aio" 2>/dev/null &
+  "$bin/rqemu-blk" --socket "$work/r.sock" --image "$img" --format raw --cache "$cache" ${aio:+--aio "$aio"} 2>/dev/null &
   pid=$!
   wait_sock "$work/r.sock"
   for c in "${cases[@]}"; do R[$m $c]=$(bench "$work/r.sock" $c); done
@@ -62,7 +63,7 @@ done
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}' if $2 else 'n/a')"; }
 echo
-echo "load average at start: $load; $(nproc) CPUs; rqemu-blk --aio $aio; runtime ${runtime}s per case"
+echo "load average at start: $load; $(nproc) CPUs; rqemu-blk --aio ${aio:-default}; runtime ${runtime}s per case"
 printf '%-10s %-16s %10s %10s %10s %9s %9s   %s\n' mode case rqemu-blk QSD host-fio rqemu/QSD rqemu/fio \
   'p50/p99 us: rqemu | QSD'
 for m in "${modes[@]}"; do

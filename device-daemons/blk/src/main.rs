@@ -62,9 +62,11 @@ struct Args {
     cache: CacheArg,
     /// I/O engine of the queue threads: io_uring (many requests in flight per queue; falls
     /// back to threads when the kernel refuses io_uring), threads or sync (both: one request at
-    /// a time per queue thread).
-    #[arg(long, value_enum, default_value = "io-uring")]
-    aio: backend::Aio,
+    /// a time per queue thread). Default: io-uring with O_DIRECT (--cache none|directsync),
+    /// where requests wait on the disk; sync through the page cache, where a request is a
+    /// memory copy and a synchronous `preadv` is cheaper than a trip through a ring.
+    #[arg(long, value_enum)]
+    aio: Option<backend::Aio>,
     /// Do not take QEMU-compatible image locks (another writer may then corrupt the image).
     #[arg(long)]
     force_share: bool,
@@ -103,7 +105,12 @@ fn run(args: Args, mut daemon: Daemon) -> Result<()> {
         ..BlkParams::default()
     };
     let dev = BlockDevice::new(img.clone(), params)?;
-    let aio = backend::Aio::resolve(args.aio, &*img);
+    let asked = args.aio.unwrap_or(if cache.direct() {
+        backend::Aio::IoUring
+    } else {
+        backend::Aio::Sync
+    });
+    let aio = backend::Aio::resolve(asked, &*img);
     tracing::info!(
         "serving {} ({}, {} bytes{}) with {} queue(s), cache {:?}, aio {:?}",
         args.image.display(),
