@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use rqemu_e2e::daemon::process_tree;
 use rqemu_e2e::net::{pattern, sha256_hex};
 use rqemu_e2e::vsock::{self, host_connect};
 use rqemu_e2e::{project_binary, Daemon, GuestAssets, GuestRun, QemuVm};
@@ -130,25 +131,6 @@ fn host_side(path: PathBuf, upload: UnixListener, pid: u32) -> Result<Vec<Vec<u8
     let mut rest = Vec::new();
     down.read_to_end(&mut rest).map_err(|e| e.to_string())?;
     Ok(ups)
-}
-
-/// `pid` and its descendants (the pid-namespace parent forks the confined child).
-fn process_tree(pid: u32) -> Vec<u32> {
-    let mut all = vec![pid];
-    let mut i = 0;
-    while i < all.len() {
-        let tasks = std::fs::read_dir(format!("/proc/{}/task", all[i])).into_iter();
-        for t in tasks.flatten().flatten() {
-            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            all.extend(
-                children
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<u32>().ok()),
-            );
-        }
-        i += 1;
-    }
-    all
 }
 
 /// Every thread of the daemon (its queue worker included, while a guest is served) runs
