@@ -42,7 +42,7 @@ for t in $(cargo fuzz list); do
   fi
   mkdir "$work/$t"
   log=$work/$t.log
-  if ! "$bin/$t" "$work/$t" "$seeds" -max_total_time="$secs" -seed=1 -print_final_stats=1 \
+  if ! "$bin/$t" "$work/$t" "$seeds" -max_total_time="$secs" -timeout=20 -seed=1 -print_final_stats=1 \
       -artifact_prefix="$PWD/artifacts/$t-" >"$log" 2>&1; then
     tail -n 40 "$log"
     echo "fuzz-smoke: $t FAILED (crash, timeout or assertion above; input in fuzz/artifacts/)" >&2

@@ -163,11 +163,16 @@ impl BlkQueues {
             Ok(())
         };
         let mut err = None;
+        // As in `rqemu_daemon::vhost::drain_tracked`: two passes in a row that pop nothing
+        // while the avail index says there is more is a ring that cannot give it; stop.
+        let mut fruitless = 0;
         loop {
             if event_idx {
                 vring.disable_notification()?;
             }
+            let mut popped = false;
             while let Some(chain) = t.pop(vring, mem) {
+                popped = true;
                 let head = chain.head_index();
                 match self.dev.prepare_chain(&**mem, chain, true) {
                     Prepared::Io(io) => {
@@ -195,6 +200,11 @@ impl BlkQueues {
                 }
             });
             if !event_idx || !vring.enable_notification()? {
+                break;
+            }
+            fruitless = if popped { 0 } else { fruitless + 1 };
+            if fruitless >= 2 {
+                tracing::warn!("queue: the avail index promises chains the ring does not give");
                 break;
             }
         }

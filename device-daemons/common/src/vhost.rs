@@ -193,11 +193,18 @@ pub fn drain_tracked(
     mut handle: impl FnMut(DescriptorChain<MemGuard>) -> Option<u32>,
 ) -> Result<(), QueueError> {
     let mut used_any = false;
+    // Passes in a row that popped nothing although re-enabling notifications said the driver
+    // had made more available: one is a buffer that raced the re-check (the next pass takes
+    // it); two is a ring whose avail index promises chains it cannot give (a broken or hostile
+    // driver: `pop` refuses the index), which must not spin this worker forever.
+    let mut fruitless = 0;
     loop {
         if event_idx {
             vring.disable_notification()?;
         }
+        let mut popped = false;
         while let Some(chain) = tracker.pop(vring, mem) {
+            popped = true;
             let head = chain.head_index();
             if let Some(used) = handle(chain) {
                 tracker.add_used(vring, head, used)?;
@@ -211,6 +218,11 @@ pub fn drain_tracked(
             }
         }
         if !event_idx || !vring.enable_notification()? {
+            break;
+        }
+        fruitless = if popped { 0 } else { fruitless + 1 };
+        if fruitless >= 2 {
+            tracing::warn!("queue: the avail index promises chains the ring does not give");
             break;
         }
     }

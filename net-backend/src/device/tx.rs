@@ -144,11 +144,18 @@ impl NetDevice {
         let limits = self.negotiated().tx_limits(self.params.mtu);
         let event_idx = q.event_idx_enabled();
         let mut used = 0usize;
+        // Two passes in a row that pop nothing while re-enabling notifications says the driver
+        // made more available: the avail index promises chains the ring cannot give (a broken
+        // or hostile driver); stop rather than spin. One such pass is a buffer that raced the
+        // re-check, taken by the next pass.
+        let mut fruitless = 0;
         loop {
             if event_idx {
                 q.disable_notification(mem)?;
             }
+            let mut popped = false;
             while let Some(chain) = q.pop_descriptor_chain(mem) {
+                popped = true;
                 let head = chain.head_index();
                 if let Err(e) = self.transmit(mem, chain, &limits, tap, scratch) {
                     tracing::debug!("tx: dropping chain {head}: {e}");
@@ -159,6 +166,11 @@ impl NetDevice {
                 used += 1;
             }
             if !event_idx || !q.enable_notification(mem)? {
+                break;
+            }
+            fruitless = if popped { 0 } else { fruitless + 1 };
+            if fruitless >= 2 {
+                tracing::debug!("tx: the avail index promises chains the ring does not give");
                 break;
             }
         }
