@@ -2,7 +2,7 @@
 //! confinement.
 //!
 //! fuse-backend-rs's passthrough implements xattr requests on `/proc/self/fd/N` *paths*, which
-//! do not exist once [`crate::confine::enter`] has pivoted into the shared directory. This
+//! do not exist once `rqemu_sandbox::namespaces::pivot_into_dir` has pivoted into the shared directory. This
 //! wrapper delegates every request to the passthrough except the four xattr ones, which it
 //! serves on the inode's path: read through the passthrough's `/proc/self/fd` *fd* (opened
 //! before confinement), printed by the kernel relative to the confined root, used with the

@@ -6,7 +6,7 @@
 //!   [`fuse-backend-rs`](https://docs.rs/fuse-backend-rs/0.14) (`api::server::Server` over
 //!   `passthrough::PassthroughFs`, virtiofs `transport::{Reader, Writer}`), the same rust-vmm
 //!   line as the rest of the workspace (vm-memory 0.17.1, virtio-queue 0.17);
-//! * [`confine`]: the shared directory path, and the shared directory as one thread's `/`.
+//! * [`confine`]: the shared directory path (the tests pivot one thread into it).
 //! * [`passthrough`]: the served `PassthroughFs` type and its configuration, below every
 //!   module that works on it ([`inode_fd`], [`locks`], [`copy_range`], [`confined_fs`],
 //!   [`server`]).
@@ -40,8 +40,8 @@
 //! procfs fd shows no other process (`../../<pid>/root` reaches the share only), and a
 //! directory moved out from under the guest is disconnected from the bind mount — `..` from it
 //! fails (`ENOENT`) instead of escaping. A hard link the *host* made to an outside inode
-//! exposes that one inode only. [`confine::enter`] is the same mount-namespace +
-//! `pivot_root` for one thread (its test shows the path confinement).
+//! exposes that one inode only. The crate's tests pivot one thread into the share with the same
+//! `rqemu_sandbox::namespaces` steps to show the path confinement.
 //!
 //! # FUSE coverage
 //!

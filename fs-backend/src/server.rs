@@ -87,7 +87,7 @@ impl std::fmt::Debug for FsServer {
 }
 
 impl FsServer {
-    /// Creates the server for `root` (`/` once [`crate::confine::enter`] has made the shared
+    /// Creates the server for `root` (`/` once `rqemu_sandbox::namespaces::pivot_into_dir` has made the shared
     /// directory the root). This opens `/proc/self/fd` and `/proc/self/mountinfo`, so it must
     /// run *before* confinement; `root` itself is opened at the guest's `FUSE_INIT`.
     pub fn new(params: &FsParams, root: &Path) -> Result<Self, ServerError> {
@@ -348,7 +348,7 @@ mod tests {
     }
 
     /// Without confinement the rename race reaches outside files: the hole
-    /// [`confine::enter`] closes (and why the daemon always confines).
+    /// the pivot into the share closes (and why the daemon always confines).
     #[test]
     fn unconfined_rename_race_escapes() {
         assert!(
