@@ -32,7 +32,8 @@ UL_TOOLS=(/usr/sbin/blkdiscard /usr/bin/fallocate)
 # of PATH so they shadow no busybox applet: the software CPU must run the host's glibc and these
 # programs' optimised code paths exactly as the host does (tests/tests/tcg_programs.rs).
 HOST_PROGS=(/usr/bin/gzip /usr/bin/xz /usr/bin/bzip2 /usr/bin/zstd /usr/bin/sha256sum
-    /usr/bin/sha1sum /usr/bin/md5sum /usr/bin/b2sum /usr/bin/sort /usr/bin/bc /usr/bin/mawk)
+    /usr/bin/sha1sum /usr/bin/md5sum /usr/bin/b2sum /usr/bin/sort /usr/bin/bc /usr/bin/mawk
+    /usr/bin/seq /usr/bin/printf)
 
 log() { printf 'guest-assets: %s\n' "$*"; }
 die() { printf 'guest-assets: ERROR: %s\n' "$*" >&2; exit 1; }

@@ -1,6 +1,6 @@
 //! Real dynamically linked Debian programs on the software CPU: `rqemu-vmm --accel tcg` boots
 //! the reference guest, whose initramfs carries the host's gzip, xz, bzip2, zstd, coreutils
-//! checksums and sort, bc and mawk with their shared libraries (`/opt/host/bin`, built by
+//! checksums, sort, seq and printf, bc and mawk with their shared libraries (`/opt/host/bin`, built by
 //! `scripts/guest-assets.sh`). The same script runs on the host and in the guest; every
 //! program's exit status, output digest and (for text) first lines must be identical.
 //!
@@ -53,6 +53,10 @@ check sort-n text "$P/sort -n -r -k 2 $IN"
 check bc text "echo 'scale=60; 4*a(1); e(1); l(10); sqrt(2); s(1)+c(1); 2^300; 1/7; 355/113' | $P/bc -l"
 check mawk-libm text "$P/mawk 'BEGIN { for (i = 1; i <= 12; i++) printf \"%.17g %.17g %.17g %.17g %.17g\n\", sin(i), cos(i / 3), exp(i / 2), log(i * 10), atan2(i, 7) }'"
 check mawk-sum text "$P/mawk '{ s += sqrt(\$1 + 0.5); n++ } END { printf \"%d %.17g\n\", n, s }' $IN"
+# long double (x87) arithmetic, comparisons and conversions: strtold, printf's %Lg/%La.
+check seq-ld text "$P/seq -f '%.19g' -0.7 0.37 900 | $B tail -n 12"
+check sort-g text "$P/seq -f '%.19g' 1e-5 0.0731 70 | $P/sort -g -r | $B head -n 40"
+check printf-ld text "$P/printf '%.21Lg %La %.30Le %Lg\\n' 0.1 1e-4000 3.14159265358979323846264338 -2.5e4931 1.5 2 3e300 7e-310"
 # glibc's view of the CPU: which glibc-hwcaps levels (x86-64-v2, -v3, -v4) it supports.
 /lib64/ld-linux-x86-64.so.2 --help | $B grep 'x86-64-v' | $B sed 's/^ */ISA /'
 echo "PROG done"

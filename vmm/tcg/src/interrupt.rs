@@ -150,6 +150,9 @@ pub(crate) fn raise(
 ) -> Result<(), Exit> {
     let (mut v, mut e) = (vector, error);
     let fault_rip = cx.s.rip;
+    if vector == vec::UD {
+        log_ud(cx);
+    }
     loop {
         match deliver(cx, v, e, kind, ret_rip) {
             Ok(()) => return Ok(()),
@@ -176,4 +179,23 @@ pub(crate) fn raise(
             Err(Event::Exit(x)) => return Err(x),
         }
     }
+}
+
+/// With `RQEMU_TCG_LOG_UD` in the environment, reports every #UD on stderr with the bytes at
+/// RIP (to find what a guest program needs that this CPU lacks).
+fn log_ud(cx: &mut Ctx<'_>) {
+    static LOG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*LOG.get_or_init(|| std::env::var_os("RQEMU_TCG_LOG_UD").is_some()) {
+        return;
+    }
+    let rip = cx.s.rip;
+    let mut bytes = [0u8; 15];
+    let text = match cx.read_bytes(rip, &mut bytes) {
+        Ok(()) => {
+            let mut d = iced_x86::Decoder::with_ip(64, &bytes, rip, iced_x86::DecoderOptions::NONE);
+            format!("{} ({:02x?})", d.decode(), &bytes[..])
+        }
+        Err(_) => "(not readable)".to_string(),
+    };
+    eprintln!("rqemu-tcg: #UD at {rip:#x}: {text}");
 }

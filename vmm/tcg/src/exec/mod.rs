@@ -30,6 +30,8 @@ mod string;
 mod system;
 mod x87;
 mod x87_arith;
+mod x87_env;
+mod x87_host;
 mod x87_move;
 mod x87_stack;
 mod xsave;
@@ -358,6 +360,8 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Fincstp
         | M::Fdecstp
         | M::Ffree => x87_move::exec,
+        M::Fnstenv | M::Fldenv | M::Fnsave | M::Frstor | M::Ffreep | M::Fnop => x87_env::exec,
+        m if x87_host::handles(m) => x87_host::exec,
         M::Xgetbv | M::Xsetbv | M::Xsave | M::Xsave64 | M::Xrstor | M::Xrstor64 => xsave::exec,
         M::Andn
         | M::Bextr

@@ -23,6 +23,7 @@ mod sse_cmp;
 mod sse_state;
 mod ssse3;
 mod x87;
+mod x87_host;
 mod xmm_table;
 mod xsave;
 
