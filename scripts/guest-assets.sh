@@ -8,6 +8,8 @@
 #                        + dynamically linked Debian programs in /opt/host/bin (compressors,
 #                          checksums, bc, mawk; with their libraries) for tests/tests/tcg_programs.rs
 #   kernel-version       the kernel package version, e.g. 6.1.192-2
+#   agent-initramfs.cpio.gz  rqemu-run's container initramfs: /init = the static rqemu-agent and
+#                        the virtio/virtiofs/vsock modules (scripts/agent-initramfs.sh, run last)
 #
 # The kernel is fetched with `apt-get download` (needs the Debian apt lists, see
 # scripts/install-deps.sh). Work is cached: the kernel is re-extracted only when the package
@@ -122,10 +124,7 @@ fi
 # ---------------------------------------------------------------- initramfs
 ISTAMP_WANT="$VERSION $(cat "$0" "$INIT_SRC" | sha256sum | cut -c1-16)"
 ISTAMP="$OUT/initramfs.stamp"
-if [ -f "$ISTAMP" ] && [ "$(cat "$ISTAMP")" = "$ISTAMP_WANT" ] && [ -s "$OUT/initramfs.cpio.gz" ]; then
-    log "initramfs: cached"
-    exit 0
-fi
+build_initramfs() {
 log "initramfs: building"
 rm -f "$ISTAMP"
 STAGE="$OUT/initramfs-root"
@@ -201,3 +200,12 @@ mv "$OUT/initramfs.cpio.gz.tmp" "$OUT/initramfs.cpio.gz"
 rm -rf "$STAGE"
 echo "$ISTAMP_WANT" >"$ISTAMP"
 log "initramfs: $OUT/initramfs.cpio.gz ($(stat -c %s "$OUT/initramfs.cpio.gz") bytes)"
+}
+if [ -f "$ISTAMP" ] && [ "$(cat "$ISTAMP")" = "$ISTAMP_WANT" ] && [ -s "$OUT/initramfs.cpio.gz" ]; then
+    log "initramfs: cached"
+else
+    build_initramfs
+fi
+
+# ---------------------------------------------------------------- rqemu-run's agent initramfs
+RQEMU_GUEST_DIR="$OUT" "$ROOT/scripts/agent-initramfs.sh"
