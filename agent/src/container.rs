@@ -203,7 +203,11 @@ fn copy_file(root: &Root, index: usize, f: &FileCopy) -> Result<(), SetupError> 
     )
     .map_err(io_err(format!("bind {}", f.destination)))?;
     if f.readonly {
-        mounts::remount(&target_path, libc::MS_RDONLY, &f.destination)?;
+        // The descriptor opened before the bind names the file under it: open the new mount.
+        let bound = root
+            .resolve(&root::components(&f.destination), libc::O_PATH)
+            .map_err(io_err(format!("reopen {}", f.destination)))?;
+        mounts::remount(&root::fd_path(&bound), libc::MS_RDONLY, &f.destination)?;
     }
     Ok(())
 }

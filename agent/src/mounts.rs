@@ -172,7 +172,11 @@ pub fn mount_one(root: &Root, m: &Mount) -> Result<(), MountError> {
         // The other flags only take effect on a remount of the bind.
         let rest = opts.flags & !(libc::MS_BIND | libc::MS_REC);
         if rest != 0 {
-            remount(&target_path, rest, &m.destination)?;
+            // The descriptor opened before the bind names what is under it: open the mount.
+            let bound = root
+                .resolve(&root::components(&m.destination), libc::O_PATH)
+                .map_err(point_err)?;
+            remount(&root::fd_path(&bound), rest, &m.destination)?;
         }
     } else {
         let flags = opts.flags & !(libc::MS_BIND | libc::MS_REC);
