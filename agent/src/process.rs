@@ -6,12 +6,14 @@
 //! written to a close-on-exec pipe as (step, errno) and the child exits 127.
 
 use std::ffi::CString;
-use std::io;
+use std::fs::File;
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
 use rqemu_agent_protocol::Process;
 
+use crate::root::Root;
 use crate::sys::{self, check, cpath, cstr};
 
 /// `PATH` when the environment has none (runc's default).
@@ -99,8 +101,15 @@ fn prepare(root: &Path, p: &Process) -> Result<Prepared, SpawnError> {
         .map(|a| cstr(a))
         .collect::<Result<Vec<_>, _>>()
         .map_err(bad)?;
-    let envp = p
-        .env
+    let mut env = p.env.clone();
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        // As runc: HOME from the container's /etc/passwd, else `/`.
+        env.push(format!(
+            "HOME={}",
+            home_of(root, p.uid).unwrap_or_else(|| "/".into())
+        ));
+    }
+    let envp = env
         .iter()
         .map(|a| cstr(a))
         .collect::<Result<Vec<_>, _>>()
@@ -147,6 +156,26 @@ fn prepare(root: &Path, p: &Process) -> Result<Prepared, SpawnError> {
         uid: p.uid,
         gid: p.gid,
         no_new_privs: p.no_new_privileges,
+    })
+}
+
+/// The home directory of `uid` in the container's `/etc/passwd` (read inside the root).
+fn home_of(root: &Path, uid: u32) -> Option<String> {
+    let root = Root::open(root).ok()?;
+    let fd = root.resolve(&["etc", "passwd"], libc::O_RDONLY).ok()?;
+    let mut text = String::new();
+    File::from(fd)
+        .take(1 << 20)
+        .read_to_string(&mut text)
+        .ok()?;
+    passwd_home(&text, uid)
+}
+
+/// `name:x:uid:gid:gecos:home:shell` → the home of the first line with `uid`.
+fn passwd_home(text: &str, uid: u32) -> Option<String> {
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 7 && f[2].parse() == Ok(uid) && !f[5].is_empty()).then(|| f[5].to_string())
     })
 }
 
@@ -361,5 +390,54 @@ unsafe fn child(
             *libc::__errno_location() = libc::EACCES;
         }
         fail(8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_program_is_looked_up_along_the_path_of_the_environment() {
+        let p = Process {
+            args: vec!["sh".into(), "-c".into(), "true".into()],
+            env: vec!["PATH=/bin:/usr/bin/".into(), "HOME=/h".into()],
+            ..Default::default()
+        };
+        let prep = prepare(Path::new("/nonexistent"), &p).unwrap();
+        let c: Vec<_> = prep
+            .candidates
+            .iter()
+            .map(|c| c.to_str().unwrap())
+            .collect();
+        assert_eq!(c, ["/bin/sh", "/usr/bin/sh"]);
+        assert_eq!(prep.cwd.to_str().unwrap(), "/");
+        assert_eq!(prep.umask, 0o022);
+
+        let p = Process {
+            args: vec!["./run".into()],
+            ..Default::default()
+        };
+        let prep = prepare(Path::new("/nonexistent"), &p).unwrap();
+        assert_eq!(prep.candidates.len(), 1);
+        assert_eq!(prep.envp.last().unwrap().to_str().unwrap(), "HOME=/");
+        let none = Process::default();
+        assert!(matches!(
+            prepare(Path::new("/"), &none),
+            Err(SpawnError::NoArgs)
+        ));
+        let nul = Process {
+            args: vec!["a\0b".into()],
+            ..Default::default()
+        };
+        assert!(prepare(Path::new("/"), &nul).is_err());
+    }
+
+    #[test]
+    fn home_comes_from_passwd() {
+        let text = "root:x:0:0:root:/root:/bin/sh\nbad line\nu:x:1000:1000::/home/u:/bin/sh\n";
+        assert_eq!(passwd_home(text, 1000).as_deref(), Some("/home/u"));
+        assert_eq!(passwd_home(text, 0).as_deref(), Some("/root"));
+        assert_eq!(passwd_home(text, 5), None);
     }
 }

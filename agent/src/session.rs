@@ -56,6 +56,7 @@ pub struct Session {
     chan: File,
     sigfd: OwnedFd,
     container: Option<Container>,
+    create_tried: bool,
     running: Option<Running>,
     started: bool,
     pending: Vec<u8>,
@@ -95,6 +96,7 @@ impl Session {
             chan,
             sigfd,
             container: None,
+            create_tried: false,
             running: None,
             started: false,
             pending: Vec::new(),
@@ -343,9 +345,10 @@ impl Session {
     fn handle(&mut self, msg: HostMsg) -> Result<(), SessionError> {
         match msg {
             HostMsg::Create(spec) => {
-                if self.container.is_some() {
-                    return self.error("Create: the container already exists");
+                if self.create_tried {
+                    return self.error("Create: already done (one container per VM)");
                 }
+                self.create_tried = true;
                 match container::create(*spec) {
                     Ok(c) => {
                         self.container = Some(c);

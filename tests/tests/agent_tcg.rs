@@ -5,7 +5,8 @@
 //! signals, Exited; the VM must then power itself off.
 //!
 //! One container per VM, so two boots cover everything:
-//! 1. pipes, rw rootfs, uid 0: stdout/stderr split, the guest's `uname -r`, a write that
+//! 1. pipes, rw rootfs, uid 0: a malformed frame and a Start before Create answered with
+//!    errors (the agent goes on), stdout/stderr split, the guest's `uname -r`, a write that
 //!    appears in the host directory, stdin relayed to `cat` and ended by CloseStdin, cwd,
 //!    env, hostname, a sysctl, a copied file, the default `/dev`, `Exited(Code(7))`;
 //! 2. terminal, read-only rootfs, uid/gid 1000 + group 10: `tty`/`test -t 0`, the initial
@@ -14,6 +15,7 @@
 //! Needs `scripts/guest-assets.sh` (agent-initramfs.cpio.gz) and
 //! `cargo build -p rqemu-vmm -p rqemu-fs -p rqemu-vsock`.
 
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -328,6 +330,19 @@ fn agent_runs_a_container_with_pipes_stdin_and_exit_code() {
     };
     let (t, run) = boot(&assets, &rootfs, false, move |c| {
         c.until("Ready", |m, _| matches!(m, AgentMsg::Ready { .. }))?;
+        // A malformed frame (whole, undecodable) is answered with an Error, not fatal.
+        c.s.write_all(&[2, 0, 0, 0, 0xff, 0xff])
+            .map_err(|e| e.to_string())?;
+        match read_msg::<_, AgentMsg>(&mut c.s) {
+            Ok(Some(AgentMsg::Error(e))) if e.contains("malformed") => {}
+            other => return Err(format!("after a malformed frame: {other:?}")),
+        }
+        // Start before Create is refused.
+        c.send(HostMsg::Start)?;
+        match read_msg::<_, AgentMsg>(&mut c.s) {
+            Ok(Some(AgentMsg::Error(e))) if e.contains("Create first") => {}
+            other => return Err(format!("after Start without Create: {other:?}")),
+        }
         c.send(HostMsg::Create(Box::new(spec)))?;
         c.until("Created", |m, _| matches!(m, AgentMsg::Created))?;
         c.send(HostMsg::Start)?;
