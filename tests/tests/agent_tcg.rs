@@ -4,13 +4,16 @@
 //! `<uds>_1024` this test listens on). The test plays `rqemu-run`: Ready, Create, Start, stdio,
 //! signals, Exited; the VM must then power itself off.
 //!
-//! One container per VM, so two boots cover everything:
+//! One container per VM, so three boots cover everything:
 //! 1. pipes, rw rootfs, uid 0: a malformed frame and a Start before Create answered with
 //!    errors (the agent goes on), stdout/stderr split, the guest's `uname -r`, a write that
 //!    appears in the host directory, stdin relayed to `cat` and ended by CloseStdin, cwd,
-//!    env, hostname, a sysctl, a copied file, the default `/dev`, `Exited(Code(7))`;
+//!    env, hostname, a sysctl, a copied file, the default `/dev`, an orphan holding stdout
+//!    (killed when the process exits, as in a pid namespace), `Exited(Code(7))`;
 //! 2. terminal, read-only rootfs, uid/gid 1000 + group 10: `tty`/`test -t 0`, the initial
-//!    size, ids, a refused write, `Signal(15)` to `sleep` → `Exited(Signal(15))`.
+//!    size, ids, a refused write, `Signal(15)` to `sleep` → `Exited(Signal(15))`;
+//! 3. a program that does not exist: `Start` answered with an `Error` naming execve, then the
+//!    host closes the channel and the VM powers itself off.
 //!
 //! Needs `scripts/guest-assets.sh` (agent-initramfs.cpio.gz) and
 //! `cargo build -p rqemu-vmm -p rqemu-fs -p rqemu-vsock`.
@@ -306,6 +309,7 @@ fn agent_runs_a_container_with_pipes_stdin_and_exit_code() {
                   test -c /dev/null && test -c /dev/urandom && test -L /dev/ptmx && \
                   test -d /dev/shm && test -e /proc/self/fd/0 && echo devok; \
                   grep -q ' /dev/pts devpts ' /proc/mounts && echo ptsok; \
+                  (sleep 1000 &); \
                   exit 7";
     let spec = ContainerSpec {
         rootfs: Rootfs {
@@ -375,6 +379,9 @@ fn agent_runs_a_container_with_pipes_stdin_and_exit_code() {
         "the guest's write is not in the host rootfs\n{}",
         ctx()
     );
+    // The orphan holding stdout open was killed when the container process exited, so the
+    // output was drained without waiting for it.
+    assert!(!run.console.contains("output still open"), "{}", ctx());
     // The copied file was bound over an empty mount point: the host's stays empty.
     assert_eq!(std::fs::read(rootfs.join("etc/hosts")).unwrap(), b"");
 }
@@ -437,4 +444,43 @@ fn agent_runs_a_terminal_container_read_only_as_a_user_and_signals_it() {
         assert!(out.contains(want), "{want:?} missing\n{}", ctx());
     }
     assert!(!rootfs.join("tmp/x").exists());
+}
+
+#[test]
+fn agent_reports_a_failed_start_and_powers_off_when_the_host_leaves() {
+    let assets = GuestAssets::locate().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    make_rootfs(&rootfs);
+    let spec = ContainerSpec {
+        rootfs: Rootfs {
+            tag: "rootfs".into(),
+            readonly: false,
+        },
+        process: Process {
+            args: vec!["no-such-program".into()],
+            env: vec!["PATH=/bin:/usr/bin".into()],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (_, run) = boot(&assets, &rootfs, true, move |c| {
+        c.until("Ready", |m, _| matches!(m, AgentMsg::Ready { .. }))?;
+        c.send(HostMsg::Create(Box::new(spec)))?;
+        c.until("Created", |m, _| matches!(m, AgentMsg::Created))?;
+        c.send(HostMsg::Start)?;
+        match read_msg::<_, AgentMsg>(&mut c.s) {
+            Ok(Some(AgentMsg::Error(e))) if e.contains("execve") && e.contains("No such file") => {
+                Ok(())
+            }
+            other => Err(format!("after Start of a missing program: {other:?}")),
+        }
+        // Returning drops the channel: the agent must power the VM off.
+    });
+    assert!(
+        run.console
+            .contains("rqemu-agent: fatal: the host closed the control channel"),
+        "{}",
+        run.transcript()
+    );
 }
