@@ -287,6 +287,9 @@ fn boot(
         "{}",
         report("no agent log line on the console")
     );
+    for l in run.console.lines().filter(|l| l.contains("rqemu-agent")) {
+        eprintln!("  console: {l}");
+    }
     eprintln!(
         "container VM done after {:.1} s (exit {:?})",
         run.elapsed.as_secs_f64(),
