@@ -8,10 +8,12 @@
 //! 1. pipes, rw rootfs, uid 0: a malformed frame and a Start before Create answered with
 //!    errors (the agent goes on), stdout/stderr split, the guest's `uname -r`, a write that
 //!    appears in the host directory, stdin relayed to `cat` and ended by CloseStdin, cwd,
-//!    env, hostname, a sysctl, a copied file, the default `/dev`, an orphan holding stdout
+//!    env, hostname, a sysctl, a copied file, the default `/dev`, a second share mounted
+//!    read-only by tag at `/data` (a host bind mount as rqemu-run maps it), an orphan holding stdout
 //!    (killed when the process exits, as in a pid namespace), `Exited(Code(7))`;
 //! 2. terminal, read-only rootfs, uid/gid 1000 + group 10: `tty`/`test -t 0`, the initial
-//!    size, ids, a refused write, `Signal(15)` to `sleep` → `Exited(Signal(15))`;
+//!    size, ids, a refused write, a line typed on the terminal, `Resize`, `Signal(15)` to
+//!    `sleep` → `Exited(Signal(15))`;
 //! 3. a program that does not exist: `Start` answered with an `Error` naming execve, then the
 //!    host closes the channel and the VM powers itself off.
 //!
@@ -220,20 +222,32 @@ fn host_side(
     }
 }
 
-/// Boots one container VM on `rootfs`; `talk` is the host side of the conversation.
+/// A virtiofs share of the container VM: tag, host directory, `rqemu-fs --readonly`.
+type Share<'a> = (&'a str, &'a Path, bool);
+
+/// Boots one container VM with `shares` (each its own `rqemu-fs`); `talk` is the host side of
+/// the conversation.
 fn boot(
     assets: &GuestAssets,
-    rootfs: &Path,
-    fs_readonly: bool,
+    shares: &[Share<'_>],
     talk: impl FnOnce(&mut Chan) -> Result<(), String> + Send + 'static,
 ) -> (Transcript, TimedRun) {
     let work = tempfile::tempdir().unwrap();
-    let opts = FsDaemonOptions {
-        tag: "rootfs".into(),
-        readonly: fs_readonly,
-        ..FsDaemonOptions::default()
-    };
-    let (fs, _) = spawn_rqemu_fs(work.path(), rootfs, &opts).unwrap_or_else(|e| panic!("{e}"));
+    let fs: Vec<Daemon> = shares
+        .iter()
+        .map(|(tag, dir, readonly)| {
+            let opts = FsDaemonOptions {
+                tag: tag.to_string(),
+                readonly: *readonly,
+                ..FsDaemonOptions::default()
+            };
+            let sub = work.path().join(tag);
+            std::fs::create_dir(&sub).unwrap();
+            spawn_rqemu_fs(&sub, dir, &opts)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .0
+        })
+        .collect();
     let vhost = work.path().join("vsock.vhost");
     let uds = work.path().join("v.sock");
     let mut cmd = Command::new(project_binary("rqemu-vsock").unwrap_or_else(|e| panic!("{e}")));
@@ -255,9 +269,11 @@ fn boot(
     std::thread::spawn(move || {
         let _ = tx.send(host_side(listener, talk));
     });
-    let cmd = RqemuVm::new(assets)
-        .initrd(&agent_initramfs(assets))
-        .device_socket(&fs.socket().display().to_string())
+    let mut vm = RqemuVm::new(assets).initrd(&agent_initramfs(assets));
+    for d in &fs {
+        vm = vm.device_socket(&d.socket().display().to_string());
+    }
+    let cmd = vm
         .device_socket(&vhost.display().to_string())
         .timeout(TIMEOUT)
         .command()
@@ -265,9 +281,12 @@ fn boot(
     let run = timed_run(cmd, TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     let report = |what: &str| {
         format!(
-            "{what}\n{}\n--- rqemu-fs log ---\n{}\n--- rqemu-vsock log ---\n{}",
+            "{what}\n{}\n--- rqemu-fs logs ---\n{}\n--- rqemu-vsock log ---\n{}",
             run.transcript(),
-            fs.log(),
+            fs.iter()
+                .map(|d| d.log())
+                .collect::<Vec<_>>()
+                .join("\n---\n"),
             vsock.log()
         )
     };
@@ -312,6 +331,7 @@ fn agent_runs_a_container_with_pipes_stdin_and_exit_code() {
                   test -c /dev/null && test -c /dev/urandom && test -L /dev/ptmx && \
                   test -d /dev/shm && test -e /proc/self/fd/0 && echo devok; \
                   grep -q ' /dev/pts devpts ' /proc/mounts && echo ptsok; \
+                  cat /data/from-host; touch /data/new 2>/dev/null || echo data-ro; \
                   (sleep 1000 &); \
                   exit 7";
     let spec = ContainerSpec {
@@ -320,7 +340,17 @@ fn agent_runs_a_container_with_pipes_stdin_and_exit_code() {
             readonly: false,
         },
         hostname: Some("agent-test".into()),
-        mounts: default_mounts(),
+        mounts: {
+            let mut m = default_mounts();
+            // A host directory bind-mounted read-only: its own share, mounted by tag.
+            m.push(Mount {
+                destination: "/data".into(),
+                fstype: "virtiofs".into(),
+                source: "data".into(),
+                options: ["rbind", "ro", "nosuid"].map(String::from).to_vec(),
+            });
+            m
+        },
         files: vec![FileCopy {
             destination: "/etc/hosts".into(),
             contents: HOSTS.to_vec(),
@@ -335,7 +365,14 @@ fn agent_runs_a_container_with_pipes_stdin_and_exit_code() {
             ..Default::default()
         },
     };
-    let (t, run) = boot(&assets, &rootfs, false, move |c| {
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("from-host"), "host data\n").unwrap();
+    let shares = [
+        ("rootfs", rootfs.as_path(), false),
+        ("data", data.as_path(), false),
+    ];
+    let (t, run) = boot(&assets, &shares, move |c| {
         c.until("Ready", |m, _| matches!(m, AgentMsg::Ready { .. }))?;
         // A malformed frame (whole, undecodable) is answered with an Error, not fatal.
         c.s.write_all(&[2, 0, 0, 0, 0xff, 0xff])
@@ -372,7 +409,8 @@ fn agent_runs_a_container_with_pipes_stdin_and_exit_code() {
     assert_eq!(t.stderr, b"err\n", "{}", ctx());
     let expected = format!(
         "out\n{release}\nline one\nline two\n\
-         pwd=/tmp foo=bar baz host=agent-test uid=0\n{}msgmax=12345\ndevok\nptsok\n",
+         pwd=/tmp foo=bar baz host=agent-test uid=0\n{}msgmax=12345\ndevok\nptsok\n\
+         host data\ndata-ro\n",
         String::from_utf8_lossy(HOSTS)
     );
     assert_eq!(t.out(), expected, "{}", ctx());
@@ -387,6 +425,7 @@ fn agent_runs_a_container_with_pipes_stdin_and_exit_code() {
     assert!(!run.console.contains("output still open"), "{}", ctx());
     // The copied file was bound over an empty mount point: the host's stays empty.
     assert_eq!(std::fs::read(rootfs.join("etc/hosts")).unwrap(), b"");
+    assert!(!data.join("new").exists());
 }
 
 #[test]
@@ -397,7 +436,8 @@ fn agent_runs_a_terminal_container_read_only_as_a_user_and_signals_it() {
     make_rootfs(&rootfs);
     let script = "tty; test -t 0 && test -t 1 && echo ISATTY; stty size; \
                   echo \"ids=$(id -u):$(id -g):$(id -G)\"; \
-                  touch /tmp/x || echo REFUSED; echo READY; exec sleep 1000";
+                  touch /tmp/x || echo REFUSED; echo READY; read -r x; \
+                  echo \"got=$x\"; stty size; exec sleep 1000";
     let spec = ContainerSpec {
         rootfs: Rootfs {
             tag: "rootfs".into(),
@@ -419,7 +459,8 @@ fn agent_runs_a_terminal_container_read_only_as_a_user_and_signals_it() {
         },
         ..Default::default()
     };
-    let (t, run) = boot(&assets, &rootfs, false, move |c| {
+    let shares = [("rootfs", rootfs.as_path(), false)];
+    let (t, run) = boot(&assets, &shares, move |c| {
         c.until("Ready", |m, _| matches!(m, AgentMsg::Ready { .. }))?;
         c.send(HostMsg::Create(Box::new(spec)))?;
         c.until("Created", |m, _| matches!(m, AgentMsg::Created))?;
@@ -429,6 +470,8 @@ fn agent_runs_a_terminal_container_read_only_as_a_user_and_signals_it() {
             rows: 40,
             cols: 120,
         })?;
+        c.send(HostMsg::Stdin(b"typed\r".to_vec()))?;
+        c.until("the new size", |_, t| t.out().contains("40 120"))?;
         c.send(HostMsg::Signal(15))?;
         c.finish()
     });
@@ -443,6 +486,7 @@ fn agent_runs_a_terminal_container_read_only_as_a_user_and_signals_it() {
         "ids=1000:1000:1000 10\n",
         "Read-only file system",
         "REFUSED\n",
+        "got=typed\n",
     ] {
         assert!(out.contains(want), "{want:?} missing\n{}", ctx());
     }
@@ -467,7 +511,8 @@ fn agent_reports_a_failed_start_and_powers_off_when_the_host_leaves() {
         },
         ..Default::default()
     };
-    let (_, run) = boot(&assets, &rootfs, true, move |c| {
+    let shares = [("rootfs", rootfs.as_path(), true)];
+    let (_, run) = boot(&assets, &shares, move |c| {
         c.until("Ready", |m, _| matches!(m, AgentMsg::Ready { .. }))?;
         c.send(HostMsg::Create(Box::new(spec)))?;
         c.until("Created", |m, _| matches!(m, AgentMsg::Created))?;
