@@ -101,12 +101,16 @@ impl VhostUserDevice {
     }
 
     /// QEMU arguments for device number `n`.
-    fn args(&self, n: usize) -> Vec<String> {
+    fn args(&self, n: usize, reconnect_ms: Option<u32>) -> Vec<String> {
         let chardev = |socket: &Path| {
-            format!(
+            let mut c = format!(
                 "socket,id=vhu{n},path={}",
                 qemu_escape(&socket.to_string_lossy())
-            )
+            );
+            if let Some(ms) = reconnect_ms {
+                c.push_str(&format!(",reconnect-ms={ms}"));
+            }
+            c
         };
         match self {
             Self::Blk { socket, num_queues } => vec![
@@ -170,6 +174,7 @@ pub struct QemuVm {
     files: Vec<(String, u32, Vec<u8>)>,
     timeout: Duration,
     kill_on: Option<(String, u32)>,
+    reconnect_ms: Option<u32>,
 }
 
 impl QemuVm {
@@ -189,6 +194,7 @@ impl QemuVm {
             files: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
             kill_on: None,
+            reconnect_ms: None,
         }
     }
 
@@ -263,6 +269,13 @@ impl QemuVm {
         self
     }
 
+    /// Makes every vhost-user chardev reconnect (`reconnect-ms=`): QEMU then survives its
+    /// daemon's death and connects again to whatever listens on the path.
+    pub fn reconnect_ms(mut self, ms: u32) -> Self {
+        self.reconnect_ms = Some(ms);
+        self
+    }
+
     /// The kernel command line.
     pub fn kernel_cmdline(&self) -> String {
         let mut cmdline = String::from("console=ttyS0 quiet panic=-1");
@@ -328,7 +341,7 @@ impl QemuVm {
         .arg("-append")
         .arg(self.kernel_cmdline());
         for (n, dev) in self.devices.iter().enumerate() {
-            cmd.args(dev.args(n));
+            cmd.args(dev.args(n, self.reconnect_ms));
         }
         cmd.args(&self.extra_args);
         Ok(cmd)
@@ -336,6 +349,12 @@ impl QemuVm {
 
     /// Boots the guest and waits until QEMU exits (the guest powers off) or the timeout.
     pub fn run(&self) -> Result<GuestRun, QemuError> {
+        self.run_watching(|_| {})
+    }
+
+    /// [`run`](Self::run), calling `watch` with the console so far every 20 ms while the
+    /// guest runs (to act on its progress: kill a daemon, start it again).
+    pub fn run_watching(&self, mut watch: impl FnMut(&str)) -> Result<GuestRun, QemuError> {
         let initrd = self.build_initramfs()?;
         let mut cmd = self.command(&initrd)?;
         cmd.stdin(Stdio::null())
@@ -401,6 +420,10 @@ impl QemuVm {
                 let _ = child.kill();
                 let _ = child.wait();
                 break None;
+            }
+            {
+                let c = console.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                watch(&String::from_utf8_lossy(&c));
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -593,7 +616,7 @@ mod tests {
 
     #[test]
     fn device_args_escape_commas() {
-        let args = VhostUserDevice::blk("/tmp/a,b.sock", 2).args(3);
+        let args = VhostUserDevice::blk("/tmp/a,b.sock", 2).args(3, None);
         assert_eq!(args[1], "socket,id=vhu3,path=/tmp/a,,b.sock");
         assert_eq!(args[3], "vhost-user-blk,chardev=vhu3,num-queues=2");
         let net = VhostUserDevice::Net {
@@ -601,8 +624,9 @@ mod tests {
             queues: 2,
             mac: Some("52:54:00:00:00:01".into()),
         }
-        .args(0);
+        .args(0, Some(500));
         assert!(net.contains(&"vhost-user,id=net0,chardev=vhu0,queues=2".to_string()));
+        assert!(net.contains(&"socket,id=vhu0,path=/s,reconnect-ms=500".to_string()));
         assert!(
             net.contains(&"virtio-net-device,netdev=net0,mq=on,mac=52:54:00:00:00:01".to_string())
         );

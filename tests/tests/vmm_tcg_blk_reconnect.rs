@@ -18,132 +18,13 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use rqemu_e2e::blk::{BlkBackend, BlkOptions};
-use rqemu_e2e::daemon::{Daemon, DaemonError, DEFAULT_START_TIMEOUT};
+use rqemu_e2e::blk::reconnect::{last_iter, read, script, Blk, BLOCKS};
 use rqemu_e2e::qemu_img::{self, Format};
 use rqemu_e2e::{GuestAssets, RqemuVm};
 
 const TIMEOUT: Duration = Duration::from_secs(900);
-/// 64 KiB blocks written and verified by the guest.
-const BLOCKS: u32 = 40;
 /// The daemon is killed once the guest reports these iterations done.
 const KILL_AFTER: [u32; 4] = [3, 11, 19, 27];
-
-fn script() -> String {
-    format!(
-        r#"N={BLOCKS}
-dd if=/dev/urandom of=/tmp/all bs=64k count=$N 2>/dev/null || exit 30
-i=0
-while [ $i -lt $N ]; do
-  dd if=/tmp/all of=/tmp/w bs=64k skip=$i count=1 2>/dev/null || exit 31
-  dd if=/tmp/w of=/dev/vda bs=64k seek=$i count=1 oflag=direct conv=notrunc 2>/tmp/err || {{ echo "BLK-FAIL write $i: $(cat /tmp/err)"; exit 32; }}
-  dd if=/dev/vda of=/tmp/r bs=64k skip=$i count=1 iflag=direct 2>/tmp/err || {{ echo "BLK-FAIL read $i: $(cat /tmp/err)"; exit 33; }}
-  cmp /tmp/w /tmp/r || {{ echo "BLK-FAIL verify $i"; exit 34; }}
-  echo "BLK-ITER $i"
-  i=$((i+1))
-done
-echo "BLK-SHA $(sha256sum /tmp/all | cut -d' ' -f1)"
-echo BLK-DONE
-sleep 5
-dd if=/dev/vda of=/tmp/back bs=64k count=$N iflag=direct 2>/tmp/err || {{ echo "BLK-FAIL readback: $(cat /tmp/err)"; exit 35; }}
-cmp /tmp/all /tmp/back || {{ echo "BLK-FAIL readback differs"; exit 36; }}
-echo "BLK-IOERR $(dmesg | grep -c 'I/O error')"
-echo BLK-END
-"#
-    )
-}
-
-fn read(p: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
-}
-
-/// The highest `BLK-ITER n` on the console.
-fn last_iter(console: &str) -> Option<u32> {
-    console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("BLK-ITER "))
-        .filter_map(|n| n.trim().parse().ok())
-        .max()
-}
-
-/// Starts rqemu-blk on `sock` (again): a daemon just killed may hold the image lock (and its
-/// listening socket) a moment longer — its sandboxed child is still exiting —, so an early
-/// exit is retried (here, and by [`Blk::keep_up`] once it seemed to listen).
-fn start_blk(dir: &Path, image: &Path, format: Format, readonly: bool) -> Daemon {
-    let opts = BlkOptions {
-        format,
-        readonly,
-        ..BlkOptions::default()
-    };
-    let sock = dir.join("blk0.sock");
-    let log = dir.join(if readonly { "blk-ro.log" } else { "blk.log" });
-    let start = Instant::now();
-    loop {
-        let cmd = BlkBackend::Rqemu
-            .command(&sock, image, &opts)
-            .unwrap_or_else(|e| panic!("{e}"));
-        match Daemon::spawn("rqemu-blk", cmd, &sock, &log, DEFAULT_START_TIMEOUT) {
-            Ok(d) => return d,
-            Err(DaemonError::ExitedEarly { log, .. })
-                if start.elapsed() < DEFAULT_START_TIMEOUT =>
-            {
-                eprintln!(
-                    "rqemu-blk exited at start, starting it again: {}",
-                    log.trim()
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-}
-
-/// The rqemu-blk the test keeps running.
-struct Blk {
-    dir: std::path::PathBuf,
-    image: std::path::PathBuf,
-    format: Format,
-    readonly: bool,
-    daemon: Option<Daemon>,
-}
-
-impl Blk {
-    fn start(dir: &Path, image: &Path, format: Format, readonly: bool) -> Self {
-        Blk {
-            dir: dir.to_path_buf(),
-            image: image.to_path_buf(),
-            format,
-            readonly,
-            daemon: Some(start_blk(dir, image, format, readonly)),
-        }
-    }
-
-    /// SIGKILLs the daemon and starts it again (`readonly` or not).
-    fn restart(&mut self, readonly: bool) {
-        if let Some(d) = self.daemon.take() {
-            d.kill().expect("killing rqemu-blk");
-        }
-        self.readonly = readonly;
-        self.daemon = Some(start_blk(&self.dir, &self.image, self.format, readonly));
-    }
-
-    /// Starts the daemon again if it exited (see [`start_blk`]).
-    fn keep_up(&mut self) {
-        let Some(d) = self.daemon.as_mut() else {
-            return;
-        };
-        if !d.is_running() {
-            eprintln!("rqemu-blk exited: {}", d.log().trim());
-            std::thread::sleep(Duration::from_millis(100));
-            self.daemon = Some(start_blk(
-                &self.dir,
-                &self.image,
-                self.format,
-                self.readonly,
-            ));
-        }
-    }
-}
 
 struct Run {
     dir: tempfile::TempDir,

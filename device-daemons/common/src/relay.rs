@@ -38,6 +38,7 @@ const MAX_FDS: usize = 32;
 
 const REQ_SET_FEATURES: u32 = 2;
 const REQ_RESET_OWNER: u32 = 4;
+const REQ_SET_VRING_KICK: u32 = 12;
 const REQ_SET_VRING_ENABLE: u32 = 18;
 const REQ_RESET_DEVICE: u32 = 34;
 const REQ_GET_INFLIGHT_FD: u32 = 31;
@@ -94,6 +95,44 @@ impl RingEnable {
 }
 
 /// One message: header, payload and attached fds.
+/// The kick eventfd of each ring as the frontend last gave it (`SET_VRING_KICK`), kept so the
+/// relay can kick a ring itself once it is both enabled and kickable: a frontend that
+/// reconnects does not kick (QEMU's vhost-user-blk does not), and the requests a dead daemon
+/// left in flight (resubmitted from the inflight region) or that the guest queued meanwhile
+/// would wait for a guest notification that never comes. A spurious kick finds an empty ring.
+#[derive(Default)]
+struct Kicks(Vec<Option<OwnedFd>>);
+
+impl Kicks {
+    fn record(&mut self, index: u32, fd: Option<OwnedFd>) {
+        let i = index as usize;
+        if i < 64 {
+            if self.0.len() <= i {
+                self.0.resize_with(i + 1, || None);
+            }
+            self.0[i] = fd;
+        }
+    }
+
+    fn kick(&self, index: u32) {
+        if let Some(Some(fd)) = self.0.get(index as usize) {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live local buffer to an fd this relay owns.
+            let r = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            if r != 8 {
+                tracing::debug!(
+                    "relay: kicking ring {index}: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 struct Msg {
     buf: Vec<u8>,
     len: usize,
@@ -278,6 +317,7 @@ fn forward_requests(
     let mut features_acked = false;
     // Held-back enable states: (ring index, state), last one per ring.
     let mut deferred: Vec<(u32, u32)> = Vec::new();
+    let mut kicks = Kicks::default();
     while read_msg(front, &mut msg)?.is_some() {
         tracing::trace!(
             "relay: request {} flags {:#x}, {} payload bytes, {} fds",
@@ -308,6 +348,9 @@ fn forward_requests(
                         m[12..16].copy_from_slice(&index.to_le_bytes());
                         m[16..20].copy_from_slice(&state.to_le_bytes());
                         send_with_fds(back, &m, &[])?;
+                        if state != 0 {
+                            kicks.kick(index);
+                        }
                     }
                 }
                 continue;
@@ -315,6 +358,7 @@ fn forward_requests(
             REQ_RESET_OWNER | REQ_RESET_DEVICE => {
                 features_acked = false;
                 rings.set_all(false);
+                kicks.clear();
             }
             REQ_SET_VRING_ENABLE if !features_acked => {
                 let (index, state) = (word(msg.payload(), 0), word(msg.payload(), 4));
@@ -337,7 +381,23 @@ fn forward_requests(
                 continue;
             }
             REQ_SET_VRING_ENABLE => {
-                rings.set(word(msg.payload(), 0), word(msg.payload(), 4) != 0);
+                let (index, on) = (word(msg.payload(), 0), word(msg.payload(), 4) != 0);
+                rings.set(index, on);
+                send_with_fds(back, msg.buf.get(..msg.len).unwrap_or_default(), &msg.fds)?;
+                if on {
+                    kicks.kick(index);
+                }
+                continue;
+            }
+            REQ_SET_VRING_KICK => {
+                // u64 payload: ring index in bits 0-7, bit 8 "no fd" (polling).
+                let index = word(msg.payload(), 0) & 0xFF;
+                send_with_fds(back, msg.buf.get(..msg.len).unwrap_or_default(), &msg.fds)?;
+                kicks.record(index, msg.fds.pop());
+                if rings.is_enabled(index as usize) {
+                    kicks.kick(index);
+                }
+                continue;
             }
             REQ_GET_INFLIGHT_FD | REQ_SET_INFLIGHT_FD if inflight.is_some() => {
                 let reply = answer_inflight(&mut msg, inflight);

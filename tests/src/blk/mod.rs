@@ -9,6 +9,8 @@ use crate::daemon::{Daemon, DaemonError, DEFAULT_START_TIMEOUT};
 use crate::paths::{host_tool, project_binary, PathError};
 use crate::qemu_img::Format;
 
+pub mod reconnect;
+
 /// Errors starting a block backend.
 #[derive(Debug, thiserror::Error)]
 pub enum BlkError {
