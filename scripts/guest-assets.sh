@@ -8,6 +8,8 @@
 #                        + dynamically linked Debian programs in /opt/host/bin (compressors,
 #                          checksums, bc, mawk; with their libraries) for tests/tests/tcg_programs.rs
 #   kernel-version       the kernel package version, e.g. 6.1.192-2
+#   agent-initramfs.cpio.gz  rqemu-run's container initramfs: /init = the static rqemu-agent and
+#                        the virtio/virtiofs/vsock modules (scripts/agent-initramfs.sh, run last)
 #
 # The kernel is fetched with `apt-get download` (needs the Debian apt lists, see
 # scripts/install-deps.sh). Work is cached: the kernel is re-extracted only when the package
@@ -122,82 +124,89 @@ fi
 # ---------------------------------------------------------------- initramfs
 ISTAMP_WANT="$VERSION $(cat "$0" "$INIT_SRC" | sha256sum | cut -c1-16)"
 ISTAMP="$OUT/initramfs.stamp"
+# The test guest's initramfs (kept as it was: busybox, /init = tests/guest/init.sh).
+build_initramfs() {
+    log "initramfs: building"
+    rm -f "$ISTAMP"
+    STAGE="$OUT/initramfs-root"
+    rm -rf "$STAGE"
+    mkdir -p "$STAGE"/{bin,sbin,usr/bin,usr/sbin,lib/modules,etc,proc,sys,dev,tmp,run,mnt,root}
+    chmod 1777 "$STAGE/tmp"
+    cp "$BUSYBOX" "$STAGE/bin/busybox"
+    SKIP_APPLETS=" busybox "
+    for t in "${UL_TOOLS[@]}"; do SKIP_APPLETS+="$(basename "$t") "; done
+    for applet in $("$BUSYBOX" --list); do
+        case "$SKIP_APPLETS" in *" $applet "*) continue ;; esac
+        ln -s busybox "$STAGE/bin/$applet"
+    done
+
+    # util-linux tools and their shared libraries (same paths as on the host).
+    copy_lib() {
+        local src="$1" dst="$STAGE$1"
+        [ -e "$dst" ] && return 0
+        mkdir -p "$(dirname "$dst")"
+        cp -L "$src" "$dst"
+    }
+    for t in "${UL_TOOLS[@]}"; do
+        [ -x "$t" ] || die "$t not found (util-linux)"
+        cp -L "$t" "$STAGE/usr/bin/$(basename "$t")"
+        for lib in $(ldd "$t" | awk '/=> \// { print $3 } /^[[:space:]]*\/lib/ { print $1 }'); do
+            copy_lib "$lib"
+        done
+    done
+
+    mkdir -p "$STAGE/opt/host/bin"
+    for t in "${HOST_PROGS[@]}"; do
+        [ -x "$t" ] || die "$t not found; run scripts/install-deps.sh"
+        cp -L "$t" "$STAGE/opt/host/bin/$(basename "$t")"
+        for lib in $(ldd "$t" | awk '/=> \// { print $3 } /^[[:space:]]*\/lib/ { print $1 }'); do
+            copy_lib "$lib"
+        done
+    done
+
+    KVER_DIRS=("$OUT"/kernel-tree/lib/modules/*)
+    KVER_DIR="${KVER_DIRS[0]}"
+    [ -d "$KVER_DIR/kernel" ] || die "no modules in $OUT/kernel-tree (delete $OUT and rerun)"
+    BUILTIN="$KVER_DIR/modules.builtin"
+    : >"$STAGE/etc/rqemu-modules"
+    loaded=() builtin=()
+    for m in "${MODULES[@]}"; do
+        if [ -f "$BUILTIN" ] && grep -Eq "/${m}\.ko(\.[a-z]+)?$" "$BUILTIN"; then
+            builtin+=("$m")
+            continue
+        fi
+        f="$(find "$KVER_DIR/kernel" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" \
+            -o -name "$m.ko.gz" \) -print -quit)"
+        [ -n "$f" ] || die "module $m is neither built in nor present in the kernel package"
+        case "$f" in
+        *.ko.xz) xz -dc "$f" >"$STAGE/lib/modules/$m.ko" ;;
+        *.ko.zst) zstd -q -dc "$f" >"$STAGE/lib/modules/$m.ko" ;;
+        *.ko.gz) gzip -dc "$f" >"$STAGE/lib/modules/$m.ko" ;;
+        *) cp "$f" "$STAGE/lib/modules/$m.ko" ;;
+        esac
+        echo "$m" >>"$STAGE/etc/rqemu-modules"
+        loaded+=("$m")
+    done
+    log "modules: ${loaded[*]:-none}${builtin[*]:+ (built in: ${builtin[*]})}"
+
+    install -m 0755 "$INIT_SRC" "$STAGE/init"
+    # /dev/console lets the kernel give /init a console; without root, init reopens it itself.
+    if [ "$(id -u)" -eq 0 ]; then
+        mknod -m 600 "$STAGE/dev/console" c 5 1
+        mknod -m 666 "$STAGE/dev/null" c 1 3
+    fi
+    (cd "$STAGE" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet) |
+        gzip -6 -n >"$OUT/initramfs.cpio.gz.tmp"
+    mv "$OUT/initramfs.cpio.gz.tmp" "$OUT/initramfs.cpio.gz"
+    rm -rf "$STAGE"
+    echo "$ISTAMP_WANT" >"$ISTAMP"
+    log "initramfs: $OUT/initramfs.cpio.gz ($(stat -c %s "$OUT/initramfs.cpio.gz") bytes)"
+}
 if [ -f "$ISTAMP" ] && [ "$(cat "$ISTAMP")" = "$ISTAMP_WANT" ] && [ -s "$OUT/initramfs.cpio.gz" ]; then
     log "initramfs: cached"
-    exit 0
+else
+    build_initramfs
 fi
-log "initramfs: building"
-rm -f "$ISTAMP"
-STAGE="$OUT/initramfs-root"
-rm -rf "$STAGE"
-mkdir -p "$STAGE"/{bin,sbin,usr/bin,usr/sbin,lib/modules,etc,proc,sys,dev,tmp,run,mnt,root}
-chmod 1777 "$STAGE/tmp"
-cp "$BUSYBOX" "$STAGE/bin/busybox"
-SKIP_APPLETS=" busybox "
-for t in "${UL_TOOLS[@]}"; do SKIP_APPLETS+="$(basename "$t") "; done
-for applet in $("$BUSYBOX" --list); do
-    case "$SKIP_APPLETS" in *" $applet "*) continue ;; esac
-    ln -s busybox "$STAGE/bin/$applet"
-done
 
-# util-linux tools and their shared libraries (same paths as on the host).
-copy_lib() {
-    local src="$1" dst="$STAGE$1"
-    [ -e "$dst" ] && return 0
-    mkdir -p "$(dirname "$dst")"
-    cp -L "$src" "$dst"
-}
-for t in "${UL_TOOLS[@]}"; do
-    [ -x "$t" ] || die "$t not found (util-linux)"
-    cp -L "$t" "$STAGE/usr/bin/$(basename "$t")"
-    for lib in $(ldd "$t" | awk '/=> \// { print $3 } /^[[:space:]]*\/lib/ { print $1 }'); do
-        copy_lib "$lib"
-    done
-done
-
-mkdir -p "$STAGE/opt/host/bin"
-for t in "${HOST_PROGS[@]}"; do
-    [ -x "$t" ] || die "$t not found; run scripts/install-deps.sh"
-    cp -L "$t" "$STAGE/opt/host/bin/$(basename "$t")"
-    for lib in $(ldd "$t" | awk '/=> \// { print $3 } /^[[:space:]]*\/lib/ { print $1 }'); do
-        copy_lib "$lib"
-    done
-done
-
-KVER_DIRS=("$OUT"/kernel-tree/lib/modules/*)
-KVER_DIR="${KVER_DIRS[0]}"
-[ -d "$KVER_DIR/kernel" ] || die "no modules in $OUT/kernel-tree (delete $OUT and rerun)"
-BUILTIN="$KVER_DIR/modules.builtin"
-: >"$STAGE/etc/rqemu-modules"
-loaded=() builtin=()
-for m in "${MODULES[@]}"; do
-    if [ -f "$BUILTIN" ] && grep -Eq "/${m}\.ko(\.[a-z]+)?$" "$BUILTIN"; then
-        builtin+=("$m")
-        continue
-    fi
-    f="$(find "$KVER_DIR/kernel" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" \
-        -o -name "$m.ko.gz" \) -print -quit)"
-    [ -n "$f" ] || die "module $m is neither built in nor present in the kernel package"
-    case "$f" in
-    *.ko.xz) xz -dc "$f" >"$STAGE/lib/modules/$m.ko" ;;
-    *.ko.zst) zstd -q -dc "$f" >"$STAGE/lib/modules/$m.ko" ;;
-    *.ko.gz) gzip -dc "$f" >"$STAGE/lib/modules/$m.ko" ;;
-    *) cp "$f" "$STAGE/lib/modules/$m.ko" ;;
-    esac
-    echo "$m" >>"$STAGE/etc/rqemu-modules"
-    loaded+=("$m")
-done
-log "modules: ${loaded[*]:-none}${builtin[*]:+ (built in: ${builtin[*]})}"
-
-install -m 0755 "$INIT_SRC" "$STAGE/init"
-# /dev/console lets the kernel give /init a console; without root, init reopens it itself.
-if [ "$(id -u)" -eq 0 ]; then
-    mknod -m 600 "$STAGE/dev/console" c 5 1
-    mknod -m 666 "$STAGE/dev/null" c 1 3
-fi
-(cd "$STAGE" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet) |
-    gzip -6 -n >"$OUT/initramfs.cpio.gz.tmp"
-mv "$OUT/initramfs.cpio.gz.tmp" "$OUT/initramfs.cpio.gz"
-rm -rf "$STAGE"
-echo "$ISTAMP_WANT" >"$ISTAMP"
-log "initramfs: $OUT/initramfs.cpio.gz ($(stat -c %s "$OUT/initramfs.cpio.gz") bytes)"
+# ---------------------------------------------------------------- rqemu-run's agent initramfs
+RQEMU_GUEST_DIR="$OUT" "$ROOT/scripts/agent-initramfs.sh"
