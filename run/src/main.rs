@@ -10,7 +10,6 @@ mod spec;
 mod state;
 mod vm;
 
-use std::io::Read;
 use std::os::fd::FromRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -372,8 +371,9 @@ fn spawn_monitor(cli: &Cli, c: &Container) -> anyhow::Result<i32> {
     }
     let mut child = cmd.spawn().context("starting the monitor")?;
     drop(w);
+    // One line: `ok` or `error: ...` (EOF without it: the monitor died).
     let mut reply = String::new();
-    let _ = r.read_to_string(&mut reply);
+    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut r), &mut reply);
     match reply.trim() {
         "ok" => Ok(child.id() as i32),
         other => {

@@ -240,6 +240,9 @@ fn prepare(c: &Container, cfg: &MonitorConfig) -> Result<Prepared, Error> {
 pub fn run(c: &Container, ready_fd: i32, log: &Logger) -> i32 {
     // SAFETY: the fd was handed to us by `create` for this purpose only.
     let mut ready = unsafe { File::from_raw_fd(ready_fd) };
+    // Not for the children: `create` waits for this pipe's answer.
+    // SAFETY: fcntl on the fd just taken over.
+    unsafe { libc::fcntl(ready_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     let set = forwarded_signals();
     // SAFETY: blocks the signals in this (the only) thread before any other exists; children
     // get an empty mask back in their pre_exec.
