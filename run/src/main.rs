@@ -27,7 +27,10 @@ use crate::state::{Container, Record, Status};
 #[command(
     name = "rqemu-run",
     about = "OCI runtime running each container in an rqemu microVM",
-    disable_version_flag = true
+    disable_version_flag = true,
+    // runc's flag parser takes the last of a repeated option (a wrapper's `--root` then the
+    // engine's).
+    args_override_self = true
 )]
 struct Cli {
     /// Directory of the containers' state.
