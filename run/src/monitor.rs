@@ -322,8 +322,9 @@ pub fn run(c: &Container, ready_fd: i32, log: &Logger) -> i32 {
     for line in &session.log {
         log.debug(line);
     }
+    session.close_channel();
     if outcome.clean {
-        // The agent powers the guest off after Exited.
+        // The agent powers the guest off once the channel is closed after Exited.
         let deadline = std::time::Instant::now() + POWEROFF_GRACE;
         while children.vmm_exited().is_none() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));

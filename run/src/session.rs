@@ -138,6 +138,14 @@ impl<W: Write, E: Write> Session<W, E> {
         Ok(())
     }
 
+    /// Closes the control channel: after `Exited` the agent powers the guest off as soon as
+    /// the host closes it.
+    pub fn close_channel(&mut self) {
+        if let Some(a) = self.agent.take() {
+            let _ = a.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     /// Handles one event; `Some` once the container has ended.
     pub fn handle(&mut self, ev: Event) -> Option<Outcome> {
         self.step(ev).err()
