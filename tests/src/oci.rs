@@ -103,13 +103,30 @@ pub fn runtime_wrapper(dir: &Path, root: &Path, extra: &[&str]) -> PathBuf {
 
 /// Runs `cmd` with stdin closed, killing it after `limit`.
 pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    output_with_input(cmd, None, limit)
+}
+
+/// Runs `cmd` with `input` on its stdin (then closed; `None`: stdin is /dev/null), killing it
+/// after `limit`.
+pub fn output_with_input(cmd: &mut Command, input: Option<&[u8]>, limit: Duration) -> Output {
     let what = format!("{cmd:?}");
-    let child = cmd
-        .stdin(Stdio::null())
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{what}: {e}"));
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(&data);
+        });
+    }
     let pid = child.id() as i32;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -2,8 +2,9 @@
 //! software CPU, the rootfs and podman's directory binds served by rqemu-fs, the agent's
 //! control channel through rqemu-vsock).
 //!
-//! * `podman run --rm --rootfs DIR`: output reaches podman, `uname -r` is the guest kernel's,
-//!   a write lands in the host rootfs, the exit code is podman's;
+//! * `podman run --rm -i -v DIR:/data --rootfs DIR`: output reaches podman, stdin reaches the
+//!   process, `uname -r` is the guest kernel's, a write lands in the host rootfs and another in
+//!   the bind-mounted directory, the exit code is podman's;
 //! * `podman run -t`: the process has a terminal;
 //! * two containers at once (`run -d`), one ended by `podman kill` (137), the other by
 //!   `podman stop` (SIGTERM forwarded to the guest process: 143);
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use rqemu_e2e::oci::{
     agent_assets, assert_nothing_left, guest_kernel_release, host_kernel_release, make_rootfs,
-    output_within, processes_with, require_tool, runtime_wrapper,
+    output_with_input, output_within, processes_with, require_tool, runtime_wrapper,
 };
 
 /// One container's boot on the software CPU takes 15-30 s; several may run at once.
@@ -80,6 +81,10 @@ impl Podman {
 
     /// `podman run` with the flags of every run here, then `args`.
     fn run(&self, args: &[&str]) -> Output {
+        self.run_with_input(args, None)
+    }
+
+    fn run_with_input(&self, args: &[&str], input: Option<&[u8]>) -> Output {
         let mut c = self.podman();
         c.args([
             "run",
@@ -91,7 +96,7 @@ impl Podman {
             "none",
         ])
         .args(args);
-        output_within(&mut c, LIMIT)
+        output_with_input(&mut c, input, LIMIT)
     }
 
     fn cmd(&self, args: &[&str]) -> Output {
@@ -139,17 +144,27 @@ fn podman_run_reaches_the_guest_and_returns_its_exit_code() {
     let p = Podman::new();
     let rootfs = p.rootfs("rootfs");
     let cidfile = p.dir.path().join("cid");
+    let data = p.dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let volume = format!("{}:/data", data.display());
     let t = Instant::now();
-    let out = p.run(&[
-        "--rm",
-        "--cidfile",
-        cidfile.to_str().unwrap(),
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "/bin/sh",
-        "-c",
-        "echo out; echo err >&2; echo kernel=$(uname -r); echo from-guest > /written; exit 7",
-    ]);
+    let out = p.run_with_input(
+        &[
+            "--rm",
+            "-i",
+            "--cidfile",
+            cidfile.to_str().unwrap(),
+            "-v",
+            &volume,
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "/bin/sh",
+            "-c",
+            "echo out; echo err >&2; echo kernel=$(uname -r); echo from-guest > /written; \
+             echo in=$(cat); echo bound > /data/file; exit 7",
+        ],
+        Some(b"from-host-stdin"),
+    );
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(7), "{}", report(&out));
     assert!(stdout.contains("out\n"), "{}", report(&out));
@@ -171,6 +186,13 @@ fn podman_run_reaches_the_guest_and_returns_its_exit_code() {
             .as_deref(),
         Some("from-guest\n"),
         "{}",
+        report(&out)
+    );
+    assert!(stdout.contains("in=from-host-stdin\n"), "{}", report(&out));
+    assert_eq!(
+        std::fs::read_to_string(data.join("file")).ok().as_deref(),
+        Some("bound\n"),
+        "a directory bind mount (-v) is another rqemu-fs share: {}",
         report(&out)
     );
     eprintln!(
