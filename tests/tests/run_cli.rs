@@ -293,10 +293,8 @@ fn console_socket_terminal_and_resize() {
         ws_ypixel: 0,
     };
     // SAFETY: TIOCSWINSZ reads the winsize from our stack.
-    assert_eq!(
-        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-        0
-    );
+    let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    assert_eq!(rc, 0, "TIOCSWINSZ on the master");
     // Lines until the process reports the new size (the VM boots meanwhile).
     let text = || String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
     let deadline = Instant::now() + LIMIT;
