@@ -284,29 +284,35 @@ pub fn run(c: &Container, ready_fd: i32, log: &Logger) -> i32 {
 
     let mut session = Session::new(cfg.spec, output, errput, Some(c.path("started")));
     let outcome = loop {
-        let ev = if session.vm_gone {
-            match rx.recv_timeout(AGENT_GRACE) {
-                Ok(ev) => ev,
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                    break Outcome {
-                        code: LOST,
-                        clean: false,
-                        why: "the VM stopped before the container process ended".into(),
-                    };
-                }
-            }
-        } else {
-            match rx.recv() {
-                Ok(ev) => ev,
-                Err(_) => {
-                    break Outcome {
-                        code: LOST,
-                        clean: false,
-                        why: "every event source ended".into(),
+        let ev =
+            if session.vm_gone {
+                match rx.recv_timeout(AGENT_GRACE) {
+                    Ok(ev) => ev,
+                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                        // The state directory goes with `delete`: say here what the guest said.
+                        let why =
+                            format!(
+                        "the VM stopped before the container process ended ({}); the end of \
+                         its console and of rqemu-vmm's log:\n{}\n{}",
+                        session.log.last().map(String::as_str).unwrap_or("rqemu-vmm exited"),
+                        tail(&c.path("console.log"), 15),
+                        tail(&c.path("rqemu-vmm.log"), 5)
+                    );
+                        break session.fail(why);
                     }
                 }
-            }
-        };
+            } else {
+                match rx.recv() {
+                    Ok(ev) => ev,
+                    Err(_) => {
+                        break Outcome {
+                            code: LOST,
+                            clean: false,
+                            why: "every event source ended".into(),
+                        }
+                    }
+                }
+            };
         let ev = match ev {
             // SIGCHLD: only the VMM's exit matters (a daemon's death shows in the guest).
             Event::VmExited(_) => match children.vmm_exited() {
@@ -347,6 +353,13 @@ pub fn run(c: &Container, ready_fd: i32, log: &Logger) -> i32 {
         ),
     );
     outcome.code
+}
+
+/// The last `n` lines of a log file.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Asks the monitor to start the process (`rqemu-run start`).

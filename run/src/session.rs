@@ -98,7 +98,8 @@ impl<W: Write, E: Write> Session<W, E> {
         })
     }
 
-    fn fail(&mut self, why: String) -> Outcome {
+    /// Ends the container on a failure of the VM or agent, saying why on its stderr.
+    pub fn fail(&mut self, why: String) -> Outcome {
         let _ = writeln!(self.stderr, "rqemu-run: {why}");
         let _ = self.stderr.flush();
         Outcome {

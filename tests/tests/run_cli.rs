@@ -5,7 +5,8 @@
 //! container `stopped`, `delete --force` of a created container and `delete` of a stopped one
 //! leave no process and no file; ids with path tricks and unknown signals are refused with
 //! the error in the `--log` file as JSON (the last line's `msg`, as podman reads it); a
-//! SIGTERM before `start` ends a created container.
+//! SIGTERM before `start` ends a created container; a VM that cannot boot stops it too, with
+//! the reason in the log.
 //!
 //! `console_socket_terminal_and_resize` boots one container with `terminal: true`: the pty
 //! master arrives over `--console-socket` (SCM_RIGHTS), a size set on it reaches the guest's
@@ -35,6 +36,11 @@ struct Cli {
 
 impl Cli {
     fn run(&self, args: &[&str]) -> Output {
+        self.run_with(&[], args)
+    }
+
+    /// With extra global options first (a later one wins).
+    fn run_with(&self, globals: &[&str], args: &[&str]) -> Output {
         let mut c = Command::new(rqemu_run());
         c.arg("--root")
             .arg(&self.root)
@@ -43,6 +49,7 @@ impl Cli {
             .args(["--log-format", "json", "--accel", "tcg"])
             .arg("--guest-dir")
             .arg(&self.guest_dir)
+            .args(globals)
             .args(args);
         // Files, not pipes: the monitor keeps `create`'s stdio (the container's) open.
         let out = self.log.with_extension("stdout");
@@ -234,6 +241,25 @@ fn runc_contract_without_an_engine() {
         cli.status("c3") == "stopped"
     });
     cli.ok(&["delete", "c3"]);
+
+    // A VM that cannot boot (no kernel in the file): the container stops, the log says why.
+    let junk = dir.path().join("not-a-kernel");
+    std::fs::write(&junk, b"junk").unwrap();
+    let out = cli.run_with(
+        &["--kernel", junk.to_str().unwrap()],
+        &["create", "--bundle", b, "c4"],
+    );
+    assert!(out.status.success(), "create c4: {out:?}");
+    cli.ok(&["start", "c4"]);
+    wait_for("c4 not stopped after its VMM failed", || {
+        cli.status("c4") == "stopped"
+    });
+    let log = std::fs::read_to_string(&cli.log).unwrap();
+    assert!(
+        log.contains("the VM stopped before the container process ended"),
+        "{log}"
+    );
+    cli.ok(&["delete", "c4"]);
 
     cli.fails(&["kill", "c2", "NOSUCHSIG"], "unknown signal");
     cli.fails(&["state", "../c2"], "invalid container id");
