@@ -254,7 +254,9 @@ impl Session {
                 }
             }
         }
-        if self.pending.is_empty() && self.close_stdin && !r.terminal {
+        // Done: the pipe is closed (end of input); a terminal got its ^D and only the
+        // duplicate used for input is dropped (polling it for POLLOUT would spin).
+        if self.pending.is_empty() && self.close_stdin {
             r.stdin = None;
         }
     }
@@ -359,7 +361,9 @@ impl Session {
             }
             HostMsg::Start => self.start(),
             HostMsg::Stdin(data) => {
-                if self.exit.is_none() && !self.close_stdin {
+                // Dropped once the process's stdin is gone (it closed it, or it exited).
+                let gone = self.running.as_ref().is_some_and(|r| r.stdin.is_none());
+                if self.exit.is_none() && !self.close_stdin && !gone {
                     self.pending.extend_from_slice(&data);
                 }
                 Ok(())
