@@ -127,8 +127,42 @@ enum Cmd {
     },
 }
 
+/// `--log` and `--log-format` read from the raw arguments, for reporting a command line clap
+/// refused (an unknown subcommand such as `exec`) where the engine looks.
+fn logger_from_args() -> Logger {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |name: &str| {
+        let eq = format!("{name}=");
+        args.iter().enumerate().rev().find_map(|(i, a)| {
+            a.strip_prefix(&eq)
+                .map(str::to_string)
+                .or_else(|| (a == name).then(|| args.get(i + 1).cloned()).flatten())
+        })
+    };
+    Logger {
+        file: value("--log").map(PathBuf::from),
+        format: match value("--log-format").as_deref() {
+            Some("json") => Format::Json,
+            _ => Format::Text,
+        },
+        debug: false,
+        stderr: false,
+    }
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and friends.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let first = e.to_string();
+            let first = first.lines().next().unwrap_or_default();
+            logger_from_args().error(first.trim_start_matches("error: "));
+            let _ = e.print();
+            std::process::exit(1);
+        }
+    };
     let monitor = matches!(cli.cmd, Some(Cmd::Monitor { .. }));
     let logger = Logger {
         file: cli.log.clone(),

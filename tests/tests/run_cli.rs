@@ -262,6 +262,7 @@ fn runc_contract_without_an_engine() {
     cli.ok(&["delete", "c4"]);
 
     cli.fails(&["kill", "c2", "NOSUCHSIG"], "unknown signal");
+    cli.fails(&["exec", "c2", "/bin/true"], "unrecognized subcommand");
     cli.fails(&["state", "../c2"], "invalid container id");
     cli.fails(&["state", "c3"], "does not exist");
     assert_eq!(cli.status("c2"), "created");
