@@ -212,7 +212,7 @@ fn prepare(c: &Container, cfg: &MonitorConfig) -> Result<Prepared, Error> {
         }
         None => (dup_file(0)?, dup_file(1)?, dup_file(2)?, None),
     };
-    std::fs::create_dir_all(&cfg.sock_dir).map_err(io(&cfg.sock_dir))?;
+    crate::state::private_dir(&cfg.sock_dir)?;
     let socks = Sockets {
         dir: cfg.sock_dir.clone(),
     };

@@ -114,10 +114,17 @@ impl Container {
         })
     }
 
-    /// Creates the directory; fails if the container exists.
+    /// Creates the directory (0700); fails if the container exists.
     pub fn create_dir(&self, root: &Path) -> Result<(), Error> {
-        fs::create_dir_all(root).map_err(io_err(root))?;
-        match fs::create_dir(&self.dir) {
+        use std::os::unix::fs::DirBuilderExt;
+        if !root.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .map_err(io_err(root))?;
+        }
+        match fs::DirBuilder::new().mode(0o700).create(&self.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 Err(Error::Exists(self.id.clone()))
@@ -270,6 +277,30 @@ pub fn sock_dir_for(state_dir: &Path) -> PathBuf {
     std::env::temp_dir().join(format!("rqemu-run-{:016x}", h.finish()))
 }
 
+/// Creates the socket directory 0700, or takes an existing one only if it is a real directory
+/// of ours that nobody else may enter (it may sit in a shared temporary directory, under a
+/// predictable name).
+pub fn private_dir(path: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let m = fs::symlink_metadata(path).map_err(io_err(path))?;
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            if m.is_dir() && m.uid() == me && m.mode() & 0o077 == 0 {
+                Ok(())
+            } else {
+                Err(io_err(path)(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "exists and is not a private directory of this user: remove it",
+                )))
+            }
+        }
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,6 +354,24 @@ mod tests {
         fs::write(c.path("exit.json"), br#"{"code":3}"#).unwrap();
         assert_eq!(c.status(&rec), Status::Stopped);
         assert_eq!(c.oci_state(&rec)["status"], "stopped");
+    }
+
+    #[test]
+    fn socket_dirs_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("s");
+        private_dir(&d).unwrap();
+        assert_eq!(
+            fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        private_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(private_dir(&d).is_err());
+        let l = t.path().join("link");
+        std::os::unix::fs::symlink(t.path(), &l).unwrap();
+        assert!(private_dir(&l).is_err());
     }
 
     #[test]
