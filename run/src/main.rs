@@ -4,6 +4,7 @@
 mod console;
 mod log;
 mod monitor;
+mod mountpoints;
 mod session;
 mod signals;
 mod spec;
@@ -315,6 +316,17 @@ fn create(
         bail!("process.terminal is true but no --console-socket was given");
     }
     let (kernel, initrd) = vm::locate_assets(cli.guest_dir.as_deref(), cli.kernel.as_deref())?;
+    if reduced.spec.rootfs.readonly {
+        // A failure here shows again, and better said, as the agent's error.
+        match mountpoints::prepare(&reduced.rootfs, &reduced.spec) {
+            Ok(made) => {
+                for m in made {
+                    log.debug(&format!("container {}: created mount point {m}", c.id));
+                }
+            }
+            Err(e) => log.warn(&format!("container {}: {e}", c.id)),
+        }
+    }
     let console_socket =
         console_socket.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     c.create_dir(&cli.root)?;

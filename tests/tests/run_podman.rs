@@ -5,7 +5,7 @@
 //! * `podman run --rm -i -v DIR:/data --rootfs DIR`: output reaches podman, stdin reaches the
 //!   process, `uname -r` is the guest kernel's, a write lands in the host rootfs and another in
 //!   the bind-mounted directory, the exit code is podman's;
-//! * `podman run -t`: the process has a terminal;
+//! * `podman run -t --read-only`: the process has a terminal, the root is read-only;
 //! * two containers at once (`run -d`), one ended by `podman kill` (137), the other by
 //!   `podman stop` (SIGTERM forwarded to the guest process: 143);
 //! * after each: no process mentions the container, rqemu-run's `--root` is empty.
@@ -210,13 +210,15 @@ fn podman_run_t_gives_a_terminal() {
     let out = p.run(&[
         "--rm",
         "-t",
+        "--read-only",
         "--cidfile",
         cidfile.to_str().unwrap(),
         "--rootfs",
         rootfs.to_str().unwrap(),
         "/bin/sh",
         "-c",
-        "test -t 0 && test -t 1 && echo is-a-tty; echo tty=$(tty)",
+        "test -t 0 && test -t 1 && echo is-a-tty; echo tty=$(tty); \
+         touch /ro-test 2>/dev/null || echo root-is-read-only",
     ]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{}", report(&out));
@@ -224,6 +226,9 @@ fn podman_run_t_gives_a_terminal() {
     assert!(stdout.contains("tty=/dev/pts/"), "{}", report(&out));
     // The terminal's line discipline (the guest's) turns \n into \r\n.
     assert!(stdout.contains("is-a-tty\r\n"), "{}", report(&out));
+    // --read-only: root.readonly, served by `rqemu-fs --readonly`.
+    assert!(stdout.contains("root-is-read-only"), "{}", report(&out));
+    assert!(!rootfs.join("ro-test").exists());
     p.assert_clean(&[&cid(&cidfile)]);
 }
 
