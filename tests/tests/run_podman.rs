@@ -272,6 +272,23 @@ fn podman_two_containers_at_once_ended_by_kill_and_stop() {
         assert_eq!(text(&out.stdout).trim(), "running", "{}", report(&out));
     }
 
+    // Where their sockets are (the state directory's path is too long for a socket address
+    // here: a private directory under the temporary directory): gone after `rm` too.
+    let sock_dirs: Vec<PathBuf> = ids
+        .iter()
+        .map(|id| {
+            let state = std::fs::read_to_string(p.rroot.join(id).join("state.json")).unwrap();
+            let line = state
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("\"sock_dir\": \""))
+                .unwrap_or_else(|| panic!("no sock_dir in {state}"));
+            PathBuf::from(line.trim_end_matches(',').trim_end_matches('"'))
+        })
+        .collect();
+    for d in &sock_dirs {
+        assert!(d.join("start.sock").exists(), "{}", d.display());
+    }
+
     let out = p.cmd(&["kill", "a"]);
     assert!(out.status.success(), "{}", report(&out));
     let out = p.cmd(&["wait", "a"]);
@@ -295,4 +312,7 @@ fn podman_two_containers_at_once_ended_by_kill_and_stop() {
     assert!(out.status.success(), "{}", report(&out));
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     p.assert_clean(&ids);
+    for d in &sock_dirs {
+        assert!(!d.exists(), "socket directory {} left behind", d.display());
+    }
 }
