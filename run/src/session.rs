@@ -259,7 +259,16 @@ impl<W: Write, E: Write> Session<W, E> {
                 if self.running {
                     self.log.push(format!("agent: {text}"));
                 } else {
-                    return Err(self.fail(format!("guest agent: {text}")));
+                    let mut o = self.fail(format!("guest agent: {text}"));
+                    if self.start_sent {
+                        // The shell's (and podman's) codes for a program that cannot be run.
+                        if text.contains("No such file or directory") {
+                            o.code = 127;
+                        } else if text.contains("Permission denied") {
+                            o.code = 126;
+                        }
+                    }
+                    return Err(o);
                 }
             }
         }
@@ -449,12 +458,15 @@ mod tests {
                 expect(&mut g);
                 send(&mut g, AgentMsg::Created);
                 expect(&mut g);
-                send(&mut g, AgentMsg::Error("exec /bin/nope: not found".into()));
+                send(
+                    &mut g,
+                    AgentMsg::Error("execve /bin/nope: No such file or directory".into()),
+                );
             },
             vec![],
             vec![],
         );
-        assert_eq!(out.code, LOST);
+        assert_eq!(out.code, 127);
         assert!(String::from_utf8_lossy(&stderr).contains("/bin/nope"));
     }
 
