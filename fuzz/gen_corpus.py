@@ -20,9 +20,11 @@ them): valid inputs that take each fuzz target past its first checks.
 - virtio_mmio: a virtio-mmio driver's register sequence (reset, feature negotiation, queue
   set-up, DRIVER_OK, notify, config accesses) as 8-byte accesses;
 - vsock_session: rqemu-vsock guest sessions (guest and host connections, data, credit,
-  shutdown, refusals, invalid packets) in rqemu_vsock_backend::fuzz's command layout.
+  shutdown, refusals, invalid packets) in rqemu_vsock_backend::fuzz's command layout;
+- agent_msg_frames: the guest agent's frames as rqemu-run reads them (length + postcard
+  AgentMsg: Ready, Created, Started, Stdout/Stderr, Exited, Error; a conversation in one stream).
 
-Usage: fuzz/gen_corpus.py [qcow2|blk|fuse|net|fwd|mmio|vhost|vsock]...   (qcow2 needs qemu-img and qemu-io)
+Usage: fuzz/gen_corpus.py [qcow2|blk|fuse|net|fwd|mmio|vhost|vsock|agent]...   (qcow2 needs qemu-img and qemu-io)
 """
 
 import os
@@ -447,7 +449,47 @@ GENERATORS = {
     "mmio": (("virtio_mmio",), lambda: mmio_seeds()),
     "vhost": (("vhost_user_backend",), lambda: vhost_seeds()),
     "vsock": (("vsock_session",), lambda: vsock_seeds()),
+    "agent": (("agent_msg_frames",), lambda: agent_seeds()),
 }
+
+
+# ---------------------------------------------------------------- rqemu-agent frames
+
+
+def agent_seeds():
+    # postcard: enum variant and integers as LEB128 varints (signed ones zigzagged), byte
+    # strings and strings as varint length + bytes; each frame a u32 LE length first.
+    def uv(v):
+        out = b""
+        while True:
+            b = v & 0x7F
+            v >>= 7
+            if v:
+                out += bytes([b | 0x80])
+            else:
+                return out + bytes([b])
+
+    def zz(v):
+        return uv((v << 1) ^ (v >> 31))
+
+    def blob(b):
+        return uv(len(b)) + b
+
+    def frame(body):
+        return struct.pack("<I", len(body)) + body
+
+    ready = frame(uv(0) + uv(1) + blob(b"6.1.0-57-cloud-amd64"))
+    created = frame(uv(1))
+    started = frame(uv(2) + uv(81))
+    out = frame(uv(3) + blob(b"hello\n"))
+    err = frame(uv(4) + blob(b"warn\n" * 40))
+    code = frame(uv(5) + uv(0) + zz(7))
+    sig = frame(uv(5) + uv(1) + zz(15))
+    error = frame(uv(6) + blob(b"execve /bin/nope: No such file or directory"))
+    put("agent_msg_frames", "conversation", ready + created + started + out + err + code)
+    put("agent_msg_frames", "signal-death", ready + created + started + sig)
+    put("agent_msg_frames", "start-error", ready + created + error)
+    put("agent_msg_frames", "truncated", ready + out[:-3])
 
 
 # ---------------------------------------------------------------- vsock

@@ -29,7 +29,8 @@ BPO_PKGS=(qemu-system-x86 qemu-utils)
 BPO_MIN_VERSION="1:10"
 # Packages from the main suite.
 MAIN_PKGS=(busybox-static cpio xz-utils lz4 zstd kmod binutils util-linux gzip iproute2 acpica-tools
-    systemd bzip2 coreutils bc mawk socat)
+    systemd bzip2 coreutils bc mawk socat
+    podman conmon runc containerd)  # the container engines driving rqemu-run (tests/tests/run_*.rs)
 
 log() { printf 'install-deps: %s\n' "$*"; }
 die() { printf 'install-deps: ERROR: %s\n' "$*" >&2; exit 1; }

@@ -7,16 +7,18 @@
 # DESTDIR/PREFIX/lib/systemd/system (a directory systemd searches for /usr/local), the README
 # to DESTDIR/PREFIX/share/doc/rqemu; the units' ExecStart= paths are rewritten to PREFIX/bin.
 # The binaries are taken from --bin-dir (default: target/release, else target/debug; build
-# them first with `cargo build --release --bins`).
+# them first with `cargo build --release --bins`). The guest assets of rqemu-run (vmlinuz and
+# agent-initramfs.cpio.gz from scripts/guest-assets.sh: target/guest, or RQEMU_GUEST_DIR) go to
+# DESTDIR/PREFIX/share/rqemu/guest, where rqemu-run looks for them by default.
 set -Eeuo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PREFIX=/usr/local
 BIN_DIR=
 DESTDIR=
-BINS=(rqemu-vmm rqemu-blk rqemu-net rqemu-fs rqemu-serial rqemu-rtc)
+BINS=(rqemu-vmm rqemu-blk rqemu-net rqemu-fs rqemu-vsock rqemu-serial rqemu-rtc rqemu-run)
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) PREFIX="${2:?--prefix needs a value}"; shift ;;
@@ -56,6 +58,15 @@ for u in "$ROOT"/systemd/*.service "$ROOT"/systemd/*.socket; do
   chmod 0644 "$unitdir/$(basename "$u")"
 done
 install -m 0644 "$ROOT/README.md" "$docdir/README.md"
+guest_src="${RQEMU_GUEST_DIR:-$ROOT/target/guest}"
+guestdir="$DESTDIR$PREFIX/share/rqemu/guest"
+if [ -f "$guest_src/vmlinuz" ] && [ -f "$guest_src/agent-initramfs.cpio.gz" ]; then
+  install -d -m 0755 "$guestdir"
+  install -m 0644 "$guest_src/vmlinuz" "$guest_src/agent-initramfs.cpio.gz" "$guestdir/"
+  echo "installed the guest kernel and agent initramfs of rqemu-run in $guestdir"
+else
+  echo "install.sh: no guest assets in $guest_src (run scripts/guest-assets.sh): rqemu-run will need --guest-dir" >&2
+fi
 echo "installed ${#BINS[@]} binaries in $bindir and $(ls "$ROOT"/systemd | wc -l) units in $unitdir"
 if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
   echo "run: systemctl daemon-reload"

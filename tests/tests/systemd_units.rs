@@ -37,8 +37,10 @@ fn install(prefix: &Path) -> PathBuf {
         "rqemu-blk",
         "rqemu-net",
         "rqemu-fs",
+        "rqemu-vsock",
         "rqemu-serial",
         "rqemu-rtc",
+        "rqemu-run",
     ] {
         project_binary(b).unwrap_or_else(|e| panic!("{e}"));
     }
