@@ -91,6 +91,16 @@ impl Cpu {
         }
     }
 
+    /// The `n` mnemonics translated code most often handed back to the interpreter at (the
+    /// instructions to translate next), with their counts.
+    #[cfg(feature = "jit")]
+    pub fn jit_top_stops(&self, n: usize) -> Vec<(String, u64)> {
+        self.jit
+            .as_ref()
+            .map(|j| j.top_stops(n))
+            .unwrap_or_default()
+    }
+
     /// Counters of the JIT, when enabled.
     #[cfg(feature = "jit")]
     pub fn jit_stats(&self) -> Option<crate::jit::JitStats> {
@@ -399,6 +409,9 @@ impl Cpu {
             j.stats.native_insns += k as u64;
             *icount += k as u64;
             start = if cx.end_block { insns.len() } else { k };
+            if let Some(ins) = insns.get(start) {
+                j.note_stop(ins.mnemonic());
+            }
         }
         let mut exit = None;
         for (ins, handler) in insns.iter().zip(handlers).skip(start).take(limit) {

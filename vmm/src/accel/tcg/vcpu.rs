@@ -124,6 +124,17 @@ impl TcgVcpu {
                 j.code_bytes,
                 j.flushes
             );
+            let stops: Vec<String> = self
+                .cpu
+                .jit_top_stops(24)
+                .into_iter()
+                .map(|(m, c)| format!("{m}:{c}"))
+                .collect();
+            s += &format!(
+                "\ntcg-stats: vcpu={} interpreter_after={}",
+                self.index,
+                stops.join(",")
+            );
         }
         s
     }

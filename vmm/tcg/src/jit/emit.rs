@@ -427,7 +427,7 @@ impl<'a> Em<'a> {
                 op: FlagOp::Logic, ..
             } => return self.c(0),
             Flags::Lazy {
-                op: FlagOp::Inc | FlagOp::Dec,
+                op: FlagOp::Inc | FlagOp::Dec | FlagOp::Eager,
                 carry,
                 ..
             } => return self.b.ins().band_imm_s(carry, 1),
@@ -453,9 +453,7 @@ impl<'a> Em<'a> {
                 a,
                 b,
                 carry,
-            } if !matches!(op, FlagOp::Adc | FlagOp::Sbb | FlagOp::Eager) => {
-                (op, size, res, a, b, carry)
-            }
+            } if !matches!(op, FlagOp::Adc | FlagOp::Sbb) => (op, size, res, a, b, carry),
             _ => {
                 let arch = self.arch;
                 let k = self.c(i64::from(cc));
@@ -501,6 +499,9 @@ impl<'a> Em<'a> {
         carry: Value,
         c: u8,
     ) -> Value {
+        if op == FlagOp::Eager {
+            return self.eager_cond(carry, c);
+        }
         let sb = crate::flags::sign_bit(size) as i64;
         let zf = |e: &mut Self| e.b.ins().icmp_imm_s(IntCC::Equal, res, 0);
         let sf = |e: &mut Self| {
@@ -559,5 +560,51 @@ impl<'a> Em<'a> {
                 self.b.ins().bor(l, z)
             }
         }
+    }
+
+    /// Condition `c` (0..=7, before negation) from eager flag bits.
+    fn eager_cond(&mut self, eager: Value, c: u8) -> Value {
+        use crate::flags::{CF, OF, PF, SF, ZF};
+        let bit = |e: &mut Self, f: u64| {
+            let x = e.b.ins().band_imm_s(eager, f as i64);
+            e.b.ins().icmp_imm_s(IntCC::NotEqual, x, 0)
+        };
+        match c {
+            0 => bit(self, OF),
+            1 => bit(self, CF),
+            2 => bit(self, ZF),
+            3 => bit(self, CF | ZF),
+            4 => bit(self, SF),
+            5 => bit(self, PF),
+            _ => {
+                let (s, o) = (bit(self, SF), bit(self, OF));
+                let l = self.b.ins().bxor(s, o);
+                if c == 6 {
+                    l
+                } else {
+                    let z = bit(self, ZF);
+                    self.b.ins().bor(l, z)
+                }
+            }
+        }
+    }
+
+    /// Eager SF/ZF/PF bits of `res` (`size` bytes, masked).
+    pub fn szp(&mut self, res: Value, size: u8) -> Value {
+        use crate::flags::{PF, SF, ZF};
+        let b = &mut self.b;
+        let z = b.ins().icmp_imm_s(IntCC::Equal, res, 0);
+        let z = b.ins().uextend(I64, z);
+        let z = b.ins().imul_imm_s(z, ZF as i64);
+        let s = b.ins().ushr_imm_s(res, i64::from(8 * u32::from(size) - 1));
+        let s = b.ins().band_imm_s(s, 1);
+        let s = b.ins().imul_imm_s(s, SF as i64);
+        let lo = b.ins().band_imm_s(res, 0xFF);
+        let p = b.ins().popcnt(lo);
+        let p = b.ins().band_imm_s(p, 1);
+        let p = b.ins().bxor_imm_s(p, 1);
+        let p = b.ins().imul_imm_s(p, PF as i64);
+        let zs = b.ins().bor(z, s);
+        b.ins().bor(zs, p)
     }
 }

@@ -200,7 +200,20 @@ fn operands_ok(ins: &Instruction) -> bool {
 
 fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
     let m = ins.mnemonic();
-    if m == M::Nop || m == M::Endbr64 {
+    if matches!(
+        m,
+        M::Nop
+            | M::Endbr64
+            | M::Pause
+            | M::Prefetchw
+            | M::Prefetcht0
+            | M::Prefetcht1
+            | M::Prefetcht2
+            | M::Prefetchnta
+            | M::Lfence
+            | M::Sfence
+            | M::Mfence
+    ) {
         return Some(Step::Next);
     }
     if !operands_ok(ins) {
@@ -245,7 +258,53 @@ fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
             };
             e.set_reg(ins.op0_register(), v);
         }
-        M::Add | M::Or | M::And | M::Sub | M::Xor | M::Cmp | M::Test => binop(e, ins, m)?,
+        M::Add | M::Or | M::And | M::Sub | M::Xor | M::Cmp | M::Test | M::Adc | M::Sbb => {
+            binop(e, ins, m)?
+        }
+        M::Shl | M::Sal | M::Shr | M::Sar => shift(e, ins, m)?,
+        M::Cdqe | M::Cwde | M::Cdq | M::Cqo => {
+            let (src, dst, bits) = match m {
+                M::Cdqe => (0, 0, 32),
+                M::Cwde => (0, 0, 16),
+                M::Cdq => (0, 2, 32),
+                _ => (0, 2, 64),
+            };
+            let a = e.gpr(src);
+            let sh = 64 - bits;
+            let l = e.b.ins().ishl_imm_s(a, sh);
+            let v = e.b.ins().sshr_imm_s(l, sh);
+            let v = if dst == 0 {
+                if bits == 16 {
+                    e.b.ins().band_imm_s(v, mask(4))
+                } else {
+                    v
+                }
+            } else if bits == 32 {
+                let hi = e.b.ins().sshr_imm_s(v, 32);
+                e.b.ins().band_imm_s(hi, mask(4))
+            } else {
+                e.b.ins().sshr_imm_s(v, 63)
+            };
+            e.set_gpr(dst, v);
+        }
+        M::Bswap => {
+            if !is_gpr(ins, 0) {
+                return None;
+            }
+            let size = Em::op_size(ins, 0)?;
+            if size < 4 {
+                return None;
+            }
+            let v = e.get_reg(ins.op0_register());
+            let v = if size == 4 {
+                let n = e.b.ins().ireduce(cranelift_codegen::ir::types::I32, v);
+                let n = e.b.ins().bswap(n);
+                e.b.ins().uextend(I64, n)
+            } else {
+                e.b.ins().bswap(v)
+            };
+            e.set_reg(ins.op0_register(), v);
+        }
         M::Inc | M::Dec | M::Not | M::Neg => unop(e, ins, m)?,
         M::Push => {
             if ins.stack_pointer_increment() != -8 {
@@ -354,14 +413,27 @@ fn binop(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
     } else {
         (e.read_op(ins, 0, size)?, None)
     };
+    let carry = if matches!(m, M::Adc | M::Sbb) {
+        e.carry()
+    } else {
+        e.c(0)
+    };
     let (res, op) = match m {
         M::Add => (e.b.ins().iadd(a, b), FlagOp::Add),
+        M::Adc => {
+            let s = e.b.ins().iadd(a, b);
+            (e.b.ins().iadd(s, carry), FlagOp::Adc)
+        }
+        M::Sbb => {
+            let s = e.b.ins().isub(a, b);
+            (e.b.ins().isub(s, carry), FlagOp::Sbb)
+        }
         M::Sub | M::Cmp => (e.b.ins().isub(a, b), FlagOp::Sub),
         M::And | M::Test => (e.b.ins().band(a, b), FlagOp::Logic),
         M::Or => (e.b.ins().bor(a, b), FlagOp::Logic),
         _ => (e.b.ins().bxor(a, b), FlagOp::Logic),
     };
-    let res = if size < 8 && matches!(op, FlagOp::Add | FlagOp::Sub) {
+    let res = if size < 8 && matches!(op, FlagOp::Add | FlagOp::Sub | FlagOp::Adc | FlagOp::Sbb) {
         e.b.ins().band_imm_s(res, mask(size))
     } else {
         res
@@ -372,8 +444,82 @@ fn binop(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
             None => e.set_reg(ins.op0_register(), res),
         }
     }
-    let zero = e.c(0);
-    e.set_flags(op, size, res, a, b, zero);
+    e.set_flags(op, size, res, a, b, carry);
+    Some(())
+}
+
+/// SHL/SHR/SAR by an immediate count (flags set eagerly, as the interpreter does).
+fn shift(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
+    let size = Em::op_size(ins, 0)?;
+    let c = match ins.op_count() {
+        1 => 1,
+        2 if is_imm(ins.op1_kind()) => ins.immediate(1) as u32,
+        _ => return None,
+    } & if size == 8 { 0x3F } else { 0x1F };
+    let (a, va) = if ins.op0_kind() == OpKind::Memory {
+        let va = e.ea(ins)?;
+        (e.load(va, size, true), Some(va))
+    } else {
+        (e.read_op(ins, 0, size)?, None)
+    };
+    let bits = 8 * u32::from(size);
+    let bit = |e: &mut Em<'_>, v: Value, n: u32| {
+        let s = e.b.ins().ushr_imm_s(v, i64::from(n));
+        e.b.ins().band_imm_s(s, 1)
+    };
+    let res;
+    let mut flags = None;
+    if c == 0 {
+        res = a;
+    } else {
+        let zero = e.c(0);
+        let (r, cf, of) = match m {
+            M::Shl | M::Sal => {
+                let r = if c >= bits {
+                    zero
+                } else {
+                    let l = e.b.ins().ishl_imm_s(a, i64::from(c));
+                    e.b.ins().band_imm_s(l, mask(size))
+                };
+                let cf = if c <= bits { bit(e, a, bits - c) } else { zero };
+                let msb = bit(e, r, bits - 1);
+                let of = e.b.ins().bxor(msb, cf);
+                (r, cf, of)
+            }
+            M::Shr => {
+                let r = if c >= bits {
+                    zero
+                } else {
+                    e.b.ins().ushr_imm_s(a, i64::from(c))
+                };
+                let cf = if c <= bits { bit(e, a, c - 1) } else { zero };
+                let of = if c == 1 { bit(e, a, bits - 1) } else { zero };
+                (r, cf, of)
+            }
+            _ => {
+                let sh = i64::from(64 - bits);
+                let l = e.b.ins().ishl_imm_s(a, sh);
+                let sa = e.b.ins().sshr_imm_s(l, sh);
+                let r = e.b.ins().sshr_imm_s(sa, i64::from(c.min(63)));
+                let r = e.b.ins().band_imm_s(r, mask(size));
+                let cf = bit(e, sa, (c - 1).min(63));
+                (r, cf, zero)
+            }
+        };
+        res = r;
+        let szp = e.szp(r, size);
+        let of = e.b.ins().ishl_imm_s(of, 11);
+        let f = e.b.ins().bor(szp, cf);
+        flags = Some(e.b.ins().bor(f, of));
+    }
+    match va {
+        Some(va) => e.store(va, size, res),
+        None => e.set_reg(ins.op0_register(), res),
+    }
+    if let Some(f) = flags {
+        let zero = e.c(0);
+        e.set_flags(FlagOp::Eager, size, res, a, zero, f);
+    }
     Some(())
 }
 

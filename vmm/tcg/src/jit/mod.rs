@@ -120,6 +120,9 @@ pub(crate) struct Jit {
     bytes: usize,
     pub stats: JitStats,
     fctx: cranelift_frontend::FunctionBuilderContext,
+    /// Per mnemonic (`iced_x86::Mnemonic as usize`): times translated code stopped before an
+    /// instruction of that mnemonic and left the rest of its block to the interpreter.
+    stops: Vec<u64>,
 }
 
 // SAFETY: the JIT module is owned by one `Cpu` and only ever used by the thread that owns
@@ -167,6 +170,7 @@ impl Jit {
             bytes: 0,
             stats: JitStats::default(),
             fctx: cranelift_frontend::FunctionBuilderContext::new(),
+            stops: vec![0; iced_x86::Mnemonic::values().len()],
         })
     }
 
@@ -211,6 +215,27 @@ impl Jit {
                 None
             }
         }
+    }
+
+    /// Counts a stop of translated code before an instruction with mnemonic `m`.
+    #[inline]
+    pub fn note_stop(&mut self, m: iced_x86::Mnemonic) {
+        if let Some(c) = self.stops.get_mut(m as usize) {
+            *c += 1;
+        }
+    }
+
+    /// The `n` mnemonics translated code most often stopped at, with their counts.
+    pub fn top_stops(&self, n: usize) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = iced_x86::Mnemonic::values()
+            .filter_map(|m| {
+                let c = *self.stops.get(m as usize)?;
+                (c > 0).then(|| (format!("{m:?}"), c))
+            })
+            .collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
+        v.truncate(n);
+        v
     }
 
     /// Drops all host code (every block forgets its entry first).

@@ -47,11 +47,11 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
     let mut v = Vec::new();
     let mem = (r.below(3) == 0).then(|| (r.below(120) as u8) & !7);
     let (d, s) = (dest(r), dest(r));
-    match r.below(16) {
+    match r.below(19) {
         // ALU r/m, r and r, r/m (ADD OR AND SUB XOR CMP) and TEST r/m, r.
         0 | 1 => {
             let sz = size(r);
-            let op = [0u8, 1, 4, 5, 6, 7][r.below(6) as usize];
+            let op = [0u8, 1, 2, 3, 4, 5, 6, 7][r.below(8) as usize];
             let dir = r.below(2) as u8 * 2;
             let (reg, rm) = if mem.is_some() { (d, 3) } else { (s, d) };
             prefix(sz, reg, rm, &mut v);
@@ -62,7 +62,7 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
         // ALU r/m, imm8/imm32.
         2 => {
             let sz = size(r);
-            let op = [0u8, 1, 4, 5, 6, 7][r.below(6) as usize];
+            let op = r.below(8) as u8;
             let rm = if mem.is_some() { 3 } else { d };
             prefix(sz, 0, rm, &mut v);
             let short = sz != 1 && r.below(2) == 0;
@@ -198,6 +198,35 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
         15 if r.below(8) == 0 => {
             prefix(8, d, 15, &mut v);
             v.extend([0x8B, 0x07 | ((d & 7) << 3)]);
+        }
+        // SHL/SHR/SAR r/m by 1 or by an immediate (masked counts of 0 and above the size too).
+        16 => {
+            let sz = size(r);
+            let rm = if mem.is_some() { 3 } else { d };
+            prefix(sz, 0, rm, &mut v);
+            let k = [4u8, 5, 7][r.below(3) as usize];
+            if r.below(4) == 0 {
+                v.push(0xD0 + u8::from(sz != 1));
+                modrm(&mut v, k, rm, mem);
+            } else {
+                v.push(0xC0 + u8::from(sz != 1));
+                modrm(&mut v, k, rm, mem);
+                v.push(r.below(70) as u8);
+            }
+        }
+        // CWDE/CDQE/CDQ/CQO, BSWAP r32/r64.
+        17 => match r.below(3) {
+            0 => v.extend([0x48, 0x98 + r.below(2) as u8]),
+            1 => v.push(0x98 + r.below(2) as u8),
+            _ => {
+                let w = if r.below(2) == 0 { 8 } else { 0 };
+                v.extend([0x40 | w | (d >> 3), 0x0F, 0xC8 + (d & 7)]);
+            }
+        },
+        // PREFETCHT0 [rbx+disp8] then a flag-setting ALU op.
+        18 => {
+            v.extend([0x0F, 0x18, 0x4B, r.value() as u8]);
+            v.extend(insn_simple(r));
         }
         _ => return insn_simple(r),
     }
