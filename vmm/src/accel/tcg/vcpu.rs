@@ -111,7 +111,8 @@ impl TcgVcpu {
             s += &format!(
                 " native_insns={} interp_insns={} native_share={:.3} native_runs={} \
                  translated={} translated_insns={} untranslatable={} compile_ms={:.1} \
-                 compile_us_per_block={:.1} code_bytes={} flushes={}",
+                 codegen_ms={:.1} finalize_ms={:.1} compile_us_per_block={:.1} code_bytes={} \
+                 flushes={}",
                 j.native_insns,
                 self.cpu.icount.saturating_sub(j.native_insns),
                 j.native_insns as f64 / self.cpu.icount.max(1) as f64,
@@ -120,6 +121,8 @@ impl TcgVcpu {
                 j.translated_insns,
                 j.untranslatable,
                 j.compile_ns as f64 / 1e6,
+                j.codegen_ns as f64 / 1e6,
+                j.finalize_ns as f64 / 1e6,
                 per_block as f64 / 1e3,
                 j.code_bytes,
                 j.flushes

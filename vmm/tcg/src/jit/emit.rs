@@ -2,9 +2,10 @@
 //! tracked at translation time, soft-MMU accesses (inline TLB lookup, helper on a miss) and
 //! block exits that commit the state.
 //!
-//! A block is straight-line code, so which registers are loaded and which are dirty is known
-//! statically: a register is loaded from the state on first use and stored back at exits and
-//! before helper calls (only in the helper's slow path).
+//! A block is straight-line code, so which registers are loaded is known statically: a
+//! register is loaded from the state on first use and kept in a variable; writes go to the
+//! variable and straight through to the state, so only the lazy-flag record (and RIP) has to
+//! be committed at exits and before helper calls.
 
 use super::{helpers, JitCtx, STATUS_END, STATUS_FAULT};
 use crate::flags::{layout as fl, FlagOp};
@@ -59,7 +60,6 @@ pub(crate) struct Em<'a> {
     tag_bits: Value,
     regs: [Variable; 16],
     loaded: u16,
-    dirty: u16,
     pub flags: Flags,
     sigs: Sigs,
     ptr: Type,
@@ -128,7 +128,6 @@ impl<'a> Em<'a> {
             tag_bits,
             regs,
             loaded: 0,
-            dirty: 0,
             flags: Flags::Mem,
             sigs,
             ptr,
@@ -154,22 +153,18 @@ impl<'a> Em<'a> {
         self.b.use_var(self.regs[n])
     }
 
-    /// Sets full 64-bit GPR `n`.
+    /// Sets full 64-bit GPR `n`. Registers are written through to the state at once (the
+    /// variable keeps the value for later reads): slow paths and exits then only have the
+    /// flag record and RIP to commit, which keeps the code (and Cranelift's work) small.
     pub fn set_gpr(&mut self, n: usize, v: Value) {
         self.b.def_var(self.regs[n], v);
         self.loaded |= 1 << n;
-        self.dirty |= 1 << n;
+        self.b.ins().store(mem(), v, self.arch, GPR + 8 * n as i32);
     }
 
-    /// Stores the dirty registers and the flag record (the translation state is unchanged:
-    /// used on side paths and at exits).
+    /// Stores the flag record (the translation state is unchanged: used on side paths and at
+    /// exits; registers are already written through).
     pub fn commit(&mut self) {
-        for n in 0..16 {
-            if self.dirty & (1 << n) != 0 {
-                let v = self.b.use_var(self.regs[n]);
-                self.b.ins().store(mem(), v, self.arch, GPR + 8 * n as i32);
-            }
-        }
         if let Flags::Lazy {
             op,
             size,

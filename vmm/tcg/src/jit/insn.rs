@@ -7,6 +7,7 @@
 
 use super::emit::{mask, Em};
 use crate::flags::FlagOp;
+use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::I64;
 use cranelift_codegen::ir::{InstBuilder, Value};
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
@@ -261,7 +262,14 @@ fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
         M::Add | M::Or | M::And | M::Sub | M::Xor | M::Cmp | M::Test | M::Adc | M::Sbb => {
             binop(e, ins, m)?
         }
-        M::Shl | M::Sal | M::Shr | M::Sar => shift(e, ins, m)?,
+        M::Shl | M::Sal | M::Shr | M::Sar => {
+            if ins.op_count() == 2 && ins.op1_kind() == OpKind::Register {
+                shift_cl(e, ins, m)?
+            } else {
+                shift(e, ins, m)?
+            }
+        }
+        M::Imul if ins.op_count() > 1 => imul(e, ins)?,
         M::Cdqe | M::Cwde | M::Cdq | M::Cqo => {
             let (src, dst, bits) = match m {
                 M::Cdqe => (0, 0, 32),
@@ -445,6 +453,131 @@ fn binop(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
         }
     }
     e.set_flags(op, size, res, a, b, carry);
+    Some(())
+}
+
+/// IMUL r, r/m (, imm): CF=OF=overflow, SF/ZF/PF from the low half (eager, as the
+/// interpreter sets them).
+fn imul(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
+    if !is_gpr(ins, 0) {
+        return None;
+    }
+    let size = Em::op_size(ins, 0)?;
+    if size < 2 {
+        return None;
+    }
+    let (a, b) = if ins.op_count() == 3 {
+        (e.read_op(ins, 1, size)?, e.read_op(ins, 2, size)?)
+    } else {
+        (e.read_op(ins, 0, size)?, e.read_op(ins, 1, size)?)
+    };
+    let (lo, overflow) = if size == 8 {
+        let lo = e.b.ins().imul(a, b);
+        let hi = e.b.ins().smulhi(a, b);
+        let sign = e.b.ins().sshr_imm_s(lo, 63);
+        (lo, e.b.ins().icmp(IntCC::NotEqual, hi, sign))
+    } else {
+        let sh = i64::from(64 - 8 * u32::from(size));
+        let sx = |e: &mut Em<'_>, v: Value| {
+            let l = e.b.ins().ishl_imm_s(v, sh);
+            e.b.ins().sshr_imm_s(l, sh)
+        };
+        let (sa, sb) = (sx(e, a), sx(e, b));
+        let p = e.b.ins().imul(sa, sb);
+        let lo = e.b.ins().band_imm_s(p, mask(size));
+        let back = sx(e, lo);
+        (lo, e.b.ins().icmp(IntCC::NotEqual, back, p))
+    };
+    let szp = e.szp(lo, size);
+    let o = e.b.ins().uextend(I64, overflow);
+    let o =
+        e.b.ins()
+            .imul_imm_s(o, (crate::flags::CF | crate::flags::OF) as i64);
+    let f = e.b.ins().bor(szp, o);
+    e.set_reg(ins.op0_register(), lo);
+    let zero = e.c(0);
+    e.set_flags(FlagOp::Eager, size, lo, a, zero, f);
+    Some(())
+}
+
+/// SHL/SHR/SAR by CL. A masked count of 0 leaves the flags alone: that (rare) case is left
+/// to the interpreter.
+fn shift_cl(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
+    if ins.op1_register() != Register::CL {
+        return None;
+    }
+    let size = Em::op_size(ins, 0)?;
+    let cl = e.gpr(1);
+    let c =
+        e.b.ins()
+            .band_imm_s(cl, if size == 8 { 0x3F } else { 0x1F });
+    let zero_count = e.b.ins().icmp_imm_s(IntCC::Equal, c, 0);
+    let (out, cont) = (e.b.create_block(), e.b.create_block());
+    e.b.ins().brif(zero_count, out, &[], cont, &[]);
+    e.b.switch_to_block(out);
+    e.exit_here();
+    e.b.switch_to_block(cont);
+    let (a, va) = if ins.op0_kind() == OpKind::Memory {
+        let va = e.ea(ins)?;
+        (e.load(va, size, true), Some(va))
+    } else {
+        (e.read_op(ins, 0, size)?, None)
+    };
+    let bits = i64::from(8 * u32::from(size));
+    let zero = e.c(0);
+    let bit = |e: &mut Em<'_>, v: Value, n: Value| {
+        let s = e.b.ins().ushr(v, n);
+        e.b.ins().band_imm_s(s, 1)
+    };
+    let big =
+        e.b.ins()
+            .icmp_imm_s(IntCC::SignedGreaterThanOrEqual, c, bits);
+    let fits = e.b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, c, bits);
+    let c1 = e.b.ins().iadd_imm_s(c, -1);
+    let (res, cf, of) = match m {
+        M::Shl | M::Sal => {
+            let l = e.b.ins().ishl(a, c);
+            let l = e.b.ins().band_imm_s(l, mask(size));
+            let r = e.b.ins().select(big, zero, l);
+            let bc = e.c(bits);
+            let n = e.b.ins().isub(bc, c);
+            let cf = bit(e, a, n);
+            let cf = e.b.ins().select(fits, cf, zero);
+            let msb = e.b.ins().ushr_imm_s(r, bits - 1);
+            let msb = e.b.ins().band_imm_s(msb, 1);
+            let of = e.b.ins().bxor(msb, cf);
+            (r, cf, of)
+        }
+        M::Shr => {
+            let l = e.b.ins().ushr(a, c);
+            let r = e.b.ins().select(big, zero, l);
+            let cf = bit(e, a, c1);
+            let cf = e.b.ins().select(fits, cf, zero);
+            let one = e.b.ins().icmp_imm_s(IntCC::Equal, c, 1);
+            let msb = e.b.ins().ushr_imm_s(a, bits - 1);
+            let msb = e.b.ins().band_imm_s(msb, 1);
+            let of = e.b.ins().select(one, msb, zero);
+            (r, cf, of)
+        }
+        _ => {
+            let sh = 64 - bits;
+            let l = e.b.ins().ishl_imm_s(a, sh);
+            let sa = e.b.ins().sshr_imm_s(l, sh);
+            let r = e.b.ins().sshr(sa, c);
+            let r = e.b.ins().band_imm_s(r, mask(size));
+            let cf = bit(e, sa, c1);
+            (r, cf, zero)
+        }
+    };
+    match va {
+        Some(va) => e.store(va, size, res),
+        None => e.set_reg(ins.op0_register(), res),
+    }
+    let szp = e.szp(res, size);
+    let of = e.b.ins().ishl_imm_s(of, 11);
+    let f = e.b.ins().bor(szp, cf);
+    let f = e.b.ins().bor(f, of);
+    e.set_flags(FlagOp::Eager, size, res, a, zero, f);
     Some(())
 }
 

@@ -8,8 +8,8 @@
 //!
 //! # Contract between host code and the interpreter
 //! Host code gets a [`JitCtx`] and works on the same [`ArchState`] as the interpreter:
-//! - general registers are cached in Cranelift variables and written back at every exit and
-//!   before every helper call that may fault, so the interpreter sees exactly its own state;
+//! - general registers are cached in Cranelift variables and written through to the state,
+//!   so the interpreter sees exactly its own state at every exit and helper call;
 //! - flags are written as the interpreter's lazy-flag record (`flags::layout`);
 //! - memory accesses look the soft TLB up inline (`mmu::tlb::layout`) and call a helper
 //!   ([`helpers`]) on a miss, an MMIO page, a page-crossing access or a write to a code page;
@@ -102,6 +102,10 @@ pub struct JitStats {
     pub untranslatable: u64,
     /// Time spent translating and compiling, in nanoseconds.
     pub compile_ns: u64,
+    /// Of which Cranelift's code generation (`define_function`), in nanoseconds.
+    pub codegen_ns: u64,
+    /// Of which making the code executable (`finalize_definitions`), in nanoseconds.
+    pub finalize_ns: u64,
     /// Bytes of host code generated.
     pub code_bytes: u64,
     /// Runs of translated code.
@@ -141,8 +145,12 @@ impl std::fmt::Debug for Jit {
 
 fn new_module() -> Result<JITModule, JitError> {
     let mut flags = settings::builder();
+    let opt = match std::env::var("RQEMU_JIT_OPT").as_deref() {
+        Ok("none") => "none",
+        _ => "speed",
+    };
     for (k, v) in [
-        ("opt_level", "speed"),
+        ("opt_level", opt),
         ("use_colocated_libcalls", "false"),
         ("is_pic", "false"),
         ("enable_verifier", "false"),
@@ -193,7 +201,7 @@ impl Jit {
         let b = cache.get_mut(idx);
         let t0 = Instant::now();
         let module = self.module.as_mut()?;
-        let res = translate::translate(module, &mut self.fctx, &b.insns, b.vip);
+        let res = translate::translate(module, &mut self.fctx, &b.insns, &mut self.stats);
         self.stats.compile_ns += t0.elapsed().as_nanos() as u64;
         match res {
             Ok(Some(t)) => {
@@ -265,13 +273,17 @@ pub(crate) struct Translated {
 pub(crate) fn finish(
     module: &mut JITModule,
     ctx: &mut cranelift_codegen::Context,
+    stats: &mut JitStats,
 ) -> Result<(unsafe extern "C" fn(*mut u8) -> u32, usize), JitError> {
     let id = module
         .declare_anonymous_function(&ctx.func.signature)
         .map_err(|e| JitError::Codegen(e.to_string()))?;
+    let t0 = Instant::now();
     module
         .define_function(id, ctx)
         .map_err(|e| JitError::Codegen(format!("{e:?}")))?;
+    let t1 = Instant::now();
+    stats.codegen_ns += (t1 - t0).as_nanos() as u64;
     let bytes = ctx
         .compiled_code()
         .map(|c| c.code_buffer().len())
@@ -280,6 +292,7 @@ pub(crate) fn finish(
     module
         .finalize_definitions()
         .map_err(|e| JitError::Codegen(e.to_string()))?;
+    stats.finalize_ns += t1.elapsed().as_nanos() as u64;
     let p = module.get_finalized_function(id);
     // SAFETY: `p` is the finalized (executable) code of a function built with the signature
     // `extern "C" fn(*mut u8) -> u32` (pointer in, i32 out, the host's default C calling

@@ -2,7 +2,7 @@
 
 use super::emit::Em;
 use super::insn::{self, Step};
-use super::{finish, JitError, Translated};
+use super::{finish, JitError, JitStats, Translated};
 use cranelift_codegen::ir::types::I32;
 use cranelift_codegen::ir::AbiParam;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
@@ -16,7 +16,7 @@ pub(crate) fn translate(
     module: &mut JITModule,
     fctx: &mut FunctionBuilderContext,
     insns: &[Instruction],
-    _vip: u64,
+    stats: &mut JitStats,
 ) -> Result<Option<Translated>, JitError> {
     let ptr = module.target_config().pointer_type();
     let cc = module.isa().default_call_conv();
@@ -59,7 +59,7 @@ pub(crate) fn translate(
         module.clear_context(&mut ctx);
         return Ok(None);
     }
-    let (entry, bytes) = finish(module, &mut ctx)?;
+    let (entry, bytes) = finish(module, &mut ctx, stats)?;
     Ok(Some(Translated {
         entry,
         insns: done,

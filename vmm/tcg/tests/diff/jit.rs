@@ -42,12 +42,13 @@ fn size(r: &mut Rng) -> u8 {
     [1, 2, 4, 8][r.below(4) as usize]
 }
 
-/// One random instruction (`mmio`: may access MMIO, which the host cannot run).
+/// One random instruction. `mmio`: may also access MMIO (which the host cannot run) and use
+/// IMUL (whose SF/ZF/PF the host leaves undefined, and later instructions read).
 fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
     let mut v = Vec::new();
     let mem = (r.below(3) == 0).then(|| (r.below(120) as u8) & !7);
     let (d, s) = (dest(r), dest(r));
-    match r.below(19) {
+    match r.below(21) {
         // ALU r/m, r and r, r/m (ADD OR AND SUB XOR CMP) and TEST r/m, r.
         0 | 1 => {
             let sz = size(r);
@@ -227,6 +228,36 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
         18 => {
             v.extend([0x0F, 0x18, 0x4B, r.value() as u8]);
             v.extend(insn_simple(r));
+        }
+        // IMUL r, r/m; IMUL r, r/m, imm8/imm32.
+        19 if mmio => {
+            let sz = [2, 4, 8][r.below(3) as usize];
+            let (reg, rm) = if mem.is_some() { (d, 3) } else { (d, s) };
+            prefix(sz, reg, rm, &mut v);
+            match r.below(3) {
+                0 => v.extend([0x0F, 0xAF]),
+                1 => v.push(0x6B),
+                _ => v.push(0x69),
+            }
+            let op = v[v.len() - 1];
+            modrm(&mut v, reg, rm, mem);
+            match (op, sz) {
+                (0x6B, _) => v.push(r.value() as u8),
+                (0x69, 2) => v.extend((r.value() as u16).to_le_bytes()),
+                (0x69, _) => v.extend((r.value() as u32).to_le_bytes()),
+                _ => {}
+            }
+        }
+        // SHL/SHR/SAR r/m by CL (CL sometimes masked to 0).
+        20 => {
+            let sz = size(r);
+            let rm = if mem.is_some() { 3 } else { d };
+            if r.below(4) == 0 {
+                v.extend([0x80, 0xE1, 0xC0]); // and cl, 0xc0
+            }
+            prefix(sz, 0, rm, &mut v);
+            v.push(0xD2 + u8::from(sz != 1));
+            modrm(&mut v, [4u8, 5, 7][r.below(3) as usize], rm, mem);
         }
         _ => return insn_simple(r),
     }
