@@ -85,7 +85,7 @@ pub struct JitConfig {
 impl Default for JitConfig {
     fn default() -> Self {
         JitConfig {
-            threshold: 64,
+            threshold: 1000,
             cache_bytes: 64 << 20,
         }
     }
