@@ -149,8 +149,13 @@ fn new_module() -> Result<JITModule, JitError> {
         Ok("none") => "none",
         _ => "speed",
     };
+    let regalloc = match std::env::var("RQEMU_JIT_REGALLOC").as_deref() {
+        Ok("single_pass") => "single_pass",
+        _ => "backtracking",
+    };
     for (k, v) in [
         ("opt_level", opt),
+        ("regalloc_algorithm", regalloc),
         ("use_colocated_libcalls", "false"),
         ("is_pic", "false"),
         ("enable_verifier", "false"),

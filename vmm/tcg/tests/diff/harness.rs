@@ -364,6 +364,12 @@ impl Harness {
         }
     }
 
+    /// Runs the TCG with a JIT configured as `cfg`.
+    #[cfg(feature = "jit")]
+    pub fn set_jit_config(&mut self, cfg: rqemu_tcg::JitConfig) {
+        self.cpu.enable_jit(cfg).expect("JIT for this host");
+    }
+
     /// The CPU (for JIT statistics).
     #[cfg(feature = "jit")]
     pub fn cpu(&self) -> &Cpu {

@@ -380,3 +380,43 @@ fn jit_self_modifying_code() {
     let stats = h.cpu().jit_stats().expect("jit enabled");
     assert!(stats.translated > 0, "nothing translated: {stats:?}");
 }
+
+/// A code cache too small for more than one block: it is flushed whole again and again while
+/// translated code keeps matching the host.
+#[test]
+fn jit_flushes_a_full_code_cache() {
+    let name = "jit_flushes_a_full_code_cache";
+    let mut h = Harness::new();
+    h.set_jit_config(rqemu_tcg::JitConfig {
+        threshold: 0,
+        cache_bytes: 1,
+    });
+    let mut r = Rng(seed::for_test(name));
+    let mut failures = Vec::new();
+    let n = 300;
+    for i in 0..n {
+        let (code, st) = sequence(&mut r, false);
+        let c = Case {
+            code,
+            st,
+            flag_mask: ARITH & !AF,
+            xmm: false,
+            data_seed: i,
+            expect: super::harness::ANY,
+        };
+        if let Err(e) = check(&mut h, &c) {
+            failures.push(e);
+        }
+    }
+    let stats = h.cpu().jit_stats().expect("jit enabled");
+    eprintln!("{name}: {stats:?}");
+    assert!(
+        stats.flushes > 0,
+        "the code cache was never flushed: {stats:?}"
+    );
+    assert!(
+        stats.native_insns > 0,
+        "nothing ran in translated code: {stats:?}"
+    );
+    super::report(name, n as usize, &failures);
+}
