@@ -58,6 +58,8 @@ pub struct RqemuVm {
     cmdline_extra: Vec<String>,
     run_cmdline: Option<String>,
     timeout: Duration,
+    /// Raw arguments appended to the command line.
+    extra_args: Vec<String>,
 }
 
 impl RqemuVm {
@@ -76,7 +78,14 @@ impl RqemuVm {
             cmdline_extra: Vec::new(),
             run_cmdline: None,
             timeout: DEFAULT_TIMEOUT,
+            extra_args: Vec::new(),
         }
+    }
+
+    /// Adds a raw `rqemu-vmm` argument (e.g. `--tcg-mode`, `interp`).
+    pub fn vmm_arg(mut self, arg: &str) -> Self {
+        self.extra_args.push(arg.to_string());
+        self
     }
 
     /// Boots this kernel instead of the bzImage (e.g. `assets.vmlinux`, the ELF/PVH kernel).
@@ -189,6 +198,7 @@ impl RqemuVm {
             cmd.args(["--serial", serial]);
         }
         cmd.arg("--cmdline").arg(self.kernel_cmdline());
+        cmd.args(&self.extra_args);
         Ok(cmd)
     }
 

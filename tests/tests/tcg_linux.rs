@@ -96,6 +96,60 @@ fn tcg_boots_reference_linux_to_init_and_powers_off() {
     }
 }
 
+/// What the guest's init printed: the lines from the init marker on, without kernel log
+/// lines (timestamps differ between runs).
+fn init_output(console: &str) -> Vec<String> {
+    console
+        .lines()
+        .skip_while(|l| !l.contains(INIT_GREETING))
+        .filter(|l| !l.trim_start().starts_with('['))
+        .map(|l| l.trim_end().to_string())
+        .collect()
+}
+
+/// The JIT (`--tcg-mode jit`, every block translated after 2 runs) and the interpreter
+/// (`--tcg-mode interp`) boot the reference guest to the same init output, including a
+/// small compute workload of real programs (shell arithmetic, sort, md5sum, awk).
+#[test]
+fn tcg_jit_and_interpreter_boot_to_the_same_init_output() {
+    let assets = assets();
+    let script = "i=0; s=0; while [ $i -lt 4000 ]; do s=$(( (s * 31 + i * i) % 1000003 )); \
+                  i=$((i + 1)); done; echo sum=$s; seq 1 3000 | sort -r | md5sum; \
+                  seq 1 2000 | awk '{ t += $1 * $1 % 97 } END { print \"awk\", t }'";
+    let mut outputs = Vec::new();
+    for (mode, extra) in [
+        ("jit", &["--tcg-jit-threshold", "2"][..]),
+        ("interp", &[][..]),
+    ] {
+        let mut vm = RqemuVm::new(&assets)
+            .run_cmdline(script)
+            .vmm_arg("--tcg-mode")
+            .vmm_arg(mode);
+        for a in extra {
+            vm = vm.vmm_arg(a);
+        }
+        let r = vm.run().unwrap_or_else(|e| panic!("{e}"));
+        let report = r.transcript();
+        assert!(r.console.contains(INIT_GREETING), "{mode}: {report}");
+        assert!(r.console.contains(EXIT_MARKER), "{mode}: {report}");
+        assert_eq!(r.code(), Some(0), "{mode}: {report}");
+        let out = init_output(&r.console);
+        assert!(
+            out.iter().any(|l| l.starts_with("sum=")) && out.iter().any(|l| l.starts_with("awk ")),
+            "{mode}: the workload did not print: {out:?}"
+        );
+        eprintln!(
+            "=== {mode}: power-off after {:.2} s; init output {out:?}",
+            r.elapsed.as_secs_f64()
+        );
+        outputs.push(out);
+    }
+    assert_eq!(
+        outputs[0], outputs[1],
+        "jit and interpreter init outputs differ"
+    );
+}
+
 /// Boots the reference guest under `rqemu-vmm --accel tcg` with `device_sockets` and
 /// `script` as its test command; stops `daemons` once the VM is done.
 fn boot_with_devices(

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+use crate::accel::tcg::{TcgMode, TcgOptions};
 use crate::boot::BootConfig;
 use crate::devices::serial::SerialOutput;
 use crate::virtio::vhost_user::VhostUserKind;
@@ -21,6 +22,15 @@ pub enum AccelArg {
     Tcg,
     /// KVM when /dev/kvm works, otherwise TCG.
     Auto,
+}
+
+/// `--tcg-mode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TcgModeArg {
+    /// Interpret every instruction (the reference).
+    Interp,
+    /// Translate hot blocks to host code (needs the `jit` build feature, on by default).
+    Jit,
 }
 
 /// Transport of forwarded register accesses.
@@ -133,6 +143,16 @@ pub struct Cli {
     /// CPU accelerator.
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     pub accel: AccelArg,
+    /// How the software CPU (TCG) runs guest code (default: jit when built with it).
+    #[arg(long = "tcg-mode", value_enum)]
+    pub tcg_mode: Option<TcgModeArg>,
+    /// TCG JIT: interpreted runs of a block before it is translated.
+    #[arg(long = "tcg-jit-threshold", default_value_t = 1000)]
+    pub tcg_jit_threshold: u32,
+    /// Print the software CPU's execution counters (instructions, translated blocks, compile
+    /// time, share run in translated code) to stderr when the VM ends; also RQEMU_TCG_STATS=1.
+    #[arg(long = "tcg-stats")]
+    pub tcg_stats: bool,
     /// Device daemon socket, `[blk|net|fs|vsock|auto:]PATH` (repeatable). Without a type the
     /// daemon is probed: a forwarding daemon (rqemu-serial, rqemu-rtc, ...) gets the windows
     /// it claims; a vhost-user daemon takes the next virtio-mmio window, its type read from
@@ -163,6 +183,20 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// Options of the software CPU.
+    pub fn tcg_options(&self) -> TcgOptions {
+        let d = TcgOptions::default();
+        TcgOptions {
+            mode: match self.tcg_mode {
+                Some(TcgModeArg::Interp) => TcgMode::Interp,
+                Some(TcgModeArg::Jit) => TcgMode::Jit,
+                None => d.mode,
+            },
+            jit_threshold: self.tcg_jit_threshold,
+            stats: self.tcg_stats || d.stats,
+        }
+    }
+
     /// The accelerator choice.
     pub fn accel_choice(&self) -> AccelChoice {
         match self.accel {

@@ -8,7 +8,7 @@ use clap::Parser;
 use rqemu_vmm::cli::Cli;
 use rqemu_vmm::exit::GuestExit;
 use rqemu_vmm::sandbox;
-use rqemu_vmm::vm::{create_accelerator, Vm, VmController};
+use rqemu_vmm::vm::{create_accelerator_with, Vm, VmController};
 
 fn run(cli: &Cli) -> anyhow::Result<GuestExit> {
     let mut cfg = match cli.vm_config() {
@@ -16,7 +16,9 @@ fn run(cli: &Cli) -> anyhow::Result<GuestExit> {
         Err(e) => bail!(e),
     };
     let socket_dirs = sandbox::socket_dirs(&mut cfg.devices);
-    let accel = create_accelerator(cli.accel_choice()).context("choosing the accelerator")?;
+    let tcg = cli.tcg_options();
+    let accel =
+        create_accelerator_with(cli.accel_choice(), tcg).context("choosing the accelerator")?;
     let accel_name = accel.name();
     let vm = Vm::new(&cfg, accel).context("building the VM")?;
     let api = match &cli.api_socket {
@@ -26,7 +28,8 @@ fn run(cli: &Cli) -> anyhow::Result<GuestExit> {
     tracing::debug!(?vm, mode = ?vm.kernel().mode, "starting guest");
     // Everything is open and the VMM still has one thread: confine it (threads started from
     // now on narrow themselves to their kind's allow-list).
-    sandbox::enter(&cli.sandbox, accel_name, socket_dirs).context("entering the sandbox")?;
+    let jit = accel_name == "tcg" && tcg.mode == rqemu_vmm::accel::tcg::TcgMode::Jit;
+    sandbox::enter(&cli.sandbox, accel_name, socket_dirs, jit).context("entering the sandbox")?;
     if cli.sandbox_selftest {
         // SAFETY: openat with a valid NUL-terminated path; the fd, if any, is closed.
         let fd = unsafe { libc::openat(libc::AT_FDCWD, c"/".as_ptr(), libc::O_RDONLY) };

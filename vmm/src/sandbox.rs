@@ -87,6 +87,22 @@ pub const KVM_GET_REGS: u32 = kvm_ior(0x81, std::mem::size_of::<kvm_bindings::kv
 
 /// The policy of rqemu-vmm on accelerator `accel` ("kvm" or "tcg"), keeping `socket_dirs`.
 pub fn policy(accel: &str, socket_dirs: Vec<PathBuf>) -> Policy {
+    policy_with(accel, socket_dirs, false)
+}
+
+/// [`policy`]; `jit`: the vCPU threads generate code (the TCG JIT), so they may map memory
+/// executable (`mmap`/`mprotect` with `PROT_EXEC`).
+pub fn policy_with(accel: &str, socket_dirs: Vec<PathBuf>, jit: bool) -> Policy {
+    let mut p = policy_inner(accel, socket_dirs);
+    if jit {
+        if let Some(v) = p.threads.get_mut(&ThreadKind::Vcpu) {
+            v.exec = true;
+        }
+    }
+    p
+}
+
+fn policy_inner(accel: &str, socket_dirs: Vec<PathBuf>) -> Policy {
     let accel = if accel == "kvm" {
         VmmAccel::Kvm {
             vcpu_ioctls: vec![KVM_GET_REGS],
@@ -135,12 +151,14 @@ pub fn socket_dirs(devices: &mut [DeviceSocketConfig]) -> Vec<PathBuf> {
 static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
 
 /// Confines the process (call it once, from the only thread): see the module docs.
+/// `jit`: see [`policy_with`].
 pub fn enter(
     args: &SandboxArgs,
     accel: &str,
     socket_dirs: Vec<PathBuf>,
+    jit: bool,
 ) -> Result<&'static Report, SandboxError> {
-    let sandbox = rqemu_sandbox::enter(&policy(accel, socket_dirs), args)?;
+    let sandbox = rqemu_sandbox::enter(&policy_with(accel, socket_dirs, jit), args)?;
     let sandbox = SANDBOX.get_or_init(|| sandbox);
     Ok(&sandbox.report)
 }
@@ -184,6 +202,13 @@ mod tests {
             .contains(&policies::KVM_RUN));
         let tcg = policy("tcg", Vec::new());
         assert!(!tcg.process_allow_list().ioctls.contains(&policies::KVM_RUN));
+        assert!(
+            !tcg.process_allow_list().exec,
+            "no executable mappings without the JIT"
+        );
+        let jit = policy_with("tcg", Vec::new(), true);
+        assert!(jit.threads[&ThreadKind::Vcpu].exec);
+        assert!(!jit.threads[&ThreadKind::Control].exec);
     }
 
     #[test]

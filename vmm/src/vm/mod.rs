@@ -19,7 +19,7 @@ pub use control::VmController;
 use control::{ApiCounters, MachineFacts, VcpuSync};
 
 use crate::accel::kvm::KvmAccel;
-use crate::accel::tcg::TcgAccel;
+use crate::accel::tcg::{TcgAccel, TcgOptions};
 use crate::accel::{AccelError, Accelerator, CpuTopology, Vcpu};
 use crate::acpi::{self, AcpiConfig, VirtioWindow};
 use crate::boot::{self, BootConfig, LoadedKernel};
@@ -107,9 +107,17 @@ pub enum AccelChoice {
 
 /// Creates the accelerator for `choice` (`Auto`: KVM if usable, else TCG).
 pub fn create_accelerator(choice: AccelChoice) -> Result<Arc<dyn Accelerator>, VmError> {
+    create_accelerator_with(choice, TcgOptions::default())
+}
+
+/// Creates the accelerator for `choice`; the software CPU gets `tcg`.
+pub fn create_accelerator_with(
+    choice: AccelChoice,
+    tcg: TcgOptions,
+) -> Result<Arc<dyn Accelerator>, VmError> {
     match choice {
         AccelChoice::Kvm => Ok(Arc::new(KvmAccel::new()?)),
-        AccelChoice::Tcg => Ok(Arc::new(TcgAccel::new()?)),
+        AccelChoice::Tcg => Ok(Arc::new(TcgAccel::with_options(tcg)?)),
         AccelChoice::Auto => match KvmAccel::new() {
             Ok(k) => Ok(Arc::new(k)),
             Err(e) => {
@@ -117,7 +125,7 @@ pub fn create_accelerator(choice: AccelChoice) -> Result<Arc<dyn Accelerator>, V
                     "KVM is not usable ({e}): using the software CPU (TCG); guests boot and run \
                      much more slowly"
                 );
-                Ok(Arc::new(TcgAccel::new()?))
+                Ok(Arc::new(TcgAccel::with_options(tcg)?))
             }
         },
     }

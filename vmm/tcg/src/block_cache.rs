@@ -51,6 +51,21 @@ pub struct Block {
     pub bytes: Vec<u8>,
     /// The cache epoch at which the bytes were last known to match guest memory.
     pub epoch: u64,
+    /// Times the block ran without host code (the JIT's tiering counter).
+    pub(crate) hits: u32,
+    /// Host code translated from (a prefix of) the block, if any.
+    pub(crate) native: Option<Native>,
+    /// The translator could not translate the block's first instruction: do not retry.
+    pub(crate) untranslatable: bool,
+}
+
+/// Host code of a block: `entry(ctx)` runs the first `len` instructions or fewer and returns
+/// how many it completed (see `crate::jit`).
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "jit"), allow(dead_code))]
+pub(crate) struct Native {
+    /// The translated function (`ctx` is a `*mut crate::jit::JitCtx`).
+    pub entry: unsafe extern "C" fn(ctx: *mut u8) -> u32,
 }
 
 /// Entries of the direct-mapped lookup table in front of the hash map.
@@ -127,6 +142,9 @@ impl BlockCache {
                 b.handlers.clear();
                 b.bytes.clear();
                 b.phys = u64::MAX;
+                b.hits = 0;
+                b.native = None;
+                b.untranslatable = false;
                 b
             }
             None => Block {
@@ -161,6 +179,23 @@ impl BlockCache {
         (idx, new_page)
     }
 
+    /// The block with index `idx`, mutably (tiering state).
+    #[cfg_attr(not(feature = "jit"), allow(dead_code))]
+    #[inline]
+    pub(crate) fn get_mut(&mut self, idx: u32) -> &mut Block {
+        &mut self.blocks[idx as usize]
+    }
+
+    /// Forgets every block's host code (the JIT's code cache is about to be freed).
+    #[cfg_attr(not(feature = "jit"), allow(dead_code))]
+    pub(crate) fn drop_native(&mut self) {
+        for b in &mut self.blocks {
+            b.native = None;
+            b.hits = 0;
+            b.untranslatable = false;
+        }
+    }
+
     /// Marks block `idx` as validated in the current epoch.
     pub fn validated(&mut self, idx: u32) {
         let e = self.epoch;
@@ -178,6 +213,7 @@ impl BlockCache {
                 let b = &mut self.blocks[idx as usize];
                 self.map.remove(&b.phys);
                 b.phys = u64::MAX;
+                b.native = None;
                 self.free.push(idx);
             }
         }

@@ -29,6 +29,9 @@ pub struct Cpu {
     since_poll: u32,
     /// Instructions retired since creation.
     pub icount: u64,
+    /// The JIT, when enabled ([`Cpu::enable_jit`]).
+    #[cfg(feature = "jit")]
+    jit: Option<Box<crate::jit::Jit>>,
 }
 
 impl Default for Cpu {
@@ -68,7 +71,40 @@ impl Cpu {
             shadow_step: false,
             since_poll: u32::MAX,
             icount: 0,
+            #[cfg(feature = "jit")]
+            jit: None,
         }
+    }
+
+    /// Translates hot blocks to host code from now on.
+    #[cfg(feature = "jit")]
+    pub fn enable_jit(&mut self, cfg: crate::jit::JitConfig) -> Result<(), crate::jit::JitError> {
+        self.jit = Some(Box::new(crate::jit::Jit::new(cfg)?));
+        Ok(())
+    }
+
+    /// Interprets everything from now on (drops all host code).
+    #[cfg(feature = "jit")]
+    pub fn disable_jit(&mut self) {
+        if let Some(mut j) = self.jit.take() {
+            j.flush(&mut self.cache);
+        }
+    }
+
+    /// The `n` mnemonics translated code most often handed back to the interpreter at (the
+    /// instructions to translate next), with their counts.
+    #[cfg(feature = "jit")]
+    pub fn jit_top_stops(&self, n: usize) -> Vec<(String, u64)> {
+        self.jit
+            .as_ref()
+            .map(|j| j.top_stops(n))
+            .unwrap_or_default()
+    }
+
+    /// Counters of the JIT, when enabled.
+    #[cfg(feature = "jit")]
+    pub fn jit_stats(&self) -> Option<crate::jit::JitStats> {
+        self.jit.as_ref().map(|j| j.stats)
     }
 
     /// Holds the virtual TSC for `paused`: it continues from the value it had before the
@@ -326,7 +362,14 @@ impl Cpu {
             shadow_step: _,
             since_poll,
             icount,
+            #[cfg(feature = "jit")]
+            jit,
         } = self;
+        #[cfg(feature = "jit")]
+        let native = match (&f, jit.as_mut()) {
+            (Fetch::Block(i), Some(j)) if limit == usize::MAX => j.prepare(cache, *i),
+            _ => None,
+        };
         let (single, single_h);
         let (insns, handlers, vip): (&[Instruction], &[Handler], u64) = match &f {
             Fetch::Block(i) => {
@@ -357,8 +400,21 @@ impl Cpu {
             stop: None,
         };
         cx.delta = cx.s.rip.wrapping_sub(vip);
+        #[allow(unused_mut)]
+        let mut start = 0;
+        #[cfg(feature = "jit")]
+        if let (Some(n), Some(j)) = (native, jit.as_mut()) {
+            let k = crate::jit::run(&mut cx, n) as usize;
+            j.stats.native_runs += 1;
+            j.stats.native_insns += k as u64;
+            *icount += k as u64;
+            start = if cx.end_block { insns.len() } else { k };
+            if let Some(ins) = insns.get(start) {
+                j.note_stop(ins.mnemonic());
+            }
+        }
         let mut exit = None;
-        for (ins, handler) in insns.iter().zip(handlers).take(limit) {
+        for (ins, handler) in insns.iter().zip(handlers).skip(start).take(limit) {
             cx.next_rip = ins.next_ip().wrapping_add(cx.delta);
             *icount += 1;
             match handler(&mut cx, ins) {

@@ -42,8 +42,9 @@ pub const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
 /// Bits a guest may change with POPF at CPL 0 (VM and VIF/VIP untouched, RF cleared).
 pub const POPF_MASK: u64 = ARITH | TF | IF | DF | IOPL | NT | AC | ID;
 
-/// The kind of the last flag-setting operation.
+/// The kind of the last flag-setting operation (`repr(u8)`: translated code stores it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum FlagOp {
     /// Flags are stored in `LazyFlags::eager`.
     Eager,
@@ -76,6 +77,25 @@ pub struct LazyFlags {
     eager: u64,
     /// The non-arithmetic bits of RFLAGS (IF, DF, TF, IOPL, ...), always with bit 1 set.
     other: u64,
+}
+
+/// Byte offsets of the [`LazyFlags`] fields, for translated code that writes the same record.
+#[cfg_attr(not(feature = "jit"), allow(dead_code))]
+pub(crate) mod layout {
+    use super::LazyFlags;
+    use std::mem::offset_of;
+    /// `op` (one byte, a [`super::FlagOp`] discriminant).
+    pub const OP: usize = offset_of!(LazyFlags, op);
+    /// `size` (one byte).
+    pub const SIZE: usize = offset_of!(LazyFlags, size);
+    /// `res`.
+    pub const RES: usize = offset_of!(LazyFlags, res);
+    /// `a`.
+    pub const A: usize = offset_of!(LazyFlags, a);
+    /// `b`.
+    pub const B: usize = offset_of!(LazyFlags, b);
+    /// `eager`.
+    pub const EAGER: usize = offset_of!(LazyFlags, eager);
 }
 
 impl Default for LazyFlags {

@@ -47,6 +47,8 @@
 //! - [`block_cache`]: decoded blocks per guest-physical address with self-modifying-code
 //!   detection; the interpreter (`exec`) runs a block's instructions through handlers chosen
 //!   at decode time — the seam where a JIT would plug in.
+//! - `jit` (feature `jit`): translates hot blocks to host code with Cranelift; the
+//!   interpreter stays the reference and runs whatever is not translated.
 //! - `interrupt`: IDT delivery (TSS RSP0/IST, privilege changes, #DF, triple fault);
 //!   `descriptor`: GDT/LDT descriptor reads.
 //! - [`cpuid`]: advertises exactly what is implemented.
@@ -62,12 +64,16 @@ mod descriptor;
 mod exec;
 pub mod flags;
 mod interrupt;
+#[cfg(feature = "jit")]
+pub mod jit;
 pub mod memory;
 pub mod mmu;
 pub mod platform;
 pub mod state;
 
 pub use cpu::Cpu;
+#[cfg(feature = "jit")]
+pub use jit::{JitConfig, JitError, JitStats};
 pub use memory::{GuestRam, MemoryError, RamRegion};
 pub use platform::{Exit, Platform, ShutdownReason, StopReason};
 pub use state::{ArchState, DescTable, SegReg, Segment};

@@ -30,8 +30,44 @@ use chip::IrqChip;
 use irqfd::Irqfds;
 use vcpu::{TcgVcpu, TcgVcpuParts};
 
+/// How the software CPU executes guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcgMode {
+    /// The interpreter only.
+    Interp,
+    /// Hot blocks translated to host code (needs the `jit` feature).
+    Jit,
+}
+
+/// Options of the software CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcgOptions {
+    /// Execution mode.
+    pub mode: TcgMode,
+    /// Interpreted runs of a block before it is translated.
+    pub jit_threshold: u32,
+    /// Print execution counters to stderr when a vCPU ends.
+    pub stats: bool,
+}
+
+impl Default for TcgOptions {
+    /// JIT when built with it; counters when `RQEMU_TCG_STATS=1`.
+    fn default() -> Self {
+        TcgOptions {
+            mode: if cfg!(feature = "jit") {
+                TcgMode::Jit
+            } else {
+                TcgMode::Interp
+            },
+            jit_threshold: 64,
+            stats: std::env::var("RQEMU_TCG_STATS").is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
 /// The TCG accelerator.
 pub struct TcgAccel {
+    opts: TcgOptions,
     chip: Arc<IrqChip>,
     irqfds: Irqfds,
     ram: Mutex<Option<(Arc<rqemu_tcg::GuestRam>, GuestMemory)>>,
@@ -45,10 +81,21 @@ impl std::fmt::Debug for TcgAccel {
 }
 
 impl TcgAccel {
-    /// A TCG accelerator with its interrupt platform (always available).
+    /// A TCG accelerator with its interrupt platform and default options.
     pub fn new() -> Result<Self> {
+        Self::with_options(TcgOptions::default())
+    }
+
+    /// A TCG accelerator with its interrupt platform.
+    pub fn with_options(opts: TcgOptions) -> Result<Self> {
+        if opts.mode == TcgMode::Jit && !cfg!(feature = "jit") {
+            return Err(AccelError::Unavailable(
+                "--tcg-mode jit: this rqemu-vmm was built without the `jit` feature".into(),
+            ));
+        }
         let chip = Arc::new(IrqChip::new());
         Ok(TcgAccel {
+            opts,
             irqfds: Irqfds::new(chip.clone())?,
             chip,
             ram: Mutex::new(None),
@@ -121,6 +168,7 @@ impl Accelerator for TcgAccel {
             pio,
             mmio,
             exit,
+            opts: self.opts,
         })))
     }
 

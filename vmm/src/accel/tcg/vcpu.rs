@@ -13,6 +13,7 @@ use rqemu_tcg::{Cpu, Exit, ShutdownReason, StopReason};
 
 use super::chip::IrqChip;
 use super::platform::TcgPlatform;
+use super::{TcgMode, TcgOptions};
 use crate::accel::{kick, AccelError, BootState, Result, Vcpu, VcpuExit};
 use crate::bus::Bus;
 use crate::exit::ExitRequester;
@@ -39,6 +40,7 @@ pub struct TcgVcpu {
     booted: bool,
     /// The part of the chip's held time already applied to this CPU's TSC.
     held_applied: Duration,
+    opts: TcgOptions,
 }
 
 impl std::fmt::Debug for TcgVcpu {
@@ -59,13 +61,25 @@ pub(super) struct TcgVcpuParts {
     pub(super) pio: Arc<Bus>,
     pub(super) mmio: Arc<Bus>,
     pub(super) exit: ExitRequester,
+    pub(super) opts: TcgOptions,
 }
 
 impl TcgVcpu {
     pub(super) fn new(p: TcgVcpuParts) -> Self {
+        let mut cpu = Box::new(Cpu::new());
+        #[cfg(feature = "jit")]
+        if p.opts.mode == TcgMode::Jit {
+            let cfg = rqemu_tcg::JitConfig {
+                threshold: p.opts.jit_threshold,
+                ..Default::default()
+            };
+            if let Err(e) = cpu.enable_jit(cfg) {
+                tracing::warn!("TCG: the JIT is not available on this host ({e}): interpreting");
+            }
+        }
         TcgVcpu {
             index: p.index,
-            cpu: Box::new(Cpu::new()),
+            cpu,
             ram: p.ram,
             _mem: p.mem,
             chip: p.chip,
@@ -75,7 +89,57 @@ impl TcgVcpu {
             kick: Box::new(AtomicU8::new(0)),
             booted: false,
             held_applied: Duration::ZERO,
+            opts: p.opts,
         }
+    }
+
+    /// One line of execution counters (`--tcg-stats`), `key=value` separated by spaces.
+    pub fn stats_line(&self) -> String {
+        let (decoded, invalidated) = self.cpu.cache_stats();
+        let mode = match self.opts.mode {
+            TcgMode::Interp => "interp",
+            TcgMode::Jit => "jit",
+        };
+        let mut s = format!(
+            "tcg-stats: vcpu={} mode={mode} insns={} blocks_decoded={decoded} \
+             code_pages_invalidated={invalidated}",
+            self.index, self.cpu.icount
+        );
+        #[cfg(feature = "jit")]
+        if let Some(j) = self.cpu.jit_stats() {
+            let per_block = j.compile_ns / j.translated.max(1);
+            s += &format!(
+                " native_insns={} interp_insns={} native_share={:.3} native_runs={} \
+                 translated={} translated_insns={} untranslatable={} compile_ms={:.1} \
+                 codegen_ms={:.1} finalize_ms={:.1} compile_us_per_block={:.1} code_bytes={} \
+                 flushes={}",
+                j.native_insns,
+                self.cpu.icount.saturating_sub(j.native_insns),
+                j.native_insns as f64 / self.cpu.icount.max(1) as f64,
+                j.native_runs,
+                j.translated,
+                j.translated_insns,
+                j.untranslatable,
+                j.compile_ns as f64 / 1e6,
+                j.codegen_ns as f64 / 1e6,
+                j.finalize_ns as f64 / 1e6,
+                per_block as f64 / 1e3,
+                j.code_bytes,
+                j.flushes
+            );
+            let stops: Vec<String> = self
+                .cpu
+                .jit_top_stops(24)
+                .into_iter()
+                .map(|(m, c)| format!("{m}:{c}"))
+                .collect();
+            s += &format!(
+                "\ntcg-stats: vcpu={} interpreter_after={}",
+                self.index,
+                stops.join(",")
+            );
+        }
+        s
     }
 
     fn take_kick(&self) -> bool {
@@ -179,6 +243,9 @@ impl Vcpu for TcgVcpu {
 
 impl Drop for TcgVcpu {
     fn drop(&mut self) {
+        if self.opts.stats && self.booted {
+            eprintln!("{}", self.stats_line());
+        }
         // Harmless if this thread never armed (it then targets nothing of ours).
         kick::disarm_thread();
     }

@@ -18,8 +18,27 @@ struct Entry {
     global: bool,
 }
 
-const VALID: u64 = 1;
-const USER: u64 = 2;
+/// Tag bit: the entry is valid.
+pub(crate) const VALID: u64 = 1;
+/// Tag bit: the entry was filled for a user-mode (CPL 3) access.
+pub(crate) const USER: u64 = 2;
+
+/// Byte layout of the TLB, for the inline lookup of translated code.
+#[cfg_attr(not(feature = "jit"), allow(dead_code))]
+pub(crate) mod layout {
+    use super::{Entry, Tlb, TLB_SIZE};
+    use std::mem::{offset_of, size_of};
+    /// Size of one entry.
+    pub const ENTRY: usize = size_of::<Entry>();
+    /// Offset of the entry array of access kind 0 in [`Tlb`].
+    pub const BASE: usize = offset_of!(Tlb, e);
+    /// Distance between the arrays of two access kinds.
+    pub const KIND: usize = ENTRY * TLB_SIZE;
+    /// Offset of the tag in an entry.
+    pub const TAG: usize = offset_of!(Entry, tag);
+    /// Offset of the host page address in an entry.
+    pub const HOST: usize = offset_of!(Entry, host);
+}
 
 /// A hit: where the page lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -340,7 +340,40 @@ impl Harness {
             fs_base,
         };
         h.build_tables();
+        // RQEMU_TCG_JIT=1 runs the whole suite with the JIT translating every block on its
+        // first run (the host CPU is the reference for the JIT too).
+        #[cfg(feature = "jit")]
+        if std::env::var("RQEMU_TCG_JIT").is_ok_and(|v| v == "1") {
+            h.set_jit(true);
+        }
         h
+    }
+
+    /// Runs the TCG with the JIT (threshold 0: every block is translated on its first run)
+    /// or with the interpreter only.
+    #[cfg(feature = "jit")]
+    pub fn set_jit(&mut self, on: bool) {
+        if on {
+            let cfg = rqemu_tcg::JitConfig {
+                threshold: 0,
+                ..Default::default()
+            };
+            self.cpu.enable_jit(cfg).expect("JIT for this host");
+        } else {
+            self.cpu.disable_jit();
+        }
+    }
+
+    /// Runs the TCG with a JIT configured as `cfg`.
+    #[cfg(feature = "jit")]
+    pub fn set_jit_config(&mut self, cfg: rqemu_tcg::JitConfig) {
+        self.cpu.enable_jit(cfg).expect("JIT for this host");
+    }
+
+    /// The CPU (for JIT statistics).
+    #[cfg(feature = "jit")]
+    pub fn cpu(&self) -> &Cpu {
+        &self.cpu
     }
 
     fn put64(&mut self, at: u64, v: u64) {

@@ -12,6 +12,8 @@ mod fma;
 mod gather;
 mod harness;
 mod host_quirks;
+#[cfg(feature = "jit")]
+mod jit;
 mod mmx;
 #[path = "../common/seed.rs"]
 mod seed;

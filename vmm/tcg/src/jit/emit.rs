@@ -1,0 +1,605 @@
+//! The code emitter: guest registers cached in Cranelift variables, the lazy-flag record
+//! tracked at translation time, soft-MMU accesses (inline TLB lookup, helper on a miss) and
+//! block exits that commit the state.
+//!
+//! A block is straight-line code, so which registers are loaded is known statically: a
+//! register is loaded from the state on first use and kept in a variable; writes go to the
+//! variable and straight through to the state, so only the lazy-flag record (and RIP) has to
+//! be committed at exits and before helper calls.
+
+use super::{helpers, JitCtx, STATUS_END, STATUS_FAULT};
+use crate::flags::{layout as fl, FlagOp};
+use crate::mmu::tlb::{layout as tl, TLB_SIZE};
+use crate::mmu::walk::Access;
+use crate::state::ArchState;
+use cranelift_codegen::ir::condcodes::{CondCode, IntCC};
+use cranelift_codegen::ir::types::{I16, I32, I64, I8};
+use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, SigRef, Signature, Type, Value};
+use cranelift_codegen::isa::CallConv;
+use cranelift_frontend::{FunctionBuilder, Variable};
+use std::mem::offset_of;
+
+const GPR: i32 = offset_of!(ArchState, gpr) as i32;
+const RIP: i32 = offset_of!(ArchState, rip) as i32;
+const FLAGS: i32 = offset_of!(ArchState, flags) as i32;
+const SEG: i32 = offset_of!(ArchState, seg) as i32;
+const SEG_SIZE: i32 = std::mem::size_of::<crate::state::Segment>() as i32;
+const SEG_BASE: i32 = offset_of!(crate::state::Segment, base) as i32;
+
+/// The lazy-flag record as known at translation time.
+#[derive(Clone, Copy)]
+pub(crate) enum Flags {
+    /// In the architectural state (nothing to write back).
+    Mem,
+    /// Set by a translated instruction; written back at exits and helper calls.
+    Lazy {
+        op: FlagOp,
+        size: u8,
+        res: Value,
+        a: Value,
+        b: Value,
+        carry: Value,
+    },
+}
+
+/// Helper signatures.
+struct Sigs {
+    read: SigRef,
+    write: SigRef,
+    cond: SigRef,
+    carry: SigRef,
+}
+
+/// Emits one block's code.
+pub(crate) struct Em<'a> {
+    pub b: FunctionBuilder<'a>,
+    jc: Value,
+    arch: Value,
+    tlb: Value,
+    delta: Value,
+    tag_bits: Value,
+    regs: [Variable; 16],
+    loaded: u16,
+    pub flags: Flags,
+    sigs: Sigs,
+    ptr: Type,
+    /// Index in the block of the instruction being translated.
+    pub idx: usize,
+    /// Its decoded address.
+    pub ip: u64,
+    /// The decoded address of the next instruction.
+    pub next_ip: u64,
+    /// A helper of the current instruction may have asked to end the block.
+    pub may_end: bool,
+}
+
+fn mem() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// Cranelift integer type of `size` bytes.
+pub(crate) fn ty(size: u8) -> Type {
+    match size {
+        1 => I8,
+        2 => I16,
+        4 => I32,
+        _ => I64,
+    }
+}
+
+/// Mask of `size` bytes.
+pub(crate) fn mask(size: u8) -> i64 {
+    crate::flags::size_mask(size) as i64
+}
+
+impl<'a> Em<'a> {
+    /// Sets up the entry block: loads the context pointers.
+    pub fn new(mut b: FunctionBuilder<'a>, ptr: Type, cc: CallConv) -> Self {
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let jc = b.block_params(entry)[0];
+        let ld = |b: &mut FunctionBuilder<'a>, off: usize| {
+            b.ins().load(I64, MemFlagsData::trusted(), jc, off as i32)
+        };
+        let arch = ld(&mut b, offset_of!(JitCtx, arch));
+        let tlb = ld(&mut b, offset_of!(JitCtx, tlb));
+        let delta = ld(&mut b, offset_of!(JitCtx, delta));
+        let tag_bits = ld(&mut b, offset_of!(JitCtx, tag_bits));
+        let regs = std::array::from_fn(|_| b.declare_var(I64));
+        let mut sig = |params: &[Type], ret: Option<Type>| {
+            let mut s = Signature::new(cc);
+            s.params.extend(params.iter().map(|t| AbiParam::new(*t)));
+            s.returns.extend(ret.map(AbiParam::new));
+            b.import_signature(s)
+        };
+        let sigs = Sigs {
+            read: sig(&[ptr, I64, I64], Some(I64)),
+            write: sig(&[ptr, I64, I64, I64], None),
+            cond: sig(&[ptr, I64], Some(I64)),
+            carry: sig(&[ptr], Some(I64)),
+        };
+        Em {
+            b,
+            jc,
+            arch,
+            tlb,
+            delta,
+            tag_bits,
+            regs,
+            loaded: 0,
+            flags: Flags::Mem,
+            sigs,
+            ptr,
+            idx: 0,
+            ip: 0,
+            next_ip: 0,
+            may_end: false,
+        }
+    }
+
+    /// 64-bit constant.
+    pub fn c(&mut self, v: i64) -> Value {
+        self.b.ins().iconst(I64, v)
+    }
+
+    /// Full 64-bit GPR `n` (hardware numbering).
+    pub fn gpr(&mut self, n: usize) -> Value {
+        if self.loaded & (1 << n) == 0 {
+            let v = self.b.ins().load(I64, mem(), self.arch, GPR + 8 * n as i32);
+            self.b.def_var(self.regs[n], v);
+            self.loaded |= 1 << n;
+        }
+        self.b.use_var(self.regs[n])
+    }
+
+    /// Sets full 64-bit GPR `n`. Registers are written through to the state at once (the
+    /// variable keeps the value for later reads): slow paths and exits then only have the
+    /// flag record and RIP to commit, which keeps the code (and Cranelift's work) small.
+    pub fn set_gpr(&mut self, n: usize, v: Value) {
+        self.b.def_var(self.regs[n], v);
+        self.loaded |= 1 << n;
+        self.b.ins().store(mem(), v, self.arch, GPR + 8 * n as i32);
+    }
+
+    /// Stores the flag record (the translation state is unchanged: used on side paths and at
+    /// exits; registers are already written through).
+    pub fn commit(&mut self) {
+        if let Flags::Lazy {
+            op,
+            size,
+            res,
+            a,
+            b,
+            carry,
+        } = self.flags
+        {
+            let f = self.arch;
+            let ins = &mut self.b;
+            let opv = ins.ins().iconst(I8, op as u8 as i64);
+            ins.ins().store(mem(), opv, f, FLAGS + fl::OP as i32);
+            let sv = ins.ins().iconst(I8, i64::from(size));
+            ins.ins().store(mem(), sv, f, FLAGS + fl::SIZE as i32);
+            ins.ins().store(mem(), res, f, FLAGS + fl::RES as i32);
+            ins.ins().store(mem(), a, f, FLAGS + fl::A as i32);
+            ins.ins().store(mem(), b, f, FLAGS + fl::B as i32);
+            ins.ins().store(mem(), carry, f, FLAGS + fl::EAGER as i32);
+        }
+    }
+
+    /// Runtime RIP of decoded address `ip`.
+    pub fn rip_of(&mut self, ip: u64) -> Value {
+        let c = self.c(ip as i64);
+        self.b.ins().iadd(c, self.delta)
+    }
+
+    /// Ends the function: commits the state, sets RIP, returns `count`. Leaves the builder
+    /// in a fresh (unreachable-so-far) block.
+    pub fn exit(&mut self, count: usize, rip: Value) {
+        self.commit();
+        self.b.ins().store(mem(), rip, self.arch, RIP);
+        let n = self.b.ins().iconst(I32, count as i64);
+        self.b.ins().return_(&[n]);
+        let next = self.b.create_block();
+        self.b.switch_to_block(next);
+    }
+
+    /// Exit before the current instruction (it is left to the interpreter).
+    pub fn exit_here(&mut self) {
+        let rip = self.rip_of(self.ip);
+        self.exit(self.idx, rip);
+    }
+
+    /// After an instruction that called helpers: leave if one asked to end the block.
+    pub fn end_check(&mut self) {
+        if !std::mem::take(&mut self.may_end) {
+            return;
+        }
+        let st = self.b.ins().load(
+            I64,
+            MemFlagsData::trusted(),
+            self.jc,
+            offset_of!(JitCtx, status) as i32,
+        );
+        let end = self.b.ins().icmp_imm_s(IntCC::Equal, st, STATUS_END as i64);
+        let (out, cont) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(end, out, &[], cont, &[]);
+        self.b.switch_to_block(out);
+        let rip = self.rip_of(self.next_ip);
+        self.exit(self.idx + 1, rip);
+        self.b.switch_to_block(cont);
+    }
+
+    /// Segment base for `seg` (FS/GS only in 64-bit mode).
+    pub fn seg_base(&mut self, seg: iced_x86::Register) -> Option<Value> {
+        let i = match seg {
+            iced_x86::Register::FS => 4,
+            iced_x86::Register::GS => 5,
+            _ => return None,
+        };
+        Some(
+            self.b
+                .ins()
+                .load(I64, mem(), self.arch, SEG + i * SEG_SIZE + SEG_BASE),
+        )
+    }
+
+    /// Calls a helper after committing the state and RIP; on a fault returns `idx` from the
+    /// function. Returns the helper's result (if any).
+    fn slow_call(&mut self, sig: SigRef, f: usize, args: &[Value]) -> Option<Value> {
+        self.commit();
+        let rip = self.rip_of(self.ip);
+        self.b.ins().store(mem(), rip, self.arch, RIP);
+        let fp = self.b.ins().iconst(self.ptr, f as i64);
+        let call = self.b.ins().call_indirect(sig, fp, args);
+        let ret = self.b.inst_results(call).first().copied();
+        let st = self.b.ins().load(
+            I64,
+            MemFlagsData::trusted(),
+            self.jc,
+            offset_of!(JitCtx, status) as i32,
+        );
+        let fault = self
+            .b
+            .ins()
+            .icmp_imm_s(IntCC::Equal, st, STATUS_FAULT as i64);
+        let (out, cont) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(fault, out, &[], cont, &[]);
+        self.b.switch_to_block(out);
+        let n = self.b.ins().iconst(I32, self.idx as i64);
+        self.b.ins().return_(&[n]);
+        self.b.switch_to_block(cont);
+        self.may_end = true;
+        ret
+    }
+
+    /// Inline TLB lookup of `va` for `acc`: branches to `fast` with the host address in
+    /// variable `hv`, or to `slow`.
+    fn tlb_lookup(
+        &mut self,
+        va: Value,
+        size: u8,
+        acc: Access,
+    ) -> (Value, cranelift_codegen::ir::Block) {
+        let b = &mut self.b;
+        let slot = b.ins().ushr_imm_s(va, 12);
+        let slot = b.ins().band_imm_s(slot, (TLB_SIZE - 1) as i64);
+        let off = if tl::ENTRY.is_power_of_two() {
+            b.ins()
+                .ishl_imm_s(slot, i64::from(tl::ENTRY.trailing_zeros()))
+        } else {
+            b.ins().imul_imm_s(slot, tl::ENTRY as i64)
+        };
+        let e = b.ins().iadd(self.tlb, off);
+        let base = (tl::BASE + acc as usize * tl::KIND) as i32;
+        let tag = b.ins().load(I64, mem(), e, base + tl::TAG as i32);
+        let host = b.ins().load(I64, mem(), e, base + tl::HOST as i32);
+        let page = b.ins().band_imm_s(va, !0xFFF);
+        let want = b.ins().bor(page, self.tag_bits);
+        let t_ok = b.ins().icmp(IntCC::Equal, tag, want);
+        let pofs = b.ins().band_imm_s(va, 0xFFF);
+        let in_page = b.ins().icmp_imm_s(
+            IntCC::UnsignedLessThanOrEqual,
+            pofs,
+            0x1000 - i64::from(size),
+        );
+        let ram = b.ins().icmp_imm_s(IntCC::NotEqual, host, 0);
+        let ok = b.ins().band(t_ok, in_page);
+        let ok = b.ins().band(ok, ram);
+        let addr = b.ins().iadd(host, pofs);
+        let (fast, slow) = (b.create_block(), b.create_block());
+        b.ins().brif(ok, fast, &[], slow, &[]);
+        b.switch_to_block(fast);
+        (addr, slow)
+    }
+
+    /// Loads `size` bytes at linear `va` (zero-extended to 64 bits). `rmw`: the access is the
+    /// read of a read-modify-write (write permission checked).
+    pub fn load(&mut self, va: Value, size: u8, rmw: bool) -> Value {
+        let acc = if rmw { Access::Write } else { Access::Read };
+        let (addr, slow) = self.tlb_lookup(va, size, acc);
+        let v = self.b.declare_var(I64);
+        let ld = match size {
+            1 => self.b.ins().uload8(I64, mem(), addr, 0),
+            2 => self.b.ins().uload16(I64, mem(), addr, 0),
+            4 => self.b.ins().uload32(mem(), addr, 0),
+            _ => self.b.ins().load(I64, mem(), addr, 0),
+        };
+        self.b.def_var(v, ld);
+        let join = self.b.create_block();
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(slow);
+        let sz = self.c(i64::from(size));
+        let f = if rmw {
+            helpers::read_rmw as *const () as usize
+        } else {
+            helpers::read as *const () as usize
+        };
+        let r = self
+            .slow_call(self.sigs.read, f, &[self.jc, va, sz])
+            .unwrap_or(sz);
+        self.b.def_var(v, r);
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(join);
+        self.b.use_var(v)
+    }
+
+    /// Stores the low `size` bytes of `val` at linear `va`.
+    pub fn store(&mut self, va: Value, size: u8, val: Value) {
+        let (addr, slow) = self.tlb_lookup(va, size, Access::Write);
+        match size {
+            1 => self.b.ins().istore8(mem(), val, addr, 0),
+            2 => self.b.ins().istore16(mem(), val, addr, 0),
+            4 => self.b.ins().istore32(mem(), val, addr, 0),
+            _ => self.b.ins().store(mem(), val, addr, 0),
+        };
+        let join = self.b.create_block();
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(slow);
+        let sz = self.c(i64::from(size));
+        self.slow_call(
+            self.sigs.write,
+            helpers::write as *const () as usize,
+            &[self.jc, va, sz, val],
+        );
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(join);
+    }
+
+    /// Records a lazy-flag operation (values already masked to `size`).
+    pub fn set_flags(
+        &mut self,
+        op: FlagOp,
+        size: u8,
+        res: Value,
+        a: Value,
+        b: Value,
+        carry: Value,
+    ) {
+        self.flags = Flags::Lazy {
+            op,
+            size,
+            res,
+            a,
+            b,
+            carry,
+        };
+    }
+
+    /// Narrows `v` to `size` bytes (for signed comparisons).
+    fn narrow(&mut self, v: Value, size: u8) -> Value {
+        if size >= 8 {
+            v
+        } else {
+            self.b.ins().ireduce(ty(size), v)
+        }
+    }
+
+    /// Calls a flag helper on the committed record.
+    fn flag_helper(&mut self, sig: SigRef, f: usize, args: &[Value]) -> Value {
+        self.commit();
+        let fp = self.b.ins().iconst(self.ptr, f as i64);
+        let call = self.b.ins().call_indirect(sig, fp, args);
+        self.b.inst_results(call)[0]
+    }
+
+    /// The carry flag as 0/1 (I64).
+    pub fn carry(&mut self) -> Value {
+        let cf = match self.flags {
+            Flags::Lazy {
+                op: FlagOp::Sub,
+                a,
+                b,
+                ..
+            } => self.b.ins().icmp(IntCC::UnsignedLessThan, a, b),
+            Flags::Lazy {
+                op: FlagOp::Add,
+                a,
+                res,
+                ..
+            } => self.b.ins().icmp(IntCC::UnsignedLessThan, res, a),
+            Flags::Lazy {
+                op: FlagOp::Logic, ..
+            } => return self.c(0),
+            Flags::Lazy {
+                op: FlagOp::Inc | FlagOp::Dec | FlagOp::Eager,
+                carry,
+                ..
+            } => return self.b.ins().band_imm_s(carry, 1),
+            _ => {
+                let arch = self.arch;
+                return self.flag_helper(
+                    self.sigs.carry,
+                    helpers::carry as *const () as usize,
+                    &[arch],
+                );
+            }
+        };
+        self.b.ins().uextend(I64, cf)
+    }
+
+    /// Condition `cc` (0..=15) as an I8 boolean.
+    pub fn cond(&mut self, cc: u8) -> Value {
+        let (op, size, res, a, bv, carry) = match self.flags {
+            Flags::Lazy {
+                op,
+                size,
+                res,
+                a,
+                b,
+                carry,
+            } if !matches!(op, FlagOp::Adc | FlagOp::Sbb) => (op, size, res, a, b, carry),
+            _ => {
+                let arch = self.arch;
+                let k = self.c(i64::from(cc));
+                let r = self.flag_helper(
+                    self.sigs.cond,
+                    helpers::cond as *const () as usize,
+                    &[arch, k],
+                );
+                return self.b.ins().icmp_imm_s(IntCC::NotEqual, r, 0);
+            }
+        };
+        let neg = cc & 1 != 0;
+        let r = if op == FlagOp::Sub && matches!(cc >> 1, 1 | 2 | 3 | 6 | 7) {
+            let (na, nb) = (self.narrow(a, size), self.narrow(bv, size));
+            let c = match cc >> 1 {
+                1 => IntCC::UnsignedLessThan,
+                2 => IntCC::Equal,
+                3 => IntCC::UnsignedLessThanOrEqual,
+                6 => IntCC::SignedLessThan,
+                _ => IntCC::SignedLessThanOrEqual,
+            };
+            let c = if neg { c.complement() } else { c };
+            return self.b.ins().icmp(c, na, nb);
+        } else {
+            self.generic_cond(op, size, res, a, bv, carry, cc >> 1)
+        };
+        if neg {
+            self.b.ins().bxor_imm_s(r, 1)
+        } else {
+            r
+        }
+    }
+
+    /// Condition `c` (0..=7, before negation) from the full flag computation.
+    #[allow(clippy::too_many_arguments)]
+    fn generic_cond(
+        &mut self,
+        op: FlagOp,
+        size: u8,
+        res: Value,
+        a: Value,
+        bv: Value,
+        carry: Value,
+        c: u8,
+    ) -> Value {
+        if op == FlagOp::Eager {
+            return self.eager_cond(carry, c);
+        }
+        let sb = crate::flags::sign_bit(size) as i64;
+        let zf = |e: &mut Self| e.b.ins().icmp_imm_s(IntCC::Equal, res, 0);
+        let sf = |e: &mut Self| {
+            let n = e.narrow(res, size);
+            e.b.ins().icmp_imm_s(IntCC::SignedLessThan, n, 0)
+        };
+        let cf = |e: &mut Self| match op {
+            FlagOp::Add => e.b.ins().icmp(IntCC::UnsignedLessThan, res, a),
+            FlagOp::Sub => e.b.ins().icmp(IntCC::UnsignedLessThan, a, bv),
+            FlagOp::Inc | FlagOp::Dec => {
+                let c1 = e.b.ins().band_imm_s(carry, 1);
+                e.b.ins().icmp_imm_s(IntCC::NotEqual, c1, 0)
+            }
+            _ => e.b.ins().iconst(I8, 0),
+        };
+        let of = |e: &mut Self| match op {
+            FlagOp::Add | FlagOp::Sub => {
+                let x = if op == FlagOp::Add {
+                    let x1 = e.b.ins().bxor(a, res);
+                    let x2 = e.b.ins().bxor(bv, res);
+                    e.b.ins().band(x1, x2)
+                } else {
+                    let x1 = e.b.ins().bxor(a, bv);
+                    let x2 = e.b.ins().bxor(a, res);
+                    e.b.ins().band(x1, x2)
+                };
+                let x = e.b.ins().band_imm_s(x, sb);
+                e.b.ins().icmp_imm_s(IntCC::NotEqual, x, 0)
+            }
+            FlagOp::Inc => e.b.ins().icmp_imm_s(IntCC::Equal, res, sb),
+            FlagOp::Dec => e.b.ins().icmp_imm_s(IntCC::Equal, res, sb - 1),
+            _ => e.b.ins().iconst(I8, 0),
+        };
+        match c {
+            0 => of(self),
+            1 => cf(self),
+            2 => zf(self),
+            3 => {
+                let (x, y) = (cf(self), zf(self));
+                self.b.ins().bor(x, y)
+            }
+            4 => sf(self),
+            5 => {
+                let lo = self.b.ins().band_imm_s(res, 0xFF);
+                let p = self.b.ins().popcnt(lo);
+                let p = self.b.ins().band_imm_s(p, 1);
+                self.b.ins().icmp_imm_s(IntCC::Equal, p, 0)
+            }
+            6 => {
+                let (x, y) = (sf(self), of(self));
+                self.b.ins().bxor(x, y)
+            }
+            _ => {
+                let (x, y, z) = (sf(self), of(self), zf(self));
+                let l = self.b.ins().bxor(x, y);
+                self.b.ins().bor(l, z)
+            }
+        }
+    }
+
+    /// Condition `c` (0..=7, before negation) from eager flag bits.
+    fn eager_cond(&mut self, eager: Value, c: u8) -> Value {
+        use crate::flags::{CF, OF, PF, SF, ZF};
+        let bit = |e: &mut Self, f: u64| {
+            let x = e.b.ins().band_imm_s(eager, f as i64);
+            e.b.ins().icmp_imm_s(IntCC::NotEqual, x, 0)
+        };
+        match c {
+            0 => bit(self, OF),
+            1 => bit(self, CF),
+            2 => bit(self, ZF),
+            3 => bit(self, CF | ZF),
+            4 => bit(self, SF),
+            5 => bit(self, PF),
+            _ => {
+                let (s, o) = (bit(self, SF), bit(self, OF));
+                let l = self.b.ins().bxor(s, o);
+                if c == 6 {
+                    l
+                } else {
+                    let z = bit(self, ZF);
+                    self.b.ins().bor(l, z)
+                }
+            }
+        }
+    }
+
+    /// Eager SF/ZF/PF bits of `res` (`size` bytes, masked).
+    pub fn szp(&mut self, res: Value, size: u8) -> Value {
+        use crate::flags::{PF, SF, ZF};
+        let b = &mut self.b;
+        let z = b.ins().icmp_imm_s(IntCC::Equal, res, 0);
+        let z = b.ins().uextend(I64, z);
+        let z = b.ins().imul_imm_s(z, ZF as i64);
+        let s = b.ins().ushr_imm_s(res, i64::from(8 * u32::from(size) - 1));
+        let s = b.ins().band_imm_s(s, 1);
+        let s = b.ins().imul_imm_s(s, SF as i64);
+        let lo = b.ins().band_imm_s(res, 0xFF);
+        let p = b.ins().popcnt(lo);
+        let p = b.ins().band_imm_s(p, 1);
+        let p = b.ins().bxor_imm_s(p, 1);
+        let p = b.ins().imul_imm_s(p, PF as i64);
+        let zs = b.ins().bor(z, s);
+        b.ins().bor(zs, p)
+    }
+}

@@ -1,0 +1,88 @@
+//! Slow paths called from translated code: soft-MMU accesses that missed the inline TLB
+//! lookup, and flag evaluation when the lazy-flag record is not known at translation time.
+//!
+//! Every helper is `extern "C"` and never unwinds: on a fault it sets
+//! [`JitCtx::status`] to [`STATUS_FAULT`] and returns, leaving the fault for the interpreter
+//! to raise again when it re-executes the instruction.
+
+use super::{JitCtx, STATUS_END, STATUS_FAULT};
+use crate::ctx::{Ctx, Event, R};
+use crate::state::ArchState;
+
+/// The interpreter context of a run of translated code.
+///
+/// # Safety
+/// `jc` must be the live `JitCtx` built by `Cpu::exec_fetch` for the current call, whose
+/// `cx` points to the `Ctx` of that call (valid and not otherwise borrowed while host code
+/// runs).
+unsafe fn ctx<'a>(jc: *mut JitCtx) -> &'a mut Ctx<'a> {
+    // SAFETY: per the function contract.
+    unsafe { &mut *((*jc).cx as *mut Ctx<'a>) }
+}
+
+/// Records the outcome of an access in `jc.status`; returns the value (0 on a fault).
+fn outcome(jc: *mut JitCtx, end: bool, r: R<u64>) -> u64 {
+    let (status, v) = match r {
+        Ok(v) => (if end { STATUS_END } else { 0 }, v),
+        Err(Event::Fault { .. }) | Err(Event::Exit(_)) => (STATUS_FAULT, 0),
+    };
+    // SAFETY: `jc` is live for the call (helper contract).
+    unsafe { (*jc).status = status };
+    v
+}
+
+/// Reads `size` bytes at `va`.
+///
+/// # Safety
+/// Called only by translated code with its live `JitCtx`.
+pub(crate) unsafe extern "C" fn read(jc: *mut JitCtx, va: u64, size: u64) -> u64 {
+    // SAFETY: per the helper contract.
+    let cx = unsafe { ctx(jc) };
+    let r = cx.read(va, size as u8);
+    let end = cx.end_block;
+    outcome(jc, end, r)
+}
+
+/// Checks that `size` bytes at `va` are writable, then reads them (read-modify-write).
+///
+/// # Safety
+/// Called only by translated code with its live `JitCtx`.
+pub(crate) unsafe extern "C" fn read_rmw(jc: *mut JitCtx, va: u64, size: u64) -> u64 {
+    // SAFETY: per the helper contract.
+    let cx = unsafe { ctx(jc) };
+    let r = cx
+        .check_write(va, size as usize)
+        .and_then(|()| cx.read(va, size as u8));
+    let end = cx.end_block;
+    outcome(jc, end, r)
+}
+
+/// Writes `size` bytes of `v` at `va`.
+///
+/// # Safety
+/// Called only by translated code with its live `JitCtx`.
+pub(crate) unsafe extern "C" fn write(jc: *mut JitCtx, va: u64, size: u64, v: u64) {
+    // SAFETY: per the helper contract.
+    let cx = unsafe { ctx(jc) };
+    let r = cx.write(va, size as u8, v).map(|()| 0);
+    let end = cx.end_block;
+    outcome(jc, end, r);
+}
+
+/// Condition `cc` (0..=15) of the flags in the architectural state.
+///
+/// # Safety
+/// `arch` must point to the live architectural state.
+pub(crate) unsafe extern "C" fn cond(arch: *const ArchState, cc: u64) -> u64 {
+    // SAFETY: per the function contract.
+    u64::from(unsafe { (*arch).flags.cond(cc as u8) })
+}
+
+/// The carry flag of the flags in the architectural state.
+///
+/// # Safety
+/// `arch` must point to the live architectural state.
+pub(crate) unsafe extern "C" fn carry(arch: *const ArchState) -> u64 {
+    // SAFETY: per the function contract.
+    u64::from(unsafe { (*arch).flags.cf() })
+}

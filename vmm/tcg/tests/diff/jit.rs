@@ -1,0 +1,422 @@
+//! The JIT against the interpreter (and the host CPU) on random sequences of the instruction
+//! classes the translator handles: MOV/LEA/MOVZX/MOVSX, ALU reg-reg/reg-imm/reg-mem/mem-reg/
+//! mem-imm, INC/DEC/NOT/NEG, PUSH/POP, CALL/Jcc, SETcc/CMOVcc, with occasional accesses to
+//! MMIO (slow path) and to an unmapped page (precise #PF in the middle of a block), and
+//! self-modifying code. Every block is translated on its first run (threshold 0).
+
+use super::harness::{check, random_state, Case, Harness, Rng, State, TcgOutcome, DATA, UNMAPPED};
+use super::seed;
+use rqemu_tcg::flags::{AF, ARITH};
+
+/// Destination registers: never RSP (stack), RBX (memory base) or R15 (unmapped address).
+const DEST: [u8; 13] = [0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
+
+fn dest(r: &mut Rng) -> u8 {
+    DEST[r.below(DEST.len() as u64) as usize]
+}
+
+/// Operand size prefix/REX for size `sz` (1, 2, 4, 8) with ModRM reg `reg` and rm `rm`.
+fn prefix(sz: u8, reg: u8, rm: u8, v: &mut Vec<u8>) {
+    if sz == 2 {
+        v.push(0x66);
+    }
+    let rex = 0x40 | if sz == 8 { 8 } else { 0 } | ((reg >> 3) << 2) | (rm >> 3);
+    // 8-bit: always REX so that registers 4-7 are SPL..DIL (never AH..BH here except below).
+    if rex != 0x40 || sz == 1 {
+        v.push(rex);
+    }
+}
+
+/// `op modrm(reg, rm)`; `mem`: rm is `[rbx+disp8]`.
+fn modrm(v: &mut Vec<u8>, reg: u8, rm: u8, mem: Option<u8>) {
+    match mem {
+        Some(d) => {
+            v.push(0x40 | ((reg & 7) << 3) | 3);
+            v.push(d);
+        }
+        None => v.push(0xC0 | ((reg & 7) << 3) | (rm & 7)),
+    }
+}
+
+fn size(r: &mut Rng) -> u8 {
+    [1, 2, 4, 8][r.below(4) as usize]
+}
+
+/// One random instruction. `mmio`: may also access MMIO (which the host cannot run) and use
+/// IMUL (whose SF/ZF/PF the host leaves undefined, and later instructions read).
+fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
+    let mut v = Vec::new();
+    let mem = (r.below(3) == 0).then(|| (r.below(120) as u8) & !7);
+    let (d, s) = (dest(r), dest(r));
+    match r.below(21) {
+        // ALU r/m, r and r, r/m (ADD OR AND SUB XOR CMP) and TEST r/m, r.
+        0 | 1 => {
+            let sz = size(r);
+            let op = [0u8, 1, 2, 3, 4, 5, 6, 7][r.below(8) as usize];
+            let dir = r.below(2) as u8 * 2;
+            let (reg, rm) = if mem.is_some() { (d, 3) } else { (s, d) };
+            prefix(sz, reg, rm, &mut v);
+            let base = if r.below(8) == 0 { 0x84 } else { op * 8 + dir };
+            v.push(base + u8::from(sz != 1));
+            modrm(&mut v, reg, rm, mem);
+        }
+        // ALU r/m, imm8/imm32.
+        2 => {
+            let sz = size(r);
+            let op = r.below(8) as u8;
+            let rm = if mem.is_some() { 3 } else { d };
+            prefix(sz, 0, rm, &mut v);
+            let short = sz != 1 && r.below(2) == 0;
+            v.push(if sz == 1 {
+                0x80
+            } else if short {
+                0x83
+            } else {
+                0x81
+            });
+            modrm(&mut v, op, rm, mem);
+            let imm = r.value();
+            match (sz, short) {
+                (1, _) | (_, true) => v.push(imm as u8),
+                (2, _) => v.extend((imm as u16).to_le_bytes()),
+                _ => v.extend((imm as u32).to_le_bytes()),
+            }
+        }
+        // MOV r/m, r; MOV r, r/m.
+        3 | 4 => {
+            let sz = size(r);
+            let (reg, rm) = if mem.is_some() { (d, 3) } else { (s, d) };
+            prefix(sz, reg, rm, &mut v);
+            v.push(if r.below(2) == 0 { 0x88 } else { 0x8A } + u8::from(sz != 1));
+            modrm(&mut v, reg, rm, mem);
+        }
+        // MOV r, imm32 / imm64.
+        5 => {
+            if r.below(2) == 0 {
+                v.extend([0x49 - u8::from(d < 8), 0xB8 + (d & 7)]);
+                v.extend(r.value().to_le_bytes());
+            } else {
+                prefix(4, 0, d, &mut v);
+                v.push(0xB8 + (d & 7));
+                v.extend((r.value() as u32).to_le_bytes());
+            }
+        }
+        // LEA r, [rbx + s*scale + disp8] (64- or 32-bit destination).
+        6 => {
+            let sz = if r.below(2) == 0 { 8 } else { 4 };
+            let idx = dest(r);
+            v.push(0x40 | if sz == 8 { 8 } else { 0 } | ((d >> 3) << 2) | ((idx >> 3) << 1));
+            v.push(0x8D);
+            v.push(0x44 | ((d & 7) << 3));
+            v.push(((r.below(4) as u8) << 6) | ((idx & 7) << 3) | 3);
+            v.push(r.value() as u8);
+        }
+        // MOVZX/MOVSX r, r/m8 or r/m16; MOVSXD r64, r/m32.
+        7 => {
+            let (reg, rm) = if mem.is_some() { (d, 3) } else { (d, s) };
+            let dsz = [2, 4, 8][r.below(3) as usize];
+            match r.below(5) {
+                4 => {
+                    prefix(8, reg, rm, &mut v);
+                    v.push(0x63);
+                }
+                k => {
+                    prefix(dsz, reg, rm, &mut v);
+                    if v.last().is_some_and(|b| b & 0xF0 != 0x40) {
+                        v.push(0x40);
+                    }
+                    v.extend([0x0F, [0xB6, 0xB7, 0xBE, 0xBF][k as usize]]);
+                }
+            }
+            modrm(&mut v, reg, rm, mem);
+        }
+        // INC/DEC/NOT/NEG r/m.
+        8 => {
+            let sz = size(r);
+            let rm = if mem.is_some() { 3 } else { d };
+            prefix(sz, 0, rm, &mut v);
+            let k = r.below(4) as u8;
+            if k < 2 {
+                v.push(0xFE + u8::from(sz != 1));
+                modrm(&mut v, k, rm, mem);
+            } else {
+                v.push(0xF6 + u8::from(sz != 1));
+                modrm(&mut v, k, rm, mem);
+            }
+        }
+        // PUSH r / PUSH imm8 / POP r.
+        9 => match r.below(3) {
+            0 => {
+                if s >= 8 {
+                    v.push(0x41);
+                }
+                v.push(0x50 + (s & 7));
+            }
+            1 => v.extend([0x6A, r.value() as u8]),
+            _ => {
+                if d >= 8 {
+                    v.push(0x41);
+                }
+                v.push(0x58 + (d & 7));
+            }
+        },
+        // SETcc r8/m8.
+        10 => {
+            let rm = if mem.is_some() { 3 } else { d };
+            prefix(1, 0, rm, &mut v);
+            v.extend([0x0F, 0x90 + r.below(16) as u8]);
+            modrm(&mut v, 0, rm, mem);
+        }
+        // CMOVcc r, r/m.
+        11 => {
+            let sz = [2, 4, 8][r.below(3) as usize];
+            let (reg, rm) = if mem.is_some() { (d, 3) } else { (d, s) };
+            prefix(sz, reg, rm, &mut v);
+            v.extend([0x0F, 0x40 + r.below(16) as u8]);
+            modrm(&mut v, reg, rm, mem);
+        }
+        // Jcc over a random instruction (taken or not).
+        12 => {
+            let next = insn_simple(r);
+            v.extend([0x70 + r.below(16) as u8, next.len() as u8]);
+            v.extend(next);
+        }
+        // CALL next; POP r (the return address).
+        13 => {
+            v.extend([0xE8, 0, 0, 0, 0]);
+            if d >= 8 {
+                v.push(0x41);
+            }
+            v.push(0x58 + (d & 7));
+        }
+        // An access to MMIO (no RAM behind the identity map there): MOV r, [rbx+0x100000].
+        14 if mmio && r.below(4) == 0 => {
+            prefix(8, d, 3, &mut v);
+            v.extend([0x8B, 0x83 | ((d & 7) << 3)]);
+            v.extend(0x10_0000u32.to_le_bytes());
+        }
+        // A load from the unmapped page through R15: a page fault in the middle of a block.
+        15 if r.below(8) == 0 => {
+            prefix(8, d, 15, &mut v);
+            v.extend([0x8B, 0x07 | ((d & 7) << 3)]);
+        }
+        // SHL/SHR/SAR r/m by 1 or by an immediate (masked counts of 0 and above the size too).
+        16 => {
+            let sz = size(r);
+            let rm = if mem.is_some() { 3 } else { d };
+            prefix(sz, 0, rm, &mut v);
+            let k = [4u8, 5, 7][r.below(3) as usize];
+            if r.below(4) == 0 {
+                v.push(0xD0 + u8::from(sz != 1));
+                modrm(&mut v, k, rm, mem);
+            } else {
+                v.push(0xC0 + u8::from(sz != 1));
+                modrm(&mut v, k, rm, mem);
+                v.push(r.below(70) as u8);
+            }
+        }
+        // CWDE/CDQE/CDQ/CQO, BSWAP r32/r64.
+        17 => match r.below(3) {
+            0 => v.extend([0x48, 0x98 + r.below(2) as u8]),
+            1 => v.push(0x98 + r.below(2) as u8),
+            _ => {
+                let w = if r.below(2) == 0 { 8 } else { 0 };
+                v.extend([0x40 | w | (d >> 3), 0x0F, 0xC8 + (d & 7)]);
+            }
+        },
+        // PREFETCHT0 [rbx+disp8] then a flag-setting ALU op.
+        18 => {
+            v.extend([0x0F, 0x18, 0x4B, r.value() as u8]);
+            v.extend(insn_simple(r));
+        }
+        // IMUL r, r/m; IMUL r, r/m, imm8/imm32.
+        19 if mmio => {
+            let sz = [2, 4, 8][r.below(3) as usize];
+            let (reg, rm) = if mem.is_some() { (d, 3) } else { (d, s) };
+            prefix(sz, reg, rm, &mut v);
+            match r.below(3) {
+                0 => v.extend([0x0F, 0xAF]),
+                1 => v.push(0x6B),
+                _ => v.push(0x69),
+            }
+            let op = v[v.len() - 1];
+            modrm(&mut v, reg, rm, mem);
+            match (op, sz) {
+                (0x6B, _) => v.push(r.value() as u8),
+                (0x69, 2) => v.extend((r.value() as u16).to_le_bytes()),
+                (0x69, _) => v.extend((r.value() as u32).to_le_bytes()),
+                _ => {}
+            }
+        }
+        // SHL/SHR/SAR r/m by CL (CL sometimes masked to 0).
+        20 => {
+            let sz = size(r);
+            let rm = if mem.is_some() { 3 } else { d };
+            if r.below(4) == 0 {
+                v.extend([0x80, 0xE1, 0xC0]); // and cl, 0xc0
+            }
+            prefix(sz, 0, rm, &mut v);
+            v.push(0xD2 + u8::from(sz != 1));
+            modrm(&mut v, [4u8, 5, 7][r.below(3) as usize], rm, mem);
+        }
+        _ => return insn_simple(r),
+    }
+    v
+}
+
+/// A short non-branching instruction (ALU reg-reg).
+fn insn_simple(r: &mut Rng) -> Vec<u8> {
+    let mut v = Vec::new();
+    let (d, s) = (dest(r), dest(r));
+    let sz = size(r);
+    prefix(sz, s, d, &mut v);
+    v.push([0u8, 8, 0x20, 0x28, 0x30, 0x38][r.below(6) as usize] + u8::from(sz != 1));
+    modrm(&mut v, s, d, None);
+    v
+}
+
+fn sequence(r: &mut Rng, mmio: bool) -> (Vec<u8>, State) {
+    let mut st = random_state(r);
+    st.gpr[3] = DATA + 0x100 + r.below(0x1000);
+    st.gpr[15] = UNMAPPED + r.below(0x1000);
+    let mut code = Vec::new();
+    for _ in 0..(1 + r.below(40)) {
+        code.extend(insn(r, mmio));
+    }
+    (code, st)
+}
+
+fn fill(h: &mut Harness, seed: u64) {
+    let mut r = Rng(seed | 1);
+    for b in h.data().chunks_mut(8) {
+        b.copy_from_slice(&r.next().to_le_bytes());
+    }
+}
+
+/// The JIT and the interpreter end in the same state (registers, flags, memory, exception).
+#[test]
+fn jit_matches_interpreter_on_random_sequences() {
+    let name = "jit_matches_interpreter_on_random_sequences";
+    let mut h = Harness::new();
+    let mut r = Rng(seed::for_test(name));
+    let mut failures = Vec::new();
+    let n = 3000;
+    let (mut native, mut total) = (0, 0);
+    for i in 0..n {
+        let (code, st) = sequence(&mut r, true);
+        fill(&mut h, i);
+        h.set_jit(false);
+        let interp = h.run_tcg(&code, &st);
+        let interp_data = h.data().to_vec();
+        fill(&mut h, i);
+        h.set_jit(true);
+        let before = h.cpu().icount;
+        let jit = h.run_tcg(&code, &st);
+        let same_data = interp_data[..] == h.data()[..];
+        let stats = h.cpu().jit_stats().expect("jit enabled");
+        native += stats.native_insns;
+        total += h.cpu().icount - before;
+        if matches!(interp, TcgOutcome::Other(_)) || interp != jit || !same_data {
+            failures.push(format!(
+                "code {code:02x?} state {:x?}:\n  interp {interp:x?}\n  jit    {jit:x?}\n  memory equal: {same_data}",
+                st.gpr
+            ));
+        }
+    }
+    eprintln!("{name}: {native} of {total} instructions ran in translated code");
+    assert!(native * 2 > total, "too little ran in translated code");
+    super::report(name, n as usize, &failures);
+}
+
+/// The JIT against the host CPU on the same sequences.
+#[test]
+fn jit_matches_host_on_random_sequences() {
+    let name = "jit_matches_host_on_random_sequences";
+    let mut h = Harness::new();
+    h.set_jit(true);
+    let mut r = Rng(seed::for_test(name));
+    let mut failures = Vec::new();
+    let n = 2000;
+    for i in 0..n {
+        let (code, st) = sequence(&mut r, false);
+        let c = Case {
+            code,
+            st,
+            flag_mask: ARITH & !AF,
+            xmm: false,
+            data_seed: i,
+            expect: super::harness::ANY,
+        };
+        if let Err(e) = check(&mut h, &c) {
+            failures.push(e);
+        }
+    }
+    super::report(name, n as usize, &failures);
+}
+
+/// A block that rewrites the immediate of its own next instruction: translated code must
+/// stop after the store and the new bytes must run.
+#[test]
+fn jit_self_modifying_code() {
+    let mut h = Harness::new();
+    h.set_jit(true);
+    // mov byte [rip+3], 0x42 ; mov eax, 0x11111111  (the store hits the imm's low byte)
+    let code = vec![
+        0xC6, 0x05, 0x01, 0, 0, 0, 0x42, 0xB8, 0x11, 0x11, 0x11, 0x11,
+    ];
+    let st = State::default();
+    for i in 0..3 {
+        let c = Case {
+            code: code.clone(),
+            st,
+            flag_mask: ARITH,
+            xmm: false,
+            data_seed: i,
+            expect: None,
+        };
+        let r = check(&mut h, &c);
+        assert!(r.is_ok(), "run {i}: {r:?}");
+    }
+    let stats = h.cpu().jit_stats().expect("jit enabled");
+    assert!(stats.translated > 0, "nothing translated: {stats:?}");
+}
+
+/// A code cache too small for more than one block: it is flushed whole again and again while
+/// translated code keeps matching the host.
+#[test]
+fn jit_flushes_a_full_code_cache() {
+    let name = "jit_flushes_a_full_code_cache";
+    let mut h = Harness::new();
+    h.set_jit_config(rqemu_tcg::JitConfig {
+        threshold: 0,
+        cache_bytes: 1,
+    });
+    let mut r = Rng(seed::for_test(name));
+    let mut failures = Vec::new();
+    let n = 300;
+    for i in 0..n {
+        let (code, st) = sequence(&mut r, false);
+        let c = Case {
+            code,
+            st,
+            flag_mask: ARITH & !AF,
+            xmm: false,
+            data_seed: i,
+            expect: super::harness::ANY,
+        };
+        if let Err(e) = check(&mut h, &c) {
+            failures.push(e);
+        }
+    }
+    let stats = h.cpu().jit_stats().expect("jit enabled");
+    eprintln!("{name}: {stats:?}");
+    assert!(
+        stats.flushes > 0,
+        "the code cache was never flushed: {stats:?}"
+    );
+    assert!(
+        stats.native_insns > 0,
+        "nothing ran in translated code: {stats:?}"
+    );
+    super::report(name, n as usize, &failures);
+}
