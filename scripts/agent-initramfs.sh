@@ -24,6 +24,8 @@ log() { printf 'agent-initramfs: %s\n' "$*"; }
 die() { printf 'agent-initramfs: ERROR: %s\n' "$*" >&2; exit 1; }
 need() { command -v "$1" >/dev/null 2>&1 || die "'$1' not found; run scripts/install-deps.sh"; }
 for t in cpio gzip readelf sha256sum find; do need "$t"; done
+# shellcheck source=lib/initramfs.sh
+. "$ROOT/scripts/lib/initramfs.sh"
 
 KVER_DIRS=("$OUT"/kernel-tree/lib/modules/*)
 KVER_DIR="${KVER_DIRS[0]}"
@@ -49,7 +51,7 @@ if readelf -l "$AGENT" | grep -q 'program interpreter'; then
 fi
 
 # ---------------------------------------------------------------- the archive
-STAMP_WANT="$(cat "$OUT/kernel-version") $(cat "$AGENT" "$0" | sha256sum | cut -c1-16)"
+STAMP_WANT="$(cat "$OUT/kernel-version") $(cat "$AGENT" "$0" "$ROOT/scripts/lib/initramfs.sh" | sha256sum | cut -c1-16)"
 STAMP="$OUT/agent-initramfs.stamp"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_WANT" ] && [ -s "$OUT/agent-initramfs.cpio.gz" ]; then
     log "cached"
@@ -63,36 +65,9 @@ mkdir -p "$STAGE"/{lib/modules,etc,proc,sys,dev,run,tmp}
 chmod 1777 "$STAGE/tmp"
 install -m 0755 "$AGENT" "$STAGE/init"
 
-BUILTIN="$KVER_DIR/modules.builtin"
-: >"$STAGE/etc/rqemu-modules"
-loaded=() builtin=()
-for m in "${AGENT_MODULES[@]}"; do
-    if [ -f "$BUILTIN" ] && grep -Eq "/${m}\.ko(\.[a-z]+)?$" "$BUILTIN"; then
-        builtin+=("$m")
-        continue
-    fi
-    f="$(find "$KVER_DIR/kernel" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" \
-        -o -name "$m.ko.gz" \) -print -quit)"
-    [ -n "$f" ] || die "module $m is neither built in nor present in the kernel package"
-    case "$f" in
-    *.ko.xz) xz -dc "$f" >"$STAGE/lib/modules/$m.ko" ;;
-    *.ko.zst) zstd -q -dc "$f" >"$STAGE/lib/modules/$m.ko" ;;
-    *.ko.gz) gzip -dc "$f" >"$STAGE/lib/modules/$m.ko" ;;
-    *) cp "$f" "$STAGE/lib/modules/$m.ko" ;;
-    esac
-    echo "$m" >>"$STAGE/etc/rqemu-modules"
-    loaded+=("$m")
-done
-log "modules: ${loaded[*]:-none}${builtin[*]:+ (built in: ${builtin[*]})}"
+stage_modules "$KVER_DIR" "$STAGE" "${AGENT_MODULES[@]}"
 
-# /dev/console gives /init its console at once (the agent reopens it otherwise).
-if [ "$(id -u)" -eq 0 ]; then
-    mknod -m 600 "$STAGE/dev/console" c 5 1
-    mknod -m 666 "$STAGE/dev/null" c 1 3
-fi
-(cd "$STAGE" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet) |
-    gzip -6 -n >"$OUT/agent-initramfs.cpio.gz.tmp"
-mv "$OUT/agent-initramfs.cpio.gz.tmp" "$OUT/agent-initramfs.cpio.gz"
+pack_initramfs "$STAGE" "$OUT/agent-initramfs.cpio.gz"
 rm -rf "$STAGE"
 echo "$STAMP_WANT" >"$STAMP"
 log "$OUT/agent-initramfs.cpio.gz ($(stat -c %s "$OUT/agent-initramfs.cpio.gz") bytes)"

@@ -40,6 +40,8 @@ HOST_PROGS=(/usr/bin/gzip /usr/bin/xz /usr/bin/bzip2 /usr/bin/zstd /usr/bin/sha2
 log() { printf 'guest-assets: %s\n' "$*"; }
 die() { printf 'guest-assets: ERROR: %s\n' "$*" >&2; exit 1; }
 need() { command -v "$1" >/dev/null 2>&1 || die "'$1' not found; run scripts/install-deps.sh"; }
+# shellcheck source=lib/initramfs.sh
+. "$ROOT/scripts/lib/initramfs.sh"
 for t in apt-get apt-cache dpkg-deb lz4 readelf cpio gzip od busybox ldd sha256sum; do need "$t"; done
 BUSYBOX="$(command -v busybox)"
 if command -v file >/dev/null 2>&1 && file -L "$BUSYBOX" | grep -q 'dynamically linked'; then
@@ -123,7 +125,7 @@ else
 fi
 
 # ---------------------------------------------------------------- initramfs
-ISTAMP_WANT="$VERSION $(cat "$0" "$INIT_SRC" | sha256sum | cut -c1-16)"
+ISTAMP_WANT="$VERSION $(cat "$0" "$ROOT/scripts/lib/initramfs.sh" "$INIT_SRC" | sha256sum | cut -c1-16)"
 ISTAMP="$OUT/initramfs.stamp"
 # The test guest's initramfs (kept as it was: busybox, /init = tests/guest/init.sh).
 build_initramfs() {
@@ -168,37 +170,10 @@ build_initramfs() {
     KVER_DIRS=("$OUT"/kernel-tree/lib/modules/*)
     KVER_DIR="${KVER_DIRS[0]}"
     [ -d "$KVER_DIR/kernel" ] || die "no modules in $OUT/kernel-tree (delete $OUT and rerun)"
-    BUILTIN="$KVER_DIR/modules.builtin"
-    : >"$STAGE/etc/rqemu-modules"
-    loaded=() builtin=()
-    for m in "${MODULES[@]}"; do
-        if [ -f "$BUILTIN" ] && grep -Eq "/${m}\.ko(\.[a-z]+)?$" "$BUILTIN"; then
-            builtin+=("$m")
-            continue
-        fi
-        f="$(find "$KVER_DIR/kernel" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" \
-            -o -name "$m.ko.gz" \) -print -quit)"
-        [ -n "$f" ] || die "module $m is neither built in nor present in the kernel package"
-        case "$f" in
-        *.ko.xz) xz -dc "$f" >"$STAGE/lib/modules/$m.ko" ;;
-        *.ko.zst) zstd -q -dc "$f" >"$STAGE/lib/modules/$m.ko" ;;
-        *.ko.gz) gzip -dc "$f" >"$STAGE/lib/modules/$m.ko" ;;
-        *) cp "$f" "$STAGE/lib/modules/$m.ko" ;;
-        esac
-        echo "$m" >>"$STAGE/etc/rqemu-modules"
-        loaded+=("$m")
-    done
-    log "modules: ${loaded[*]:-none}${builtin[*]:+ (built in: ${builtin[*]})}"
+    stage_modules "$KVER_DIR" "$STAGE" "${MODULES[@]}"
 
     install -m 0755 "$INIT_SRC" "$STAGE/init"
-    # /dev/console lets the kernel give /init a console; without root, init reopens it itself.
-    if [ "$(id -u)" -eq 0 ]; then
-        mknod -m 600 "$STAGE/dev/console" c 5 1
-        mknod -m 666 "$STAGE/dev/null" c 1 3
-    fi
-    (cd "$STAGE" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet) |
-        gzip -6 -n >"$OUT/initramfs.cpio.gz.tmp"
-    mv "$OUT/initramfs.cpio.gz.tmp" "$OUT/initramfs.cpio.gz"
+    pack_initramfs "$STAGE" "$OUT/initramfs.cpio.gz"
     rm -rf "$STAGE"
     echo "$ISTAMP_WANT" >"$ISTAMP"
     log "initramfs: $OUT/initramfs.cpio.gz ($(stat -c %s "$OUT/initramfs.cpio.gz") bytes)"
