@@ -86,13 +86,7 @@ fn load_regs(cx: &mut Ctx<'_>, img: &[u8], off: usize, ftw: u16) {
         r[..10].copy_from_slice(&img[off + 10 * i..off + 10 * (i + 1)]);
         cx.s.fpu.st[i] = r;
     }
-    let mut abridged = 0u8;
-    for p in 0..8 {
-        if (ftw >> (2 * p)) & 3 != 3 {
-            abridged |= 1 << p;
-        }
-    }
-    cx.s.fpu.ftw = abridged;
+    cx.s.fpu.ftw = abridged(ftw);
 }
 
 /// Writes the environment (14 or 28 bytes) into `buf`.
@@ -143,16 +137,12 @@ fn load_env(cx: &mut Ctx<'_>, buf: &[u8], wide: bool) -> u16 {
     ftw
 }
 
-/// Re-tags registers after FLDENV: an "empty" tag empties the register, any other tag is
-/// recomputed from the contents (as the hardware does).
-fn apply_tags(cx: &mut Ctx<'_>, ftw: u16) {
-    let mut abridged = 0u8;
-    for p in 0..8 {
-        if (ftw >> (2 * p)) & 3 != 3 {
-            abridged |= 1 << p;
-        }
-    }
-    cx.s.fpu.ftw = abridged;
+/// The abridged tag byte of a full tag word: a register is valid unless tagged empty (3); the
+/// other tags are recomputed from the contents when needed (as the hardware does).
+fn abridged(ftw: u16) -> u8 {
+    (0..8)
+        .filter(|p| (ftw >> (2 * p)) & 3 != 3)
+        .fold(0u8, |a, p| a | (1 << p))
 }
 
 pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
@@ -222,7 +212,7 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             if m == M::Frstor {
                 load_regs(cx, &buf, env_len, ftw);
             } else {
-                apply_tags(cx, ftw);
+                cx.s.fpu.ftw = abridged(ftw);
             }
         }
     }

@@ -192,12 +192,14 @@ fn decode(cx: &Ctx<'_>, ins: &Instruction) -> Op {
             };
             Op::Sti(o, i)
         }
-        M::Fcmovb | M::Fcmove | M::Fcmovbe | M::Fcmovu => {
-            Op::Fcmov(cx.s.flags.cond(fcmov_cc(m)), sti(1))
-        }
-        M::Fcmovnb | M::Fcmovne | M::Fcmovnbe | M::Fcmovnu => {
-            Op::Fcmov(cx.s.flags.cond(fcmov_cc(m)), sti(1))
-        }
+        M::Fcmovb
+        | M::Fcmove
+        | M::Fcmovbe
+        | M::Fcmovu
+        | M::Fcmovnb
+        | M::Fcmovne
+        | M::Fcmovnbe
+        | M::Fcmovnu => Op::Fcmov(cx.s.flags.cond(fcmov_cc(m)), sti(1)),
         _ => Op::Plain(match m {
             M::Ftst => Plain::Ftst,
             M::Fxam => Plain::Fxam,

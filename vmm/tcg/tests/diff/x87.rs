@@ -20,6 +20,13 @@ const DOUBLES: [f64; 12] = [
     f64::NAN,
 ];
 
+/// `mov word [rbx+0x100], cw; fldcw [rbx+0x100]`.
+pub(super) fn load_cw(code: &mut Vec<u8>, cw: u16) {
+    let [lo, hi] = cw.to_le_bytes();
+    code.extend([0x66, 0xC7, 0x83, 0x00, 0x01, 0, 0, lo, hi]);
+    code.extend([0xD9, 0xAB, 0x00, 0x01, 0, 0]);
+}
+
 /// An 80-bit sign/exponent near interesting boundaries.
 fn exponent(r: &mut Rng) -> u64 {
     let base: i64 = [
@@ -52,19 +59,7 @@ fn x87_loads_stores_and_rounding() {
         let mut code = vec![0xDB, 0xE3]; // fninit
         let rc = r.below(4) as u16;
         let cw = 0x037F | (rc << 10);
-        // mov word [rbx+0x100], cw; fldcw [rbx+0x100]
-        code.extend([
-            0x66,
-            0xC7,
-            0x83,
-            0x00,
-            0x01,
-            0,
-            0,
-            cw as u8,
-            (cw >> 8) as u8,
-        ]);
-        code.extend([0xD9, 0xAB, 0x00, 0x01, 0, 0]);
+        load_cw(&mut code, cw);
         // mov [rbx], r8; mov [rbx+8], r9
         code.extend([0x4C, 0x89, 0x03, 0x4C, 0x89, 0x4B, 0x08]);
         let loads: [&[u8]; 8] = [
@@ -165,18 +160,7 @@ fn x87_add_sub_mul_div() {
         let rc = r.below(4) as u16;
         let cw = 0x007F | (pc << 8) | (rc << 10);
         let mut code = vec![0xDB, 0xE3];
-        code.extend([
-            0x66,
-            0xC7,
-            0x83,
-            0x00,
-            0x01,
-            0,
-            0,
-            cw as u8,
-            (cw >> 8) as u8,
-        ]);
-        code.extend([0xD9, 0xAB, 0x00, 0x01, 0, 0]);
+        load_cw(&mut code, cw);
         // [rbx] = r8:r9 (80-bit), [rbx+0x10] = r10:r11, then FLD both (ST1 = first).
         code.extend([0x4C, 0x89, 0x03, 0x4C, 0x89, 0x4B, 0x08]);
         code.extend([0x4C, 0x89, 0x53, 0x10, 0x4C, 0x89, 0x5B, 0x18]);

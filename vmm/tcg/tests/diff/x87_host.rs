@@ -67,19 +67,7 @@ fn prologue(code: &mut Vec<u8>, cw: u16) {
         code.extend([0xDB, 0x2B]);
     }
     code.extend([0xDB, 0xE3]);
-    let mov_cw = [
-        0x66,
-        0xC7,
-        0x83,
-        0x00,
-        0x01,
-        0,
-        0,
-        cw as u8,
-        (cw >> 8) as u8,
-    ];
-    code.extend(mov_cw);
-    code.extend([0xD9, 0xAB, 0x00, 0x01, 0, 0]);
+    super::x87::load_cw(code, cw);
 }
 
 fn operands(r: &mut Rng, st: &mut super::harness::State) {
