@@ -32,6 +32,7 @@ use rqemu_agent_protocol::{
     Rootfs, CONTROL_PORT, VERSION,
 };
 use rqemu_e2e::fs::{spawn_rqemu_fs, FsDaemonOptions};
+use rqemu_e2e::oci::make_rootfs;
 use rqemu_e2e::vmm::{timed_run, TimedRun};
 use rqemu_e2e::{project_binary, Daemon, GuestAssets, RqemuVm};
 
@@ -58,27 +59,6 @@ fn kernel_release(assets: &GuestAssets) -> String {
         .next()
         .unwrap_or_else(|| panic!("no kernel release under {}", dir.display()));
     entry.file_name().to_string_lossy().into_owned()
-}
-
-/// A busybox-static tree: /bin/busybox and its applets, the usual empty directories.
-fn make_rootfs(dir: &Path) {
-    let busybox = Path::new("/bin/busybox");
-    assert!(
-        busybox.is_file(),
-        "/bin/busybox missing: run scripts/install-deps.sh (busybox-static)"
-    );
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    std::fs::copy(busybox, dir.join("bin/busybox")).unwrap();
-    let list = Command::new(busybox).arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet)).unwrap();
-        }
-    }
-    // The gid-1000 user of boot 2 may not write here; boot 1 (root) may.
-    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
 }
 
 fn mount(dest: &str, fstype: &str, options: &[&str]) -> Mount {
