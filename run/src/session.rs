@@ -348,6 +348,20 @@ mod tests {
         write_msg(w, &m).unwrap();
     }
 
+    /// The fake agent's side up to the host's `Start`: Ready, Create answered with Created.
+    fn ready_created(g: &mut UnixStream) {
+        send(
+            g,
+            AgentMsg::Ready {
+                version: VERSION,
+                kernel: "k".into(),
+            },
+        );
+        assert!(matches!(expect(g), HostMsg::Create(_)), "no Create");
+        send(g, AgentMsg::Created);
+        assert_eq!(expect(g), HostMsg::Start);
+    }
+
     fn spec() -> ContainerSpec {
         let mut s = ContainerSpec::default();
         s.process.args = vec!["/bin/cat".into()];
@@ -408,16 +422,7 @@ mod tests {
         let (out, _, _) = drive(
             spec(),
             |mut g| {
-                send(
-                    &mut g,
-                    AgentMsg::Ready {
-                        version: VERSION,
-                        kernel: "k".into(),
-                    },
-                );
-                expect(&mut g);
-                send(&mut g, AgentMsg::Created);
-                expect(&mut g);
+                ready_created(&mut g);
                 send(&mut g, AgentMsg::Started { pid: 1 });
                 send(&mut g, AgentMsg::Exited(ExitStatus::Signal(15)));
             },
@@ -448,16 +453,7 @@ mod tests {
         let (out, _, stderr) = drive(
             spec(),
             |mut g| {
-                send(
-                    &mut g,
-                    AgentMsg::Ready {
-                        version: VERSION,
-                        kernel: "k".into(),
-                    },
-                );
-                expect(&mut g);
-                send(&mut g, AgentMsg::Created);
-                expect(&mut g);
+                ready_created(&mut g);
                 send(
                     &mut g,
                     AgentMsg::Error("execve /bin/nope: No such file or directory".into()),
