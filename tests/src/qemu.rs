@@ -349,12 +349,16 @@ impl QemuVm {
 
     /// Boots the guest and waits until QEMU exits (the guest powers off) or the timeout.
     pub fn run(&self) -> Result<GuestRun, QemuError> {
-        self.run_watching(|_| {})
+        self.run_inner(None)
     }
 
     /// [`run`](Self::run), calling `watch` with the console so far every 20 ms while the
     /// guest runs (to act on its progress: kill a daemon, start it again).
     pub fn run_watching(&self, mut watch: impl FnMut(&str)) -> Result<GuestRun, QemuError> {
+        self.run_inner(Some(&mut watch))
+    }
+
+    fn run_inner(&self, mut watch: Option<&mut dyn FnMut(&str)>) -> Result<GuestRun, QemuError> {
         let initrd = self.build_initramfs()?;
         let mut cmd = self.command(&initrd)?;
         cmd.stdin(Stdio::null())
@@ -421,7 +425,7 @@ impl QemuVm {
                 let _ = child.wait();
                 break None;
             }
-            {
+            if let Some(watch) = watch.as_mut() {
                 let c = console.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 watch(&String::from_utf8_lossy(&c));
             }
