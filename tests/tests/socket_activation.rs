@@ -156,6 +156,21 @@ impl Activated {
         }
     }
 
+    /// Waits until the daemon's log contains `part` (log lines are written by other threads,
+    /// so a signal's line may follow the signal by a moment).
+    fn wait_log(&self, part: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.log().contains(part) {
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {part:?} in the log within {WAIT:?}:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn signal(&self, sig: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).unwrap();
         // SAFETY: kill(2) on our own child's pid.
@@ -225,9 +240,9 @@ fn twice_around_a_hangup(mut d: Activated, run: impl Fn(&Activated)) {
     let serving = d.expect_notify_containing("serving a");
     assert!(serving.starts_with("STATUS="), "{serving:?}");
     d.signal(libc::SIGHUP);
+    d.wait_log("SIGHUP");
     run(&d);
     d.assert_running();
-    assert!(d.log().contains("SIGHUP"), "SIGHUP not seen:\n{}", d.log());
     d.stop();
 }
 
