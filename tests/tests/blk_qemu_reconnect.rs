@@ -9,10 +9,11 @@
 //! after a ring is enabled (`device-daemons/common/src/relay.rs`, `Kicks`) the guest waits
 //! forever on its request (4 runs out of 4 stalled at the first kill).
 //!
-//! Ignored in the suite: even with that kick, the guest still stalls on a later request after
-//! a reconnection in about half the runs (with or without EVENT_IDX; the daemon is idle, QEMU
-//! polls), while qemu-storage-daemon in rqemu-blk's place passes every run. An open bug of
-//! rqemu-blk's reconnection under QEMU; this test reproduces it (`--ignored`).
+//! A second race stalled about half the runs after the first fix: the relay kicked right after
+//! forwarding SET_VRING_ENABLE, but the `vhost` handler applies messages on its own thread, and
+//! `vhost-user-backend` drops a kick that finds its ring still disabled. The relay now kicks
+//! only once the handler has answered a barrier message sent after the enable (4 of 4 runs pass
+//! since; qemu-storage-daemon in rqemu-blk's place passed every run before too).
 
 use std::time::Duration;
 
@@ -25,9 +26,6 @@ use rqemu_e2e::GuestAssets;
 const KILL_AFTER: [u32; 3] = [3, 13, 25];
 
 #[test]
-#[ignore = "open bug (issue #14): after a reconnection QEMU's guest stalls on a later request in \
-            about half the runs (qemu-storage-daemon in rqemu-blk's place passes 4 of 4); run \
-            with --ignored to reproduce"]
 fn qemu_guest_io_survives_rqemu_blk_sigkills() {
     let assets = GuestAssets::locate().expect("guest assets (run scripts/guest-assets.sh)");
     let dir = tempfile::tempdir().unwrap();

@@ -20,6 +20,7 @@
 //! handler of `vhost-user-backend` 0.21 answers "not supported") over the connection's
 //! [`Inflight`](crate::inflight::Inflight) and never forwards them.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -36,6 +37,7 @@ const MAX_PAYLOAD: usize = 0x1_0000;
 /// Most fds attached to one message.
 const MAX_FDS: usize = 32;
 
+const REQ_GET_FEATURES: u32 = 1;
 const REQ_SET_FEATURES: u32 = 2;
 const REQ_RESET_OWNER: u32 = 4;
 const REQ_SET_VRING_KICK: u32 = 12;
@@ -100,6 +102,13 @@ impl RingEnable {
 /// reconnects does not kick (QEMU's vhost-user-blk does not), and the requests a dead daemon
 /// left in flight (resubmitted from the inflight region) or that the guest queued meanwhile
 /// would wait for a guest notification that never comes. A spurious kick finds an empty ring.
+///
+/// The kick must reach the ring's worker only once the `vhost` handler has applied the
+/// message that enabled the ring: `vhost-user-backend` consumes a kick that finds its ring
+/// disabled and drops it. The handler runs on its own thread, behind the relay's socket, so
+/// the relay follows that message with a barrier of its own, a GET_FEATURES (answered in any
+/// state, changes nothing), and kicks when the handler answers it ([`Pending`]): the handler
+/// takes messages in order, so by then the ring is enabled.
 #[derive(Default)]
 struct Kicks(Vec<Option<OwnedFd>>);
 
@@ -130,6 +139,48 @@ impl Kicks {
 
     fn clear(&mut self) {
         self.0.clear();
+    }
+}
+
+/// Kicks waiting for the handler to answer the relay's barriers, in the order sent (see
+/// [`Kicks`]), and the kick fds, shared by the two relay threads.
+#[derive(Default)]
+struct Pending {
+    kicks: Kicks,
+    /// One entry per barrier sent and not yet answered: the ring to kick then.
+    barriers: VecDeque<u32>,
+}
+
+type SharedKicks = Arc<Mutex<Pending>>;
+
+fn lock(p: &SharedKicks) -> std::sync::MutexGuard<'_, Pending> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends the handler a barrier after which ring `index` is kicked ([`Kicks`]).
+fn kick_after_barrier(back: &UnixStream, pending: &SharedKicks, index: u32) -> io::Result<()> {
+    lock(pending).barriers.push_back(index);
+    let mut m = [0u8; HDR_LEN];
+    m[..4].copy_from_slice(&REQ_GET_FEATURES.to_le_bytes());
+    m[4..8].copy_from_slice(&FLAG_VERSION.to_le_bytes());
+    send_with_fds(back, &m, &[])
+}
+
+/// Whether `msg` (from the handler) answers one of the relay's barriers: then the ring it
+/// stood for is kicked and the reply is not forwarded. A frontend waits for its own
+/// GET_FEATURES reply before sending more, so the oldest GET_FEATURES reply outstanding while
+/// a barrier is pending is the barrier's.
+fn barrier_answered(msg: &Msg, pending: &SharedKicks) -> bool {
+    if msg.request() != REQ_GET_FEATURES || msg.flags() & FLAG_REPLY == 0 {
+        return false;
+    }
+    let mut p = lock(pending);
+    match p.barriers.pop_front() {
+        Some(index) => {
+            p.kicks.kick(index);
+            true
+        }
+        None => false,
     }
 }
 
@@ -312,12 +363,12 @@ fn forward_requests(
     front_tx: &Mutex<()>,
     rings: &RingEnable,
     inflight: Option<&Inflight>,
+    pending: &SharedKicks,
 ) -> Result<(), RelayError> {
     let mut msg = new_msg();
     let mut features_acked = false;
     // Held-back enable states: (ring index, state), last one per ring.
     let mut deferred: Vec<(u32, u32)> = Vec::new();
-    let mut kicks = Kicks::default();
     while read_msg(front, &mut msg)?.is_some() {
         tracing::trace!(
             "relay: request {} flags {:#x}, {} payload bytes, {} fds",
@@ -349,7 +400,7 @@ fn forward_requests(
                         m[16..20].copy_from_slice(&state.to_le_bytes());
                         send_with_fds(back, &m, &[])?;
                         if state != 0 {
-                            kicks.kick(index);
+                            kick_after_barrier(back, pending, index)?;
                         }
                     }
                 }
@@ -358,7 +409,7 @@ fn forward_requests(
             REQ_RESET_OWNER | REQ_RESET_DEVICE => {
                 features_acked = false;
                 rings.set_all(false);
-                kicks.clear();
+                lock(pending).kicks.clear();
             }
             REQ_SET_VRING_ENABLE if !features_acked => {
                 let (index, state) = (word(msg.payload(), 0), word(msg.payload(), 4));
@@ -385,7 +436,7 @@ fn forward_requests(
                 rings.set(index, on);
                 send_with_fds(back, msg.buf.get(..msg.len).unwrap_or_default(), &msg.fds)?;
                 if on {
-                    kicks.kick(index);
+                    kick_after_barrier(back, pending, index)?;
                 }
                 continue;
             }
@@ -393,9 +444,9 @@ fn forward_requests(
                 // u64 payload: ring index in bits 0-7, bit 8 "no fd" (polling).
                 let index = word(msg.payload(), 0) & 0xFF;
                 send_with_fds(back, msg.buf.get(..msg.len).unwrap_or_default(), &msg.fds)?;
-                kicks.record(index, msg.fds.pop());
+                lock(pending).kicks.record(index, msg.fds.pop());
                 if rings.is_enabled(index as usize) {
-                    kicks.kick(index);
+                    kick_after_barrier(back, pending, index)?;
                 }
                 continue;
             }
@@ -481,14 +532,18 @@ fn answer_inflight(msg: &mut Msg, inflight: Option<&Inflight>) -> Option<(Vec<u8
     Some((reply, Vec::new()))
 }
 
-/// Backend → frontend, verbatim.
+/// Backend → frontend, verbatim, except the answers to the relay's own barriers.
 fn forward_replies(
     back: &UnixStream,
     front: &UnixStream,
     front_tx: &Mutex<()>,
+    pending: &SharedKicks,
 ) -> Result<(), RelayError> {
     let mut msg = new_msg();
     while read_msg(back, &mut msg)?.is_some() {
+        if barrier_answered(&msg, pending) {
+            continue;
+        }
         let _g = front_tx.lock().unwrap_or_else(|e| e.into_inner());
         send_with_fds(front, msg.buf.get(..msg.len).unwrap_or_default(), &msg.fds)?;
     }
@@ -603,16 +658,17 @@ pub fn spawn(
     let front = Arc::new(front);
     let back = Arc::new(back);
     let lock = Arc::new(Mutex::new(()));
+    let pending = SharedKicks::default();
     let close = |a: &UnixStream, b: &UnixStream| {
         let _ = a.shutdown(Shutdown::Both);
         let _ = b.shutdown(Shutdown::Both);
     };
-    let (f, b, l) = (front.clone(), back.clone(), lock.clone());
+    let (f, b, l, p) = (front.clone(), back.clone(), lock.clone(), pending.clone());
     let requests = std::thread::Builder::new()
         .name("relay-req".into())
         .spawn(move || {
             crate::confine::confine_thread_once(crate::confine::ThreadKind::Helper);
-            if let Err(e) = forward_requests(&f, &b, &l, &rings, inflight.as_deref()) {
+            if let Err(e) = forward_requests(&f, &b, &l, &rings, inflight.as_deref(), &p) {
                 tracing::debug!("relay (requests): {e}");
             }
             close(&f, &b);
@@ -621,7 +677,7 @@ pub fn spawn(
         .name("relay-rep".into())
         .spawn(move || {
             crate::confine::confine_thread_once(crate::confine::ThreadKind::Helper);
-            if let Err(e) = forward_replies(&back, &front, &lock) {
+            if let Err(e) = forward_replies(&back, &front, &lock, &pending) {
                 tracing::debug!("relay (replies): {e}");
             }
             close(&front, &back);
@@ -676,13 +732,22 @@ mod tests {
             got.buf[..got.len],
             msg(REQ_SET_VRING_ENABLE, 0, &[0, 0, 0, 0, 1, 0, 0, 0])[..]
         );
+        // Each enable is followed by the relay's barrier (a GET_FEATURES of its own).
+        let barrier = msg(REQ_GET_FEATURES, 0, &[]);
+        read_msg(&backend, &mut got).unwrap().unwrap();
+        assert_eq!(got.buf[..got.len], barrier[..]);
         read_msg(&backend, &mut got).unwrap().unwrap();
         assert_eq!(got.buf[..got.len], enable[..]);
+        read_msg(&backend, &mut got).unwrap().unwrap();
+        assert_eq!(got.buf[..got.len], barrier[..]);
         // The backend's view: ring 0 (replayed) and ring 3 enabled, nothing else.
         assert!(rings.is_enabled(0) && rings.is_enabled(3));
         assert!(!rings.is_enabled(1) && !rings.is_enabled(64));
-        // Replies flow back.
-        let rep = msg(1, FLAG_REPLY, &7u64.to_le_bytes());
+        // The barriers' answers stay in the relay; the next reply flows back.
+        let features = msg(REQ_GET_FEATURES, FLAG_REPLY, &7u64.to_le_bytes());
+        backend.write_all(&features).unwrap();
+        backend.write_all(&features).unwrap();
+        let rep = msg(15, FLAG_REPLY, &7u64.to_le_bytes());
         backend.write_all(&rep).unwrap();
         let mut back_rep = vec![0u8; rep.len()];
         qemu.read_exact(&mut back_rep).unwrap();
@@ -692,6 +757,64 @@ mod tests {
         let mut rest = Vec::new();
         backend.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    fn eventfd_count(fd: &OwnedFd) -> u64 {
+        let mut v = [0u8; 8];
+        // SAFETY: reads 8 bytes into a live local buffer from a non-blocking eventfd we own.
+        let n = unsafe { libc::read(fd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+        if n == 8 {
+            u64::from_ne_bytes(v)
+        } else {
+            0
+        }
+    }
+
+    #[test]
+    fn a_ring_is_kicked_only_once_the_handler_answered_the_barrier() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut backend) = UnixStream::pair().unwrap();
+        let rings = Arc::new(RingEnable::default());
+        let threads = spawn(front, back, rings.clone(), None).unwrap();
+        // SAFETY: plain eventfd creation; the fd is owned below.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a fresh fd owned by nobody else.
+        let kick = unsafe { OwnedFd::from_raw_fd(raw) };
+        let feat = msg(REQ_SET_FEATURES, 0, &F_PROTOCOL_FEATURES.to_le_bytes());
+        qemu.write_all(&feat).unwrap();
+        let set_kick = msg(REQ_SET_VRING_KICK, 0, &2u64.to_le_bytes());
+        send_with_fds(&qemu, &set_kick, &[kick.try_clone().unwrap()]).unwrap();
+        qemu.write_all(&msg(REQ_SET_VRING_ENABLE, 0, &[2, 0, 0, 0, 1, 0, 0, 0]))
+            .unwrap();
+        let mut got = new_msg();
+        for want in [REQ_SET_FEATURES, REQ_SET_VRING_KICK, REQ_SET_VRING_ENABLE] {
+            read_msg(&backend, &mut got).unwrap().unwrap();
+            assert_eq!(got.request(), want);
+        }
+        read_msg(&backend, &mut got).unwrap().unwrap();
+        assert_eq!(got.request(), REQ_GET_FEATURES, "the barrier");
+        // Until the handler answers, the ring is not kicked.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            eventfd_count(&kick),
+            0,
+            "kicked before the handler was done"
+        );
+        backend
+            .write_all(&msg(REQ_GET_FEATURES, FLAG_REPLY, &7u64.to_le_bytes()))
+            .unwrap();
+        // A reply of another request after it: forwarded, and by then the kick is done.
+        let rep = msg(15, FLAG_REPLY, &3u64.to_le_bytes());
+        backend.write_all(&rep).unwrap();
+        let mut back_rep = vec![0u8; rep.len()];
+        qemu.read_exact(&mut back_rep).unwrap();
+        assert_eq!(back_rep, rep, "the barrier's answer reached the frontend");
+        assert_eq!(eventfd_count(&kick), 1);
+        drop(qemu);
         for t in threads {
             t.join().unwrap();
         }
