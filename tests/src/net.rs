@@ -181,6 +181,29 @@ pub fn spawn_daemon(
     socket: &Path,
     opts: &NetDaemonOptions,
 ) -> Result<Daemon, NetError> {
+    spawn(ns, dir, socket, opts, None)
+}
+
+/// Like [`spawn_daemon`], on taps the caller holds (opened in `ns` with [`open_tap`], one per
+/// queue pair), handed over with `--tap-fd`: the tap outlives the daemon, as when a
+/// supervisor keeps it across daemon restarts. The host address is added once.
+pub fn spawn_daemon_on_taps(
+    ns: &NetNs,
+    dir: &Path,
+    socket: &Path,
+    opts: &NetDaemonOptions,
+    taps: &[OwnedFd],
+) -> Result<Daemon, NetError> {
+    spawn(ns, dir, socket, opts, Some(taps))
+}
+
+fn spawn(
+    ns: &NetNs,
+    dir: &Path,
+    socket: &Path,
+    opts: &NetDaemonOptions,
+    held: Option<&[OwnedFd]>,
+) -> Result<Daemon, NetError> {
     let listener = UnixListener::bind(socket)?;
     let mut keep: Vec<RawFd> = vec![listener.as_raw_fd()];
     let mut cmd = ns.command(&project_binary("rqemu-net")?)?;
@@ -196,7 +219,12 @@ pub fn spawn_daemon(
         std::env::var("RQEMU_LOG").unwrap_or_else(|_| "info".into()),
     );
     let queues = usize::from(opts.queues);
-    let taps = if opts.inherit_tap {
+    let taps = if let Some(held) = held {
+        let list: Vec<String> = held.iter().map(|t| t.as_raw_fd().to_string()).collect();
+        cmd.args(["--tap-fd", &list.join(",")]);
+        keep.extend(held.iter().map(AsRawFd::as_raw_fd));
+        Vec::new()
+    } else if opts.inherit_tap {
         let taps = ns
             .spawn(move || open_tap(TAP, queues))?
             .join()
@@ -242,7 +270,12 @@ pub fn spawn_daemon(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
+    if !ns
+        .ip(&["-4", "addr", "show", "dev", TAP])?
+        .contains(&format!("{HOST_IP}/"))
+    {
+        ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
+    }
     ns.ip(&["link", "set", TAP, "up"])?;
     Ok(daemon)
 }

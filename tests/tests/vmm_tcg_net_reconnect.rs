@@ -1,36 +1,48 @@
 //! rqemu-net SIGKILLed under a running Linux guest (`rqemu-vmm --accel tcg`) and started again
-//! on the same socket path: the VMM reconnects each new daemon and the guest's link comes back
-//! (its pings to the host peer on the daemon's tap succeed again after every restart). The
-//! tap is the daemon's (`--tap`): it goes with the daemon and the new daemon makes a new one,
-//! which the test gives the host address again; the guest forgets the old peer's MAC.
+//! on the same socket path: the VMM reconnects each new daemon and the guest's link comes back.
+//!
+//! - The daemon's own tap (`--tap`): it goes with the daemon and the new daemon makes a new one,
+//!   which the test gives the host address again; the guest forgets the old peer's MAC; its
+//!   pings to the host peer succeed again after every restart.
+//! - A tap the supervisor holds (`--tap-fd`, here the test; rqemu-run's monitor or systemd's fd
+//!   store in a deployment): the link never goes away, and TCP transfers in both directions run
+//!   across the kills; every byte is checked (SHA-256 on both ends).
 
-use std::path::Path;
-use std::process::Stdio;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use rqemu_e2e::net::{self, NetDaemonOptions, NetNs, GUEST_IP, HOST_IP};
+use rqemu_e2e::net::{self, NetDaemonOptions, NetNs, DOWN_PORT, GUEST_IP, HOST_IP, TAP, UP_PORT};
 use rqemu_e2e::{Daemon, GuestAssets, RqemuVm};
 
 const TIMEOUT: Duration = Duration::from_secs(900);
 /// Daemon restarts.
 const KILLS: usize = 3;
-const TAP: &str = "tap0";
 
 fn read(p: &Path) -> String {
     String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
 }
 
-/// Starts rqemu-net on `sock` once the previous one's tap is gone (a daemon just killed keeps
-/// it a moment: its sandboxed child is still exiting).
-fn start_net(ns: &NetNs, dir: &Path, sock: &Path) -> Daemon {
+/// Starts rqemu-net on `sock` (on the held `taps`, or its own tap once the previous one's is
+/// gone: a daemon just killed keeps it a moment, its sandboxed child is still exiting).
+fn start_net(ns: &NetNs, dir: &Path, sock: &Path, taps: Option<&[OwnedFd]>) -> Daemon {
     let start = Instant::now();
     loop {
-        while ns.ip(&["link", "show", TAP]).is_ok() {
+        while taps.is_none() && ns.ip(&["link", "show", TAP]).is_ok() {
             assert!(start.elapsed() < Duration::from_secs(60), "old tap stays");
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = std::fs::remove_file(sock);
-        match net::spawn_daemon(ns, dir, sock, &NetDaemonOptions::default()) {
+        let opts = NetDaemonOptions::default();
+        let started = match taps {
+            Some(t) => net::spawn_daemon_on_taps(ns, dir, sock, &opts, t),
+            None => net::spawn_daemon(ns, dir, sock, &opts),
+        };
+        match started {
             Ok(d) => return d,
             Err(e) if start.elapsed() < Duration::from_secs(60) => {
                 eprintln!("rqemu-net did not start, again: {e}");
@@ -41,13 +53,87 @@ fn start_net(ns: &NetNs, dir: &Path, sock: &Path) -> Daemon {
     }
 }
 
+/// rqemu-vmm (TCG) running `script` with the net device on `sock`, console and log in `dir`.
+struct Guest {
+    vmm: Child,
+    console: PathBuf,
+    log: PathBuf,
+    start: Instant,
+}
+
+impl Guest {
+    fn spawn(assets: &GuestAssets, dir: &Path, sock: &Path, script: &str) -> Self {
+        let console = dir.join("console.log");
+        let log = dir.join("vmm.log");
+        let vmm = RqemuVm::new(assets)
+            .device_socket(&format!("net:{}", sock.display()))
+            .serial(&format!("file:{}", console.display()))
+            .run_cmdline(script)
+            .command()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .stdin(Stdio::null())
+            .env("RQEMU_LOG", "info")
+            .stderr(std::fs::File::create(&log).expect("creating the VMM log"))
+            .spawn()
+            .expect("spawning rqemu-vmm");
+        Guest {
+            vmm,
+            console,
+            log,
+            start: Instant::now(),
+        }
+    }
+
+    fn report(&self) -> String {
+        format!(
+            "--- console ---\n{}\n--- rqemu-vmm ---\n{}",
+            read(&self.console),
+            read(&self.log)
+        )
+    }
+
+    /// Panics when the VMM is gone or the time is up.
+    fn check_running(&mut self, what: &str) {
+        if let Some(st) = self.vmm.try_wait().unwrap() {
+            panic!("rqemu-vmm exited ({st}) before {what}\n{}", self.report());
+        }
+        assert!(
+            self.start.elapsed() < TIMEOUT,
+            "no {what}\n{}",
+            self.report()
+        );
+    }
+
+    fn wait_console(&mut self, what: &str, cond: &dyn Fn(&str) -> bool) {
+        while !cond(&read(&self.console)) {
+            self.check_running(what);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the power-off; checks the exit and the reconnections; returns the console.
+    fn finish(mut self, kills: usize) -> String {
+        self.wait_console("the power-off", &|c| c.contains("RQEMU-EXIT="));
+        let status = self.vmm.wait().unwrap();
+        let report = self.report();
+        assert!(read(&self.console).contains("RQEMU-EXIT=0"), "{report}");
+        assert!(status.success(), "{status}\n{report}");
+        assert_eq!(
+            read(&self.log).matches("net.sock reconnected").count(),
+            kills,
+            "{report}"
+        );
+        read(&self.console)
+    }
+}
+
 #[test]
 fn tcg_linux_link_survives_rqemu_net_sigkills() {
     let assets = GuestAssets::locate().expect("guest assets (run scripts/guest-assets.sh)");
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::create().expect("network namespace");
     let sock = dir.path().join("net.sock");
-    let mut daemon = start_net(&ns, dir.path(), &sock);
+    let mut daemon = start_net(&ns, dir.path(), &sock, None);
     // Each phase: ping until the peer answers (forgetting its MAC between tries: a new tap
     // has a new one), report, then give the host time to kill and restart the daemon.
     let script = format!(
@@ -67,63 +153,168 @@ fn tcg_linux_link_survives_rqemu_net_sigkills() {
          done\n\
          echo NET-END\n"
     );
-    let console = dir.path().join("console.log");
-    let vmm_log = dir.path().join("vmm.log");
-    let start = Instant::now();
-    let mut vmm = RqemuVm::new(&assets)
-        .device_socket(&format!("net:{}", sock.display()))
-        .serial(&format!("file:{}", console.display()))
-        .run_cmdline(&script)
-        .command()
-        .unwrap_or_else(|e| panic!("{e}"))
-        .stdin(Stdio::null())
-        .env("RQEMU_LOG", "info")
-        .stderr(std::fs::File::create(&vmm_log).expect("creating the VMM log"))
-        .spawn()
-        .expect("spawning rqemu-vmm");
-    let report = || {
-        format!(
-            "--- console ---\n{}\n--- rqemu-vmm ---\n{}",
-            read(&console),
-            read(&vmm_log)
-        )
-    };
-    let mut wait = |what: &str, cond: &dyn Fn(&str) -> bool| loop {
-        if cond(&read(&console)) {
-            return;
-        }
-        if let Some(st) = vmm.try_wait().unwrap() {
-            panic!("rqemu-vmm exited ({st}) before {what}\n{}", report());
-        }
-        assert!(start.elapsed() < TIMEOUT, "no {what}\n{}", report());
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut guest = Guest::spawn(&assets, dir.path(), &sock, &script);
     for k in 0..KILLS {
-        wait(&format!("NET-UP {k}"), &|c| {
+        guest.wait_console(&format!("NET-UP {k}"), &|c| {
             c.contains(&format!("NET-UP {k} "))
         });
         daemon.kill().expect("killing rqemu-net");
-        daemon = start_net(&ns, dir.path(), &sock);
+        daemon = start_net(&ns, dir.path(), &sock, None);
     }
-    wait("NET-END", &|c| c.contains("RQEMU-EXIT="));
-    let status = vmm.wait().unwrap();
+    let start = guest.start;
+    let text = guest.finish(KILLS);
     drop(daemon);
-    let text = read(&console);
-    let vlog = read(&vmm_log);
-    let report = report();
-    assert!(text.contains("NET-END"), "{report}");
-    assert!(text.contains("RQEMU-EXIT=0"), "{report}");
-    assert!(status.success(), "{status}\n{report}");
-    assert_eq!(
-        vlog.matches("net.sock reconnected").count(),
-        KILLS,
-        "{report}"
-    );
+    assert!(text.contains("NET-END"), "{text}");
     for l in text.lines().filter(|l| l.contains("NET-UP")) {
         eprintln!("{}", l.trim());
     }
     eprintln!(
         "rqemu-vmm TCG: link back after each of {KILLS} rqemu-net SIGKILLs, power-off after {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+/// Bytes per transfer direction.
+const TRANSFER: usize = 4 << 20;
+/// Kills per direction, evenly spread over the transfer.
+const KILLS_PER_TRANSFER: usize = 2;
+
+/// The host end: the upload sink and the download source (small send buffer, so bytes
+/// written are close to bytes the guest took), each reporting on `events` when it crossed
+/// a kill point. Returns the bytes received.
+fn serve(events: mpsc::Sender<String>, down: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    // Kill point k of K (1..=K): k/(K+1) of the transfer.
+    let point = |k: usize| k * TRANSFER / (KILLS_PER_TRANSFER + 1);
+    let up = TcpListener::bind((HOST_IP, UP_PORT))?;
+    let dn = TcpListener::bind((HOST_IP, DOWN_PORT))?;
+    let _ = events.send("listening".into());
+    let (mut s, _) = up.accept()?;
+    s.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let mut got = Vec::with_capacity(TRANSFER);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut k = 1;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if k <= KILLS_PER_TRANSFER && got.len() >= point(k) {
+            let _ = events.send(format!("upload at {} bytes", got.len()));
+            k += 1;
+        }
+    }
+    drop(s);
+    eprintln!("host peer: upload of {} bytes done", got.len());
+    let (mut s, _) = dn.accept()?;
+    s.set_write_timeout(Some(Duration::from_secs(300)))?;
+    let sock = small_send_buffer(&s);
+    let (mut k, mut sent) = (1, 0);
+    for chunk in down.chunks(16 << 10) {
+        s.write_all(chunk)?;
+        sent += chunk.len();
+        if k <= KILLS_PER_TRANSFER && sent >= point(k) {
+            let _ = events.send(format!("download at {sent} bytes (send buffer {sock})"));
+            k += 1;
+        }
+    }
+    s.shutdown(Shutdown::Write)?;
+    eprintln!("host peer: download written");
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    Ok(got)
+}
+
+/// Shrinks the socket's send buffer to 32 KiB and returns what the kernel made of it.
+fn small_send_buffer(s: &std::net::TcpStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let want: libc::c_int = 32 << 10;
+    // SAFETY: setsockopt/getsockopt on a socket we own with pointers to live locals of the
+    // sizes given.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&want as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let mut got: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&mut got as *mut libc::c_int).cast(),
+            &mut len,
+        );
+        got
+    }
+}
+
+fn val<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let tag = format!("RQEMU-VAL {key}=");
+    text.lines()
+        .find_map(|l| l.split(&tag).nth(1))
+        .map(str::trim)
+}
+
+#[test]
+fn tcg_tcp_transfers_survive_rqemu_net_sigkills_on_a_held_tap() {
+    let assets = GuestAssets::locate().expect("guest assets (run scripts/guest-assets.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NetNs::create().expect("network namespace");
+    let sock = dir.path().join("net.sock");
+    let taps = ns
+        .spawn(|| net::open_tap(TAP, 1))
+        .expect("entering the namespace")
+        .join()
+        .expect("tap thread")
+        .expect("opening the tap");
+    let mut daemon = start_net(&ns, dir.path(), &sock, Some(&taps));
+    let down = net::pattern(TRANSFER, 0x5eed);
+    let down_sha = net::sha256_hex(&down).unwrap();
+    let (tx, events) = mpsc::channel();
+    let peer = ns.spawn(move || serve(tx, down)).expect("host peer");
+    assert_eq!(
+        events.recv_timeout(Duration::from_secs(20)).ok().as_deref(),
+        Some("listening")
+    );
+    let script = net::guest_script((TRANSFER >> 20) as u32, None);
+    let mut guest = Guest::spawn(&assets, dir.path(), &sock, &script);
+    let mut kills = 0;
+    while kills < 2 * KILLS_PER_TRANSFER {
+        match events.recv_timeout(Duration::from_millis(100)) {
+            Ok(at) => {
+                daemon.kill().expect("killing rqemu-net");
+                daemon = start_net(&ns, dir.path(), &sock, Some(&taps));
+                eprintln!("rqemu-net SIGKILLed and restarted: {at}");
+                kills += 1;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => guest.check_running("the transfers"),
+            Err(e) => panic!("host peer: {e}\n{}", guest.report()),
+        }
+    }
+    let start = guest.start;
+    let text = guest.finish(kills);
+    drop(daemon);
+    let up = peer.join().expect("peer thread").expect("host peer");
+    assert_eq!(up.len(), TRANSFER, "{text}");
+    assert_eq!(
+        val(&text, "up-sha256"),
+        Some(net::sha256_hex(&up).unwrap().as_str()),
+        "{text}"
+    );
+    assert_eq!(val(&text, "down-sha256"), Some(down_sha.as_str()), "{text}");
+    assert_eq!(
+        val(&text, "down-len"),
+        Some(TRANSFER.to_string().as_str()),
+        "{text}"
+    );
+    eprintln!(
+        "rqemu-vmm TCG: {} MiB up and down over TCP across {kills} rqemu-net SIGKILLs on a held \
+         tap, every byte checked, power-off after {:.1} s",
+        TRANSFER >> 20,
         start.elapsed().as_secs_f64()
     );
 }

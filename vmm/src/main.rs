@@ -93,12 +93,26 @@ fn colour_wanted() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
+/// The `tracing` filter from the user's directives (default `warn`). Cranelift logs every
+/// function it defines, with its whole IR, at `info`: that is kept at `warn` unless the user
+/// names a Cranelift target (it cost tens of MB of log a minute and slowed the JIT).
+fn log_filter(user: Option<String>) -> String {
+    let user = user.unwrap_or_else(|| "warn".to_string());
+    if user.contains("cranelift") {
+        user
+    } else {
+        format!("{user},cranelift_jit=warn,cranelift_codegen=warn")
+    }
+}
+
 fn main() -> ExitCode {
     // RQEMU_LOG, then RUST_LOG; by default warnings (a device daemon lost or reattached,
     // ...) and errors, so that the guest console on stdio stays readable.
-    let filter = std::env::var("RQEMU_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "warn".to_string());
+    let filter = log_filter(
+        std::env::var("RQEMU_LOG")
+            .or_else(|_| std::env::var("RUST_LOG"))
+            .ok(),
+    );
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
@@ -129,5 +143,36 @@ fn main() -> ExitCode {
             eprintln!("rqemu-vmm: error: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    fn enabled(filter: &str, target_is_cranelift: bool, level: Level) -> bool {
+        let sub = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::with_default(sub, || match (target_is_cranelift, level) {
+            (true, Level::INFO) => tracing::enabled!(target: "cranelift_jit::backend", Level::INFO),
+            (true, _) => tracing::enabled!(target: "cranelift_jit::backend", Level::WARN),
+            (false, _) => tracing::enabled!(target: "rqemu_vmm::vm", Level::INFO),
+        })
+    }
+
+    #[test]
+    fn cranelift_info_is_off_unless_named() {
+        let info = log_filter(Some("info".into()));
+        assert!(enabled(&info, false, Level::INFO));
+        assert!(!enabled(&info, true, Level::INFO));
+        assert!(enabled(&info, true, Level::WARN));
+        let named = log_filter(Some("info,cranelift_jit=info".into()));
+        assert!(enabled(&named, true, Level::INFO));
+        let default = log_filter(None);
+        assert!(!enabled(&default, false, Level::INFO));
+        assert!(enabled(&default, true, Level::WARN));
     }
 }
