@@ -711,7 +711,7 @@ fn branch(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<Step> {
     match m {
         M::Jmp => {
             let t = target(e, ins)?;
-            e.exit(n, t);
+            e.exit_chain(n, t);
         }
         M::Call => {
             let t = target(e, ins)?;
@@ -720,7 +720,7 @@ fn branch(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<Step> {
             let sp = e.b.ins().iadd_imm_s(sp, -8);
             e.store(sp, 8, ret);
             e.set_gpr(4, sp);
-            e.exit(n, t);
+            e.exit_chain(n, t);
         }
         M::Ret => {
             if ins.op_count() != 0 {
@@ -730,7 +730,7 @@ fn branch(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<Step> {
             let t = e.load(sp, 8, false);
             let nsp = e.b.ins().iadd_imm_s(sp, 8);
             e.set_gpr(4, nsp);
-            e.exit(n, t);
+            e.exit_chain(n, t);
         }
         M::Jo
         | M::Jno
@@ -756,10 +756,10 @@ fn branch(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<Step> {
             e.b.ins().brif(c, taken, &[], not, &[]);
             e.b.switch_to_block(taken);
             let t = e.rip_of(ins.near_branch64());
-            e.exit(n, t);
+            e.exit_chain(n, t);
             e.b.switch_to_block(not);
             let f = e.rip_of(e.next_ip);
-            e.exit(n, f);
+            e.exit_chain(n, f);
         }
         _ => return None,
     }

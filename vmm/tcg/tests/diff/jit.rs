@@ -390,6 +390,7 @@ fn jit_flushes_a_full_code_cache() {
     h.set_jit_config(rqemu_tcg::JitConfig {
         threshold: 0,
         cache_bytes: 1,
+        ..Default::default()
     });
     let mut r = Rng(seed::for_test(name));
     let mut failures = Vec::new();
@@ -419,4 +420,96 @@ fn jit_flushes_a_full_code_cache() {
         "nothing ran in translated code: {stats:?}"
     );
     super::report(name, n as usize, &failures);
+}
+
+/// Loops of random blocks (Jcc over an instruction, CALL/POP, MMIO, page faults) run 20
+/// times, with R15 counting down: from the second iteration on, translated blocks chain to
+/// their translated successors without the run loop. JIT and interpreter end in the same
+/// state, and chains were taken.
+#[test]
+fn jit_chained_loops_match_interpreter() {
+    let name = "jit_chained_loops_match_interpreter";
+    let mut h = Harness::new();
+    let mut r = Rng(seed::for_test(name));
+    let mut failures = Vec::new();
+    let n = 600;
+    let mut chained = 0;
+    for i in 0..n {
+        let (body, st) = sequence(&mut r, true);
+        // mov r15d, 20; top: body; dec r15; jnz top
+        let mut code = vec![0x41, 0xBF, 20, 0, 0, 0];
+        let top = code.len() as i64;
+        code.extend(body);
+        code.extend([0x49, 0xFF, 0xCF, 0x0F, 0x85]);
+        let rel = top - (code.len() as i64 + 4);
+        code.extend((rel as i32).to_le_bytes());
+        fill(&mut h, i);
+        h.set_jit(false);
+        let interp = h.run_tcg(&code, &st);
+        let interp_data = h.data().to_vec();
+        fill(&mut h, i);
+        h.set_jit(true);
+        let jit = h.run_tcg(&code, &st);
+        let same_data = interp_data[..] == h.data()[..];
+        chained += h.cpu().jit_stats().expect("jit enabled").chained;
+        if matches!(interp, TcgOutcome::Other(_)) || interp != jit || !same_data {
+            failures.push(format!(
+                "code {code:02x?} state {:x?}:\n  interp {interp:x?}\n  jit    {jit:x?}\n  memory equal: {same_data}",
+                st.gpr
+            ));
+        }
+    }
+    eprintln!("{name}: {chained} chains taken");
+    assert!(chained > 0, "no translated block ever chained to another");
+    super::report(name, n as usize, &failures);
+}
+
+/// A chained successor on another page is rewritten by code on the first page: the chain
+/// must not enter the successor's stale translation (the invalidation moves the chain
+/// generation on). Each iteration stores ECX into the immediate of `add eax, imm32` on the
+/// second page, reached by a JMP from the first page; an inner loop chains to itself.
+#[test]
+fn jit_chain_to_a_rewritten_block() {
+    let page = 0x1000 - (Harness::code_addr() & 0xFFF) as usize;
+    // First page:   mov r15d, 10; xor eax, eax; xor ecx, ecx
+    //         top:  add ecx, 3; mov edx, 4
+    //         inner: inc esi; dec edx; jnz inner (chains to itself); jmp second
+    //         back: mov [rip + to imm], ecx; dec r15; jnz top
+    // Second page:  second: add eax, imm32; jmp back
+    let mut code = vec![0x41, 0xBF, 10, 0, 0, 0, 0x31, 0xC0, 0x31, 0xC9];
+    let top = code.len();
+    code.extend([0x83, 0xC1, 0x03, 0xBA, 4, 0, 0, 0]);
+    code.extend([0xFF, 0xC6, 0xFF, 0xCA, 0x75, 0xFA, 0xE9]);
+    let jmp_end = code.len() + 4;
+    code.extend(((page - jmp_end) as i32).to_le_bytes());
+    let back = code.len();
+    code.extend([0x89, 0x0D]);
+    let imm = page + 1;
+    code.extend(((imm - (code.len() + 4)) as i32).to_le_bytes());
+    code.extend([0x49, 0xFF, 0xCF, 0x0F, 0x85]);
+    code.extend(((top as i64 - (code.len() as i64 + 4)) as i32).to_le_bytes());
+    // Leave the loop: jmp over the second page's code to the end.
+    code.push(0xE9);
+    let skip_from = code.len() + 4;
+    code.extend([0; 4]);
+    code.resize(page, 0xCC);
+    code.extend([0x05, 0, 0, 0, 0, 0xE9]);
+    code.extend(((back as i64 - (code.len() as i64 + 4)) as i32).to_le_bytes());
+    let end = code.len();
+    code[skip_from - 4..skip_from].copy_from_slice(&((end - skip_from) as i32).to_le_bytes());
+    let st = State::default();
+    let mut h = Harness::new();
+    h.set_jit(false);
+    let interp = h.run_tcg(&code, &st);
+    h.set_jit(true);
+    let jit = h.run_tcg(&code, &st);
+    let stats = h.cpu().jit_stats().expect("jit enabled");
+    // eax = sum over iterations k = 1..=10 of the ECX stored in iteration k-1 (0 first).
+    let want: u64 = (0..10).map(|k| 3 * k).sum();
+    match &jit {
+        TcgOutcome::Ran(s, ..) => assert_eq!(s.gpr[0], want, "stale code ran: {stats:?}"),
+        other => panic!("jit: {other:?}"),
+    }
+    assert_eq!(interp, jit);
+    assert!(stats.chained > 0, "no chain taken: {stats:?}");
 }
