@@ -7,7 +7,7 @@
 //! variable and straight through to the state, so only the lazy-flag record (and RIP) has to
 //! be committed at exits and before helper calls.
 
-use super::{helpers, JitCtx, Slot, SLOTS_PER_BLOCK, STATUS_END, STATUS_FAULT};
+use super::{helpers, JitCtx, Slot, JCACHE_SIZE, SLOTS_PER_BLOCK, STATUS_END, STATUS_FAULT};
 use crate::flags::{layout as fl, FlagOp};
 use crate::mmu::tlb::{layout as tl, TLB_SIZE};
 use crate::mmu::walk::Access;
@@ -75,6 +75,9 @@ pub(crate) struct Em<'a> {
     slots: *mut Slot,
     /// Slots used so far.
     next_slot: usize,
+    /// The JIT's jump cache (`JCACHE_SIZE` slots indexed by [`super::jcache_index`]) for
+    /// exits to a computed target, null when not chaining.
+    jcache: *mut Slot,
     /// Signature of block functions (for the tail call of a chained successor).
     tail: SigRef,
 }
@@ -105,6 +108,7 @@ impl<'a> Em<'a> {
         ptr: Type,
         cc: CallConv,
         slots: *mut Slot,
+        jcache: *mut Slot,
         tail: SigRef,
     ) -> Self {
         let entry = b.create_block();
@@ -149,6 +153,7 @@ impl<'a> Em<'a> {
             may_end: false,
             slots,
             next_slot: 0,
+            jcache,
             tail,
         }
     }
@@ -219,27 +224,54 @@ impl<'a> Em<'a> {
         self.b.switch_to_block(next);
     }
 
-    /// Ends the function at a block exit to `rip` after `count` instructions, chaining to
-    /// the successor when the exit's slot knows it: the slot is for this RIP, was filled at
-    /// the block cache's current generation (no block dropped or host code freed since), the
-    /// code TLB still maps the RIP's page to the same host page, and the chain budget is not
-    /// used up. The successor is then tail-called with `JitCtx::delta`/`block` set and this
-    /// block's count added to `JitCtx::chained_insns`; otherwise the function returns `count`
-    /// with `JitCtx::exit_slot` set for the run loop to fill. Without slots left: [`Em::exit`].
+    /// Ends the function at a block exit to the fixed target `rip` after `count`
+    /// instructions, chaining through the exit's own slot (see [`Em::chain`]); on a miss the
+    /// function returns with `JitCtx::exit_slot` set for the run loop to fill. Without slots
+    /// left: [`Em::exit_indirect`].
     pub fn exit_chain(&mut self, count: usize, rip: Value) {
         if self.slots.is_null() || self.next_slot >= SLOTS_PER_BLOCK {
-            self.exit(count, rip);
+            self.exit_indirect(count, rip);
             return;
         }
         let slot = self.slots.wrapping_add(self.next_slot) as usize as i64;
         self.next_slot += 1;
         self.commit();
         self.b.ins().store(mem(), rip, self.arch, RIP);
+        let sp = self.b.ins().iconst(self.ptr, slot);
+        self.chain(count, rip, sp, true);
+    }
+
+    /// Ends the function at a block exit to a computed target `rip` (RET, indirect JMP/CALL)
+    /// after `count` instructions, chaining through the jump cache entry of `rip` (filled by
+    /// the run loop for every block it runs with host code).
+    pub fn exit_indirect(&mut self, count: usize, rip: Value) {
+        if self.jcache.is_null() {
+            self.exit(count, rip);
+            return;
+        }
+        self.commit();
+        self.b.ins().store(mem(), rip, self.arch, RIP);
+        let b = &mut self.b;
+        let hi = b.ins().ushr_imm_s(rip, 10);
+        let idx = b.ins().bxor(rip, hi);
+        let idx = b.ins().band_imm_s(idx, (JCACHE_SIZE - 1) as i64);
+        let off = b.ins().imul_imm_s(idx, std::mem::size_of::<Slot>() as i64);
+        let base = b.ins().iconst(self.ptr, self.jcache as usize as i64);
+        let sp = b.ins().iadd(base, off);
+        self.chain(count, rip, sp, false);
+    }
+
+    /// Tail-calls the successor in slot `sp` when the slot is for `rip`, was filled at the
+    /// block cache's current generation (no block dropped or host code freed since), the code
+    /// TLB still maps the RIP's page to the same host page, and the chain budget is not used
+    /// up: `JitCtx::delta`/`block` are set for it and this block's `count` is added to
+    /// `JitCtx::chained_insns`. Otherwise returns `count` (with `JitCtx::exit_slot` = `sp` if
+    /// `note`). The state and RIP are committed.
+    fn chain(&mut self, count: usize, rip: Value, sp: Value, note: bool) {
         let t = MemFlagsData::trusted();
         let jc = self.jc;
         let so = |f: usize| f as i32;
         let b = &mut self.b;
-        let sp = b.ins().iconst(self.ptr, slot);
         let budget = b.ins().load(I64, t, jc, so(offset_of!(JitCtx, budget)));
         let gen = b.ins().load(I64, t, jc, so(offset_of!(JitCtx, gen)));
         let s_rip = b.ins().load(I64, t, sp, so(offset_of!(Slot, rip)));
@@ -285,7 +317,9 @@ impl<'a> Em<'a> {
         let entry = b.ins().load(I64, t, sp, so(offset_of!(Slot, entry)));
         b.ins().return_call_indirect(self.tail, entry, &[jc]);
         b.switch_to_block(miss);
-        b.ins().store(t, sp, jc, so(offset_of!(JitCtx, exit_slot)));
+        if note {
+            b.ins().store(t, sp, jc, so(offset_of!(JitCtx, exit_slot)));
+        }
         let n = b.ins().iconst(I32, count as i64);
         b.ins().return_(&[n]);
         let next = b.create_block();

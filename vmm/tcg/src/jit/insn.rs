@@ -706,12 +706,22 @@ fn target(e: &mut Em<'_>, ins: &Instruction) -> Option<Value> {
     }
 }
 
+/// Block exit of a JMP/CALL: through the exit's slot for a fixed target, the jump cache
+/// for a computed one.
+fn exit_to(e: &mut Em<'_>, ins: &Instruction, n: usize, t: Value) {
+    if ins.op0_kind() == OpKind::NearBranch64 {
+        e.exit_chain(n, t);
+    } else {
+        e.exit_indirect(n, t);
+    }
+}
+
 fn branch(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<Step> {
     let n = e.idx + 1;
     match m {
         M::Jmp => {
             let t = target(e, ins)?;
-            e.exit_chain(n, t);
+            exit_to(e, ins, n, t);
         }
         M::Call => {
             let t = target(e, ins)?;
@@ -720,7 +730,7 @@ fn branch(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<Step> {
             let sp = e.b.ins().iadd_imm_s(sp, -8);
             e.store(sp, 8, ret);
             e.set_gpr(4, sp);
-            e.exit_chain(n, t);
+            exit_to(e, ins, n, t);
         }
         M::Ret => {
             if ins.op_count() != 0 {
@@ -730,7 +740,7 @@ fn branch(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<Step> {
             let t = e.load(sp, 8, false);
             let nsp = e.b.ins().iadd_imm_s(sp, 8);
             e.set_gpr(4, nsp);
-            e.exit_chain(n, t);
+            e.exit_indirect(n, t);
         }
         M::Jo
         | M::Jno

@@ -101,7 +101,7 @@ pub(crate) struct JitCtx {
 /// generation `gen`, jump to `entry` with `delta`". Filled by the run loop
 /// ([`Jit::note_next`]), read by chaining code ([`emit::Em::exit_chain`]).
 #[repr(C)]
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Slot {
     pub rip: u64,
     pub host: u64,
@@ -130,6 +130,14 @@ pub(crate) const SLOTS_PER_BLOCK: usize = 2;
 /// The slots of one block.
 pub(crate) type Slots = [Slot; SLOTS_PER_BLOCK];
 
+/// Entries of the jump cache (exits to computed targets: RET, indirect JMP/CALL).
+pub(crate) const JCACHE_SIZE: usize = 1024;
+
+/// The jump cache entry of RIP `rip` (the translated code computes the same).
+pub(crate) fn jcache_index(rip: u64) -> usize {
+    ((rip ^ (rip >> 10)) as usize) & (JCACHE_SIZE - 1)
+}
+
 /// A helper met a fault: the instruction did not happen.
 pub(crate) const STATUS_FAULT: u64 = 1;
 /// A helper's access ended the block: stop after this instruction.
@@ -152,7 +160,7 @@ impl Default for JitConfig {
         JitConfig {
             threshold: 1000,
             cache_bytes: 64 << 20,
-            chain_limit: 16,
+            chain_limit: 256,
         }
     }
 }
@@ -205,6 +213,10 @@ pub(crate) struct Jit {
     pending: (*mut Slot, u64),
     /// Enters host code (System V) and calls a block function (tail calling convention).
     enter: Option<Enter>,
+    /// The jump cache: a slot per [`jcache_index`], filled for every block the run loop runs
+    /// with host code. Lives as long as the JIT (its address is a constant in the code); a
+    /// flush makes every entry stale by moving the chain generation on.
+    jcache: Box<[Slot]>,
 }
 
 /// The trampoline from Rust into block functions: `enter(jc, entry) -> count`.
@@ -261,13 +273,21 @@ fn new_module() -> Result<(JITModule, Enter), JitError> {
 
 impl Jit {
     /// A JIT for the host ISA.
-    pub fn new(cfg: JitConfig) -> Result<Self, JitError> {
+    pub fn new(mut cfg: JitConfig) -> Result<Self, JitError> {
+        // Tuning knob for measurements: RQEMU_JIT_CHAIN_LIMIT overrides the chain budget.
+        if let Some(n) = std::env::var("RQEMU_JIT_CHAIN_LIMIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            cfg.chain_limit = n;
+        }
         let (m, enter) = new_module()?;
         Ok(Jit {
             module: Some(m),
             slots: Vec::new(),
             pending: (std::ptr::null_mut(), 0),
             enter: Some(enter),
+            jcache: (0..JCACHE_SIZE).map(|_| Slot::default()).collect(),
             cfg,
             bytes: 0,
             stats: JitStats::default(),
@@ -296,12 +316,15 @@ impl Jit {
         let t0 = Instant::now();
         let module = self.module.as_mut()?;
         let mut slots: Box<Slots> = Box::default();
-        let sp = if self.cfg.chain_limit > 0 {
-            &mut *slots as *mut Slots as *mut Slot
+        let (sp, jp) = if self.cfg.chain_limit > 0 {
+            (
+                &mut *slots as *mut Slots as *mut Slot,
+                self.jcache.as_mut_ptr(),
+            )
         } else {
-            std::ptr::null_mut()
+            (std::ptr::null_mut(), std::ptr::null_mut())
         };
-        let res = translate::translate(module, &mut self.fctx, &b.insns, sp, &mut self.stats);
+        let res = translate::translate(module, &mut self.fctx, &b.insns, sp, jp, &mut self.stats);
         self.stats.compile_ns += t0.elapsed().as_nanos() as u64;
         match res {
             Ok(Some(t)) => {
@@ -375,24 +398,25 @@ impl Jit {
 
 impl Jit {
     /// The run loop is about to run host code `n` of block `idx` at RIP `rip` (host page
-    /// `host`, `delta` from its decoded address): fills the slot of the exit the previous
-    /// run returned at, if that exit left at this RIP.
+    /// `host`, `delta` from its decoded address): fills the jump cache entry of `rip`, and
+    /// the slot of the exit the previous run returned at if that exit left at this RIP.
     pub fn note_next(&mut self, rip: u64, host: u64, gen: u64, idx: u32, delta: u64, n: Native) {
+        let fill = Slot {
+            rip,
+            host,
+            gen,
+            entry: n.entry as u64,
+            delta,
+            block: u64::from(idx),
+        };
+        self.jcache[jcache_index(rip)] = fill;
         let (slot, at) = std::mem::replace(&mut self.pending, (std::ptr::null_mut(), 0));
         if slot.is_null() || at != rip {
             return;
         }
         // SAFETY: `slot` points into a `Slots` box owned by `self.slots` (pending is cleared
         // whenever they are freed), and no host code runs now.
-        let s = unsafe { &mut *slot };
-        *s = Slot {
-            rip,
-            host,
-            gen,
-            entry: n.entry as usize as u64,
-            delta,
-            block: u64::from(idx),
-        };
+        unsafe { *slot = fill };
         self.stats.slot_fills += 1;
     }
 

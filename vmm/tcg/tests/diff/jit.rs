@@ -422,9 +422,10 @@ fn jit_flushes_a_full_code_cache() {
     super::report(name, n as usize, &failures);
 }
 
-/// Loops of random blocks (Jcc over an instruction, CALL/POP, MMIO, page faults) run 20
-/// times, with R15 counting down: from the second iteration on, translated blocks chain to
-/// their translated successors without the run loop. JIT and interpreter end in the same
+/// Loops of random blocks (Jcc over an instruction, CALL/POP, MMIO, page faults) and a call
+/// of a small function run 20 times, with R15 counting down: from the second iteration on,
+/// translated blocks chain to their translated successors without the run loop (the RET
+/// through the jump cache). JIT and interpreter end in the same
 /// state, and chains were taken.
 #[test]
 fn jit_chained_loops_match_interpreter() {
@@ -436,13 +437,21 @@ fn jit_chained_loops_match_interpreter() {
     let mut chained = 0;
     for i in 0..n {
         let (body, st) = sequence(&mut r, true);
-        // mov r15d, 20; top: body; dec r15; jnz top
+        // mov r15d, 20; top: body; call f; dec r15; jnz top; jmp end; f: insn; ret; end:
+        let f = insn_simple(&mut r);
         let mut code = vec![0x41, 0xBF, 20, 0, 0, 0];
         let top = code.len() as i64;
         code.extend(body);
+        code.extend([0xE8, 0, 0, 0, 0]);
+        let call_end = code.len();
         code.extend([0x49, 0xFF, 0xCF, 0x0F, 0x85]);
         let rel = top - (code.len() as i64 + 4);
         code.extend((rel as i32).to_le_bytes());
+        code.extend([0xEB, f.len() as u8 + 1]);
+        let f_at = code.len();
+        code[call_end - 4..call_end].copy_from_slice(&((f_at - call_end) as i32).to_le_bytes());
+        code.extend(f);
+        code.push(0xC3);
         fill(&mut h, i);
         h.set_jit(false);
         let interp = h.run_tcg(&code, &st);
