@@ -525,6 +525,25 @@ impl<'a> Em<'a> {
         self.b.inst_results(call)[0]
     }
 
+    /// All arithmetic flags as RFLAGS bits (I64): the eager value of a translated
+    /// instruction that set them eagerly, else computed by a helper.
+    pub fn arith(&mut self) -> Value {
+        if let Flags::Lazy {
+            op: FlagOp::Eager,
+            carry,
+            ..
+        } = self.flags
+        {
+            return carry;
+        }
+        let arch = self.arch;
+        self.flag_helper(
+            self.sigs.carry,
+            helpers::arith as *const () as usize,
+            &[arch],
+        )
+    }
+
     /// The carry flag as 0/1 (I64).
     pub fn carry(&mut self) -> Value {
         let cf = match self.flags {

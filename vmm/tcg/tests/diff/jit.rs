@@ -200,12 +200,12 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
             prefix(8, d, 15, &mut v);
             v.extend([0x8B, 0x07 | ((d & 7) << 3)]);
         }
-        // SHL/SHR/SAR r/m by 1 or by an immediate (masked counts of 0 and above the size too).
+        // SHL/SHR/SAR/ROL/ROR r/m by 1 or by an immediate (masked counts of 0 and above the size too).
         16 => {
             let sz = size(r);
             let rm = if mem.is_some() { 3 } else { d };
             prefix(sz, 0, rm, &mut v);
-            let k = [4u8, 5, 7][r.below(3) as usize];
+            let k = [4u8, 5, 7, 0, 1][r.below(5) as usize];
             if r.below(4) == 0 {
                 v.push(0xD0 + u8::from(sz != 1));
                 modrm(&mut v, k, rm, mem);
@@ -248,7 +248,7 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
                 _ => {}
             }
         }
-        // SHL/SHR/SAR r/m by CL (CL sometimes masked to 0).
+        // SHL/SHR/SAR/ROL/ROR r/m by CL (CL sometimes masked to 0).
         20 => {
             let sz = size(r);
             let rm = if mem.is_some() { 3 } else { d };
@@ -257,7 +257,7 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
             }
             prefix(sz, 0, rm, &mut v);
             v.push(0xD2 + u8::from(sz != 1));
-            modrm(&mut v, [4u8, 5, 7][r.below(3) as usize], rm, mem);
+            modrm(&mut v, [4u8, 5, 7, 0, 1][r.below(5) as usize], rm, mem);
         }
         _ => return insn_simple(r),
     }
