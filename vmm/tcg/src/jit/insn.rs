@@ -5,6 +5,8 @@
 //! register or the flag record, like the interpreter's handlers, so a fault leaves the state
 //! as it was before the instruction.
 
+mod more;
+
 use super::emit::{mask, Em};
 use crate::flags::FlagOp;
 use cranelift_codegen::ir::condcodes::IntCC;
@@ -269,7 +271,9 @@ fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
                 shift(e, ins, m)?
             }
         }
-        M::Rol | M::Ror => rotate(e, ins, m)?,
+        M::Rol | M::Ror => more::rotate(e, ins, m)?,
+        M::Div => more::div(e, ins)?,
+        M::Cmpxchg => more::cmpxchg(e, ins)?,
         M::Imul if ins.op_count() > 1 => imul(e, ins)?,
         M::Cdqe | M::Cwde | M::Cdq | M::Cqo => {
             let (src, dst, bits) = match m {
@@ -654,82 +658,6 @@ fn shift(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
         let zero = e.c(0);
         e.set_flags(FlagOp::Eager, size, res, a, zero, f);
     }
-    Some(())
-}
-
-/// ROL/ROR by 1, an immediate or CL. As the interpreter: the count is masked to 5 (6) bits;
-/// a masked count of 0 changes nothing (by CL: left to the interpreter); otherwise only CF
-/// and OF change (CF = the bit rotated in, OF = MSB ^ CF for ROL, MSB ^ MSB-1 for ROR,
-/// whatever the count), the other arithmetic flags are kept.
-fn rotate(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
-    let size = Em::op_size(ins, 0)?;
-    let cmask = if size == 8 { 0x3F } else { 0x1F };
-    let count = match ins.op_count() {
-        1 => Some(1),
-        2 if is_imm(ins.op1_kind()) => Some(ins.immediate(1) as u32 & cmask),
-        2 if ins.op1_register() == Register::CL => None,
-        _ => return None,
-    };
-    if count == Some(0) {
-        // No flags change; a 32-bit register destination is still zero-extended.
-        let v = e.read_op(ins, 0, size)?;
-        return write_op(e, ins, size, v);
-    }
-    let c = match count {
-        Some(c) => e.c(i64::from(c)),
-        None => {
-            let cl = e.gpr(1);
-            let c = e.b.ins().band_imm_s(cl, i64::from(cmask));
-            let zero_count = e.b.ins().icmp_imm_s(IntCC::Equal, c, 0);
-            let (out, cont) = (e.b.create_block(), e.b.create_block());
-            e.b.ins().brif(zero_count, out, &[], cont, &[]);
-            e.b.switch_to_block(out);
-            e.exit_here();
-            e.b.switch_to_block(cont);
-            c
-        }
-    };
-    let (a, va) = if ins.op0_kind() == OpKind::Memory {
-        let va = e.ea(ins)?;
-        (e.load(va, size, true), Some(va))
-    } else {
-        (e.read_op(ins, 0, size)?, None)
-    };
-    let t = super::emit::ty(size);
-    let n = if size < 8 { e.b.ins().ireduce(t, a) } else { a };
-    let r = if m == M::Rol {
-        e.b.ins().rotl(n, c)
-    } else {
-        e.b.ins().rotr(n, c)
-    };
-    let res = if size < 8 {
-        e.b.ins().uextend(I64, r)
-    } else {
-        r
-    };
-    let bits = 8 * i64::from(size);
-    let msb = e.b.ins().ushr_imm_s(res, bits - 1);
-    let msb = e.b.ins().band_imm_s(msb, 1);
-    let (cf, other) = if m == M::Rol {
-        (e.b.ins().band_imm_s(res, 1), msb)
-    } else {
-        let m2 = e.b.ins().ushr_imm_s(res, bits - 2);
-        (msb, e.b.ins().band_imm_s(m2, 1))
-    };
-    let of = e.b.ins().bxor(other, cf);
-    let of = e.b.ins().ishl_imm_s(of, 11);
-    let old = e.arith();
-    let keep =
-        e.b.ins()
-            .band_imm_s(old, !((crate::flags::CF | crate::flags::OF) as i64));
-    let f = e.b.ins().bor(keep, cf);
-    let f = e.b.ins().bor(f, of);
-    match va {
-        Some(va) => e.store(va, size, res),
-        None => e.set_reg(ins.op0_register(), res),
-    }
-    let zero = e.c(0);
-    e.set_flags(FlagOp::Eager, size, res, a, zero, f);
     Some(())
 }
 

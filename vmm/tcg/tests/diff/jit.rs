@@ -1,6 +1,7 @@
 //! The JIT against the interpreter (and the host CPU) on random sequences of the instruction
 //! classes the translator handles: MOV/LEA/MOVZX/MOVSX, ALU reg-reg/reg-imm/reg-mem/mem-reg/
-//! mem-imm, INC/DEC/NOT/NEG, PUSH/POP, CALL/Jcc, SETcc/CMOVcc, with occasional accesses to
+//! mem-imm, INC/DEC/NOT/NEG, PUSH/POP, CALL/Jcc, SETcc/CMOVcc, shifts and rotates, DIV,
+//! CMPXCHG, with occasional accesses to
 //! MMIO (slow path) and to an unmapped page (precise #PF in the middle of a block), and
 //! self-modifying code. Every block is translated on its first run (threshold 0).
 
@@ -48,7 +49,7 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
     let mut v = Vec::new();
     let mem = (r.below(3) == 0).then(|| (r.below(120) as u8) & !7);
     let (d, s) = (dest(r), dest(r));
-    match r.below(21) {
+    match r.below(23) {
         // ALU r/m, r and r, r/m (ADD OR AND SUB XOR CMP) and TEST r/m, r.
         0 | 1 => {
             let sz = size(r);
@@ -258,6 +259,34 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
             prefix(sz, 0, rm, &mut v);
             v.push(0xD2 + u8::from(sz != 1));
             modrm(&mut v, [4u8, 5, 7, 0, 1][r.below(5) as usize], rm, mem);
+        }
+        // DIV r/m (EDX/RDX often cleared first so that the quotient fits; #DE otherwise).
+        // The host leaves the flags undefined: interpreter comparisons only.
+        21 if mmio => {
+            if r.below(2) == 0 {
+                v.extend([0x31, 0xD2]);
+            }
+            let sz = size(r);
+            let rm = if mem.is_some() { 3 } else { s };
+            prefix(sz, 0, rm, &mut v);
+            v.push(0xF6 + u8::from(sz != 1));
+            modrm(&mut v, 6, rm, mem);
+        }
+        // [LOCK] CMPXCHG m, r, sometimes with the accumulator loaded from m first (equal).
+        22 => {
+            let sz = size(r);
+            let disp = (r.below(120) as u8) & !7;
+            if r.below(2) == 0 {
+                prefix(sz, 0, 3, &mut v);
+                v.push(0x8A + u8::from(sz != 1));
+                modrm(&mut v, 0, 3, Some(disp));
+            }
+            if r.below(2) == 0 {
+                v.push(0xF0);
+            }
+            prefix(sz, s, 3, &mut v);
+            v.extend([0x0F, 0xB0 + u8::from(sz != 1)]);
+            modrm(&mut v, s, 3, Some(disp));
         }
         _ => return insn_simple(r),
     }
