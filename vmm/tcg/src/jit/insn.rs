@@ -274,6 +274,7 @@ fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
         M::Rol | M::Ror => more::rotate(e, ins, m)?,
         M::Div => more::div(e, ins)?,
         M::Cmpxchg => more::cmpxchg(e, ins)?,
+        M::Bt | M::Bts | M::Btr | M::Btc => more::bt(e, ins, m)?,
         M::Imul if ins.op_count() > 1 => imul(e, ins)?,
         M::Cdqe | M::Cwde | M::Cdq | M::Cqo => {
             let (src, dst, bits) = match m {

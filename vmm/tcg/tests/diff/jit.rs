@@ -1,7 +1,7 @@
 //! The JIT against the interpreter (and the host CPU) on random sequences of the instruction
 //! classes the translator handles: MOV/LEA/MOVZX/MOVSX, ALU reg-reg/reg-imm/reg-mem/mem-reg/
 //! mem-imm, INC/DEC/NOT/NEG, PUSH/POP, CALL/Jcc, SETcc/CMOVcc, shifts and rotates, DIV,
-//! CMPXCHG, with occasional accesses to
+//! CMPXCHG, BT/BTS/BTR/BTC, with occasional accesses to
 //! MMIO (slow path) and to an unmapped page (precise #PF in the middle of a block), and
 //! self-modifying code. Every block is translated on its first run (threshold 0).
 
@@ -49,7 +49,7 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
     let mut v = Vec::new();
     let mem = (r.below(3) == 0).then(|| (r.below(120) as u8) & !7);
     let (d, s) = (dest(r), dest(r));
-    match r.below(23) {
+    match r.below(24) {
         // ALU r/m, r and r, r/m (ADD OR AND SUB XOR CMP) and TEST r/m, r.
         0 | 1 => {
             let sz = size(r);
@@ -287,6 +287,29 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
             prefix(sz, s, 3, &mut v);
             v.extend([0x0F, 0xB0 + u8::from(sz != 1)]);
             modrm(&mut v, s, 3, Some(disp));
+        }
+        // BT/BTS/BTR/BTC r/m, r (a memory bit offset kept within the data buffer: AND r32,
+        // 0x3FF first) or r/m, imm8.
+        23 => {
+            let sz = [2, 4, 8][r.below(3) as usize];
+            let rm = if mem.is_some() { 3 } else { d };
+            let k = r.below(4) as u8;
+            if r.below(2) == 0 {
+                if mem.is_some() {
+                    prefix(4, 0, s, &mut v);
+                    v.push(0x81);
+                    modrm(&mut v, 4, s, None);
+                    v.extend(0x3FFu32.to_le_bytes());
+                }
+                prefix(sz, s, rm, &mut v);
+                v.extend([0x0F, 0xA3 + 8 * k]);
+                modrm(&mut v, s, rm, mem);
+            } else {
+                prefix(sz, 0, rm, &mut v);
+                v.extend([0x0F, 0xBA]);
+                modrm(&mut v, 4 + k, rm, mem);
+                v.push(r.value() as u8);
+            }
         }
         _ => return insn_simple(r),
     }

@@ -1,4 +1,5 @@
-//! More instruction translations: rotates, unsigned division, compare-exchange (each with
+//! More instruction translations: rotates, unsigned division, compare-exchange, bit tests
+//! (each with
 //! the interpreter's exact semantics: flags, faults left to the interpreter).
 
 use super::{is_imm, write_op, Em};
@@ -192,5 +193,70 @@ pub(super) fn cmpxchg(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
     let res = e.b.ins().band_imm_s(res, mask(size));
     let zero = e.c(0);
     e.set_flags(FlagOp::Sub, size, res, acc, dst, zero);
+    Some(())
+}
+
+/// BT/BTS/BTR/BTC r/m, r/imm8 (16/32/64-bit). As the interpreter: a register or immediate
+/// offset picks a bit of a register operand modulo its size; a register offset into memory
+/// is signed and addresses beyond the operand (`ea + floor(off / bits) * bytes`). Only CF
+/// changes (the bit's old value); the other arithmetic flags are kept.
+pub(super) fn bt(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
+    if ins.op_count() != 2 {
+        return None;
+    }
+    let size = Em::op_size(ins, 0)?;
+    if size < 2 {
+        return None;
+    }
+    let bits = 8 * i64::from(size);
+    let lg = i64::from(bits.trailing_zeros());
+    let modify = m != M::Bt;
+    let off = e.read_op(ins, 1, size)?;
+    let (val, bit, va) = match ins.op0_kind() {
+        OpKind::Register => {
+            let v = e.read_op(ins, 0, size)?;
+            (v, e.b.ins().band_imm_s(off, bits - 1), None)
+        }
+        OpKind::Memory => {
+            let mut va = e.ea(ins)?;
+            let bit = if ins.op1_kind() == OpKind::Register {
+                let sh = 64 - bits;
+                let l = e.b.ins().ishl_imm_s(off, sh);
+                let soff = e.b.ins().sshr_imm_s(l, sh);
+                let words = e.b.ins().sshr_imm_s(soff, lg);
+                let bytes = e.b.ins().ishl_imm_s(words, lg - 3);
+                va = e.b.ins().iadd(va, bytes);
+                e.b.ins().band_imm_s(soff, bits - 1)
+            } else {
+                e.b.ins().band_imm_s(off, bits - 1)
+            };
+            (e.load(va, size, modify), bit, Some(va))
+        }
+        _ => return None,
+    };
+    let sh = e.b.ins().ushr(val, bit);
+    let cf = e.b.ins().band_imm_s(sh, 1);
+    let old = e.arith();
+    let keep = e.b.ins().band_imm_s(old, !(crate::flags::CF as i64));
+    let f = e.b.ins().bor(keep, cf);
+    if modify {
+        let one = e.c(1);
+        let b = e.b.ins().ishl(one, bit);
+        let new = match m {
+            M::Bts => e.b.ins().bor(val, b),
+            M::Btr => {
+                let nb = e.b.ins().bnot(b);
+                e.b.ins().band(val, nb)
+            }
+            _ => e.b.ins().bxor(val, b),
+        };
+        let new = e.b.ins().band_imm_s(new, mask(size));
+        match va {
+            Some(va) => e.store(va, size, new),
+            None => e.set_reg(ins.op0_register(), new),
+        }
+    }
+    let zero = e.c(0);
+    e.set_flags(FlagOp::Eager, size, val, val, zero, f);
     Some(())
 }
