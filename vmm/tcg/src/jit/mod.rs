@@ -158,7 +158,7 @@ pub struct JitConfig {
 impl Default for JitConfig {
     fn default() -> Self {
         JitConfig {
-            threshold: 1000,
+            threshold: 3000,
             cache_bytes: 64 << 20,
             chain_limit: 256,
         }
