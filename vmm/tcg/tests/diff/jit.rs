@@ -6,6 +6,7 @@
 //! self-modifying code. Every block is translated on its first run (threshold 0).
 
 use super::harness::{check, random_state, Case, Harness, Rng, State, TcgOutcome, DATA, UNMAPPED};
+use super::host_quirks::quirks;
 use super::seed;
 use rqemu_tcg::flags::{AF, ARITH};
 
@@ -207,7 +208,8 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
             let rm = if mem.is_some() { 3 } else { d };
             prefix(sz, 0, rm, &mut v);
             let k = [4u8, 5, 7, 0, 1][r.below(5) as usize];
-            if r.below(4) == 0 {
+            // A host whose OF after multi-bit shifts differs: shift by 1 only.
+            if r.below(4) == 0 || (!mmio && quirks().shift_of_differs) {
                 v.push(0xD0 + u8::from(sz != 1));
                 modrm(&mut v, k, rm, mem);
             } else {
@@ -253,7 +255,9 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
         20 => {
             let sz = size(r);
             let rm = if mem.is_some() { 3 } else { d };
-            if r.below(4) == 0 {
+            if !mmio && quirks().shift_of_differs {
+                v.extend([0xB1, 0x01]); // mov cl, 1 (host OF quirk)
+            } else if r.below(4) == 0 {
                 v.extend([0x80, 0xE1, 0xC0]); // and cl, 0xc0
             }
             prefix(sz, 0, rm, &mut v);
