@@ -64,8 +64,9 @@ pub struct Block {
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(not(feature = "jit"), allow(dead_code))]
 pub(crate) struct Native {
-    /// The translated function (`ctx` is a `*mut crate::jit::JitCtx`).
-    pub entry: unsafe extern "C" fn(ctx: *mut u8) -> u32,
+    /// Address of the translated function (Cranelift's `tail` calling convention, entered
+    /// through the JIT's trampoline; `ctx` is a `*mut crate::jit::JitCtx`).
+    pub entry: usize,
 }
 
 /// Entries of the direct-mapped lookup table in front of the hash map.
@@ -85,6 +86,10 @@ pub struct BlockCache {
     /// Incremented when guest memory may have been written behind the CPU's back (device
     /// DMA); blocks from an older epoch are re-validated against memory before running.
     pub epoch: u64,
+    /// Moves on whenever a block is dropped or forgets its host code, or guest memory may
+    /// have changed behind the CPU (`epoch`): translated code chains to a successor only if
+    /// the slot was filled at the current generation.
+    pub chain_gen: u64,
     /// Statistics: blocks decoded.
     pub decoded: u64,
     /// Statistics: pages invalidated by writes.
@@ -101,6 +106,7 @@ impl Default for BlockCache {
             free: Vec::new(),
             code: CodeBitmap::default(),
             epoch: 0,
+            chain_gen: 0,
             decoded: 0,
             invalidations: 0,
         }
@@ -189,6 +195,7 @@ impl BlockCache {
     /// Forgets every block's host code (the JIT's code cache is about to be freed).
     #[cfg_attr(not(feature = "jit"), allow(dead_code))]
     pub(crate) fn drop_native(&mut self) {
+        self.chain_gen += 1;
         for b in &mut self.blocks {
             b.native = None;
             b.hits = 0;
@@ -209,6 +216,7 @@ impl BlockCache {
         let page = phys & !0xFFF;
         if let Some(list) = self.page_blocks.get_mut(&page) {
             self.invalidations += 1;
+            self.chain_gen += 1;
             for idx in list.drain(..) {
                 let b = &mut self.blocks[idx as usize];
                 self.map.remove(&b.phys);
@@ -234,6 +242,7 @@ impl BlockCache {
 
     /// Drops every block.
     pub fn invalidate_all(&mut self) {
+        self.chain_gen += 1;
         self.blocks.clear();
         self.fast.fill((u64::MAX, 0));
         self.map.clear();

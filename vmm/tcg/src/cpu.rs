@@ -79,6 +79,8 @@ impl Cpu {
     /// Translates hot blocks to host code from now on.
     #[cfg(feature = "jit")]
     pub fn enable_jit(&mut self, cfg: crate::jit::JitConfig) -> Result<(), crate::jit::JitError> {
+        // Blocks must not keep host code (nor chain slots) of a JIT about to be dropped.
+        self.disable_jit();
         self.jit = Some(Box::new(crate::jit::Jit::new(cfg)?));
         Ok(())
     }
@@ -130,6 +132,7 @@ impl Cpu {
     /// Call it e.g. before injecting a device interrupt and after loading images.
     pub fn note_external_writes(&mut self) {
         self.cache.epoch = self.cache.epoch.wrapping_add(1);
+        self.cache.chain_gen += 1;
     }
 
     /// Drops all cached translations.
@@ -371,7 +374,8 @@ impl Cpu {
             _ => None,
         };
         let (single, single_h);
-        let (insns, handlers, vip): (&[Instruction], &[Handler], u64) = match &f {
+        #[allow(unused_mut)]
+        let (mut insns, mut handlers, vip): (&[Instruction], &[Handler], u64) = match &f {
             Fetch::Block(i) => {
                 let b = cache.get(*i);
                 (&b.insns, &b.handlers, b.vip)
@@ -403,14 +407,33 @@ impl Cpu {
         #[allow(unused_mut)]
         let mut start = 0;
         #[cfg(feature = "jit")]
-        if let (Some(n), Some(j)) = (native, jit.as_mut()) {
-            let k = crate::jit::run(&mut cx, n) as usize;
+        if let (Some(n), Some(j), Fetch::Block(idx)) = (native, jit.as_mut(), &f) {
+            let gen = cache.chain_gen;
+            let rip = cx.s.rip;
+            if let Some(hit) = cx.tlb.lookup(rip, Access::Exec, cx.user()) {
+                j.note_next(rip, hit.host as u64, gen, *idx, cx.delta, n);
+            }
+            let out = crate::jit::run(&mut cx, j, n, *idx, gen);
+            let k = out.count as usize;
             j.stats.native_runs += 1;
-            j.stats.native_insns += k as u64;
-            *icount += k as u64;
+            j.stats.native_insns += k as u64 + out.chained_insns;
+            *icount += k as u64 + out.chained_insns;
+            if out.chains > 0 {
+                // The run ended in another block: the interpreter continues in that one.
+                let b = cache.get(out.block);
+                (insns, handlers) = (&b.insns[..], &b.handlers[..]);
+                cx.delta = out.delta;
+                *since_poll = since_poll.saturating_add(out.chains as u32);
+            }
             start = if cx.end_block { insns.len() } else { k };
             if let Some(ins) = insns.get(start) {
                 j.note_stop(ins.mnemonic());
+            }
+        }
+        #[cfg(feature = "jit")]
+        if native.is_none() {
+            if let Some(j) = jit.as_mut() {
+                j.no_next();
             }
         }
         let mut exit = None;

@@ -112,7 +112,7 @@ impl TcgVcpu {
                 " native_insns={} interp_insns={} native_share={:.3} native_runs={} \
                  translated={} translated_insns={} untranslatable={} compile_ms={:.1} \
                  codegen_ms={:.1} finalize_ms={:.1} compile_us_per_block={:.1} code_bytes={} \
-                 flushes={}",
+                 flushes={} chained={} slot_fills={}",
                 j.native_insns,
                 self.cpu.icount.saturating_sub(j.native_insns),
                 j.native_insns as f64 / self.cpu.icount.max(1) as f64,
@@ -125,7 +125,9 @@ impl TcgVcpu {
                 j.finalize_ns as f64 / 1e6,
                 per_block as f64 / 1e3,
                 j.code_bytes,
-                j.flushes
+                j.flushes,
+                j.chained,
+                j.slot_fills
             );
             let stops: Vec<String> = self
                 .cpu

@@ -7,7 +7,7 @@
 //! variable and straight through to the state, so only the lazy-flag record (and RIP) has to
 //! be committed at exits and before helper calls.
 
-use super::{helpers, JitCtx, STATUS_END, STATUS_FAULT};
+use super::{helpers, JitCtx, Slot, JCACHE_SIZE, SLOTS_PER_BLOCK, STATUS_END, STATUS_FAULT};
 use crate::flags::{layout as fl, FlagOp};
 use crate::mmu::tlb::{layout as tl, TLB_SIZE};
 use crate::mmu::walk::Access;
@@ -71,6 +71,15 @@ pub(crate) struct Em<'a> {
     pub next_ip: u64,
     /// A helper of the current instruction may have asked to end the block.
     pub may_end: bool,
+    /// The block's successor slots (`SLOTS_PER_BLOCK`), null when not chaining.
+    slots: *mut Slot,
+    /// Slots used so far.
+    next_slot: usize,
+    /// The JIT's jump cache (`JCACHE_SIZE` slots indexed by [`super::jcache_index`]) for
+    /// exits to a computed target, null when not chaining.
+    jcache: *mut Slot,
+    /// Signature of block functions (for the tail call of a chained successor).
+    tail: SigRef,
 }
 
 fn mem() -> MemFlagsData {
@@ -94,7 +103,14 @@ pub(crate) fn mask(size: u8) -> i64 {
 
 impl<'a> Em<'a> {
     /// Sets up the entry block: loads the context pointers.
-    pub fn new(mut b: FunctionBuilder<'a>, ptr: Type, cc: CallConv) -> Self {
+    pub fn new(
+        mut b: FunctionBuilder<'a>,
+        ptr: Type,
+        cc: CallConv,
+        slots: *mut Slot,
+        jcache: *mut Slot,
+        tail: SigRef,
+    ) -> Self {
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
@@ -135,6 +151,10 @@ impl<'a> Em<'a> {
             ip: 0,
             next_ip: 0,
             may_end: false,
+            slots,
+            next_slot: 0,
+            jcache,
+            tail,
         }
     }
 
@@ -202,6 +222,108 @@ impl<'a> Em<'a> {
         self.b.ins().return_(&[n]);
         let next = self.b.create_block();
         self.b.switch_to_block(next);
+    }
+
+    /// Ends the function at a block exit to the fixed target `rip` after `count`
+    /// instructions, chaining through the exit's own slot (see [`Em::chain`]); on a miss the
+    /// function returns with `JitCtx::exit_slot` set for the run loop to fill. Without slots
+    /// left: [`Em::exit_indirect`].
+    pub fn exit_chain(&mut self, count: usize, rip: Value) {
+        if self.slots.is_null() || self.next_slot >= SLOTS_PER_BLOCK {
+            self.exit_indirect(count, rip);
+            return;
+        }
+        let slot = self.slots.wrapping_add(self.next_slot) as usize as i64;
+        self.next_slot += 1;
+        self.commit();
+        self.b.ins().store(mem(), rip, self.arch, RIP);
+        let sp = self.b.ins().iconst(self.ptr, slot);
+        self.chain(count, rip, sp, true);
+    }
+
+    /// Ends the function at a block exit to a computed target `rip` (RET, indirect JMP/CALL)
+    /// after `count` instructions, chaining through the jump cache entry of `rip` (filled by
+    /// the run loop for every block it runs with host code).
+    pub fn exit_indirect(&mut self, count: usize, rip: Value) {
+        if self.jcache.is_null() {
+            self.exit(count, rip);
+            return;
+        }
+        self.commit();
+        self.b.ins().store(mem(), rip, self.arch, RIP);
+        let b = &mut self.b;
+        let hi = b.ins().ushr_imm_s(rip, 10);
+        let idx = b.ins().bxor(rip, hi);
+        let idx = b.ins().band_imm_s(idx, (JCACHE_SIZE - 1) as i64);
+        let off = b.ins().imul_imm_s(idx, std::mem::size_of::<Slot>() as i64);
+        let base = b.ins().iconst(self.ptr, self.jcache as usize as i64);
+        let sp = b.ins().iadd(base, off);
+        self.chain(count, rip, sp, false);
+    }
+
+    /// Tail-calls the successor in slot `sp` when the slot is for `rip`, was filled at the
+    /// block cache's current generation (no block dropped or host code freed since), the code
+    /// TLB still maps the RIP's page to the same host page, and the chain budget is not used
+    /// up: `JitCtx::delta`/`block` are set for it and this block's `count` is added to
+    /// `JitCtx::chained_insns`. Otherwise returns `count` (with `JitCtx::exit_slot` = `sp` if
+    /// `note`). The state and RIP are committed.
+    fn chain(&mut self, count: usize, rip: Value, sp: Value, note: bool) {
+        let t = MemFlagsData::trusted();
+        let jc = self.jc;
+        let so = |f: usize| f as i32;
+        let b = &mut self.b;
+        let budget = b.ins().load(I64, t, jc, so(offset_of!(JitCtx, budget)));
+        let gen = b.ins().load(I64, t, jc, so(offset_of!(JitCtx, gen)));
+        let s_rip = b.ins().load(I64, t, sp, so(offset_of!(Slot, rip)));
+        let s_gen = b.ins().load(I64, t, sp, so(offset_of!(Slot, gen)));
+        let s_host = b.ins().load(I64, t, sp, so(offset_of!(Slot, host)));
+        // The code TLB entry of the target page.
+        let idx = b.ins().ushr_imm_s(rip, 12);
+        let idx = b.ins().band_imm_s(idx, (TLB_SIZE - 1) as i64);
+        let off = b.ins().imul_imm_s(idx, tl::ENTRY as i64);
+        let e = b.ins().iadd(self.tlb, off);
+        let base = (tl::BASE + Access::Exec as usize * tl::KIND) as i32;
+        let tag = b.ins().load(I64, mem(), e, base + tl::TAG as i32);
+        let host = b.ins().load(I64, mem(), e, base + tl::HOST as i32);
+        let page = b.ins().band_imm_s(rip, !0xFFF);
+        let want = b.ins().bor(page, self.tag_bits);
+        let ok = b.ins().icmp_imm_s(IntCC::NotEqual, budget, 0);
+        let c1 = b.ins().icmp(IntCC::Equal, s_rip, rip);
+        let ok = b.ins().band(ok, c1);
+        let c2 = b.ins().icmp(IntCC::Equal, s_gen, gen);
+        let ok = b.ins().band(ok, c2);
+        let c3 = b.ins().icmp(IntCC::Equal, tag, want);
+        let ok = b.ins().band(ok, c3);
+        let c4 = b.ins().icmp(IntCC::Equal, host, s_host);
+        let ok = b.ins().band(ok, c4);
+        let (hit, miss) = (b.create_block(), b.create_block());
+        b.ins().brif(ok, hit, &[], miss, &[]);
+        b.switch_to_block(hit);
+        let nb = b.ins().iadd_imm_s(budget, -1);
+        b.ins().store(t, nb, jc, so(offset_of!(JitCtx, budget)));
+        let ci = b
+            .ins()
+            .load(I64, t, jc, so(offset_of!(JitCtx, chained_insns)));
+        let ci = b.ins().iadd_imm_s(ci, count as i64);
+        b.ins()
+            .store(t, ci, jc, so(offset_of!(JitCtx, chained_insns)));
+        let ch = b.ins().load(I64, t, jc, so(offset_of!(JitCtx, chains)));
+        let ch = b.ins().iadd_imm_s(ch, 1);
+        b.ins().store(t, ch, jc, so(offset_of!(JitCtx, chains)));
+        let blk = b.ins().load(I64, t, sp, so(offset_of!(Slot, block)));
+        b.ins().store(t, blk, jc, so(offset_of!(JitCtx, block)));
+        let d = b.ins().load(I64, t, sp, so(offset_of!(Slot, delta)));
+        b.ins().store(t, d, jc, so(offset_of!(JitCtx, delta)));
+        let entry = b.ins().load(I64, t, sp, so(offset_of!(Slot, entry)));
+        b.ins().return_call_indirect(self.tail, entry, &[jc]);
+        b.switch_to_block(miss);
+        if note {
+            b.ins().store(t, sp, jc, so(offset_of!(JitCtx, exit_slot)));
+        }
+        let n = b.ins().iconst(I32, count as i64);
+        b.ins().return_(&[n]);
+        let next = b.create_block();
+        b.switch_to_block(next);
     }
 
     /// Exit before the current instruction (it is left to the interpreter).
@@ -401,6 +523,25 @@ impl<'a> Em<'a> {
         let fp = self.b.ins().iconst(self.ptr, f as i64);
         let call = self.b.ins().call_indirect(sig, fp, args);
         self.b.inst_results(call)[0]
+    }
+
+    /// All arithmetic flags as RFLAGS bits (I64): the eager value of a translated
+    /// instruction that set them eagerly, else computed by a helper.
+    pub fn arith(&mut self) -> Value {
+        if let Flags::Lazy {
+            op: FlagOp::Eager,
+            carry,
+            ..
+        } = self.flags
+        {
+            return carry;
+        }
+        let arch = self.arch;
+        self.flag_helper(
+            self.sigs.carry,
+            helpers::arith as *const () as usize,
+            &[arch],
+        )
     }
 
     /// The carry flag as 0/1 (I64).

@@ -78,6 +78,15 @@ pub(crate) unsafe extern "C" fn cond(arch: *const ArchState, cc: u64) -> u64 {
     u64::from(unsafe { (*arch).flags.cond(cc as u8) })
 }
 
+/// The arithmetic flags (CF, PF, AF, ZF, SF, OF bits) of the architectural state.
+///
+/// # Safety
+/// `arch` must point to the live architectural state.
+pub(crate) unsafe extern "C" fn arith(arch: *const ArchState) -> u64 {
+    // SAFETY: per the function contract.
+    unsafe { (*arch).flags.arith() }
+}
+
 /// The carry flag of the flags in the architectural state.
 ///
 /// # Safety

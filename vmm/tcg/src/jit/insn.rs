@@ -5,6 +5,8 @@
 //! register or the flag record, like the interpreter's handlers, so a fault leaves the state
 //! as it was before the instruction.
 
+mod more;
+
 use super::emit::{mask, Em};
 use crate::flags::FlagOp;
 use cranelift_codegen::ir::condcodes::IntCC;
@@ -269,6 +271,10 @@ fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
                 shift(e, ins, m)?
             }
         }
+        M::Rol | M::Ror => more::rotate(e, ins, m)?,
+        M::Div => more::div(e, ins)?,
+        M::Cmpxchg => more::cmpxchg(e, ins)?,
+        M::Bt | M::Bts | M::Btr | M::Btc => more::bt(e, ins, m)?,
         M::Imul if ins.op_count() > 1 => imul(e, ins)?,
         M::Cdqe | M::Cwde | M::Cdq | M::Cqo => {
             let (src, dst, bits) = match m {
@@ -706,12 +712,22 @@ fn target(e: &mut Em<'_>, ins: &Instruction) -> Option<Value> {
     }
 }
 
+/// Block exit of a JMP/CALL: through the exit's slot for a fixed target, the jump cache
+/// for a computed one.
+fn exit_to(e: &mut Em<'_>, ins: &Instruction, n: usize, t: Value) {
+    if ins.op0_kind() == OpKind::NearBranch64 {
+        e.exit_chain(n, t);
+    } else {
+        e.exit_indirect(n, t);
+    }
+}
+
 fn branch(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<Step> {
     let n = e.idx + 1;
     match m {
         M::Jmp => {
             let t = target(e, ins)?;
-            e.exit(n, t);
+            exit_to(e, ins, n, t);
         }
         M::Call => {
             let t = target(e, ins)?;
@@ -720,7 +736,7 @@ fn branch(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<Step> {
             let sp = e.b.ins().iadd_imm_s(sp, -8);
             e.store(sp, 8, ret);
             e.set_gpr(4, sp);
-            e.exit(n, t);
+            exit_to(e, ins, n, t);
         }
         M::Ret => {
             if ins.op_count() != 0 {
@@ -730,7 +746,7 @@ fn branch(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<Step> {
             let t = e.load(sp, 8, false);
             let nsp = e.b.ins().iadd_imm_s(sp, 8);
             e.set_gpr(4, nsp);
-            e.exit(n, t);
+            e.exit_indirect(n, t);
         }
         M::Jo
         | M::Jno
@@ -756,10 +772,10 @@ fn branch(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<Step> {
             e.b.ins().brif(c, taken, &[], not, &[]);
             e.b.switch_to_block(taken);
             let t = e.rip_of(ins.near_branch64());
-            e.exit(n, t);
+            e.exit_chain(n, t);
             e.b.switch_to_block(not);
             let f = e.rip_of(e.next_ip);
-            e.exit(n, f);
+            e.exit_chain(n, f);
         }
         _ => return None,
     }

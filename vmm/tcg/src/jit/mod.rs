@@ -20,11 +20,25 @@
 //! - a helper whose access ended the block (self-modifying code, a device stop request) lets
 //!   the instruction finish and the host code returns after it (`Ctx::end_block` is set).
 //!
-//! The return value is the number of instructions completed; RIP is committed.
+//! The return value is the number of instructions completed in the block it returned from
+//! (see Chaining for the blocks before it); RIP is committed.
+//!
+//! # Chaining
+//! Block functions use Cranelift's `tail` calling convention and are entered through a
+//! trampoline (`extern "C" fn(jc, entry)`). Every exit of a block that ends in a control
+//! transfer (or runs into its size/page limit) has a successor [`Slot`]: if the slot was
+//! filled for the exit's target RIP at the block cache's current [`BlockCache::chain_gen`],
+//! the code TLB still maps that RIP's page to the same host page and the chain budget
+//! ([`JitConfig::chain_limit`]) is not used up, the block tail-calls its successor directly.
+//! Otherwise it returns with [`JitCtx::exit_slot`] set, and the run loop fills that slot with
+//! the block it runs next at that RIP ([`Jit::note_next`]). `chain_gen` moves on whenever a
+//! block is dropped (SMC, invalidation), host code is freed (flush) or guest memory may have
+//! changed behind the CPU (`note_external_writes`), so a chain never enters stale code. The
+//! budget bounds the blocks run without the run loop, which polls for interrupts.
 //!
 //! # Code cache
 //! All code lives in one `JITModule`; when it holds more than [`JitConfig::cache_bytes`] of
-//! code, every block forgets its host code and the module is freed whole.
+//! code, every block forgets its host code and the module is freed whole (with the slots).
 
 mod emit;
 mod helpers;
@@ -66,6 +80,62 @@ pub(crate) struct JitCtx {
     pub tag_bits: u64,
     /// Set by helpers: [`STATUS_FAULT`] or [`STATUS_END`].
     pub status: u64,
+    /// The block cache's chain generation at entry ([`BlockCache::chain_gen`]): a successor
+    /// slot filled under another generation is stale.
+    pub gen: u64,
+    /// Chains left before host code must return to the run loop (interrupt polling).
+    pub budget: u64,
+    /// Set by chaining code: guest instructions completed in blocks left through a chain.
+    pub chained_insns: u64,
+    /// Set by chaining code: chains taken.
+    pub chains: u64,
+    /// Set by chaining code: index of the block whose code is running (returned from).
+    pub block: u64,
+    /// Set by host code returning at a chainable exit: that exit's successor slot, for the
+    /// run loop to fill with the block it runs next (null otherwise).
+    pub exit_slot: *mut Slot,
+}
+
+/// The successor cache of one block exit: "if the exit's target RIP is `rip`, the current
+/// code TLB entry of that page maps it to host page `host` and the block cache is still at
+/// generation `gen`, jump to `entry` with `delta`". Filled by the run loop
+/// ([`Jit::note_next`]), read by chaining code ([`emit::Em::exit_chain`]).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Slot {
+    pub rip: u64,
+    pub host: u64,
+    pub gen: u64,
+    pub entry: u64,
+    pub delta: u64,
+    pub block: u64,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot {
+            rip: 0,
+            host: 0,
+            gen: u64::MAX,
+            entry: 0,
+            delta: 0,
+            block: 0,
+        }
+    }
+}
+
+/// Chainable exits per block (a block ends at its first control transfer: a Jcc has two).
+pub(crate) const SLOTS_PER_BLOCK: usize = 2;
+
+/// The slots of one block.
+pub(crate) type Slots = [Slot; SLOTS_PER_BLOCK];
+
+/// Entries of the jump cache (exits to computed targets: RET, indirect JMP/CALL).
+pub(crate) const JCACHE_SIZE: usize = 1024;
+
+/// The jump cache entry of RIP `rip` (the translated code computes the same).
+pub(crate) fn jcache_index(rip: u64) -> usize {
+    ((rip ^ (rip >> 10)) as usize) & (JCACHE_SIZE - 1)
 }
 
 /// A helper met a fault: the instruction did not happen.
@@ -80,13 +150,17 @@ pub struct JitConfig {
     pub threshold: u32,
     /// Bytes of host code after which the whole code cache is flushed.
     pub cache_bytes: usize,
+    /// Blocks translated code may chain to (without returning to the run loop, which polls
+    /// for interrupts) per entry; 0 disables chaining.
+    pub chain_limit: u32,
 }
 
 impl Default for JitConfig {
     fn default() -> Self {
         JitConfig {
-            threshold: 1000,
+            threshold: 3000,
             cache_bytes: 64 << 20,
+            chain_limit: 256,
         }
     }
 }
@@ -108,8 +182,12 @@ pub struct JitStats {
     pub finalize_ns: u64,
     /// Bytes of host code generated.
     pub code_bytes: u64,
-    /// Runs of translated code.
+    /// Runs of translated code entered from the run loop.
     pub native_runs: u64,
+    /// Blocks entered by a chain from translated code (no run loop in between).
+    pub chained: u64,
+    /// Successor slots filled by the run loop.
+    pub slot_fills: u64,
     /// Guest instructions executed in translated code.
     pub native_insns: u64,
     /// Whole code-cache flushes.
@@ -127,7 +205,24 @@ pub(crate) struct Jit {
     /// Per mnemonic (`iced_x86::Mnemonic as usize`): times translated code stopped before an
     /// instruction of that mnemonic and left the rest of its block to the interpreter.
     stops: Vec<u64>,
+    /// Successor slots of the blocks translated into the current module (their addresses are
+    /// constants in the code; freed with it).
+    /// Boxed: the code holds their addresses, which must not move when the Vec grows.
+    #[allow(clippy::vec_box)]
+    slots: Vec<Box<Slots>>,
+    /// The exit slot the last run returned at and the RIP it left: filled by the next block
+    /// run if that starts at the same RIP ([`Jit::note_next`]).
+    pending: (*mut Slot, u64),
+    /// Enters host code (System V) and calls a block function (tail calling convention).
+    enter: Option<Enter>,
+    /// The jump cache: a slot per [`jcache_index`], filled for every block the run loop runs
+    /// with host code. Lives as long as the JIT (its address is a constant in the code); a
+    /// flush makes every entry stale by moving the chain generation on.
+    jcache: Box<[Slot]>,
 }
+
+/// The trampoline from Rust into block functions: `enter(jc, entry) -> count`.
+type Enter = unsafe extern "C" fn(*mut u8, u64) -> u32;
 
 // SAFETY: the JIT module is owned by one `Cpu` and only ever used by the thread that owns
 // the `Cpu`; it is moved between threads as a whole (never shared), which is all `Send`
@@ -143,11 +238,13 @@ impl std::fmt::Debug for Jit {
     }
 }
 
-fn new_module() -> Result<JITModule, JitError> {
+fn new_module() -> Result<(JITModule, Enter), JitError> {
     let mut flags = settings::builder();
+    // Cranelift's optimizer (egraph) costs a quarter of the compile time and gains nothing
+    // measurable on these short blocks: off unless RQEMU_JIT_OPT=speed.
     let opt = match std::env::var("RQEMU_JIT_OPT").as_deref() {
-        Ok("none") => "none",
-        _ => "speed",
+        Ok("speed") => "speed",
+        _ => "none",
     };
     let regalloc = match std::env::var("RQEMU_JIT_REGALLOC").as_deref() {
         Ok("single_pass") => "single_pass",
@@ -159,6 +256,8 @@ fn new_module() -> Result<JITModule, JitError> {
         ("use_colocated_libcalls", "false"),
         ("is_pic", "false"),
         ("enable_verifier", "false"),
+        // Cranelift's x64 tail calls (block chaining) rely on frame pointers.
+        ("preserve_frame_pointers", "true"),
     ] {
         flags
             .set(k, v)
@@ -168,17 +267,31 @@ fn new_module() -> Result<JITModule, JitError> {
         .map_err(|e| JitError::Isa(e.to_string()))?
         .finish(settings::Flags::new(flags))
         .map_err(|e| JitError::Isa(e.to_string()))?;
-    Ok(JITModule::new(JITBuilder::with_isa(
+    let mut m = JITModule::new(JITBuilder::with_isa(
         isa,
         cranelift_module::default_libcall_names(),
-    )))
+    ));
+    let enter = translate::trampoline(&mut m)?;
+    Ok((m, enter))
 }
 
 impl Jit {
     /// A JIT for the host ISA.
-    pub fn new(cfg: JitConfig) -> Result<Self, JitError> {
+    pub fn new(mut cfg: JitConfig) -> Result<Self, JitError> {
+        // Tuning knob for measurements: RQEMU_JIT_CHAIN_LIMIT overrides the chain budget.
+        if let Some(n) = std::env::var("RQEMU_JIT_CHAIN_LIMIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            cfg.chain_limit = n;
+        }
+        let (m, enter) = new_module()?;
         Ok(Jit {
-            module: Some(new_module()?),
+            module: Some(m),
+            slots: Vec::new(),
+            pending: (std::ptr::null_mut(), 0),
+            enter: Some(enter),
+            jcache: (0..JCACHE_SIZE).map(|_| Slot::default()).collect(),
             cfg,
             bytes: 0,
             stats: JitStats::default(),
@@ -206,10 +319,21 @@ impl Jit {
         let b = cache.get_mut(idx);
         let t0 = Instant::now();
         let module = self.module.as_mut()?;
-        let res = translate::translate(module, &mut self.fctx, &b.insns, &mut self.stats);
+        let mut slots: Box<Slots> = Box::default();
+        let (sp, jp) = if self.cfg.chain_limit > 0 {
+            (
+                &mut *slots as *mut Slots as *mut Slot,
+                self.jcache.as_mut_ptr(),
+            )
+        } else {
+            (std::ptr::null_mut(), std::ptr::null_mut())
+        };
+        let res = translate::translate(module, &mut self.fctx, &b.insns, sp, jp, &mut self.stats);
         self.stats.compile_ns += t0.elapsed().as_nanos() as u64;
         match res {
             Ok(Some(t)) => {
+                // The code refers to the slots by address: they live as long as the module.
+                self.slots.push(slots);
                 self.stats.translated += 1;
                 self.stats.translated_insns += t.insns as u64;
                 self.stats.code_bytes += t.bytes as u64;
@@ -254,32 +378,88 @@ impl Jit {
     /// Drops all host code (every block forgets its entry first).
     pub fn flush(&mut self, cache: &mut BlockCache) {
         cache.drop_native();
+        self.pending = (std::ptr::null_mut(), 0);
+        self.enter = None;
         if let Some(m) = self.module.take() {
-            // SAFETY: no block refers to the module's code any more (`drop_native` above),
-            // and no host code is running (we are in the run loop, between blocks).
+            // SAFETY: no block refers to the module's code any more (`drop_native` above,
+            // which also moved the chain generation on, so no slot is valid), the trampoline
+            // is forgotten, and no host code is running (we are in the run loop, between
+            // blocks).
             unsafe { m.free_memory() };
         }
-        self.module = new_module().ok();
+        self.slots.clear();
+        match new_module() {
+            Ok((m, e)) => {
+                self.module = Some(m);
+                self.enter = Some(e);
+            }
+            Err(_) => self.module = None,
+        }
         self.bytes = 0;
         self.stats.flushes += 1;
     }
 }
 
+impl Jit {
+    /// The run loop is about to run host code `n` of block `idx` at RIP `rip` (host page
+    /// `host`, `delta` from its decoded address): fills the jump cache entry of `rip`, and
+    /// the slot of the exit the previous run returned at if that exit left at this RIP.
+    pub fn note_next(&mut self, rip: u64, host: u64, gen: u64, idx: u32, delta: u64, n: Native) {
+        let fill = Slot {
+            rip,
+            host,
+            gen,
+            entry: n.entry as u64,
+            delta,
+            block: u64::from(idx),
+        };
+        self.jcache[jcache_index(rip)] = fill;
+        let (slot, at) = std::mem::replace(&mut self.pending, (std::ptr::null_mut(), 0));
+        if slot.is_null() || at != rip {
+            return;
+        }
+        // SAFETY: `slot` points into a `Slots` box owned by `self.slots` (pending is cleared
+        // whenever they are freed), and no host code runs now.
+        unsafe { *slot = fill };
+        self.stats.slot_fills += 1;
+    }
+
+    /// No block follows through the run loop with host code: forget the pending slot.
+    pub fn no_next(&mut self) {
+        self.pending = (std::ptr::null_mut(), 0);
+    }
+}
+
+/// What a run of host code (with its chains) did.
+pub(crate) struct RunOut {
+    /// Instructions completed in the block it returned from.
+    pub count: u32,
+    /// Instructions completed in the blocks chained through before.
+    pub chained_insns: u64,
+    /// Chains taken.
+    pub chains: u64,
+    /// The block it returned from.
+    pub block: u32,
+    /// That block's delta.
+    pub delta: u64,
+}
+
 /// Compiled code of one block.
 pub(crate) struct Translated {
-    pub entry: unsafe extern "C" fn(*mut u8) -> u32,
+    /// Address of the block function (`tail` calling convention).
+    pub entry: usize,
     /// Guest instructions translated.
     pub insns: usize,
     /// Bytes of host code.
     pub bytes: usize,
 }
 
-/// Declares and compiles the function in `ctx`; returns its entry and code size.
+/// Declares and compiles the function in `ctx`; returns its address and code size.
 pub(crate) fn finish(
     module: &mut JITModule,
     ctx: &mut cranelift_codegen::Context,
     stats: &mut JitStats,
-) -> Result<(unsafe extern "C" fn(*mut u8) -> u32, usize), JitError> {
+) -> Result<(usize, usize), JitError> {
     let id = module
         .declare_anonymous_function(&ctx.func.signature)
         .map_err(|e| JitError::Codegen(e.to_string()))?;
@@ -299,17 +479,29 @@ pub(crate) fn finish(
         .map_err(|e| JitError::Codegen(e.to_string()))?;
     stats.finalize_ns += t1.elapsed().as_nanos() as u64;
     let p = module.get_finalized_function(id);
-    // SAFETY: `p` is the finalized (executable) code of a function built with the signature
-    // `extern "C" fn(*mut u8) -> u32` (pointer in, i32 out, the host's default C calling
-    // convention) by `translate`.
-    let entry =
-        unsafe { std::mem::transmute::<*const u8, unsafe extern "C" fn(*mut u8) -> u32>(p) };
-    Ok((entry, bytes))
+    Ok((p as usize, bytes))
 }
 
-/// Runs host code `n` of the block `cx` is executing (with `cx.delta` set); returns the
-/// number of instructions it completed. RIP and the state are committed.
-pub(crate) fn run(cx: &mut crate::ctx::Ctx<'_>, n: Native) -> u32 {
+/// Runs host code `n` of block `idx`, which `cx` is executing (with `cx.delta` set), and the
+/// blocks it chains to (at most `jit`'s chain limit, while the block cache stays at
+/// generation `gen`). RIP and the state are committed.
+pub(crate) fn run(
+    cx: &mut crate::ctx::Ctx<'_>,
+    jit: &mut Jit,
+    n: Native,
+    idx: u32,
+    gen: u64,
+) -> RunOut {
+    let Some(enter) = jit.enter else {
+        // Unreachable: blocks have host code only while the module (and its trampoline) live.
+        return RunOut {
+            count: 0,
+            chained_insns: 0,
+            chains: 0,
+            block: idx,
+            delta: cx.delta,
+        };
+    };
     let user = cx.user();
     let mut jc = JitCtx {
         arch: &mut *cx.s as *mut ArchState,
@@ -318,11 +510,28 @@ pub(crate) fn run(cx: &mut crate::ctx::Ctx<'_>, n: Native) -> u32 {
         delta: cx.delta,
         tag_bits: crate::mmu::tlb::VALID | if user { crate::mmu::tlb::USER } else { 0 },
         status: 0,
+        gen,
+        budget: u64::from(jit.cfg.chain_limit),
+        chained_insns: 0,
+        chains: 0,
+        block: u64::from(idx),
+        exit_slot: std::ptr::null_mut(),
     };
     jc.cx = cx as *mut crate::ctx::Ctx<'_> as *mut u8;
-    // SAFETY: `n.entry` is code compiled by `translate` for this block, still owned by the
-    // live JIT module (blocks forget their code before a flush). It accesses the state and
-    // TLB through `jc.arch`/`jc.tlb` and calls the helpers with `jc`, whose `cx` is the
-    // context of this call; nothing else touches them while it runs.
-    unsafe { (n.entry)(&mut jc as *mut JitCtx as *mut u8) }
+    // SAFETY: `enter` is the live module's trampoline and `n.entry` code compiled by
+    // `translate` for this block, still owned by that module (blocks forget their code before
+    // a flush). Chains only reach code of the same module (slots of older modules are freed
+    // with them; stale ones fail the generation check). The code accesses the state and TLB
+    // through `jc.arch`/`jc.tlb` and calls the helpers with `jc`, whose `cx` is the context
+    // of this call; nothing else touches them while it runs.
+    let count = unsafe { enter(&mut jc as *mut JitCtx as *mut u8, n.entry as u64) };
+    jit.pending = (jc.exit_slot, cx.s.rip);
+    jit.stats.chained += jc.chains;
+    RunOut {
+        count,
+        chained_insns: jc.chained_insns,
+        chains: jc.chains,
+        block: jc.block as u32,
+        delta: jc.delta,
+    }
 }

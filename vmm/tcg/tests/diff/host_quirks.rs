@@ -10,6 +10,10 @@
 //! - FXSAVE pointers: AMD CPUs save FOP, FIP and FDP only while FSW.ES is set (zeros
 //!   otherwise, Linux's X86_BUG_FXSAVE_LEAK); Intel always saves them. Images restored with
 //!   ES clear get zero pointers, so both sides save zeros.
+//! - OF after a shift or rotate by more than 1: undefined by the SDM; the TCG computes it
+//!   with the count-1 formulas (SHR: 0; SHL, ROL, ROR: from the result), which some hosts do
+//!   not follow. Tests comparing random shifts with such a host shift by 1 only
+//!   ([`Quirks::shift_of_differs`]).
 //! - ICEBP (INT1, F1): a trap; the #DB reports the next instruction. Some hypervisors
 //!   re-inject it as a fault on the F1 byte itself: [`icebp_rip`] takes the host's report
 //!   back to the architectural RIP.
@@ -25,6 +29,63 @@ pub struct Quirks {
     pub mxcsr_mask_extra: u32,
     /// FXSAVE stores FOP/FIP/FDP as zero while FSW.ES is clear.
     pub fx_pointers_need_es: bool,
+    /// The host's OF after SHL/SHR/ROL/ROR by more than 1 differs from the TCG's.
+    pub shift_of_differs: bool,
+}
+
+/// OF after `op eax, cl` (0 SHL, 1 SHR, 2 ROL, 3 ROR) of `v` by `c` on the host, and the
+/// result.
+fn host_shift(op: u8, v: u32, c: u8) -> (bool, u32) {
+    let (mut r, f): (u32, u64) = (v, 0);
+    let mut f = f;
+    // SAFETY: register-only instructions; PUSHFQ/POP use the stack (no `nostack`).
+    unsafe {
+        match op {
+            0 => {
+                std::arch::asm!("shl {r:e}, cl", "pushfq", "pop {f}", r = inout(reg) r, f = out(reg) f, in("cl") c)
+            }
+            1 => {
+                std::arch::asm!("shr {r:e}, cl", "pushfq", "pop {f}", r = inout(reg) r, f = out(reg) f, in("cl") c)
+            }
+            2 => {
+                std::arch::asm!("rol {r:e}, cl", "pushfq", "pop {f}", r = inout(reg) r, f = out(reg) f, in("cl") c)
+            }
+            _ => {
+                std::arch::asm!("ror {r:e}, cl", "pushfq", "pop {f}", r = inout(reg) r, f = out(reg) f, in("cl") c)
+            }
+        }
+    }
+    (f & 0x800 != 0, r)
+}
+
+/// Whether the host's OF after multi-bit shifts and rotates of 32-bit values differs from
+/// the TCG's formulas.
+fn probe_shift_of() -> bool {
+    let msb = |x: u32| x >> 31 != 0;
+    for v in [
+        0x8000_0000u32,
+        0x4000_0000,
+        0xC000_0001,
+        0x1234_5678,
+        0xF0F0_F0F0,
+        0x7FFF_FFFF,
+    ] {
+        for c in 2..8u8 {
+            for op in 0..4 {
+                let (of, r) = host_shift(op, v, c);
+                let model = match op {
+                    0 => msb(r) ^ ((v >> (32 - u32::from(c))) & 1 != 0),
+                    1 => false,
+                    2 => msb(r) ^ (r & 1 != 0),
+                    _ => msb(r) ^ ((r >> 30) & 1 != 0),
+                };
+                if of != model {
+                    return true;
+                }
+            }
+        }
+    }
+    false
 }
 
 fn probe() -> Quirks {
@@ -49,7 +110,11 @@ fn probe() -> Quirks {
     let q = Quirks {
         mxcsr_mask_extra: mask & !0xFFFF,
         fx_pointers_need_es: out.0[6..24].iter().all(|&b| b == 0),
+        shift_of_differs: probe_shift_of(),
     };
+    if q.shift_of_differs {
+        eprintln!("host quirk: OF after multi-bit shifts/rotates differs from the TCG's");
+    }
     if q.mxcsr_mask_extra != 0 {
         eprintln!(
             "host quirk: MXCSR_MASK {mask:#x} (TCG 0xffff): extra bits cleared in saved images"

@@ -1,10 +1,12 @@
 //! The JIT against the interpreter (and the host CPU) on random sequences of the instruction
 //! classes the translator handles: MOV/LEA/MOVZX/MOVSX, ALU reg-reg/reg-imm/reg-mem/mem-reg/
-//! mem-imm, INC/DEC/NOT/NEG, PUSH/POP, CALL/Jcc, SETcc/CMOVcc, with occasional accesses to
+//! mem-imm, INC/DEC/NOT/NEG, PUSH/POP, CALL/Jcc, SETcc/CMOVcc, shifts and rotates, DIV,
+//! CMPXCHG, BT/BTS/BTR/BTC, with occasional accesses to
 //! MMIO (slow path) and to an unmapped page (precise #PF in the middle of a block), and
 //! self-modifying code. Every block is translated on its first run (threshold 0).
 
 use super::harness::{check, random_state, Case, Harness, Rng, State, TcgOutcome, DATA, UNMAPPED};
+use super::host_quirks::quirks;
 use super::seed;
 use rqemu_tcg::flags::{AF, ARITH};
 
@@ -48,7 +50,7 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
     let mut v = Vec::new();
     let mem = (r.below(3) == 0).then(|| (r.below(120) as u8) & !7);
     let (d, s) = (dest(r), dest(r));
-    match r.below(21) {
+    match r.below(24) {
         // ALU r/m, r and r, r/m (ADD OR AND SUB XOR CMP) and TEST r/m, r.
         0 | 1 => {
             let sz = size(r);
@@ -200,13 +202,14 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
             prefix(8, d, 15, &mut v);
             v.extend([0x8B, 0x07 | ((d & 7) << 3)]);
         }
-        // SHL/SHR/SAR r/m by 1 or by an immediate (masked counts of 0 and above the size too).
+        // SHL/SHR/SAR/ROL/ROR r/m by 1 or by an immediate (masked counts of 0 and above the size too).
         16 => {
             let sz = size(r);
             let rm = if mem.is_some() { 3 } else { d };
             prefix(sz, 0, rm, &mut v);
-            let k = [4u8, 5, 7][r.below(3) as usize];
-            if r.below(4) == 0 {
+            let k = [4u8, 5, 7, 0, 1][r.below(5) as usize];
+            // A host whose OF after multi-bit shifts differs: shift by 1 only.
+            if r.below(4) == 0 || (!mmio && quirks().shift_of_differs) {
                 v.push(0xD0 + u8::from(sz != 1));
                 modrm(&mut v, k, rm, mem);
             } else {
@@ -248,16 +251,69 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
                 _ => {}
             }
         }
-        // SHL/SHR/SAR r/m by CL (CL sometimes masked to 0).
+        // SHL/SHR/SAR/ROL/ROR r/m by CL (CL sometimes masked to 0).
         20 => {
             let sz = size(r);
             let rm = if mem.is_some() { 3 } else { d };
-            if r.below(4) == 0 {
+            if !mmio && quirks().shift_of_differs {
+                v.extend([0xB1, 0x01]); // mov cl, 1 (host OF quirk)
+            } else if r.below(4) == 0 {
                 v.extend([0x80, 0xE1, 0xC0]); // and cl, 0xc0
             }
             prefix(sz, 0, rm, &mut v);
             v.push(0xD2 + u8::from(sz != 1));
-            modrm(&mut v, [4u8, 5, 7][r.below(3) as usize], rm, mem);
+            modrm(&mut v, [4u8, 5, 7, 0, 1][r.below(5) as usize], rm, mem);
+        }
+        // DIV r/m (EDX/RDX often cleared first so that the quotient fits; #DE otherwise).
+        // The host leaves the flags undefined: interpreter comparisons only.
+        21 if mmio => {
+            if r.below(2) == 0 {
+                v.extend([0x31, 0xD2]);
+            }
+            let sz = size(r);
+            let rm = if mem.is_some() { 3 } else { s };
+            prefix(sz, 0, rm, &mut v);
+            v.push(0xF6 + u8::from(sz != 1));
+            modrm(&mut v, 6, rm, mem);
+        }
+        // [LOCK] CMPXCHG m, r, sometimes with the accumulator loaded from m first (equal).
+        22 => {
+            let sz = size(r);
+            let disp = (r.below(120) as u8) & !7;
+            if r.below(2) == 0 {
+                prefix(sz, 0, 3, &mut v);
+                v.push(0x8A + u8::from(sz != 1));
+                modrm(&mut v, 0, 3, Some(disp));
+            }
+            if r.below(2) == 0 {
+                v.push(0xF0);
+            }
+            prefix(sz, s, 3, &mut v);
+            v.extend([0x0F, 0xB0 + u8::from(sz != 1)]);
+            modrm(&mut v, s, 3, Some(disp));
+        }
+        // BT/BTS/BTR/BTC r/m, r (a memory bit offset kept within the data buffer: AND r32,
+        // 0x3FF first) or r/m, imm8.
+        23 => {
+            let sz = [2, 4, 8][r.below(3) as usize];
+            let rm = if mem.is_some() { 3 } else { d };
+            let k = r.below(4) as u8;
+            if r.below(2) == 0 {
+                if mem.is_some() {
+                    prefix(4, 0, s, &mut v);
+                    v.push(0x81);
+                    modrm(&mut v, 4, s, None);
+                    v.extend(0x3FFu32.to_le_bytes());
+                }
+                prefix(sz, s, rm, &mut v);
+                v.extend([0x0F, 0xA3 + 8 * k]);
+                modrm(&mut v, s, rm, mem);
+            } else {
+                prefix(sz, 0, rm, &mut v);
+                v.extend([0x0F, 0xBA]);
+                modrm(&mut v, 4 + k, rm, mem);
+                v.push(r.value() as u8);
+            }
         }
         _ => return insn_simple(r),
     }
@@ -390,6 +446,7 @@ fn jit_flushes_a_full_code_cache() {
     h.set_jit_config(rqemu_tcg::JitConfig {
         threshold: 0,
         cache_bytes: 1,
+        ..Default::default()
     });
     let mut r = Rng(seed::for_test(name));
     let mut failures = Vec::new();
@@ -419,4 +476,105 @@ fn jit_flushes_a_full_code_cache() {
         "nothing ran in translated code: {stats:?}"
     );
     super::report(name, n as usize, &failures);
+}
+
+/// Loops of random blocks (Jcc over an instruction, CALL/POP, MMIO, page faults) and a call
+/// of a small function run 20 times, with R15 counting down: from the second iteration on,
+/// translated blocks chain to their translated successors without the run loop (the RET
+/// through the jump cache). JIT and interpreter end in the same
+/// state, and chains were taken.
+#[test]
+fn jit_chained_loops_match_interpreter() {
+    let name = "jit_chained_loops_match_interpreter";
+    let mut h = Harness::new();
+    let mut r = Rng(seed::for_test(name));
+    let mut failures = Vec::new();
+    let n = 600;
+    let mut chained = 0;
+    for i in 0..n {
+        let (body, st) = sequence(&mut r, true);
+        // mov r15d, 20; top: body; call f; dec r15; jnz top; jmp end; f: insn; ret; end:
+        let f = insn_simple(&mut r);
+        let mut code = vec![0x41, 0xBF, 20, 0, 0, 0];
+        let top = code.len() as i64;
+        code.extend(body);
+        code.extend([0xE8, 0, 0, 0, 0]);
+        let call_end = code.len();
+        code.extend([0x49, 0xFF, 0xCF, 0x0F, 0x85]);
+        let rel = top - (code.len() as i64 + 4);
+        code.extend((rel as i32).to_le_bytes());
+        code.extend([0xEB, f.len() as u8 + 1]);
+        let f_at = code.len();
+        code[call_end - 4..call_end].copy_from_slice(&((f_at - call_end) as i32).to_le_bytes());
+        code.extend(f);
+        code.push(0xC3);
+        fill(&mut h, i);
+        h.set_jit(false);
+        let interp = h.run_tcg(&code, &st);
+        let interp_data = h.data().to_vec();
+        fill(&mut h, i);
+        h.set_jit(true);
+        let jit = h.run_tcg(&code, &st);
+        let same_data = interp_data[..] == h.data()[..];
+        chained += h.cpu().jit_stats().expect("jit enabled").chained;
+        if matches!(interp, TcgOutcome::Other(_)) || interp != jit || !same_data {
+            failures.push(format!(
+                "code {code:02x?} state {:x?}:\n  interp {interp:x?}\n  jit    {jit:x?}\n  memory equal: {same_data}",
+                st.gpr
+            ));
+        }
+    }
+    eprintln!("{name}: {chained} chains taken");
+    assert!(chained > 0, "no translated block ever chained to another");
+    super::report(name, n as usize, &failures);
+}
+
+/// A chained successor on another page is rewritten by code on the first page: the chain
+/// must not enter the successor's stale translation (the invalidation moves the chain
+/// generation on). Each iteration stores ECX into the immediate of `add eax, imm32` on the
+/// second page, reached by a JMP from the first page; an inner loop chains to itself.
+#[test]
+fn jit_chain_to_a_rewritten_block() {
+    let page = 0x1000 - (Harness::code_addr() & 0xFFF) as usize;
+    // First page:   mov r15d, 10; xor eax, eax; xor ecx, ecx
+    //         top:  add ecx, 3; mov edx, 4
+    //         inner: inc esi; dec edx; jnz inner (chains to itself); jmp second
+    //         back: mov [rip + to imm], ecx; dec r15; jnz top
+    // Second page:  second: add eax, imm32; jmp back
+    let mut code = vec![0x41, 0xBF, 10, 0, 0, 0, 0x31, 0xC0, 0x31, 0xC9];
+    let top = code.len();
+    code.extend([0x83, 0xC1, 0x03, 0xBA, 4, 0, 0, 0]);
+    code.extend([0xFF, 0xC6, 0xFF, 0xCA, 0x75, 0xFA, 0xE9]);
+    let jmp_end = code.len() + 4;
+    code.extend(((page - jmp_end) as i32).to_le_bytes());
+    let back = code.len();
+    code.extend([0x89, 0x0D]);
+    let imm = page + 1;
+    code.extend(((imm - (code.len() + 4)) as i32).to_le_bytes());
+    code.extend([0x49, 0xFF, 0xCF, 0x0F, 0x85]);
+    code.extend(((top as i64 - (code.len() as i64 + 4)) as i32).to_le_bytes());
+    // Leave the loop: jmp over the second page's code to the end.
+    code.push(0xE9);
+    let skip_from = code.len() + 4;
+    code.extend([0; 4]);
+    code.resize(page, 0xCC);
+    code.extend([0x05, 0, 0, 0, 0, 0xE9]);
+    code.extend(((back as i64 - (code.len() as i64 + 4)) as i32).to_le_bytes());
+    let end = code.len();
+    code[skip_from - 4..skip_from].copy_from_slice(&((end - skip_from) as i32).to_le_bytes());
+    let st = State::default();
+    let mut h = Harness::new();
+    h.set_jit(false);
+    let interp = h.run_tcg(&code, &st);
+    h.set_jit(true);
+    let jit = h.run_tcg(&code, &st);
+    let stats = h.cpu().jit_stats().expect("jit enabled");
+    // eax = sum over iterations k = 1..=10 of the ECX stored in iteration k-1 (0 first).
+    let want: u64 = (0..10).map(|k| 3 * k).sum();
+    match &jit {
+        TcgOutcome::Ran(s, ..) => assert_eq!(s.gpr[0], want, "stale code ran: {stats:?}"),
+        other => panic!("jit: {other:?}"),
+    }
+    assert_eq!(interp, jit);
+    assert!(stats.chained > 0, "no chain taken: {stats:?}");
 }

@@ -18,6 +18,8 @@ const STUBS: u64 = 0x1_2000;
 #[derive(Default)]
 struct TestPlatform {
     pending: Option<u8>,
+    /// Polls answered "nothing pending" before `pending` shows.
+    delay: u32,
     acked: Vec<u8>,
     log: Vec<String>,
 }
@@ -40,6 +42,10 @@ impl Platform for TestPlatform {
         self.log.push(format!("pio_write {port:#x} {data:02x?}"));
     }
     fn interrupt_pending(&mut self) -> bool {
+        if self.delay > 0 {
+            self.delay -= 1;
+            return false;
+        }
         self.pending.is_some()
     }
     fn acknowledge_interrupt(&mut self) -> Option<u8> {
@@ -354,6 +360,40 @@ fn interrupt_is_taken_right_after_the_sti_shadow() {
         (0x42, AT + 8),
         "taken after exactly the one instruction the STI shadow covers"
     );
+}
+
+/// With the JIT, a tight loop runs in translated blocks chained to each other without the
+/// run loop; an interrupt that becomes pending while it runs is still taken (the chain budget
+/// returns to the run loop, which polls).
+#[cfg(feature = "jit")]
+#[test]
+fn jit_chained_loop_takes_interrupts() {
+    // sti; top: inc rcx; jmp top
+    const AT: u64 = 0x2_0000;
+    let code = [0xFB, 0x48, 0xFF, 0xC1, 0xEB, 0xFB];
+    let mut g = Guest::new();
+    g.mem[AT as usize..AT as usize + code.len()].copy_from_slice(&code);
+    let cfg = rqemu_tcg::JitConfig {
+        threshold: 0,
+        ..Default::default()
+    };
+    g.cpu.enable_jit(cfg).expect("JIT for this host");
+    let mut p = TestPlatform {
+        pending: Some(0x41),
+        delay: 200,
+        ..TestPlatform::default()
+    };
+    let e = g.run_at(AT, &mut p);
+    assert!(halted(&e), "{e:?}");
+    assert_eq!(p.acked, vec![0x41], "the interrupt was taken");
+    let (v, _, rip, ..) = g.log();
+    assert_eq!(v, 0x41);
+    assert!(
+        rip == AT + 1 || rip == AT + 4,
+        "taken inside the loop: {rip:#x}"
+    );
+    let stats = g.cpu.jit_stats().expect("jit enabled");
+    assert!(stats.chained > 0, "the loop never chained: {stats:?}");
 }
 
 #[test]

@@ -1,0 +1,262 @@
+//! More instruction translations: rotates, unsigned division, compare-exchange, bit tests
+//! (each with
+//! the interpreter's exact semantics: flags, faults left to the interpreter).
+
+use super::{is_imm, write_op, Em};
+use crate::flags::FlagOp;
+use crate::jit::emit::{mask, ty};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::I64;
+use cranelift_codegen::ir::InstBuilder;
+use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
+
+/// ROL/ROR by 1, an immediate or CL. As the interpreter: the count is masked to 5 (6) bits;
+/// a masked count of 0 changes nothing (by CL: left to the interpreter); otherwise only CF
+/// and OF change (CF = the bit rotated in, OF = MSB ^ CF for ROL, MSB ^ MSB-1 for ROR,
+/// whatever the count), the other arithmetic flags are kept.
+pub(super) fn rotate(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
+    let size = Em::op_size(ins, 0)?;
+    let cmask = if size == 8 { 0x3F } else { 0x1F };
+    let count = match ins.op_count() {
+        1 => Some(1),
+        2 if is_imm(ins.op1_kind()) => Some(ins.immediate(1) as u32 & cmask),
+        2 if ins.op1_register() == Register::CL => None,
+        _ => return None,
+    };
+    if count == Some(0) {
+        // No flags change; a 32-bit register destination is still zero-extended.
+        let v = e.read_op(ins, 0, size)?;
+        return write_op(e, ins, size, v);
+    }
+    let c = match count {
+        Some(c) => e.c(i64::from(c)),
+        None => {
+            let cl = e.gpr(1);
+            let c = e.b.ins().band_imm_s(cl, i64::from(cmask));
+            let zero_count = e.b.ins().icmp_imm_s(IntCC::Equal, c, 0);
+            let (out, cont) = (e.b.create_block(), e.b.create_block());
+            e.b.ins().brif(zero_count, out, &[], cont, &[]);
+            e.b.switch_to_block(out);
+            e.exit_here();
+            e.b.switch_to_block(cont);
+            c
+        }
+    };
+    let (a, va) = if ins.op0_kind() == OpKind::Memory {
+        let va = e.ea(ins)?;
+        (e.load(va, size, true), Some(va))
+    } else {
+        (e.read_op(ins, 0, size)?, None)
+    };
+    let t = ty(size);
+    let n = if size < 8 { e.b.ins().ireduce(t, a) } else { a };
+    let r = if m == M::Rol {
+        e.b.ins().rotl(n, c)
+    } else {
+        e.b.ins().rotr(n, c)
+    };
+    let res = if size < 8 {
+        e.b.ins().uextend(I64, r)
+    } else {
+        r
+    };
+    let bits = 8 * i64::from(size);
+    let msb = e.b.ins().ushr_imm_s(res, bits - 1);
+    let msb = e.b.ins().band_imm_s(msb, 1);
+    let (cf, other) = if m == M::Rol {
+        (e.b.ins().band_imm_s(res, 1), msb)
+    } else {
+        let m2 = e.b.ins().ushr_imm_s(res, bits - 2);
+        (msb, e.b.ins().band_imm_s(m2, 1))
+    };
+    let of = e.b.ins().bxor(other, cf);
+    let of = e.b.ins().ishl_imm_s(of, 11);
+    let old = e.arith();
+    let keep =
+        e.b.ins()
+            .band_imm_s(old, !((crate::flags::CF | crate::flags::OF) as i64));
+    let f = e.b.ins().bor(keep, cf);
+    let f = e.b.ins().bor(f, of);
+    match va {
+        Some(va) => e.store(va, size, res),
+        None => e.set_reg(ins.op0_register(), res),
+    }
+    let zero = e.c(0);
+    e.set_flags(FlagOp::Eager, size, res, a, zero, f);
+    Some(())
+}
+
+/// DIV r/m. A zero divisor or a quotient that does not fit (#DE), and a 64-bit dividend
+/// with RDX != 0 (no 128-bit division here), are left to the interpreter, which faults or
+/// divides. Flags are unchanged (as the interpreter leaves them).
+pub(super) fn div(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
+    if ins.op_count() != 1 {
+        return None;
+    }
+    let size = Em::op_size(ins, 0)?;
+    let src = e.read_op(ins, 0, size)?;
+    let rax = e.gpr(0);
+    let bits = 8 * i64::from(size);
+    // The dividend as one 64-bit value (AX, DX:AX, EDX:EAX; RAX when RDX is 0).
+    let (n, hi_nonzero) = match size {
+        1 => (e.b.ins().band_imm_s(rax, 0xFFFF), None),
+        8 => {
+            let rdx = e.gpr(2);
+            (rax, Some(e.b.ins().icmp_imm_s(IntCC::NotEqual, rdx, 0)))
+        }
+        _ => {
+            let rdx = e.gpr(2);
+            let hi = e.b.ins().band_imm_s(rdx, mask(size));
+            let hi = e.b.ins().ishl_imm_s(hi, bits);
+            let lo = e.b.ins().band_imm_s(rax, mask(size));
+            (e.b.ins().bor(hi, lo), None)
+        }
+    };
+    let zero = e.b.ins().icmp_imm_s(IntCC::Equal, src, 0);
+    let bad = match hi_nonzero {
+        Some(h) => e.b.ins().bor(zero, h),
+        None => zero,
+    };
+    let (out, cont) = (e.b.create_block(), e.b.create_block());
+    e.b.ins().brif(bad, out, &[], cont, &[]);
+    e.b.switch_to_block(out);
+    e.exit_here();
+    e.b.switch_to_block(cont);
+    let q = e.b.ins().udiv(n, src);
+    let r = e.b.ins().urem(n, src);
+    if size < 8 {
+        let over =
+            e.b.ins()
+                .icmp_imm_s(IntCC::UnsignedGreaterThan, q, mask(size));
+        let (out, cont) = (e.b.create_block(), e.b.create_block());
+        e.b.ins().brif(over, out, &[], cont, &[]);
+        e.b.switch_to_block(out);
+        e.exit_here();
+        e.b.switch_to_block(cont);
+    }
+    match size {
+        1 => {
+            let keep = e.b.ins().band_imm_s(rax, !0xFFFF);
+            let hi = e.b.ins().ishl_imm_s(r, 8);
+            let v = e.b.ins().bor(keep, hi);
+            let v = e.b.ins().bor(v, q);
+            e.set_gpr(0, v);
+        }
+        2 => {
+            e.set_reg(Register::AX, q);
+            e.set_reg(Register::DX, r);
+        }
+        4 => {
+            e.set_reg(Register::EAX, q);
+            e.set_reg(Register::EDX, r);
+        }
+        _ => {
+            e.set_gpr(0, q);
+            e.set_gpr(2, r);
+        }
+    }
+    Some(())
+}
+
+/// CMPXCHG m, r (LOCK or not; one vCPU at a time runs this code, like the interpreter).
+/// The destination is always written (its old value when the compare fails), the
+/// accumulator loads the old value on a mismatch, flags as SUB acc, dst.
+pub(super) fn cmpxchg(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
+    if ins.op_count() != 2 || ins.op0_kind() != OpKind::Memory {
+        return None;
+    }
+    let size = Em::op_size(ins, 0)?;
+    let src = e.read_op(ins, 1, size)?;
+    let va = e.ea(ins)?;
+    let dst = e.load(va, size, true);
+    let old = e.gpr(0);
+    let acc = if size < 8 {
+        e.b.ins().band_imm_s(old, mask(size))
+    } else {
+        old
+    };
+    let eq = e.b.ins().icmp(IntCC::Equal, acc, dst);
+    let new_dst = e.b.ins().select(eq, src, dst);
+    e.store(va, size, new_dst);
+    // On a mismatch the accumulator gets `dst` with its size's semantics (EAX zero-extends);
+    // on a match RAX is untouched.
+    let merged = match size {
+        8 | 4 => dst,
+        _ => {
+            let keep = e.b.ins().band_imm_s(old, !mask(size));
+            e.b.ins().bor(keep, dst)
+        }
+    };
+    let v = e.b.ins().select(eq, old, merged);
+    e.set_gpr(0, v);
+    let res = e.b.ins().isub(acc, dst);
+    let res = e.b.ins().band_imm_s(res, mask(size));
+    let zero = e.c(0);
+    e.set_flags(FlagOp::Sub, size, res, acc, dst, zero);
+    Some(())
+}
+
+/// BT/BTS/BTR/BTC r/m, r/imm8 (16/32/64-bit). As the interpreter: a register or immediate
+/// offset picks a bit of a register operand modulo its size; a register offset into memory
+/// is signed and addresses beyond the operand (`ea + floor(off / bits) * bytes`). Only CF
+/// changes (the bit's old value); the other arithmetic flags are kept.
+pub(super) fn bt(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
+    if ins.op_count() != 2 {
+        return None;
+    }
+    let size = Em::op_size(ins, 0)?;
+    if size < 2 {
+        return None;
+    }
+    let bits = 8 * i64::from(size);
+    let lg = i64::from(bits.trailing_zeros());
+    let modify = m != M::Bt;
+    let off = e.read_op(ins, 1, size)?;
+    let (val, bit, va) = match ins.op0_kind() {
+        OpKind::Register => {
+            let v = e.read_op(ins, 0, size)?;
+            (v, e.b.ins().band_imm_s(off, bits - 1), None)
+        }
+        OpKind::Memory => {
+            let mut va = e.ea(ins)?;
+            let bit = if ins.op1_kind() == OpKind::Register {
+                let sh = 64 - bits;
+                let l = e.b.ins().ishl_imm_s(off, sh);
+                let soff = e.b.ins().sshr_imm_s(l, sh);
+                let words = e.b.ins().sshr_imm_s(soff, lg);
+                let bytes = e.b.ins().ishl_imm_s(words, lg - 3);
+                va = e.b.ins().iadd(va, bytes);
+                e.b.ins().band_imm_s(soff, bits - 1)
+            } else {
+                e.b.ins().band_imm_s(off, bits - 1)
+            };
+            (e.load(va, size, modify), bit, Some(va))
+        }
+        _ => return None,
+    };
+    let sh = e.b.ins().ushr(val, bit);
+    let cf = e.b.ins().band_imm_s(sh, 1);
+    let old = e.arith();
+    let keep = e.b.ins().band_imm_s(old, !(crate::flags::CF as i64));
+    let f = e.b.ins().bor(keep, cf);
+    if modify {
+        let one = e.c(1);
+        let b = e.b.ins().ishl(one, bit);
+        let new = match m {
+            M::Bts => e.b.ins().bor(val, b),
+            M::Btr => {
+                let nb = e.b.ins().bnot(b);
+                e.b.ins().band(val, nb)
+            }
+            _ => e.b.ins().bxor(val, b),
+        };
+        let new = e.b.ins().band_imm_s(new, mask(size));
+        match va {
+            Some(va) => e.store(va, size, new),
+            None => e.set_reg(ins.op0_register(), new),
+        }
+    }
+    let zero = e.c(0);
+    e.set_flags(FlagOp::Eager, size, val, val, zero, f);
+    Some(())
+}
