@@ -232,11 +232,8 @@ fn setup() -> (Cli, tempfile::TempDir) {
     require_tool("ip", TOOLS);
     require_tool("tc", TOOLS);
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "network namespaces and taps need root"
-    );
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "network namespaces and taps need root");
     project_binary("rqemu-net").unwrap_or_else(|e| panic!("{e}"));
     let assets = agent_assets();
     let dir = tempfile::tempdir().unwrap();
@@ -338,6 +335,18 @@ fn container_reaches_a_peer_through_its_namespace_interface() {
         "the container's output (stderr: {}){}",
         std::fs::read_to_string(dir.path().join("c1.stderr")).unwrap_or_default(),
         cli.state_logs("c1")
+    );
+    println!("the container printed:\n{out}");
+    let net_log = std::fs::read_to_string(cli.root.join("c1/rqemu-net-0.log")).unwrap();
+    println!("rqemu-net's log:\n{net_log}");
+    assert!(
+        net_log.contains("tap tap0_rq") && net_log.contains("mtu 1400"),
+        "rqemu-net did not serve the namespace's tap with its MTU: {net_log}"
+    );
+    // Handed a tap fd, rqemu-net still confines itself (no capability left).
+    assert!(
+        net_log.contains("rqemu-net: sandbox") && net_log.contains("caps 0x0"),
+        "{net_log}"
     );
     cli.ok("delete", &["delete", "c1"]);
     assert_eq!(
