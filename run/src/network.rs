@@ -61,6 +61,11 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "tap {tap} is in use in {netns}: another container's VM serves this network namespace \
+         (one VM per namespace)"
+    )]
+    InUse { netns: PathBuf, tap: String },
     #[error("the thread working in the network namespace panicked")]
     Thread,
 }
@@ -334,8 +339,8 @@ fn redirect(a: &str, b: &str) -> [Vec<String>; 2] {
 }
 
 /// Sets up every interface of `netns` for the guest. `record` is called with what was added
-/// so far before each change, so that a failure (or a kill) midway can be undone by
-/// [`teardown`].
+/// so far before each change to the namespace (once the tap is ours), so that a failure (or a
+/// kill) midway can be undone by [`teardown`].
 pub fn setup(netns: &Path, record: &mut (dyn FnMut(&Record) + Send)) -> Result<Vec<Nic>, Error> {
     in_netns(netns, || {
         let ifaces = read_interfaces(netns)?;
@@ -346,12 +351,22 @@ pub fn setup(netns: &Path, record: &mut (dyn FnMut(&Record) + Send)) -> Result<V
         let mut nics = Vec::new();
         for (i, iface) in ifaces.into_iter().enumerate() {
             let tap = format!("tap{i}_rq");
+            // Opened before it is recorded: a tap of that name that is another container's
+            // (EBUSY) must not be torn down as ours.
+            let fd = open_tap(&tap).map_err(|e| match e {
+                Error::Tap { source, .. } if source.raw_os_error() == Some(libc::EBUSY) => {
+                    Error::InUse {
+                        netns: netns.to_path_buf(),
+                        tap: tap.clone(),
+                    }
+                }
+                e => e,
+            })?;
             rec.links.push(Link {
                 iface: iface.name.clone(),
                 tap: tap.clone(),
             });
             record(&rec);
-            let fd = open_tap(&tap)?;
             let mtu = iface.mtu.to_string();
             run(netns, "ip", &["link", "set", &tap, "mtu", &mtu, "up"])?;
             for cmd in redirect(&iface.name, &tap)

@@ -6,8 +6,9 @@
 //! token and a 768 KiB file from the peer through the default route (sizes, offloads and
 //! checksums on the tap ↔ veth redirect); the bytes are compared with the files'.
 //!
-//! While the container exists its namespace holds `tap0_rq` and an `ingress` qdisc on `eth0`;
-//! after `delete` only `eth0` is left, with its address (the monitor removed them at its end).
+//! While the container exists its namespace holds `tap0_rq` and an `ingress` qdisc on `eth0`,
+//! and a second container in that namespace is refused (without touching the first's); after
+//! `delete` only `eth0` is left, with its address (the monitor removed them at its end).
 //! A second container's monitor is SIGKILLed: the qdisc is left behind until `delete` removes
 //! it from the record in the state directory. A namespace with only `lo` gives the guest only
 //! `lo` (as without a namespace: `--network none`).
@@ -324,6 +325,19 @@ fn container_reaches_a_peer_through_its_namespace_interface() {
         let f = cns.tc(&["filter", "show", "dev", dev, "ingress"]);
         assert!(f.contains("mirred"), "no redirect on {dev}: {f}");
     }
+    // One VM per namespace: a second container there is refused, the first's tap and
+    // redirects stay.
+    let out = cli.run("c1b", &["create", "--bundle", b, "c1b"]);
+    let log = std::fs::read_to_string(&cli.log).unwrap_or_default();
+    assert!(
+        !out.status.success() && log.contains("tap tap0_rq is in use"),
+        "a second container in the namespace: {out:?}\nlog: {log}"
+    );
+    assert!(!cli.root.join("c1b").exists());
+    assert_eq!(links(&cns), ["lo", "eth0", "tap0_rq"]);
+    assert!(cns
+        .tc(&["filter", "show", "dev", "eth0", "ingress"])
+        .contains("mirred"));
     cli.ok("start", &["start", "c1"]);
     cli.wait_stopped("c1");
     let out = std::fs::read_to_string(dir.path().join("c1.stdout")).unwrap();
