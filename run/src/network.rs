@@ -118,16 +118,27 @@ fn in_netns<T: Send>(
     })
 }
 
+/// An iproute2 program: from `PATH`, else `/usr/sbin` or `/sbin` (an engine may start the
+/// runtime with a `PATH` without the sbin directories).
+fn tool(prog: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(prog))
+}
+
 /// Runs an iproute2 command (in the calling thread's namespace) and returns its stdout.
 fn run(netns: &Path, prog: &str, args: &[&str]) -> Result<String, Error> {
     let cmd = format!("{prog} {}", args.join(" "));
-    let out = Command::new(prog)
+    let out = Command::new(tool(prog))
         .args(args)
         .output()
         .map_err(|e| Error::Command {
             cmd: cmd.clone(),
             netns: netns.to_path_buf(),
-            why: e.to_string(),
+            why: format!("{e} (iproute2's `ip` and `tc` are needed for networking)"),
         })?;
     if !out.status.success() {
         return Err(Error::Command {
