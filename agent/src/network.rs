@@ -239,7 +239,10 @@ fn configure_one(s: &Sock, iface: &NetInterface) -> Result<(), NetError> {
         s.set_addr(&label, *a)?;
     }
     s.set_up(&name)?;
-    for r in &iface.routes {
+    // On-link routes first: a gateway may be reachable only through one of them (`default
+    // via 169.254.1.1` after `169.254.1.1 dev eth0 scope link`, as Calico sets it up).
+    let (link, via): (Vec<_>, Vec<_>) = iface.routes.iter().partition(|r| r.gateway.is_none());
+    for r in link.into_iter().chain(via) {
         s.add_route(&name, r)?;
     }
     alog!(

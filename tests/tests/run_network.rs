@@ -4,7 +4,8 @@
 //! only the route reaches) with a busybox `httpd` in it. The container's process, in the
 //! microVM, prints its `eth0`'s MTU and MAC (those of the namespace's `eth0`) and fetches a
 //! token and a 768 KiB file from the peer through the default route (sizes, offloads and
-//! checksums on the tap ↔ veth redirect); the bytes are compared with the files'.
+//! checksums on the tap ↔ veth redirect), and the token again through a gateway reached by an
+//! on-link route; the bytes are compared with the files'.
 //!
 //! While the container exists its namespace holds `tap0_rq` and an `ingress` qdisc on `eth0`,
 //! and a second container in that namespace is refused (without touching the first's); after
@@ -260,11 +261,25 @@ fn container_reaches_a_peer_through_its_namespace_interface() {
     cns.ip(&["addr", "add", "10.77.0.2/24", "dev", "eth0"]);
     cns.ip(&["link", "set", "eth0", "up"]);
     cns.ip(&["route", "add", "default", "via", "10.77.0.1"]);
+    // A gateway outside the subnet, reached through an on-link route (as Calico does it),
+    // listed after the route that uses it.
+    cns.ip(&[
+        "route",
+        "add",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ]);
+    cns.ip(&["route", "add", "10.79.0.1", "via", "169.254.1.1"]);
     pns.ip(&["addr", "add", "10.77.0.1/24", "dev", "peer0"]);
     pns.ip(&["link", "set", "peer0", "up"]);
     pns.ip(&["link", "set", "lo", "up"]);
     // Reachable from the container only through its default route.
     pns.ip(&["addr", "add", "10.78.0.1/32", "dev", "lo"]);
+    pns.ip(&["addr", "add", "10.79.0.1/32", "dev", "lo"]);
+    pns.ip(&["addr", "add", "169.254.1.1/32", "dev", "peer0"]);
     let mac = cns
         .ip(&["-o", "link", "show", "eth0"])
         .split("link/ether ")
@@ -313,7 +328,8 @@ fn container_reaches_a_peer_through_its_namespace_interface() {
     let script = "cat /sys/class/net/eth0/mtu /sys/class/net/eth0/address; \
                   ls /sys/class/net | tr '\\n' ' '; echo; \
                   wget -q -O - http://10.78.0.1:8080/token; echo; \
-                  wget -q -O - http://10.78.0.1:8080/blob | md5sum";
+                  wget -q -O - http://10.78.0.1:8080/blob | md5sum; \
+                  wget -q -O - http://10.79.0.1:8080/token; echo";
     let b = bundle(dir.path(), &cns.path(), script);
     let b = b.to_str().unwrap();
     cli.ok("c1", &["create", "--bundle", b, "c1"]);
@@ -342,7 +358,14 @@ fn container_reaches_a_peer_through_its_namespace_interface() {
     cli.wait_stopped("c1");
     let out = std::fs::read_to_string(dir.path().join("c1.stdout")).unwrap();
     let lines: Vec<&str> = out.lines().map(str::trim).collect();
-    let want = ["1400", &mac, "eth0 lo", &token, &format!("{blob_md5}  -")];
+    let want = [
+        "1400",
+        &mac,
+        "eth0 lo",
+        &token,
+        &format!("{blob_md5}  -"),
+        &token,
+    ];
     assert_eq!(
         lines,
         want,
