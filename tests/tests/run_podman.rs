@@ -9,7 +9,8 @@
 //! * two containers at once (`run -d`), one ended by `podman kill` (137), the other by
 //!   `podman stop` (SIGTERM forwarded to the guest process: 143);
 //! * `--network bridge`: the guest takes over the veth's address and route and reaches a
-//!   server on the host at the bridge's gateway;
+//!   server on the host at the bridge's gateway; a server in the guest answers the host at the
+//!   container's address and through a published port (`-p`);
 //! * after each: no process mentions the container, rqemu-run's `--root` is empty.
 //!
 //! podman runs with a private root/runroot/tmpdir under a temporary directory (the machine's
@@ -385,4 +386,76 @@ fn podman_bridge_network_reaches_the_host() {
         report(&out)
     );
     p.assert_clean(&[&cid(&cidfile)]);
+}
+
+/// The other way: a server in the guest (`podman run -d -p`) answers the host, at the
+/// container's address on podman's bridge and through the published port (podman's DNAT to
+/// that address) at the bridge's gateway address.
+#[test]
+fn podman_bridge_network_serves_the_host() {
+    let p = Podman::new();
+    let rootfs = p.rootfs("rootfs");
+    // A port that was free a moment ago, for the published one.
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token = format!("guest-web-{}-{port}", std::process::id());
+    let publish = format!("{port}:8080");
+    let script = format!("mkdir /tmp/w; echo {token} > /tmp/w/t; exec httpd -f -p 8080 -h /tmp/w");
+    let out = p.cmd(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "bridge",
+        "-p",
+        &publish,
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", report(&out));
+    let id = text(&out.stdout).trim().to_string();
+    let out = p.cmd(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "web"]);
+    let ip = text(&out.stdout).trim().to_string();
+    let out = p.cmd(&["inspect", "-f", "{{.NetworkSettings.Gateway}}", "web"]);
+    let gateway = text(&out.stdout).trim().to_string();
+    assert!(!ip.is_empty() && !gateway.is_empty(), "{}", report(&out));
+    let fetch = |url: &str| {
+        output_within(
+            Command::new("busybox").args(["wget", "-q", "-O", "-", url]),
+            Duration::from_secs(30),
+        )
+    };
+    // The guest boots, then httpd listens.
+    let direct = format!("http://{ip}:8080/t");
+    let deadline = Instant::now() + LIMIT;
+    let mut got = fetch(&direct);
+    while !got.status.success() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        got = fetch(&direct);
+    }
+    assert_eq!(
+        text(&got.stdout).trim(),
+        token,
+        "{direct}: {}",
+        report(&got)
+    );
+    let published = format!("http://{gateway}:{port}/t");
+    let got = fetch(&published);
+    assert_eq!(
+        text(&got.stdout).trim(),
+        token,
+        "{published}: {}",
+        report(&got)
+    );
+    println!("served {token} at {direct} and {published}");
+    let out = p.cmd(&["rm", "-f", "web"]);
+    assert!(out.status.success(), "{}", report(&out));
+    p.assert_clean(&[&id]);
 }
