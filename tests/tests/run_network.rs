@@ -8,8 +8,8 @@
 //! on-link route; the bytes are compared with the files'.
 //!
 //! While the container exists its namespace holds `tap0_rq` and an `ingress` qdisc on `eth0`,
-//! and a second container in that namespace is refused (without touching the first's); after
-//! `delete` only `eth0` is left, with its address (the monitor removed them at its end).
+//! and a second container in that namespace is refused (without touching the first's); once
+//! it stopped only `eth0` is left, with its address (the monitor removed them at its end).
 //! A second container's monitor is SIGKILLed: the qdisc is left behind until `delete` removes
 //! it from the record in the state directory. A namespace with only `lo` gives the guest only
 //! `lo` (as without a namespace: `--network none`).
@@ -373,6 +373,14 @@ fn container_reaches_a_peer_through_its_namespace_interface() {
         std::fs::read_to_string(dir.path().join("c1.stderr")).unwrap_or_default(),
         cli.state_logs("c1")
     );
+    // The monitor removed its tap and redirects when the container stopped (not `delete`).
+    assert_eq!(links(&cns), ["lo", "eth0"], "the tap outlived the VM");
+    assert!(
+        !cns.tc(&["qdisc", "show", "dev", "eth0"])
+            .contains("ingress"),
+        "the monitor left the ingress qdisc behind"
+    );
+    assert!(!cli.root.join("c1/network.json").exists());
     println!("the container printed:\n{out}");
     let net_log = std::fs::read_to_string(cli.root.join("c1/rqemu-net-0.log")).unwrap();
     println!("rqemu-net's log:\n{net_log}");
