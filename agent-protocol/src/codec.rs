@@ -112,6 +112,38 @@ mod tests {
     }
 
     #[test]
+    fn network_interfaces_round_trip() {
+        use crate::{Ipv4Cidr, Ipv4Route, NetInterface};
+        let cidr = |a: [u8; 4], p| Ipv4Cidr {
+            addr: a.into(),
+            prefix_len: p,
+        };
+        let spec = ContainerSpec {
+            network: vec![NetInterface {
+                name: "eth0".into(),
+                mac: [0x0a, 0x58, 10, 88, 0, 2],
+                mtu: 1450,
+                addresses: vec![cidr([10, 88, 0, 2], 16), cidr([192, 168, 7, 9], 24)],
+                routes: vec![
+                    Ipv4Route {
+                        destination: cidr([0, 0, 0, 0], 0),
+                        gateway: Some([10, 88, 0, 1].into()),
+                    },
+                    Ipv4Route {
+                        destination: cidr([172, 16, 0, 0], 12),
+                        gateway: None,
+                    },
+                ],
+            }],
+            ..Default::default()
+        };
+        let msg = HostMsg::Create(Box::new(spec));
+        let mut wire = Vec::new();
+        write_msg(&mut wire, &msg).unwrap();
+        assert_eq!(read_msg::<_, HostMsg>(&mut &wire[..]).unwrap(), Some(msg));
+    }
+
+    #[test]
     fn bad_frames_are_errors_not_panics() {
         // Over the limit.
         let wire = (MAX_FRAME as u32 + 1).to_le_bytes();

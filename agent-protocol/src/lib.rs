@@ -9,7 +9,7 @@
 //! Conversation:
 //! ```text
 //! agent → host  Ready { kernel }            agent up, modules loaded
-//! host  → agent Create(ContainerSpec)       mounts, hostname, files; process prepared
+//! host  → agent Create(ContainerSpec)       mounts, hostname, files, network; process prepared
 //! agent → host  Created | Error(..)
 //! host  → agent Start                       (rqemu-run start)
 //! agent → host  Started { pid } | Error(..)
@@ -23,13 +23,17 @@ mod codec;
 mod spec;
 
 pub use codec::{read_msg, write_msg, Error, MAX_FRAME};
-pub use spec::{ContainerSpec, FileCopy, Mount, Process, Rlimit, Rootfs, VIRTIOFS};
+pub use spec::{
+    ContainerSpec, FileCopy, Ipv4Cidr, Ipv4Route, Mount, NetInterface, Process, Rlimit, Rootfs,
+    VIRTIOFS,
+};
 
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; the agent reports it in [`AgentMsg::Ready`] and the host refuses
 /// an agent of another version (the initramfs and rqemu-run come from one build).
-pub const VERSION: u32 = 1;
+/// 2: `ContainerSpec::network`.
+pub const VERSION: u32 = 2;
 
 /// The vsock port the host listens on (guest → host connection).
 pub const CONTROL_PORT: u32 = 1024;

@@ -2,6 +2,8 @@
 //! (host paths become virtiofs tags, file bind mounts become copies), so the agent parses no
 //! OCI and knows nothing of the host.
 
+use std::net::Ipv4Addr;
+
 use serde::{Deserialize, Serialize};
 
 /// The filesystem type to give [`Mount::fstype`] for a virtiofs share; `source` is its tag.
@@ -21,6 +23,37 @@ pub struct ContainerSpec {
     /// `linux.sysctl`.
     pub sysctl: Vec<(String, String)>,
     pub process: Process,
+    /// The network interfaces of the container's network namespace, each backed by a
+    /// virtio-net NIC with the same MAC (empty: loopback only).
+    pub network: Vec<NetInterface>,
+}
+
+/// One interface of the container's network namespace, as the guest should recreate it on
+/// the virtio-net NIC whose MAC is `mac`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInterface {
+    /// The name in the namespace (`eth0`); the agent renames the NIC to it.
+    pub name: String,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    /// IPv4 addresses with their prefix lengths, the primary one first.
+    pub addresses: Vec<Ipv4Cidr>,
+    /// IPv4 routes through this interface, besides the subnets of its addresses.
+    pub routes: Vec<Ipv4Route>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+/// `destination/prefix_len` (`0.0.0.0/0`: the default route) via `gateway`, or on the link
+/// when there is none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipv4Route {
+    pub destination: Ipv4Cidr,
+    pub gateway: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 //! `Create`: the container's root on its virtiofs share, the spec's mounts in order, a `/dev`
-//! as runc populates it, the copied files, hostname and sysctls; the root is made read-only
+//! as runc populates it, the copied files, hostname, the network interfaces and sysctls (after
+//! the interfaces: `net.*` keys may name them); the root is made read-only
 //! last (mount points are created first, as runc does).
 
 use std::io;
@@ -28,6 +29,8 @@ pub enum SetupError {
     Mount(#[from] MountError),
     #[error("sysctl key {0:?} is not a sysctl name")]
     SysctlKey(String),
+    #[error("network: {0}")]
+    Network(#[from] crate::network::NetError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SetupError {
@@ -88,6 +91,7 @@ pub fn create(spec: ContainerSpec) -> Result<Container, SetupError> {
         check(unsafe { libc::sethostname(c.as_ptr(), name.len()) })
             .map_err(io_err(format!("sethostname {name:?}")))?;
     }
+    crate::network::configure(&spec.network)?;
     for (key, value) in &spec.sysctl {
         set_sysctl(key, value)?;
     }
@@ -95,11 +99,12 @@ pub fn create(spec: ContainerSpec) -> Result<Container, SetupError> {
         mounts::remount(root_dir, libc::MS_RDONLY, "/")?;
     }
     alog!(
-        "created: rootfs tag {:?}{}, {} mounts, {} files",
+        "created: rootfs tag {:?}{}, {} mounts, {} files, {} network interfaces",
         spec.rootfs.tag,
         if spec.rootfs.readonly { " (ro)" } else { "" },
         spec.mounts.len(),
-        spec.files.len()
+        spec.files.len(),
+        spec.network.len()
     );
     Ok(Container {
         root: root_dir.to_path_buf(),

@@ -3,7 +3,7 @@
 //! Mounts `/proc`, `/sys`, `/dev`; loads the modules of `/etc/rqemu-modules` (virtio, virtiofs,
 //! vsock) from `/lib/modules`; connects to the host over vsock (CID 2, port
 //! [`rqemu_agent_protocol::CONTROL_PORT`]), sends `Ready`, then serves the control channel
-//! (`session`): `Create` sets the container up (`container`), `Start` runs its process
+//! (`session`): `Create` sets the container up (`container`, `network`), `Start` runs its process
 //! (`process`), stdio/signals/resizes are relayed, `Exited` is sent once the process ended and
 //! its output is drained; then the VM powers off. A broken channel powers it off too.
 //! Everything is logged on the console as `rqemu-agent: ...`.
@@ -12,6 +12,7 @@ mod boot;
 mod container;
 mod log;
 mod mounts;
+mod network;
 mod process;
 mod root;
 mod session;

@@ -5,6 +5,7 @@ mod console;
 mod log;
 mod monitor;
 mod mountpoints;
+mod network;
 mod session;
 mod signals;
 mod spec;
@@ -284,7 +285,7 @@ fn features() -> serde_json::Value {
         "mountOptions": ["ro", "rw", "bind", "rbind", "nosuid", "nodev", "noexec",
                          "relatime", "noatime", "private", "rprivate"],
         "linux": {
-            "namespaces": [],
+            "namespaces": ["network"],
             "capabilities": [],
             "cgroup": {"v1": false, "v2": false, "systemd": false, "systemdUser": false},
             "seccomp": {"enabled": false},
@@ -345,6 +346,7 @@ fn create(
             },
             console_socket,
             sock_dir: sock_dir.clone(),
+            netns: reduced.netns.clone(),
         };
         state::write_atomic(&c.path("monitor.json"), &serde_json::to_vec(&cfg)?)?;
         let pid = spawn_monitor(cli, c)?;
@@ -467,6 +469,10 @@ fn delete(c: &Container, force: bool) -> anyhow::Result<()> {
             // SAFETY: signal 0 only checks for existence.
             wait(&|| unsafe { libc::kill(-pgid, 0) } == 0);
         }
+    }
+    // What the monitor added to the network namespace, when it did not get to remove it.
+    if let Some(net) = network::load_record(&c.path(network::RECORD)) {
+        network::teardown(&net).context("removing the container's taps and tc qdiscs")?;
     }
     if rec.sock_dir != c.dir {
         let _ = std::fs::remove_dir_all(&rec.sock_dir);

@@ -42,6 +42,8 @@ pub enum Error {
     Console(#[from] console::Error),
     #[error(transparent)]
     State(#[from] crate::state::Error),
+    #[error(transparent)]
+    Network(#[from] crate::network::Error),
 }
 
 /// What `create` hands the monitor (`monitor.json` in the state directory).
@@ -52,6 +54,9 @@ pub struct MonitorConfig {
     pub vm: VmSettings,
     pub console_socket: Option<PathBuf>,
     pub sock_dir: PathBuf,
+    /// The network namespace whose interfaces the guest takes over (see [`crate::network`]).
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -198,7 +203,47 @@ struct Prepared {
     children: Children,
 }
 
-fn prepare(c: &Container, cfg: &MonitorConfig) -> Result<Prepared, Error> {
+/// Joins the spec's network namespace (when it names one): taps and tc redirects beside its
+/// interfaces, recorded in the state directory; the interfaces go into the agent's spec.
+fn prepare_network(
+    c: &Container,
+    cfg: &mut MonitorConfig,
+) -> Result<Vec<crate::network::Nic>, Error> {
+    let Some(netns) = cfg.netns.clone() else {
+        return Ok(Vec::new());
+    };
+    let rec_path = c.path(crate::network::RECORD);
+    let mut write_err = None;
+    let result = crate::network::setup(&netns, &mut |rec| {
+        if let Err(e) = serde_json::to_vec(rec)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|t| std::fs::write(&rec_path, t))
+        {
+            write_err.get_or_insert(e);
+        }
+    });
+    if let Some(e) = write_err {
+        return Err(io(&rec_path)(e));
+    }
+    let nics = result?;
+    cfg.spec.network = nics.iter().map(|n| n.interface.clone()).collect();
+    Ok(nics)
+}
+
+/// Removes what [`prepare_network`] added (after the children are gone).
+fn teardown_network(c: &Container, log: &Logger) {
+    let rec_path = c.path(crate::network::RECORD);
+    if let Some(rec) = crate::network::load_record(&rec_path) {
+        match crate::network::teardown(&rec) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&rec_path);
+            }
+            Err(e) => log.error(&format!("container {}: {e}", c.id)),
+        }
+    }
+}
+
+fn prepare(c: &Container, cfg: &mut MonitorConfig) -> Result<Prepared, Error> {
     let (input, output, errput, tty) = match &cfg.console_socket {
         Some(sock) => {
             let p = &cfg.spec.process;
@@ -218,8 +263,9 @@ fn prepare(c: &Container, cfg: &MonitorConfig) -> Result<Prepared, Error> {
     };
     let agent = UnixListener::bind(socks.control()).map_err(io(&socks.control()))?;
     let start = UnixListener::bind(socks.start()).map_err(io(&socks.start()))?;
+    let nics = prepare_network(c, cfg)?;
     let mut children = Children::default();
-    if let Err(e) = children.start(&cfg.vm, &cfg.shares, &socks, &c.dir) {
+    if let Err(e) = children.start(&cfg.vm, &cfg.shares, nics, &socks, &c.dir) {
         children.stop(Duration::ZERO);
         return Err(e.into());
     }
@@ -251,10 +297,11 @@ pub fn run(c: &Container, ready_fd: i32, log: &Logger) -> i32 {
     let cfg: Result<MonitorConfig, Error> = std::fs::read(&cfg_path)
         .map_err(io(&cfg_path))
         .and_then(|t| serde_json::from_slice(&t).map_err(Error::Config));
-    let prepared = cfg.and_then(|cfg| prepare(c, &cfg).map(|p| (cfg, p)));
+    let prepared = cfg.and_then(|mut cfg| prepare(c, &mut cfg).map(|p| (cfg, p)));
     let (cfg, p) = match prepared {
         Ok(x) => x,
         Err(e) => {
+            teardown_network(c, log);
             let _ = writeln!(ready, "error: {e}");
             return 1;
         }
@@ -339,6 +386,7 @@ pub fn run(c: &Container, ready_fd: i32, log: &Logger) -> i32 {
         log.error(&format!("container {}: {}", c.id, outcome.why));
     }
     children.stop(Duration::from_secs(2));
+    teardown_network(c, log);
     let text = serde_json::to_vec(&ExitRecord { code: outcome.code }).unwrap_or_default();
     if let Err(e) = write_atomic(&c.path("exit.json"), &text) {
         log.error(&e.to_string());

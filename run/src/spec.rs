@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{PosixRlimitType, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, PosixRlimitType, Spec};
 use rqemu_agent_protocol::{ContainerSpec, FileCopy, Mount, Process, Rlimit, Rootfs, VIRTIOFS};
 
 /// Largest single file copied into the guest (engine-made files are a few hundred bytes).
@@ -58,6 +58,9 @@ pub struct Reduced {
     pub annotations: std::collections::BTreeMap<String, String>,
     /// Things of the spec the VM does not do, for the log.
     pub ignored: Vec<String>,
+    /// The network namespace to join (`linux.namespaces` `network` with a path): its
+    /// interfaces become the guest's NICs. None: loopback only.
+    pub netns: Option<PathBuf>,
 }
 
 /// The tag of the rootfs share.
@@ -226,6 +229,16 @@ pub fn reduce(bundle: &Path, spec: &Spec) -> Result<Reduced, Error> {
             v
         })
         .unwrap_or_default();
+    let netns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| {
+            ns.iter()
+                .find(|n| n.typ() == LinuxNamespaceType::Network)
+                .and_then(|n| n.path().clone())
+        })
+        .map(|p| abs(bundle, &p));
     if spec.hooks().is_some() {
         ignored.push("hooks (they would run on the host, not in the VM)".into());
     }
@@ -240,6 +253,7 @@ pub fn reduce(bundle: &Path, spec: &Spec) -> Result<Reduced, Error> {
             files,
             sysctl,
             process,
+            network: Vec::new(),
         },
         shares,
         rootfs,
@@ -250,6 +264,7 @@ pub fn reduce(bundle: &Path, spec: &Spec) -> Result<Reduced, Error> {
             .into_iter()
             .collect(),
         ignored,
+        netns,
     })
 }
 
@@ -294,7 +309,9 @@ mod tests {
                  "options": ["bind", "rprivate", "ro"]},
                 {"destination": "/data", "type": "bind", "source": data, "options": ["rbind"]}
             ],
-            "linux": {"sysctl": {"net.ipv4.ip_forward": "1"}},
+            "linux": {"sysctl": {"net.ipv4.ip_forward": "1"},
+                      "namespaces": [{"type": "mount"},
+                                     {"type": "network", "path": "/run/netns/n1"}]},
             "annotations": {"a": "b"}
         }));
         let r = load(b.path()).unwrap();
@@ -338,6 +355,17 @@ mod tests {
         );
         assert_eq!(s.sysctl, [("net.ipv4.ip_forward".into(), "1".into())]);
         assert_eq!(r.annotations["a"], "b");
+        assert_eq!(r.netns.as_deref(), Some(Path::new("/run/netns/n1")));
+    }
+
+    #[test]
+    fn a_new_network_namespace_is_loopback_only() {
+        let b = bundle_with(serde_json::json!({
+            "ociVersion": "1.0.2", "root": {"path": "rootfs"},
+            "process": {"args": ["x"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "linux": {"namespaces": [{"type": "network"}]}
+        }));
+        assert_eq!(load(b.path()).unwrap().netns, None);
     }
 
     #[test]

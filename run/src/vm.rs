@@ -1,9 +1,11 @@
 //! The processes behind one container: an `rqemu-vsock` for the control channel, an
-//! `rqemu-fs` per share (the rootfs and each directory bind mount) and `rqemu-vmm` booting the
+//! `rqemu-fs` per share (the rootfs and each directory bind mount), an `rqemu-net` per network
+//! interface (over a tap handed over with `--tap-fd`) and `rqemu-vmm` booting the
 //! agent initramfs. All are children of the monitor, in one process group of their own, and
 //! die with it (`PR_SET_PDEATHSIG`).
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::network::{self, Nic};
 use crate::spec::Share;
 
 /// The guest's vsock CID (any value above 2; each VM has its own daemon).
@@ -168,10 +171,24 @@ impl Sockets {
     pub fn fs(&self, tag: &str) -> PathBuf {
         self.dir.join(format!("{tag}.sock"))
     }
+    pub fn net(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("net{index}.sock"))
+    }
 }
 
 impl Children {
-    fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> Result<Child, Error> {
+    fn spawn(&mut self, name: &str, cmd: Command, log: &Path) -> Result<Child, Error> {
+        self.spawn_keeping(name, cmd, log, None)
+    }
+
+    /// [`Self::spawn`], the child inheriting `keep` (an fd of ours, close-on-exec elsewhere).
+    fn spawn_keeping(
+        &mut self,
+        name: &str,
+        mut cmd: Command,
+        log: &Path,
+        keep: Option<RawFd>,
+    ) -> Result<Child, Error> {
         let io = |e| Error::Io {
             path: log.to_path_buf(),
             source: e,
@@ -181,7 +198,8 @@ impl Children {
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         let pgid = self.pgid;
         // SAFETY: getpid before the fork; the closure runs in the child between fork and exec
-        // and calls only async-signal-safe functions (setpgid, prctl, getppid, sigprocmask).
+        // and calls only async-signal-safe functions (setpgid, prctl, getppid, sigprocmask,
+        // fcntl).
         let parent = unsafe { libc::getpid() };
         // SAFETY: see above.
         unsafe {
@@ -199,6 +217,11 @@ impl Children {
                 let mut set: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut set);
                 libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                if let Some(fd) = keep {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -211,7 +234,18 @@ impl Children {
 
     /// Starts a daemon and waits for its socket.
     fn daemon(&mut self, name: &str, cmd: Command, socket: &Path, log: &Path) -> Result<(), Error> {
-        let mut child = self.spawn(name, cmd, log)?;
+        self.daemon_keeping(name, cmd, socket, log, None)
+    }
+
+    fn daemon_keeping(
+        &mut self,
+        name: &str,
+        cmd: Command,
+        socket: &Path,
+        log: &Path,
+        keep: Option<RawFd>,
+    ) -> Result<(), Error> {
+        let mut child = self.spawn_keeping(name, cmd, log, keep)?;
         let deadline = Instant::now() + SOCKET_WAIT;
         let read_log = || std::fs::read_to_string(log).unwrap_or_default();
         loop {
@@ -241,11 +275,13 @@ impl Children {
         Ok(())
     }
 
-    /// Starts the daemons, then the VMM. `state_dir` receives the logs.
+    /// Starts the daemons, then the VMM. `state_dir` receives the logs. Each of `nics` gets an
+    /// `rqemu-net` over its tap (the fd is closed here once handed over).
     pub fn start(
         &mut self,
         vm: &VmSettings,
         shares: &[Share],
+        nics: Vec<Nic>,
         socks: &Sockets,
         state_dir: &Path,
     ) -> Result<(), Error> {
@@ -285,6 +321,31 @@ impl Children {
                 &state_dir.join(format!("rqemu-fs-{}.log", s.tag)),
             )?;
         }
+        if !nics.is_empty() {
+            let net_bin = find_binary("rqemu-net")?;
+            for (i, nic) in nics.iter().enumerate() {
+                let fd = nic.tap.as_raw_fd();
+                let mut cmd = Command::new(&net_bin);
+                cmd.arg("--socket")
+                    .arg(socks.net(i))
+                    .args(["--tap-fd", &fd.to_string()])
+                    .args(["--mac", &network::format_mac(&nic.interface.mac)])
+                    .env("RUST_LOG", log_env)
+                    .env("RQEMU_LOG", log_env);
+                // The guest's NIC takes the interface's MTU as its maximum and its default
+                // (outside rqemu-net's range: its 1500, the agent then sets the MTU itself).
+                if let Some(mtu) = network::device_mtu(nic.interface.mtu) {
+                    cmd.args(["--mtu", &mtu.to_string()]);
+                }
+                self.daemon_keeping(
+                    "rqemu-net",
+                    cmd,
+                    &socks.net(i),
+                    &state_dir.join(format!("rqemu-net-{i}.log")),
+                    Some(fd),
+                )?;
+            }
+        }
         let mut cmd = Command::new(find_binary("rqemu-vmm")?);
         cmd.arg("--kernel")
             .arg(&vm.kernel)
@@ -305,6 +366,11 @@ impl Children {
             cmd.arg("--device-socket")
                 .arg(format!("fs:{}", socks.fs(&s.tag).display()));
         }
+        for i in 0..nics.len() {
+            cmd.arg("--device-socket")
+                .arg(format!("net:{}", socks.net(i).display()));
+        }
+        drop(nics);
         self.vmm = Some(self.spawn("rqemu-vmm", cmd, &state_dir.join("rqemu-vmm.log"))?);
         Ok(())
     }

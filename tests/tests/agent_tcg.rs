@@ -344,6 +344,7 @@ fn agent_runs_a_container_with_pipes_stdin_and_exit_code() {
             cwd: "/tmp".into(),
             ..Default::default()
         },
+        network: Vec::new(),
     };
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();

@@ -8,6 +8,9 @@
 //! * `podman run -t --read-only`: the process has a terminal, the root is read-only;
 //! * two containers at once (`run -d`), one ended by `podman kill` (137), the other by
 //!   `podman stop` (SIGTERM forwarded to the guest process: 143);
+//! * `--network bridge`: the guest takes over the veth's address and route and reaches a
+//!   server on the host at the bridge's gateway; a server in the guest answers the host at the
+//!   container's address and through a published port (`-p`);
 //! * after each: no process mentions the container, rqemu-run's `--root` is empty.
 //!
 //! podman runs with a private root/runroot/tmpdir under a temporary directory (the machine's
@@ -16,7 +19,8 @@
 //! accelerator and guest-assets directory go as `--runtime-flag`s.
 //!
 //! Needs podman + conmon (scripts/install-deps.sh), scripts/guest-assets.sh (the agent
-//! initramfs), `cargo build -p rqemu-run -p rqemu-vmm -p rqemu-fs -p rqemu-vsock`. Root only.
+//! initramfs), `cargo build -p rqemu-run -p rqemu-vmm -p rqemu-fs -p rqemu-vsock -p rqemu-net`.
+//! Root only.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -315,4 +319,143 @@ fn podman_two_containers_at_once_ended_by_kill_and_stop() {
     for d in &sock_dirs {
         assert!(!d.exists(), "socket directory {} left behind", d.display());
     }
+}
+
+/// `podman run --network bridge` (the engine's default network: a veth into the host's
+/// bridge, the network namespace named in the spec): the guest gets the interface's address
+/// and default route and fetches a token from a server the test runs on the host, at the
+/// bridge's gateway (the default route's `via`). The server answers once, on a port of the
+/// kernel's choosing.
+#[test]
+fn podman_bridge_network_reaches_the_host() {
+    use std::io::{Read, Write};
+    let p = Podman::new();
+    let rootfs = p.rootfs("rootfs");
+    let cidfile = p.dir.path().join("cid");
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let token = format!("bridge-token-{}-{port}", std::process::id());
+    let server = {
+        let token = token.clone();
+        std::thread::spawn(move || -> std::io::Result<String> {
+            let (mut s, peer) = listener.accept()?;
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req)?;
+            write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{token}",
+                token.len()
+            )?;
+            Ok(peer.to_string())
+        })
+    };
+    let script = format!(
+        "ip -4 -o addr show dev eth0; \
+         gw=$(ip route | awk '/^default/ {{print $3}}'); echo gw=$gw; \
+         wget -q -O - http://$gw:{port}/; echo"
+    );
+    let mut c = p.podman();
+    c.args([
+        "run",
+        "--rm",
+        "--network",
+        "bridge",
+        "--cidfile",
+        cidfile.to_str().unwrap(),
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    let out = output_within(&mut c, LIMIT);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", report(&out));
+    assert!(
+        stdout.lines().any(|l| l == token),
+        "the token did not come back: {}",
+        report(&out)
+    );
+    let peer = server.join().unwrap().unwrap();
+    println!("{stdout}served the guest at {peer}");
+    // The guest speaks with the address the engine gave the container (no NAT in between).
+    let ip = peer.split(':').next().unwrap_or_default();
+    assert!(
+        stdout.contains(&format!("inet {ip}/")),
+        "the server saw {peer}, not the container's address: {}",
+        report(&out)
+    );
+    p.assert_clean(&[&cid(&cidfile)]);
+}
+
+/// The other way: a server in the guest (`podman run -d -p`) answers the host, at the
+/// container's address on podman's bridge and through the published port (podman's DNAT to
+/// that address) at the bridge's gateway address.
+#[test]
+fn podman_bridge_network_serves_the_host() {
+    let p = Podman::new();
+    let rootfs = p.rootfs("rootfs");
+    // A port that was free a moment ago, for the published one.
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token = format!("guest-web-{}-{port}", std::process::id());
+    let publish = format!("{port}:8080");
+    let script = format!("mkdir /tmp/w; echo {token} > /tmp/w/t; exec httpd -f -p 8080 -h /tmp/w");
+    let out = p.cmd(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "bridge",
+        "-p",
+        &publish,
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", report(&out));
+    let id = text(&out.stdout).trim().to_string();
+    let out = p.cmd(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "web"]);
+    let ip = text(&out.stdout).trim().to_string();
+    let out = p.cmd(&["inspect", "-f", "{{.NetworkSettings.Gateway}}", "web"]);
+    let gateway = text(&out.stdout).trim().to_string();
+    assert!(!ip.is_empty() && !gateway.is_empty(), "{}", report(&out));
+    let fetch = |url: &str| {
+        output_within(
+            Command::new("busybox").args(["wget", "-q", "-O", "-", url]),
+            Duration::from_secs(30),
+        )
+    };
+    // The guest boots, then httpd listens.
+    let direct = format!("http://{ip}:8080/t");
+    let deadline = Instant::now() + LIMIT;
+    let mut got = fetch(&direct);
+    while !got.status.success() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        got = fetch(&direct);
+    }
+    assert_eq!(
+        text(&got.stdout).trim(),
+        token,
+        "{direct}: {}",
+        report(&got)
+    );
+    let published = format!("http://{gateway}:{port}/t");
+    let got = fetch(&published);
+    assert_eq!(
+        text(&got.stdout).trim(),
+        token,
+        "{published}: {}",
+        report(&got)
+    );
+    println!("served {token} at {direct} and {published}");
+    let out = p.cmd(&["rm", "-f", "web"]);
+    assert!(out.status.success(), "{}", report(&out));
+    p.assert_clean(&[&id]);
 }

@@ -36,7 +36,9 @@ struct Args {
     /// Number of queue pairs (multi-queue tap when more than one).
     #[arg(long, default_value_t = 1)]
     queues: u16,
-    /// Link MTU reported to the guest (and set on the tap when given).
+    /// Link MTU reported to the guest (and set on the tap it creates or attaches with
+    /// `--tap`; an inherited `--tap-fd` tap is the parent's to size: it may live in another
+    /// network namespace, where this process cannot name it).
     #[arg(long)]
     mtu: Option<u16>,
 }
@@ -112,7 +114,7 @@ fn run(args: Args, mut daemon: Daemon) -> Result<()> {
         ..NetParams::default()
     };
     let dev = NetDevice::new(params)?;
-    if let (Some(mtu), Some(tap)) = (args.mtu, taps.first()) {
+    if let (Some(mtu), Some(tap), Some(_)) = (args.mtu, taps.first(), &args.tap) {
         tap.set_mtu(mtu)
             .with_context(|| format!("setting MTU {mtu} on {name}"))?;
     }
