@@ -283,13 +283,17 @@ fn f16c(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         return ud();
     };
     if f & post_unmasked(csr) != 0 {
-        // Per lane as in `fma_pe`.
+        // Per lane: a lane that overflowed with OE unmasked is inexact as its rounding with
+        // an unbounded exponent (as in `fma_pe`); one that underflowed with UE unmasked as
+        // its masked (denormal) result, as Intel's CPUs report it (seen on a Xeon; an AMD
+        // EPYC reported the unbounded-exponent PE there too); other lanes their own PE.
         let mut pe = 0;
         for i in 0..(w as u32 / 4) {
             let Some((_, fl)) = with_ue(csr, |c| run(lane(s, 32, i), c)) else {
                 continue;
             };
-            pe |= if fl & post_unmasked(csr) == 0 {
+            let raised = fl & post_unmasked(csr);
+            pe |= if raised & OE == 0 {
                 fl & PE
             } else if half_inexact(el(s, 32, i) as u32, csr & 0x40 != 0) {
                 PE

@@ -2,6 +2,14 @@
 //! indices into the data buffer with every scale, 128- and 256-bit forms, 32-bit addressing;
 //! faulting elements (an unmapped page, a non-canonical address) with the partially updated
 //! destination and mask compared; register overlaps (#UD).
+//!
+//! What a fault leaves behind is specified only for the elements before the faulting one
+//! (done: loaded where the mask was set, mask cleared) and the faulting one (mask still
+//! set); the rest is the implementation's: Intel's CPUs may already have done later elements
+//! (the SDM allows any order), turn the other mask elements into all ones or zero by their
+//! sign bit, and zero or keep upper halves; AMD's keep them. A case that faults is built so
+//! that those parts come out the same whichever CPU runs it: mask elements after the faulting
+//! one clear, the others all ones or zero, upper halves of the destination and mask zero.
 
 use super::avx::have;
 use super::harness::{check, random_state, Case, Harness, Rng, ANY, DATA, UNMAPPED};
@@ -85,6 +93,28 @@ fn avx2_gathers() {
             } else {
                 mhi |= v << (bit - 128);
             }
+        }
+        if fault && qidx && !a32 {
+            // Only the specified state can differ (see the module's comment).
+            let ew = if w1 { 64 } else { 32 };
+            let (mut lo, mut hi) = (0u128, 0u128);
+            for i in 0..(256 / ew) {
+                let full = if ew == 64 {
+                    u128::from(u64::MAX)
+                } else {
+                    u128::from(u32::MAX)
+                };
+                let set = i < fault_el && r.below(2) == 0 || i == fault_el;
+                let v = if set { full } else { 0 };
+                let bit = i * ew;
+                if bit < 128 {
+                    lo |= v << bit;
+                } else {
+                    hi |= v << (bit - 128);
+                }
+            }
+            (mlo, mhi) = (lo, hi);
+            st.ymmh[dst as usize] = 0;
         }
         st.xmm[mask as usize] = mlo;
         st.ymmh[mask as usize] = mhi;
