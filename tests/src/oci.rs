@@ -188,3 +188,77 @@ pub fn assert_nothing_left(root: &Path, needles: &[&str], limit: Duration) {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// `rqemu-run` called as an engine calls it: a state root, a JSON `--log`, `--accel tcg` and a
+/// guest directory.
+#[derive(Debug, Clone)]
+pub struct RunCli {
+    /// `--root`.
+    pub root: PathBuf,
+    /// `--log` (JSON lines).
+    pub log: PathBuf,
+    /// `--guest-dir`.
+    pub guest_dir: PathBuf,
+}
+
+impl RunCli {
+    /// `rqemu-run <these options> <globals> <args>`, waited for at most `limit`. Its stdout and
+    /// stderr go to the files `<stdio>.stdout` and `<stdio>.stderr` and are read back: files,
+    /// not pipes, because the monitor keeps `create`'s stdio (the container's) open.
+    pub fn run(&self, globals: &[&str], args: &[&str], stdio: &Path, limit: Duration) -> Output {
+        let out = stdio.with_extension("stdout");
+        let err = stdio.with_extension("stderr");
+        let mut c = Command::new(rqemu_run());
+        c.arg("--root")
+            .arg(&self.root)
+            .arg("--log")
+            .arg(&self.log)
+            .args(["--log-format", "json", "--accel", "tcg"])
+            .arg("--guest-dir")
+            .arg(&self.guest_dir)
+            .args(globals)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap());
+        let mut child = c.spawn().unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{c:?} did not finish within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Output {
+            status,
+            stdout: std::fs::read(&out).unwrap(),
+            stderr: std::fs::read(&err).unwrap(),
+        }
+    }
+
+    /// Panics unless `out` (of `args`) succeeded, with its stderr and the log; its stdout.
+    pub fn expect_ok(&self, args: &[&str], out: Output) -> String {
+        assert!(
+            out.status.success(),
+            "rqemu-run {args:?}: {:?}\n{}\nlog: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// The value of `"key": value` in pretty-printed JSON (strings unquoted).
+pub fn json_field(json: &str, key: &str) -> String {
+    let pat = format!("\"{key}\": ");
+    json.lines()
+        .find_map(|l| l.trim().strip_prefix(&pat))
+        .map(|v| v.trim_end_matches(',').trim_matches('"').to_string())
+        .unwrap_or_else(|| panic!("no {key} in {json}"))
+}

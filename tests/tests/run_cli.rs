@@ -20,18 +20,21 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rqemu_e2e::oci::{agent_assets, assert_nothing_left, make_rootfs, rqemu_run};
+use rqemu_e2e::oci::{agent_assets, assert_nothing_left, json_field, make_rootfs, RunCli};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-struct Cli {
-    root: PathBuf,
-    log: PathBuf,
-    guest_dir: PathBuf,
+struct Cli(RunCli);
+
+impl std::ops::Deref for Cli {
+    type Target = RunCli;
+    fn deref(&self) -> &RunCli {
+        &self.0
+    }
 }
 
 impl Cli {
@@ -41,51 +44,11 @@ impl Cli {
 
     /// With extra global options first (a later one wins).
     fn run_with(&self, globals: &[&str], args: &[&str]) -> Output {
-        let mut c = Command::new(rqemu_run());
-        c.arg("--root")
-            .arg(&self.root)
-            .arg("--log")
-            .arg(&self.log)
-            .args(["--log-format", "json", "--accel", "tcg"])
-            .arg("--guest-dir")
-            .arg(&self.guest_dir)
-            .args(globals)
-            .args(args);
-        // Files, not pipes: the monitor keeps `create`'s stdio (the container's) open.
-        let out = self.log.with_extension("stdout");
-        let err = self.log.with_extension("stderr");
-        c.stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap());
-        let mut child = c.spawn().unwrap_or_else(|e| panic!("{c:?}: {e}"));
-        let deadline = Instant::now() + LIMIT;
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("{c:?} did not finish within {LIMIT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Output {
-            status,
-            stdout: std::fs::read(&out).unwrap(),
-            stderr: std::fs::read(&err).unwrap(),
-        }
+        self.0.run(globals, args, &self.log, LIMIT)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "rqemu-run {args:?}: {:?}\n{}\nlog: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.expect_ok(args, self.run(args))
     }
 
     /// Fails, and the last JSON line of the log says `want`.
@@ -102,17 +65,8 @@ impl Cli {
 
     fn status(&self, id: &str) -> String {
         let state = self.ok(&["state", id]);
-        field(&state, "status")
+        json_field(&state, "status")
     }
-}
-
-/// The value of `"key": value` in pretty-printed JSON (strings unquoted).
-fn field(json: &str, key: &str) -> String {
-    let pat = format!("\"{key}\": ");
-    json.lines()
-        .find_map(|l| l.trim().strip_prefix(&pat))
-        .map(|v| v.trim_end_matches(',').trim_matches('"').to_string())
-        .unwrap_or_else(|| panic!("no {key} in {json}"))
 }
 
 fn bundle(dir: &Path) -> PathBuf {
@@ -176,11 +130,11 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 fn runc_contract_without_an_engine() {
     let assets = agent_assets();
     let dir = tempfile::tempdir().unwrap();
-    let cli = Cli {
+    let cli = Cli(RunCli {
         root: dir.path().join("root"),
         log: dir.path().join("log.json"),
         guest_dir: assets.dir.clone(),
-    };
+    });
     let b = bundle(dir.path());
     let b = b.to_str().unwrap();
     let pidfile = dir.path().join("c1.pid");
@@ -199,10 +153,10 @@ fn runc_contract_without_an_engine() {
         .parse()
         .unwrap();
     let state = cli.ok(&["state", "c1"]);
-    assert_eq!(field(&state, "status"), "created", "{state}");
-    assert_eq!(field(&state, "pid"), pid.to_string(), "{state}");
-    assert_eq!(field(&state, "id"), "c1", "{state}");
-    assert_eq!(field(&state, "bundle"), b, "{state}");
+    assert_eq!(json_field(&state, "status"), "created", "{state}");
+    assert_eq!(json_field(&state, "pid"), pid.to_string(), "{state}");
+    assert_eq!(json_field(&state, "id"), "c1", "{state}");
+    assert_eq!(json_field(&state, "bundle"), b, "{state}");
     cli.fails(&["create", "--bundle", b, "c1"], "already exists");
     cli.ok(&["create", "--bundle", b, "c2"]);
     let list = cli.ok(&["list", "--format", "json"]);
@@ -276,11 +230,11 @@ fn runc_contract_without_an_engine() {
 fn console_socket_terminal_and_resize() {
     let assets = agent_assets();
     let dir = tempfile::tempdir().unwrap();
-    let cli = Cli {
+    let cli = Cli(RunCli {
         root: dir.path().join("root"),
         log: dir.path().join("log.json"),
         guest_dir: assets.dir.clone(),
-    };
+    });
     let b = bundle_with(
         dir.path(),
         true,

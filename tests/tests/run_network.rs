@@ -18,13 +18,12 @@
 //! iproute2 (`ip`, `tc`), busybox-static, scripts/guest-assets.sh (the agent initramfs) and
 //! `cargo build -p rqemu-run -p rqemu-vmm -p rqemu-fs -p rqemu-vsock -p rqemu-net`.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use rqemu_e2e::oci::{
-    agent_assets, assert_nothing_left, make_rootfs, output_within, require_tool, rqemu_run,
+    agent_assets, assert_nothing_left, json_field, make_rootfs, output_within, require_tool, RunCli,
 };
 use rqemu_e2e::paths::project_binary;
 
@@ -89,68 +88,30 @@ impl Drop for Server {
 }
 
 struct Cli {
-    root: PathBuf,
-    log: PathBuf,
-    guest_dir: PathBuf,
+    cli: RunCli,
     dir: PathBuf,
 }
 
+impl std::ops::Deref for Cli {
+    type Target = RunCli;
+    fn deref(&self) -> &RunCli {
+        &self.cli
+    }
+}
+
 impl Cli {
-    /// rqemu-run `args`; the container's stdio (`create`'s) goes to `<name>.stdout`/`.stderr`
-    /// files (the monitor keeps them open: not pipes).
+    /// rqemu-run `args`; its stdio (the container's, for `create`) goes to `<name>.stdout` /
+    /// `.stderr` in the test's directory.
     fn run(&self, name: &str, args: &[&str]) -> Output {
-        let out = self.dir.join(format!("{name}.stdout"));
-        let err = self.dir.join(format!("{name}.stderr"));
-        let mut c = Command::new(rqemu_run());
-        c.arg("--root")
-            .arg(&self.root)
-            .arg("--log")
-            .arg(&self.log)
-            .args(["--log-format", "json", "--accel", "tcg"])
-            .arg("--guest-dir")
-            .arg(&self.guest_dir)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap());
-        let mut child = c.spawn().unwrap_or_else(|e| panic!("{c:?}: {e}"));
-        let deadline = Instant::now() + LIMIT;
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("{c:?} did not finish within {LIMIT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Output {
-            status,
-            stdout: std::fs::read(&out).unwrap(),
-            stderr: std::fs::read(&err).unwrap(),
-        }
+        self.cli.run(&[], args, &self.dir.join(name), LIMIT)
     }
 
     fn ok(&self, name: &str, args: &[&str]) -> String {
-        let out = self.run(name, args);
-        assert!(
-            out.status.success(),
-            "rqemu-run {args:?}: {:?}\n{}\nlog: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.expect_ok(args, self.run(name, args))
     }
 
     fn status(&self, id: &str) -> String {
-        let state = self.ok("state", &["state", id]);
-        state
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("\"status\": "))
-            .map(|v| v.trim_end_matches(',').trim_matches('"').to_string())
-            .unwrap_or_else(|| panic!("no status in {state}"))
+        json_field(&self.ok("state", &["state", id]), "status")
     }
 
     fn wait_stopped(&self, id: &str) {
@@ -240,9 +201,11 @@ fn setup() -> (Cli, tempfile::TempDir) {
     let assets = agent_assets();
     let dir = tempfile::tempdir().unwrap();
     let cli = Cli {
-        root: dir.path().join("root"),
-        log: dir.path().join("log.json"),
-        guest_dir: assets.dir.clone(),
+        cli: RunCli {
+            root: dir.path().join("root"),
+            log: dir.path().join("log.json"),
+            guest_dir: assets.dir.clone(),
+        },
         dir: dir.path().to_path_buf(),
     };
     (cli, dir)
