@@ -147,7 +147,7 @@ pub struct Cli {
     #[arg(long = "tcg-mode", value_enum)]
     pub tcg_mode: Option<TcgModeArg>,
     /// TCG JIT: interpreted runs of a block before it is translated.
-    #[arg(long = "tcg-jit-threshold", default_value_t = 3000)]
+    #[arg(long = "tcg-jit-threshold", default_value_t = rqemu_tcg::DEFAULT_JIT_THRESHOLD)]
     pub tcg_jit_threshold: u32,
     /// Print the software CPU's execution counters (instructions, translated blocks, compile
     /// time, share run in translated code) to stderr when the VM ends; also RQEMU_TCG_STATS=1.

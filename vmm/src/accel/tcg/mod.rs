@@ -59,7 +59,7 @@ impl Default for TcgOptions {
             } else {
                 TcgMode::Interp
             },
-            jit_threshold: 64,
+            jit_threshold: rqemu_tcg::DEFAULT_JIT_THRESHOLD,
             stats: std::env::var("RQEMU_TCG_STATS").is_ok_and(|v| v == "1"),
         }
     }

@@ -158,7 +158,7 @@ pub struct JitConfig {
 impl Default for JitConfig {
     fn default() -> Self {
         JitConfig {
-            threshold: 3000,
+            threshold: crate::DEFAULT_JIT_THRESHOLD,
             cache_bytes: 64 << 20,
             chain_limit: 256,
         }
