@@ -105,6 +105,17 @@ pub enum AccelChoice {
     Auto,
 }
 
+/// Why this host's KVM cannot run a stock Linux kernel though `/dev/kvm` opens, from the
+/// kernel modules loaded (`sys_module`: `/sys/module`): KVM-PVM (nested, module `kvm_pvm`) runs
+/// only guest kernels built for PVM. `--accel auto` then takes the software CPU;
+/// `--accel kvm` still uses it (small payloads run).
+pub fn kvm_cannot_boot_linux(sys_module: &std::path::Path) -> Option<&'static str> {
+    sys_module.join("kvm_pvm").exists().then_some(
+        "it is KVM-PVM (module kvm_pvm), which runs only guest kernels built for PVM, not stock \
+         Linux; --accel kvm uses it anyway",
+    )
+}
+
 /// Creates the accelerator for `choice` (`Auto`: KVM if usable, else TCG).
 pub fn create_accelerator(choice: AccelChoice) -> Result<Arc<dyn Accelerator>, VmError> {
     create_accelerator_with(choice, TcgOptions::default())
@@ -118,7 +129,12 @@ pub fn create_accelerator_with(
     match choice {
         AccelChoice::Kvm => Ok(Arc::new(KvmAccel::new()?)),
         AccelChoice::Tcg => Ok(Arc::new(TcgAccel::with_options(tcg)?)),
-        AccelChoice::Auto => match KvmAccel::new() {
+        AccelChoice::Auto => match KvmAccel::new().map_err(|e| e.to_string()).and_then(|k| {
+            match kvm_cannot_boot_linux(std::path::Path::new("/sys/module")) {
+                Some(why) => Err(why.to_string()),
+                None => Ok(k),
+            }
+        }) {
             Ok(k) => Ok(Arc::new(k)),
             Err(e) => {
                 tracing::warn!(
@@ -402,5 +418,18 @@ fn stop_vcpus(sync: &VcpuSync, handles: &[JoinHandle<()>]) -> usize {
             return running;
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kvm_pvm_is_no_kvm_for_stock_linux() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("kvm")).unwrap();
+        assert_eq!(super::kvm_cannot_boot_linux(dir.path()), None);
+        std::fs::create_dir(dir.path().join("kvm_pvm")).unwrap();
+        let why = super::kvm_cannot_boot_linux(dir.path()).unwrap();
+        assert!(why.contains("KVM-PVM"), "{why}");
     }
 }
