@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rqemu_protocol::identity;
 use rqemu_vhost_driver::blk::{self, Slots};
-use rqemu_vhost_driver::{Device, DriverOptions};
+use rqemu_vhost_driver::{Device, DriverError, DriverOptions};
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
@@ -53,7 +53,20 @@ impl Daemon {
             event_idx: true,
             ..Default::default()
         };
-        Device::connect(&self.socket, &opts).expect("vhost-user negotiation")
+        // The socket file exists from bind(2) on, a moment before listen(2): refused until then.
+        let start = Instant::now();
+        loop {
+            match Device::connect(&self.socket, &opts) {
+                Ok(d) => return d,
+                Err(DriverError::Connect { source, .. })
+                    if source.kind() == std::io::ErrorKind::ConnectionRefused
+                        && start.elapsed() < TIMEOUT =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("vhost-user negotiation: {e:?}"),
+            }
+        }
     }
 
     fn terminate(mut self) -> std::process::ExitStatus {
