@@ -6,7 +6,7 @@
 //!
 //! QEMU does not kick the rings of a daemon it reconnects to, and a guest notification that
 //! arrived while no daemon was connected is consumed by QEMU: without the relay's own kick
-//! after a ring is enabled (`device-daemons/common/src/relay.rs`, `Kicks`) the guest waits
+//! after a ring is enabled (`device-daemons/common/src/relay/mod.rs`, `Kicks`) the guest waits
 //! forever on its request (4 runs out of 4 stalled at the first kill).
 //!
 //! A second race stalled about half the runs after the first fix: the relay kicked right after
