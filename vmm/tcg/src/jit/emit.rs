@@ -332,6 +332,16 @@ impl<'a> Em<'a> {
         self.exit(self.idx, rip);
     }
 
+    /// When `cond` holds, exit before the current instruction (a case left to the
+    /// interpreter); code emitted next runs when it does not.
+    pub fn exit_here_if(&mut self, cond: Value) {
+        let (out, cont) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(cond, out, &[], cont, &[]);
+        self.b.switch_to_block(out);
+        self.exit_here();
+        self.b.switch_to_block(cont);
+    }
+
     /// After an instruction that called helpers: leave if one asked to end the block.
     pub fn end_check(&mut self) {
         if !std::mem::take(&mut self.may_end) {

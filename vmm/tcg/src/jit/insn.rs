@@ -159,6 +159,18 @@ impl Em<'_> {
         }
     }
 
+    /// Reads operand 0 of a read-modify-write instruction, and its address when it is in
+    /// memory (the load checks write access, so a read-only page faults before anything
+    /// changes).
+    fn read_rmw(&mut self, ins: &Instruction, size: u8) -> Option<(Value, Option<Value>)> {
+        if ins.op0_kind() == OpKind::Memory {
+            let va = self.ea(ins)?;
+            Some((self.load(va, size, true), Some(va)))
+        } else {
+            Some((self.read_op(ins, 0, size)?, None))
+        }
+    }
+
     /// Reads operand `i` (GPR, memory or immediate), masked to `size`.
     fn read_op(&mut self, ins: &Instruction, i: u32, size: u8) -> Option<Value> {
         let k = ins.op_kind(i);
@@ -518,17 +530,8 @@ fn shift_cl(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
         e.b.ins()
             .band_imm_s(cl, if size == 8 { 0x3F } else { 0x1F });
     let zero_count = e.b.ins().icmp_imm_s(IntCC::Equal, c, 0);
-    let (out, cont) = (e.b.create_block(), e.b.create_block());
-    e.b.ins().brif(zero_count, out, &[], cont, &[]);
-    e.b.switch_to_block(out);
-    e.exit_here();
-    e.b.switch_to_block(cont);
-    let (a, va) = if ins.op0_kind() == OpKind::Memory {
-        let va = e.ea(ins)?;
-        (e.load(va, size, true), Some(va))
-    } else {
-        (e.read_op(ins, 0, size)?, None)
-    };
+    e.exit_here_if(zero_count);
+    let (a, va) = e.read_rmw(ins, size)?;
     let bits = i64::from(8 * u32::from(size));
     let zero = e.c(0);
     let bit = |e: &mut Em<'_>, v: Value, n: Value| {
@@ -595,12 +598,7 @@ fn shift(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
         2 if is_imm(ins.op1_kind()) => ins.immediate(1) as u32,
         _ => return None,
     } & if size == 8 { 0x3F } else { 0x1F };
-    let (a, va) = if ins.op0_kind() == OpKind::Memory {
-        let va = e.ea(ins)?;
-        (e.load(va, size, true), Some(va))
-    } else {
-        (e.read_op(ins, 0, size)?, None)
-    };
+    let (a, va) = e.read_rmw(ins, size)?;
     let bits = 8 * u32::from(size);
     let bit = |e: &mut Em<'_>, v: Value, n: u32| {
         let s = e.b.ins().ushr_imm_s(v, i64::from(n));
@@ -664,12 +662,7 @@ fn shift(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
 
 fn unop(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
     let size = Em::op_size(ins, 0)?;
-    let (a, va) = if ins.op0_kind() == OpKind::Memory {
-        let va = e.ea(ins)?;
-        (e.load(va, size, true), Some(va))
-    } else {
-        (e.read_op(ins, 0, size)?, None)
-    };
+    let (a, va) = e.read_rmw(ins, size)?;
     let res = match m {
         M::Inc => e.b.ins().iadd_imm_s(a, 1),
         M::Dec => e.b.ins().iadd_imm_s(a, -1),

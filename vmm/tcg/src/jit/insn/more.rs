@@ -34,20 +34,11 @@ pub(super) fn rotate(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
             let cl = e.gpr(1);
             let c = e.b.ins().band_imm_s(cl, i64::from(cmask));
             let zero_count = e.b.ins().icmp_imm_s(IntCC::Equal, c, 0);
-            let (out, cont) = (e.b.create_block(), e.b.create_block());
-            e.b.ins().brif(zero_count, out, &[], cont, &[]);
-            e.b.switch_to_block(out);
-            e.exit_here();
-            e.b.switch_to_block(cont);
+            e.exit_here_if(zero_count);
             c
         }
     };
-    let (a, va) = if ins.op0_kind() == OpKind::Memory {
-        let va = e.ea(ins)?;
-        (e.load(va, size, true), Some(va))
-    } else {
-        (e.read_op(ins, 0, size)?, None)
-    };
+    let (a, va) = e.read_rmw(ins, size)?;
     let t = ty(size);
     let n = if size < 8 { e.b.ins().ireduce(t, a) } else { a };
     let r = if m == M::Rol {
@@ -117,22 +108,14 @@ pub(super) fn div(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
         Some(h) => e.b.ins().bor(zero, h),
         None => zero,
     };
-    let (out, cont) = (e.b.create_block(), e.b.create_block());
-    e.b.ins().brif(bad, out, &[], cont, &[]);
-    e.b.switch_to_block(out);
-    e.exit_here();
-    e.b.switch_to_block(cont);
+    e.exit_here_if(bad);
     let q = e.b.ins().udiv(n, src);
     let r = e.b.ins().urem(n, src);
     if size < 8 {
         let over =
             e.b.ins()
                 .icmp_imm_s(IntCC::UnsignedGreaterThan, q, mask(size));
-        let (out, cont) = (e.b.create_block(), e.b.create_block());
-        e.b.ins().brif(over, out, &[], cont, &[]);
-        e.b.switch_to_block(out);
-        e.exit_here();
-        e.b.switch_to_block(cont);
+        e.exit_here_if(over);
     }
     match size {
         1 => {
