@@ -44,6 +44,7 @@ pub(crate) enum Flags {
 
 /// Helper signatures.
 struct Sigs {
+    interp: SigRef,
     read: SigRef,
     write: SigRef,
     cond: SigRef,
@@ -130,6 +131,7 @@ impl<'a> Em<'a> {
             b.import_signature(s)
         };
         let sigs = Sigs {
+            interp: sig(&[ptr, ptr], Some(I64)),
             read: sig(&[ptr, I64, I64], Some(I64)),
             write: sig(&[ptr, I64, I64, I64], None),
             cond: sig(&[ptr, I64], Some(I64)),
@@ -358,6 +360,45 @@ impl<'a> Em<'a> {
         self.b.ins().brif(end, out, &[], cont, &[]);
         self.b.switch_to_block(out);
         let rip = self.rip_of(self.next_ip);
+        self.exit(self.idx + 1, rip);
+        self.b.switch_to_block(cont);
+    }
+
+    /// Runs the current instruction through its interpreter handler (`op`: the address of its
+    /// [`super::InterpOp`]) after committing the flag record and RIP. Afterwards every
+    /// register and the flags are taken from the state again (the handler may have changed
+    /// any). On a fault the function returns before the instruction; when the handler ended
+    /// the block or moved RIP elsewhere, after it with the handler's RIP.
+    pub fn interp_call(&mut self, op: usize) {
+        self.commit();
+        let rip = self.rip_of(self.ip);
+        self.b.ins().store(mem(), rip, self.arch, RIP);
+        let fp = self
+            .b
+            .ins()
+            .iconst(self.ptr, helpers::interp as *const () as usize as i64);
+        let opv = self.b.ins().iconst(self.ptr, op as i64);
+        let call = self
+            .b
+            .ins()
+            .call_indirect(self.sigs.interp, fp, &[self.jc, opv]);
+        let st = self.b.inst_results(call)[0];
+        self.loaded = 0;
+        self.flags = Flags::Mem;
+        let (out, cont) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(st, out, &[], cont, &[]);
+        self.b.switch_to_block(out);
+        let fault = self
+            .b
+            .ins()
+            .icmp_imm_s(IntCC::Equal, st, STATUS_FAULT as i64);
+        let (f, e) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(fault, f, &[], e, &[]);
+        self.b.switch_to_block(f);
+        let n = self.b.ins().iconst(I32, self.idx as i64);
+        self.b.ins().return_(&[n]);
+        self.b.switch_to_block(e);
+        let rip = self.b.ins().load(I64, mem(), self.arch, RIP);
         self.exit(self.idx + 1, rip);
         self.b.switch_to_block(cont);
     }

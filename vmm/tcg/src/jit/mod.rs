@@ -3,8 +3,11 @@
 //! # Tiering
 //! Blocks start in the interpreter. Every interpreted run of a block bumps its counter; at
 //! [`JitConfig::threshold`] runs the block is translated ([`translate`]) and from then on its
-//! host code runs instead. A block is translated up to its first instruction the translator
-//! does not know; the interpreter continues from there (`Cpu::exec_fetch`).
+//! host code runs instead. An instruction the translator has no code for is run from the
+//! middle of the block by a call of its interpreter handler ([`helpers::interp`], with an
+//! [`InterpOp`] the JIT keeps), unless it transfers control or changes what translated code
+//! assumes fixed ([`translate::in_block_handler`]); there the block stops and the interpreter
+//! continues (`Cpu::exec_fetch`).
 //!
 //! # Contract between host code and the interpreter
 //! Host code gets a [`JitCtx`] and works on the same [`ArchState`] as the interpreter:
@@ -138,6 +141,14 @@ pub(crate) fn jcache_index(rip: u64) -> usize {
     ((rip ^ (rip >> 10)) as usize) & (JCACHE_SIZE - 1)
 }
 
+/// An instruction translated code runs through its interpreter handler ([`helpers::interp`]):
+/// the decoded instruction and its handler, at a stable address the code holds as a constant
+/// (owned by [`Jit`], freed with the module).
+pub(crate) struct InterpOp {
+    pub ins: iced_x86::Instruction,
+    pub handler: crate::ctx::Handler,
+}
+
 /// A helper met a fault: the instruction did not happen.
 pub(crate) const STATUS_FAULT: u64 = 1;
 /// A helper's access ended the block: stop after this instruction.
@@ -172,6 +183,8 @@ pub struct JitStats {
     pub translated: u64,
     /// Guest instructions translated (sum over translated blocks).
     pub translated_insns: u64,
+    /// Of which run by a call of their interpreter handler from translated code.
+    pub helper_insns: u64,
     /// Blocks whose first instruction the translator does not know.
     pub untranslatable: u64,
     /// Time spent translating and compiling, in nanoseconds.
@@ -210,6 +223,10 @@ pub(crate) struct Jit {
     /// Boxed: the code holds their addresses, which must not move when the Vec grows.
     #[allow(clippy::vec_box)]
     slots: Vec<Box<Slots>>,
+    /// The instructions translated code runs through their handlers, per translated block
+    /// (each `Vec` is allocated with its final capacity, so its elements never move; the code
+    /// holds their addresses). Freed with the module.
+    ops: Vec<Vec<InterpOp>>,
     /// The exit slot the last run returned at and the RIP it left: filled by the next block
     /// run if that starts at the same RIP ([`Jit::note_next`]).
     pending: (*mut Slot, u64),
@@ -289,6 +306,7 @@ impl Jit {
         Ok(Jit {
             module: Some(m),
             slots: Vec::new(),
+            ops: Vec::new(),
             pending: (std::ptr::null_mut(), 0),
             enter: Some(enter),
             jcache: (0..JCACHE_SIZE).map(|_| Slot::default()).collect(),
@@ -328,12 +346,26 @@ impl Jit {
         } else {
             (std::ptr::null_mut(), std::ptr::null_mut())
         };
-        let res = translate::translate(module, &mut self.fctx, &b.insns, sp, jp, &mut self.stats);
+        let mut ops = Vec::with_capacity(b.insns.len());
+        let res = translate::translate(
+            module,
+            &mut self.fctx,
+            &b.insns,
+            sp,
+            jp,
+            &mut ops,
+            &mut self.stats,
+        );
         self.stats.compile_ns += t0.elapsed().as_nanos() as u64;
         match res {
             Ok(Some(t)) => {
-                // The code refers to the slots by address: they live as long as the module.
+                // The code refers to the slots and ops by address: they live as long as the
+                // module.
                 self.slots.push(slots);
+                self.stats.helper_insns += ops.len() as u64;
+                if !ops.is_empty() {
+                    self.ops.push(ops);
+                }
                 self.stats.translated += 1;
                 self.stats.translated_insns += t.insns as u64;
                 self.stats.code_bytes += t.bytes as u64;
@@ -388,6 +420,7 @@ impl Jit {
             unsafe { m.free_memory() };
         }
         self.slots.clear();
+        self.ops.clear();
         match new_module() {
             Ok((m, e)) => {
                 self.module = Some(m);

@@ -2,7 +2,7 @@
 
 use super::emit::Em;
 use super::insn::{self, Step};
-use super::{finish, Enter, JitError, JitStats, Slot, Translated};
+use super::{finish, Enter, InterpOp, JitError, JitStats, Slot, Translated};
 use cranelift_codegen::ir::types::{I32, I64};
 use cranelift_codegen::ir::{AbiParam, InstBuilder, Signature};
 use cranelift_codegen::isa::CallConv;
@@ -50,18 +50,24 @@ pub(crate) fn trampoline(module: &mut JITModule) -> Result<Enter, JitError> {
     Ok(unsafe { std::mem::transmute::<*const u8, Enter>(p as *const u8) })
 }
 
-/// Translates `insns` (decoded at `vip`) up to the first instruction the translator does not
-/// know. `Ok(None)` when not even the first one is known. `slots`: the block's successor
+/// Translates `insns` (decoded at `vip`) up to the first instruction that neither the
+/// translator knows nor [`in_block_handler`] allows to run through its interpreter handler;
+/// those it allows become calls of [`super::helpers::interp`] with an [`InterpOp`] pushed on
+/// `ops` (allocated by the caller with capacity `insns.len()`, so it never reallocates).
+/// `Ok(None)` when not even the first instruction is translated. `slots`: the block's successor
 /// slots (`SLOTS_PER_BLOCK` of them), `jcache` the JIT's jump cache; null to translate
 /// without chaining.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn translate(
     module: &mut JITModule,
     fctx: &mut FunctionBuilderContext,
     insns: &[Instruction],
     slots: *mut Slot,
     jcache: *mut Slot,
+    ops: &mut Vec<InterpOp>,
     stats: &mut JitStats,
 ) -> Result<Option<Translated>, JitError> {
+    debug_assert!(ops.capacity() >= insns.len());
     let ptr = module.target_config().pointer_type();
     let cc = module.isa().default_call_conv();
     let mut ctx = module.make_context();
@@ -83,6 +89,17 @@ pub(crate) fn translate(
                     ended = true;
                     break;
                 }
+                Step::Unknown if in_block_handler(ins) && ops.len() < ops.capacity() => {
+                    ops.push(InterpOp {
+                        ins: *ins,
+                        handler: crate::exec::select(ins),
+                    });
+                    let op = ops
+                        .last()
+                        .map_or(std::ptr::null(), |o| o as *const InterpOp);
+                    e.interp_call(op as usize);
+                    done = i + 1;
+                }
                 Step::Unknown => {
                     e.exit_here();
                     ended = true;
@@ -100,6 +117,7 @@ pub(crate) fn translate(
         e.b.finalize(tcfg);
     }
     if done == 0 {
+        ops.clear();
         module.clear_context(&mut ctx);
         return Ok(None);
     }
@@ -109,4 +127,34 @@ pub(crate) fn translate(
         insns: done,
         bytes,
     }))
+}
+
+/// Whether translated code may run `ins` through its interpreter handler in the middle of a
+/// block: it must fall through to the next instruction (no control transfer: those end
+/// blocks) and change nothing that translated code or the run loop assume fixed within a
+/// block: privilege level, mode, paging, descriptor tables, the interrupt flag or its
+/// shadow, single-stepping (privileged and I/O instructions — `is_privileged` covers IN/OUT/
+/// INS/OUTS/CLI/STI —, POPF, segment-register loads).
+pub(crate) fn in_block_handler(ins: &Instruction) -> bool {
+    use iced_x86::{FlowControl, Mnemonic as M, OpKind};
+    if ins.flow_control() != FlowControl::Next || ins.is_privileged() {
+        return false;
+    }
+    let seg_dest = ins.op_count() > 0
+        && ins.op0_kind() == OpKind::Register
+        && ins.op0_register().is_segment_register();
+    !seg_dest
+        && !matches!(
+            ins.mnemonic(),
+            M::Popf
+                | M::Popfd
+                | M::Popfq
+                | M::Lss
+                | M::Lfs
+                | M::Lgs
+                | M::Lds
+                | M::Les
+                | M::Sysenter
+                | M::Sysexit
+        )
 }
