@@ -45,6 +45,7 @@ pub(crate) enum Flags {
 /// Helper signatures.
 struct Sigs {
     interp: SigRef,
+    udiv128: SigRef,
     read: SigRef,
     write: SigRef,
     cond: SigRef,
@@ -132,6 +133,7 @@ impl<'a> Em<'a> {
         };
         let sigs = Sigs {
             interp: sig(&[ptr, ptr], Some(I64)),
+            udiv128: sig(&[ptr, I64, I64, I64], Some(I64)),
             read: sig(&[ptr, I64, I64], Some(I64)),
             write: sig(&[ptr, I64, I64, I64], None),
             cond: sig(&[ptr, I64], Some(I64)),
@@ -403,6 +405,38 @@ impl<'a> Em<'a> {
         self.b.switch_to_block(cont);
     }
 
+    /// Quotient and remainder of the 128-bit `hi:lo` by `d`, which the caller guarantees fit
+    /// (`hi < d`): a native division when `hi` is 0, else [`helpers::udiv128`].
+    pub fn udiv128(&mut self, hi: Value, lo: Value, d: Value) -> (Value, Value) {
+        let (wide, join) = (self.b.create_block(), self.b.create_block());
+        let q = self.b.append_block_param(join, I64);
+        let r = self.b.append_block_param(join, I64);
+        let nq = self.b.ins().udiv(lo, d);
+        let nr = self.b.ins().urem(lo, d);
+        self.b
+            .ins()
+            .brif(hi, wide, &[], join, &[nq.into(), nr.into()]);
+        self.b.switch_to_block(wide);
+        let fp = self
+            .b
+            .ins()
+            .iconst(self.ptr, helpers::udiv128 as *const () as usize as i64);
+        let call = self
+            .b
+            .ins()
+            .call_indirect(self.sigs.udiv128, fp, &[self.jc, hi, lo, d]);
+        let wq = self.b.inst_results(call)[0];
+        let wr = self.b.ins().load(
+            I64,
+            MemFlagsData::trusted(),
+            self.jc,
+            offset_of!(JitCtx, scratch) as i32,
+        );
+        self.b.ins().jump(join, &[wq.into(), wr.into()]);
+        self.b.switch_to_block(join);
+        (q, r)
+    }
+
     /// Segment base for `seg` (FS/GS only in 64-bit mode).
     pub fn seg_base(&mut self, seg: iced_x86::Register) -> Option<Value> {
         let i = match seg {
@@ -593,6 +627,19 @@ impl<'a> Em<'a> {
             helpers::arith as *const () as usize,
             &[arch],
         )
+    }
+
+    /// `f` (eager RFLAGS bits), or when `cond` holds the current arithmetic flags (computed in
+    /// a side block: they may need a helper call).
+    pub fn keep_flags_if(&mut self, cond: Value, f: Value) -> Value {
+        let (side, join) = (self.b.create_block(), self.b.create_block());
+        let out = self.b.append_block_param(join, I64);
+        self.b.ins().brif(cond, side, &[], join, &[f.into()]);
+        self.b.switch_to_block(side);
+        let old = self.arith();
+        self.b.ins().jump(join, &[old.into()]);
+        self.b.switch_to_block(join);
+        out
     }
 
     /// The carry flag as 0/1 (I64).

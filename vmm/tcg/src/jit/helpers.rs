@@ -102,6 +102,19 @@ pub(crate) unsafe extern "C" fn interp(jc: *mut JitCtx, op: *const InterpOp) -> 
     status
 }
 
+/// The quotient of the 128-bit `hi:lo` by `d` (the caller guarantees `hi < d`, so it fits);
+/// the remainder goes to `jc.scratch`.
+///
+/// # Safety
+/// Called only by translated code with its live `JitCtx`.
+pub(crate) unsafe extern "C" fn udiv128(jc: *mut JitCtx, hi: u64, lo: u64, d: u64) -> u64 {
+    let n = (u128::from(hi) << 64) | u128::from(lo);
+    let d = u128::from(d.max(1));
+    // SAFETY: `jc` is live for the call (helper contract).
+    unsafe { (*jc).scratch = (n % d) as u64 };
+    (n / d) as u64
+}
+
 /// Condition `cc` (0..=15) of the flags in the architectural state.
 ///
 /// # Safety

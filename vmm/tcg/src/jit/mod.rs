@@ -97,6 +97,8 @@ pub(crate) struct JitCtx {
     /// Set by host code returning at a chainable exit: that exit's successor slot, for the
     /// run loop to fill with the block it runs next (null otherwise).
     pub exit_slot: *mut Slot,
+    /// A second result of a helper ([`helpers::udiv128`]'s remainder).
+    pub scratch: u64,
 }
 
 /// The successor cache of one block exit: "if the exit's target RIP is `rip`, the current
@@ -549,6 +551,7 @@ pub(crate) fn run(
         chains: 0,
         block: u64::from(idx),
         exit_slot: std::ptr::null_mut(),
+        scratch: 0,
     };
     jc.cx = cx as *mut crate::ctx::Ctx<'_> as *mut u8;
     // SAFETY: `enter` is the live module's trampoline and `n.entry` code compiled by

@@ -6,7 +6,8 @@
 //! self-modifying code. Against the interpreter the sequences also hold instructions the
 //! translator leaves to their interpreter handlers, called from the middle of translated
 //! blocks ([`insn_handler`]: MUL/IMUL, bit scans and counts, XADD, XCHG, SHLD/SHRD, CPUID,
-//! SSE2 integer ops and MOVQ between GPRs and XMM, a #PF inside a handler). Every block is
+//! SSE2 integer ops and MOVQ between GPRs and XMM, a #PF inside a handler), and 64-bit DIV
+//! of a 128-bit dividend. Every block is
 //! translated on its first run (threshold 0).
 
 use super::harness::{check, random_state, Case, Harness, Rng, State, TcgOutcome, DATA, UNMAPPED};
@@ -407,6 +408,14 @@ fn insn_handler(r: &mut Rng) -> Vec<u8> {
             prefix(8, x, d, &mut v);
             v.extend([0x0F, 0x7E]);
             modrm(&mut v, x, d, None);
+        }
+        // and rdx, 0xff; or rN, 0x100; div rN (N = 8..14): a 128-bit dividend RDX:RAX whose
+        // quotient fits.
+        9 if r.below(2) == 0 => {
+            let n = 8 + r.below(7) as u8;
+            v.extend([0x48, 0x81, 0xE2, 0xFF, 0, 0, 0]);
+            v.extend([0x49, 0x81, 0xC8 | (n & 7), 0, 1, 0, 0]);
+            v.extend([0x49, 0xF7, 0xF0 | (n & 7)]);
         }
         // MUL qword [r15]: #PF in the handler, RIP and state as before it.
         _ => v.extend([0x49, 0xF7, 0x27]),
