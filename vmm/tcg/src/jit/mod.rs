@@ -234,6 +234,8 @@ pub(crate) struct Jit {
     pending: (*mut Slot, u64),
     /// Enters host code (System V) and calls a block function (tail calling convention).
     enter: Option<Enter>,
+    /// The current module's chain stub (address; the exits of every block tail-call it).
+    stub: usize,
     /// The jump cache: a slot per [`jcache_index`], filled for every block the run loop runs
     /// with host code. Lives as long as the JIT (its address is a constant in the code); a
     /// flush makes every entry stale by moving the chain generation on.
@@ -257,7 +259,8 @@ impl std::fmt::Debug for Jit {
     }
 }
 
-fn new_module() -> Result<(JITModule, Enter), JitError> {
+/// A fresh module with its trampoline and chain stub ([`translate::chain_stub`]).
+fn new_module() -> Result<(JITModule, Enter, usize), JitError> {
     let mut flags = settings::builder();
     // Cranelift's optimizer (egraph) costs a quarter of the compile time and gains nothing
     // measurable on these short blocks: off unless RQEMU_JIT_OPT=speed.
@@ -291,7 +294,8 @@ fn new_module() -> Result<(JITModule, Enter), JitError> {
         cranelift_module::default_libcall_names(),
     ));
     let enter = translate::trampoline(&mut m)?;
-    Ok((m, enter))
+    let stub = translate::chain_stub(&mut m)?;
+    Ok((m, enter, stub))
 }
 
 impl Jit {
@@ -304,13 +308,14 @@ impl Jit {
         {
             cfg.chain_limit = n;
         }
-        let (m, enter) = new_module()?;
+        let (m, enter, stub) = new_module()?;
         Ok(Jit {
             module: Some(m),
             slots: Vec::new(),
             ops: Vec::new(),
             pending: (std::ptr::null_mut(), 0),
             enter: Some(enter),
+            stub,
             jcache: (0..JCACHE_SIZE).map(|_| Slot::default()).collect(),
             cfg,
             bytes: 0,
@@ -355,6 +360,7 @@ impl Jit {
             &b.insns,
             sp,
             jp,
+            self.stub,
             &mut ops,
             &mut self.stats,
         );
@@ -424,9 +430,10 @@ impl Jit {
         self.slots.clear();
         self.ops.clear();
         match new_module() {
-            Ok((m, e)) => {
+            Ok((m, e, stub)) => {
                 self.module = Some(m);
                 self.enter = Some(e);
+                self.stub = stub;
             }
             Err(_) => self.module = None,
         }

@@ -2,9 +2,12 @@
 
 use super::emit::Em;
 use super::insn::{self, Step};
-use super::{finish, Enter, InterpOp, JitError, JitStats, Slot, Translated};
+use super::{finish, Enter, InterpOp, JitCtx, JitError, JitStats, Slot, Translated};
+use crate::mmu::tlb::{layout as tl, TLB_SIZE};
+use crate::mmu::walk::Access;
+use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{I32, I64};
-use cranelift_codegen::ir::{AbiParam, InstBuilder, Signature};
+use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature};
 use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::JITModule;
@@ -19,6 +22,131 @@ pub(crate) fn block_sig(module: &JITModule) -> Signature {
     s.params.push(AbiParam::new(ptr));
     s.returns.push(AbiParam::new(I32));
     s
+}
+
+/// The signature of the chain stub: `fn(jc, slot, rip: u64, count_note: u64) -> u32` in the
+/// `tail` convention (see [`chain_stub`]).
+pub(crate) fn stub_sig(module: &JITModule) -> Signature {
+    let ptr = module.target_config().pointer_type();
+    let mut s = Signature::new(CallConv::Tail);
+    s.params.extend([ptr, ptr, I64, I64].map(AbiParam::new));
+    s.returns.push(AbiParam::new(I32));
+    s
+}
+
+/// Compiles the chain stub every block exit tail-calls (one copy per module instead of the
+/// same forty instructions in every exit of every block): with the exit's successor slot, its
+/// target RIP (committed) and `count_note` = the block's completed instructions, plus bit 32
+/// when a miss should leave the slot for the run loop to fill. It tail-calls the successor
+/// when the slot is for this RIP, was filled at the block cache's current generation, the code
+/// TLB still maps the RIP's page to the same host page and the chain budget is not used up
+/// (setting `JitCtx::delta`/`block`, adding `count` to `chained_insns`); otherwise it returns
+/// `count`, with `JitCtx::exit_slot` = the slot if asked.
+pub(crate) fn chain_stub(module: &mut JITModule) -> Result<usize, JitError> {
+    let mut ctx = module.make_context();
+    ctx.func.signature = stub_sig(module);
+    let mut fctx = FunctionBuilderContext::new();
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+        let tail = b.import_signature(block_sig(module));
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let p = b.block_params(entry);
+        let (jc, sp, rip, cn) = (p[0], p[1], p[2], p[3]);
+        let t = MemFlagsData::trusted();
+        let so = |f: usize| f as i32;
+        let budget = b
+            .ins()
+            .load(I64, t, jc, so(std::mem::offset_of!(JitCtx, budget)));
+        let gen = b
+            .ins()
+            .load(I64, t, jc, so(std::mem::offset_of!(JitCtx, gen)));
+        let tlb = b
+            .ins()
+            .load(I64, t, jc, so(std::mem::offset_of!(JitCtx, tlb)));
+        let tag_bits = b
+            .ins()
+            .load(I64, t, jc, so(std::mem::offset_of!(JitCtx, tag_bits)));
+        let s_rip = b
+            .ins()
+            .load(I64, t, sp, so(std::mem::offset_of!(Slot, rip)));
+        let s_gen = b
+            .ins()
+            .load(I64, t, sp, so(std::mem::offset_of!(Slot, gen)));
+        let s_host = b
+            .ins()
+            .load(I64, t, sp, so(std::mem::offset_of!(Slot, host)));
+        // The code TLB entry of the target page.
+        let idx = b.ins().ushr_imm_s(rip, 12);
+        let idx = b.ins().band_imm_s(idx, (TLB_SIZE - 1) as i64);
+        let off = b.ins().imul_imm_s(idx, tl::ENTRY as i64);
+        let e = b.ins().iadd(tlb, off);
+        let base = (tl::BASE + Access::Exec as usize * tl::KIND) as i32;
+        let nt = MemFlagsData::new().with_notrap();
+        let tag = b.ins().load(I64, nt, e, base + tl::TAG as i32);
+        let host = b.ins().load(I64, nt, e, base + tl::HOST as i32);
+        let page = b.ins().band_imm_s(rip, !0xFFF);
+        let want = b.ins().bor(page, tag_bits);
+        let ok = b.ins().icmp_imm_s(IntCC::NotEqual, budget, 0);
+        let c1 = b.ins().icmp(IntCC::Equal, s_rip, rip);
+        let ok = b.ins().band(ok, c1);
+        let c2 = b.ins().icmp(IntCC::Equal, s_gen, gen);
+        let ok = b.ins().band(ok, c2);
+        let c3 = b.ins().icmp(IntCC::Equal, tag, want);
+        let ok = b.ins().band(ok, c3);
+        let c4 = b.ins().icmp(IntCC::Equal, host, s_host);
+        let ok = b.ins().band(ok, c4);
+        let count = b.ins().band_imm_s(cn, 0xFFFF_FFFF);
+        let (hit, miss) = (b.create_block(), b.create_block());
+        b.ins().brif(ok, hit, &[], miss, &[]);
+        b.switch_to_block(hit);
+        let nb = b.ins().iadd_imm_s(budget, -1);
+        b.ins()
+            .store(t, nb, jc, so(std::mem::offset_of!(JitCtx, budget)));
+        let ci = b
+            .ins()
+            .load(I64, t, jc, so(std::mem::offset_of!(JitCtx, chained_insns)));
+        let ci = b.ins().iadd(ci, count);
+        b.ins()
+            .store(t, ci, jc, so(std::mem::offset_of!(JitCtx, chained_insns)));
+        let ch = b
+            .ins()
+            .load(I64, t, jc, so(std::mem::offset_of!(JitCtx, chains)));
+        let ch = b.ins().iadd_imm_s(ch, 1);
+        b.ins()
+            .store(t, ch, jc, so(std::mem::offset_of!(JitCtx, chains)));
+        let blk = b
+            .ins()
+            .load(I64, t, sp, so(std::mem::offset_of!(Slot, block)));
+        b.ins()
+            .store(t, blk, jc, so(std::mem::offset_of!(JitCtx, block)));
+        let d = b
+            .ins()
+            .load(I64, t, sp, so(std::mem::offset_of!(Slot, delta)));
+        b.ins()
+            .store(t, d, jc, so(std::mem::offset_of!(JitCtx, delta)));
+        let target = b
+            .ins()
+            .load(I64, t, sp, so(std::mem::offset_of!(Slot, entry)));
+        b.ins().return_call_indirect(tail, target, &[jc]);
+        b.switch_to_block(miss);
+        let note = b.ins().ushr_imm_s(cn, 32);
+        let (fill, out) = (b.create_block(), b.create_block());
+        b.ins().brif(note, fill, &[], out, &[]);
+        b.switch_to_block(fill);
+        b.ins()
+            .store(t, sp, jc, so(std::mem::offset_of!(JitCtx, exit_slot)));
+        b.ins().jump(out, &[]);
+        b.switch_to_block(out);
+        let n = b.ins().ireduce(I32, count);
+        b.ins().return_(&[n]);
+        b.seal_all_blocks();
+        b.finalize(module.target_config());
+    }
+    let mut stats = JitStats::default();
+    let (p, _) = finish(module, &mut ctx, &mut stats)?;
+    Ok(p)
 }
 
 /// Compiles the trampoline `extern "C" fn(jc, entry) -> u32` that calls block function
@@ -54,6 +182,7 @@ pub(crate) fn trampoline(module: &mut JITModule) -> Result<Enter, JitError> {
 /// translator knows nor [`in_block_handler`] allows to run through its interpreter handler;
 /// those it allows become calls of [`super::helpers::interp`] with an [`InterpOp`] pushed on
 /// `ops` (allocated by the caller with capacity `insns.len()`, so it never reallocates).
+/// `stub`: the module's [`chain_stub`].
 /// `Ok(None)` when not even the first instruction is translated. `slots`: the block's successor
 /// slots (`SLOTS_PER_BLOCK` of them), `jcache` the JIT's jump cache; null to translate
 /// without chaining.
@@ -64,6 +193,7 @@ pub(crate) fn translate(
     insns: &[Instruction],
     slots: *mut Slot,
     jcache: *mut Slot,
+    stub: usize,
     ops: &mut Vec<InterpOp>,
     stats: &mut JitStats,
 ) -> Result<Option<Translated>, JitError> {
@@ -75,8 +205,8 @@ pub(crate) fn translate(
     let mut done = 0;
     {
         let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
-        let tail = b.import_signature(block_sig(module));
-        let mut e = Em::new(b, ptr, cc, slots, jcache, tail);
+        let stub_sig = b.import_signature(stub_sig(module));
+        let mut e = Em::new(b, ptr, cc, slots, jcache, (stub, stub_sig));
         let mut ended = false;
         for (i, ins) in insns.iter().enumerate() {
             e.idx = i;
