@@ -3,8 +3,6 @@
 use super::emit::Em;
 use super::insn::{self, Step};
 use super::{finish, Enter, InterpOp, JitCtx, JitError, JitStats, Slot, Translated};
-use crate::mmu::tlb::{layout as tl, TLB_SIZE};
-use crate::mmu::walk::Access;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{I32, I64};
 use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature};
@@ -35,13 +33,13 @@ pub(crate) fn stub_sig(module: &JITModule) -> Signature {
 }
 
 /// Compiles the chain stub every block exit tail-calls (one copy per module instead of the
-/// same forty instructions in every exit of every block): with the exit's successor slot, its
+/// same instructions in every exit of every block): with the exit's successor slot, its
 /// target RIP (committed) and `count_note` = the block's completed instructions, plus bit 32
 /// when a miss should leave the slot for the run loop to fill. It tail-calls the successor
-/// when the slot is for this RIP, was filled at the block cache's current generation, the code
-/// TLB still maps the RIP's page to the same host page and the chain budget is not used up
-/// (setting `JitCtx::delta`/`block`, adding `count` to `chained_insns`); otherwise it returns
-/// `count`, with `JitCtx::exit_slot` = the slot if asked.
+/// when the slot is for this RIP, was filled under a current chain key
+/// ([`super::chain_keys`], `JitCtx::gen`/`gen_global`) and the chain budget is not used up (setting
+/// `JitCtx::delta`/`block`, adding `count` to `chained_insns`); otherwise it returns `count`,
+/// with `JitCtx::exit_slot` = the slot if asked.
 pub(crate) fn chain_stub(module: &mut JITModule) -> Result<usize, JitError> {
     let mut ctx = module.make_context();
     ctx.func.signature = stub_sig(module);
@@ -62,41 +60,22 @@ pub(crate) fn chain_stub(module: &mut JITModule) -> Result<usize, JitError> {
         let gen = b
             .ins()
             .load(I64, t, jc, so(std::mem::offset_of!(JitCtx, gen)));
-        let tlb = b
+        let gen_global = b
             .ins()
-            .load(I64, t, jc, so(std::mem::offset_of!(JitCtx, tlb)));
-        let tag_bits = b
-            .ins()
-            .load(I64, t, jc, so(std::mem::offset_of!(JitCtx, tag_bits)));
+            .load(I64, t, jc, so(std::mem::offset_of!(JitCtx, gen_global)));
         let s_rip = b
             .ins()
             .load(I64, t, sp, so(std::mem::offset_of!(Slot, rip)));
         let s_gen = b
             .ins()
             .load(I64, t, sp, so(std::mem::offset_of!(Slot, gen)));
-        let s_host = b
-            .ins()
-            .load(I64, t, sp, so(std::mem::offset_of!(Slot, host)));
-        // The code TLB entry of the target page.
-        let idx = b.ins().ushr_imm_s(rip, 12);
-        let idx = b.ins().band_imm_s(idx, (TLB_SIZE - 1) as i64);
-        let off = b.ins().imul_imm_s(idx, tl::ENTRY as i64);
-        let e = b.ins().iadd(tlb, off);
-        let base = (tl::BASE + Access::Exec as usize * tl::KIND) as i32;
-        let nt = MemFlagsData::new().with_notrap();
-        let tag = b.ins().load(I64, nt, e, base + tl::TAG as i32);
-        let host = b.ins().load(I64, nt, e, base + tl::HOST as i32);
-        let page = b.ins().band_imm_s(rip, !0xFFF);
-        let want = b.ins().bor(page, tag_bits);
         let ok = b.ins().icmp_imm_s(IntCC::NotEqual, budget, 0);
         let c1 = b.ins().icmp(IntCC::Equal, s_rip, rip);
         let ok = b.ins().band(ok, c1);
         let c2 = b.ins().icmp(IntCC::Equal, s_gen, gen);
+        let c3 = b.ins().icmp(IntCC::Equal, s_gen, gen_global);
+        let c2 = b.ins().bor(c2, c3);
         let ok = b.ins().band(ok, c2);
-        let c3 = b.ins().icmp(IntCC::Equal, tag, want);
-        let ok = b.ins().band(ok, c3);
-        let c4 = b.ins().icmp(IntCC::Equal, host, s_host);
-        let ok = b.ins().band(ok, c4);
         let count = b.ins().band_imm_s(cn, 0xFFFF_FFFF);
         let (hit, miss) = (b.create_block(), b.create_block());
         b.ins().brif(ok, hit, &[], miss, &[]);
