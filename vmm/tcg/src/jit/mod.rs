@@ -512,6 +512,7 @@ pub(crate) struct Translated {
 }
 
 /// Declares and compiles the function in `ctx`; returns its address and code size.
+/// `RQEMU_JIT_DISASM=1` prints every function's machine code (Cranelift's VCode) to stderr.
 pub(crate) fn finish(
     module: &mut JITModule,
     ctx: &mut cranelift_codegen::Context,
@@ -520,6 +521,8 @@ pub(crate) fn finish(
     let id = module
         .declare_anonymous_function(&ctx.func.signature)
         .map_err(|e| JitError::Codegen(e.to_string()))?;
+    let disasm = std::env::var_os("RQEMU_JIT_DISASM").is_some();
+    ctx.set_disasm(disasm);
     let t0 = Instant::now();
     module
         .define_function(id, ctx)
@@ -530,6 +533,11 @@ pub(crate) fn finish(
         .compiled_code()
         .map(|c| c.code_buffer().len())
         .unwrap_or(0);
+    if disasm {
+        if let Some(v) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()) {
+            eprintln!("--- jit function {bytes} bytes ---\n{v}");
+        }
+    }
     module.clear_context(ctx);
     module
         .finalize_definitions()
