@@ -162,6 +162,31 @@ impl<'a> Em<'a> {
         }
     }
 
+    /// `v` masked to `size` bytes (nothing to emit for 8: without Cranelift's optimizer an
+    /// AND with all ones would be emitted, with its constant loaded from memory).
+    pub fn and_mask(&mut self, v: Value, size: u8) -> Value {
+        if size >= 8 {
+            v
+        } else if let Some(k) = self.const_of(v) {
+            self.c(k & mask(size))
+        } else {
+            self.b.ins().band_imm_s(v, mask(size))
+        }
+    }
+
+    /// The value of `v` when it is an `iconst` (folded here: the optimizer is off).
+    fn const_of(&self, v: Value) -> Option<i64> {
+        use cranelift_codegen::ir::{InstructionData, Opcode};
+        let inst = self.b.func.dfg.value_def(v).inst()?;
+        match self.b.func.dfg.insts[inst] {
+            InstructionData::UnaryImm {
+                opcode: Opcode::Iconst,
+                imm,
+            } if self.b.func.dfg.value_type(v) == I64 => Some(imm.bits()),
+            _ => None,
+        }
+    }
+
     /// 64-bit constant.
     pub fn c(&mut self, v: i64) -> Value {
         self.b.ins().iconst(I64, v)

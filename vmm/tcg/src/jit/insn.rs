@@ -66,7 +66,7 @@ impl Em<'_> {
             let s = self.b.ins().ushr_imm_s(full, 8);
             self.b.ins().band_imm_s(s, 0xFF)
         } else if size < 8 {
-            self.b.ins().band_imm_s(full, mask(size))
+            self.and_mask(full, size)
         } else {
             full
         }
@@ -79,7 +79,7 @@ impl Em<'_> {
         };
         let v = match (size, high) {
             (8, _) => v,
-            (4, _) => self.b.ins().band_imm_s(v, mask(4)),
+            (4, _) => self.and_mask(v, 4),
             (_, true) => {
                 let old = self.gpr(i);
                 let keep = self.b.ins().band_imm_s(old, !0xFF00);
@@ -90,7 +90,7 @@ impl Em<'_> {
             _ => {
                 let old = self.gpr(i);
                 let keep = self.b.ins().band_imm_s(old, !mask(size));
-                let lo = self.b.ins().band_imm_s(v, mask(size));
+                let lo = self.and_mask(v, size);
                 self.b.ins().bor(keep, lo)
             }
         };
@@ -133,7 +133,7 @@ impl Em<'_> {
             a = self.b.ins().iadd(a, v);
         }
         if a32 {
-            a = self.b.ins().band_imm_s(a, mask(4));
+            a = self.and_mask(a, 4);
         }
         Some(a)
     }
@@ -177,7 +177,7 @@ impl Em<'_> {
         Some(match k {
             OpKind::Register => {
                 let v = self.get_reg(ins.op_register(i));
-                self.b.ins().band_imm_s(v, mask(size))
+                self.and_mask(v, size)
             }
             OpKind::Memory => {
                 let va = self.ea(ins)?;
@@ -269,7 +269,7 @@ fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
                 let sh = i64::from(64 - 8 * u32::from(ssize));
                 let l = e.b.ins().ishl_imm_s(v, sh);
                 let s = e.b.ins().sshr_imm_s(l, sh);
-                e.b.ins().band_imm_s(s, mask(dsize))
+                e.and_mask(s, dsize)
             };
             e.set_reg(ins.op0_register(), v);
         }
@@ -301,13 +301,13 @@ fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
             let v = e.b.ins().sshr_imm_s(l, sh);
             let v = if dst == 0 {
                 if bits == 16 {
-                    e.b.ins().band_imm_s(v, mask(4))
+                    e.and_mask(v, 4)
                 } else {
                     v
                 }
             } else if bits == 32 {
                 let hi = e.b.ins().sshr_imm_s(v, 32);
-                e.b.ins().band_imm_s(hi, mask(4))
+                e.and_mask(hi, 4)
             } else {
                 e.b.ins().sshr_imm_s(v, 63)
             };
@@ -460,7 +460,7 @@ fn binop(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
         _ => (e.b.ins().bxor(a, b), FlagOp::Logic),
     };
     let res = if size < 8 && matches!(op, FlagOp::Add | FlagOp::Sub | FlagOp::Adc | FlagOp::Sbb) {
-        e.b.ins().band_imm_s(res, mask(size))
+        e.and_mask(res, size)
     } else {
         res
     };
@@ -502,7 +502,7 @@ fn imul(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
         };
         let (sa, sb) = (sx(e, a), sx(e, b));
         let p = e.b.ins().imul(sa, sb);
-        let lo = e.b.ins().band_imm_s(p, mask(size));
+        let lo = e.and_mask(p, size);
         let back = sx(e, lo);
         (lo, e.b.ins().icmp(IntCC::NotEqual, back, p))
     };
@@ -546,7 +546,7 @@ fn shift_cl(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
     let (res, cf, of) = match m {
         M::Shl | M::Sal => {
             let l = e.b.ins().ishl(a, c);
-            let l = e.b.ins().band_imm_s(l, mask(size));
+            let l = e.and_mask(l, size);
             let r = e.b.ins().select(big, zero, l);
             let bc = e.c(bits);
             let n = e.b.ins().isub(bc, c);
@@ -573,7 +573,7 @@ fn shift_cl(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
             let l = e.b.ins().ishl_imm_s(a, sh);
             let sa = e.b.ins().sshr_imm_s(l, sh);
             let r = e.b.ins().sshr(sa, c);
-            let r = e.b.ins().band_imm_s(r, mask(size));
+            let r = e.and_mask(r, size);
             let cf = bit(e, sa, c1);
             (r, cf, zero)
         }
@@ -618,7 +618,7 @@ fn shift(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
                     zero
                 } else {
                     let l = e.b.ins().ishl_imm_s(a, i64::from(c));
-                    e.b.ins().band_imm_s(l, mask(size))
+                    e.and_mask(l, size)
                 };
                 let cf = if c <= bits { bit(e, a, bits - c) } else { zero };
                 let msb = bit(e, r, bits - 1);
@@ -640,7 +640,7 @@ fn shift(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
                 let l = e.b.ins().ishl_imm_s(a, sh);
                 let sa = e.b.ins().sshr_imm_s(l, sh);
                 let r = e.b.ins().sshr_imm_s(sa, i64::from(c.min(63)));
-                let r = e.b.ins().band_imm_s(r, mask(size));
+                let r = e.and_mask(r, size);
                 let cf = bit(e, sa, (c - 1).min(63));
                 (r, cf, zero)
             }
@@ -671,7 +671,7 @@ fn unop(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
         M::Not => e.b.ins().bnot(a),
         _ => e.b.ins().ineg(a),
     };
-    let res = e.b.ins().band_imm_s(res, mask(size));
+    let res = e.and_mask(res, size);
     // Flags of INC/DEC keep CF: read it before anything is written.
     let carry = matches!(m, M::Inc | M::Dec).then(|| e.carry());
     match va {

@@ -98,9 +98,9 @@ pub(super) fn div(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
         8 => (rax, Some(e.gpr(2))),
         _ => {
             let rdx = e.gpr(2);
-            let hi = e.b.ins().band_imm_s(rdx, mask(size));
+            let hi = e.and_mask(rdx, size);
             let hi = e.b.ins().ishl_imm_s(hi, bits);
-            let lo = e.b.ins().band_imm_s(rax, mask(size));
+            let lo = e.and_mask(rax, size);
             (e.b.ins().bor(hi, lo), None)
         }
     };
@@ -156,11 +156,7 @@ pub(super) fn cmpxchg(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
     let va = e.ea(ins)?;
     let dst = e.load(va, size, true);
     let old = e.gpr(0);
-    let acc = if size < 8 {
-        e.b.ins().band_imm_s(old, mask(size))
-    } else {
-        old
-    };
+    let acc = if size < 8 { e.and_mask(old, size) } else { old };
     let eq = e.b.ins().icmp(IntCC::Equal, acc, dst);
     let new_dst = e.b.ins().select(eq, src, dst);
     e.store(va, size, new_dst);
@@ -176,7 +172,7 @@ pub(super) fn cmpxchg(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
     let v = e.b.ins().select(eq, old, merged);
     e.set_gpr(0, v);
     let res = e.b.ins().isub(acc, dst);
-    let res = e.b.ins().band_imm_s(res, mask(size));
+    let res = e.and_mask(res, size);
     let zero = e.c(0);
     e.set_flags(FlagOp::Sub, size, res, acc, dst, zero);
     Some(())
@@ -236,7 +232,7 @@ pub(super) fn bt(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
             }
             _ => e.b.ins().bxor(val, b),
         };
-        let new = e.b.ins().band_imm_s(new, mask(size));
+        let new = e.and_mask(new, size);
         match va {
             Some(va) => e.store(va, size, new),
             None => e.set_reg(ins.op0_register(), new),
