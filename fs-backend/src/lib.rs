@@ -79,7 +79,10 @@ pub mod copy_range;
 pub mod inode_fd;
 pub mod locks;
 pub mod passthrough;
+pub mod resume;
+pub mod resume_fs;
 pub mod server;
+pub mod state;
 
 #[cfg(test)]
 mod tests_chain;
@@ -90,4 +93,6 @@ pub use config::{
     CacheMode, ConfigError, FsParams, Tag, XattrConfig, XattrPolicy, CONFIG_SPACE_LEN, TAG_LEN,
 };
 pub use confine::ConfineError;
+pub use resume::Resumed;
 pub use server::{FsServer, Outcome, ServerError, UsedRing};
+pub use state::{StateError, StateFile};

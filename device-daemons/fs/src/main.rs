@@ -62,6 +62,11 @@ struct Args {
     /// Number of request queues (one worker thread each; plus the hiprio queue).
     #[arg(long, default_value_t = 1)]
     queues: u16,
+    /// Keep the guest's FUSE state (node and handle ids, INIT) in this file, so that a
+    /// daemon restarted with the same file (after a crash or SIGKILL) resumes the guest's
+    /// mount: open files keep working. Created if missing; locked while in use.
+    #[arg(long, value_name = "PATH")]
+    state_file: Option<PathBuf>,
     #[command(flatten)]
     compat: compat::VirtiofsdArgs,
     /// Diagnostic: once confined, try to walk out through the passthrough's /proc fd (the
@@ -142,6 +147,12 @@ fn run(args: Args, daemon: Daemon) -> Result<()> {
     rqemu_protocol::listen::allow_uids(listen.allow_uid.clone());
     let listener = rqemu_daemon::listen::stream(&endpoint)?;
     tracing::info!("listening on {endpoint}");
+    // Opened (and locked) before confinement: its path is out of reach afterwards.
+    let state = args
+        .state_file
+        .as_deref()
+        .map(|p| rqemu_fs_backend::StateFile::open(p, &shared))
+        .transpose()?;
     let socket = match &endpoint {
         Endpoint::Path(p) => Some(p.as_path()),
         Endpoint::Fd(_) => None,
@@ -152,10 +163,12 @@ fn run(args: Args, daemon: Daemon) -> Result<()> {
         &params,
         listener.as_raw_fd(),
         socket,
+        state,
     )
     .with_context(|| format!("confining to {}", shared.display()))?;
     let (server, report, filter) = (confined.server, confined.report, confined.queue_filter);
     server.import()?;
+    server.resume();
     if args.self_check_escape {
         sandbox::self_check_escape(&server);
     }
