@@ -88,6 +88,8 @@ pub mod state;
 mod tests_chain;
 #[cfg(test)]
 mod tests_locks;
+#[cfg(test)]
+mod tests_resume;
 
 pub use config::{
     CacheMode, ConfigError, FsParams, Tag, XattrConfig, XattrPolicy, CONFIG_SPACE_LEN, TAG_LEN,
