@@ -2,9 +2,13 @@
 //! open on its virtiofs mount: each daemon the test starts again with the same
 //! `--state-file` resumes the guest's FUSE state (node ids, handles, INIT), so the guest's
 //! loop — write a block through the open fd, read it back through it, create a file, rename
-//! it, list the directory — runs across 4 SIGKILLs without one error; the host checks the
+//! it, list the directory (its cwd, a held directory node) — runs across 4 SIGKILLs without one error; the host checks the
 //! data. While the daemon is down the second time, the host removes a file the guest holds
 //! open: that fd gets a clean error at the end (no hang) and the rest of the mount works.
+//!
+//! The guest writes block after block through one fd (`exec 3>`) and reads each back through
+//! another (`exec 5<`), both open from the start: busybox `dd` seeks relative to the current
+//! offset, so each fd simply advances 4 KiB per iteration.
 //!
 //! The daemon runs `--cache never`, so every read and write of the guest is a FUSE request
 //! (none is answered from the guest's page cache).
@@ -40,20 +44,21 @@ dd if=/dev/urandom of=/tmp/all bs=4096 count=$N 2>/dev/null || exit 21
 echo doomed > /mnt/doomed || {{ echo "FS-FAIL doomed"; exit 22; }}
 exec 4</mnt/doomed || {{ echo "FS-FAIL open doomed"; exit 22; }}
 : > /mnt/data || {{ echo "FS-FAIL create data"; exit 23; }}
-exec 3<>/mnt/data || {{ echo "FS-FAIL open data"; exit 23; }}
+exec 3>/mnt/data 5</mnt/data || {{ echo "FS-FAIL open data"; exit 23; }}
 mkdir /mnt/dir || {{ echo "FS-FAIL mkdir"; exit 23; }}
+cd /mnt/dir || {{ echo "FS-FAIL cd"; exit 23; }}
 echo FS-READY
 i=0
 while [ $i -lt $N ]; do
   dd if=/tmp/all of=/tmp/w bs=4096 skip=$i count=1 2>/dev/null || exit 24
-  dd if=/tmp/w bs=4096 seek=$i count=1 conv=notrunc >&3 2>/tmp/err || {{ echo "FS-FAIL write $i: $(cat /tmp/err)"; exit 25; }}
-  dd of=/tmp/r bs=4096 skip=$i count=1 <&3 2>/tmp/err || {{ echo "FS-FAIL read $i: $(cat /tmp/err)"; exit 26; }}
+  dd if=/tmp/w bs=4096 count=1 >&3 2>/tmp/err || {{ echo "FS-FAIL write $i: $(cat /tmp/err)"; exit 25; }}
+  dd of=/tmp/r bs=4096 count=1 <&5 2>/tmp/err || {{ echo "FS-FAIL read $i: $(cat /tmp/err)"; exit 26; }}
   cmp /tmp/w /tmp/r || {{ echo "FS-FAIL verify $i"; exit 27; }}
-  echo "n$i" > /mnt/dir/new.tmp 2>/tmp/err || {{ echo "FS-FAIL create $i: $(cat /tmp/err)"; exit 28; }}
-  mv /mnt/dir/new.tmp /mnt/dir/f$i 2>/tmp/err || {{ echo "FS-FAIL rename $i: $(cat /tmp/err)"; exit 29; }}
-  [ "$(cat /mnt/dir/f$i)" = "n$i" ] || {{ echo "FS-FAIL readback f$i"; exit 30; }}
-  n=$(ls /mnt/dir | wc -l)
-  [ "$n" = "$((i+1))" ] || {{ echo "FS-FAIL list $i: $(ls /mnt/dir)"; exit 31; }}
+  echo "n$i" > new.tmp 2>/tmp/err || {{ echo "FS-FAIL create $i: $(cat /tmp/err)"; exit 28; }}
+  mv new.tmp f$i 2>/tmp/err || {{ echo "FS-FAIL rename $i: $(cat /tmp/err)"; exit 29; }}
+  [ "$(cat f$i)" = "n$i" ] || {{ echo "FS-FAIL readback f$i"; exit 30; }}
+  n=$(ls | wc -l)
+  [ "$n" = "$((i+1))" ] || {{ echo "FS-FAIL list $i: $(ls)"; exit 31; }}
   echo "FS-ITER $i"
   i=$((i+1))
 done
@@ -62,7 +67,7 @@ cmp /tmp/all /tmp/back || {{ echo "FS-FAIL readback differs"; exit 33; }}
 echo "FS-SHA $(sha256sum /tmp/all | cut -d' ' -f1)"
 if cat <&4 >/tmp/out 2>/tmp/err; then echo "FS-STALE-READ $(cat /tmp/out)"; else echo "FS-STALE-ERR $(cat /tmp/err)"; fi
 [ "$(cat /mnt/dir/f0)" = "n0" ] && echo FS-AFTER-STALE-OK
-exec 3>&- 4<&-
+exec 3>&- 4<&- 5<&-
 cd /
 umount /mnt || echo "FS-FAIL umount"
 echo FS-END
