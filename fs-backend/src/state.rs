@@ -39,6 +39,8 @@ const BODY: usize = 304;
 const HANDLE_SLOT: usize = 32;
 /// Longest name kept (a Linux file name is at most 255 bytes).
 pub const NAME_MAX: usize = 255;
+/// How long [`StateFile::open`] waits for another holder of the lock to go.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const LEN: usize = HEADER + NODE_SLOTS * NODE_SLOT + HANDLE_SLOTS * HANDLE_SLOT;
 
 // Header offsets.
@@ -173,13 +175,22 @@ impl StateFile {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(io("opening"))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // A SIGKILLed predecessor's sandboxed child may hold the lock a moment longer (it
+        // dies with its parent): wait for it a little, then refuse.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            // SAFETY: flock on an fd we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
             let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io("locking")(e));
+            }
+            if std::time::Instant::now() >= deadline {
                 return Err(StateError::Locked(p));
             }
-            return Err(io("locking")(e));
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let root_meta = std::fs::metadata(root).map_err(io("stat of the shared directory"))?;
         let size = file.metadata().map_err(io("stat"))?.len();

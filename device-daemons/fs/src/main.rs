@@ -262,6 +262,22 @@ mod tests {
         let e = refused(&["--fd", "-", "--shared-dir", "/"]);
         assert!(e.contains("'-'") && e.contains("--fd"), "{e}");
         assert!(Args::try_parse_from(["rqemu-fs", "--fd", "3", "--shared-dir", "/"]).is_ok());
+        let a = Args::try_parse_from(["rqemu-fs", "--fd", "3", "--shared-dir", "/"]).unwrap();
+        assert_eq!(a.state_file, None);
+        let a = Args::try_parse_from([
+            "rqemu-fs",
+            "--fd",
+            "3",
+            "--shared-dir",
+            "/",
+            "--state-file",
+            "/run/rqemu-fs/vm1/state",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.state_file.as_deref(),
+            Some(std::path::Path::new("/run/rqemu-fs/vm1/state"))
+        );
     }
 
     #[test]
