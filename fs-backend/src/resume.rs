@@ -3,13 +3,16 @@
 //! The guest keeps using the node ids and handle ids a killed daemon gave it (it does not
 //! send `INIT` again), so the restarted daemon must answer for them:
 //!
-//! * **node ids** need no translation: with a state file the passthrough runs with
-//!   `use_host_ino`, so a node id is a function of the host file (`dev` index << 47 | `ino`).
-//!   The [`Tracker`] records, per live node id, a path `(parent node, name)`, the host
-//!   `(dev, ino)` and the guest's lookup count in the [`StateFile`]. A restarted daemon walks
-//!   each saved path from the root through the passthrough's `LOOKUP` and checks it finds the
-//!   very node id (the same host file) again; the guest's lookup count beyond the one lookup
-//!   made is kept as a *debt* that later `FORGET`s pay before reaching the passthrough;
+//! * **node ids** are ours: the guest sees ids the [`Tracker`] gives (never one given before in
+//!   the session: the next id is saved too) mapped to the passthrough's, and records, per live
+//!   id, a path `(parent node, name)`, the host `(dev, ino)` and the guest's lookup count in the
+//!   [`StateFile`]. A restarted daemon walks each saved path from the root through the
+//!   passthrough's `LOOKUP`, checks it finds the same host `(dev, ino)`, and maps the guest's
+//!   id to the new passthrough id; the guest's lookup count beyond the one lookup made is a
+//!   *debt* that later `FORGET`s pay before reaching the passthrough. (Deriving ids from host
+//!   inode numbers instead, fuse-backend-rs's `use_host_ino`, was tried first: a file removed
+//!   while the daemon is down frees its inode number, a new file gets it, and the guest's
+//!   stale node silently became that new file.)
 //! * **handle ids** are the passthrough's counter, which restarts at 1: the guest sees
 //!   `passthrough handle + base`, where `base` is above every handle the guest held when the
 //!   daemon restarted; those old handles are reopened (saved flags minus
@@ -20,7 +23,7 @@
 //!
 //! Without a state file nothing is tracked and ids pass through unchanged.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,11 +45,18 @@ struct Node {
     /// Lookups the guest counts but the passthrough does not (restored nodes): paid first by
     /// `FORGET`s.
     debt: u64,
+    /// The passthrough's id (`None`: stale, not found again after a restart).
+    inner: Option<u64>,
 }
 
 #[derive(Debug, Default)]
 struct Tables {
+    /// Guest node id → node.
     nodes: HashMap<u64, Node>,
+    /// Passthrough id → guest node id.
+    by_inner: HashMap<u64, u64>,
+    /// The next guest node id.
+    next_id: u64,
     free_nodes: Vec<u32>,
     next_node: u32,
     /// Guest handle → slot.
@@ -56,6 +66,13 @@ struct Tables {
 }
 
 impl Tables {
+    fn fresh() -> Self {
+        Tables {
+            next_id: ROOT_ID + 1,
+            ..Tables::default()
+        }
+    }
+
     fn node_slot(&mut self) -> Option<u32> {
         self.free_nodes.pop().or_else(|| {
             (self.next_node < NODE_SLOTS as u32).then(|| {
@@ -97,8 +114,6 @@ pub struct Tracker {
     base: AtomicU64,
     /// Handles of the previous daemon: guest id → passthrough handle.
     restored: RwLock<HashMap<u64, u64>>,
-    stale: RwLock<HashSet<u64>>,
-    any_stale: AtomicBool,
     full_warned: AtomicBool,
 }
 
@@ -115,11 +130,9 @@ impl Tracker {
     pub fn new(state: StateFile) -> Self {
         Tracker {
             state,
-            tables: Mutex::new(Tables::default()),
+            tables: Mutex::new(Tables::fresh()),
             base: AtomicU64::new(0),
             restored: RwLock::new(HashMap::new()),
-            stale: RwLock::new(HashSet::new()),
-            any_stale: AtomicBool::new(false),
             full_warned: AtomicBool::new(false),
         }
     }
@@ -143,19 +156,26 @@ impl Tracker {
         }
     }
 
-    /// `ESTALE` for a node the restart could not find again.
+    /// The passthrough's id for guest node `node` (`ESTALE`: not found again after a restart,
+    /// or unknown).
     #[inline]
-    pub fn check(&self, node: u64) -> io::Result<()> {
-        if self.any_stale.load(Ordering::Relaxed)
-            && self
-                .stale
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&node)
-        {
-            return Err(estale());
+    pub fn inner_node(&self, node: u64) -> io::Result<u64> {
+        if node == ROOT_ID {
+            return Ok(ROOT_ID);
         }
-        Ok(())
+        self.tables()
+            .nodes
+            .get(&node)
+            .and_then(|n| n.inner)
+            .ok_or_else(estale)
+    }
+
+    /// The guest's id for passthrough node `inner`, if the guest holds it.
+    pub fn guest_node(&self, inner: u64) -> Option<u64> {
+        if inner == ROOT_ID {
+            return Some(ROOT_ID);
+        }
+        self.tables().by_inner.get(&inner).copied()
     }
 
     /// The passthrough's handle for guest handle `h` (`ESTALE`: an old handle not reopened).
@@ -177,82 +197,107 @@ impl Tracker {
         h + self.base.load(Ordering::Relaxed)
     }
 
-    /// A reply names `entry` under `(parent, name)`: one more lookup of it by the guest.
-    pub fn entry(&self, parent: u64, name: &[u8], entry: &Entry) {
-        let id = entry.inode;
-        if id == ROOT_ID || id == 0 {
+    /// A reply names `entry` (the passthrough's) under guest `(parent, name)`: one more lookup
+    /// of it by the guest; `entry.inode` becomes the guest's id.
+    pub fn entry(&self, parent: u64, name: &[u8], entry: &mut Entry) {
+        let inner = entry.inode;
+        if inner == ROOT_ID || inner == 0 {
             return;
         }
         let mut t = self.tables();
-        if let Some(n) = t.nodes.get_mut(&id) {
-            n.nlookup += 1;
-            let n = *n;
-            if let Some(slot) = n.slot {
-                self.state.set_nlookup(slot, n.nlookup);
-                if !is_dot(name) && !self.state.node_path_is(slot, parent, name) {
-                    self.state.move_node(slot, parent, name);
+        if let Some(&g) = t.by_inner.get(&inner) {
+            if let Some(n) = t.nodes.get_mut(&g) {
+                n.nlookup += 1;
+                let n = *n;
+                if let Some(slot) = n.slot {
+                    self.state.set_nlookup(slot, n.nlookup);
+                    if !is_dot(name) && !self.state.node_path_is(slot, parent, name) {
+                        self.state.move_node(slot, parent, name);
+                    }
                 }
-            }
-        } else {
-            let slot = t.node_slot();
-            t.nodes.insert(
-                id,
-                Node {
-                    slot,
-                    nlookup: 1,
-                    debt: 0,
-                },
-            );
-            match slot {
-                Some(s) => self.state.put_node(
-                    s,
-                    id,
-                    parent,
-                    entry.attr.st_dev,
-                    entry.attr.st_ino,
-                    name,
-                    1,
-                ),
-                None => self.warn_full("node"),
+                entry.inode = g;
+                return;
             }
         }
-        drop(t);
-        if self.any_stale.load(Ordering::Relaxed) {
-            // The passthrough answers for this id again: it is the same host file.
-            self.stale
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+        let g = t.next_id;
+        t.next_id += 1;
+        self.state.set_next_node(t.next_id);
+        let slot = t.node_slot();
+        t.nodes.insert(
+            g,
+            Node {
+                slot,
+                nlookup: 1,
+                debt: 0,
+                inner: Some(inner),
+            },
+        );
+        t.by_inner.insert(inner, g);
+        match slot {
+            Some(s) => {
+                self.state
+                    .put_node(s, g, parent, entry.attr.st_dev, entry.attr.st_ino, name, 1)
+            }
+            None => self.warn_full("node"),
         }
+        entry.inode = g;
     }
 
-    /// The guest forgets `count` lookups of `node`: how many to forward to the passthrough.
-    pub fn forget(&self, node: u64, count: u64) -> u64 {
+    /// The guest forgets `count` lookups of `node`: the passthrough's id and how many lookups
+    /// to forward to it (`None`: nothing to forward).
+    pub fn forget(&self, node: u64, count: u64) -> Option<(u64, u64)> {
+        if node == ROOT_ID {
+            return None;
+        }
         let mut t = self.tables();
-        let Some(n) = t.nodes.get_mut(&node) else {
-            return count;
-        };
+        let n = t.nodes.get_mut(&node)?;
         let paid = count.min(n.debt);
         n.debt -= paid;
         n.nlookup = n.nlookup.saturating_sub(count);
         let n = *n;
         if n.nlookup == 0 {
             t.nodes.remove(&node);
+            if let Some(i) = n.inner {
+                if t.by_inner.get(&i) == Some(&node) {
+                    t.by_inner.remove(&i);
+                }
+            }
             if let Some(s) = n.slot {
                 t.free_nodes.push(s);
                 self.state.free_node(s);
             }
-            drop(t);
-            if self.any_stale.load(Ordering::Relaxed) {
-                self.stale
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&node);
-            }
         } else if let Some(s) = n.slot {
             self.state.set_nlookup(s, n.nlookup);
         }
-        count - paid
+        let i = n.inner?;
+        (count > paid).then_some((i, count - paid))
+    }
+
+    /// Takes back an [`Tracker::entry`] the guest never saw (a READDIRPLUS entry that did not
+    /// fit; the passthrough takes its own lookup back).
+    pub fn undo_entry(&self, node: u64) {
+        let mut t = self.tables();
+        let Some(n) = t.nodes.get_mut(&node) else {
+            return;
+        };
+        n.nlookup = n.nlookup.saturating_sub(1);
+        let n = *n;
+        if n.nlookup > 0 {
+            if let Some(s) = n.slot {
+                self.state.set_nlookup(s, n.nlookup);
+            }
+            return;
+        }
+        t.nodes.remove(&node);
+        if let Some(i) = n.inner {
+            if t.by_inner.get(&i) == Some(&node) {
+                t.by_inner.remove(&i);
+            }
+        }
+        if let Some(s) = n.slot {
+            t.free_nodes.push(s);
+            self.state.free_node(s);
+        }
     }
 
     /// The passthrough opened handle `inner` on `node`: records it, returns the guest's id.
@@ -284,10 +329,16 @@ impl Tracker {
         }
     }
 
-    /// Node `node` (if held) is now at `(parent, name)` (after a RENAME).
-    pub fn moved(&self, node: u64, parent: u64, name: &[u8]) {
+    /// Passthrough node `inner` (if the guest holds it) is now at guest `(parent, name)`
+    /// (after a RENAME).
+    pub fn moved(&self, inner: u64, parent: u64, name: &[u8]) {
         let t = self.tables();
-        if let Some(s) = t.nodes.get(&node).and_then(|n| n.slot) {
+        let slot = t
+            .by_inner
+            .get(&inner)
+            .and_then(|g| t.nodes.get(g))
+            .and_then(|n| n.slot);
+        if let Some(s) = slot {
             if !self.state.node_path_is(s, parent, name) {
                 self.state.move_node(s, parent, name);
             }
@@ -305,18 +356,14 @@ impl Tracker {
         for s in t.handles.values().flatten() {
             self.state.free_handle(*s);
         }
-        *t = Tables::default();
+        *t = Tables::fresh();
+        self.state.set_next_node(t.next_id);
         self.state.set_init_flags(init);
         drop(t);
         self.restored
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        self.stale
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        self.any_stale.store(false, Ordering::Relaxed);
     }
 
     /// Restores the table a previous daemon left (if [`Found::Resumable`]): the saved INIT,
@@ -337,7 +384,7 @@ impl Tracker {
         }
         let ctx = Context::new();
         let mut saved: HashMap<u64, crate::state::NodeRec> = HashMap::new();
-        let mut t = Tables::default();
+        let mut t = Tables::fresh();
         let mut used = vec![false; NODE_SLOTS];
         for rec in self.state.live_nodes() {
             if rec.node == ROOT_ID || saved.contains_key(&rec.node) {
@@ -347,15 +394,14 @@ impl Tracker {
             used[rec.slot as usize] = true;
             saved.insert(rec.node, rec);
         }
-        let mut found: HashMap<u64, bool> = HashMap::new();
+        let mut found: HashMap<u64, Option<u64>> = HashMap::new();
         let ids: Vec<u64> = saved.keys().copied().collect();
         for id in ids {
             resolve(fs, &ctx, &saved, &mut found, id, 0);
         }
         let mut out = Resumed::default();
-        let mut stale = HashSet::new();
         for (id, rec) in &saved {
-            let ok = found.get(id).copied().unwrap_or(false);
+            let inner = found.get(id).copied().flatten();
             let nlookup = rec.nlookup.max(1);
             t.nodes.insert(
                 *id,
@@ -363,16 +409,25 @@ impl Tracker {
                     slot: Some(rec.slot),
                     nlookup,
                     // The passthrough holds one lookup of a found node, none of a stale one.
-                    debt: if ok { nlookup - 1 } else { nlookup },
+                    debt: if inner.is_some() {
+                        nlookup - 1
+                    } else {
+                        nlookup
+                    },
+                    inner,
                 },
             );
-            if ok {
-                out.nodes += 1;
-            } else {
-                out.stale_nodes += 1;
-                stale.insert(*id);
+            match inner {
+                Some(i) => {
+                    t.by_inner.insert(i, *id);
+                    out.nodes += 1;
+                }
+                None => out.stale_nodes += 1,
             }
         }
+        let max_saved = saved.keys().copied().max().unwrap_or(ROOT_ID);
+        t.next_id = self.state.next_node().max(max_saved + 1).max(ROOT_ID + 1);
+        self.state.set_next_node(t.next_id);
         t.next_node = used.iter().rposition(|&u| u).map_or(0, |i| i as u32 + 1);
         t.free_nodes = (0..t.next_node).filter(|&s| !used[s as usize]).collect();
         // Handles: reopened with the passthrough's next ids; the guest's old ids stay.
@@ -383,14 +438,18 @@ impl Tracker {
         for h in &handles {
             hused[h.slot as usize] = true;
             t.handles.insert(h.handle, Some(h.slot));
-            let node_ok = h.node == ROOT_ID || found.get(&h.node).copied().unwrap_or(false);
-            let flags = h.flags & !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC) as u32);
-            let inner = if !node_ok {
-                None
-            } else if h.kind == HandleKind::Dir {
-                fs.opendir(&ctx, h.node, flags).ok().and_then(|r| r.0)
+            let node = if h.node == ROOT_ID {
+                Some(ROOT_ID)
             } else {
-                fs.open(&ctx, h.node, flags, 0).ok().and_then(|r| r.0)
+                found.get(&h.node).copied().flatten()
+            };
+            let flags = h.flags & !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC) as u32);
+            let inner = match node {
+                None => None,
+                Some(n) if h.kind == HandleKind::Dir => {
+                    fs.opendir(&ctx, n, flags).ok().and_then(|r| r.0)
+                }
+                Some(n) => fs.open(&ctx, n, flags, 0).ok().and_then(|r| r.0),
             };
             match inner {
                 Some(i) => {
@@ -404,53 +463,46 @@ impl Tracker {
         t.free_handles = (0..t.next_handle).filter(|&s| !hused[s as usize]).collect();
         self.base.store(base, Ordering::Relaxed);
         *self.restored.write().unwrap_or_else(|p| p.into_inner()) = restored;
-        self.any_stale.store(!stale.is_empty(), Ordering::Relaxed);
-        *self.stale.write().unwrap_or_else(|p| p.into_inner()) = stale;
         *self.tables() = t;
         Some(out)
     }
 }
 
-/// Finds saved node `id` again (its parent first); `found[id]` says whether it is the same
-/// host file. Cycles and over-deep paths are stale.
+/// Finds saved node `id` again (its parent first): the passthrough's id for it if the walk
+/// from the root reaches the same host `(dev, ino)`, else `None` (stale). Cycles and over-deep
+/// paths are stale.
 fn resolve(
     fs: &ConfinedFs,
     ctx: &Context,
     saved: &HashMap<u64, crate::state::NodeRec>,
-    found: &mut HashMap<u64, bool>,
+    found: &mut HashMap<u64, Option<u64>>,
     id: u64,
     depth: usize,
-) -> bool {
+) -> Option<u64> {
     if id == ROOT_ID {
-        return true;
+        return Some(ROOT_ID);
     }
-    if let Some(&ok) = found.get(&id) {
-        return ok;
+    if let Some(&r) = found.get(&id) {
+        return r;
     }
-    let Some(rec) = saved.get(&id) else {
-        return false;
-    };
+    let rec = saved.get(&id)?;
     if depth > 4096 {
-        return false;
+        return None;
     }
-    // Mark while resolving: a cycle ends here as stale.
-    found.insert(id, false);
-    if !resolve(fs, ctx, saved, found, rec.parent, depth + 1) {
-        return false;
-    }
+    // Marked while resolving: a cycle ends here as stale.
+    found.insert(id, None);
+    let parent = resolve(fs, ctx, saved, found, rec.parent, depth + 1)?;
     let mut name = rec.name.clone();
     name.push(0);
-    let Ok(cname) = CStr::from_bytes_with_nul(&name) else {
-        return false;
-    };
-    let ok = match fs.lookup(ctx, rec.parent, cname) {
-        Ok(e) if e.inode == id && e.attr.st_ino == rec.ino && e.attr.st_dev == rec.dev => true,
+    let cname = CStr::from_bytes_with_nul(&name).ok()?;
+    let r = match fs.lookup(ctx, parent, cname) {
+        Ok(e) if e.attr.st_ino == rec.ino && e.attr.st_dev == rec.dev => Some(e.inode),
         Ok(e) => {
             fs.forget(ctx, e.inode, 1);
-            false
+            None
         }
-        Err(_) => false,
+        Err(_) => None,
     };
-    found.insert(id, ok);
-    ok
+    found.insert(id, r);
+    r
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
-    stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid,
+    stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid, ROOT_ID,
 };
 use fuse_backend_rs::abi::virtio_fs::RemovemappingOne;
 use fuse_backend_rs::api::filesystem::{
@@ -39,11 +39,12 @@ impl ResumeFs {
         &self.fs
     }
 
+    /// The passthrough's id for guest node `n`.
     #[inline]
-    fn node(&self, n: u64) -> io::Result<()> {
+    fn node(&self, n: u64) -> io::Result<u64> {
         match &self.t {
-            Some(t) => t.check(n),
-            None => Ok(()),
+            Some(t) => t.inner_node(n),
+            None => Ok(n),
         }
     }
 
@@ -55,11 +56,13 @@ impl ResumeFs {
         }
     }
 
+    /// Records a reply's entry under guest `(parent, name)`; the guest's id goes back.
     fn record(&self, parent: u64, name: &CStr, e: io::Result<Entry>) -> io::Result<Entry> {
-        if let (Some(t), Ok(e)) = (&self.t, &e) {
-            t.entry(parent, name.to_bytes(), e);
+        let mut e = e?;
+        if let Some(t) = &self.t {
+            t.entry(parent, name.to_bytes(), &mut e);
         }
-        e
+        Ok(e)
     }
 
     fn opened(&self, h: Option<u64>, node: u64, flags: u32, kind: HandleKind) -> Option<u64> {
@@ -69,10 +72,11 @@ impl ResumeFs {
         }
     }
 
-    /// After a RENAME: the node now at `(dir, name)` (if the guest holds it) is there.
-    fn follow(&self, ctx: &Context, dir: u64, name: &CStr) {
+    /// After a RENAME: the node now at `(dir, name)` (if the guest holds it) is there
+    /// (`dir`: the guest's id, `inner_dir`: the passthrough's).
+    fn follow(&self, ctx: &Context, dir: u64, inner_dir: u64, name: &CStr) {
         let Some(t) = &self.t else { return };
-        if let Ok(e) = self.fs.lookup(ctx, dir, name) {
+        if let Ok(e) = self.fs.lookup(ctx, inner_dir, name) {
             t.moved(e.inode, dir, name.to_bytes());
             self.fs.forget(ctx, e.inode, 1);
         }
@@ -98,16 +102,16 @@ impl FileSystem for ResumeFs {
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
-        self.node(parent)?;
-        self.record(parent, name, self.fs.lookup(ctx, parent, name))
+        let p = self.node(parent)?;
+        self.record(parent, name, self.fs.lookup(ctx, p, name))
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
-        let count = match &self.t {
+        let fwd = match &self.t {
             Some(t) => t.forget(inode, count),
-            None => count,
+            None => Some((inode, count)),
         };
-        if count > 0 {
+        if let Some((inode, count)) = fwd {
             self.fs.forget(ctx, inode, count)
         }
     }
@@ -116,8 +120,7 @@ impl FileSystem for ResumeFs {
         let requests = match &self.t {
             Some(t) => requests
                 .into_iter()
-                .map(|(i, c)| (i, t.forget(i, c)))
-                .filter(|&(_, c)| c > 0)
+                .filter_map(|(i, c)| t.forget(i, c))
                 .collect(),
             None => requests,
         };
@@ -130,7 +133,7 @@ impl FileSystem for ResumeFs {
         inode: u64,
         handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         let handle = handle.map(|h| self.handle(h)).transpose()?;
         self.fs.getattr(ctx, inode, handle)
     }
@@ -143,13 +146,13 @@ impl FileSystem for ResumeFs {
         handle: Option<u64>,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         let handle = handle.map(|h| self.handle(h)).transpose()?;
         self.fs.setattr(ctx, inode, attr, handle, valid)
     }
 
     fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         self.fs.readlink(ctx, inode)
     }
 
@@ -160,8 +163,8 @@ impl FileSystem for ResumeFs {
         parent: u64,
         name: &CStr,
     ) -> io::Result<Entry> {
-        self.node(parent)?;
-        self.record(parent, name, self.fs.symlink(ctx, linkname, parent, name))
+        let p = self.node(parent)?;
+        self.record(parent, name, self.fs.symlink(ctx, linkname, p, name))
     }
 
     fn mknod(
@@ -173,12 +176,8 @@ impl FileSystem for ResumeFs {
         rdev: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.node(inode)?;
-        self.record(
-            inode,
-            name,
-            self.fs.mknod(ctx, inode, name, mode, rdev, umask),
-        )
+        let p = self.node(inode)?;
+        self.record(inode, name, self.fs.mknod(ctx, p, name, mode, rdev, umask))
     }
 
     fn mkdir(
@@ -189,17 +188,17 @@ impl FileSystem for ResumeFs {
         mode: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.node(parent)?;
-        self.record(parent, name, self.fs.mkdir(ctx, parent, name, mode, umask))
+        let p = self.node(parent)?;
+        self.record(parent, name, self.fs.mkdir(ctx, p, name, mode, umask))
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
-        self.node(parent)?;
+        let parent = self.node(parent)?;
         self.fs.unlink(ctx, parent, name)
     }
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
-        self.node(parent)?;
+        let parent = self.node(parent)?;
         self.fs.rmdir(ctx, parent, name)
     }
 
@@ -212,25 +211,18 @@ impl FileSystem for ResumeFs {
         newname: &CStr,
         flags: u32,
     ) -> io::Result<()> {
-        self.node(olddir)?;
-        self.node(newdir)?;
-        self.fs
-            .rename(ctx, olddir, oldname, newdir, newname, flags)?;
-        self.follow(ctx, newdir, newname);
+        let (od, nd) = (self.node(olddir)?, self.node(newdir)?);
+        self.fs.rename(ctx, od, oldname, nd, newname, flags)?;
+        self.follow(ctx, newdir, nd, newname);
         if flags & libc::RENAME_EXCHANGE != 0 {
-            self.follow(ctx, olddir, oldname);
+            self.follow(ctx, olddir, od, oldname);
         }
         Ok(())
     }
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
-        self.node(inode)?;
-        self.node(newparent)?;
-        self.record(
-            newparent,
-            newname,
-            self.fs.link(ctx, inode, newparent, newname),
-        )
+        let (i, np) = (self.node(inode)?, self.node(newparent)?);
+        self.record(newparent, newname, self.fs.link(ctx, i, np, newname))
     }
 
     fn open(
@@ -240,8 +232,8 @@ impl FileSystem for ResumeFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
-        self.node(inode)?;
-        let (h, o, p) = self.fs.open(ctx, inode, flags, fuse_flags)?;
+        let i = self.node(inode)?;
+        let (h, o, p) = self.fs.open(ctx, i, flags, fuse_flags)?;
         Ok((self.opened(h, inode, flags, HandleKind::File), o, p))
     }
 
@@ -252,8 +244,8 @@ impl FileSystem for ResumeFs {
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
-        self.node(parent)?;
-        let (e, h, o, p) = self.fs.create(ctx, parent, name, args)?;
+        let pi = self.node(parent)?;
+        let (e, h, o, p) = self.fs.create(ctx, pi, name, args)?;
         let e = self.record(parent, name, Ok(e))?;
         let h = self.opened(h, e.inode, args.flags, HandleKind::File);
         Ok((e, h, o, p))
@@ -270,7 +262,7 @@ impl FileSystem for ResumeFs {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         let handle = self.handle(handle)?;
         self.fs
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
@@ -290,7 +282,7 @@ impl FileSystem for ResumeFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         let handle = self.handle(handle)?;
         self.fs.write(
             ctx,
@@ -307,13 +299,13 @@ impl FileSystem for ResumeFs {
     }
 
     fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         let handle = self.handle(handle)?;
         self.fs.flush(ctx, inode, handle, lock_owner)
     }
 
     fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         let handle = self.handle(handle)?;
         self.fs.fsync(ctx, inode, datasync, handle)
     }
@@ -327,7 +319,7 @@ impl FileSystem for ResumeFs {
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         let handle = self.handle(handle)?;
         self.fs.fallocate(ctx, inode, handle, mode, offset, length)
     }
@@ -343,16 +335,16 @@ impl FileSystem for ResumeFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        let inner = self.handle(handle);
+        let (inode, inner) = (self.node(inode), self.handle(handle));
         if let Some(t) = &self.t {
             t.released(handle);
         }
         self.fs
-            .release(ctx, inode, flags, inner?, flush, flock_release, lock_owner)
+            .release(ctx, inode?, flags, inner?, flush, flock_release, lock_owner)
     }
 
     fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         self.fs.statfs(ctx, inode)
     }
 
@@ -364,7 +356,7 @@ impl FileSystem for ResumeFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         self.fs.setxattr(ctx, inode, name, value, flags)
     }
 
@@ -375,17 +367,17 @@ impl FileSystem for ResumeFs {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         self.fs.getxattr(ctx, inode, name, size)
     }
 
     fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         self.fs.listxattr(ctx, inode, size)
     }
 
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         self.fs.removexattr(ctx, inode, name)
     }
 
@@ -395,8 +387,8 @@ impl FileSystem for ResumeFs {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        self.node(inode)?;
-        let (h, o) = self.fs.opendir(ctx, inode, flags)?;
+        let i = self.node(inode)?;
+        let (h, o) = self.fs.opendir(ctx, i, flags)?;
         Ok((self.opened(h, inode, flags, HandleKind::Dir), o))
     }
 
@@ -409,7 +401,7 @@ impl FileSystem for ResumeFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry<'_>) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         let handle = self.handle(handle)?;
         self.fs.readdir(ctx, inode, handle, size, offset, add_entry)
     }
@@ -423,37 +415,36 @@ impl FileSystem for ResumeFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry<'_>, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.node(inode)?;
+        let i = self.node(inode)?;
         let handle = self.handle(handle)?;
         let Some(t) = &self.t else {
-            return self
-                .fs
-                .readdirplus(ctx, inode, handle, size, offset, add_entry);
+            return self.fs.readdirplus(ctx, i, handle, size, offset, add_entry);
         };
         self.fs
-            .readdirplus(ctx, inode, handle, size, offset, &mut |d, e| {
-                let name = d.name;
+            .readdirplus(ctx, i, handle, size, offset, &mut |d, mut e| {
+                let recorded = e.inode != ROOT_ID && e.inode != 0;
+                t.entry(inode, d.name, &mut e);
                 let n = add_entry(d, e)?;
                 // 0: the entry did not fit and the passthrough takes its lookup back.
-                if n > 0 {
-                    t.entry(inode, name, &e);
+                if n == 0 && recorded {
+                    t.undo_entry(e.inode);
                 }
                 Ok(n)
             })
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         let handle = self.handle(handle)?;
         self.fs.fsyncdir(ctx, inode, datasync, handle)
     }
 
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
-        let inner = self.handle(handle);
+        let (inode, inner) = (self.node(inode), self.handle(handle));
         if let Some(t) = &self.t {
             t.released(handle);
         }
-        self.fs.releasedir(ctx, inode, flags, inner?)
+        self.fs.releasedir(ctx, inode?, flags, inner?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -483,7 +474,7 @@ impl FileSystem for ResumeFs {
     }
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         self.fs.access(ctx, inode, mask)
     }
 
@@ -495,7 +486,7 @@ impl FileSystem for ResumeFs {
         offset: u64,
         whence: u32,
     ) -> io::Result<u64> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         let handle = self.handle(handle)?;
         self.fs.lseek(ctx, inode, handle, offset, whence)
     }
@@ -509,7 +500,7 @@ impl FileSystem for ResumeFs {
         lock: FileLock,
         flags: u32,
     ) -> io::Result<FileLock> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         let handle = self.handle(handle)?;
         self.fs.getlk(ctx, inode, handle, owner, lock, flags)
     }
@@ -523,7 +514,7 @@ impl FileSystem for ResumeFs {
         lock: FileLock,
         flags: u32,
     ) -> io::Result<()> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         let handle = self.handle(handle)?;
         self.fs.setlk(ctx, inode, handle, owner, lock, flags)
     }
@@ -537,7 +528,7 @@ impl FileSystem for ResumeFs {
         lock: FileLock,
         flags: u32,
     ) -> io::Result<()> {
-        self.node(inode)?;
+        let inode = self.node(inode)?;
         let handle = self.handle(handle)?;
         self.fs.setlkw(ctx, inode, handle, owner, lock, flags)
     }

@@ -107,9 +107,7 @@ impl FsServer {
         state: Option<StateFile>,
     ) -> Result<Self, ServerError> {
         let root = root.to_str().ok_or(ServerError::NonUtf8Root)?;
-        let mut cfg = passthrough::config(params, root);
-        // Node ids that a restarted daemon finds again: derived from the host inode.
-        cfg.use_host_ino = state.is_some();
+        let cfg = passthrough::config(params, root);
         let fs = Arc::new(PassthroughFs::new(cfg).map_err(ServerError::Create)?);
         let locks = Arc::new(Locks::new(fs.clone()));
         let handles = Arc::new(Handles::new(fs.clone()));
@@ -216,7 +214,10 @@ impl FsServer {
                         .read_obj::<CopyFileRangeIn>()
                         .map_err(|_| errno(libc::EINVAL))
                         .and_then(|a| self.translate(a))
-                        .and_then(|a| self.handles.copy_file_range(h.nodeid, &a, self.readonly));
+                        .and_then(|a| {
+                            let node = self.inner_node(h.nodeid)?;
+                            self.handles.copy_file_range(node, &a, self.readonly)
+                        });
                     tracing::debug!("COPY_FILE_RANGE from inode {}: {r:?}", h.nodeid);
                     return Ok(Outcome::Used(match r {
                         Ok(size) => reply.write(Ok(WriteOut { size, padding: 0 }.as_slice())),
@@ -224,7 +225,11 @@ impl FsServer {
                     }));
                 }
                 let lk = body.read_obj::<LkIn>();
-                return Ok(self.setlkw(h.nodeid, lk, reply, ring));
+                let node = match self.inner_node(h.nodeid) {
+                    Ok(n) => n,
+                    Err(e) => return Ok(Outcome::Used(reply.write(Err(e)))),
+                };
+                return Ok(self.setlkw(node, lk, reply, ring));
             }
         }
         let writer = VirtioFsWriter::new::<M>(mem, chain).map_err(ServerError::Chain)?;
@@ -235,13 +240,22 @@ impl FsServer {
         Ok(Outcome::Used(u32::try_from(n).unwrap_or(u32::MAX)))
     }
 
-    /// COPY_FILE_RANGE's handles as the passthrough knows them.
+    /// COPY_FILE_RANGE's handles and output node as the passthrough knows them.
     fn translate(&self, mut a: CopyFileRangeIn) -> io::Result<CopyFileRangeIn> {
         if let Some(t) = &self.tracker {
             a.fh_in = t.to_inner(a.fh_in)?;
             a.fh_out = t.to_inner(a.fh_out)?;
+            a.nodeid_out = t.inner_node(a.nodeid_out)?;
         }
         Ok(a)
+    }
+
+    /// The passthrough's id for a guest node id.
+    fn inner_node(&self, node: u64) -> io::Result<u64> {
+        match &self.tracker {
+            Some(t) => t.inner_node(node),
+            None => Ok(node),
+        }
     }
 
     fn setlkw<R: UsedRing>(

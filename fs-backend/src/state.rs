@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"RQFSRES1");
-const VERSION: u64 = 1;
+const VERSION: u64 = 2;
 const HEADER: usize = 4096;
 /// Node slots in the table.
 pub const NODE_SLOTS: usize = 65536;
@@ -52,6 +52,7 @@ const H_INIT_VALID: usize = 32;
 const H_INIT_FLAGS: usize = 40;
 const H_NODES: usize = 48;
 const H_HANDLES: usize = 56;
+const H_NEXT_NODE: usize = 64;
 
 /// Errors of the state file.
 #[derive(Debug, thiserror::Error)]
@@ -290,6 +291,16 @@ impl StateFile {
             self.set(H_INIT_FLAGS, f);
             self.word(H_INIT_VALID).store(1, Ordering::Release);
         }
+    }
+
+    /// The next guest node id to give (never one given before in this session).
+    pub fn next_node(&self) -> u64 {
+        self.word(H_NEXT_NODE).load(Ordering::Acquire)
+    }
+
+    /// Records the next guest node id to give.
+    pub fn set_next_node(&self, n: u64) {
+        self.word(H_NEXT_NODE).store(n, Ordering::Release)
     }
 
     fn node_off(slot: u32) -> usize {

@@ -26,8 +26,7 @@ struct Served {
 /// A server with a state file over `root` (not confined: the host path is served).
 fn served(root: &Path, state: &Path) -> Served {
     let st = StateFile::open(state, root).unwrap();
-    let mut cfg = passthrough::config(&FsParams::default(), root.to_str().unwrap());
-    cfg.use_host_ino = true;
+    let cfg = passthrough::config(&FsParams::default(), root.to_str().unwrap());
     let pt = Arc::new(PassthroughFs::new(cfg).unwrap());
     let tracker = Arc::new(Tracker::new(st));
     let confined = Arc::new(ConfinedFs::new(pt, false));
@@ -194,7 +193,7 @@ fn a_restarted_server_resumes_nodes_and_handles() {
     assert!(b.errno_of_getattr(f).is_none());
     b.fs.release(&ctx, f, 0, h, false, false, None).unwrap();
     b.fs.forget(&ctx, f, 1);
-    assert_eq!(b.errno_of_getattr(f), Some(libc::EBADF));
+    assert_eq!(b.errno_of_getattr(f), Some(libc::ESTALE));
     // A second restart resumes what is left (d and its directory handle).
     drop(b);
     let c = served(&root, &state);
@@ -242,12 +241,35 @@ fn renames_are_followed_and_vanished_files_are_stale() {
     let e = b.size_via(hf, hh).err().and_then(|e| e.raw_os_error());
     assert_eq!(e, Some(libc::ESTALE));
     assert!(b.errno_of_getattr(f).is_none());
+    // New files (one may well get h's freed inode number) are new nodes; h stays stale.
+    let mut fresh = Vec::new();
+    for i in 0..8 {
+        let name = std::ffi::CString::new(format!("n{i}")).unwrap();
+        let (e, h, _, _) =
+            b.fs.create(
+                &ctx,
+                d,
+                &name,
+                fuse_backend_rs::abi::fuse_abi::CreateIn {
+                    flags: libc::O_RDWR as u32,
+                    mode: 0o644,
+                    umask: 0,
+                    fuse_flags: 0,
+                },
+            )
+            .unwrap();
+        assert_ne!(e.inode, hf);
+        assert!(![hh, gh].contains(&h.unwrap()));
+        fresh.push(e.inode);
+    }
+    assert_eq!(b.errno_of_getattr(hf), Some(libc::ESTALE));
     // The guest lets go of the stale node; a file made again at that name is a new node.
     b.fs.release(&ctx, hf, 0, hh, false, false, None).ok();
     b.fs.forget(&ctx, hf, 1);
     std::fs::write(root.join("d/h"), b"new").unwrap();
     let again = b.lookup(d, c"h");
     assert!(b.errno_of_getattr(again).is_none());
+    assert!(!fresh.contains(&again) && again != hf);
 }
 
 #[test]
