@@ -7,6 +7,8 @@
 //!   `passthrough::PassthroughFs`, virtiofs `transport::{Reader, Writer}`), the same rust-vmm
 //!   line as the rest of the workspace (vm-memory 0.17.1, virtio-queue 0.17);
 //! * [`confine`]: the shared directory path (the tests pivot one thread into it).
+//! * [`state`], [`resume`], [`resume_fs`]: `--state-file`: the guest's node and handle ids kept
+//!   in a shared file mapping, translated on every request, resumed by a restarted daemon.
 //! * [`passthrough`]: the served `PassthroughFs` type and its configuration, below every
 //!   module that works on it ([`inode_fd`], [`locks`], [`copy_range`], [`confined_fs`],
 //!   [`server`]).
