@@ -1,7 +1,7 @@
 //! [`ResumeFs`]: the filesystem the server dispatches to — [`ConfinedFs`] with, when a state
-//! file is given, the [`Tracker`] of [`crate::resume`] on every request: node ids checked for
-//! staleness, handle ids translated, replies carrying entries and handles recorded, `FORGET`s
-//! and releases accounted, renames followed.
+//! file is given, the [`Tracker`] of [`crate::resume`] on every request: node and handle ids
+//! translated (`ESTALE` for what a restart could not find again), replies carrying entries
+//! and handles recorded, `FORGET`s and releases accounted, renames followed.
 
 use std::ffi::CStr;
 use std::io;

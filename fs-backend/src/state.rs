@@ -5,7 +5,7 @@
 //! Layout (native endian, fixed; the file is sized once, sparse, when opened):
 //!
 //! * header (4 KiB): magic, version, the share's root `(dev, ino)`, the guest's INIT
-//!   capabilities (valid flag + bits), the slot counts;
+//!   capabilities (valid flag + bits), the slot counts, the next guest node id;
 //! * [`NODE_SLOTS`] node slots of [`NODE_SLOT`] bytes: `state` (0 free, 1 or 2: which of the
 //!   two bodies is current), `nlookup`, then two bodies `{node, parent, dev, ino, name_len,
 //!   name[256]}`. A new slot's body is written before its `state`; a path change writes the
