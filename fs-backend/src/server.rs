@@ -130,6 +130,11 @@ impl FsServer {
         })
     }
 
+    /// Whether the guest's state is kept in a state file.
+    pub fn keeps_state(&self) -> bool {
+        self.tracker.is_some()
+    }
+
     /// Resumes the guest session a previous daemon left in the state file (after
     /// [`FsServer::import`], inside the confinement): `None` without a state file or when it
     /// held no session (logged either way).

@@ -10,6 +10,9 @@
 //! another (`exec 5<`), both open from the start: busybox `dd` seeks relative to the current
 //! offset, so each fd simply advances 4 KiB per iteration.
 //!
+//! `RQEMU_TEST_FS_NO_STATE=1` runs the daemons without `--state-file`: the test must then
+//! fail (the guest's first request after a restart names unknown handles: `EBADF`).
+//!
 //! With `--cache never` every read and write of the guest is a FUSE request (none is answered
 //! from the guest's page cache); with the default `--cache auto` the guest keeps dentries and
 //! data a while (more nodes held across the kills), and the removed file's fd may still read

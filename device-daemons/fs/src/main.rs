@@ -168,6 +168,10 @@ fn run(args: Args, daemon: Daemon) -> Result<()> {
     .with_context(|| format!("confining to {}", shared.display()))?;
     let (server, report, filter) = (confined.server, confined.report, confined.queue_filter);
     server.import()?;
+    if args.state_file.is_some() && !server.keeps_state() {
+        // A sandbox mode that took it failed before the one that serves.
+        tracing::warn!("the state file was lost while confining: the guest's state is not kept");
+    }
     server.resume();
     if args.self_check_escape {
         sandbox::self_check_escape(&server);
