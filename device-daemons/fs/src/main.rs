@@ -7,7 +7,9 @@
 //! `no_new_privs`, landlock, seccomp on every thread) and creates the FUSE server inside it.
 //! It then serves one frontend at a time and, when that frontend goes away (guest reboot, VMM
 //! restart), forgets that guest's inodes and waits for the next. SIGTERM/SIGINT: in-flight
-//! requests finish, exit 0.
+//! requests finish, exit 0. With `--state-file` (opened and locked before confinement) the
+//! guest's node and handle ids are kept in that file, and a daemon restarted with it resumes
+//! the guest's mount (`rqemu_fs_backend::resume`).
 //!
 //! The command line also takes virtiofsd's, as Kata and libvirt use it ([`compat`]).
 
