@@ -7,6 +7,8 @@
 //!   `passthrough::PassthroughFs`, virtiofs `transport::{Reader, Writer}`), the same rust-vmm
 //!   line as the rest of the workspace (vm-memory 0.17.1, virtio-queue 0.17);
 //! * [`confine`]: the shared directory path (the tests pivot one thread into it).
+//! * [`state`], [`resume`], [`resume_fs`]: `--state-file`: the guest's node and handle ids kept
+//!   in a shared file mapping, translated on every request, resumed by a restarted daemon.
 //! * [`passthrough`]: the served `PassthroughFs` type and its configuration, below every
 //!   module that works on it ([`inode_fd`], [`locks`], [`copy_range`], [`confined_fs`],
 //!   [`server`]).
@@ -79,15 +81,22 @@ pub mod copy_range;
 pub mod inode_fd;
 pub mod locks;
 pub mod passthrough;
+pub mod resume;
+pub mod resume_fs;
 pub mod server;
+pub mod state;
 
 #[cfg(test)]
 mod tests_chain;
 #[cfg(test)]
 mod tests_locks;
+#[cfg(test)]
+mod tests_resume;
 
 pub use config::{
     CacheMode, ConfigError, FsParams, Tag, XattrConfig, XattrPolicy, CONFIG_SPACE_LEN, TAG_LEN,
 };
 pub use confine::ConfineError;
+pub use resume::Resumed;
 pub use server::{FsServer, Outcome, ServerError, UsedRing};
+pub use state::{StateError, StateFile};

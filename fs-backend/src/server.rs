@@ -30,6 +30,9 @@ use crate::confined_fs::ConfinedFs;
 use crate::copy_range::Handles;
 use crate::locks::{is_conflict, LockRequest, Locks};
 use crate::passthrough::{self, Passthrough};
+use crate::resume::{Resumed, Tracker};
+use crate::resume_fs::ResumeFs;
+use crate::state::StateFile;
 
 /// Errors of the FUSE server.
 #[derive(Debug, thiserror::Error)]
@@ -74,9 +77,11 @@ pub enum Outcome {
 /// A virtio-fs server for one shared directory.
 pub struct FsServer {
     fs: Arc<Passthrough>,
-    server: Server<ConfinedFs>,
+    server: Server<ResumeFs>,
+    confined: Arc<ConfinedFs>,
     locks: Arc<Locks>,
     handles: Arc<Handles>,
+    tracker: Option<Arc<Tracker>>,
     readonly: bool,
 }
 
@@ -91,25 +96,75 @@ impl FsServer {
     /// directory the root). This opens `/proc/self/fd` and `/proc/self/mountinfo`, so it must
     /// run *before* confinement; `root` itself is opened at the guest's `FUSE_INIT`.
     pub fn new(params: &FsParams, root: &Path) -> Result<Self, ServerError> {
+        Self::with_state(params, root, None)
+    }
+
+    /// [`FsServer::new`] keeping the guest's nodes and handles in `state` (`--state-file`),
+    /// so that a restarted daemon can resume them ([`FsServer::resume`]).
+    pub fn with_state(
+        params: &FsParams,
+        root: &Path,
+        state: Option<StateFile>,
+    ) -> Result<Self, ServerError> {
         let root = root.to_str().ok_or(ServerError::NonUtf8Root)?;
-        let fs = Arc::new(
-            PassthroughFs::new(passthrough::config(params, root)).map_err(ServerError::Create)?,
-        );
+        let cfg = passthrough::config(params, root);
+        let fs = Arc::new(PassthroughFs::new(cfg).map_err(ServerError::Create)?);
         let locks = Arc::new(Locks::new(fs.clone()));
         let handles = Arc::new(Handles::new(fs.clone()));
-        let server = Server::new(ConfinedFs::with_tables(
+        let tracker = state.map(|s| Arc::new(Tracker::new(s)));
+        let confined = Arc::new(ConfinedFs::with_tables(
             fs.clone(),
             params.xattr_config(),
             locks.clone(),
             handles.clone(),
         ));
+        let server = Server::new(ResumeFs::new(confined.clone(), tracker.clone()));
         Ok(FsServer {
             server,
+            confined,
             fs,
             locks,
             handles,
+            tracker,
             readonly: params.readonly,
         })
+    }
+
+    /// Whether the guest's state is kept in a state file.
+    pub fn keeps_state(&self) -> bool {
+        self.tracker.is_some()
+    }
+
+    /// Resumes the guest session a previous daemon left in the state file (after
+    /// [`FsServer::import`], inside the confinement): `None` without a state file or when it
+    /// held no session (logged either way).
+    pub fn resume(&self) -> Option<Resumed> {
+        let t = self.tracker.as_ref()?;
+        match t.resume(&self.confined) {
+            Some(r) => {
+                tracing::info!(
+                    "state file {}: resumed the guest session: {} node(s) found again, {} \
+                     stale; {} handle(s) reopened, {} stale",
+                    t.state().path(),
+                    r.nodes,
+                    r.stale_nodes,
+                    r.handles,
+                    r.stale_handles
+                );
+                Some(r)
+            }
+            None => {
+                tracing::info!(
+                    "state file {}: no guest session to resume ({}); starting empty",
+                    t.state().path(),
+                    match t.state().found() {
+                        crate::state::Found::Fresh(why) => why,
+                        crate::state::Found::Resumable => "no INIT was saved",
+                    }
+                );
+                None
+            }
+        }
     }
 
     /// Opens the root now (FUSE_INIT does it too): checks the shared directory is usable.
@@ -133,6 +188,9 @@ impl FsServer {
     pub fn reset(&self) {
         self.locks.reset();
         self.handles.clear();
+        if let Some(t) = &self.tracker {
+            t.clear(None);
+        }
         self.fs.destroy();
     }
 
@@ -160,7 +218,11 @@ impl FsServer {
                     let r = body
                         .read_obj::<CopyFileRangeIn>()
                         .map_err(|_| errno(libc::EINVAL))
-                        .and_then(|a| self.handles.copy_file_range(h.nodeid, &a, self.readonly));
+                        .and_then(|a| self.translate(a))
+                        .and_then(|a| {
+                            let node = self.inner_node(h.nodeid)?;
+                            self.handles.copy_file_range(node, &a, self.readonly)
+                        });
                     tracing::debug!("COPY_FILE_RANGE from inode {}: {r:?}", h.nodeid);
                     return Ok(Outcome::Used(match r {
                         Ok(size) => reply.write(Ok(WriteOut { size, padding: 0 }.as_slice())),
@@ -168,7 +230,11 @@ impl FsServer {
                     }));
                 }
                 let lk = body.read_obj::<LkIn>();
-                return Ok(self.setlkw(h.nodeid, lk, reply, ring));
+                let node = match self.inner_node(h.nodeid) {
+                    Ok(n) => n,
+                    Err(e) => return Ok(Outcome::Used(reply.write(Err(e)))),
+                };
+                return Ok(self.setlkw(node, lk, reply, ring));
             }
         }
         let writer = VirtioFsWriter::new::<M>(mem, chain).map_err(ServerError::Chain)?;
@@ -177,6 +243,24 @@ impl FsServer {
             .handle_message(reader, writer.into(), None, None)
             .map_err(ServerError::Request)?;
         Ok(Outcome::Used(u32::try_from(n).unwrap_or(u32::MAX)))
+    }
+
+    /// COPY_FILE_RANGE's handles and output node as the passthrough knows them.
+    fn translate(&self, mut a: CopyFileRangeIn) -> io::Result<CopyFileRangeIn> {
+        if let Some(t) = &self.tracker {
+            a.fh_in = t.to_inner(a.fh_in)?;
+            a.fh_out = t.to_inner(a.fh_out)?;
+            a.nodeid_out = t.inner_node(a.nodeid_out)?;
+        }
+        Ok(a)
+    }
+
+    /// The passthrough's id for a guest node id.
+    fn inner_node(&self, node: u64) -> io::Result<u64> {
+        match &self.tracker {
+            Some(t) => t.inner_node(node),
+            None => Ok(node),
+        }
     }
 
     fn setlkw<R: UsedRing>(

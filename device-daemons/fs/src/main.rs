@@ -7,7 +7,9 @@
 //! `no_new_privs`, landlock, seccomp on every thread) and creates the FUSE server inside it.
 //! It then serves one frontend at a time and, when that frontend goes away (guest reboot, VMM
 //! restart), forgets that guest's inodes and waits for the next. SIGTERM/SIGINT: in-flight
-//! requests finish, exit 0.
+//! requests finish, exit 0. With `--state-file` (opened and locked before confinement) the
+//! guest's node and handle ids are kept in that file, and a daemon restarted with it resumes
+//! the guest's mount (`rqemu_fs_backend::resume`).
 //!
 //! The command line also takes virtiofsd's, as Kata and libvirt use it ([`compat`]).
 
@@ -62,6 +64,11 @@ struct Args {
     /// Number of request queues (one worker thread each; plus the hiprio queue).
     #[arg(long, default_value_t = 1)]
     queues: u16,
+    /// Keep the guest's FUSE state (node and handle ids, INIT) in this file, so that a
+    /// daemon restarted with the same file (after a crash or SIGKILL) resumes the guest's
+    /// mount: open files keep working. Created if missing; locked while in use.
+    #[arg(long, value_name = "PATH")]
+    state_file: Option<PathBuf>,
     #[command(flatten)]
     compat: compat::VirtiofsdArgs,
     /// Diagnostic: once confined, try to walk out through the passthrough's /proc fd (the
@@ -142,6 +149,12 @@ fn run(args: Args, daemon: Daemon) -> Result<()> {
     rqemu_protocol::listen::allow_uids(listen.allow_uid.clone());
     let listener = rqemu_daemon::listen::stream(&endpoint)?;
     tracing::info!("listening on {endpoint}");
+    // Opened (and locked) before confinement: its path is out of reach afterwards.
+    let state = args
+        .state_file
+        .as_deref()
+        .map(|p| rqemu_fs_backend::StateFile::open(p, &shared))
+        .transpose()?;
     let socket = match &endpoint {
         Endpoint::Path(p) => Some(p.as_path()),
         Endpoint::Fd(_) => None,
@@ -152,10 +165,16 @@ fn run(args: Args, daemon: Daemon) -> Result<()> {
         &params,
         listener.as_raw_fd(),
         socket,
+        state,
     )
     .with_context(|| format!("confining to {}", shared.display()))?;
     let (server, report, filter) = (confined.server, confined.report, confined.queue_filter);
     server.import()?;
+    if args.state_file.is_some() && !server.keeps_state() {
+        // A sandbox mode that took it failed before the one that serves.
+        tracing::warn!("the state file was lost while confining: the guest's state is not kept");
+    }
+    server.resume();
     if args.self_check_escape {
         sandbox::self_check_escape(&server);
     }
@@ -249,6 +268,22 @@ mod tests {
         let e = refused(&["--fd", "-", "--shared-dir", "/"]);
         assert!(e.contains("'-'") && e.contains("--fd"), "{e}");
         assert!(Args::try_parse_from(["rqemu-fs", "--fd", "3", "--shared-dir", "/"]).is_ok());
+        let a = Args::try_parse_from(["rqemu-fs", "--fd", "3", "--shared-dir", "/"]).unwrap();
+        assert_eq!(a.state_file, None);
+        let a = Args::try_parse_from([
+            "rqemu-fs",
+            "--fd",
+            "3",
+            "--shared-dir",
+            "/",
+            "--state-file",
+            "/run/rqemu-fs/vm1/state",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.state_file.as_deref(),
+            Some(std::path::Path::new("/run/rqemu-fs/vm1/state"))
+        );
     }
 
     #[test]

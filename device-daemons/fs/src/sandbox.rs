@@ -32,7 +32,7 @@
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
-use rqemu_fs_backend::{FsParams, FsServer, ServerError};
+use rqemu_fs_backend::{FsParams, FsServer, ServerError, StateFile};
 use rqemu_sandbox::namespaces::{self, NsError};
 use rqemu_sandbox::{caps, pidns, policies, Group, Report, SandboxArgs, SandboxMode, ThreadKind};
 
@@ -168,6 +168,7 @@ pub fn confine_fs(
     params: &FsParams,
     listener: RawFd,
     socket: Option<&Path>,
+    state: Option<StateFile>,
 ) -> Result<Confined, FsSandboxError> {
     let threads = namespaces::thread_count().map_err(rqemu_sandbox::SandboxError::Threads)?;
     if threads != 1 {
@@ -176,6 +177,9 @@ pub fn confine_fs(
     // The listening socket and the service manager's notification socket stay open.
     let mut keep = vec![listener];
     keep.extend(rqemu_daemon::notify::fd());
+    // The state file (`--state-file`) stays open and mapped: its path is out of reach inside.
+    keep.extend(state.as_ref().map(StateFile::raw_fd));
+    let mut state = state;
     namespaces::close_other_fds(&keep)?;
     if args.seccomp != rqemu_sandbox::SeccompAction::None {
         // glibc's malloc opens /proc/sys/vm/overcommit_memory once: now, while /proc is there.
@@ -197,9 +201,9 @@ pub fn confine_fs(
     let mut step = None;
     for &mode in candidates {
         let tried = match mode {
-            SandboxMode::Namespace => namespace_mode(args, shared, params, socket),
-            SandboxMode::Chroot => chroot_mode(shared, params),
-            SandboxMode::None => FsServer::new(params, shared)
+            SandboxMode::Namespace => namespace_mode(args, shared, params, socket, &mut state),
+            SandboxMode::Chroot => chroot_mode(shared, params, &mut state),
+            SandboxMode::None => FsServer::with_state(params, shared, state.take())
                 .map(|server| FsStep {
                     mode,
                     user_namespace: false,
@@ -304,6 +308,7 @@ fn namespace_mode(
     shared: &Path,
     params: &FsParams,
     socket: Option<&Path>,
+    state: &mut Option<StateFile>,
 ) -> Result<FsStep, ModeError> {
     let mut user_namespace = false;
     if !caps::has(caps::cap::SYS_ADMIN) {
@@ -325,7 +330,7 @@ fn namespace_mode(
     namespaces::make_mounts_private().map_err(touched)?;
     mount_private_proc().map_err(touched)?;
     // The passthrough opens /proc/self/fd (and /proc/self/mountinfo) now: the private procfs.
-    let server = FsServer::new(params, Path::new("/")).map_err(touched)?;
+    let server = FsServer::with_state(params, Path::new("/"), state.take()).map_err(touched)?;
     namespaces::pivot_into_dir(shared, params.readonly).map_err(touched)?;
     Ok(FsStep {
         mode: SandboxMode::Namespace,
@@ -336,12 +341,17 @@ fn namespace_mode(
     })
 }
 
-fn chroot_mode(shared: &Path, params: &FsParams) -> Result<FsStep, ModeError> {
+fn chroot_mode(
+    shared: &Path,
+    params: &FsParams,
+    state: &mut Option<StateFile>,
+) -> Result<FsStep, ModeError> {
     if !caps::has(caps::cap::SYS_CHROOT) {
         return Err(untouched(FsSandboxError::NoChrootCap));
     }
-    let server = FsServer::new(params, Path::new("/")).map_err(untouched)?;
-    // Nothing of the process changed yet (the server is dropped): another mode may be tried.
+    let server = FsServer::with_state(params, Path::new("/"), state.take()).map_err(untouched)?;
+    // Nothing of the process changed yet (the server is dropped, with the state file: the
+    // `none` mode tried next runs without it): another mode may be tried.
     namespaces::chroot_into(shared).map_err(untouched)?;
     Ok(FsStep {
         mode: SandboxMode::Chroot,
