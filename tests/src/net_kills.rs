@@ -116,3 +116,99 @@ fn small_send_buffer(s: &TcpStream) -> i32 {
         got
     }
 }
+
+/// A tap held by the test in a fresh namespace, rqemu-net on it (socket `net.sock` in `dir`),
+/// and the host peer of one upload and one download of `transfer` bytes with `kills` kill
+/// points per direction ([`serve`]), listening.
+pub struct HeldTapTransfers {
+    /// The namespace of the tap, the daemons and the peer.
+    pub ns: NetNs,
+    /// The held tap's queue fds, handed to every daemon.
+    pub taps: Vec<OwnedFd>,
+    daemon: Option<Daemon>,
+    /// The daemons' socket path.
+    pub sock: std::path::PathBuf,
+    /// SHA-256 of the download.
+    pub down_sha: String,
+    /// Kill points reached ([`serve`]).
+    pub events: mpsc::Receiver<String>,
+    peer: std::thread::JoinHandle<std::io::Result<Vec<u8>>>,
+    dir: std::path::PathBuf,
+    transfer: usize,
+}
+
+impl HeldTapTransfers {
+    /// Sets it all up; the download's bytes come from `seed`.
+    pub fn start(dir: &Path, transfer: usize, kills: usize, seed: u64) -> Self {
+        let ns = NetNs::create().expect("network namespace");
+        let sock = dir.join("net.sock");
+        let taps = ns
+            .spawn(|| net::open_tap(TAP, 1))
+            .expect("entering the namespace")
+            .join()
+            .expect("tap thread")
+            .expect("opening the tap");
+        let daemon = start_net(&ns, dir, &sock, Some(&taps));
+        let down = net::pattern(transfer, seed);
+        let down_sha = net::sha256_hex(&down).unwrap();
+        let (tx, events) = mpsc::channel();
+        let peer = ns
+            .spawn(move || serve(tx, down, transfer, kills))
+            .expect("host peer");
+        assert_eq!(
+            events.recv_timeout(Duration::from_secs(20)).ok().as_deref(),
+            Some("listening")
+        );
+        HeldTapTransfers {
+            ns,
+            taps,
+            daemon: Some(daemon),
+            sock,
+            down_sha,
+            events,
+            peer,
+            dir: dir.to_path_buf(),
+            transfer,
+        }
+    }
+
+    /// SIGKILLs the daemon and starts another on the same socket and tap; returns the killed
+    /// one's log.
+    pub fn kill_and_restart(&mut self) -> String {
+        let old = self.daemon.take().expect("a daemon");
+        let log = old.log();
+        old.kill().expect("killing rqemu-net");
+        self.daemon = Some(start_net(&self.ns, &self.dir, &self.sock, Some(&self.taps)));
+        log
+    }
+
+    /// The current daemon's log.
+    pub fn log(&self) -> String {
+        self.daemon.as_ref().map(Daemon::log).unwrap_or_default()
+    }
+
+    /// Stops the daemon and checks both directions against the guest's `RQEMU-VAL`s
+    /// (`value(key)`): upload length and SHA-256, download SHA-256 and length. `report` is
+    /// added to a failure.
+    pub fn check(self, value: &dyn Fn(&str) -> Option<String>, report: &str) {
+        drop(self.daemon);
+        let up = self.peer.join().expect("peer thread").expect("host peer");
+        assert_eq!(up.len(), self.transfer, "{report}");
+        let up_sha = net::sha256_hex(&up).unwrap();
+        assert_eq!(
+            value("up-sha256").as_deref(),
+            Some(up_sha.as_str()),
+            "{report}"
+        );
+        assert_eq!(
+            value("down-sha256").as_deref(),
+            Some(self.down_sha.as_str()),
+            "{report}"
+        );
+        assert_eq!(
+            value("down-len"),
+            Some(self.transfer.to_string()),
+            "{report}"
+        );
+    }
+}

@@ -9,8 +9,8 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use rqemu_e2e::net::{self, NetDaemonOptions, NetNs, TAP};
-use rqemu_e2e::net_kills::{serve, start_net};
+use rqemu_e2e::net::{self, NetDaemonOptions};
+use rqemu_e2e::net_kills::HeldTapTransfers;
 use rqemu_e2e::qemu::{QemuVm, VhostUserDevice};
 use rqemu_e2e::GuestAssets;
 
@@ -24,30 +24,12 @@ const KILLS_PER_TRANSFER: usize = 2;
 fn qemu_tcp_transfers_survive_rqemu_net_sigkills_on_a_held_tap() {
     let assets = GuestAssets::locate().expect("guest assets (run scripts/guest-assets.sh)");
     let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::create().expect("network namespace");
-    let sock = dir.path().join("net.sock");
-    let taps = ns
-        .spawn(|| net::open_tap(TAP, 1))
-        .expect("entering the namespace")
-        .join()
-        .expect("tap thread")
-        .expect("opening the tap");
-    let mut daemon = start_net(&ns, dir.path(), &sock, Some(&taps));
-    let down = net::pattern(TRANSFER, 0x9e7);
-    let down_sha = net::sha256_hex(&down).unwrap();
-    let (tx, events) = mpsc::channel();
-    let peer = ns
-        .spawn(move || serve(tx, down, TRANSFER, KILLS_PER_TRANSFER))
-        .expect("host peer");
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(20)).ok().as_deref(),
-        Some("listening")
-    );
+    let mut t = HeldTapTransfers::start(dir.path(), TRANSFER, KILLS_PER_TRANSFER, 0x9e7);
     let vm = QemuVm::new(&assets, dir.path())
         .timeout(TIMEOUT)
         .reconnect_ms(200)
         .device(VhostUserDevice::Net {
-            socket: sock.clone(),
+            socket: t.sock.clone(),
             queues: 1,
             mac: Some(NetDaemonOptions::default().mac),
         })
@@ -57,11 +39,9 @@ fn qemu_tcp_transfers_survive_rqemu_net_sigkills_on_a_held_tap() {
     let mut kills = 0;
     let mut logs = String::new();
     while kills < 2 * KILLS_PER_TRANSFER {
-        match events.recv_timeout(Duration::from_millis(100)) {
+        match t.events.recv_timeout(Duration::from_millis(100)) {
             Ok(at) => {
-                logs.push_str(&daemon.log());
-                daemon.kill().expect("killing rqemu-net");
-                daemon = start_net(&ns, dir.path(), &sock, Some(&taps));
+                logs.push_str(&t.kill_and_restart());
                 eprintln!("rqemu-net SIGKILLed and restarted: {at}");
                 kills += 1;
             }
@@ -71,38 +51,17 @@ fn qemu_tcp_transfers_survive_rqemu_net_sigkills_on_a_held_tap() {
         }
     }
     let run = guest.join().expect("QEMU thread");
-    logs.push_str(&daemon.log());
+    logs.push_str(&t.log());
     let run = run.unwrap_or_else(|e| panic!("guest: {e}\n--- rqemu-net logs ---\n{logs}"));
-    let report = || format!("{}\n--- rqemu-net logs ---\n{logs}", run.transcript());
+    let report = format!("{}\n--- rqemu-net logs ---\n{logs}", run.transcript());
     assert_eq!(
         kills,
         2 * KILLS_PER_TRANSFER,
-        "the guest ended before every kill\n{}",
-        report()
+        "the guest ended before every kill\n{report}"
     );
     run.expect_success()
-        .unwrap_or_else(|e| panic!("{e}\n{}", report()));
-    drop(daemon);
-    let up = peer.join().expect("peer thread").expect("host peer");
-    assert_eq!(up.len(), TRANSFER, "{}", report());
-    assert_eq!(
-        run.value("up-sha256"),
-        Some(net::sha256_hex(&up).unwrap().as_str()),
-        "{}",
-        report()
-    );
-    assert_eq!(
-        run.value("down-sha256"),
-        Some(down_sha.as_str()),
-        "{}",
-        report()
-    );
-    assert_eq!(
-        run.value("down-len"),
-        Some(TRANSFER.to_string().as_str()),
-        "{}",
-        report()
-    );
+        .unwrap_or_else(|e| panic!("{e}\n{report}"));
+    t.check(&|k| run.value(k).map(str::to_string), &report);
     eprintln!(
         "QEMU: {} MiB up and down over TCP across {kills} rqemu-net SIGKILLs on a held tap, \
          every byte checked, {:.1} s",

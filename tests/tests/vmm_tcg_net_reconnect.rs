@@ -13,8 +13,8 @@ use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use rqemu_e2e::net::{self, NetNs, GUEST_IP, HOST_IP, TAP};
-use rqemu_e2e::net_kills::{serve, start_net};
+use rqemu_e2e::net::{self, NetNs, GUEST_IP, HOST_IP};
+use rqemu_e2e::net_kills::{start_net, HeldTapTransfers};
 use rqemu_e2e::{GuestAssets, RqemuVm};
 
 const TIMEOUT: Duration = Duration::from_secs(900);
@@ -162,33 +162,14 @@ fn val<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 fn tcg_tcp_transfers_survive_rqemu_net_sigkills_on_a_held_tap() {
     let assets = GuestAssets::locate().expect("guest assets (run scripts/guest-assets.sh)");
     let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::create().expect("network namespace");
-    let sock = dir.path().join("net.sock");
-    let taps = ns
-        .spawn(|| net::open_tap(TAP, 1))
-        .expect("entering the namespace")
-        .join()
-        .expect("tap thread")
-        .expect("opening the tap");
-    let mut daemon = start_net(&ns, dir.path(), &sock, Some(&taps));
-    let down = net::pattern(TRANSFER, 0x5eed);
-    let down_sha = net::sha256_hex(&down).unwrap();
-    let (tx, events) = mpsc::channel();
-    let peer = ns
-        .spawn(move || serve(tx, down, TRANSFER, KILLS_PER_TRANSFER))
-        .expect("host peer");
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(20)).ok().as_deref(),
-        Some("listening")
-    );
+    let mut t = HeldTapTransfers::start(dir.path(), TRANSFER, KILLS_PER_TRANSFER, 0x5eed);
     let script = net::guest_script((TRANSFER >> 20) as u32, None);
-    let mut guest = Guest::spawn(&assets, dir.path(), &sock, &script);
+    let mut guest = Guest::spawn(&assets, dir.path(), &t.sock, &script);
     let mut kills = 0;
     while kills < 2 * KILLS_PER_TRANSFER {
-        match events.recv_timeout(Duration::from_millis(100)) {
+        match t.events.recv_timeout(Duration::from_millis(100)) {
             Ok(at) => {
-                daemon.kill().expect("killing rqemu-net");
-                daemon = start_net(&ns, dir.path(), &sock, Some(&taps));
+                t.kill_and_restart();
                 eprintln!("rqemu-net SIGKILLed and restarted: {at}");
                 kills += 1;
             }
@@ -198,20 +179,7 @@ fn tcg_tcp_transfers_survive_rqemu_net_sigkills_on_a_held_tap() {
     }
     let start = guest.start;
     let text = guest.finish(kills);
-    drop(daemon);
-    let up = peer.join().expect("peer thread").expect("host peer");
-    assert_eq!(up.len(), TRANSFER, "{text}");
-    assert_eq!(
-        val(&text, "up-sha256"),
-        Some(net::sha256_hex(&up).unwrap().as_str()),
-        "{text}"
-    );
-    assert_eq!(val(&text, "down-sha256"), Some(down_sha.as_str()), "{text}");
-    assert_eq!(
-        val(&text, "down-len"),
-        Some(TRANSFER.to_string().as_str()),
-        "{text}"
-    );
+    t.check(&|k| val(&text, k).map(str::to_string), &text);
     eprintln!(
         "rqemu-vmm TCG: {} MiB up and down over TCP across {kills} rqemu-net SIGKILLs on a held \
          tap, every byte checked, power-off after {:.1} s",
