@@ -8,7 +8,9 @@
 //!   line as the rest of the workspace (vm-memory 0.17.1, virtio-queue 0.17);
 //! * [`confine`]: the shared directory path (the tests pivot one thread into it).
 //! * [`state`], [`resume`], [`resume_fs`]: `--state-file`: the guest's node and handle ids kept
-//!   in a shared file mapping, translated on every request, resumed by a restarted daemon.
+//!   in a shared file mapping, translated on every request, resumed by a restarted daemon;
+//!   [`replay`]: the replies of non-idempotent requests kept there, given again (not
+//!   re-executed) when a restarted daemon pops the same request.
 //! * [`passthrough`]: the served `PassthroughFs` type and its configuration, below every
 //!   module that works on it ([`inode_fd`], [`locks`], [`copy_range`], [`confined_fs`],
 //!   [`server`]).
@@ -81,6 +83,7 @@ pub mod copy_range;
 pub mod inode_fd;
 pub mod locks;
 pub mod passthrough;
+pub mod replay;
 pub mod resume;
 pub mod resume_fs;
 pub mod server;
@@ -90,6 +93,8 @@ pub mod state;
 mod tests_chain;
 #[cfg(test)]
 mod tests_locks;
+#[cfg(test)]
+mod tests_replay;
 #[cfg(test)]
 mod tests_resume;
 

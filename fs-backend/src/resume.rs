@@ -33,6 +33,7 @@ use fuse_backend_rs::abi::fuse_abi::{FsOptions, ROOT_ID};
 use fuse_backend_rs::api::filesystem::{Context, Entry, FileSystem};
 
 use crate::confined_fs::ConfinedFs;
+use crate::replay::Replies;
 use crate::state::{Found, HandleKind, StateFile, HANDLE_SLOTS, NODE_SLOTS};
 
 /// A node the guest holds.
@@ -103,6 +104,9 @@ pub struct Resumed {
     pub handles: usize,
     /// Handles that could not be.
     pub stale_handles: usize,
+    /// Replies kept for requests the previous daemon may not have published
+    /// ([`crate::replay`]).
+    pub replies: usize,
 }
 
 /// The node and handle bookkeeping of a server with a state file.
@@ -115,6 +119,7 @@ pub struct Tracker {
     /// Handles of the previous daemon: guest id → passthrough handle.
     restored: RwLock<HashMap<u64, u64>>,
     full_warned: AtomicBool,
+    replies: Replies,
 }
 
 fn estale() -> io::Error {
@@ -134,12 +139,24 @@ impl Tracker {
             base: AtomicU64::new(0),
             restored: RwLock::new(HashMap::new()),
             full_warned: AtomicBool::new(false),
+            replies: Replies::default(),
         }
     }
 
     /// The state file.
     pub fn state(&self) -> &StateFile {
         &self.state
+    }
+
+    /// The request that got `reply` (`unique`, `opcode`: one [`crate::replay::is_recorded`])
+    /// was done: keeps the reply for a daemon that pops the request again.
+    pub fn save_reply(&self, unique: u64, opcode: u32, reply: &[u8]) {
+        self.replies.save(&self.state, unique, opcode, reply)
+    }
+
+    /// The reply a previous daemon gave request `unique` of `opcode`, if it kept one.
+    pub fn saved_reply(&self, unique: u64, opcode: u32) -> Option<Vec<u8>> {
+        self.replies.saved(unique, opcode)
     }
 
     fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
@@ -357,6 +374,7 @@ impl Tracker {
             self.state.free_handle(*s);
         }
         *t = Tables::fresh();
+        self.replies.clear(&self.state);
         self.state.set_next_node(t.next_id);
         self.state.set_init_flags(init);
         drop(t);
@@ -464,6 +482,7 @@ impl Tracker {
         self.base.store(base, Ordering::Relaxed);
         *self.restored.write().unwrap_or_else(|p| p.into_inner()) = restored;
         *self.tables() = t;
+        out.replies = self.replies.load(&self.state);
         Some(out)
     }
 }

@@ -23,13 +23,14 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::DescriptorChain;
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
 
 use crate::config::FsParams;
 use crate::confined_fs::ConfinedFs;
 use crate::copy_range::Handles;
 use crate::locks::{is_conflict, LockRequest, Locks};
 use crate::passthrough::{self, Passthrough};
+use crate::replay;
 use crate::resume::{Resumed, Tracker};
 use crate::resume_fs::ResumeFs;
 use crate::state::StateFile;
@@ -211,7 +212,8 @@ impl FsServer {
         let reader =
             Reader::from_descriptor_chain::<M>(mem, chain.clone()).map_err(ServerError::Chain)?;
         let mut body = reader.clone();
-        if let Ok(h) = body.read_obj::<InHeader>() {
+        let header = body.read_obj::<InHeader>().ok();
+        if let Some(h) = header {
             if h.opcode == Opcode::Setlkw as u32 || h.opcode == Opcode::CopyFileRange as u32 {
                 let reply = ReplyTo::new(mem, &chain, h.unique);
                 if h.opcode == Opcode::CopyFileRange as u32 {
@@ -237,11 +239,34 @@ impl FsServer {
                 return Ok(self.setlkw(node, lk, reply, ring));
             }
         }
+        // A non-idempotent request is answered once: from the previous daemon's saved reply
+        // when it is popped again after a restart, else executed and its reply saved.
+        let recorded = match (&self.tracker, header) {
+            (Some(t), Some(h)) if replay::is_recorded(h.opcode) => Some((t, h)),
+            _ => None,
+        };
+        let writable = recorded.map(|_| ReplyTo::new(mem, &chain, 0).writable);
+        if let (Some((t, h)), Some(w)) = (recorded, &writable) {
+            if let Some(saved) = t.saved_reply(h.unique, h.opcode) {
+                tracing::info!(
+                    "request {} (opcode {}) popped again after a restart: answered with the \
+                     reply the previous daemon saved",
+                    h.unique,
+                    h.opcode
+                );
+                return Ok(Outcome::Used(replay::write_to(mem, w, &saved)));
+            }
+        }
         let writer = VirtioFsWriter::new::<M>(mem, chain).map_err(ServerError::Chain)?;
         let n = self
             .server
             .handle_message(reader, writer.into(), None, None)
             .map_err(ServerError::Request)?;
+        if let (Some((t, h)), Some(w)) = (recorded, &writable) {
+            if let Some(sent) = replay::read_from(mem, w, n) {
+                t.save_reply(h.unique, h.opcode, &sent);
+            }
+        }
         Ok(Outcome::Used(u32::try_from(n).unwrap_or(u32::MAX)))
     }
 
@@ -357,23 +382,7 @@ impl ReplyTo {
         };
         let mut bytes = header.as_slice().to_vec();
         bytes.extend_from_slice(body);
-        let mut rest = &bytes[..];
-        let mut written = 0u32;
-        for &(addr, cap) in &self.writable {
-            if rest.is_empty() {
-                break;
-            }
-            let n = rest.len().min(cap as usize);
-            let Some((now, later)) = rest.split_at_checked(n) else {
-                break;
-            };
-            if self.mem.write_slice(now, addr).is_err() {
-                break;
-            }
-            written = written.saturating_add(n as u32);
-            rest = later;
-        }
-        written
+        replay::write_to(&self.mem, &self.writable, &bytes)
     }
 }
 

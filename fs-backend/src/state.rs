@@ -12,7 +12,11 @@
 //!   *other* body and then flips `state`, so a crash mid-update leaves the old or the new
 //!   path, never a torn one. `nlookup` is one aligned 8-byte store;
 //! * [`HANDLE_SLOTS`] handle slots `{state, guest handle, node, open flags, kind}`, `state`
-//!   stored last.
+//!   stored last;
+//! * [`REPLY_SLOTS`] reply records of [`REPLY_SLOT`] bytes, written in ring order
+//!   ([`crate::replay`]): `state` (0 free, else the record's sequence number + 1), the
+//!   request's `unique`, `opcode | len << 32`, then the reply's bytes (at most [`REPLY_MAX`]).
+//!   `state` is zeroed before the body is rewritten and stored last.
 //!
 //! A full table is not an error for the guest: the node or handle is served but not recorded
 //! (it becomes stale after a restart), and a warning is logged once.
@@ -27,7 +31,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"RQFSRES1");
-const VERSION: u64 = 2;
+const VERSION: u64 = 3;
 const HEADER: usize = 4096;
 /// Node slots in the table.
 pub const NODE_SLOTS: usize = 65536;
@@ -37,11 +41,18 @@ pub const HANDLE_SLOTS: usize = 16384;
 pub const NODE_SLOT: usize = 640;
 const BODY: usize = 304;
 const HANDLE_SLOT: usize = 32;
+/// Reply records (a ring: more than the requests that can be in flight on all queues).
+pub const REPLY_SLOTS: usize = 8192;
+/// Bytes per reply record.
+pub const REPLY_SLOT: usize = 256;
+/// Longest reply kept (`fuse_out_header` + `entry_out` + `open_out` is 160 bytes).
+pub const REPLY_MAX: usize = REPLY_SLOT - 32;
 /// Longest name kept (a Linux file name is at most 255 bytes).
 pub const NAME_MAX: usize = 255;
 /// How long [`StateFile::open`] waits for another holder of the lock to go.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-const LEN: usize = HEADER + NODE_SLOTS * NODE_SLOT + HANDLE_SLOTS * HANDLE_SLOT;
+const LEN: usize =
+    HEADER + NODE_SLOTS * NODE_SLOT + HANDLE_SLOTS * HANDLE_SLOT + REPLY_SLOTS * REPLY_SLOT;
 
 // Header offsets.
 const H_MAGIC: usize = 0;
@@ -53,6 +64,7 @@ const H_INIT_FLAGS: usize = 40;
 const H_NODES: usize = 48;
 const H_HANDLES: usize = 56;
 const H_NEXT_NODE: usize = 64;
+const H_REPLIES: usize = 72;
 
 /// Errors of the state file.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +123,19 @@ pub struct HandleRec {
     pub flags: u32,
     /// File or directory.
     pub kind: HandleKind,
+}
+
+/// A reply record as saved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyRec {
+    /// Its sequence number (ring order).
+    pub seq: u64,
+    /// The request's `unique`.
+    pub unique: u64,
+    /// The request's opcode.
+    pub opcode: u32,
+    /// The reply as sent: `fuse_out_header` and body.
+    pub reply: Vec<u8>,
 }
 
 /// What [`StateFile::open`] found.
@@ -231,7 +256,9 @@ impl StateFile {
                 s.found = Found::Fresh("a state file of another version");
             } else if (s.get(H_ROOT_DEV), s.get(H_ROOT_INO)) != (root_meta.dev(), root_meta.ino()) {
                 s.found = Found::Fresh("a state file of another shared directory");
-            } else if s.get(H_NODES) != NODE_SLOTS as u64 || s.get(H_HANDLES) != HANDLE_SLOTS as u64
+            } else if s.get(H_NODES) != NODE_SLOTS as u64
+                || s.get(H_HANDLES) != HANDLE_SLOTS as u64
+                || s.get(H_REPLIES) != REPLY_SLOTS as u64
             {
                 s.found = Found::Fresh("a state file of another layout");
             }
@@ -244,6 +271,7 @@ impl StateFile {
             s.set(H_ROOT_INO, root_meta.ino());
             s.set(H_NODES, NODE_SLOTS as u64);
             s.set(H_HANDLES, HANDLE_SLOTS as u64);
+            s.set(H_REPLIES, REPLY_SLOTS as u64);
             s.word(H_MAGIC).store(MAGIC, Ordering::Release);
         }
         Ok(s)
@@ -469,6 +497,65 @@ impl StateFile {
                 })
             })
             .collect()
+    }
+
+    fn reply_off(slot: usize) -> usize {
+        HEADER + NODE_SLOTS * NODE_SLOT + HANDLE_SLOTS * HANDLE_SLOT + slot * REPLY_SLOT
+    }
+
+    /// Writes reply record `seq` (slot `seq % REPLY_SLOTS`): `state` zeroed, the body, then
+    /// `state` = `seq + 1`. A reply longer than [`REPLY_MAX`] is not kept (false).
+    pub fn put_reply(&self, seq: u64, unique: u64, opcode: u32, reply: &[u8]) -> bool {
+        if reply.len() > REPLY_MAX {
+            return false;
+        }
+        let off = Self::reply_off((seq % REPLY_SLOTS as u64) as usize);
+        self.word(off).store(0, Ordering::Release);
+        self.set(off + 8, unique);
+        self.set(off + 16, u64::from(opcode) | (reply.len() as u64) << 32);
+        // SAFETY: at most REPLY_MAX bytes into the record's data area (off + 32) inside the
+        // mapping; `reply` does not overlap it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(reply.as_ptr(), self.base.add(off + 32), reply.len())
+        };
+        self.word(off).store(seq + 1, Ordering::Release);
+        true
+    }
+
+    /// Every live reply record.
+    pub fn live_replies(&self) -> Vec<ReplyRec> {
+        (0..REPLY_SLOTS)
+            .filter_map(|slot| {
+                let off = Self::reply_off(slot);
+                let st = self.word(off).load(Ordering::Acquire);
+                if st == 0 || (st - 1) % REPLY_SLOTS as u64 != slot as u64 {
+                    return None;
+                }
+                let ol = self.get(off + 16);
+                let len = usize::try_from(ol >> 32).ok().filter(|&l| l <= REPLY_MAX)?;
+                let mut reply = vec![0u8; len];
+                // SAFETY: `len` ≤ REPLY_MAX bytes of the record's data area, into our buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(self.base.add(off + 32), reply.as_mut_ptr(), len)
+                };
+                Some(ReplyRec {
+                    seq: st - 1,
+                    unique: self.get(off + 8),
+                    opcode: ol as u32,
+                    reply,
+                })
+            })
+            .collect()
+    }
+
+    /// Frees every reply record (only the live ones are written: the rest stays sparse).
+    pub fn clear_replies(&self) {
+        for slot in 0..REPLY_SLOTS {
+            let w = self.word(Self::reply_off(slot));
+            if w.load(Ordering::Relaxed) != 0 {
+                w.store(0, Ordering::Release);
+            }
+        }
     }
 
     /// Test hook: a crash in the middle of [`StateFile::move_node`] (the other body half

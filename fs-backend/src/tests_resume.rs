@@ -178,7 +178,8 @@ fn a_restarted_server_resumes_nodes_and_handles() {
             nodes: 2,
             stale_nodes: 0,
             handles: 2,
-            stale_handles: 0
+            stale_handles: 0,
+            replies: 0
         })
     );
     assert_eq!(b.size_via(f, h).unwrap(), 10);
@@ -231,7 +232,8 @@ fn renames_are_followed_and_vanished_files_are_stale() {
             nodes: 3,
             stale_nodes: 1,
             handles: 1,
-            stale_handles: 1
+            stale_handles: 1,
+            replies: 0
         })
     );
     // g is found at its new name, with its handle.
