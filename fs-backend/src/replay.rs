@@ -3,8 +3,9 @@
 //! A SIGKILLed daemon may have executed a request without publishing its reply to the used
 //! ring; the VMM resumes the avail ring at the used index, so the next daemon pops the same
 //! chain — the same FUSE `unique`. For CREATE, MKDIR, MKNOD, SYMLINK, LINK, UNLINK, RMDIR,
-//! RENAME and RENAME2 a second execution would answer `EEXIST`/`ENOENT` although the first
-//! one succeeded, so [`crate::server`] keeps each of their replies (`fuse_out_header` + body,
+//! RENAME, RENAME2, SETXATTR (`XATTR_CREATE`) and REMOVEXATTR a second execution would answer
+//! `EEXIST`/`ENOENT`/`ENODATA` although the first one succeeded, and a WRITE on an `O_APPEND`
+//! handle would append the data twice, so [`crate::server`] keeps each of their replies (`fuse_out_header` + body,
 //! as written into the chain) in the state file's reply ring ([`StateFile::put_reply`]) after
 //! the operation and before returning the chain to be published. A restarted daemon loads the
 //! ring ([`Replies::load`]) and answers a request whose `unique` and opcode match a record
@@ -41,6 +42,9 @@ pub fn is_recorded(opcode: u32) -> bool {
         Opcode::Rmdir,
         Opcode::Rename,
         Opcode::Rename2,
+        Opcode::Setxattr,
+        Opcode::Removexattr,
+        Opcode::Write,
     ]
     .iter()
     .any(|&o| o as u32 == opcode)

@@ -145,12 +145,13 @@ impl FsServer {
             Some(r) => {
                 tracing::info!(
                     "state file {}: resumed the guest session: {} node(s) found again, {} \
-                     stale; {} handle(s) reopened, {} stale",
+                     stale; {} handle(s) reopened, {} stale; {} reply record(s) kept",
                     t.state().path(),
                     r.nodes,
                     r.stale_nodes,
                     r.handles,
-                    r.stale_handles
+                    r.stale_handles,
+                    r.replies
                 );
                 Some(r)
             }

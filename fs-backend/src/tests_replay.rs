@@ -220,3 +220,44 @@ fn a_record_answers_only_its_own_unique_and_opcode() {
     assert!(c.resume().unwrap().replies >= 2);
     assert_eq!(reply_error(&send(&c, &g.mem, &req).1), 0);
 }
+
+fn append_case(wipe: bool) -> Vec<u8> {
+    let g = guest();
+    let a = g.daemon();
+    init(&a, &g.mem);
+    let mut args = Vec::new();
+    for v in [
+        (libc::O_RDWR | libc::O_CREAT | libc::O_APPEND) as u32,
+        0o644,
+        0,
+        0,
+    ] {
+        args.extend_from_slice(&v.to_le_bytes());
+    }
+    let (_, created) = send(&a, &g.mem, &named(FUSE_CREATE, 20, 1, &args, &[b"log"]));
+    assert_eq!(reply_error(&created), 0);
+    let (node, fh) = (u64_at(&created, 16), u64_at(&created, 16 + 128));
+    let mut w = Vec::new();
+    w.extend_from_slice(&fh.to_le_bytes());
+    w.extend_from_slice(&0u64.to_le_bytes());
+    w.extend_from_slice(&4u32.to_le_bytes());
+    w.extend_from_slice(&[0u8; 4 + 8]); // write_flags, lock_owner
+                                        // The file's flags, as the guest sends them (the passthrough sets O_APPEND on its fd
+                                        // to match).
+    w.extend_from_slice(&((libc::O_RDWR | libc::O_APPEND) as u32).to_le_bytes());
+    w.extend_from_slice(&[0u8; 4]);
+    w.extend_from_slice(b"line");
+    let req = named(FUSE_WRITE, 21, node, &w, &[]);
+    let (n, first) = send(&a, &g.mem, &req);
+    assert_eq!((n.unwrap(), reply_error(&first)), (24, 0));
+    let (_b, again) = g.replay(a, &req, wipe);
+    assert_eq!(reply_error(&again), 0);
+    assert_eq!(u32::from_le_bytes(again[16..20].try_into().unwrap()), 4);
+    std::fs::read(g.root.join("log")).unwrap()
+}
+
+#[test]
+fn a_replayed_append_is_written_once() {
+    assert_eq!(append_case(false), b"line");
+    assert_eq!(append_case(true), b"lineline", "without the records");
+}

@@ -342,7 +342,13 @@ fn survives_sigkills(cache: &'static str) {
     {
         eprintln!("{}", l.split("INFO").last().unwrap_or(l).trim());
     }
+    let replayed = fs
+        .logs()
+        .lines()
+        .filter(|l| l.contains("popped again after a restart"))
+        .count();
     eprintln!("{stale}");
+    eprintln!("requests popped again and answered from a saved reply: {replayed}");
     eprintln!(
         "rqemu-vmm TCG, --cache {cache}: {} rqemu-fs SIGKILLs under an open file, {BLOCKS} x 4 KiB written and \
          verified through it, {BLOCKS} files created+renamed, power-off after {:.1} s",
