@@ -84,6 +84,8 @@ pub struct FsServer {
     handles: Arc<Handles>,
     tracker: Option<Arc<Tracker>>,
     readonly: bool,
+    /// Test hook ([`FsServer::exit_after_saved_reply`]): an opcode, 0 for none.
+    exit_after: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for FsServer {
@@ -128,6 +130,7 @@ impl FsServer {
             handles,
             tracker,
             readonly: params.readonly,
+            exit_after: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -167,6 +170,14 @@ impl FsServer {
                 None
             }
         }
+    }
+
+    /// Test hook (end-to-end tests of [`crate::replay`]): the process exits (`_exit`, like a
+    /// kill) right after the first request of `opcode` was executed and its reply saved,
+    /// before the reply is published to the used ring.
+    pub fn exit_after_saved_reply(&self, opcode: u32) {
+        self.exit_after
+            .store(opcode, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Opens the root now (FUSE_INIT does it too): checks the shared directory is usable.
@@ -266,6 +277,17 @@ impl FsServer {
         if let (Some((t, h)), Some(w)) = (recorded, &writable) {
             if let Some(sent) = replay::read_from(mem, w, n) {
                 t.save_reply(h.unique, h.opcode, &sent);
+                if self.exit_after.load(std::sync::atomic::Ordering::Relaxed) == h.opcode {
+                    tracing::warn!(
+                        "request {} (opcode {}) done and its reply saved: exiting before \
+                         publishing it (test hook)",
+                        h.unique,
+                        h.opcode
+                    );
+                    // SAFETY: ends the process at once, as a SIGKILL would (no destructors;
+                    // the state file's stores are in the page cache already).
+                    unsafe { libc::_exit(137) };
+                }
             }
         }
         Ok(Outcome::Used(u32::try_from(n).unwrap_or(u32::MAX)))

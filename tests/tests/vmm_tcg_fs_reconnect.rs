@@ -10,6 +10,11 @@
 //! another (`exec 5<`), both open from the start: busybox `dd` seeks relative to the current
 //! offset, so each fd simply advances 4 KiB per iteration.
 //!
+//! The first daemon also exits on its own (`RQEMU_FS_TEST_EXIT_AFTER_REPLY`) right after it
+//! did the guest's `mkdir /mnt/dir` and saved the reply, before publishing it: the next
+//! daemon pops the MKDIR again and answers it with the saved reply (exactly once: no
+//! `EEXIST`; `rqemu_fs_backend::replay`).
+//!
 //! `RQEMU_TEST_FS_NO_STATE=1` runs the daemons without `--state-file`: the test must then
 //! fail (the guest's first request after a restart names unknown handles: `EBADF`).
 //!
@@ -33,6 +38,10 @@ const BLOCKS: u32 = 24;
 const KILL_AFTER: [u32; 4] = [2, 7, 12, 17];
 /// At this kill (index into `KILL_AFTER`) the host removes `doomed` while the daemon is down.
 const REMOVE_AT: usize = 1;
+/// The first daemon exits right after doing the guest's `mkdir /mnt/dir` and saving its reply,
+/// before publishing it: the next daemon pops it again and must answer from the saved reply
+/// (`EEXIST` otherwise: `FS-FAIL mkdir`).
+const FUSE_MKDIR: u32 = 9;
 
 /// The guest's command line script: mounts the share and runs [`loop_script`] from it (the
 /// loop is too long for the kernel command line).
@@ -97,6 +106,8 @@ struct Fs {
     cache: &'static str,
     daemon: Option<Daemon>,
     starts: u32,
+    /// Given to the first daemon only: `RQEMU_FS_TEST_EXIT_AFTER_REPLY`.
+    exit_after: Option<u32>,
 }
 
 impl Fs {
@@ -108,6 +119,7 @@ impl Fs {
             cache,
             daemon: None,
             starts: 0,
+            exit_after: Some(FUSE_MKDIR),
         };
         fs.spawn();
         fs
@@ -131,6 +143,9 @@ impl Fs {
                 .env("RQEMU_LOG", "info");
             if let Some(s) = &self.state {
                 cmd.arg("--state-file").arg(s);
+            }
+            if let Some(op) = self.exit_after.take() {
+                cmd.env("RQEMU_FS_TEST_EXIT_AFTER_REPLY", op.to_string());
             }
             match Daemon::spawn("rqemu-fs", cmd, &sock, &log, DEFAULT_START_TIMEOUT) {
                 Ok(d) => {
@@ -349,6 +364,10 @@ fn survives_sigkills(cache: &'static str) {
         .count();
     eprintln!("{stale}");
     eprintln!("requests popped again and answered from a saved reply: {replayed}");
+    assert!(
+        replayed >= 1,
+        "the replayed MKDIR was not answered from its record\n{report}"
+    );
     eprintln!(
         "rqemu-vmm TCG, --cache {cache}: {} rqemu-fs SIGKILLs under an open file, {BLOCKS} x 4 KiB written and \
          verified through it, {BLOCKS} files created+renamed, power-off after {:.1} s",

@@ -175,6 +175,17 @@ fn run(args: Args, daemon: Daemon) -> Result<()> {
         tracing::warn!("the state file was lost while confining: the guest's state is not kept");
     }
     server.resume();
+    // Test hook: the end-to-end test of the exactly-once replies (rqemu_fs_backend::replay).
+    if let Some(op) = std::env::var("RQEMU_FS_TEST_EXIT_AFTER_REPLY")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        tracing::warn!(
+            "RQEMU_FS_TEST_EXIT_AFTER_REPLY={op}: exiting once a request of opcode {op} is done \
+             and its reply saved, before publishing it (test hook)"
+        );
+        server.exit_after_saved_reply(op);
+    }
     if args.self_check_escape {
         sandbox::self_check_escape(&server);
     }
