@@ -17,9 +17,11 @@
 //! accounting of its own — the guest receives it once, and the lookup it implies was counted
 //! once.
 //!
-//! Records are written in ring order over [`crate::state::REPLY_SLOTS`] slots (more than the requests that
-//! can be in flight: a record is overwritten only after thousands of later requests were
-//! answered). A new INIT, or the frontend leaving, clears them.
+//! Records are written in ring order over [`crate::state::REPLY_SLOTS`] slots. A queue worker
+//! puts each chain on the used ring right after serving it, so at a kill at most one request
+//! per queue is done but unpublished, and its record is among the last ones written; the next
+//! daemon loads the whole ring before serving. A new INIT, or the frontend leaving, clears
+//! them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

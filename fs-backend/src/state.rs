@@ -41,7 +41,7 @@ pub const HANDLE_SLOTS: usize = 16384;
 pub const NODE_SLOT: usize = 640;
 const BODY: usize = 304;
 const HANDLE_SLOT: usize = 32;
-/// Reply records (a ring: more than the requests that can be in flight on all queues).
+/// Reply records (a ring; at a kill, at most one done-but-unpublished request per queue).
 pub const REPLY_SLOTS: usize = 8192;
 /// Bytes per reply record.
 pub const REPLY_SLOT: usize = 256;
