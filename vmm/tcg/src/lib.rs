@@ -56,6 +56,7 @@
 //! Single vCPU per `Cpu`; SMP needs atomic A/D-bit updates, atomic LOCKed RMW on guest RAM
 //! and cross-CPU TLB shootdown/code invalidation (not done yet).
 
+mod atomic;
 pub mod block_cache;
 mod cpu;
 pub mod cpuid;
@@ -69,6 +70,7 @@ pub mod jit;
 pub mod memory;
 pub mod mmu;
 pub mod platform;
+pub mod sipi;
 pub mod state;
 
 pub use cpu::Cpu;

@@ -142,6 +142,16 @@ impl GuestRam {
         self.read(gpa, &mut b).then(|| u64::from_le_bytes(b))
     }
 
+    /// Atomically replaces the u64 at `gpa` with `new` if it still holds `old` (a host
+    /// compare-exchange). False if it did not, or `gpa..gpa+8` is not RAM.
+    pub fn cas_u64(&self, gpa: u64, old: u64, new: u64) -> bool {
+        match self.host_ptr(gpa) {
+            // SAFETY: `p..p+8` is inside a live mapping (constructor contract).
+            Some((p, rem)) if rem >= 8 => unsafe { crate::atomic::cas(p, 8, old, new) == old },
+            _ => false,
+        }
+    }
+
     /// Writes a little-endian u64. Returns false if not RAM.
     #[inline]
     pub fn write_u64(&self, gpa: u64, v: u64) -> bool {

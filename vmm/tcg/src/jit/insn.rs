@@ -215,6 +215,14 @@ fn operands_ok(ins: &Instruction) -> bool {
 
 fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
     let m = ins.mnemonic();
+    // LOCKed read-modify-writes go to the interpreter, which makes them host atomics.
+    if ins.has_lock_prefix() {
+        return None;
+    }
+    if m == M::Mfence {
+        e.b.ins().fence();
+        return Some(Step::Next);
+    }
     if matches!(
         m,
         M::Nop
@@ -227,7 +235,6 @@ fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
             | M::Prefetchnta
             | M::Lfence
             | M::Sfence
-            | M::Mfence
     ) {
         return Some(Step::Next);
     }

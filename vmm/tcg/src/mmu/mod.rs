@@ -1,6 +1,7 @@
 //! Soft MMU: virtual-address memory accesses for the executor (TLB fast path, page walk on
 //! miss, MMIO through the `Platform`, self-modifying-code detection on writes to code pages).
 
+mod locked;
 pub mod tlb;
 pub mod walk;
 
