@@ -109,6 +109,12 @@ impl Cpu {
         self.jit.as_ref().map(|j| j.stats)
     }
 
+    /// Sets the instant the virtual TSC counts from: one base for every CPU of a machine
+    /// keeps their TSCs in sync (Linux checks that when it brings CPUs online).
+    pub fn set_clock(&mut self, base: Instant) {
+        self.clock = base;
+    }
+
     /// Holds the virtual TSC for `paused`: it continues from the value it had before the
     /// host paused this CPU, instead of jumping by the time the pause lasted.
     pub fn hold_clock(&mut self, paused: std::time::Duration) {

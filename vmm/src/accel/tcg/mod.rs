@@ -9,7 +9,8 @@
 //! * vCPUs ([`vcpu::TcgVcpu`]) call the buses directly from inside the CPU, so they need them
 //!   before creation: [`Accelerator::attach_buses`].
 //!
-//! One vCPU executes; extra vCPUs exist (the MADT lists them) but never start.
+//! SMP: every vCPU is a [`rqemu_tcg::Cpu`] on its own thread over the shared guest RAM, with
+//! its own LAPIC in the chip; secondary vCPUs start on the guest's INIT/STARTUP IPIs.
 
 mod chip;
 pub mod chips;
@@ -29,6 +30,10 @@ use crate::memory::{GuestMemory, GuestRam};
 use chip::IrqChip;
 use irqfd::Irqfds;
 use vcpu::{TcgVcpu, TcgVcpuParts};
+
+/// Most vCPUs of a TCG machine (Linux's flat logical APIC mode addresses 8 CPUs; the
+/// shared code-page masks have one bit per vCPU).
+pub const MAX_VCPUS: u32 = 8;
 
 /// How the software CPU executes guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,9 +114,9 @@ impl Accelerator for TcgAccel {
         "tcg"
     }
 
-    /// The software CPU runs one vCPU: it has no SMP (multi-threaded TCG) yet.
+    /// Up to [`MAX_VCPUS`] vCPUs, each on its own thread.
     fn max_vcpus(&self) -> u32 {
-        1
+        MAX_VCPUS
     }
 
     /// The chips' timers and every vCPU's TSC run on [`IrqChip::now`], which leaves out the
