@@ -77,6 +77,8 @@ pub struct TcgAccel {
     irqfds: Irqfds,
     ram: Mutex<Option<(Arc<rqemu_tcg::GuestRam>, GuestMemory)>>,
     buses: OnceLock<(Arc<Bus>, Arc<Bus>, ExitRequester)>,
+    /// Code-page masks shared by the vCPUs (only with more than one).
+    shared_code: OnceLock<Arc<rqemu_tcg::memory::SharedCode>>,
 }
 
 impl std::fmt::Debug for TcgAccel {
@@ -105,6 +107,7 @@ impl TcgAccel {
             chip,
             ram: Mutex::new(None),
             buses: OnceLock::new(),
+            shared_code: OnceLock::new(),
         })
     }
 }
@@ -154,7 +157,7 @@ impl Accelerator for TcgAccel {
             .map_err(|_| AccelError::Unavailable("TCG: buses attached twice".into()))
     }
 
-    fn create_vcpu(&self, index: u32, _topology: &CpuTopology) -> Result<Box<dyn Vcpu>> {
+    fn create_vcpu(&self, index: u32, topology: &CpuTopology) -> Result<Box<dyn Vcpu>> {
         let (ram, mem) = self
             .ram
             .lock()
@@ -165,8 +168,19 @@ impl Accelerator for TcgAccel {
             self.buses.get().cloned().ok_or_else(|| {
                 AccelError::Unavailable("TCG: attach_buses must come first".into())
             })?;
+        let shared_code = (topology.count > 1).then(|| {
+            self.shared_code
+                .get_or_init(|| {
+                    Arc::new(rqemu_tcg::memory::SharedCode::new(
+                        ram.end(),
+                        topology.count as usize,
+                    ))
+                })
+                .clone()
+        });
         Ok(Box::new(TcgVcpu::new(TcgVcpuParts {
             index,
+            shared_code,
             ram,
             mem,
             chip: self.chip.clone(),

@@ -58,6 +58,8 @@ impl std::fmt::Debug for TcgVcpu {
 /// What a TCG vCPU is built from.
 pub(super) struct TcgVcpuParts {
     pub(super) index: u32,
+    /// The machine's shared code-page masks (SMP only).
+    pub(super) shared_code: Option<Arc<rqemu_tcg::memory::SharedCode>>,
     pub(super) ram: Arc<rqemu_tcg::GuestRam>,
     pub(super) mem: GuestMemory,
     pub(super) chip: Arc<IrqChip>,
@@ -73,6 +75,9 @@ impl TcgVcpu {
         cpu.arch.apic_id = p.index as u8;
         cpu.set_clock(p.chip.epoch());
         p.chip.add_cpu(p.index as usize);
+        if let Some(sc) = p.shared_code {
+            cpu.share_code(sc, p.index as u8);
+        }
         #[cfg(feature = "jit")]
         if p.opts.mode == TcgMode::Jit {
             let cfg = rqemu_tcg::JitConfig {

@@ -128,6 +128,11 @@ impl Tlb {
 
     /// Drops write entries mapping guest-physical `phys_page` (the page now holds code, so
     /// writes to it must take the slow path that detects self-modifying code).
+    pub fn flush_writes(&mut self) {
+        self.e[Access::Write as usize].fill(Entry::default());
+    }
+
+    /// Drops the write entries of guest-physical page `phys_page`.
     pub fn flush_phys_writes(&mut self, phys_page: u64) {
         for e in self.e[Access::Write as usize].iter_mut() {
             if e.tag != 0 && e.phys == phys_page {
