@@ -198,3 +198,85 @@ fn threads() -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2)
 }
+
+/// CPU B spins on `mov rax, 0; test rax, rax; je` at page 0x20000 until CPU A (another `Cpu`
+/// sharing the code-page masks) patches the immediate to 1. A wrote to B's page once before
+/// B translated it (so A held a write-TLB entry for it), then patches it after: B must see the
+/// new code, also when its loop is translated and chained to itself.
+fn cross_cpu_smc(jit: bool) {
+    use std::sync::Arc;
+    let mut mem = vec![0u8; RAM];
+    let put = |m: &mut Vec<u8>, at: usize, b: &[u8]| m[at..at + b.len()].copy_from_slice(b);
+    put(&mut mem, 0x1000, &(0x2000u64 | 3).to_le_bytes());
+    put(&mut mem, 0x2000, &(0x3000u64 | 3).to_le_bytes());
+    put(&mut mem, 0x3000, &0x83u64.to_le_bytes());
+    let mut b = vec![0x48, 0xB8];
+    b.extend(0u64.to_le_bytes());
+    b.extend([0x48, 0x85, 0xC0, 0x74, 0xF1, 0x48, 0x89, 0x04, 0x25]);
+    b.extend(DATA.to_le_bytes());
+    b.push(0xF4);
+    put(&mut mem, 0x2_0000, &b);
+    let mut a = vec![0xC6, 0x04, 0x25];
+    a.extend(0x2_0800u32.to_le_bytes());
+    a.extend([1, 0xF4, 0xC6, 0x04, 0x25]);
+    a.extend(0x2_0002u32.to_le_bytes());
+    a.extend([1, 0xF4]);
+    put(&mut mem, 0x3_0000, &a);
+    let r = RamRegion {
+        gpa: 0,
+        host: mem.as_mut_ptr(),
+        len: RAM as u64,
+    };
+    // SAFETY: `mem` outlives `ram` and is not touched while the CPUs run.
+    let ram = unsafe { GuestRam::new(vec![r]) }.unwrap();
+    let shared = Arc::new(rqemu_tcg::memory::SharedCode::new(RAM as u64, 2));
+    let mut cpus: Vec<Cpu> = (0..2).map(|_| Cpu::new()).collect();
+    for (i, (cpu, entry)) in cpus.iter_mut().zip([0x3_0000, 0x2_0000]).enumerate() {
+        cpu.share_code(shared.clone(), i as u8);
+        #[cfg(feature = "jit")]
+        if jit && i == 1 {
+            let cfg = rqemu_tcg::JitConfig {
+                threshold: 2,
+                ..Default::default()
+            };
+            cpu.enable_jit(cfg).expect("JIT");
+        }
+        cpu.arch.set_linux_boot_state(entry, 0, 0x1000, 0x5000);
+        cpu.state_changed();
+    }
+    #[cfg(not(feature = "jit"))]
+    let _ = jit;
+    let (ca, cb) = cpus.split_at_mut(1);
+    let (ca, cb) = (&mut ca[0], &mut cb[0]);
+    assert!(matches!(
+        ca.run(&ram, &mut Quiet, 1000),
+        Exit::Halted { .. }
+    ));
+    assert!(matches!(
+        cb.run(&ram, &mut Quiet, 100_000),
+        Exit::BudgetExhausted
+    ));
+    ca.arch.halted = false;
+    assert!(matches!(
+        ca.run(&ram, &mut Quiet, 1000),
+        Exit::Halted { .. }
+    ));
+    let out = cb.run(&ram, &mut Quiet, 100_000);
+    drop(ram);
+    assert!(
+        matches!(out, Exit::Halted { .. }),
+        "CPU B still runs the old code: {out:?}"
+    );
+    assert_eq!(mem[DATA as usize], 1, "CPU B stored the patched immediate");
+}
+
+#[test]
+fn code_patched_by_one_cpu_is_seen_by_the_other() {
+    cross_cpu_smc(false);
+}
+
+#[cfg(feature = "jit")]
+#[test]
+fn code_patched_by_one_cpu_is_seen_by_translated_code_of_the_other() {
+    cross_cpu_smc(true);
+}
