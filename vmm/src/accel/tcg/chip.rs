@@ -395,4 +395,113 @@ mod tests {
         chip.pulse_gsi(16);
         assert!(!chip.interrupt_pending(0));
     }
+
+    fn lapic_w(chip: &IrqChip, cpu: usize, reg: u64, v: u32) {
+        chip.lapic_write(cpu, reg, &v.to_le_bytes());
+    }
+
+    fn enable(chip: &IrqChip, cpu: usize) {
+        lapic_w(chip, cpu, 0xf0, 0x1ff);
+    }
+
+    #[test]
+    fn init_sipi_and_fixed_ipis_reach_their_destination() {
+        let chip = IrqChip::new();
+        chip.add_cpu(2);
+        for c in 0..3 {
+            enable(&chip, c);
+        }
+        // STARTUP without INIT first: ignored.
+        lapic_w(&chip, 0, 0x310, 1 << 24);
+        lapic_w(&chip, 0, 0x300, 0x0600 | 0x9a);
+        assert_eq!(chip.wait_sipi(1, Duration::ZERO), None);
+        // INIT assert, INIT de-assert, STARTUP vector 0x9a to APIC 1.
+        lapic_w(&chip, 0, 0x300, 0xc500);
+        lapic_w(&chip, 0, 0x300, 0x8500);
+        lapic_w(&chip, 0, 0x300, 0x0600 | 0x9a);
+        assert_eq!(chip.wait_sipi(1, Duration::ZERO), Some(0x9a));
+        assert_eq!(chip.wait_sipi(2, Duration::ZERO), None, "only APIC 1");
+        // A second STARTUP (Linux sends two) is ignored once started.
+        lapic_w(&chip, 0, 0x300, 0x0600 | 0x9a);
+        assert_eq!(chip.wait_sipi(1, Duration::ZERO), None);
+        // Fixed IPI, physical destination 2.
+        lapic_w(&chip, 0, 0x310, 2 << 24);
+        lapic_w(&chip, 0, 0x300, 0x00f1);
+        assert!(!chip.interrupt_pending(1));
+        assert!(chip.interrupt_pending(2));
+        assert_eq!(chip.acknowledge(2), Some(0xf1));
+        // All-but-self from CPU 1.
+        lapic_w(&chip, 1, 0x300, (3 << 18) | 0xf2);
+        assert_eq!(chip.acknowledge(0), Some(0xf2));
+        assert_eq!(chip.acknowledge(1), None);
+        assert_eq!(chip.acknowledge(2), None, "0xf1 still in service");
+        lapic_w(&chip, 2, 0xb0, 0);
+        assert_eq!(chip.acknowledge(2), Some(0xf2));
+        // NMI to CPU 2 (physical).
+        lapic_w(&chip, 0, 0x300, 0x0400);
+        assert!(chip.take_nmi(2));
+        assert!(!chip.take_nmi(2) && !chip.take_nmi(0));
+        // Logical flat: LDR bit 1 on CPU 1 only.
+        lapic_w(&chip, 1, 0xd0, 2 << 24);
+        lapic_w(&chip, 0, 0x310, 2 << 24);
+        lapic_w(&chip, 0, 0x300, (1 << 11) | 0x00e3);
+        assert_eq!(chip.acknowledge(1), Some(0xe3));
+        assert_eq!(chip.acknowledge(0), None);
+    }
+
+    #[test]
+    fn ioapic_routes_to_the_programmed_cpu_and_pic_to_the_bsp() {
+        let chip = IrqChip::new();
+        chip.add_cpu(1);
+        enable(&chip, 0);
+        enable(&chip, 1);
+        {
+            let mut c = chip.lock();
+            // Pin 16: vector 0x41, edge, physical destination APIC 1.
+            c.ioapic.write(0, &[0x30]);
+            c.ioapic.write(0x10, &0x41u32.to_le_bytes());
+            c.ioapic.write(0, &[0x31]);
+            c.ioapic.write(0x10, &(1u32 << 24).to_le_bytes());
+        }
+        chip.pulse_gsi(16);
+        assert!(!chip.interrupt_pending(0));
+        assert_eq!(chip.acknowledge(1), Some(0x41));
+        // A halted CPU 1 is woken by an IPI sent from CPU 0's thread.
+        let waker = std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                let t = Instant::now();
+                while !chip.interrupt_pending(1) {
+                    chip.wait(1, Duration::from_secs(5));
+                    if t.elapsed() > Duration::from_secs(30) {
+                        return false;
+                    }
+                }
+                true
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            lapic_w(&chip, 0, 0x310, 1 << 24);
+            lapic_w(&chip, 0, 0x300, 0x00e5);
+            h.join().unwrap()
+        });
+        assert!(waker);
+        assert_eq!(chip.acknowledge(1), Some(0xe5));
+        // The 8259 reaches only the BSP (both LAPICs accept ExtINT on LINT0).
+        lapic_w(&chip, 0, 0x350, 0x700);
+        lapic_w(&chip, 1, 0x350, 0x700);
+        {
+            let mut c = chip.lock();
+            for (p, v) in [
+                (0x20, 0x11),
+                (0x21, 0x30),
+                (0x21, 4),
+                (0x21, 1),
+                (0x21, 0xef),
+            ] {
+                c.pic.write(p, v);
+            }
+        }
+        chip.pulse_gsi(4);
+        assert!(!chip.interrupt_pending(1));
+        assert_eq!(chip.acknowledge(0), Some(0x34));
+    }
 }
