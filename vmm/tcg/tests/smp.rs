@@ -132,6 +132,7 @@ fn run_two(jit: bool) -> Vec<u64> {
                 if jit {
                     let cfg = rqemu_tcg::JitConfig {
                         threshold: 2,
+                        smp: true,
                         ..Default::default()
                     };
                     cpu.enable_jit(cfg).expect("JIT");
@@ -237,6 +238,7 @@ fn cross_cpu_smc(jit: bool) {
         if jit && i == 1 {
             let cfg = rqemu_tcg::JitConfig {
                 threshold: 2,
+                smp: true,
                 ..Default::default()
             };
             cpu.enable_jit(cfg).expect("JIT");

@@ -75,6 +75,8 @@ impl TcgVcpu {
         cpu.arch.apic_id = p.index as u8;
         cpu.set_clock(p.chip.epoch());
         p.chip.add_cpu(p.index as usize);
+        #[cfg(feature = "jit")]
+        let smp_jit = p.shared_code.is_some();
         if let Some(sc) = p.shared_code {
             cpu.share_code(sc, p.index as u8);
         }
@@ -82,6 +84,7 @@ impl TcgVcpu {
         if p.opts.mode == TcgMode::Jit {
             let cfg = rqemu_tcg::JitConfig {
                 threshold: p.opts.jit_threshold,
+                smp: smp_jit,
                 ..Default::default()
             };
             if let Err(e) = cpu.enable_jit(cfg) {

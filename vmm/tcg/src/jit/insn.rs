@@ -215,8 +215,9 @@ fn operands_ok(ins: &Instruction) -> bool {
 
 fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
     let m = ins.mnemonic();
-    // LOCKed read-modify-writes go to the interpreter, which makes them host atomics.
-    if ins.has_lock_prefix() {
+    // With other CPUs, LOCKed read-modify-writes go to the interpreter, which makes them
+    // host atomics.
+    if e.smp && ins.has_lock_prefix() {
         return None;
     }
     if m == M::Mfence {

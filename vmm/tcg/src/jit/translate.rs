@@ -53,13 +53,13 @@ pub(crate) fn trampoline(module: &mut JITModule) -> Result<Enter, JitError> {
 /// Translates `insns` (decoded at `vip`) up to the first instruction the translator does not
 /// know. `Ok(None)` when not even the first one is known. `slots`: the block's successor
 /// slots (`SLOTS_PER_BLOCK` of them), `jcache` the JIT's jump cache; null to translate
-/// without chaining.
+/// without chaining. `smp`: LOCKed instructions end the translation (see `JitConfig::smp`).
 pub(crate) fn translate(
     module: &mut JITModule,
     fctx: &mut FunctionBuilderContext,
     insns: &[Instruction],
-    slots: *mut Slot,
-    jcache: *mut Slot,
+    (slots, jcache): (*mut Slot, *mut Slot),
+    smp: bool,
     stats: &mut JitStats,
 ) -> Result<Option<Translated>, JitError> {
     let ptr = module.target_config().pointer_type();
@@ -71,6 +71,7 @@ pub(crate) fn translate(
         let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
         let tail = b.import_signature(block_sig(module));
         let mut e = Em::new(b, ptr, cc, slots, jcache, tail);
+        e.smp = smp;
         let mut ended = false;
         for (i, ins) in insns.iter().enumerate() {
             e.idx = i;

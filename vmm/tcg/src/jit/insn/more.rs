@@ -141,7 +141,8 @@ pub(super) fn div(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
     Some(())
 }
 
-/// CMPXCHG m, r without LOCK (a LOCKed one is left to the interpreter's host atomics).
+/// CMPXCHG m, r (with LOCK only on a one-CPU machine: with SMP the interpreter runs those
+/// as host atomics).
 /// The destination is always written (its old value when the compare fails), the
 /// accumulator loads the old value on a mismatch, flags as SUB acc, dst.
 pub(super) fn cmpxchg(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
