@@ -8,7 +8,8 @@
 #     (blkdiscard/fallocate copied into the guest), gzip, iproute2 — for scripts/guest-assets.sh,
 #     systemd (systemd-analyze, systemd-socket-activate: the unit and socket-activation tests),
 #     bzip2, coreutils, bc, mawk (real dynamically linked programs the TCG tests run in the guest),
-#     socat (the guest end of the vsock e2e test: VSOCK-CONNECT/VSOCK-LISTEN)
+#     socat (the guest end of the vsock e2e test: VSOCK-CONNECT/VSOCK-LISTEN), fio (run with
+#     verification in a guest on rqemu-blk --cache none, and the host limit in bench/scripts)
 #     and the tests.
 #
 # Run as root (or with sudo available). Output is quiet; on failure the apt log is printed.
@@ -29,7 +30,7 @@ BPO_PKGS=(qemu-system-x86 qemu-utils)
 BPO_MIN_VERSION="1:10"
 # Packages from the main suite.
 MAIN_PKGS=(busybox-static cpio xz-utils lz4 zstd kmod binutils util-linux gzip iproute2 acpica-tools
-    systemd bzip2 coreutils bc mawk socat
+    systemd bzip2 coreutils bc mawk socat fio
     podman conmon runc containerd)  # the container engines driving rqemu-run (tests/tests/run_*.rs)
 
 log() { printf 'install-deps: %s\n' "$*"; }

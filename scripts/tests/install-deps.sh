@@ -64,7 +64,7 @@ EOF
 chmod +x "$BIN"/*
 
 MAIN_PKGS=(busybox-static cpio xz-utils lz4 zstd kmod binutils util-linux gzip iproute2 acpica-tools
-    systemd bzip2 coreutils bc mawk socat
+    systemd bzip2 coreutils bc mawk socat fio
     podman conmon runc containerd)
 BPO_PKGS=(qemu-system-x86 qemu-utils)
 

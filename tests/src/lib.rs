@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod disk;
 pub mod fs;
 pub mod net;
+pub mod net_kills;
 pub mod oci;
 pub mod paths;
 pub mod qemu;

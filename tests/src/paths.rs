@@ -130,6 +130,43 @@ pub fn host_tool(name: &str) -> Result<PathBuf, PathError> {
         .ok_or_else(|| PathError::MissingTool(name.to_string()))
 }
 
+/// A host program and every shared library `ldd` names for it, as `(guest path, bytes)`: the
+/// program at `<guest_dir>/<file name>` (no leading `/`), each library at its own host path
+/// (the dynamic loader included), for a test initramfs. Panics naming the Debian package to
+/// install when the program is missing.
+pub fn host_program_files(
+    program: &Path,
+    guest_dir: &str,
+    package: &str,
+) -> Vec<(String, Vec<u8>)> {
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert!(
+        program.exists(),
+        "{} missing: run scripts/install-deps.sh (Debian package {package})",
+        program.display()
+    );
+    let name = program.file_name().unwrap_or_default().to_string_lossy();
+    let mut files = vec![(
+        format!("{}/{name}", guest_dir.trim_matches('/')),
+        read(program),
+    )];
+    let ldd = std::process::Command::new("ldd")
+        .arg(program)
+        .output()
+        .unwrap_or_else(|e| panic!("ldd {}: {e}", program.display()));
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            files.push((p.trim_start_matches('/').to_string(), read(Path::new(p))));
+        }
+    }
+    files
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,31 +59,7 @@ pub fn modules(assets: &GuestAssets) -> Vec<(String, Vec<u8>)> {
 
 /// `/usr/bin/socat` and its shared libraries, as `(guest path, bytes)`.
 pub fn socat_files() -> Vec<(String, Vec<u8>)> {
-    let socat = Path::new("/usr/bin/socat");
-    assert!(
-        socat.exists(),
-        "/usr/bin/socat missing: run scripts/install-deps.sh (Debian package socat)"
-    );
-    let ldd = Command::new("ldd").arg(socat).output().expect("ldd");
-    let mut files = vec![(
-        format!("{}/socat", GUEST_DIR.trim_start_matches('/')),
-        std::fs::read(socat).unwrap(),
-    )];
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line
-                .split_whitespace()
-                .next()
-                .filter(|p| p.starts_with('/')),
-        };
-        if let Some(p) = path.filter(|p| p.starts_with('/')) {
-            let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
-            files.push((p.trim_start_matches('/').to_string(), bytes));
-        }
-    }
-    files
+    crate::paths::host_program_files(Path::new("/usr/bin/socat"), GUEST_DIR, "socat")
 }
 
 /// Every file a vsock guest needs, as `(guest path, mode, bytes)`: the modules and `socat`

@@ -8,16 +8,14 @@
 //!   store in a deployment): the link never goes away, and TCP transfers in both directions run
 //!   across the kills; every byte is checked (SHA-256 on both ends).
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener};
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use rqemu_e2e::net::{self, NetDaemonOptions, NetNs, DOWN_PORT, GUEST_IP, HOST_IP, TAP, UP_PORT};
-use rqemu_e2e::{Daemon, GuestAssets, RqemuVm};
+use rqemu_e2e::net::{self, NetNs, GUEST_IP, HOST_IP, TAP};
+use rqemu_e2e::net_kills::{serve, start_net};
+use rqemu_e2e::{GuestAssets, RqemuVm};
 
 const TIMEOUT: Duration = Duration::from_secs(900);
 /// Daemon restarts.
@@ -25,32 +23,6 @@ const KILLS: usize = 3;
 
 fn read(p: &Path) -> String {
     String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
-}
-
-/// Starts rqemu-net on `sock` (on the held `taps`, or its own tap once the previous one's is
-/// gone: a daemon just killed keeps it a moment, its sandboxed child is still exiting).
-fn start_net(ns: &NetNs, dir: &Path, sock: &Path, taps: Option<&[OwnedFd]>) -> Daemon {
-    let start = Instant::now();
-    loop {
-        while taps.is_none() && ns.ip(&["link", "show", TAP]).is_ok() {
-            assert!(start.elapsed() < Duration::from_secs(60), "old tap stays");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = std::fs::remove_file(sock);
-        let opts = NetDaemonOptions::default();
-        let started = match taps {
-            Some(t) => net::spawn_daemon_on_taps(ns, dir, sock, &opts, t),
-            None => net::spawn_daemon(ns, dir, sock, &opts),
-        };
-        match started {
-            Ok(d) => return d,
-            Err(e) if start.elapsed() < Duration::from_secs(60) => {
-                eprintln!("rqemu-net did not start, again: {e}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
 }
 
 /// rqemu-vmm (TCG) running `script` with the net device on `sock`, console and log in `dir`.
@@ -179,79 +151,6 @@ const TRANSFER: usize = 4 << 20;
 /// Kills per direction, evenly spread over the transfer.
 const KILLS_PER_TRANSFER: usize = 2;
 
-/// The host end: the upload sink and the download source (small send buffer, so bytes
-/// written are close to bytes the guest took), each reporting on `events` when it crossed
-/// a kill point. Returns the bytes received.
-fn serve(events: mpsc::Sender<String>, down: Vec<u8>) -> std::io::Result<Vec<u8>> {
-    // Kill point k of K (1..=K): k/(K+1) of the transfer.
-    let point = |k: usize| k * TRANSFER / (KILLS_PER_TRANSFER + 1);
-    let up = TcpListener::bind((HOST_IP, UP_PORT))?;
-    let dn = TcpListener::bind((HOST_IP, DOWN_PORT))?;
-    let _ = events.send("listening".into());
-    let (mut s, _) = up.accept()?;
-    s.set_read_timeout(Some(Duration::from_secs(300)))?;
-    let mut got = Vec::with_capacity(TRANSFER);
-    let mut buf = vec![0u8; 64 << 10];
-    let mut k = 1;
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        got.extend_from_slice(&buf[..n]);
-        if k <= KILLS_PER_TRANSFER && got.len() >= point(k) {
-            let _ = events.send(format!("upload at {} bytes", got.len()));
-            k += 1;
-        }
-    }
-    drop(s);
-    eprintln!("host peer: upload of {} bytes done", got.len());
-    let (mut s, _) = dn.accept()?;
-    s.set_write_timeout(Some(Duration::from_secs(300)))?;
-    let sock = small_send_buffer(&s);
-    let (mut k, mut sent) = (1, 0);
-    for chunk in down.chunks(16 << 10) {
-        s.write_all(chunk)?;
-        sent += chunk.len();
-        if k <= KILLS_PER_TRANSFER && sent >= point(k) {
-            let _ = events.send(format!("download at {sent} bytes (send buffer {sock})"));
-            k += 1;
-        }
-    }
-    s.shutdown(Shutdown::Write)?;
-    eprintln!("host peer: download written");
-    let mut sink = Vec::new();
-    let _ = s.read_to_end(&mut sink);
-    Ok(got)
-}
-
-/// Shrinks the socket's send buffer to 32 KiB and returns what the kernel made of it.
-fn small_send_buffer(s: &std::net::TcpStream) -> i32 {
-    use std::os::fd::AsRawFd;
-    let want: libc::c_int = 32 << 10;
-    // SAFETY: setsockopt/getsockopt on a socket we own with pointers to live locals of the
-    // sizes given.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&want as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        let mut got: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&mut got as *mut libc::c_int).cast(),
-            &mut len,
-        );
-        got
-    }
-}
-
 fn val<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     let tag = format!("RQEMU-VAL {key}=");
     text.lines()
@@ -275,7 +174,9 @@ fn tcg_tcp_transfers_survive_rqemu_net_sigkills_on_a_held_tap() {
     let down = net::pattern(TRANSFER, 0x5eed);
     let down_sha = net::sha256_hex(&down).unwrap();
     let (tx, events) = mpsc::channel();
-    let peer = ns.spawn(move || serve(tx, down)).expect("host peer");
+    let peer = ns
+        .spawn(move || serve(tx, down, TRANSFER, KILLS_PER_TRANSFER))
+        .expect("host peer");
     assert_eq!(
         events.recv_timeout(Duration::from_secs(20)).ok().as_deref(),
         Some("listening")

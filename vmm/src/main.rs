@@ -119,6 +119,14 @@ fn main() -> ExitCode {
         .with_ansi(colour_wanted())
         .init();
     let cli = Cli::parse();
+    // Under `perf record` (which sets PERF_BUILDID_DIR) cranelift-jit appends every function
+    // it defines to /tmp/perf-<pid>.map and panics when it cannot open the file — which the
+    // sandbox forbids (landlock; no /tmp in its namespace): the vCPU thread died. Unset while
+    // the process is single-threaded; perf then shows translated code as `[JIT]`.
+    if std::env::var_os("PERF_BUILDID_DIR").is_some() {
+        std::env::remove_var("PERF_BUILDID_DIR");
+        tracing::info!("PERF_BUILDID_DIR unset: no perf map of translated code inside the sandbox");
+    }
     // NOTIFY_SOCKET is connected now, while the process is single-threaded.
     if let Err(e) = rqemu_daemon::notify::init() {
         eprintln!("rqemu-vmm: error: {}", rqemu_daemon::startup::chain(&e));

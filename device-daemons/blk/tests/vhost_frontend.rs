@@ -458,7 +458,8 @@ fn image_locks_keep_qemu_and_a_second_writer_out() {
     let img = raw_image(dir.path(), 1 << 20);
     let path = img.to_str().unwrap();
     let d = Daemon::start(dir.path(), &img, &["--format", "raw"]);
-    // QEMU 10's `qemu-img info` takes no lock (it cannot be refused); a consistent reader can.
+    // On raw, QEMU 10's `qemu-img info` takes no lock (it cannot be refused); a consistent
+    // reader can. (On qcow2 it can: below.)
     let out = qemu_img(&["convert", "-O", "raw", path, "/dev/null"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -520,6 +521,24 @@ fn image_locks_keep_qemu_and_a_second_writer_out() {
     let d2 = Daemon::start(dir.path(), &img, &["--format", "raw", "--force-share"]);
     assert_eq!(d2.terminate().code(), Some(0));
     assert_eq!(d.terminate().code(), Some(0));
+
+    // qcow2 served writable: `qemu-img info` (which on qcow2 wants the image unchanged while
+    // it reads the header) is refused by the lock, as with qemu-storage-daemon; `-U` reads.
+    let q = dir.path().join("d.qcow2");
+    let qp = q.to_str().unwrap();
+    assert!(qemu_img(&["create", "-q", "-f", "qcow2", qp, "1M"])
+        .status
+        .success());
+    let d = Daemon::start(dir.path(), &q, &["--format", "qcow2"]);
+    let out = qemu_img(&["info", qp]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("lock"),
+        "qemu-img info of a qcow2 served writable: {err}"
+    );
+    assert!(qemu_img(&["info", "-U", qp]).status.success());
+    assert_eq!(d.terminate().code(), Some(0));
+    assert!(qemu_img(&["info", qp]).status.success(), "lock released");
 }
 
 /// qcow2 with O_DIRECT guest data (metadata through the page cache, flushed): writes in

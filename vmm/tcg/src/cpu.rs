@@ -444,12 +444,13 @@ impl Cpu {
         let mut start = 0;
         #[cfg(feature = "jit")]
         if let (Some(n), Some(j), Fetch::Block(idx)) = (native, jit.as_mut(), &f) {
-            let gen = cache.chain_gen;
-            let rip = cx.s.rip;
-            if let Some(hit) = cx.tlb.lookup(rip, Access::Exec, cx.user()) {
-                j.note_next(rip, hit.host as u64, gen, *idx, cx.delta, n);
+            let user = cx.user();
+            let keys = crate::jit::chain_keys(cache.chain_gen, cx.tlb, user);
+            if let Some(global) = cx.tlb.exec_global(cx.s.rip, user) {
+                let gen = if global { keys.1 } else { keys.0 };
+                j.note_next(cx.s.rip, gen, *idx, cx.delta, n);
             }
-            let out = crate::jit::run(&mut cx, j, n, *idx, gen);
+            let out = crate::jit::run(&mut cx, j, n, *idx, keys);
             let k = out.count as usize;
             j.stats.native_runs += 1;
             j.stats.native_insns += k as u64 + out.chained_insns;

@@ -68,6 +68,30 @@ pub const LEAF7_EBX: u32 =
     (1 << 1) | (1 << 3) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 18) | (1 << 23) | (1 << 24);
 /// Leaf 7 subleaf 0 ECX: RDPID.
 pub const LEAF7_ECX: u32 = 1 << 22;
+/// Leaf 7 subleaf 0 EDX: IA32_ARCH_CAPABILITIES (MSR 0x10A, [`ARCH_CAPABILITIES`]).
+pub const LEAF7_EDX: u32 = 1 << 29;
+/// IA32_ARCH_CAPABILITIES: the speculative-execution flaws this CPU does not have. The
+/// software CPU does not execute speculatively, so it says so instead of being taken for a
+/// family-6 Intel part with every flaw of its generation (Linux would then turn on page-table
+/// isolation — a CR3 switch, and so a TLB flush, on every kernel entry and exit — and the
+/// other mitigations): RDCL_NO (Meltdown, L1TF), SKIP_L1DFL_VMENTRY, SSB_NO, MDS_NO,
+/// PSCHANGE_MC_NO, TAA_NO, SBDR_SSDP_NO, FBSDP_NO, PSDP_NO (MMIO stale data), BHI_NO,
+/// PBRSB_NO, GDS_NO, RFDS_NO, ITS_NO. Spectre v1/v2 have no "not affected" bit: Linux keeps
+/// its barriers and retpolines.
+pub const ARCH_CAPABILITIES: u64 = (1 << 0)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 8)
+    | (1 << 13)
+    | (1 << 14)
+    | (1 << 15)
+    | (1 << 20)
+    | (1 << 24)
+    | (1 << 26)
+    | (1 << 27)
+    | (1 << 62);
 /// Leaf 0x80000001 EDX: SYSCALL, NX, 1 GiB pages, RDTSCP, LM.
 pub const EXT1_EDX: u32 = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29);
 /// Leaf 0x80000001 ECX: LAHF/SAHF in 64-bit mode, ABM (LZCNT), PREFETCHW.
@@ -137,7 +161,7 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
         // halts (it is host time). Without it Linux flags the LAPIC timer C3STOP, finds no
         // broadcast device and stays in periodic ticks: no high-resolution timers, no NOHZ.
         6 => [1 << 2, 0, 0, 0],
-        7 if subleaf == 0 => [0, LEAF7_EBX, LEAF7_ECX, 0],
+        7 if subleaf == 0 => [0, LEAF7_EBX, LEAF7_ECX, LEAF7_EDX],
         // XSAVE: x87, SSE and AVX components, standard format only (no XSAVEOPT/C/S). EBX
         // (the size for the components enabled in XCR0) follows XCR0 in [`cpuid_for`].
         0xD if subleaf == 0 => [XCR0_SUPPORTED as u32, XSAVE_SIZE, XSAVE_SIZE, 0],
@@ -177,6 +201,8 @@ mod tests {
         assert_ne!(cpuid(1, 0)[3] & (1 << 23), 0, "MMX (x86-64 baseline)");
         assert_eq!(cpuid(1, 0)[0] >> 8 & 0xF, 6, "family 6");
         assert_eq!(cpuid(7, 1), [0; 4], "no leaf-7 subleaf-1 features");
+        assert_ne!(cpuid(7, 0)[3] & (1 << 29), 0, "IA32_ARCH_CAPABILITIES");
+        assert_ne!(ARCH_CAPABILITIES & 1, 0, "RDCL_NO: no page-table isolation");
         let l2 = cpuid(4, 2);
         let size = ((l2[1] >> 22) + 1) * (((l2[1] >> 12) & 0x3FF) + 1) * ((l2[1] & 0xFFF) + 1);
         assert_eq!(size * (l2[2] + 1), 1 << 20, "L2 size from leaf 4");

@@ -125,7 +125,7 @@ impl TcgVcpu {
             let per_block = j.compile_ns / j.translated.max(1);
             s += &format!(
                 " native_insns={} interp_insns={} native_share={:.3} native_runs={} \
-                 translated={} translated_insns={} untranslatable={} compile_ms={:.1} \
+                 translated={} translated_insns={} helper_insns={} untranslatable={} compile_ms={:.1} \
                  codegen_ms={:.1} finalize_ms={:.1} compile_us_per_block={:.1} code_bytes={} \
                  flushes={} chained={} slot_fills={}",
                 j.native_insns,
@@ -134,6 +134,7 @@ impl TcgVcpu {
                 j.native_runs,
                 j.translated,
                 j.translated_insns,
+                j.helper_insns,
                 j.untranslatable,
                 j.compile_ns as f64 / 1e6,
                 j.codegen_ns as f64 / 1e6,

@@ -143,6 +143,7 @@ fn rdmsr(cx: &mut Ctx<'_>, idx: u32) -> R<u64> {
         0x3B => m.tsc_adjust,
         0x1B => m.apic_base,
         0x8B | 0xFE | 0x17 | 0x79 => 0,
+        0x10A => crate::cpuid::ARCH_CAPABILITIES,
         // IA32_FEAT_CTL: locked by the "firmware" with VMX and SGX off.
         0x3A => 1,
         0x174..=0x176 => m.sysenter[(idx - 0x174) as usize],

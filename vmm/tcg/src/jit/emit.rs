@@ -44,6 +44,8 @@ pub(crate) enum Flags {
 
 /// Helper signatures.
 struct Sigs {
+    interp: SigRef,
+    udiv128: SigRef,
     read: SigRef,
     write: SigRef,
     cond: SigRef,
@@ -80,8 +82,8 @@ pub(crate) struct Em<'a> {
     /// The JIT's jump cache (`JCACHE_SIZE` slots indexed by [`super::jcache_index`]) for
     /// exits to a computed target, null when not chaining.
     jcache: *mut Slot,
-    /// Signature of block functions (for the tail call of a chained successor).
-    tail: SigRef,
+    /// The module's chain stub (address) and its signature.
+    stub: (usize, SigRef),
 }
 
 fn mem() -> MemFlagsData {
@@ -111,7 +113,7 @@ impl<'a> Em<'a> {
         cc: CallConv,
         slots: *mut Slot,
         jcache: *mut Slot,
-        tail: SigRef,
+        stub: (usize, SigRef),
     ) -> Self {
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
@@ -132,6 +134,8 @@ impl<'a> Em<'a> {
             b.import_signature(s)
         };
         let sigs = Sigs {
+            interp: sig(&[ptr, ptr], Some(I64)),
+            udiv128: sig(&[ptr, I64, I64, I64], Some(I64)),
             read: sig(&[ptr, I64, I64], Some(I64)),
             write: sig(&[ptr, I64, I64, I64], None),
             cond: sig(&[ptr, I64], Some(I64)),
@@ -157,7 +161,7 @@ impl<'a> Em<'a> {
             slots,
             next_slot: 0,
             jcache,
-            tail,
+            stub,
         }
     }
 
@@ -264,69 +268,21 @@ impl<'a> Em<'a> {
         self.chain(count, rip, sp, false);
     }
 
-    /// Tail-calls the successor in slot `sp` when the slot is for `rip`, was filled at the
-    /// block cache's current generation (no block dropped or host code freed since), the code
-    /// TLB still maps the RIP's page to the same host page, and the chain budget is not used
-    /// up: `JitCtx::delta`/`block` are set for it and this block's `count` is added to
-    /// `JitCtx::chained_insns`. Otherwise returns `count` (with `JitCtx::exit_slot` = `sp` if
-    /// `note`). The state and RIP are committed.
+    /// Leaves through the module's chain stub ([`super::translate::chain_stub`]) with slot
+    /// `sp`: it tail-calls the successor when the slot is valid for `rip`, else returns
+    /// `count` (with `JitCtx::exit_slot` = `sp` if `note`). The state and RIP are committed.
     fn chain(&mut self, count: usize, rip: Value, sp: Value, note: bool) {
-        let t = MemFlagsData::trusted();
-        let jc = self.jc;
-        let so = |f: usize| f as i32;
-        let b = &mut self.b;
-        let budget = b.ins().load(I64, t, jc, so(offset_of!(JitCtx, budget)));
-        let gen = b.ins().load(I64, t, jc, so(offset_of!(JitCtx, gen)));
-        let s_rip = b.ins().load(I64, t, sp, so(offset_of!(Slot, rip)));
-        let s_gen = b.ins().load(I64, t, sp, so(offset_of!(Slot, gen)));
-        let s_host = b.ins().load(I64, t, sp, so(offset_of!(Slot, host)));
-        // The code TLB entry of the target page.
-        let idx = b.ins().ushr_imm_s(rip, 12);
-        let idx = b.ins().band_imm_s(idx, (TLB_SIZE - 1) as i64);
-        let off = b.ins().imul_imm_s(idx, tl::ENTRY as i64);
-        let e = b.ins().iadd(self.tlb, off);
-        let base = (tl::BASE + Access::Exec as usize * tl::KIND) as i32;
-        let tag = b.ins().load(I64, mem(), e, base + tl::TAG as i32);
-        let host = b.ins().load(I64, mem(), e, base + tl::HOST as i32);
-        let page = b.ins().band_imm_s(rip, !0xFFF);
-        let want = b.ins().bor(page, self.tag_bits);
-        let ok = b.ins().icmp_imm_s(IntCC::NotEqual, budget, 0);
-        let c1 = b.ins().icmp(IntCC::Equal, s_rip, rip);
-        let ok = b.ins().band(ok, c1);
-        let c2 = b.ins().icmp(IntCC::Equal, s_gen, gen);
-        let ok = b.ins().band(ok, c2);
-        let c3 = b.ins().icmp(IntCC::Equal, tag, want);
-        let ok = b.ins().band(ok, c3);
-        let c4 = b.ins().icmp(IntCC::Equal, host, s_host);
-        let ok = b.ins().band(ok, c4);
-        let (hit, miss) = (b.create_block(), b.create_block());
-        b.ins().brif(ok, hit, &[], miss, &[]);
-        b.switch_to_block(hit);
-        let nb = b.ins().iadd_imm_s(budget, -1);
-        b.ins().store(t, nb, jc, so(offset_of!(JitCtx, budget)));
-        let ci = b
+        let stub = self.b.ins().iconst(self.ptr, self.stub.0 as i64);
+        let cn = self
+            .b
             .ins()
-            .load(I64, t, jc, so(offset_of!(JitCtx, chained_insns)));
-        let ci = b.ins().iadd_imm_s(ci, count as i64);
-        b.ins()
-            .store(t, ci, jc, so(offset_of!(JitCtx, chained_insns)));
-        let ch = b.ins().load(I64, t, jc, so(offset_of!(JitCtx, chains)));
-        let ch = b.ins().iadd_imm_s(ch, 1);
-        b.ins().store(t, ch, jc, so(offset_of!(JitCtx, chains)));
-        let blk = b.ins().load(I64, t, sp, so(offset_of!(Slot, block)));
-        b.ins().store(t, blk, jc, so(offset_of!(JitCtx, block)));
-        let d = b.ins().load(I64, t, sp, so(offset_of!(Slot, delta)));
-        b.ins().store(t, d, jc, so(offset_of!(JitCtx, delta)));
-        let entry = b.ins().load(I64, t, sp, so(offset_of!(Slot, entry)));
-        b.ins().return_call_indirect(self.tail, entry, &[jc]);
-        b.switch_to_block(miss);
-        if note {
-            b.ins().store(t, sp, jc, so(offset_of!(JitCtx, exit_slot)));
-        }
-        let n = b.ins().iconst(I32, count as i64);
-        b.ins().return_(&[n]);
-        let next = b.create_block();
-        b.switch_to_block(next);
+            .iconst(I64, count as i64 | (i64::from(note) << 32));
+        let jc = self.jc;
+        self.b
+            .ins()
+            .return_call_indirect(self.stub.1, stub, &[jc, sp, rip, cn]);
+        let next = self.b.create_block();
+        self.b.switch_to_block(next);
     }
 
     /// Exit before the current instruction (it is left to the interpreter).
@@ -363,6 +319,77 @@ impl<'a> Em<'a> {
         let rip = self.rip_of(self.next_ip);
         self.exit(self.idx + 1, rip);
         self.b.switch_to_block(cont);
+    }
+
+    /// Runs the current instruction through its interpreter handler (`op`: the address of its
+    /// [`super::InterpOp`]) after committing the flag record and RIP. Afterwards every
+    /// register and the flags are taken from the state again (the handler may have changed
+    /// any). On a fault the function returns before the instruction; when the handler ended
+    /// the block or moved RIP elsewhere, after it with the handler's RIP.
+    pub fn interp_call(&mut self, op: usize) {
+        self.commit();
+        let rip = self.rip_of(self.ip);
+        self.b.ins().store(mem(), rip, self.arch, RIP);
+        let fp = self
+            .b
+            .ins()
+            .iconst(self.ptr, helpers::interp as *const () as usize as i64);
+        let opv = self.b.ins().iconst(self.ptr, op as i64);
+        let call = self
+            .b
+            .ins()
+            .call_indirect(self.sigs.interp, fp, &[self.jc, opv]);
+        let st = self.b.inst_results(call)[0];
+        self.loaded = 0;
+        self.flags = Flags::Mem;
+        let (out, cont) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(st, out, &[], cont, &[]);
+        self.b.switch_to_block(out);
+        let fault = self
+            .b
+            .ins()
+            .icmp_imm_s(IntCC::Equal, st, STATUS_FAULT as i64);
+        let (f, e) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(fault, f, &[], e, &[]);
+        self.b.switch_to_block(f);
+        let n = self.b.ins().iconst(I32, self.idx as i64);
+        self.b.ins().return_(&[n]);
+        self.b.switch_to_block(e);
+        let rip = self.b.ins().load(I64, mem(), self.arch, RIP);
+        self.exit(self.idx + 1, rip);
+        self.b.switch_to_block(cont);
+    }
+
+    /// Quotient and remainder of the 128-bit `hi:lo` by `d`, which the caller guarantees fit
+    /// (`hi < d`): a native division when `hi` is 0, else [`helpers::udiv128`].
+    pub fn udiv128(&mut self, hi: Value, lo: Value, d: Value) -> (Value, Value) {
+        let (wide, join) = (self.b.create_block(), self.b.create_block());
+        let q = self.b.append_block_param(join, I64);
+        let r = self.b.append_block_param(join, I64);
+        let nq = self.b.ins().udiv(lo, d);
+        let nr = self.b.ins().urem(lo, d);
+        self.b
+            .ins()
+            .brif(hi, wide, &[], join, &[nq.into(), nr.into()]);
+        self.b.switch_to_block(wide);
+        let fp = self
+            .b
+            .ins()
+            .iconst(self.ptr, helpers::udiv128 as *const () as usize as i64);
+        let call = self
+            .b
+            .ins()
+            .call_indirect(self.sigs.udiv128, fp, &[self.jc, hi, lo, d]);
+        let wq = self.b.inst_results(call)[0];
+        let wr = self.b.ins().load(
+            I64,
+            MemFlagsData::trusted(),
+            self.jc,
+            offset_of!(JitCtx, scratch) as i32,
+        );
+        self.b.ins().jump(join, &[wq.into(), wr.into()]);
+        self.b.switch_to_block(join);
+        (q, r)
     }
 
     /// Segment base for `seg` (FS/GS only in 64-bit mode).
@@ -555,6 +582,19 @@ impl<'a> Em<'a> {
             helpers::arith as *const () as usize,
             &[arch],
         )
+    }
+
+    /// `f` (eager RFLAGS bits), or when `cond` holds the current arithmetic flags (computed in
+    /// a side block: they may need a helper call).
+    pub fn keep_flags_if(&mut self, cond: Value, f: Value) -> Value {
+        let (side, join) = (self.b.create_block(), self.b.create_block());
+        let out = self.b.append_block_param(join, I64);
+        self.b.ins().brif(cond, side, &[], join, &[f.into()]);
+        self.b.switch_to_block(side);
+        let old = self.arith();
+        self.b.ins().jump(join, &[old.into()]);
+        self.b.switch_to_block(join);
+        out
     }
 
     /// The carry flag as 0/1 (I64).

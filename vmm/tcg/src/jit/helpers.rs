@@ -1,11 +1,12 @@
 //! Slow paths called from translated code: soft-MMU accesses that missed the inline TLB
-//! lookup, and flag evaluation when the lazy-flag record is not known at translation time.
+//! lookup, flag evaluation when the lazy-flag record is not known at translation time, and
+//! instructions the translator does not know, run by their interpreter handler.
 //!
 //! Every helper is `extern "C"` and never unwinds: on a fault it sets
 //! [`JitCtx::status`] to [`STATUS_FAULT`] and returns, leaving the fault for the interpreter
 //! to raise again when it re-executes the instruction.
 
-use super::{JitCtx, STATUS_END, STATUS_FAULT};
+use super::{InterpOp, JitCtx, STATUS_END, STATUS_FAULT};
 use crate::ctx::{Ctx, Event, R};
 use crate::state::ArchState;
 
@@ -67,6 +68,51 @@ pub(crate) unsafe extern "C" fn write(jc: *mut JitCtx, va: u64, size: u64, v: u6
     let r = cx.write(va, size as u8, v).map(|()| 0);
     let end = cx.end_block;
     outcome(jc, end, r);
+}
+
+/// Runs `op` through its interpreter handler, as the run loop would (RIP and the flag record
+/// are committed by the caller). On a fault the handler left the state as before the
+/// instruction (the handlers' contract) and `STATUS_FAULT` makes the code return before it,
+/// for the interpreter to raise the fault again. When the handler ended the block (a code-page
+/// write, a device stop, a string instruction to be resumed) or moved RIP elsewhere than the
+/// next instruction, `STATUS_END` makes the code return with the RIP the handler set.
+///
+/// # Safety
+/// Called only by translated code with its live `JitCtx`; `op` is one of the [`InterpOp`]s
+/// the JIT keeps for the code that calls it.
+pub(crate) unsafe extern "C" fn interp(jc: *mut JitCtx, op: *const InterpOp) -> u64 {
+    // SAFETY: per the helper contract.
+    let (cx, op, delta) = unsafe { (ctx(jc), &*op, (*jc).delta) };
+    cx.delta = delta;
+    let next = op.ins.next_ip().wrapping_add(delta);
+    cx.next_rip = next;
+    let status = match (op.handler)(cx, &op.ins) {
+        Ok(()) => {
+            cx.s.rip = cx.next_rip;
+            if cx.end_block || cx.next_rip != next {
+                STATUS_END
+            } else {
+                0
+            }
+        }
+        Err(_) => STATUS_FAULT,
+    };
+    // SAFETY: `jc` is live for the call (helper contract).
+    unsafe { (*jc).status = status };
+    status
+}
+
+/// The quotient of the 128-bit `hi:lo` by `d` (the caller guarantees `hi < d`, so it fits);
+/// the remainder goes to `jc.scratch`.
+///
+/// # Safety
+/// Called only by translated code with its live `JitCtx`.
+pub(crate) unsafe extern "C" fn udiv128(jc: *mut JitCtx, hi: u64, lo: u64, d: u64) -> u64 {
+    let n = (u128::from(hi) << 64) | u128::from(lo);
+    let d = u128::from(d.max(1));
+    // SAFETY: `jc` is live for the call (helper contract).
+    unsafe { (*jc).scratch = (n % d) as u64 };
+    (n / d) as u64
 }
 
 /// Condition `cc` (0..=15) of the flags in the architectural state.

@@ -526,8 +526,9 @@ fn imul(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
     Some(())
 }
 
-/// SHL/SHR/SAR by CL. A masked count of 0 leaves the flags alone: that (rare) case is left
-/// to the interpreter.
+/// SHL/SHR/SAR by CL. A masked count of 0 writes the operand back unchanged (a 32-bit register
+/// is zero-extended) and leaves the flags alone, as the interpreter does: the result is
+/// selected, and the flags of that case come from a side block that takes the current ones.
 fn shift_cl(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
     if ins.op1_register() != Register::CL {
         return None;
@@ -538,7 +539,6 @@ fn shift_cl(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
         e.b.ins()
             .band_imm_s(cl, if size == 8 { 0x3F } else { 0x1F });
     let zero_count = e.b.ins().icmp_imm_s(IntCC::Equal, c, 0);
-    e.exit_here_if(zero_count);
     let (a, va) = e.read_rmw(ins, size)?;
     let bits = i64::from(8 * u32::from(size));
     let zero = e.c(0);
@@ -586,14 +586,16 @@ fn shift_cl(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
             (r, cf, zero)
         }
     };
-    match va {
-        Some(va) => e.store(va, size, res),
-        None => e.set_reg(ins.op0_register(), res),
-    }
     let szp = e.szp(res, size);
     let of = e.b.ins().ishl_imm_s(of, 11);
     let f = e.b.ins().bor(szp, cf);
     let f = e.b.ins().bor(f, of);
+    let res = e.b.ins().select(zero_count, a, res);
+    match va {
+        Some(va) => e.store(va, size, res),
+        None => e.set_reg(ins.op0_register(), res),
+    }
+    let f = e.keep_flags_if(zero_count, f);
     e.set_flags(FlagOp::Eager, size, res, a, zero, f);
     Some(())
 }

@@ -3,8 +3,11 @@
 //! # Tiering
 //! Blocks start in the interpreter. Every interpreted run of a block bumps its counter; at
 //! [`JitConfig::threshold`] runs the block is translated ([`translate`]) and from then on its
-//! host code runs instead. A block is translated up to its first instruction the translator
-//! does not know; the interpreter continues from there (`Cpu::exec_fetch`).
+//! host code runs instead. An instruction the translator has no code for is run from the
+//! middle of the block by a call of its interpreter handler ([`helpers::interp`], with an
+//! [`InterpOp`] the JIT keeps), unless it transfers control or changes what translated code
+//! assumes fixed ([`translate::in_block_handler`]); there the block stops and the interpreter
+//! continues (`Cpu::exec_fetch`).
 //!
 //! # Contract between host code and the interpreter
 //! Host code gets a [`JitCtx`] and works on the same [`ArchState`] as the interpreter:
@@ -26,15 +29,18 @@
 //! # Chaining
 //! Block functions use Cranelift's `tail` calling convention and are entered through a
 //! trampoline (`extern "C" fn(jc, entry)`). Every exit of a block that ends in a control
-//! transfer (or runs into its size/page limit) has a successor [`Slot`]: if the slot was
-//! filled for the exit's target RIP at the block cache's current [`BlockCache::chain_gen`],
-//! the code TLB still maps that RIP's page to the same host page and the chain budget
-//! ([`JitConfig::chain_limit`]) is not used up, the block tail-calls its successor directly.
-//! Otherwise it returns with [`JitCtx::exit_slot`] set, and the run loop fills that slot with
-//! the block it runs next at that RIP ([`Jit::note_next`]). `chain_gen` moves on whenever a
-//! block is dropped (SMC, invalidation), host code is freed (flush) or guest memory may have
-//! changed behind the CPU (`note_external_writes`), so a chain never enters stale code. The
-//! budget bounds the blocks run without the run loop, which polls for interrupts.
+//! transfer (or runs into its size/page limit) has a successor [`Slot`]; the exit tail-calls
+//! the module's chain stub ([`translate::chain_stub`]), which tail-calls the successor if the
+//! slot was filled for the exit's target RIP under a current chain key ([`chain_keys`]) and the chain
+//! budget ([`JitConfig::chain_limit`]) is not used up. Otherwise it returns with
+//! [`JitCtx::exit_slot`] set, and the run loop fills that slot with the block it runs next at
+//! that RIP ([`Jit::note_next`]). The key moves on whenever a block is dropped (SMC,
+//! invalidation), host code is freed (flush), guest memory may have changed behind the CPU
+//! (`note_external_writes`) — all through [`BlockCache::chain_gen`] — or the TLB is flushed
+//! (a mapping may have changed: the guest must flush after changing one it used; so a target
+//! RIP still names the code it named), and it differs between kernel and user mode: a chain
+//! never enters stale code. The budget bounds the blocks run without the run loop, which
+//! polls for interrupts.
 //!
 //! # Code cache
 //! All code lives in one `JITModule`; when it holds more than [`JitConfig::cache_bytes`] of
@@ -80,9 +86,10 @@ pub(crate) struct JitCtx {
     pub tag_bits: u64,
     /// Set by helpers: [`STATUS_FAULT`] or [`STATUS_END`].
     pub status: u64,
-    /// The block cache's chain generation at entry ([`BlockCache::chain_gen`]): a successor
-    /// slot filled under another generation is stale.
+    /// The chain keys at entry ([`chain_keys`]), for non-global and global target pages: a
+    /// successor slot filled under another key is stale.
     pub gen: u64,
+    pub gen_global: u64,
     /// Chains left before host code must return to the run loop (interrupt polling).
     pub budget: u64,
     /// Set by chaining code: guest instructions completed in blocks left through a chain.
@@ -94,17 +101,18 @@ pub(crate) struct JitCtx {
     /// Set by host code returning at a chainable exit: that exit's successor slot, for the
     /// run loop to fill with the block it runs next (null otherwise).
     pub exit_slot: *mut Slot,
+    /// A second result of a helper ([`helpers::udiv128`]'s remainder).
+    pub scratch: u64,
 }
 
-/// The successor cache of one block exit: "if the exit's target RIP is `rip`, the current
-/// code TLB entry of that page maps it to host page `host` and the block cache is still at
-/// generation `gen`, jump to `entry` with `delta`". Filled by the run loop
-/// ([`Jit::note_next`]), read by chaining code ([`emit::Em::exit_chain`]).
+/// The successor cache of one block exit: "if the exit's target RIP is `rip` and the chain
+/// key is still `gen` ([`chain_keys`]: no block dropped, no host code freed, no TLB flush
+/// since, same privilege), jump to `entry` with `delta`". Filled by the run loop
+/// ([`Jit::note_next`]), read by the chain stub ([`translate::chain_stub`]).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Slot {
     pub rip: u64,
-    pub host: u64,
     pub gen: u64,
     pub entry: u64,
     pub delta: u64,
@@ -115,7 +123,6 @@ impl Default for Slot {
     fn default() -> Self {
         Slot {
             rip: 0,
-            host: 0,
             gen: u64::MAX,
             entry: 0,
             delta: 0,
@@ -133,9 +140,30 @@ pub(crate) type Slots = [Slot; SLOTS_PER_BLOCK];
 /// Entries of the jump cache (exits to computed targets: RET, indirect JMP/CALL).
 pub(crate) const JCACHE_SIZE: usize = 1024;
 
+/// The keys a successor slot is valid under, for a target in a non-global and in a global
+/// code page: the block cache's chain generation (blocks dropped, host code freed, guest
+/// memory changed behind the CPU), the TLB's flush generation of such mappings (a mapping may
+/// have changed, so a target RIP may name other code: the guest must flush after changing a
+/// mapping it used; CR3 writes keep global pages) and the privilege level (a slot filled in
+/// the kernel is not taken in user mode); bit 62 tells the two kinds apart. Computed by the
+/// run loop for every run of host code.
+pub(crate) fn chain_keys(cache_gen: u64, tlb: &crate::mmu::tlb::Tlb, user: bool) -> (u64, u64) {
+    let (any, global) = tlb.generations();
+    let key = |g: u64| cache_gen.wrapping_add(g << 32) & !(3 << 62) | (u64::from(user) << 63);
+    (key(any), key(global) | 1 << 62)
+}
+
 /// The jump cache entry of RIP `rip` (the translated code computes the same).
 pub(crate) fn jcache_index(rip: u64) -> usize {
     ((rip ^ (rip >> 10)) as usize) & (JCACHE_SIZE - 1)
+}
+
+/// An instruction translated code runs through its interpreter handler ([`helpers::interp`]):
+/// the decoded instruction and its handler, at a stable address the code holds as a constant
+/// (owned by [`Jit`], freed with the module).
+pub(crate) struct InterpOp {
+    pub ins: iced_x86::Instruction,
+    pub handler: crate::ctx::Handler,
 }
 
 /// A helper met a fault: the instruction did not happen.
@@ -176,6 +204,8 @@ pub struct JitStats {
     pub translated: u64,
     /// Guest instructions translated (sum over translated blocks).
     pub translated_insns: u64,
+    /// Of which run by a call of their interpreter handler from translated code.
+    pub helper_insns: u64,
     /// Blocks whose first instruction the translator does not know.
     pub untranslatable: u64,
     /// Time spent translating and compiling, in nanoseconds.
@@ -214,11 +244,17 @@ pub(crate) struct Jit {
     /// Boxed: the code holds their addresses, which must not move when the Vec grows.
     #[allow(clippy::vec_box)]
     slots: Vec<Box<Slots>>,
+    /// The instructions translated code runs through their handlers, per translated block
+    /// (each `Vec` is allocated with its final capacity, so its elements never move; the code
+    /// holds their addresses). Freed with the module.
+    ops: Vec<Vec<InterpOp>>,
     /// The exit slot the last run returned at and the RIP it left: filled by the next block
     /// run if that starts at the same RIP ([`Jit::note_next`]).
     pending: (*mut Slot, u64),
     /// Enters host code (System V) and calls a block function (tail calling convention).
     enter: Option<Enter>,
+    /// The current module's chain stub (address; the exits of every block tail-call it).
+    stub: usize,
     /// The jump cache: a slot per [`jcache_index`], filled for every block the run loop runs
     /// with host code. Lives as long as the JIT (its address is a constant in the code); a
     /// flush makes every entry stale by moving the chain generation on.
@@ -242,7 +278,8 @@ impl std::fmt::Debug for Jit {
     }
 }
 
-fn new_module() -> Result<(JITModule, Enter), JitError> {
+/// A fresh module with its trampoline and chain stub ([`translate::chain_stub`]).
+fn new_module() -> Result<(JITModule, Enter, usize), JitError> {
     let mut flags = settings::builder();
     // Cranelift's optimizer (egraph) costs a quarter of the compile time and gains nothing
     // measurable on these short blocks: off unless RQEMU_JIT_OPT=speed.
@@ -276,7 +313,8 @@ fn new_module() -> Result<(JITModule, Enter), JitError> {
         cranelift_module::default_libcall_names(),
     ));
     let enter = translate::trampoline(&mut m)?;
-    Ok((m, enter))
+    let stub = translate::chain_stub(&mut m)?;
+    Ok((m, enter, stub))
 }
 
 impl Jit {
@@ -289,12 +327,14 @@ impl Jit {
         {
             cfg.chain_limit = n;
         }
-        let (m, enter) = new_module()?;
+        let (m, enter, stub) = new_module()?;
         Ok(Jit {
             module: Some(m),
             slots: Vec::new(),
+            ops: Vec::new(),
             pending: (std::ptr::null_mut(), 0),
             enter: Some(enter),
+            stub,
             jcache: (0..JCACHE_SIZE).map(|_| Slot::default()).collect(),
             cfg,
             bytes: 0,
@@ -332,19 +372,28 @@ impl Jit {
         } else {
             (std::ptr::null_mut(), std::ptr::null_mut())
         };
+        let mut ops = Vec::with_capacity(b.insns.len());
         let res = translate::translate(
             module,
             &mut self.fctx,
             &b.insns,
-            (sp, jp),
+            sp,
+            jp,
+            self.stub,
+            &mut ops,
             self.cfg.smp,
             &mut self.stats,
         );
         self.stats.compile_ns += t0.elapsed().as_nanos() as u64;
         match res {
             Ok(Some(t)) => {
-                // The code refers to the slots by address: they live as long as the module.
+                // The code refers to the slots and ops by address: they live as long as the
+                // module.
                 self.slots.push(slots);
+                self.stats.helper_insns += ops.len() as u64;
+                if !ops.is_empty() {
+                    self.ops.push(ops);
+                }
                 self.stats.translated += 1;
                 self.stats.translated_insns += t.insns as u64;
                 self.stats.code_bytes += t.bytes as u64;
@@ -399,10 +448,12 @@ impl Jit {
             unsafe { m.free_memory() };
         }
         self.slots.clear();
+        self.ops.clear();
         match new_module() {
-            Ok((m, e)) => {
+            Ok((m, e, stub)) => {
                 self.module = Some(m);
                 self.enter = Some(e);
+                self.stub = stub;
             }
             Err(_) => self.module = None,
         }
@@ -412,13 +463,13 @@ impl Jit {
 }
 
 impl Jit {
-    /// The run loop is about to run host code `n` of block `idx` at RIP `rip` (host page
-    /// `host`, `delta` from its decoded address): fills the jump cache entry of `rip`, and
-    /// the slot of the exit the previous run returned at if that exit left at this RIP.
-    pub fn note_next(&mut self, rip: u64, host: u64, gen: u64, idx: u32, delta: u64, n: Native) {
+    /// The run loop is about to run host code `n` of block `idx` at RIP `rip` (`delta` from
+    /// its decoded address) under chain key `gen` (of its page's kind, [`chain_keys`]): fills
+    /// the jump cache entry of `rip`, and the slot of the exit the previous run returned at if
+    /// that exit left at this RIP.
+    pub fn note_next(&mut self, rip: u64, gen: u64, idx: u32, delta: u64, n: Native) {
         let fill = Slot {
             rip,
-            host,
             gen,
             entry: n.entry as u64,
             delta,
@@ -494,14 +545,14 @@ pub(crate) fn finish(
 }
 
 /// Runs host code `n` of block `idx`, which `cx` is executing (with `cx.delta` set), and the
-/// blocks it chains to (at most `jit`'s chain limit, while the block cache stays at
-/// generation `gen`). RIP and the state are committed.
+/// blocks it chains to (at most `jit`'s chain limit, through slots valid under `keys`, see
+/// [`chain_keys`]). RIP and the state are committed.
 pub(crate) fn run(
     cx: &mut crate::ctx::Ctx<'_>,
     jit: &mut Jit,
     n: Native,
     idx: u32,
-    gen: u64,
+    keys: (u64, u64),
 ) -> RunOut {
     let Some(enter) = jit.enter else {
         // Unreachable: blocks have host code only while the module (and its trampoline) live.
@@ -521,12 +572,14 @@ pub(crate) fn run(
         delta: cx.delta,
         tag_bits: crate::mmu::tlb::VALID | if user { crate::mmu::tlb::USER } else { 0 },
         status: 0,
-        gen,
+        gen: keys.0,
+        gen_global: keys.1,
         budget: u64::from(jit.cfg.chain_limit),
         chained_insns: 0,
         chains: 0,
         block: u64::from(idx),
         exit_slot: std::ptr::null_mut(),
+        scratch: 0,
     };
     jc.cx = cx as *mut crate::ctx::Ctx<'_> as *mut u8;
     // SAFETY: `enter` is the live module's trampoline and `n.entry` code compiled by

@@ -53,12 +53,22 @@ pub struct Hit {
 #[derive(Clone, Debug)]
 pub struct Tlb {
     e: [[Entry; TLB_SIZE]; 3],
+    /// Flush generations for what translated code caches about code mappings (the JIT's
+    /// chain slots): `gen` moves on at every flush that may drop a code mapping, `gen_global`
+    /// only at those that may drop a global one (CR3 writes keep global pages). Both take
+    /// the value of one counter (`flushes`), so equal values mean the same flush.
+    gen: u64,
+    gen_global: u64,
+    flushes: u64,
 }
 
 impl Default for Tlb {
     fn default() -> Self {
         Tlb {
             e: [[Entry::default(); TLB_SIZE]; 3],
+            gen: 0,
+            gen_global: 0,
+            flushes: 0,
         }
     }
 }
@@ -98,8 +108,29 @@ impl Tlb {
         };
     }
 
+    /// The flush generations of code mappings: (any, global ones). See the fields.
+    #[inline]
+    pub fn generations(&self) -> (u64, u64) {
+        (self.gen, self.gen_global)
+    }
+
+    /// Whether the code mapping of `va` at privilege `user` is global (`None`: not cached).
+    pub fn exec_global(&self, va: u64, user: bool) -> Option<bool> {
+        let e = &self.e[Access::Exec as usize][slot(va)];
+        (e.tag == tag(va, user)).then_some(e.global)
+    }
+
+    fn moved(&mut self, global: bool) {
+        self.flushes += 1;
+        self.gen = self.flushes;
+        if global {
+            self.gen_global = self.flushes;
+        }
+    }
+
     /// Flushes everything (CR4 change, global flush).
     pub fn flush_all(&mut self) {
+        self.moved(true);
         for arr in &mut self.e {
             arr.fill(Entry::default());
         }
@@ -107,6 +138,7 @@ impl Tlb {
 
     /// Flushes non-global entries (CR3 write).
     pub fn flush_non_global(&mut self) {
+        self.moved(false);
         for arr in &mut self.e {
             for e in arr.iter_mut() {
                 if !e.global {
@@ -119,6 +151,11 @@ impl Tlb {
     /// Flushes one virtual page (INVLPG), global or not.
     pub fn flush_page(&mut self, va: u64) {
         let s = slot(va);
+        let code = &self.e[Access::Exec as usize][s];
+        if code.tag & !0xFFF == va & !0xFFF && code.tag != 0 {
+            let global = code.global;
+            self.moved(global);
+        }
         for arr in &mut self.e {
             if arr[s].tag & !0xFFF == va & !0xFFF {
                 arr[s] = Entry::default();
@@ -126,13 +163,14 @@ impl Tlb {
         }
     }
 
-    /// Drops write entries mapping guest-physical `phys_page` (the page now holds code, so
-    /// writes to it must take the slow path that detects self-modifying code).
+    /// Drops every write entry (another CPU started caching code on some page: writes to it
+    /// must take the slow path that detects self-modifying code). Code mappings are kept.
     pub fn flush_writes(&mut self) {
         self.e[Access::Write as usize].fill(Entry::default());
     }
 
-    /// Drops the write entries of guest-physical page `phys_page`.
+    /// Drops write entries mapping guest-physical `phys_page` (the page now holds code, so
+    /// writes to it must take the slow path that detects self-modifying code).
     pub fn flush_phys_writes(&mut self, phys_page: u64) {
         for e in self.e[Access::Write as usize].iter_mut() {
             if e.tag != 0 && e.phys == phys_page {
@@ -170,5 +208,33 @@ mod tests {
         t.insert(0x9000, Access::Write, false, h, false);
         t.flush_phys_writes(0x5000);
         assert_eq!(t.lookup(0x9000, Access::Write, false), None);
+    }
+
+    /// The code-mapping generations the JIT's chain slots depend on: a CR3 write moves the
+    /// non-global one only, INVLPG of a page without a code mapping moves nothing, of a global
+    /// code page both, a full flush both.
+    #[test]
+    fn flush_generations() {
+        let mut t = Tlb::default();
+        let h = Hit {
+            host: 0x1000,
+            phys: 0x5000,
+        };
+        t.insert(0x40_0000, Access::Exec, true, h, false);
+        t.insert(0xFFFF_FFFF_8100_0000, Access::Exec, false, h, true);
+        t.insert(0x60_0000, Access::Read, true, h, false);
+        let g0 = t.generations();
+        t.flush_page(0x60_0000);
+        assert_eq!(t.generations(), g0, "INVLPG of a data page");
+        t.flush_non_global();
+        let g1 = t.generations();
+        assert!(g1.0 > g0.0 && g1.1 == g0.1, "CR3 write: {g0:?} -> {g1:?}");
+        assert_eq!(t.exec_global(0xFFFF_FFFF_8100_0000, false), Some(true));
+        t.flush_page(0xFFFF_FFFF_8100_0000);
+        let g2 = t.generations();
+        assert!(g2.0 > g1.0 && g2.1 > g1.1, "INVLPG of a global code page");
+        t.flush_all();
+        let g3 = t.generations();
+        assert!(g3.0 > g2.0 && g3.1 > g2.1 && g3.0 == g3.1, "full flush");
     }
 }

@@ -203,6 +203,7 @@ fn table() -> Vec<Entry> {
             Code(|| v(&[0xC4, 0xE2, 0xF3, 0xF5, 0xC2]), ARITH),
         ),
         (7, 0, EBX, 1, "tsc_adjust", System("an MSR")),
+        (7, 0, EDX, 29, "arch_capabilities", System("an MSR")),
         // rep movsb from [rbx] to [rbx+0x100]
         (7, 0, EBX, 9, "erms", Code(rep_movsb_probe, ARITH)),
         // rdseed rax; mov eax, 0
@@ -489,4 +490,29 @@ fn tsc_adjust_msr() {
         "TSC_ADJUST {adj:#x}, expected about {expect:#x}"
     );
     assert!(tsc2 < 1 << 40, "TSC after writing 0: {tsc2:#x}");
+}
+
+/// IA32_ARCH_CAPABILITIES (advertised in leaf 7 EDX): RDMSR 0x10A gives the "not affected"
+/// bits (RDCL_NO among them: no page-table isolation in Linux), WRMSR is #GP (read-only).
+/// CPL 0 in the TCG only.
+#[test]
+fn arch_capabilities_msr() {
+    use super::harness::{End, TcgOutcome};
+    let mut h = Harness::new();
+    let st = random_state(&mut Rng(4));
+    // mov ecx, 0x10A; rdmsr
+    match h.run_tcg(&[0xB9, 0x0A, 0x01, 0, 0, 0x0F, 0x32], &st) {
+        TcgOutcome::Ran(s, End::Done, _) => {
+            let v = (s.gpr[2] << 32) | (s.gpr[0] & 0xFFFF_FFFF);
+            assert_eq!(v, rqemu_tcg::cpuid::ARCH_CAPABILITIES);
+            assert_ne!(v & 1, 0, "RDCL_NO");
+        }
+        other => panic!("RDMSR 0x10A: {other:?}"),
+    }
+    // mov ecx, 0x10A; xor eax, eax; xor edx, edx; wrmsr
+    let w = [0xB9, 0x0A, 0x01, 0, 0, 0x31, 0xC0, 0x31, 0xD2, 0x0F, 0x30];
+    match h.run_tcg(&w, &st) {
+        TcgOutcome::Ran(_, End::Fault { vector: 13, .. }, _) => {}
+        other => panic!("WRMSR 0x10A must be #GP: {other:?}"),
+    }
 }

@@ -11,7 +11,8 @@ use cranelift_codegen::ir::InstBuilder;
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 /// ROL/ROR by 1, an immediate or CL. As the interpreter: the count is masked to 5 (6) bits;
-/// a masked count of 0 changes nothing (by CL: left to the interpreter); otherwise only CF
+/// a masked count of 0 writes the operand back unchanged (a 32-bit register is zero-extended)
+/// and keeps the flags (by CL: the result and flags are selected); otherwise only CF
 /// and OF change (CF = the bit rotated in, OF = MSB ^ CF for ROL, MSB ^ MSB-1 for ROR,
 /// whatever the count), the other arithmetic flags are kept.
 pub(super) fn rotate(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
@@ -28,14 +29,13 @@ pub(super) fn rotate(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
         let v = e.read_op(ins, 0, size)?;
         return write_op(e, ins, size, v);
     }
-    let c = match count {
-        Some(c) => e.c(i64::from(c)),
+    let (c, zero_count) = match count {
+        Some(c) => (e.c(i64::from(c)), None),
         None => {
             let cl = e.gpr(1);
             let c = e.b.ins().band_imm_s(cl, i64::from(cmask));
             let zero_count = e.b.ins().icmp_imm_s(IntCC::Equal, c, 0);
-            e.exit_here_if(zero_count);
-            c
+            (c, Some(zero_count))
         }
     };
     let (a, va) = e.read_rmw(ins, size)?;
@@ -68,6 +68,10 @@ pub(super) fn rotate(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
             .band_imm_s(old, !((crate::flags::CF | crate::flags::OF) as i64));
     let f = e.b.ins().bor(keep, cf);
     let f = e.b.ins().bor(f, of);
+    let (res, f) = match zero_count {
+        Some(z) => (e.b.ins().select(z, a, res), e.b.ins().select(z, old, f)),
+        None => (res, f),
+    };
     match va {
         Some(va) => e.store(va, size, res),
         None => e.set_reg(ins.op0_register(), res),
@@ -77,9 +81,9 @@ pub(super) fn rotate(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
     Some(())
 }
 
-/// DIV r/m. A zero divisor or a quotient that does not fit (#DE), and a 64-bit dividend
-/// with RDX != 0 (no 128-bit division here), are left to the interpreter, which faults or
-/// divides. Flags are unchanged (as the interpreter leaves them).
+/// DIV r/m. A zero divisor or a quotient that does not fit (#DE) is left to the interpreter,
+/// which faults. A 64-bit divide with RDX != 0 divides the 128-bit RDX:RAX
+/// ([`Em::udiv128`]). Flags are unchanged (as the interpreter leaves them).
 pub(super) fn div(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
     if ins.op_count() != 1 {
         return None;
@@ -89,12 +93,9 @@ pub(super) fn div(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
     let rax = e.gpr(0);
     let bits = 8 * i64::from(size);
     // The dividend as one 64-bit value (AX, DX:AX, EDX:EAX; RAX when RDX is 0).
-    let (n, hi_nonzero) = match size {
+    let (n, hi) = match size {
         1 => (e.b.ins().band_imm_s(rax, 0xFFFF), None),
-        8 => {
-            let rdx = e.gpr(2);
-            (rax, Some(e.b.ins().icmp_imm_s(IntCC::NotEqual, rdx, 0)))
-        }
+        8 => (rax, Some(e.gpr(2))),
         _ => {
             let rdx = e.gpr(2);
             let hi = e.b.ins().band_imm_s(rdx, mask(size));
@@ -103,14 +104,16 @@ pub(super) fn div(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
             (e.b.ins().bor(hi, lo), None)
         }
     };
-    let zero = e.b.ins().icmp_imm_s(IntCC::Equal, src, 0);
-    let bad = match hi_nonzero {
-        Some(h) => e.b.ins().bor(zero, h),
-        None => zero,
+    // #DE: a zero divisor, or (64-bit) RDX >= divisor: the quotient would not fit.
+    let bad = match hi {
+        Some(h) => e.b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, h, src),
+        None => e.b.ins().icmp_imm_s(IntCC::Equal, src, 0),
     };
     e.exit_here_if(bad);
-    let q = e.b.ins().udiv(n, src);
-    let r = e.b.ins().urem(n, src);
+    let (q, r) = match hi {
+        Some(h) => e.udiv128(h, n, src),
+        None => (e.b.ins().udiv(n, src), e.b.ins().urem(n, src)),
+    };
     if size < 8 {
         let over =
             e.b.ins()
