@@ -23,7 +23,7 @@ fn tcg_refuses_more_cpus_than_it_runs() {
             "--accel",
             "tcg",
             "--cpus",
-            "2",
+            "9",
             "--kernel",
             "/nonexistent/kernel",
         ])
@@ -32,7 +32,7 @@ fn tcg_refuses_more_cpus_than_it_runs() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "stderr: {err}");
     assert!(
-        err.contains("--cpus 2") && err.contains("tcg") && err.contains("at most 1"),
+        err.contains("--cpus 9") && err.contains("tcg") && err.contains("at most 8"),
         "the error must name the asked count, the accelerator and its limit: {err}"
     );
 }

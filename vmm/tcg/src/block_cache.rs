@@ -248,7 +248,7 @@ impl BlockCache {
         self.map.clear();
         self.page_blocks.clear();
         self.free.clear();
-        self.code = CodeBitmap::default();
+        self.code.clear();
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Cpu {
     since_poll: u32,
     /// Instructions retired since creation.
     pub icount: u64,
+    /// `SharedCode::added` when this CPU last dropped its write-TLB entries.
+    code_added_seen: u64,
     /// The JIT, when enabled ([`Cpu::enable_jit`]).
     #[cfg(feature = "jit")]
     jit: Option<Box<crate::jit::Jit>>,
@@ -71,8 +73,34 @@ impl Cpu {
             shadow_step: false,
             since_poll: u32::MAX,
             icount: 0,
+            code_added_seen: 0,
             #[cfg(feature = "jit")]
             jit: None,
+        }
+    }
+
+    /// Joins the code-page masks shared by the CPUs of a machine as CPU `index` (< 8): a
+    /// write to a page another CPU translated drops that CPU's blocks of the page before it
+    /// runs them again (see [`crate::memory::SharedCode`]).
+    pub fn share_code(&mut self, shared: std::sync::Arc<crate::memory::SharedCode>, index: u8) {
+        self.cache.invalidate_all();
+        self.code_added_seen = shared.added();
+        self.cache.code.share(shared, index);
+        self.tlb.flush_all();
+    }
+
+    /// Applies what the other CPUs did to shared code pages (at a block boundary).
+    #[inline]
+    fn sync_shared_code(&mut self) {
+        let Some(added) = self.cache.code.shared().map(|s| s.added()) else {
+            return;
+        };
+        if added != self.code_added_seen {
+            self.code_added_seen = added;
+            self.tlb.flush_writes();
+        }
+        for p in self.cache.code.take_mail() {
+            self.cache.invalidate_page(p);
         }
     }
 
@@ -107,6 +135,12 @@ impl Cpu {
     #[cfg(feature = "jit")]
     pub fn jit_stats(&self) -> Option<crate::jit::JitStats> {
         self.jit.as_ref().map(|j| j.stats)
+    }
+
+    /// Sets the instant the virtual TSC counts from: one base for every CPU of a machine
+    /// keeps their TSCs in sync (Linux checks that when it brings CPUs online).
+    pub fn set_clock(&mut self, base: Instant) {
+        self.clock = base;
     }
 
     /// Holds the virtual TSC for `paused`: it continues from the value it had before the
@@ -152,6 +186,7 @@ impl Cpu {
         // Poll for interrupts on entry.
         self.since_poll = u32::MAX;
         loop {
+            self.sync_shared_code();
             if self.icount.wrapping_sub(start) >= budget {
                 return Exit::BudgetExhausted;
             }
@@ -365,6 +400,7 @@ impl Cpu {
             shadow_step: _,
             since_poll,
             icount,
+            code_added_seen: _,
             #[cfg(feature = "jit")]
             jit,
         } = self;

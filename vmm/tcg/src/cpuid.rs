@@ -111,6 +111,9 @@ const CACHES: [[u32; 4]; 4] = [
 /// registers (OSXSAVE = CR4.OSXSAVE).
 pub fn cpuid_for(s: &crate::state::ArchState, leaf: u32, subleaf: u32) -> [u32; 4] {
     let mut r = cpuid(leaf, subleaf);
+    if leaf == 1 {
+        r[1] |= u32::from(s.apic_id) << 24;
+    }
     if leaf == 1 && s.cr4 & crate::state::cr4::OSXSAVE != 0 {
         r[2] |= OSXSAVE;
     }
@@ -148,7 +151,8 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
             le(&VENDOR[8..12]),
             le(&VENDOR[4..8]),
         ],
-        // CLFLUSH line 64 bytes, 1 logical CPU, APIC ID 0.
+        // CLFLUSH line 64 bytes, 1 logical CPU per package, APIC ID 0 (`cpuid_for` puts
+        // the CPU's own).
         1 => [SIGNATURE, (8 << 8) | (1 << 16), leaf1_ecx(), LEAF1_EDX],
         // One round; descriptor 0xFF: "use leaf 4".
         2 => [0x0000_FF01, 0, 0, 0],

@@ -53,9 +53,12 @@
 //!   `descriptor`: GDT/LDT descriptor reads.
 //! - [`cpuid`]: advertises exactly what is implemented.
 //!
-//! Single vCPU per `Cpu`; SMP needs atomic A/D-bit updates, atomic LOCKed RMW on guest RAM
-//! and cross-CPU TLB shootdown/code invalidation (not done yet).
+//! One vCPU per `Cpu`; several `Cpu`s on several threads share one [`GuestRam`] (SMP):
+//! LOCKed read-modify-writes and XCHG are host atomics (`mmu::locked`), page-table A/D bits
+//! are set by compare-exchange, [`memory::SharedCode`] carries cross-CPU code invalidation,
+//! [`sipi`] starts an application processor at Linux's trampoline target.
 
+mod atomic;
 pub mod block_cache;
 mod cpu;
 pub mod cpuid;
@@ -69,6 +72,7 @@ pub mod jit;
 pub mod memory;
 pub mod mmu;
 pub mod platform;
+pub mod sipi;
 pub mod state;
 
 pub use cpu::Cpu;

@@ -12,6 +12,8 @@
 //!   `write_unaligned`). Concurrent writes may be observed torn, exactly as on real hardware
 //!   for unaligned or non-atomic accesses.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 /// Errors building a [`GuestRam`].
@@ -142,6 +144,16 @@ impl GuestRam {
         self.read(gpa, &mut b).then(|| u64::from_le_bytes(b))
     }
 
+    /// Atomically replaces the u64 at `gpa` with `new` if it still holds `old` (a host
+    /// compare-exchange). False if it did not, or `gpa..gpa+8` is not RAM.
+    pub fn cas_u64(&self, gpa: u64, old: u64, new: u64) -> bool {
+        match self.host_ptr(gpa) {
+            // SAFETY: `p..p+8` is inside a live mapping (constructor contract).
+            Some((p, rem)) if rem >= 8 => unsafe { crate::atomic::cas(p, 8, old, new) == old },
+            _ => false,
+        }
+    }
+
     /// Writes a little-endian u64. Returns false if not RAM.
     #[inline]
     pub fn write_u64(&self, gpa: u64, v: u64) -> bool {
@@ -149,21 +161,89 @@ impl GuestRam {
     }
 }
 
-/// Bitmap of guest-physical pages that hold cached code.
+/// Which vCPUs of a machine hold cached code on each guest page (one bit per vCPU), and
+/// per vCPU the pages other vCPUs wrote while it held code there.
+///
+/// A write by one vCPU to a page another has translated is posted to that vCPU's mailbox;
+/// the other vCPU drops its blocks of the page at its next block boundary (before it runs
+/// them again). Starting to cache code on a page bumps `added`: the others then drop their
+/// write-TLB entries, so their later writes to the page take the checked path.
+#[derive(Debug)]
+pub struct SharedCode {
+    pages: Box<[AtomicU8]>,
+    mail: Box<[Mailbox]>,
+    added: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Mailbox {
+    any: AtomicBool,
+    pages: Mutex<Vec<u64>>,
+}
+
+impl SharedCode {
+    /// Most vCPUs (bits per page).
+    pub const MAX_CPUS: usize = 8;
+
+    /// Code-page masks for guest RAM below `ram_end`, for `cpus` (≤ 8) vCPUs.
+    pub fn new(ram_end: u64, cpus: usize) -> Self {
+        let n = usize::try_from(ram_end.div_ceil(4096)).unwrap_or(0);
+        SharedCode {
+            pages: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            mail: (0..cpus.clamp(1, Self::MAX_CPUS))
+                .map(|_| Mailbox::default())
+                .collect(),
+            added: AtomicU64::new(0),
+        }
+    }
+
+    /// Bumped whenever a vCPU starts caching code on a page no vCPU had code on.
+    pub fn added(&self) -> u64 {
+        self.added.load(Ordering::Acquire)
+    }
+}
+
+/// Bitmap of guest-physical pages that hold cached code (this CPU's; with a [`SharedCode`],
+/// also the other CPUs').
 #[derive(Debug, Default, Clone)]
 pub struct CodeBitmap {
     bits: Vec<u64>,
+    shared: Option<(Arc<SharedCode>, u8)>,
 }
 
 impl CodeBitmap {
-    /// Whether the page containing `phys` holds cached code.
+    /// Whether the page containing `phys` holds cached code (of any CPU).
     #[inline(always)]
     pub fn is_code(&self, phys: u64) -> bool {
         let pn = (phys >> 12) as usize;
-        match self.bits.get(pn / 64) {
+        let mine = match self.bits.get(pn / 64) {
             Some(w) => w & (1 << (pn % 64)) != 0,
             None => false,
+        };
+        mine || self.others(pn) != 0
+    }
+
+    /// The other CPUs holding code on page `pn`, as a bit mask.
+    #[inline(always)]
+    fn others(&self, pn: usize) -> u8 {
+        match &self.shared {
+            Some((sh, me)) => sh
+                .pages
+                .get(pn)
+                .map_or(0, |m| m.load(Ordering::Acquire) & !(1 << me)),
+            None => 0,
         }
+    }
+
+    /// Joins the machine's shared code-page masks as CPU `me` (< 8).
+    pub(crate) fn share(&mut self, shared: Arc<SharedCode>, me: u8) {
+        self.clear();
+        self.shared = Some((shared, me % SharedCode::MAX_CPUS as u8));
+    }
+
+    /// The shared masks, if joined.
+    pub(crate) fn shared(&self) -> Option<&Arc<SharedCode>> {
+        self.shared.as_ref().map(|(s, _)| s)
     }
 
     /// Marks (or unmarks) the page containing `phys` as holding cached code.
@@ -176,6 +256,67 @@ impl CodeBitmap {
             self.bits[pn / 64] |= 1 << (pn % 64);
         } else {
             self.bits[pn / 64] &= !(1 << (pn % 64));
+        }
+        if let Some((sh, me)) = &self.shared {
+            if let Some(m) = sh.pages.get(pn) {
+                if on {
+                    if m.fetch_or(1 << me, Ordering::AcqRel) == 0 {
+                        sh.added.fetch_add(1, Ordering::AcqRel);
+                    }
+                } else {
+                    m.fetch_and(!(1 << me), Ordering::AcqRel);
+                }
+            }
+        }
+    }
+
+    /// Unmarks every page.
+    pub(crate) fn clear(&mut self) {
+        if let Some((sh, me)) = &self.shared {
+            for (i, w) in self.bits.iter().enumerate() {
+                let mut w = *w;
+                while w != 0 {
+                    let pn = i * 64 + w.trailing_zeros() as usize;
+                    w &= w - 1;
+                    if let Some(m) = sh.pages.get(pn) {
+                        m.fetch_and(!(1 << me), Ordering::AcqRel);
+                    }
+                }
+            }
+        }
+        self.bits.clear();
+    }
+
+    /// This CPU wrote the code page `phys_page`: tells the other CPUs holding code there.
+    pub(crate) fn notify_write(&self, phys_page: u64) {
+        let Some((sh, _)) = &self.shared else {
+            return;
+        };
+        let mut others = self.others((phys_page >> 12) as usize);
+        while others != 0 {
+            let cpu = others.trailing_zeros() as usize;
+            others &= others - 1;
+            if let Some(mb) = sh.mail.get(cpu) {
+                let mut p = mb.pages.lock().unwrap_or_else(|e| e.into_inner());
+                if !p.contains(&phys_page) {
+                    p.push(phys_page);
+                }
+                mb.any.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Takes the pages other CPUs wrote while this one held code there.
+    pub(crate) fn take_mail(&self) -> Vec<u64> {
+        let Some((sh, me)) = &self.shared else {
+            return Vec::new();
+        };
+        match sh.mail.get(usize::from(*me)) {
+            Some(mb) if mb.any.load(Ordering::Acquire) => {
+                mb.any.store(false, Ordering::Release);
+                std::mem::take(&mut *mb.pages.lock().unwrap_or_else(|e| e.into_inner()))
+            }
+            _ => Vec::new(),
         }
     }
 }

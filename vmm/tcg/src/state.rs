@@ -276,6 +276,8 @@ pub struct ArchState {
     pub halted: bool,
     /// Offset added to the virtual TSC (set by writes to IA32_TSC).
     pub tsc_offset: u64,
+    /// This CPU's initial APIC ID (CPUID leaf 1 EBX[31:24]); kept across boot-state resets.
+    pub apic_id: u8,
 }
 
 impl Default for ArchState {
@@ -316,6 +318,7 @@ impl Default for ArchState {
             xcr0: 1,
             halted: false,
             tsc_offset: 0,
+            apic_id: 0,
         }
     }
 }
@@ -350,7 +353,9 @@ impl ArchState {
     /// `__BOOT_DS` (0x18) segments matching a GDT the VMM placed at `gdt_base`, interrupts
     /// off, RSI = `boot_params`, RIP = `entry`.
     pub fn set_linux_boot_state(&mut self, entry: u64, boot_params: u64, cr3: u64, gdt_base: u64) {
+        let apic_id = self.apic_id;
         *self = ArchState::default();
+        self.apic_id = apic_id;
         self.cr0 = cr0::PE | cr0::ET | cr0::NE | cr0::PG;
         self.cr3 = cr3;
         self.cr4 = cr4::PAE;

@@ -9,7 +9,8 @@
 //! * vCPUs ([`vcpu::TcgVcpu`]) call the buses directly from inside the CPU, so they need them
 //!   before creation: [`Accelerator::attach_buses`].
 //!
-//! One vCPU executes; extra vCPUs exist (the MADT lists them) but never start.
+//! SMP: every vCPU is a [`rqemu_tcg::Cpu`] on its own thread over the shared guest RAM, with
+//! its own LAPIC in the chip; secondary vCPUs start on the guest's INIT/STARTUP IPIs.
 
 mod chip;
 pub mod chips;
@@ -29,6 +30,10 @@ use crate::memory::{GuestMemory, GuestRam};
 use chip::IrqChip;
 use irqfd::Irqfds;
 use vcpu::{TcgVcpu, TcgVcpuParts};
+
+/// Most vCPUs of a TCG machine (Linux's flat logical APIC mode addresses 8 CPUs; the
+/// shared code-page masks have one bit per vCPU).
+pub const MAX_VCPUS: u32 = 8;
 
 /// How the software CPU executes guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +77,8 @@ pub struct TcgAccel {
     irqfds: Irqfds,
     ram: Mutex<Option<(Arc<rqemu_tcg::GuestRam>, GuestMemory)>>,
     buses: OnceLock<(Arc<Bus>, Arc<Bus>, ExitRequester)>,
+    /// Code-page masks shared by the vCPUs (only with more than one).
+    shared_code: OnceLock<Arc<rqemu_tcg::memory::SharedCode>>,
 }
 
 impl std::fmt::Debug for TcgAccel {
@@ -100,6 +107,7 @@ impl TcgAccel {
             chip,
             ram: Mutex::new(None),
             buses: OnceLock::new(),
+            shared_code: OnceLock::new(),
         })
     }
 }
@@ -109,9 +117,9 @@ impl Accelerator for TcgAccel {
         "tcg"
     }
 
-    /// The software CPU runs one vCPU: it has no SMP (multi-threaded TCG) yet.
+    /// Up to [`MAX_VCPUS`] vCPUs, each on its own thread.
     fn max_vcpus(&self) -> u32 {
-        1
+        MAX_VCPUS
     }
 
     /// The chips' timers and every vCPU's TSC run on [`IrqChip::now`], which leaves out the
@@ -149,7 +157,7 @@ impl Accelerator for TcgAccel {
             .map_err(|_| AccelError::Unavailable("TCG: buses attached twice".into()))
     }
 
-    fn create_vcpu(&self, index: u32, _topology: &CpuTopology) -> Result<Box<dyn Vcpu>> {
+    fn create_vcpu(&self, index: u32, topology: &CpuTopology) -> Result<Box<dyn Vcpu>> {
         let (ram, mem) = self
             .ram
             .lock()
@@ -160,8 +168,19 @@ impl Accelerator for TcgAccel {
             self.buses.get().cloned().ok_or_else(|| {
                 AccelError::Unavailable("TCG: attach_buses must come first".into())
             })?;
+        let shared_code = (topology.count > 1).then(|| {
+            self.shared_code
+                .get_or_init(|| {
+                    Arc::new(rqemu_tcg::memory::SharedCode::new(
+                        ram.end(),
+                        topology.count as usize,
+                    ))
+                })
+                .clone()
+        });
         Ok(Box::new(TcgVcpu::new(TcgVcpuParts {
             index,
+            shared_code,
             ram,
             mem,
             chip: self.chip.clone(),

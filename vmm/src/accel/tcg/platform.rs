@@ -19,6 +19,8 @@ pub(super) const STOP_KICKED: u32 = 0x6b69_636b;
 
 /// Borrowed view of everything a running TCG vCPU talks to.
 pub(super) struct TcgPlatform<'a> {
+    /// The vCPU index (= APIC ID): which LAPIC the window and interrupts are.
+    pub(super) cpu: usize,
     pub(super) chip: &'a IrqChip,
     pub(super) pio: &'a Bus,
     pub(super) mmio: &'a Bus,
@@ -33,7 +35,7 @@ fn in_window(addr: u64, base: u64, size: u64) -> Option<u64> {
 impl Platform for TcgPlatform<'_> {
     fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
         if let Some(off) = in_window(gpa, LAPIC_START, LAPIC_SIZE) {
-            self.chip.lock().lapic.read(off, data, self.chip.now());
+            self.chip.lapic_read(self.cpu, off, data);
         } else if let Some(off) = in_window(gpa, IOAPIC_START, IOAPIC_SIZE) {
             data.fill(0);
             self.chip.lock().ioapic.read(off, data);
@@ -44,13 +46,13 @@ impl Platform for TcgPlatform<'_> {
 
     fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
         if let Some(off) = in_window(gpa, LAPIC_START, LAPIC_SIZE) {
-            let mut c = self.chip.lock();
-            let action = c.lapic.write(off, data, self.chip.now());
-            c.lapic_action(action);
+            self.chip.lapic_write(self.cpu, off, data);
         } else if let Some(off) = in_window(gpa, IOAPIC_START, IOAPIC_SIZE) {
             let mut c = self.chip.lock();
             if c.ioapic.write(off, data) {
                 c.service_ioapic();
+                drop(c);
+                self.chip.notify();
             }
         } else if !self.mmio.write(gpa, data) {
             tracing::trace!(gpa, ?data, "unhandled MMIO write");
@@ -88,11 +90,15 @@ impl Platform for TcgPlatform<'_> {
     }
 
     fn interrupt_pending(&mut self) -> bool {
-        self.chip.interrupt_pending()
+        self.chip.interrupt_pending(self.cpu)
     }
 
     fn acknowledge_interrupt(&mut self) -> Option<u8> {
-        self.chip.acknowledge()
+        self.chip.acknowledge(self.cpu)
+    }
+
+    fn take_nmi(&mut self) -> bool {
+        self.chip.take_nmi(self.cpu)
     }
 
     fn stop_requested(&mut self) -> Option<StopReason> {
@@ -103,6 +109,6 @@ impl Platform for TcgPlatform<'_> {
     }
 
     fn set_tpr(&mut self, tpr: u8) {
-        self.chip.set_cr8(tpr);
+        self.chip.set_cr8(self.cpu, tpr);
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Port/MMIO accesses are dispatched synchronously inside the CPU (see [`TcgPlatform`]), so
 //! [`Vcpu::run`] only returns for kicks, shutdown or errors. `HLT` waits on the interrupt
-//! chip until an interrupt, a timer deadline or a kick. Secondary vCPUs never receive a
-//! SIPI (the CPU is single-processor for now): they idle until the VM stops.
+//! chip until an interrupt, a timer deadline or a kick. Secondary vCPUs wait for INIT and
+//! STARTUP IPIs from the guest, then start where Linux's SIPI trampoline would reach 64-bit
+//! code ([`rqemu_tcg::sipi`]).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub struct TcgVcpu {
     /// Set to 1 by the kick signal handler (see [`kick::arm_thread`]).
     kick: Box<AtomicU8>,
     booted: bool,
+    /// The chip's external-interrupt generation last seen.
+    external_seen: u64,
     /// The part of the chip's held time already applied to this CPU's TSC.
     held_applied: Duration,
     opts: TcgOptions,
@@ -55,6 +58,8 @@ impl std::fmt::Debug for TcgVcpu {
 /// What a TCG vCPU is built from.
 pub(super) struct TcgVcpuParts {
     pub(super) index: u32,
+    /// The machine's shared code-page masks (SMP only).
+    pub(super) shared_code: Option<Arc<rqemu_tcg::memory::SharedCode>>,
     pub(super) ram: Arc<rqemu_tcg::GuestRam>,
     pub(super) mem: GuestMemory,
     pub(super) chip: Arc<IrqChip>,
@@ -67,10 +72,19 @@ pub(super) struct TcgVcpuParts {
 impl TcgVcpu {
     pub(super) fn new(p: TcgVcpuParts) -> Self {
         let mut cpu = Box::new(Cpu::new());
+        cpu.arch.apic_id = p.index as u8;
+        cpu.set_clock(p.chip.epoch());
+        p.chip.add_cpu(p.index as usize);
+        #[cfg(feature = "jit")]
+        let smp_jit = p.shared_code.is_some();
+        if let Some(sc) = p.shared_code {
+            cpu.share_code(sc, p.index as u8);
+        }
         #[cfg(feature = "jit")]
         if p.opts.mode == TcgMode::Jit {
             let cfg = rqemu_tcg::JitConfig {
                 threshold: p.opts.jit_threshold,
+                smp: smp_jit,
                 ..Default::default()
             };
             if let Err(e) = cpu.enable_jit(cfg) {
@@ -88,6 +102,7 @@ impl TcgVcpu {
             exit: p.exit,
             kick: Box::new(AtomicU8::new(0)),
             booted: false,
+            external_seen: 0,
             held_applied: Duration::ZERO,
             opts: p.opts,
         }
@@ -145,6 +160,20 @@ impl TcgVcpu {
         s
     }
 
+    /// A STARTUP IPI with `vector` arrived: start at Linux's trampoline target.
+    fn start_ap(&mut self, vector: u8) {
+        match rqemu_tcg::sipi::linux_ap_entry(&self.ram, vector) {
+            Ok(e) => {
+                tracing::debug!(vcpu = self.index, ?e, "TCG: STARTUP IPI");
+                self.cpu.arch.set_linux_ap_state(&e);
+                self.cpu.state_changed();
+                self.cpu.note_external_writes();
+                self.booted = true;
+            }
+            Err(e) => tracing::warn!("TCG vCPU {}: STARTUP IPI ignored: {e}", self.index),
+        }
+    }
+
     fn take_kick(&self) -> bool {
         self.kick.swap(0, Ordering::AcqRel) != 0
     }
@@ -200,10 +229,14 @@ impl Vcpu for TcgVcpu {
                 return Ok(VcpuExit::Interrupted);
             }
             if !self.booted {
-                std::thread::sleep(IDLE_WAIT);
+                if self.index == 0 {
+                    std::thread::sleep(IDLE_WAIT);
+                } else if let Some(v) = self.chip.wait_sipi(self.index as usize, IDLE_WAIT) {
+                    self.start_ap(v);
+                }
                 continue;
             }
-            if self.chip.take_external() {
+            if self.chip.take_external(&mut self.external_seen) {
                 self.cpu.note_external_writes();
             }
             let held = self.chip.held();
@@ -213,6 +246,7 @@ impl Vcpu for TcgVcpu {
                 self.held_applied = held;
             }
             let mut plat = TcgPlatform {
+                cpu: self.index as usize,
                 chip: &self.chip,
                 pio: &self.pio,
                 mmio: &self.mmio,
@@ -221,7 +255,7 @@ impl Vcpu for TcgVcpu {
             };
             match self.cpu.run(&self.ram, &mut plat, SLICE) {
                 Exit::BudgetExhausted => {}
-                Exit::Halted { .. } => self.chip.wait(IDLE_WAIT),
+                Exit::Halted { .. } => self.chip.wait(self.index as usize, IDLE_WAIT),
                 Exit::Stop(StopReason::Reset) => return Ok(VcpuExit::Reset),
                 Exit::Stop(StopReason::PowerOff) => return Ok(VcpuExit::PowerOff),
                 Exit::Stop(StopReason::Other(_)) => {

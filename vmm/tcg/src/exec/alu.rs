@@ -139,32 +139,54 @@ pub fn binop_reg(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     Ok(())
 }
 
-pub fn binop(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
-    let size = cx.op_size(ins, 0);
-    let b = cx.read_op(ins, 1, size)?;
-    let m = ins.mnemonic();
-    let writes = !matches!(m, M::Cmp | M::Test);
-    let a = if writes {
-        cx.read_rmw(ins, size)?
-    } else {
-        cx.read_op(ins, 0, size)?
-    };
-    let (res, op, carry) = match m {
+/// Whether `ins` is a LOCKed read-modify-write of memory operand 0 (made atomic against the
+/// other vCPUs through [`Ctx::atomic_rmw`]).
+#[inline(always)]
+pub fn locked(ins: &Instruction) -> bool {
+    ins.has_lock_prefix() && ins.op0_kind() == OpKind::Memory
+}
+
+/// The result, flag operation and carry-in of a two-operand ALU op on `a`, `b`.
+#[inline(always)]
+fn alu2(m: M, a: u64, b: u64, cf: bool) -> (u64, FlagOp, u64) {
+    match m {
         M::Add => (a.wrapping_add(b), FlagOp::Add, 0),
         M::Adc => {
-            let c = u64::from(cx.s.flags.cf());
+            let c = u64::from(cf);
             (a.wrapping_add(b).wrapping_add(c), FlagOp::Adc, c)
         }
         M::Sub | M::Cmp => (a.wrapping_sub(b), FlagOp::Sub, 0),
         M::Sbb => {
-            let c = u64::from(cx.s.flags.cf());
+            let c = u64::from(cf);
             (a.wrapping_sub(b).wrapping_sub(c), FlagOp::Sbb, c)
         }
         M::And | M::Test => (a & b, FlagOp::Logic, 0),
         M::Or => (a | b, FlagOp::Logic, 0),
         _ => (a ^ b, FlagOp::Logic, 0),
+    }
+}
+
+pub fn binop(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
+    let size = cx.op_size(ins, 0);
+    let b = cx.read_op(ins, 1, size)?;
+    let m = ins.mnemonic();
+    let writes = !matches!(m, M::Cmp | M::Test);
+    let cf = cx.s.flags.cf();
+    let mask = size_mask(size);
+    if writes && locked(ins) {
+        let va = cx.ea(ins);
+        let a = cx.atomic_rmw(va, size, |a| Some(alu2(m, a, b, cf).0 & mask))?;
+        let (res, op, carry) = alu2(m, a, b, cf);
+        cx.s.flags.set_lazy(op, size, res & mask, a, b, carry);
+        return Ok(());
+    }
+    let a = if writes {
+        cx.read_rmw(ins, size)?
+    } else {
+        cx.read_op(ins, 0, size)?
     };
-    let res = res & size_mask(size);
+    let (res, op, carry) = alu2(m, a, b, cf);
+    let res = res & mask;
     if writes {
         cx.write_op(ins, 0, size, res)?;
     }
@@ -174,8 +196,39 @@ pub fn binop(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
 
 pub fn unop(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     let size = cx.op_size(ins, 0);
-    let a = cx.read_rmw(ins, size)?;
     let m = size_mask(size);
+    if locked(ins) {
+        let va = cx.ea(ins);
+        let mn = ins.mnemonic();
+        let a = cx.atomic_rmw(va, size, |a| {
+            Some(
+                match mn {
+                    M::Inc => a.wrapping_add(1),
+                    M::Dec => a.wrapping_sub(1),
+                    M::Not => !a,
+                    _ => a.wrapping_neg(),
+                } & m,
+            )
+        })?;
+        let cf = if cx.s.flags.cf() { CF } else { 0 };
+        match mn {
+            M::Inc => {
+                cx.s.flags
+                    .set_lazy(FlagOp::Inc, size, a.wrapping_add(1) & m, a, 1, cf)
+            }
+            M::Dec => {
+                cx.s.flags
+                    .set_lazy(FlagOp::Dec, size, a.wrapping_sub(1) & m, a, 1, cf)
+            }
+            M::Not => {}
+            _ => {
+                cx.s.flags
+                    .set_lazy(FlagOp::Sub, size, a.wrapping_neg() & m, 0, a, 0)
+            }
+        }
+        return Ok(());
+    }
+    let a = cx.read_rmw(ins, size)?;
     match ins.mnemonic() {
         M::Inc | M::Dec => {
             let inc = ins.mnemonic() == M::Inc;
@@ -236,11 +289,10 @@ pub fn xchg(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         (1, ins.op0_register())
     };
     let _ = mem_i;
+    // XCHG with memory is always locked.
     let va = cx.ea(ins);
-    cx.check_write(va, size as usize)?;
-    let m = cx.read(va, size)?;
     let r = get_reg(cx.s, reg) & size_mask(size);
-    cx.write(va, size, r)?;
+    let m = cx.atomic_rmw(va, size, |_| Some(r))?;
     set_reg(cx.s, reg, m);
     Ok(())
 }
@@ -248,8 +300,17 @@ pub fn xchg(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
 pub fn xadd(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     let size = cx.op_size(ins, 0);
     let b = cx.read_op(ins, 1, size)?;
+    let mask = size_mask(size);
+    if locked(ins) {
+        let va = cx.ea(ins);
+        let a = cx.atomic_rmw(va, size, |a| Some(a.wrapping_add(b) & mask))?;
+        set_reg(cx.s, ins.op1_register(), a);
+        let res = a.wrapping_add(b) & mask;
+        cx.s.flags.set_lazy(FlagOp::Add, size, res, a, b, 0);
+        return Ok(());
+    }
     let a = cx.read_rmw(ins, size)?;
-    let res = a.wrapping_add(b) & size_mask(size);
+    let res = a.wrapping_add(b) & mask;
     if ins.op0_kind() == OpKind::Register {
         // XADD r, r: the destination is written last (the same register ends with the sum).
         set_reg(cx.s, ins.op1_register(), a);
@@ -274,9 +335,19 @@ fn acc_reg(size: u8) -> Register {
 }
 
 pub fn cmpxchg(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
-    // With SMP, a LOCK CMPXCHG on RAM must become a host atomic compare-exchange.
     let size = cx.op_size(ins, 0);
     let src = cx.read_op(ins, 1, size)?;
+    if locked(ins) {
+        let va = cx.ea(ins);
+        let acc = get_reg(cx.s, acc_reg(size)) & size_mask(size);
+        let dst = cx.atomic_rmw(va, size, |d| (d == acc).then_some(src))?;
+        if acc != dst {
+            set_reg(cx.s, acc_reg(size), dst);
+        }
+        let res = acc.wrapping_sub(dst) & size_mask(size);
+        cx.s.flags.set_lazy(FlagOp::Sub, size, res, acc, dst, 0);
+        return Ok(());
+    }
     let dst = cx.read_rmw(ins, size)?;
     let acc = get_reg(cx.s, acc_reg(size)) & size_mask(size);
     let res = acc.wrapping_sub(dst) & size_mask(size);
@@ -299,8 +370,26 @@ pub fn cmpxchg_wide(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     if wide && va & 15 != 0 {
         return gp(0);
     }
-    cx.check_write(va, 2 * half as usize)?;
     let m = size_mask(half);
+    if ins.has_lock_prefix() {
+        let (rax, rdx) = (cx.s.gpr[0] & m, cx.s.gpr[2] & m);
+        let (rbx, rcx) = (cx.s.gpr[3] & m, cx.s.gpr[1] & m);
+        let (lo, hi) = if wide {
+            cx.atomic_cas16(va, (rax, rdx), (rbx, rcx))?
+        } else {
+            let old = rax | rdx << 32;
+            let cur = cx.atomic_rmw(va, 8, |c| (c == old).then_some(rbx | rcx << 32))?;
+            (cur & m, cur >> 32)
+        };
+        let equal = lo == rax && hi == rdx;
+        if !equal {
+            cx.s.gpr[0] = lo;
+            cx.s.gpr[2] = hi;
+        }
+        cx.s.flags.update_arith(ZF, if equal { ZF } else { 0 });
+        return Ok(());
+    }
+    cx.check_write(va, 2 * half as usize)?;
     let lo = cx.read(va, half)?;
     let hi = cx.read(va.wrapping_add(u64::from(half)), half)?;
     let (rax, rdx) = (cx.s.gpr[0] & m, cx.s.gpr[2] & m);

@@ -24,6 +24,18 @@ pub fn bt(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             } else {
                 off & (bits - 1)
             };
+            if modify && ins.has_lock_prefix() {
+                let old = cx.atomic_rmw(va, size, |v| {
+                    Some(match m {
+                        M::Bts => v | (1 << bit),
+                        M::Btr => v & !(1 << bit),
+                        _ => v ^ (1 << bit),
+                    })
+                })?;
+                let cf = (old >> bit) & 1 != 0;
+                cx.s.flags.update_arith(CF, if cf { CF } else { 0 });
+                return Ok(());
+            }
             if modify {
                 cx.check_write(va, size as usize)?;
             }

@@ -45,6 +45,13 @@ fn nop(_cx: &mut Ctx<'_>, _ins: &Instruction) -> R<()> {
     Ok(())
 }
 
+/// MFENCE: a host full barrier (orders this vCPU's stores before its later loads, as seen by
+/// the other vCPUs). LFENCE/SFENCE are no-ops under the host's TSO.
+fn mfence(_cx: &mut Ctx<'_>, _ins: &Instruction) -> R<()> {
+    crate::atomic::full_fence();
+    Ok(())
+}
+
 /// Selects the handler for a decoded instruction (done once, when a block is decoded).
 pub(crate) fn select(ins: &Instruction) -> Handler {
     use Mnemonic as M;
@@ -108,10 +115,10 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Cmovle
         | M::Cmovg => alu::cmovcc,
         M::Clc | M::Stc | M::Cmc | M::Cld | M::Std | M::Lahf | M::Sahf => alu::flag_op,
+        M::Mfence => mfence,
         M::Nop
         | M::Pause
         | M::Lfence
-        | M::Mfence
         | M::Sfence
         | M::Prefetchnta
         | M::Prefetcht0

@@ -73,6 +73,8 @@ pub(crate) struct Em<'a> {
     pub next_ip: u64,
     /// A helper of the current instruction may have asked to end the block.
     pub may_end: bool,
+    /// LOCKed instructions are left to the interpreter (other CPUs share the RAM).
+    pub smp: bool,
     /// The block's successor slots (`SLOTS_PER_BLOCK`), null when not chaining.
     slots: *mut Slot,
     /// Slots used so far.
@@ -155,6 +157,7 @@ impl<'a> Em<'a> {
             ip: 0,
             next_ip: 0,
             may_end: false,
+            smp: false,
             slots,
             next_slot: 0,
             jcache,

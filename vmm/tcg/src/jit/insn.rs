@@ -215,6 +215,15 @@ fn operands_ok(ins: &Instruction) -> bool {
 
 fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
     let m = ins.mnemonic();
+    // With other CPUs, LOCKed read-modify-writes go to the interpreter, which makes them
+    // host atomics.
+    if e.smp && ins.has_lock_prefix() {
+        return None;
+    }
+    if m == M::Mfence {
+        e.b.ins().fence();
+        return Some(Step::Next);
+    }
     if matches!(
         m,
         M::Nop
@@ -227,7 +236,6 @@ fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
             | M::Prefetchnta
             | M::Lfence
             | M::Sfence
-            | M::Mfence
     ) {
         return Some(Step::Next);
     }

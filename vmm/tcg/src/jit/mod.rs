@@ -181,6 +181,9 @@ pub struct JitConfig {
     /// Blocks translated code may chain to (without returning to the run loop, which polls
     /// for interrupts) per entry; 0 disables chaining.
     pub chain_limit: u32,
+    /// Other CPUs share the guest RAM: LOCKed instructions are left to the interpreter,
+    /// which runs them as host atomics (one CPU translates them as plain read-modify-writes).
+    pub smp: bool,
 }
 
 impl Default for JitConfig {
@@ -189,6 +192,7 @@ impl Default for JitConfig {
             threshold: crate::DEFAULT_JIT_THRESHOLD,
             cache_bytes: 64 << 20,
             chain_limit: 256,
+            smp: false,
         }
     }
 }
@@ -377,6 +381,7 @@ impl Jit {
             jp,
             self.stub,
             &mut ops,
+            self.cfg.smp,
             &mut self.stats,
         );
         self.stats.compile_ns += t0.elapsed().as_nanos() as u64;

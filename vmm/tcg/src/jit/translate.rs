@@ -164,7 +164,7 @@ pub(crate) fn trampoline(module: &mut JITModule) -> Result<Enter, JitError> {
 /// `stub`: the module's [`chain_stub`].
 /// `Ok(None)` when not even the first instruction is translated. `slots`: the block's successor
 /// slots (`SLOTS_PER_BLOCK` of them), `jcache` the JIT's jump cache; null to translate
-/// without chaining.
+/// without chaining. `smp`: LOCKed instructions are not translated (see `JitConfig::smp`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn translate(
     module: &mut JITModule,
@@ -174,6 +174,7 @@ pub(crate) fn translate(
     jcache: *mut Slot,
     stub: usize,
     ops: &mut Vec<InterpOp>,
+    smp: bool,
     stats: &mut JitStats,
 ) -> Result<Option<Translated>, JitError> {
     debug_assert!(ops.capacity() >= insns.len());
@@ -186,6 +187,7 @@ pub(crate) fn translate(
         let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
         let stub_sig = b.import_signature(stub_sig(module));
         let mut e = Em::new(b, ptr, cc, slots, jcache, (stub, stub_sig));
+        e.smp = smp;
         let mut ended = false;
         for (i, ins) in insns.iter().enumerate() {
             e.idx = i;

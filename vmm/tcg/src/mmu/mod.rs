@@ -1,6 +1,7 @@
 //! Soft MMU: virtual-address memory accesses for the executor (TLB fast path, page walk on
 //! miss, MMIO through the `Platform`, self-modifying-code detection on writes to code pages).
 
+mod locked;
 pub mod tlb;
 pub mod walk;
 
@@ -202,6 +203,7 @@ impl Ctx<'_> {
     /// blocks after the current instruction, and the current block ends.
     fn note_smc(&mut self, phys_page: u64) {
         self.end_block = true;
+        self.code.notify_write(phys_page);
         if !self.smc[..self.smc_len].contains(&phys_page) {
             if self.smc_len < self.smc.len() {
                 self.smc[self.smc_len] = phys_page;

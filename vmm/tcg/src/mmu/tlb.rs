@@ -163,6 +163,12 @@ impl Tlb {
         }
     }
 
+    /// Drops every write entry (another CPU started caching code on some page: writes to it
+    /// must take the slow path that detects self-modifying code). Code mappings are kept.
+    pub fn flush_writes(&mut self) {
+        self.e[Access::Write as usize].fill(Entry::default());
+    }
+
     /// Drops write entries mapping guest-physical `phys_page` (the page now holds code, so
     /// writes to it must take the slow path that detects self-modifying code).
     pub fn flush_phys_writes(&mut self, phys_page: u64) {

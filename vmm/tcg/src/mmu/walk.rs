@@ -153,9 +153,11 @@ pub fn walk(
             upd |= DIRTY;
         }
         if upd != e {
-            // Single vCPU: a plain read-modify-write of the entry. With SMP this must become a
-            // compare-exchange on the host mapping.
-            ram.write_u64(addrs[i], upd);
+            // A compare-exchange on the host mapping: another vCPU may change the entry
+            // meanwhile (the kernel clears PTEs with XCHG); then the walk starts over.
+            if !ram.cas_u64(addrs[i], e, upd) {
+                return walk(ram, mode, va, acc, user);
+            }
             e = upd;
             entries[i] = e;
         }

@@ -5,8 +5,8 @@
 //! Registers through IOREGSEL (+0x00) / IOWIN (+0x10); redirection entries with vector,
 //! delivery mode, polarity, trigger mode, remote IRR (level: set on delivery, cleared by the
 //! local APIC's EOI broadcast, see [`IoApic::eoi`]) and mask. Delivery is returned to the
-//! caller as `(vector, level_triggered)` for the local APIC; destinations are not decoded
-//! (the TCG machine has one CPU).
+//! caller as `(vector, level_triggered, destination, logical)`; the caller picks the local
+//! APIC(s).
 
 /// Number of redirection entries.
 pub const IOAPIC_PINS: usize = 24;
@@ -76,8 +76,9 @@ impl IoApic {
         }
     }
 
-    /// Delivers every deliverable request through `deliver(vector, level_triggered)`.
-    pub fn service(&mut self, mut deliver: impl FnMut(u8, bool)) {
+    /// Delivers every deliverable request through `deliver(vector, level_triggered,
+    /// destination, logical_destination)`.
+    pub fn service(&mut self, mut deliver: impl FnMut(u8, bool, u8, bool)) {
         let mut pending = self.irr;
         while pending != 0 {
             let pin = pending.trailing_zeros() as usize;
@@ -100,7 +101,12 @@ impl IoApic {
             // Fixed (0) and lowest priority (1) go to the LAPIC; NMI/INIT/ExtINT are not
             // routed through the IOAPIC on this machine.
             if (*entry >> 8) & 7 <= 1 {
-                deliver(*entry as u8, level);
+                deliver(
+                    *entry as u8,
+                    level,
+                    (*entry >> 56) as u8,
+                    *entry & (1 << 11) != 0,
+                );
             }
         }
     }
@@ -209,7 +215,7 @@ mod tests {
 
     fn collect(io: &mut IoApic) -> Vec<(u8, bool)> {
         let mut v = Vec::new();
-        io.service(|vec, lvl| v.push((vec, lvl)));
+        io.service(|vec, lvl, _, _| v.push((vec, lvl)));
         v
     }
 

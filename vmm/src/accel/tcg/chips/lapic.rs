@@ -1,7 +1,8 @@
 //! A local APIC (xAPIC MMIO at [`crate::layout::LAPIC_START`]) for accelerators without an
 //! in-kernel one (TCG): ID, version, TPR/PPR, EOI (with the EOI broadcast for level
 //! interrupts reported to the caller), SVR, ISR/TMR/IRR with priority classes, ESR, ICR
-//! (fixed self-IPIs; other destinations are ignored on this one-CPU machine), LVT entries and
+//! (an IPI is returned to the caller, which delivers it to the destination LAPICs: see
+//! [`Ipi`] and [`Lapic::matches`]), LVT entries and
 //! the timer in one-shot and periodic mode with the divide configuration. No TSC-deadline
 //! mode (the TCG CPU does not advertise it).
 //!
@@ -50,6 +51,25 @@ pub enum LapicAction {
     None,
     /// EOI of a level-triggered `vector`: broadcast it to the IOAPIC.
     LevelEoi(u8),
+    /// An ICR write: send this IPI.
+    Ipi(Ipi),
+}
+
+/// An inter-processor interrupt from an ICR write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipi {
+    /// Vector (fixed/lowest priority) or SIPI page.
+    pub vector: u8,
+    /// Delivery mode: 0 fixed, 1 lowest priority, 4 NMI, 5 INIT, 6 STARTUP.
+    pub mode: u8,
+    /// Level bit (INIT with level 0 is the "INIT level de-assert", a no-op).
+    pub assert: bool,
+    /// Destination shorthand: 0 none, 1 self, 2 all, 3 all but self.
+    pub shorthand: u8,
+    /// Destination field (ICR bits 63:56).
+    pub dest: u8,
+    /// Logical destination mode.
+    pub logical: bool,
 }
 
 fn bit(v: &[u32; 8], vector: u8) -> bool {
@@ -130,6 +150,28 @@ impl Lapic {
     /// Sets TPR from CR8 writes (CR8 = TPR[7:4]).
     pub fn set_cr8(&mut self, v: u8) {
         self.tpr = u32::from(v & 0xf) << 4;
+    }
+
+    /// The APIC ID.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Whether this LAPIC is a destination of `dest` in physical or logical (flat or cluster
+    /// model, per DFR) mode. 0xff is the broadcast.
+    pub fn matches(&self, dest: u8, logical: bool) -> bool {
+        if dest == 0xff {
+            return true;
+        }
+        if !logical {
+            return u32::from(dest) == self.id;
+        }
+        let ldr = (self.ldr >> 24) as u8;
+        if self.dfr >> 28 == 0xf {
+            ldr & dest != 0
+        } else {
+            ldr >> 4 == dest >> 4 && ldr & dest & 0xf != 0
+        }
     }
 
     /// Accepts a fixed interrupt `vector` (from the IOAPIC or an IPI).
@@ -283,7 +325,7 @@ impl Lapic {
             REG_ESR => self.esr = 0,
             REG_ICR_LO => {
                 self.icr[0] = v & !(1 << 12);
-                self.send_ipi();
+                return self.send_ipi();
             }
             REG_ICR_HI => self.icr[1] = v & 0xff00_0000,
             0x2f0 => self.lvt[0] = self.lvt_value(v),
@@ -323,19 +365,24 @@ impl Lapic {
         }
     }
 
-    fn send_ipi(&mut self) {
+    /// The IPI an ICR low write sends; a fixed self-IPI is accepted here directly.
+    fn send_ipi(&mut self) -> LapicAction {
         let lo = self.icr[0];
-        let shorthand = (lo >> 18) & 3;
-        let mode = (lo >> 8) & 7;
-        let dest = self.icr[1] >> 24;
-        let to_self = match shorthand {
-            0 => dest == self.id || dest == 0xff,
-            1 | 2 => true,
-            _ => false,
+        let ipi = Ipi {
+            vector: lo as u8,
+            mode: ((lo >> 8) & 7) as u8,
+            assert: lo & (1 << 14) != 0,
+            shorthand: ((lo >> 18) & 3) as u8,
+            dest: (self.icr[1] >> 24) as u8,
+            logical: lo & (1 << 11) != 0,
         };
-        if to_self && mode == 0 {
-            self.accept(lo as u8, false);
+        if ipi.shorthand == 1 {
+            if ipi.mode == 0 {
+                self.accept(ipi.vector, false);
+            }
+            return LapicAction::None;
         }
+        LapicAction::Ipi(ipi)
     }
 
     /// MMIO read at `offset` (registers are 32 bits on 16-byte boundaries).

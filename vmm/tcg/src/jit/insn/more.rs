@@ -144,7 +144,8 @@ pub(super) fn div(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
     Some(())
 }
 
-/// CMPXCHG m, r (LOCK or not; one vCPU at a time runs this code, like the interpreter).
+/// CMPXCHG m, r (with LOCK only on a one-CPU machine: with SMP the interpreter runs those
+/// as host atomics).
 /// The destination is always written (its old value when the compare fails), the
 /// accumulator loads the old value on a mismatch, flags as SUB acc, dst.
 pub(super) fn cmpxchg(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {

@@ -1,0 +1,134 @@
+//! SMP on the software CPU: `rqemu-vmm --accel tcg --cpus 2` boots the reference guest and
+//! the kernel brings both CPUs online (INIT/SIPI through the userspace LAPICs); work pinned
+//! to each CPU with busybox `taskset` finishes; a C program (`tcg_smp_counter.c`, compiled
+//! here with the host's gcc, dynamically linked, its libraries copied in) runs two threads
+//! pinned one per CPU, each adding 1 to a shared counter N times with `lock add`
+//! (`__atomic_fetch_add`) and to a second counter with a plain load + store. The atomic
+//! counter must end exactly 2N; the plain one is printed (it normally loses updates, which
+//! shows the two CPUs really ran at the same time).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rqemu_e2e::cpio::{append_initramfs, CpioArchive};
+use rqemu_e2e::paths::project_binary;
+use rqemu_e2e::GuestAssets;
+
+const TIMEOUT: Duration = Duration::from_secs(1200);
+const N: u64 = 300_000;
+
+const SCRIPT: &str = r#"#!/bin/sh
+echo "SMP online=$(cat /sys/devices/system/cpu/online) nproc=$(nproc)"
+for c in 0 1; do
+  taskset -c $c sh -c "i=0; while [ \$i -lt 3000 ]; do i=\$((i+1)); done; echo SMP pinned cpu=$c done" &
+done
+wait
+/smp_counter N_ITERS
+echo "SMP done"
+"#;
+
+/// The shared libraries `ldd` lists for `bin` (absolute paths).
+fn libraries(bin: &Path) -> Vec<String> {
+    let out = Command::new("ldd").arg(bin).output().expect("running ldd");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn two_tcg_cpus_come_online_and_lock_add_is_exact() {
+    let assets = GuestAssets::locate().expect("guest assets (run scripts/guest-assets.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tcg_smp_counter.c");
+    let bin = dir.path().join("smp_counter");
+    let cc = Command::new("gcc")
+        .args(["-O2", "-pthread", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .expect("gcc is needed to build the guest's counter program (scripts/install-deps.sh)");
+    assert!(cc.success(), "gcc failed on {}", src.display());
+
+    let mut extra = CpioArchive::new();
+    let script = SCRIPT.replace("N_ITERS", &N.to_string());
+    extra.add_file("test.sh", 0o755, script.as_bytes()).unwrap();
+    extra
+        .add_file("smp_counter", 0o755, &std::fs::read(&bin).unwrap())
+        .unwrap();
+    for lib in libraries(&bin) {
+        let data = std::fs::read(&lib).unwrap_or_else(|e| panic!("reading {lib}: {e}"));
+        extra
+            .add_file(lib.trim_start_matches('/'), 0o755, &data)
+            .unwrap();
+    }
+    let initrd = dir.path().join("initrd.img");
+    append_initramfs(&assets.initramfs, &extra.finish(), &initrd).expect("initramfs");
+    let console = dir.path().join("console.log");
+    let start = Instant::now();
+    let mut child = Command::new(project_binary("rqemu-vmm").expect("rqemu-vmm binary"))
+        .args(["--accel", "tcg", "--cpus", "2", "--memory", "512M"])
+        .arg("--kernel")
+        .arg(&assets.vmlinuz)
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("--cmdline")
+        .arg("console=ttyS0 panic=-1")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawning rqemu-vmm");
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "rqemu-vmm did not finish within {TIMEOUT:?}; console:\n{}",
+                std::fs::read_to_string(&console).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    let report = format!("status {status}\n--- console ---\n{text}");
+    let has = |s: &str| text.lines().any(|l| l.trim_end_matches('\r') == s);
+    assert!(has("SMP online=0-1 nproc=2"), "two CPUs online\n{report}");
+    for c in 0..2 {
+        assert!(
+            has(&format!("SMP pinned cpu={c} done")),
+            "work pinned to CPU {c}\n{report}"
+        );
+        assert!(
+            has(&format!("SMP thread cpu={c} ran_on={c}")),
+            "counter thread on CPU {c}\n{report}"
+        );
+    }
+    let counters = text
+        .lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix("SMP counters "))
+        .unwrap_or_else(|| panic!("no counters line\n{report}"));
+    let field = |k: &str| -> u64 {
+        counters
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {counters:?}"))
+    };
+    let (n, atomic, plain) = (field("n="), field("atomic="), field("plain="));
+    eprintln!(
+        "tcg_smp: n={n} per thread: lock add counter {atomic}, plain counter {plain} \
+         (lost {}), guest run {:.1} s",
+        2 * n - plain.min(2 * n),
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(n, N);
+    assert_eq!(atomic, 2 * N, "lock add from both CPUs\n{report}");
+    assert!(has("SMP done") && text.contains("RQEMU-EXIT=0"), "{report}");
+    assert!(status.success(), "{report}");
+}
