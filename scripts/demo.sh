@@ -55,7 +55,7 @@ if [ "${RQEMU_DEMO_VMM:-rqemu}" = qemu ]; then
 else
   # The device type is discovered from rqemu-blk's identity: no "blk:" prefix needed.
   # No timing flag: the software CPU reports its 1 GHz TSC/LAPIC-timer rate in CPUID 0x15/0x16.
-  echo "demo: rqemu-vmm --accel tcg + rqemu-blk (software CPU: about 25 s to boot Linux)"
+  echo "demo: rqemu-vmm --accel tcg + rqemu-blk (software CPU: about 10 s to boot Linux)"
   timeout 300 "$bin/rqemu-vmm" --accel tcg --memory 256M --kernel "$guest/vmlinuz" \
     --initrd "$guest/initramfs.cpio.gz" --device-socket "$sock" \
     --cmdline "console=ttyS0 quiet panic=-1 rqemu.run=$run" |
