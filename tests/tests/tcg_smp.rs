@@ -1,5 +1,7 @@
 //! SMP on the software CPU: `rqemu-vmm --accel tcg --cpus 2` boots the reference guest and
-//! the kernel brings both CPUs online (INIT/SIPI through the userspace LAPICs); work pinned
+//! the kernel brings both CPUs online (INIT/SIPI through the userspace LAPICs, the AP running
+//! Linux's real-mode trampoline); CPU 1 is unplugged and plugged back (INIT/SIPI to a CPU
+//! that ran); work pinned
 //! to each CPU with busybox `taskset` finishes; a C program (`tcg_smp_counter.c`, compiled
 //! here with the host's gcc, dynamically linked, its libraries copied in) runs two threads
 //! pinned one per CPU, each adding 1 to a shared counter N times with `lock add`
@@ -25,6 +27,11 @@ for c in 0 1; do
 done
 wait
 /smp_counter N_ITERS
+echo 0 > /sys/devices/system/cpu/cpu1/online
+echo "SMP unplugged online=$(cat /sys/devices/system/cpu/online)"
+echo 1 > /sys/devices/system/cpu/cpu1/online
+echo "SMP replugged online=$(cat /sys/devices/system/cpu/online)"
+taskset -c 1 sh -c 'echo "SMP after replug cpu=1 ran"'
 echo "SMP done"
 "#;
 
@@ -126,6 +133,17 @@ fn two_tcg_cpus_come_online_and_lock_add_is_exact() {
          (lost {}), guest run {:.1} s",
         2 * n - plain.min(2 * n),
         start.elapsed().as_secs_f64()
+    );
+    // CPU 1 offline, then online again: a second INIT and STARTUP to a CPU that ran,
+    // through the real-mode trampoline again.
+    assert!(has("SMP unplugged online=0"), "CPU 1 unplugged\n{report}");
+    assert!(
+        has("SMP replugged online=0-1"),
+        "CPU 1 plugged back\n{report}"
+    );
+    assert!(
+        has("SMP after replug cpu=1 ran"),
+        "work on CPU 1 again\n{report}"
     );
     assert_eq!(n, N);
     assert_eq!(atomic, 2 * N, "lock add from both CPUs\n{report}");

@@ -190,14 +190,6 @@ impl Cpu {
             if self.icount.wrapping_sub(start) >= budget {
                 return Exit::BudgetExhausted;
             }
-            if !self.arch.long_mode_64() {
-                return Exit::Shutdown(ShutdownReason::Unsupported(format!(
-                    "not in 64-bit mode (EFER {:#x}, CS attr {:#x}) at RIP {:#x}",
-                    self.arch.efer,
-                    self.arch.seg[SegReg::Cs as usize].attr,
-                    self.arch.rip
-                )));
-            }
             // Interrupts are polled every POLL_BLOCKS blocks, and right after any block that
             // ended on a system instruction (STI, POPF, IRET, HLT, I/O, ...).
             if self.since_poll >= POLL_BLOCKS || self.arch.halted {
@@ -212,7 +204,12 @@ impl Cpu {
                     interrupts_enabled: self.arch.flags.other() & crate::flags::IF != 0,
                 };
             }
-            let fetch = match self.fetch(ram, plat) {
+            let fetched = if self.arch.long_mode_64() {
+                self.fetch(ram, plat)
+            } else {
+                self.fetch_legacy(ram, plat)
+            };
+            let fetch = match fetched {
                 Ok(f) => f,
                 Err(Event::Fault { vector, error }) => {
                     let mut cx = self.ctx(ram, plat);
@@ -242,6 +239,7 @@ impl Cpu {
     }
 
     fn ctx<'a>(&'a mut self, ram: &'a GuestRam, plat: &'a mut dyn Platform) -> Ctx<'a> {
+        let legacy = !self.arch.long_mode_64();
         Ctx {
             s: &mut self.arch,
             tlb: &mut self.tlb,
@@ -258,6 +256,7 @@ impl Cpu {
             smc_len: 0,
             smc_overflow: false,
             stop: None,
+            legacy,
         }
     }
 
@@ -356,6 +355,31 @@ impl Cpu {
         Ok(Fetch::Block(idx))
     }
 
+    /// Outside 64-bit mode: decodes the instruction at CS:IP at the code segment's bitness
+    /// (never cached; see [`crate::legacy`]).
+    fn fetch_legacy(&mut self, ram: &GuestRam, plat: &mut dyn Platform) -> Result<Fetch, Event> {
+        let bits = self.arch.code_bits();
+        let ip = self.arch.rip & if bits == 16 { 0xFFFF } else { 0xFFFF_FFFF };
+        self.arch.rip = ip;
+        let lin = self.arch.seg[SegReg::Cs as usize].base.wrapping_add(ip) & 0xFFFF_FFFF;
+        let mut bytes = [0u8; 15];
+        // Only the rest of the page first: the next page is touched only if the instruction
+        // continues there.
+        let first = ((0x1000 - (lin & 0xFFF)) as usize).min(bytes.len());
+        let mut cx = self.ctx(ram, plat);
+        cx.read_bytes_as(lin, &mut bytes[..first], Access::Exec)?;
+        let mut dec = Decoder::with_ip(bits, &bytes[..first], ip, DecoderOptions::NONE);
+        let ins = dec.decode();
+        if !(ins.is_invalid() && dec.last_error() == iced_x86::DecoderError::NoMoreBytes) {
+            return Ok(Fetch::Single(ins));
+        }
+        let next = (lin + first as u64) & 0xFFFF_FFFF;
+        cx.read_bytes_as(next, &mut bytes[first..], Access::Exec)?;
+        Ok(Fetch::Single(
+            Decoder::with_ip(bits, &bytes, ip, DecoderOptions::NONE).decode(),
+        ))
+    }
+
     /// Decodes one instruction that straddles a page boundary (both pages translated).
     fn fetch_crossing(
         &mut self,
@@ -409,6 +433,7 @@ impl Cpu {
             (Fetch::Block(i), Some(j)) if limit == usize::MAX => j.prepare(cache, *i),
             _ => None,
         };
+        let legacy = !arch.long_mode_64();
         let (single, single_h);
         #[allow(unused_mut)]
         let (mut insns, mut handlers, vip): (&[Instruction], &[Handler], u64) = match &f {
@@ -418,7 +443,11 @@ impl Cpu {
             }
             Fetch::Single(ins) => {
                 single = [*ins];
-                single_h = [exec::select(ins)];
+                single_h = [if legacy {
+                    crate::legacy::select(ins)
+                } else {
+                    exec::select(ins)
+                }];
                 (&single, &single_h, ins.ip())
             }
         };
@@ -438,6 +467,7 @@ impl Cpu {
             smc_len: 0,
             smc_overflow: false,
             stop: None,
+            legacy,
         };
         cx.delta = cx.s.rip.wrapping_sub(vip);
         #[allow(unused_mut)]

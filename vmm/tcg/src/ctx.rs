@@ -21,6 +21,8 @@ pub mod vec {
     pub const NMI: u8 = 2;
     /// Breakpoint.
     pub const BP: u8 = 3;
+    /// Overflow (INTO).
+    pub const OF: u8 = 4;
     /// Invalid opcode.
     pub const UD: u8 = 6;
     /// Device not available.
@@ -101,6 +103,9 @@ pub(crate) struct Ctx<'a> {
     pub smc_overflow: bool,
     /// A device asked to stop.
     pub stop: Option<crate::platform::StopReason>,
+    /// Not in 64-bit mode (real, protected or compatibility mode): every segment base
+    /// applies and addresses wrap at the address size (see `crate::legacy`).
+    pub legacy: bool,
 }
 
 impl Ctx<'_> {

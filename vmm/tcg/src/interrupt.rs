@@ -1,4 +1,4 @@
-//! Exception and interrupt delivery through the 64-bit IDT (interrupt/trap gates, TSS RSP0-2
+//! Exception and interrupt delivery through the 64-bit IDT (outside long mode: `crate::legacy`) (interrupt/trap gates, TSS RSP0-2
 //! and IST stacks, privilege changes), double-fault escalation and triple fault.
 
 use crate::ctx::{vec, Ctx, Event, R};
@@ -27,6 +27,9 @@ pub(crate) fn deliver(
     kind: IntKind,
     ret_rip: u64,
 ) -> R<()> {
+    if cx.s.efer & crate::state::efer::LMA == 0 {
+        return crate::legacy::deliver(cx, vector, error, kind, ret_rip);
+    }
     let ext = u32::from(kind != IntKind::Software);
     let idt_err = u32::from(vector) * 8 + 2 + ext;
     if u64::from(vector) * 16 + 15 > u64::from(cx.s.idtr.limit) {

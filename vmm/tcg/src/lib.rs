@@ -56,7 +56,8 @@
 //! One vCPU per `Cpu`; several `Cpu`s on several threads share one [`GuestRam`] (SMP):
 //! LOCKed read-modify-writes and XCHG are host atomics (`mmu::locked`), page-table A/D bits
 //! are set by compare-exchange, [`memory::SharedCode`] carries cross-CPU code invalidation,
-//! [`sipi`] starts an application processor at Linux's trampoline target.
+//! `ArchState::set_sipi_state` starts an application processor in real mode, and `legacy`
+//! runs real, protected and compatibility mode code (Linux's SIPI trampoline).
 
 mod atomic;
 pub mod block_cache;
@@ -69,10 +70,10 @@ pub mod flags;
 mod interrupt;
 #[cfg(feature = "jit")]
 pub mod jit;
+mod legacy;
 pub mod memory;
 pub mod mmu;
 pub mod platform;
-pub mod sipi;
 pub mod state;
 
 pub use cpu::Cpu;

@@ -324,9 +324,12 @@ impl Default for ArchState {
 }
 
 impl ArchState {
-    /// Current privilege level (CS.RPL).
+    /// Current privilege level (CS.RPL; 0 in real mode).
     #[inline]
     pub fn cpl(&self) -> u8 {
+        if self.cr0 & cr0::PE == 0 {
+            return 0;
+        }
         (self.seg[SegReg::Cs as usize].selector & 3) as u8
     }
 
@@ -346,6 +349,52 @@ impl ArchState {
     #[inline]
     pub fn long_mode_64(&self) -> bool {
         self.efer & efer::LMA != 0 && self.seg[SegReg::Cs as usize].attr & Segment::L != 0
+    }
+
+    /// Bitness of the code at CS:RIP: 64 in 64-bit mode, else 32 or 16 from CS.D.
+    #[inline]
+    pub fn code_bits(&self) -> u32 {
+        if self.long_mode_64() {
+            64
+        } else if self.seg[SegReg::Cs as usize].attr & Segment::DB != 0 {
+            32
+        } else {
+            16
+        }
+    }
+
+    /// The state after INIT and a STARTUP IPI with `vector` (SDM 10.4.7.3 and 9.1.1): real
+    /// mode at `vector << 12` (CS = `vector << 8`, IP = 0), paging and protection off, all
+    /// segments 64 KiB, the IDT at 0. The APIC ID and APIC base are kept. Call
+    /// `Cpu::state_changed` afterwards.
+    pub fn set_sipi_state(&mut self, vector: u8) {
+        let (apic_id, apic_base) = (self.apic_id, self.msr.apic_base);
+        *self = ArchState::default();
+        self.apic_id = apic_id;
+        self.msr.apic_base = apic_base;
+        let real = |selector: u16, typ: u16| Segment {
+            selector,
+            base: u64::from(selector) << 4,
+            limit: 0xFFFF,
+            attr: typ | Segment::S | Segment::P,
+        };
+        for s in [SegReg::Ds, SegReg::Es, SegReg::Ss, SegReg::Fs, SegReg::Gs] {
+            self.seg[s as usize] = real(0, 0x3);
+        }
+        self.seg[SegReg::Cs as usize] = real(u16::from(vector) << 8, 0xB);
+        self.ldtr = Segment {
+            attr: 0x2 | Segment::P,
+            limit: 0xFFFF,
+            ..Segment::default()
+        };
+        self.gdtr = DescTable {
+            base: 0,
+            limit: 0xFFFF,
+        };
+        // EDX holds the processor signature after RESET/INIT.
+        self.gpr[2] = u64::from(crate::cpuid::SIGNATURE);
+        self.set_rflags(0x2);
+        self.rip = 0;
     }
 
     /// Sets up the Linux x86-64 boot protocol entry state: long mode with paging on

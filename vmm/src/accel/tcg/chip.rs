@@ -6,8 +6,8 @@
 //!   logical flat/cluster) matches: Linux programs one CPU per pin.
 //! * The 8259 (ExtINT through LINT0 / the disabled APIC) reaches the BSP only.
 //! * IPIs (ICR writes): fixed, lowest priority (first match), NMI, INIT and STARTUP with the
-//!   shorthands; a STARTUP reaches a vCPU that got INIT and has not run yet, which then
-//!   starts at Linux's trampoline (see `rqemu_tcg::sipi`).
+//!   shorthands. INIT resets the target's LAPIC and stops the vCPU (also a running one: CPU
+//!   hot-unplug and re-plug); the next STARTUP starts it in real mode at the vector's page.
 //!
 //! Shared between the vCPU threads (MMIO/PIO, interrupt polling and acknowledgement) and the
 //! irqfd thread (raising GSIs). One mutex guards all controllers; one condition variable
@@ -35,6 +35,8 @@ struct CpuSignals {
     sipi: Option<u8>,
     /// NMI sent (moved to `IrqChip::nmi` right after the ICR write).
     nmi: bool,
+    /// INIT sent to a vCPU that may be running (moved to `IrqChip::init` like `nmi`).
+    init: bool,
 }
 
 /// Controllers behind one lock.
@@ -108,7 +110,14 @@ impl Controllers {
             match ipi.mode {
                 0 | 1 => self.lapics[t].accept(ipi.vector, false),
                 4 => self.cpus[t].nmi = true,
-                5 if ipi.assert => self.cpus[t].wait_sipi = true,
+                // INIT: the LAPIC resets and the CPU waits for a STARTUP IPI (the BSP, which
+                // the VMM starts, ignores it).
+                5 if ipi.assert && t != 0 => {
+                    self.cpus[t].wait_sipi = true;
+                    self.cpus[t].sipi = None;
+                    self.cpus[t].init = true;
+                    self.lapics[t] = Lapic::new(t as u32);
+                }
                 6 if self.cpus[t].wait_sipi => {
                     self.cpus[t].wait_sipi = false;
                     self.cpus[t].sipi = Some(ipi.vector);
@@ -164,6 +173,8 @@ pub(super) struct IrqChip {
     epoch: Instant,
     /// Pending NMIs, one bit per vCPU.
     nmi: AtomicU64,
+    /// INITs not yet taken by their vCPU, one bit per vCPU.
+    init: AtomicU64,
 }
 
 impl IrqChip {
@@ -204,6 +215,7 @@ impl IrqChip {
             held_ns: AtomicU64::new(0),
             epoch: Instant::now(),
             nmi: AtomicU64::new(0),
+            init: AtomicU64::new(0),
         }
     }
 
@@ -243,6 +255,9 @@ impl IrqChip {
             for (i, s) in c.cpus.iter_mut().enumerate() {
                 if std::mem::take(&mut s.nmi) {
                     self.nmi.fetch_or(1 << (i % 64), Ordering::AcqRel);
+                }
+                if std::mem::take(&mut s.init) {
+                    self.init.fetch_or(1 << (i % 64), Ordering::AcqRel);
                 }
             }
             wake
@@ -294,6 +309,14 @@ impl IrqChip {
         let bit = 1u64 << (cpu % 64);
         self.nmi.load(Ordering::Acquire) & bit != 0
             && self.nmi.fetch_and(!bit, Ordering::AcqRel) & bit != 0
+    }
+
+    /// Consumes an INIT sent to vCPU `cpu` (lock-free: polled by the vCPU between slices):
+    /// the vCPU stops and waits for a STARTUP IPI.
+    pub(super) fn take_init(&self, cpu: usize) -> bool {
+        let bit = 1u64 << (cpu % 64);
+        self.init.load(Ordering::Acquire) & bit != 0
+            && self.init.fetch_and(!bit, Ordering::AcqRel) & bit != 0
     }
 
     /// INTA of vCPU `cpu`: LAPIC first, then the 8259 through LINT0 / the disabled APIC.
@@ -424,6 +447,19 @@ mod tests {
         // A second STARTUP (Linux sends two) is ignored once started.
         lapic_w(&chip, 0, 0x300, 0x0600 | 0x9a);
         assert_eq!(chip.wait_sipi(1, Duration::ZERO), None);
+        assert!(chip.take_init(1), "the first INIT stops vCPU 1 (not yet running)");
+        assert!(!chip.take_init(1), "taken once");
+        // INIT to the running CPU 1 (CPU hot-plug): it stops, its LAPIC resets, and the next
+        // STARTUP starts it again; the BSP ignores INIT.
+        lapic_w(&chip, 0, 0x300, 0xc500);
+        assert!(chip.take_init(1));
+        assert!(!chip.lock().lapics[1].enabled(), "LAPIC reset by INIT");
+        lapic_w(&chip, 0, 0x300, 0x0600 | 0x9b);
+        assert_eq!(chip.wait_sipi(1, Duration::ZERO), Some(0x9b));
+        lapic_w(&chip, 1, 0x310, 0);
+        lapic_w(&chip, 1, 0x300, 0xc500);
+        assert!(!chip.take_init(0), "INIT to the BSP is ignored");
+        enable(&chip, 1);
         // Fixed IPI, physical destination 2.
         lapic_w(&chip, 0, 0x310, 2 << 24);
         lapic_w(&chip, 0, 0x300, 0x00f1);

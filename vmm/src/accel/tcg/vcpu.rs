@@ -3,8 +3,8 @@
 //! Port/MMIO accesses are dispatched synchronously inside the CPU (see [`TcgPlatform`]), so
 //! [`Vcpu::run`] only returns for kicks, shutdown or errors. `HLT` waits on the interrupt
 //! chip until an interrupt, a timer deadline or a kick. Secondary vCPUs wait for INIT and
-//! STARTUP IPIs from the guest, then start where Linux's SIPI trampoline would reach 64-bit
-//! code ([`rqemu_tcg::sipi`]).
+//! STARTUP IPIs from the guest, then start in real mode at the STARTUP vector, as real CPUs
+//! do; an INIT stops a running secondary vCPU again.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -160,18 +160,14 @@ impl TcgVcpu {
         s
     }
 
-    /// A STARTUP IPI with `vector` arrived: start at Linux's trampoline target.
+    /// A STARTUP IPI with `vector` arrived: the CPU starts in real mode at `vector << 12`
+    /// (Linux's trampoline then takes it to 64-bit code).
     fn start_ap(&mut self, vector: u8) {
-        match rqemu_tcg::sipi::linux_ap_entry(&self.ram, vector) {
-            Ok(e) => {
-                tracing::debug!(vcpu = self.index, ?e, "TCG: STARTUP IPI");
-                self.cpu.arch.set_linux_ap_state(&e);
-                self.cpu.state_changed();
-                self.cpu.note_external_writes();
-                self.booted = true;
-            }
-            Err(e) => tracing::warn!("TCG vCPU {}: STARTUP IPI ignored: {e}", self.index),
-        }
+        tracing::debug!(vcpu = self.index, vector, "TCG: STARTUP IPI");
+        self.cpu.arch.set_sipi_state(vector);
+        self.cpu.state_changed();
+        self.cpu.note_external_writes();
+        self.booted = true;
     }
 
     fn take_kick(&self) -> bool {
@@ -227,6 +223,10 @@ impl Vcpu for TcgVcpu {
         loop {
             if self.take_kick() {
                 return Ok(VcpuExit::Interrupted);
+            }
+            if self.index != 0 && self.chip.take_init(self.index as usize) {
+                // INIT: stop until the next STARTUP IPI.
+                self.booted = false;
             }
             if !self.booted {
                 if self.index == 0 {

@@ -253,6 +253,10 @@ pub fn unop(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
 }
 
 pub fn lea(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
+    if cx.legacy {
+        set_reg(cx.s, ins.op0_register(), crate::legacy::offset(cx, ins));
+        return Ok(());
+    }
     let a = cx.ea(ins).wrapping_sub(cx.seg_base(ins.memory_segment()));
     set_reg(cx.s, ins.op0_register(), a);
     Ok(())
@@ -434,7 +438,8 @@ pub fn bswap(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
 }
 
 pub fn xlat(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
-    let off = cx.s.gpr[3].wrapping_add(cx.s.gpr[0] & 0xFF);
+    let amask = crate::flags::size_mask(super::operand::reg_size(ins.memory_base()));
+    let off = cx.s.gpr[3].wrapping_add(cx.s.gpr[0] & 0xFF) & amask;
     let va = cx.seg_base(ins.memory_segment()).wrapping_add(off);
     let v = cx.read(va, 1)?;
     cx.s.gpr[0] = (cx.s.gpr[0] & !0xFF) | v;

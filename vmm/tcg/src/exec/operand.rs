@@ -61,6 +61,13 @@ impl Ctx<'_> {
     /// FS/GS; 32-bit address size truncates).
     #[inline]
     pub fn ea(&self, ins: &Instruction) -> u64 {
+        if self.legacy {
+            return crate::legacy::linear(
+                self,
+                ins.memory_segment(),
+                crate::legacy::offset(self, ins),
+            );
+        }
         let base = ins.memory_base();
         let mut a = ins.memory_displacement64();
         let mut a32 = false;
@@ -87,9 +94,12 @@ impl Ctx<'_> {
         self.seg_base(ins.memory_segment()).wrapping_add(a)
     }
 
-    /// Segment base used for addressing in 64-bit mode (only FS and GS have one).
+    /// Segment base used for addressing (in 64-bit mode only FS and GS have one).
     #[inline(always)]
     pub fn seg_base(&self, seg: Register) -> u64 {
+        if self.legacy {
+            return crate::legacy::seg(self.s, seg).base;
+        }
         match seg {
             Register::FS => self.s.seg[4].base,
             Register::GS => self.s.seg[5].base,

@@ -69,9 +69,22 @@ fn classify(m: M) -> (Kind, u8) {
 
 pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     let (kind, size) = classify(ins.mnemonic());
-    let a32 = (0..ins.op_count())
-        .any(|i| matches!(ins.op_kind(i), OpKind::MemorySegESI | OpKind::MemoryESEDI));
-    let amask: u64 = if a32 { 0xFFFF_FFFF } else { u64::MAX };
+    // Address size: RSI/RDI, ESI/EDI or (outside 64-bit mode) SI/DI.
+    let amask: u64 = (0..ins.op_count())
+        .find_map(|i| match ins.op_kind(i) {
+            OpKind::MemorySegESI | OpKind::MemoryESEDI => Some(0xFFFF_FFFF),
+            OpKind::MemorySegSI | OpKind::MemoryESDI => Some(0xFFFF),
+            _ => None,
+        })
+        .unwrap_or(u64::MAX);
+    let a32 = amask != u64::MAX;
+    // Outside 64-bit mode the destination is ES-relative and 16-bit counters merge.
+    let (dst_base, keep) = if cx.legacy {
+        (cx.seg_base(iced_x86::Register::ES), !amask)
+    } else {
+        (0, 0)
+    };
+    let merge = |old: u64, new: u64| (old & keep) | (new & amask);
     let rep = ins.has_rep_prefix() || ins.has_repne_prefix();
     let repne = ins.has_repne_prefix();
     if matches!(kind, Kind::Ins | Kind::Outs) {
@@ -86,7 +99,11 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         u64::from(size)
     };
     let src_base = cx.seg_base(ins.memory_segment());
-    let fast = rep && !a32 && step == u64::from(size) && matches!(kind, Kind::Movs | Kind::Stos);
+    let fast = rep
+        && !a32
+        && !cx.legacy
+        && step == u64::from(size)
+        && matches!(kind, Kind::Movs | Kind::Stos);
     if fast && fast_rep(cx, kind, size, src_base)? {
         // Budget for this execution used up: resume the instruction later.
         cx.next_rip = cx.s.rip;
@@ -101,33 +118,34 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         }
         let rsi = cx.s.gpr[6] & amask;
         let rdi = cx.s.gpr[7] & amask;
+        let dst = dst_base.wrapping_add(rdi);
         let mut cmp: Option<(u64, u64)> = None;
         match kind {
             Kind::Movs => {
                 let v = cx.read(src_base.wrapping_add(rsi), size)?;
-                cx.write(rdi, size, v)?;
+                cx.write(dst, size, v)?;
             }
-            Kind::Stos => cx.write(rdi, size, cx.s.gpr[0] & m)?,
+            Kind::Stos => cx.write(dst, size, cx.s.gpr[0] & m)?,
             Kind::Lods => {
                 let v = cx.read(src_base.wrapping_add(rsi), size)?;
                 super::operand::set_reg(cx.s, acc(size), v);
             }
             Kind::Cmps => {
                 let a = cx.read(src_base.wrapping_add(rsi), size)?;
-                let b = cx.read(rdi, size)?;
+                let b = cx.read(dst, size)?;
                 cmp = Some((a, b));
             }
             Kind::Scas => {
-                let b = cx.read(rdi, size)?;
+                let b = cx.read(dst, size)?;
                 cmp = Some((cx.s.gpr[0] & m, b));
             }
             Kind::Ins => {
-                cx.check_write(rdi, size as usize)?;
+                cx.check_write(dst, size as usize)?;
                 let mut b = [0u8; 4];
                 cx.plat
                     .pio_read(cx.s.gpr[2] as u16, &mut b[..size as usize]);
                 cx.poll_stop();
-                cx.write(rdi, size, u64::from(u32::from_le_bytes(b)))?;
+                cx.write(dst, size, u64::from(u32::from_le_bytes(b)))?;
             }
             Kind::Outs => {
                 let v = cx.read(src_base.wrapping_add(rsi), size)?;
@@ -137,13 +155,13 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             }
         }
         if matches!(kind, Kind::Movs | Kind::Lods | Kind::Cmps | Kind::Outs) {
-            cx.s.gpr[6] = rsi.wrapping_add(step) & amask;
+            cx.s.gpr[6] = merge(cx.s.gpr[6], rsi.wrapping_add(step));
         }
         if matches!(
             kind,
             Kind::Movs | Kind::Stos | Kind::Cmps | Kind::Scas | Kind::Ins
         ) {
-            cx.s.gpr[7] = rdi.wrapping_add(step) & amask;
+            cx.s.gpr[7] = merge(cx.s.gpr[7], rdi.wrapping_add(step));
         }
         if let Some((a, b)) = cmp {
             let res = a.wrapping_sub(b) & m;
@@ -152,7 +170,7 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         if !rep {
             break;
         }
-        cx.s.gpr[1] = (cx.s.gpr[1] & amask).wrapping_sub(1) & amask;
+        cx.s.gpr[1] = merge(cx.s.gpr[1], (cx.s.gpr[1] & amask).wrapping_sub(1));
         if cmp.is_some() {
             let zf = cx.s.flags.arith() & ZF != 0;
             if zf == repne {

@@ -6,7 +6,7 @@ use super::{gp, ud, vec, Ctx, Event, R};
 use crate::cpuid;
 use crate::flags::{IOPL, ZF};
 use crate::state::{cr0, cr4, efer, SegReg, Segment};
-use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
+use iced_x86::{Code, Instruction, Mnemonic as M, OpKind, Register};
 
 pub use crate::descriptor::read_descriptor;
 
@@ -15,6 +15,16 @@ pub fn load_seg(cx: &mut Ctx<'_>, r: Register, sel: u16) -> R<()> {
     let idx = r as usize - Register::ES as usize;
     if idx == SegReg::Cs as usize {
         return ud();
+    }
+    if cx.s.cr0 & cr0::PE == 0 {
+        // Real mode: the base is the selector times 16; limit and attributes stay.
+        let s = &mut cx.s.seg[idx];
+        s.selector = sel;
+        s.base = u64::from(sel) << 4;
+        if idx == SegReg::Ss as usize {
+            cx.irq_shadow = true;
+        }
+        return Ok(());
     }
     let cpl = cx.s.cpl();
     if sel & 0xFFFC == 0 {
@@ -94,11 +104,26 @@ pub fn mov_special(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
 fn write_cr(cx: &mut Ctx<'_>, n: usize, v: u64) -> R<()> {
     match n {
         0 => {
-            if v >> 32 != 0 || v & cr0::PG == 0 && cx.s.efer & efer::LMA != 0 {
-                // Leaving long mode is not supported (and #GP for reserved bits).
+            let changed = cx.s.cr0 ^ v;
+            let (pg, pe) = (v & cr0::PG != 0, v & cr0::PE != 0);
+            if v >> 32 != 0 || (pg && !pe) || (v & cr0::NW != 0 && v & cr0::CD == 0) {
                 return gp(0);
             }
-            let changed = cx.s.cr0 ^ v;
+            if changed & cr0::PG != 0 {
+                // Paging on with EFER.LME enters long mode (compatibility mode until a far
+                // jump to a 64-bit code segment); off leaves it, only from outside 64-bit code.
+                if pg && cx.s.efer & efer::LME != 0 {
+                    if cx.s.cr4 & cr4::PAE == 0 {
+                        return gp(0);
+                    }
+                    cx.s.efer |= efer::LMA;
+                } else if !pg && cx.s.efer & efer::LMA != 0 {
+                    if cx.s.long_mode_64() {
+                        return gp(0);
+                    }
+                    cx.s.efer &= !efer::LMA;
+                }
+            }
             cx.s.cr0 = v | cr0::ET;
             if changed & (cr0::PG | cr0::WP | cr0::PE) != 0 {
                 cx.tlb.flush_all();
@@ -260,7 +285,14 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         M::Lgdt | M::Lidt => {
             let va = cx.ea(ins);
             let limit = cx.read(va, 2)? as u16;
-            let base = cx.read(va.wrapping_add(2), 8)?;
+            let base = match ins.code() {
+                // Outside 64-bit mode the base is 32 bits, 24 with a 16-bit operand size.
+                Code::Lgdt_m1632_16 | Code::Lidt_m1632_16 => {
+                    cx.read(va.wrapping_add(2), 4)? & 0xFF_FFFF
+                }
+                Code::Lgdt_m1632 | Code::Lidt_m1632 => cx.read(va.wrapping_add(2), 4)?,
+                _ => cx.read(va.wrapping_add(2), 8)?,
+            };
             let t = if m == M::Lgdt {
                 &mut cx.s.gdtr
             } else {
@@ -272,9 +304,15 @@ pub fn exec(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         M::Sgdt | M::Sidt => {
             let t = if m == M::Sgdt { cx.s.gdtr } else { cx.s.idtr };
             let va = cx.ea(ins);
-            cx.check_write(va, 10)?;
+            // 10 bytes in 64-bit mode, else 6 (a 32-bit base).
+            let wide = !cx.legacy;
+            cx.check_write(va, if wide { 10 } else { 6 })?;
             cx.write(va, 2, u64::from(t.limit))?;
-            cx.write(va.wrapping_add(2), 8, t.base)?;
+            if wide {
+                cx.write(va.wrapping_add(2), 8, t.base)?;
+            } else {
+                cx.write(va.wrapping_add(2), 4, t.base & 0xFFFF_FFFF)?;
+            }
         }
         M::Lldt => {
             let sel = cx.read_op(ins, 0, 2)? as u16;

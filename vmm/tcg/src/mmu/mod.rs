@@ -131,10 +131,15 @@ impl Ctx<'_> {
 
     /// Reads `buf.len()` (≤ 4096) bytes at `va`, possibly across a page boundary.
     pub fn read_bytes(&mut self, va: u64, buf: &mut [u8]) -> R<()> {
+        self.read_bytes_as(va, buf, Access::Read)
+    }
+
+    /// [`Ctx::read_bytes`] checked as `acc` (`Access::Exec` for instruction fetches).
+    pub fn read_bytes_as(&mut self, va: u64, buf: &mut [u8], acc: Access) -> R<()> {
         let first = (0x1000 - (va & 0xFFF) as usize).min(buf.len());
-        let h1 = self.xlate(va, Access::Read)?;
+        let h1 = self.xlate(va, acc)?;
         let h2 = if first < buf.len() {
-            Some(self.xlate(va.wrapping_add(first as u64), Access::Read)?)
+            Some(self.xlate(va.wrapping_add(first as u64), acc)?)
         } else {
             None
         };

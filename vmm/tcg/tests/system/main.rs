@@ -1,8 +1,11 @@
 //! System-level tests with small guest programs: page walks and #PF error codes through the
 //! IDT, privilege changes with TSS stacks, SYSCALL/SYSRET, IRETQ, triple fault, external
-//! interrupts, self-modifying code, a checksum/recursion program, and a MIPS measurement.
+//! interrupts, self-modifying code, a checksum/recursion program, a MIPS measurement, and
+//! (`modes`) the way from a STARTUP IPI through real and protected mode into long mode.
 
 mod image;
+mod modes;
+mod modes_image;
 #[path = "../common/seed.rs"]
 mod seed;
 
