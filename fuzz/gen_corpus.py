@@ -21,10 +21,12 @@ them): valid inputs that take each fuzz target past its first checks.
   set-up, DRIVER_OK, notify, config accesses) as 8-byte accesses;
 - vsock_session: rqemu-vsock guest sessions (guest and host connections, data, credit,
   shutdown, refusals, invalid packets) in rqemu_vsock_backend::fuzz's command layout;
+- tcg_code: guest code for the software CPU (a real-mode SIPI trampoline into long mode, 64-bit
+  programs, a switch to compatibility mode, real-mode snippets) after the mode selector byte;
 - agent_msg_frames: the guest agent's frames as rqemu-run reads them (length + postcard
   AgentMsg: Ready, Created, Started, Stdout/Stderr, Exited, Error; a conversation in one stream).
 
-Usage: fuzz/gen_corpus.py [qcow2|blk|fuse|net|fwd|mmio|vhost|vsock|agent]...   (qcow2 needs qemu-img and qemu-io)
+Usage: fuzz/gen_corpus.py [qcow2|blk|fuse|net|fwd|mmio|vhost|vsock|agent|tcg]...   (qcow2 needs qemu-img and qemu-io)
 """
 
 import os
@@ -450,7 +452,30 @@ GENERATORS = {
     "vhost": (("vhost_user_backend",), lambda: vhost_seeds()),
     "vsock": (("vsock_session",), lambda: vsock_seeds()),
     "agent": (("agent_msg_frames",), lambda: agent_seeds()),
+    "tcg": (("tcg_code",), lambda: tcg_seeds()),
 }
+
+
+# ---------------------------------------------------------------- software CPU code
+def tcg_seeds():
+    import re
+
+    src = os.path.join(HERE, "..", "vmm", "tcg", "tests", "system")
+    def image(name):
+        text = open(os.path.join(src, name)).read()
+        body = re.search(r"IMAGE: &\[u8\] = &\[(.*?)\];", text, re.S).group(1)
+        return bytes(int(x, 16) for x in re.findall(r"0x([0-9a-f]{2})", body))
+    # Real mode from the SIPI state through protected mode into long mode (tests/asm/modes.S).
+    put("tcg_code", "sipi-trampoline", b"\x01" + image("modes_image.rs"))
+    # 64-bit: the system tests' guest program (linked elsewhere: exercises decoding and faults).
+    put("tcg_code", "guest64", b"\x00" + image("image.rs"))
+    # 64-bit loop: mov ecx, 100; add rax, rcx; loop; hlt.
+    put("tcg_code", "loop64", b"\x00" + bytes.fromhex("b964000000" "4801c8" "e2fb" "f4"))
+    # 64-bit to compatibility mode: push 0x08; lea rax, [rip+3]; push rax; retfq; then 32-bit
+    # mov eax, 1; push eax; pop ebx; hlt.
+    put("tcg_code", "to-compat", b"\x00" + bytes.fromhex("6a08" "488d0503000000" "50" "48cb" "b801000000" "50" "5b" "f4"))
+    # Real mode: mov ax, 0x1234; push ax; pop bx; mov [bx+si+2], ax; int 0x10 (vector 0 → IVT); hlt.
+    put("tcg_code", "real16", b"\x01" + bytes.fromhex("b83412" "50" "5b" "894002" "cd10" "f4"))
 
 
 # ---------------------------------------------------------------- rqemu-agent frames
