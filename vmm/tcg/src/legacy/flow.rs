@@ -199,8 +199,8 @@ pub(super) fn ret(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     Ok(())
 }
 
-/// Loads SS:ESP popped by a return to an outer privilege level.
-fn outer_stack(cx: &mut Ctx<'_>, ss: u16, sp: u64, new_cpl: u8) -> R<()> {
+/// Checks the SS popped by a return to the outer privilege level `new_cpl`.
+fn check_ss(cx: &mut Ctx<'_>, ss: u16, new_cpl: u8) -> R<Segment> {
     let d = read_descriptor(cx, ss)?;
     let writable_data = d.attr & Segment::S != 0 && d.attr & 0xA == 0x2;
     if ss & 3 != u16::from(new_cpl) || d.dpl() != new_cpl || !writable_data {
@@ -209,10 +209,14 @@ fn outer_stack(cx: &mut Ctx<'_>, ss: u16, sp: u64, new_cpl: u8) -> R<()> {
     if d.attr & Segment::P == 0 {
         return Err(Event::fault(vec::SS, Some(u32::from(ss & 0xFFFC))));
     }
-    cx.s.seg[SegReg::Ss as usize] = d;
+    Ok(d)
+}
+
+/// Loads the outer stack SS:SP (after [`check_ss`]).
+fn set_stack(cx: &mut Ctx<'_>, ss: Segment, sp: u64) {
+    cx.s.seg[SegReg::Ss as usize] = ss;
     let m = sp_mask(cx.s);
     cx.s.gpr[4] = (cx.s.gpr[4] & !m) | (sp & m);
-    Ok(())
 }
 
 pub(super) fn retf(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
@@ -227,8 +231,9 @@ pub(super) fn retf(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     if cx.s.cr0 & cr0::PE != 0 && new_cpl > cpl {
         let sp = peek(cx, 2 * sz + imm, size)?;
         let ss = peek(cx, 3 * sz + imm, 2)? as u16;
+        let ss = check_ss(cx, ss, new_cpl)?;
         commit_cs(cx, cs, ip);
-        outer_stack(cx, ss, sp, new_cpl)?;
+        set_stack(cx, ss, sp);
         release(cx, imm);
     } else {
         commit_cs(cx, cs, ip);
@@ -261,7 +266,8 @@ pub(super) fn iret(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     let cs = check_cs(cx, sel, true)?;
     let new_cpl = (cs.0.selector & 3) as u8;
     let outer = if new_cpl > cpl {
-        Some((peek(cx, 3 * sz, size)?, peek(cx, 4 * sz, 2)? as u16))
+        let (sp, ss) = (peek(cx, 3 * sz, size)?, peek(cx, 4 * sz, 2)? as u16);
+        Some((sp, check_ss(cx, ss, new_cpl)?))
     } else {
         None
     };
@@ -269,7 +275,7 @@ pub(super) fn iret(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
     set_flags_checked(cx, fl & !RF, width);
     commit_cs(cx, cs, ip);
     match outer {
-        Some((sp, ss)) => outer_stack(cx, ss, sp, new_cpl)?,
+        Some((sp, ss)) => set_stack(cx, ss, sp),
         None => release(cx, 3 * sz),
     }
     Ok(())
