@@ -447,7 +447,10 @@ mod tests {
         // A second STARTUP (Linux sends two) is ignored once started.
         lapic_w(&chip, 0, 0x300, 0x0600 | 0x9a);
         assert_eq!(chip.wait_sipi(1, Duration::ZERO), None);
-        assert!(chip.take_init(1), "the first INIT stops vCPU 1 (not yet running)");
+        assert!(
+            chip.take_init(1),
+            "the first INIT stops vCPU 1 (not yet running)"
+        );
         assert!(!chip.take_init(1), "taken once");
         // INIT to the running CPU 1 (CPU hot-plug): it stops, its LAPIC resets, and the next
         // STARTUP starts it again; the BSP ignores INIT.
