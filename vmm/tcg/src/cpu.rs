@@ -485,13 +485,16 @@ impl Cpu {
             j.stats.native_runs += 1;
             j.stats.native_insns += k as u64 + out.chained_insns;
             *icount += k as u64 + out.chained_insns;
-            if out.chains > 0 {
-                // The run ended in another block: the interpreter continues in that one.
+            if out.chains > 0 || out.block != *idx {
+                // The run ended in another block (chained to, or translated with this one
+                // into a superblock): the interpreter continues in that one.
                 let b = cache.get(out.block);
                 (insns, handlers) = (&b.insns[..], &b.handlers[..]);
                 cx.delta = out.delta;
-                *since_poll = since_poll.saturating_add(out.chains as u32);
             }
+            // Blocks run without the run loop (chains and loops inside a function) count
+            // towards the next interrupt poll.
+            *since_poll = since_poll.saturating_add(out.passes as u32);
             start = if cx.end_block { insns.len() } else { k };
             if let Some(ins) = insns.get(start) {
                 j.note_stop(ins.mnemonic());

@@ -84,6 +84,22 @@ pub(crate) struct Em<'a> {
     jcache: *mut Slot,
     /// The module's chain stub (address) and its signature.
     stub: (usize, SigRef),
+    /// The current instruction ends a block that falls through into the next block of the
+    /// same function (a superblock): a conditional branch continues there when not taken.
+    pub merge: bool,
+    /// Decoded address of the function's first instruction: a branch there loops
+    /// ([`Em::back_edge`]).
+    pub head_ip: u64,
+    /// Index of the block being translated among the function's blocks (0: the first).
+    seg: usize,
+    /// Instructions of the function's blocks before the current one.
+    prefix: usize,
+    /// A branch loops back to the first instruction.
+    pub looped: bool,
+    /// Block index of the block being translated.
+    seg_idx: u32,
+    /// The Cranelift block after the entry's loads, where a loop jumps back to.
+    head: cranelift_codegen::ir::Block,
 }
 
 fn mem() -> MemFlagsData {
@@ -127,6 +143,9 @@ impl<'a> Em<'a> {
         let delta = ld(&mut b, offset_of!(JitCtx, delta));
         let tag_bits = ld(&mut b, offset_of!(JitCtx, tag_bits));
         let regs = std::array::from_fn(|_| b.declare_var(I64));
+        let head = b.create_block();
+        b.ins().jump(head, &[]);
+        b.switch_to_block(head);
         let mut sig = |params: &[Type], ret: Option<Type>| {
             let mut s = Signature::new(cc);
             s.params.extend(params.iter().map(|t| AbiParam::new(*t)));
@@ -162,7 +181,86 @@ impl<'a> Em<'a> {
             next_slot: 0,
             jcache,
             stub,
+            merge: false,
+            head_ip: u64::MAX,
+            seg: 0,
+            prefix: 0,
+            looped: false,
+            seg_idx: 0,
+            head,
         }
+    }
+
+    /// Adds `v` to the `u64` field of the `JitCtx` at `off`.
+    fn bump(&mut self, off: usize, v: i64) {
+        let t = MemFlagsData::trusted();
+        let x = self.b.ins().load(I64, t, self.jc, off as i32);
+        let x = self.b.ins().iadd_imm_s(x, v);
+        self.b.ins().store(t, x, self.jc, off as i32);
+    }
+
+    /// Stores `v` to the `u64` field of the `JitCtx` at `off`.
+    fn put(&mut self, off: usize, v: i64) {
+        let x = self.c(v);
+        self.b
+            .ins()
+            .store(MemFlagsData::trusted(), x, self.jc, off as i32);
+    }
+
+    /// The block translated so far (`count` instructions, all completed) falls through into
+    /// block `idx`, translated next in the same function. Nothing runs there: the exits of
+    /// later blocks account the blocks passed through ([`Em::leave_seg`]), so that their
+    /// counts are relative to the block they are in, as the run loop expects.
+    pub fn next_seg(&mut self, count: usize, idx: u32) {
+        self.seg += 1;
+        self.prefix += count;
+        self.seg_idx = idx;
+    }
+
+    /// Before leaving the function from a block after the first: the instructions of the
+    /// blocks passed through since the function's start (or its last loop) count as
+    /// chained, and the run loop continues in this block (`JitCtx::block`).
+    fn leave_seg(&mut self) {
+        if self.seg > 0 {
+            self.bump(offset_of!(JitCtx, chained_insns), self.prefix as i64);
+            self.put(offset_of!(JitCtx, block), i64::from(self.seg_idx));
+        }
+    }
+
+    /// A branch to the function's first instruction (runtime RIP `rip`) after `count`
+    /// instructions of the current block: while the chain budget lasts, takes one from it
+    /// (as a chain to itself would), counts the instructions of this pass through the
+    /// function as chained, commits the flag record and jumps back to the start;
+    /// otherwise returns to the run loop (which polls for interrupts). Leaves the builder in
+    /// a fresh block.
+    pub fn back_edge(&mut self, count: usize, rip: Value) {
+        let budget = self.b.ins().load(
+            I64,
+            MemFlagsData::trusted(),
+            self.jc,
+            offset_of!(JitCtx, budget) as i32,
+        );
+        let (go, out) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(budget, go, &[], out, &[]);
+        self.b.switch_to_block(out);
+        self.exit(count, rip);
+        self.b.switch_to_block(go);
+        let nb = self.b.ins().iadd_imm_s(budget, -1);
+        self.b.ins().store(
+            MemFlagsData::trusted(),
+            nb,
+            self.jc,
+            offset_of!(JitCtx, budget) as i32,
+        );
+        self.bump(
+            offset_of!(JitCtx, chained_insns),
+            (self.prefix + count) as i64,
+        );
+        self.commit();
+        self.looped = true;
+        self.b.ins().jump(self.head, &[]);
+        let next = self.b.create_block();
+        self.b.switch_to_block(next);
     }
 
     /// `v` masked to `size` bytes (nothing to emit for 8: without Cranelift's optimizer an
@@ -249,6 +347,7 @@ impl<'a> Em<'a> {
     /// in a fresh (unreachable-so-far) block.
     pub fn exit(&mut self, count: usize, rip: Value) {
         self.commit();
+        self.leave_seg();
         self.b.ins().store(mem(), rip, self.arch, RIP);
         let n = self.b.ins().iconst(I32, count as i64);
         self.b.ins().return_(&[n]);
@@ -297,6 +396,7 @@ impl<'a> Em<'a> {
     /// `sp`: it tail-calls the successor when the slot is valid for `rip`, else returns
     /// `count` (with `JitCtx::exit_slot` = `sp` if `note`). The state and RIP are committed.
     fn chain(&mut self, count: usize, rip: Value, sp: Value, note: bool) {
+        self.leave_seg();
         let stub = self.b.ins().iconst(self.ptr, self.stub.0 as i64);
         let cn = self
             .b
@@ -377,6 +477,7 @@ impl<'a> Em<'a> {
         let (f, e) = (self.b.create_block(), self.b.create_block());
         self.b.ins().brif(fault, f, &[], e, &[]);
         self.b.switch_to_block(f);
+        self.leave_seg();
         let n = self.b.ins().iconst(I32, self.idx as i64);
         self.b.ins().return_(&[n]);
         self.b.switch_to_block(e);
@@ -453,6 +554,7 @@ impl<'a> Em<'a> {
         let (out, cont) = (self.b.create_block(), self.b.create_block());
         self.b.ins().brif(fault, out, &[], cont, &[]);
         self.b.switch_to_block(out);
+        self.leave_seg();
         let n = self.b.ins().iconst(I32, self.idx as i64);
         self.b.ins().return_(&[n]);
         self.b.switch_to_block(cont);

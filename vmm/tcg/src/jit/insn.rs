@@ -717,9 +717,14 @@ fn target(e: &mut Em<'_>, ins: &Instruction) -> Option<Value> {
 
 /// Block exit of a JMP/CALL: through the exit's slot for a fixed target, the jump cache
 /// for a computed one.
+/// (a JMP to the function's first instruction loops: [`Em::back_edge`]).
 fn exit_to(e: &mut Em<'_>, ins: &Instruction, n: usize, t: Value) {
     if ins.op0_kind() == OpKind::NearBranch64 {
-        e.exit_chain(n, t);
+        if ins.mnemonic() == M::Jmp && ins.near_branch64() == e.head_ip {
+            e.back_edge(n, t);
+        } else {
+            e.exit_chain(n, t);
+        }
     } else {
         e.exit_indirect(n, t);
     }
@@ -775,8 +780,16 @@ fn branch(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<Step> {
             e.b.ins().brif(c, taken, &[], not, &[]);
             e.b.switch_to_block(taken);
             let t = e.rip_of(ins.near_branch64());
-            e.exit_chain(n, t);
+            if ins.near_branch64() == e.head_ip {
+                e.back_edge(n, t);
+            } else {
+                e.exit_chain(n, t);
+            }
             e.b.switch_to_block(not);
+            if e.merge {
+                // Not taken: on into the fall-through block translated with this one.
+                return Some(Step::Next);
+            }
             let f = e.rip_of(e.next_ip);
             e.exit_chain(n, f);
         }

@@ -42,6 +42,16 @@
 //! never enters stale code. The budget bounds the blocks run without the run loop, which
 //! polls for interrupts.
 //!
+//! # Superblocks and loops
+//! A block ending in a conditional branch is translated together with the cached blocks its
+//! fall-through leads to in the same guest page ([`fall_through`], at most [`MAX_SEGS`]
+//! blocks): a branch not taken runs on in the same function instead of chaining. Sharing the
+//! page, the blocks are invalidated together; the first block's bytes cover the others for
+//! re-validation after external writes. An exit from a later block counts the blocks before
+//! it as chained and sets [`JitCtx::block`], so that the count it returns is relative to its
+//! own block, as for a chain. A branch to the function's first instruction jumps back to its
+//! start (`Em::back_edge`) and takes one unit of the chain budget, like a chain to itself.
+//!
 //! # Code cache
 //! All code lives in one `JITModule`; when it holds more than [`JitConfig::cache_bytes`] of
 //! code, every block forgets its host code and the module is freed whole (with the slots).
@@ -96,7 +106,8 @@ pub(crate) struct JitCtx {
     pub chained_insns: u64,
     /// Set by chaining code: chains taken.
     pub chains: u64,
-    /// Set by chaining code: index of the block whose code is running (returned from).
+    /// Set by chaining code (and exits from a superblock's later blocks): index of the block
+    /// whose code is running (returned from).
     pub block: u64,
     /// Set by host code returning at a chainable exit: that exit's successor slot, for the
     /// run loop to fill with the block it runs next (null otherwise).
@@ -131,8 +142,13 @@ impl Default for Slot {
     }
 }
 
-/// Chainable exits per block (a block ends at its first control transfer: a Jcc has two).
-pub(crate) const SLOTS_PER_BLOCK: usize = 2;
+/// Chainable exits per translation (a block ends at its first control transfer: a Jcc has
+/// two; a superblock of [`MAX_SEGS`] blocks has one per Jcc plus the last fall-through).
+pub(crate) const SLOTS_PER_BLOCK: usize = MAX_SEGS + 1;
+
+/// Most blocks one translation covers: a block and the blocks its conditional branches fall
+/// through to ([`fall_through`]).
+pub(crate) const MAX_SEGS: usize = 3;
 
 /// The slots of one block.
 pub(crate) type Slots = [Slot; SLOTS_PER_BLOCK];
@@ -226,6 +242,14 @@ pub struct JitStats {
     pub native_insns: u64,
     /// Whole code-cache flushes.
     pub flushes: u64,
+    /// Translations that cover more than one block (superblocks, [`fall_through`]).
+    pub superblocks: u64,
+    /// Blocks translated into superblocks after their first block (each a chain saved
+    /// whenever a run passes there).
+    pub merged: u64,
+    /// Translations with a branch back to their first instruction, which loops inside the
+    /// function (`Em::back_edge`) instead of chaining to itself.
+    pub loops: u64,
 }
 
 /// The JIT of one CPU.
@@ -360,8 +384,8 @@ impl Jit {
         if self.bytes >= self.cfg.cache_bytes {
             self.flush(cache);
         }
-        let b = cache.get_mut(idx);
         let t0 = Instant::now();
+        let tails = fall_through(cache, idx);
         let module = self.module.as_mut()?;
         let mut slots: Box<Slots> = Box::default();
         let (sp, jp) = if self.cfg.chain_limit > 0 {
@@ -372,11 +396,16 @@ impl Jit {
         } else {
             (std::ptr::null_mut(), std::ptr::null_mut())
         };
-        let mut ops = Vec::with_capacity(b.insns.len());
+        let segs: Vec<(u32, &[iced_x86::Instruction])> = std::iter::once(idx)
+            .chain(tails.iter().copied())
+            .map(|i| (i, &cache.get(i).insns[..]))
+            .collect();
+        let total: usize = segs.iter().map(|s| s.1.len()).sum();
+        let mut ops = Vec::with_capacity(total);
         let res = translate::translate(
             module,
             &mut self.fctx,
-            &b.insns,
+            &segs,
             sp,
             jp,
             self.stub,
@@ -387,6 +416,15 @@ impl Jit {
         self.stats.compile_ns += t0.elapsed().as_nanos() as u64;
         match res {
             Ok(Some(t)) => {
+                if t.segs > 1 {
+                    // Re-validation after external writes must cover the tails' bytes too.
+                    let bytes = covered_bytes(cache, idx, &tails[..t.segs - 1]);
+                    cache.get_mut(idx).bytes = bytes;
+                    self.stats.superblocks += 1;
+                    self.stats.merged += t.segs as u64 - 1;
+                }
+                self.stats.loops += u64::from(t.loops);
+                let b = cache.get_mut(idx);
                 // The code refers to the slots and ops by address: they live as long as the
                 // module.
                 self.slots.push(slots);
@@ -403,12 +441,12 @@ impl Jit {
             }
             Ok(None) => {
                 self.stats.untranslatable += 1;
-                b.untranslatable = true;
+                cache.get_mut(idx).untranslatable = true;
                 None
             }
             Err(_) => {
                 // A Cranelift failure is a translator bug: keep interpreting this block.
-                b.untranslatable = true;
+                cache.get_mut(idx).untranslatable = true;
                 None
             }
         }
@@ -500,14 +538,74 @@ pub(crate) struct RunOut {
     pub chained_insns: u64,
     /// Chains taken.
     pub chains: u64,
+    /// Chain budget used: chains plus passes of loops inside a function.
+    pub passes: u64,
     /// The block it returned from.
     pub block: u32,
     /// That block's delta.
     pub delta: u64,
 }
 
+/// The blocks translated together with block `idx` (at most [`MAX_SEGS`] - 1): while the
+/// last block ends in a conditional branch, the block its fall-through starts, if it is
+/// cached, decoded at that address and current (epoch), lies in the same guest page (so an
+/// invalidation of one drops the other: they share the page) and the bytes of all of them fit
+/// the re-validation buffer of `Cpu::fetch`. Their code then runs as one function
+/// (`translate::translate`), with no chain between them.
+fn fall_through(cache: &mut BlockCache, idx: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let (phys, vip, epoch) = {
+        let b = cache.get(idx);
+        (b.phys, b.vip, cache.epoch)
+    };
+    let mut cur = idx;
+    while out.len() + 1 < MAX_SEGS {
+        let Some(last) = cache.get(cur).insns.last() else {
+            break;
+        };
+        let ft = last.next_ip();
+        if !last.is_jcc_short_or_near() || (ft ^ vip) & !0xFFF != 0 {
+            break;
+        }
+        let Some(t) = cache.lookup(phys.wrapping_add(ft.wrapping_sub(vip))) else {
+            break;
+        };
+        let tb = cache.get(t);
+        let end = tb.insns.last().map_or(ft, |l| l.next_ip());
+        if t == idx
+            || tb.vip != ft
+            || tb.epoch != epoch
+            || tb.insns.is_empty()
+            || end.wrapping_sub(vip) > crate::block_cache::MAX_BLOCK_INSNS as u64 * 15
+        {
+            break;
+        }
+        out.push(t);
+        cur = t;
+    }
+    out
+}
+
+/// The guest bytes of block `idx` followed by those of its fall-through `tails` (contiguous).
+fn covered_bytes(cache: &BlockCache, idx: u32, tails: &[u32]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for &i in std::iter::once(&idx).chain(tails) {
+        let b = cache.get(i);
+        let own = b
+            .insns
+            .last()
+            .map_or(0, |l| l.next_ip().wrapping_sub(b.vip) as usize);
+        v.extend_from_slice(&b.bytes[..own.min(b.bytes.len())]);
+    }
+    v
+}
+
 /// Compiled code of one block.
 pub(crate) struct Translated {
+    /// Blocks covered (1, or more for a superblock: see [`fall_through`]).
+    pub segs: usize,
+    /// The code loops back to its first instruction.
+    pub loops: bool,
     /// Address of the block function (`tail` calling convention).
     pub entry: usize,
     /// Guest instructions translated.
@@ -568,6 +666,7 @@ pub(crate) fn run(
             count: 0,
             chained_insns: 0,
             chains: 0,
+            passes: 0,
             block: idx,
             delta: cx.delta,
         };
@@ -603,6 +702,7 @@ pub(crate) fn run(
         count,
         chained_insns: jc.chained_insns,
         chains: jc.chains,
+        passes: u64::from(jit.cfg.chain_limit).saturating_sub(jc.budget),
         block: jc.block as u32,
         delta: jc.delta,
     }

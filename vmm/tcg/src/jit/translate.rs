@@ -157,19 +157,29 @@ pub(crate) fn trampoline(module: &mut JITModule) -> Result<Enter, JitError> {
     Ok(unsafe { std::mem::transmute::<*const u8, Enter>(p as *const u8) })
 }
 
-/// Translates `insns` (decoded at `vip`) up to the first instruction that neither the
-/// translator knows nor [`in_block_handler`] allows to run through its interpreter handler;
-/// those it allows become calls of [`super::helpers::interp`] with an [`InterpOp`] pushed on
-/// `ops` (allocated by the caller with capacity `insns.len()`, so it never reallocates).
-/// `stub`: the module's [`chain_stub`].
-/// `Ok(None)` when not even the first instruction is translated. `slots`: the block's successor
-/// slots (`SLOTS_PER_BLOCK` of them), `jcache` the JIT's jump cache; null to translate
-/// without chaining. `smp`: LOCKed instructions are not translated (see `JitConfig::smp`).
+/// Translates the blocks `segs` (block index, instructions; each after the first the
+/// fall-through of the conditional branch ending the one before, all decoded in one guest
+/// page: see `super::fall_through`) into one function, up to the first instruction that neither
+/// the translator knows nor [`in_block_handler`] allows to run through its interpreter
+/// handler; those it allows become calls of [`super::helpers::interp`] with an [`InterpOp`]
+/// pushed on `ops` (allocated by the caller with capacity for every instruction of `segs`, so
+/// it never reallocates). `stub`: the module's [`chain_stub`].
+///
+/// Passing from one block into the next costs nothing; an exit from a later block counts the
+/// blocks before it as chained (`JitCtx::chained_insns`) and names its own (`JitCtx::block`),
+/// so that its count is relative to the block it is in, as the run loop expects. A branch
+/// back to the first instruction (a loop) jumps to the start of the function while the
+/// chain budget lasts.
+///
+/// `Ok(None)` when not even the first instruction is translated. `slots`: the function's
+/// successor slots (`SLOTS_PER_BLOCK` of them), `jcache` the JIT's jump cache; null to
+/// translate without chaining. `smp`: LOCKed instructions are not translated (see
+/// `JitConfig::smp`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn translate(
     module: &mut JITModule,
     fctx: &mut FunctionBuilderContext,
-    insns: &[Instruction],
+    segs: &[(u32, &[Instruction])],
     slots: *mut Slot,
     jcache: *mut Slot,
     stub: usize,
@@ -177,45 +187,64 @@ pub(crate) fn translate(
     smp: bool,
     stats: &mut JitStats,
 ) -> Result<Option<Translated>, JitError> {
-    debug_assert!(ops.capacity() >= insns.len());
+    debug_assert!(ops.capacity() >= segs.iter().map(|s| s.1.len()).sum());
     let ptr = module.target_config().pointer_type();
     let cc = module.isa().default_call_conv();
     let mut ctx = module.make_context();
     ctx.func.signature = block_sig(module);
-    let mut done = 0;
+    let (mut done, mut total, mut used) = (0, 0, 0);
+    let loops;
     {
         let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
         let stub_sig = b.import_signature(stub_sig(module));
         let mut e = Em::new(b, ptr, cc, slots, jcache, (stub, stub_sig));
         e.smp = smp;
+        e.head_ip = segs
+            .first()
+            .and_then(|s| s.1.first())
+            .map_or(u64::MAX, |i| i.ip());
         let mut ended = false;
-        for (i, ins) in insns.iter().enumerate() {
-            e.idx = i;
-            e.ip = ins.ip();
-            e.next_ip = ins.next_ip();
-            match insn::translate(&mut e, ins) {
-                Step::Next => done = i + 1,
-                Step::End => {
-                    done = i + 1;
-                    ended = true;
-                    break;
+        'segs: for (k, (_, insns)) in segs.iter().enumerate() {
+            if k > 0 {
+                // The previous block fell through into this one.
+                e.next_seg(done, segs[k].0);
+                total += done;
+                done = 0;
+            }
+            used = k + 1;
+            e.merge = false;
+            for (i, ins) in insns.iter().enumerate() {
+                e.idx = i;
+                e.ip = ins.ip();
+                e.next_ip = ins.next_ip();
+                e.merge = k + 1 < segs.len() && i + 1 == insns.len();
+                match insn::translate(&mut e, ins) {
+                    Step::Next => done = i + 1,
+                    Step::End => {
+                        done = i + 1;
+                        ended = true;
+                        break 'segs;
+                    }
+                    Step::Unknown if in_block_handler(ins) && ops.len() < ops.capacity() => {
+                        ops.push(InterpOp {
+                            ins: *ins,
+                            handler: crate::exec::select(ins),
+                        });
+                        let op = ops
+                            .last()
+                            .map_or(std::ptr::null(), |o| o as *const InterpOp);
+                        e.interp_call(op as usize);
+                        done = i + 1;
+                    }
+                    Step::Unknown => {
+                        e.exit_here();
+                        ended = true;
+                        break 'segs;
+                    }
                 }
-                Step::Unknown if in_block_handler(ins) && ops.len() < ops.capacity() => {
-                    ops.push(InterpOp {
-                        ins: *ins,
-                        handler: crate::exec::select(ins),
-                    });
-                    let op = ops
-                        .last()
-                        .map_or(std::ptr::null(), |o| o as *const InterpOp);
-                    e.interp_call(op as usize);
-                    done = i + 1;
-                }
-                Step::Unknown => {
-                    e.exit_here();
-                    ended = true;
-                    break;
-                }
+            }
+            if !e.merge {
+                break;
             }
         }
         if !ended {
@@ -223,19 +252,23 @@ pub(crate) fn translate(
             let rip = e.rip_of(e.next_ip);
             e.exit_chain(done, rip);
         }
+        loops = e.looped;
         e.b.seal_all_blocks();
         let tcfg = module.target_config();
         e.b.finalize(tcfg);
     }
-    if done == 0 {
+    total += done;
+    if total == 0 {
         ops.clear();
         module.clear_context(&mut ctx);
         return Ok(None);
     }
     let (entry, bytes) = finish(module, &mut ctx, stats)?;
     Ok(Some(Translated {
+        segs: used,
+        loops,
         entry,
-        insns: done,
+        insns: total,
         bytes,
     }))
 }

@@ -630,10 +630,81 @@ fn jit_chained_loops_match_interpreter() {
     super::report(name, n as usize, &failures);
 }
 
+/// Superblocks and loops: loops of random blocks (Jcc over an instruction, MMIO, page
+/// faults, handler-run instructions), sometimes with a call, run 20 times with R15 counting
+/// down, translated on their third run (threshold 2), when the blocks a conditional branch
+/// falls through to are decoded: the JIT translates them into one function with the block
+/// before (a superblock), and the branch back to the loop's first instruction becomes a jump
+/// inside the function. JIT and interpreter end in the same state, and both kinds were
+/// translated.
+#[test]
+fn jit_superblocks_and_loops_match_interpreter() {
+    let name = "jit_superblocks_and_loops_match_interpreter";
+    let mut h = Harness::new();
+    let mut r = Rng(seed::for_test(name));
+    let mut failures = Vec::new();
+    let n = 600;
+    let (mut merged, mut loops, mut superblocks) = (0, 0, 0);
+    for i in 0..n {
+        let (body, st) = sequence(&mut r, true);
+        let call = r.below(3) == 0;
+        // mov r15d, 20; top: body; [call f;] dec r15; jnz top; jmp end; f: insn; ret; end:
+        let f = insn_simple(&mut r);
+        let mut code = vec![0x41, 0xBF, 20, 0, 0, 0];
+        let top = code.len() as i64;
+        code.extend(body);
+        if call {
+            code.extend([0xE8, 0, 0, 0, 0]);
+        }
+        let call_end = code.len();
+        code.extend([0x49, 0xFF, 0xCF, 0x0F, 0x85]);
+        let rel = top - (code.len() as i64 + 4);
+        code.extend((rel as i32).to_le_bytes());
+        code.extend([0xEB, f.len() as u8 + 1]);
+        let f_at = code.len();
+        if call {
+            code[call_end - 4..call_end].copy_from_slice(&((f_at - call_end) as i32).to_le_bytes());
+        }
+        code.extend(f);
+        code.push(0xC3);
+        fill(&mut h, i);
+        h.set_jit(false);
+        let interp = h.run_tcg(&code, &st);
+        let interp_data = h.data().to_vec();
+        fill(&mut h, i);
+        h.set_jit_config(rqemu_tcg::JitConfig {
+            threshold: 2,
+            ..Default::default()
+        });
+        let jit = h.run_tcg(&code, &st);
+        let same_data = interp_data[..] == h.data()[..];
+        let s = h.cpu().jit_stats().expect("jit enabled");
+        (merged, loops, superblocks) = (
+            merged + s.merged,
+            loops + s.loops,
+            superblocks + s.superblocks,
+        );
+        if matches!(interp, TcgOutcome::Other(_)) || interp != jit || !same_data {
+            failures.push(format!(
+                "code {code:02x?} state {:x?}:\n  interp {interp:x?}\n  jit    {jit:x?}\n  memory equal: {same_data}",
+                st.gpr
+            ));
+        }
+    }
+    eprintln!("{name}: {superblocks} superblocks, {merged} passes inside them, {loops} loops");
+    assert!(
+        merged > 0,
+        "no superblock passed into its fall-through block"
+    );
+    assert!(loops > 0, "no translated loop jumped back to its start");
+    super::report(name, n as usize, &failures);
+}
+
 /// A chained successor on another page is rewritten by code on the first page: the chain
 /// must not enter the successor's stale translation (the invalidation moves the chain
 /// generation on). Each iteration stores ECX into the immediate of `add eax, imm32` on the
-/// second page, reached by a JMP from the first page; an inner loop chains to itself.
+/// second page, reached by a JMP from the first page; an inner loop jumps back to its start
+/// inside its translation.
 #[test]
 fn jit_chain_to_a_rewritten_block() {
     let page = 0x1000 - (Harness::code_addr() & 0xFFF) as usize;
@@ -677,5 +748,8 @@ fn jit_chain_to_a_rewritten_block() {
         other => panic!("jit: {other:?}"),
     }
     assert_eq!(interp, jit);
-    assert!(stats.chained > 0, "no chain taken: {stats:?}");
+    assert!(
+        stats.chained + stats.loops > 0,
+        "no chain or loop inside translated code taken: {stats:?}"
+    );
 }
