@@ -44,6 +44,9 @@ pub const LEAF1_ECX: u32 = (1 << 0)
     | (1 << 28)
     | (1 << 30)
     | (1 << 31);
+/// Leaf 1 EDX bit 28 (HTT): leaf 1 EBX[23:16] gives the package's logical CPU IDs (set by
+/// [`cpuid_for`] when the machine has more than one CPU).
+const HTT: u32 = 1 << 28;
 /// Leaf 1 ECX: FMA (bit 12) and F16C (bit 29), which run on the host's units
 /// (`exec/fma.rs`): advertised only when the host has them.
 pub const LEAF1_ECX_HOST: u32 = (1 << 12) | (1 << 29);
@@ -111,8 +114,34 @@ const CACHES: [[u32; 4]; 4] = [
 /// registers (OSXSAVE = CR4.OSXSAVE).
 pub fn cpuid_for(s: &crate::state::ArchState, leaf: u32, subleaf: u32) -> [u32; 4] {
     let mut r = cpuid(leaf, subleaf);
-    if leaf == 1 {
-        r[1] |= u32::from(s.apic_id) << 24;
+    // Topology: every CPU of the machine is a core of one package (one thread per core), so
+    // the kernel finds its siblings (and e.g. takes the BSP's delay-loop calibration for the
+    // APs instead of calibrating each one against the timer).
+    let n = u32::from(s.package_cpus.max(1));
+    let ids = n.next_power_of_two();
+    match leaf {
+        1 => {
+            r[1] = (r[1] & !0xFF_0000) | (ids.min(255) << 16) | (u32::from(s.apic_id) << 24);
+            if n > 1 {
+                r[3] |= HTT;
+            }
+        }
+        4 if r[0] & 0x1F != 0 => {
+            // Cores per package, and threads sharing the cache: one core for L1/L2, all for L3.
+            let shared = if (r[0] >> 5) & 7 == 3 { ids - 1 } else { 0 };
+            r[0] |= ((ids - 1) << 26) | (shared << 14);
+        }
+        0xB => {
+            let x2apic = u32::from(s.apic_id);
+            r = match subleaf {
+                // SMT level: one thread per core.
+                0 => [0, 1, 1 << 8, x2apic],
+                // Core level: shift to the package ID, cores in the package.
+                1 => [ids.trailing_zeros(), n, 1 | (2 << 8), x2apic],
+                _ => [0, 0, subleaf & 0xFF, x2apic],
+            };
+        }
+        _ => {}
     }
     if leaf == 1 && s.cr4 & crate::state::cr4::OSXSAVE != 0 {
         r[2] |= OSXSAVE;
@@ -152,7 +181,7 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
             le(&VENDOR[4..8]),
         ],
         // CLFLUSH line 64 bytes, 1 logical CPU per package, APIC ID 0 (`cpuid_for` puts
-        // the CPU's own).
+        // the machine's topology and the CPU's own ID).
         1 => [SIGNATURE, (8 << 8) | (1 << 16), leaf1_ecx(), LEAF1_EDX],
         // One round; descriptor 0xFF: "use leaf 4".
         2 => [0x0000_FF01, 0, 0, 0],
@@ -188,6 +217,43 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topology_is_one_package_of_single_thread_cores() {
+        let mut s = crate::state::ArchState {
+            apic_id: 2,
+            package_cpus: 3,
+            ..Default::default()
+        };
+        let l1 = cpuid_for(&s, 1, 0);
+        assert_eq!((l1[1] >> 16) & 0xFF, 4, "addressable IDs: 3 rounded up");
+        assert_eq!(l1[1] >> 24, 2, "APIC ID");
+        assert_ne!(l1[3] & HTT, 0);
+        assert_eq!(
+            cpuid_for(&s, 0xB, 0),
+            [0, 1, 0x100, 2],
+            "SMT level: 1 thread"
+        );
+        assert_eq!(
+            cpuid_for(&s, 0xB, 1),
+            [2, 3, 0x201, 2],
+            "core level: 3 cores"
+        );
+        assert_eq!(cpuid_for(&s, 0xB, 2)[2] >> 8, 0, "no more levels");
+        assert_eq!(cpuid_for(&s, 4, 0)[0] >> 26, 3, "cores per package - 1");
+        assert_eq!(
+            (cpuid_for(&s, 4, 3)[0] >> 14) & 0xFFF,
+            3,
+            "L3 shared by all"
+        );
+        s.package_cpus = 1;
+        let l1 = cpuid_for(&s, 1, 0);
+        assert_eq!(
+            ((l1[1] >> 16) & 0xFF, l1[3] & HTT),
+            (1, 0),
+            "one CPU: no HTT"
+        );
+    }
 
     #[test]
     fn vendor_and_features() {

@@ -278,6 +278,9 @@ pub struct ArchState {
     pub tsc_offset: u64,
     /// This CPU's initial APIC ID (CPUID leaf 1 EBX[31:24]); kept across boot-state resets.
     pub apic_id: u8,
+    /// Logical CPUs of the machine, all cores of one package (CPUID leaves 1, 4 and 0xB);
+    /// kept across boot-state resets. 0 counts as 1.
+    pub package_cpus: u8,
 }
 
 impl Default for ArchState {
@@ -319,6 +322,7 @@ impl Default for ArchState {
             halted: false,
             tsc_offset: 0,
             apic_id: 0,
+            package_cpus: 1,
         }
     }
 }
@@ -368,9 +372,10 @@ impl ArchState {
     /// segments 64 KiB, the IDT at 0. The APIC ID and APIC base are kept. Call
     /// `Cpu::state_changed` afterwards.
     pub fn set_sipi_state(&mut self, vector: u8) {
-        let (apic_id, apic_base) = (self.apic_id, self.msr.apic_base);
+        let (apic_id, apic_base, n) = (self.apic_id, self.msr.apic_base, self.package_cpus);
         *self = ArchState::default();
         self.apic_id = apic_id;
+        self.package_cpus = n;
         self.msr.apic_base = apic_base;
         let real = |selector: u16, typ: u16| Segment {
             selector,
@@ -402,9 +407,10 @@ impl ArchState {
     /// `__BOOT_DS` (0x18) segments matching a GDT the VMM placed at `gdt_base`, interrupts
     /// off, RSI = `boot_params`, RIP = `entry`.
     pub fn set_linux_boot_state(&mut self, entry: u64, boot_params: u64, cr3: u64, gdt_base: u64) {
-        let apic_id = self.apic_id;
+        let (apic_id, n) = (self.apic_id, self.package_cpus);
         *self = ArchState::default();
         self.apic_id = apic_id;
+        self.package_cpus = n;
         self.cr0 = cr0::PE | cr0::ET | cr0::NE | cr0::PG;
         self.cr3 = cr3;
         self.cr4 = cr4::PAE;

@@ -180,6 +180,7 @@ impl Accelerator for TcgAccel {
         });
         Ok(Box::new(TcgVcpu::new(TcgVcpuParts {
             index,
+            count: topology.count,
             shared_code,
             ram,
             mem,

@@ -58,6 +58,8 @@ impl std::fmt::Debug for TcgVcpu {
 /// What a TCG vCPU is built from.
 pub(super) struct TcgVcpuParts {
     pub(super) index: u32,
+    /// Number of vCPUs of the machine (the cores of the one package CPUID describes).
+    pub(super) count: u32,
     /// The machine's shared code-page masks (SMP only).
     pub(super) shared_code: Option<Arc<rqemu_tcg::memory::SharedCode>>,
     pub(super) ram: Arc<rqemu_tcg::GuestRam>,
@@ -73,6 +75,7 @@ impl TcgVcpu {
     pub(super) fn new(p: TcgVcpuParts) -> Self {
         let mut cpu = Box::new(Cpu::new());
         cpu.arch.apic_id = p.index as u8;
+        cpu.arch.package_cpus = p.count.clamp(1, 255) as u8;
         cpu.set_clock(p.chip.epoch());
         p.chip.add_cpu(p.index as usize);
         #[cfg(feature = "jit")]
