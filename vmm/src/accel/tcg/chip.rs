@@ -360,14 +360,21 @@ impl IrqChip {
     /// one.
     pub(super) fn wait_sipi(&self, cpu: usize, max: Duration) -> Option<u8> {
         let mut c = self.lock();
-        if let Some(v) = c.cpus.get_mut(cpu).and_then(|s| s.sipi.take()) {
-            return Some(v);
+        let mut v = c.cpus.get_mut(cpu).and_then(|s| s.sipi.take());
+        if v.is_none() {
+            c = self
+                .wake
+                .wait_timeout(c, max)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            v = c.cpus.get_mut(cpu).and_then(|s| s.sipi.take());
         }
-        let (mut c, _) = self
-            .wake
-            .wait_timeout(c, max)
-            .unwrap_or_else(|e| e.into_inner());
-        c.cpus.get_mut(cpu).and_then(|s| s.sipi.take())
+        if v.is_some() {
+            // The INIT that came before this STARTUP is consumed with it (under the lock that
+            // orders both): a later `take_init` must not stop the CPU it starts.
+            self.init.fetch_and(!(1u64 << (cpu % 64)), Ordering::AcqRel);
+        }
+        v
     }
 }
 
@@ -448,10 +455,9 @@ mod tests {
         lapic_w(&chip, 0, 0x300, 0x0600 | 0x9a);
         assert_eq!(chip.wait_sipi(1, Duration::ZERO), None);
         assert!(
-            chip.take_init(1),
-            "the first INIT stops vCPU 1 (not yet running)"
+            !chip.take_init(1),
+            "the INIT before the STARTUP the vCPU took does not stop it again"
         );
-        assert!(!chip.take_init(1), "taken once");
         // INIT to the running CPU 1 (CPU hot-plug): it stops, its LAPIC resets, and the next
         // STARTUP starts it again; the BSP ignores INIT.
         lapic_w(&chip, 0, 0x300, 0xc500);
