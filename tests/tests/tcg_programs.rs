@@ -9,12 +9,11 @@
 //! optimised loops on the TCG.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use rqemu_e2e::cpio::{append_initramfs, CpioArchive};
-use rqemu_e2e::paths::project_binary;
-use rqemu_e2e::GuestAssets;
+use rqemu_e2e::{GuestAssets, RqemuVm};
 
 const TIMEOUT: Duration = Duration::from_secs(1500);
 
@@ -119,38 +118,20 @@ fn debian_programs_match_the_host_under_tcg() {
         .expect("cpio");
     let initrd = dir.path().join("initrd.img");
     append_initramfs(&assets.initramfs, &extra.finish(), &initrd).expect("initramfs");
-    let console = dir.path().join("console.log");
-    let start = Instant::now();
-    let mut child = Command::new(project_binary("rqemu-vmm").expect("rqemu-vmm binary"))
-        .args(["--accel", "tcg", "--memory", "512M"])
-        .arg("--kernel")
-        .arg(&assets.vmlinuz)
-        .arg("--initrd")
-        .arg(&initrd)
-        .arg("--serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("--cmdline")
-        .arg("console=ttyS0 panic=-1")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawning rqemu-vmm");
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "rqemu-vmm did not finish within {TIMEOUT:?}; console:\n{}",
-                std::fs::read_to_string(&console).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let text = std::fs::read_to_string(&console).unwrap_or_default();
-    let guest_res = results(&text);
-    let report = format!("status {status}\n--- console ---\n{text}");
+    let run = RqemuVm::new(&assets)
+        .initrd(&initrd)
+        .timeout(TIMEOUT)
+        .run()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let status = run.status.unwrap_or_else(|| {
+        panic!(
+            "rqemu-vmm did not finish within {TIMEOUT:?}\n{}",
+            run.transcript()
+        )
+    });
+    let text = &run.console;
+    let guest_res = results(text);
+    let report = run.transcript();
     assert!(
         guest_res.contains_key("done"),
         "the guest script did not finish\n{report}"
@@ -190,6 +171,6 @@ fn debian_programs_match_the_host_under_tcg() {
     eprintln!(
         "tcg_programs: {} checks match the host; guest run {:.1} s",
         host_res.len() - 1,
-        start.elapsed().as_secs_f64()
+        run.elapsed.as_secs_f64()
     );
 }

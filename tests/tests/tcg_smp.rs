@@ -10,11 +10,12 @@
 //! shows the two CPUs really ran at the same time).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use rqemu_e2e::cpio::{append_initramfs, CpioArchive};
-use rqemu_e2e::paths::project_binary;
+use rqemu_e2e::paths::host_program_files;
+use rqemu_e2e::vmm::RqemuVm;
 use rqemu_e2e::GuestAssets;
 
 const TIMEOUT: Duration = Duration::from_secs(1200);
@@ -35,16 +36,6 @@ taskset -c 1 sh -c 'echo "SMP after replug cpu=1 ran"'
 echo "SMP done"
 "#;
 
-/// The shared libraries `ldd` lists for `bin` (absolute paths).
-fn libraries(bin: &Path) -> Vec<String> {
-    let out = Command::new("ldd").arg(bin).output().expect("running ldd");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter(|w| w.starts_with('/'))
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn two_tcg_cpus_come_online_and_lock_add_is_exact() {
     let assets = GuestAssets::locate().expect("guest assets (run scripts/guest-assets.sh)");
@@ -62,48 +53,25 @@ fn two_tcg_cpus_come_online_and_lock_add_is_exact() {
     let mut extra = CpioArchive::new();
     let script = SCRIPT.replace("N_ITERS", &N.to_string());
     extra.add_file("test.sh", 0o755, script.as_bytes()).unwrap();
-    extra
-        .add_file("smp_counter", 0o755, &std::fs::read(&bin).unwrap())
-        .unwrap();
-    for lib in libraries(&bin) {
-        let data = std::fs::read(&lib).unwrap_or_else(|e| panic!("reading {lib}: {e}"));
-        extra
-            .add_file(lib.trim_start_matches('/'), 0o755, &data)
-            .unwrap();
+    for (path, data) in host_program_files(&bin, "/", "gcc") {
+        extra.add_file(&path, 0o755, &data).unwrap();
     }
     let initrd = dir.path().join("initrd.img");
     append_initramfs(&assets.initramfs, &extra.finish(), &initrd).expect("initramfs");
-    let console = dir.path().join("console.log");
-    let start = Instant::now();
-    let mut child = Command::new(project_binary("rqemu-vmm").expect("rqemu-vmm binary"))
-        .args(["--accel", "tcg", "--cpus", "2", "--memory", "512M"])
-        .arg("--kernel")
-        .arg(&assets.vmlinuz)
-        .arg("--initrd")
-        .arg(&initrd)
-        .arg("--serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("--cmdline")
-        .arg("console=ttyS0 panic=-1")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawning rqemu-vmm");
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "rqemu-vmm did not finish within {TIMEOUT:?}; console:\n{}",
-                std::fs::read_to_string(&console).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let text = std::fs::read_to_string(&console).unwrap_or_default();
-    let report = format!("status {status}\n--- console ---\n{text}");
+    let run = RqemuVm::new(&assets)
+        .cpus(2)
+        .initrd(&initrd)
+        .timeout(TIMEOUT)
+        .run()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let status = run.status.unwrap_or_else(|| {
+        panic!(
+            "rqemu-vmm did not finish within {TIMEOUT:?}\n{}",
+            run.transcript()
+        )
+    });
+    let text = &run.console;
+    let report = run.transcript();
     let has = |s: &str| text.lines().any(|l| l.trim_end_matches('\r') == s);
     assert!(has("SMP online=0-1 nproc=2"), "two CPUs online\n{report}");
     // CPUID describes one package: the AP takes the BSP's delay-loop calibration instead of
@@ -139,7 +107,7 @@ fn two_tcg_cpus_come_online_and_lock_add_is_exact() {
         "tcg_smp: n={n} per thread: lock add counter {atomic}, plain counter {plain} \
          (lost {}), guest run {:.1} s",
         2 * n - plain.min(2 * n),
-        start.elapsed().as_secs_f64()
+        run.elapsed.as_secs_f64()
     );
     // CPU 1 offline, then online again: a second INIT and STARTUP to a CPU that ran,
     // through the real-mode trampoline again.
