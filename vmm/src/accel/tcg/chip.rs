@@ -402,21 +402,25 @@ mod tests {
         assert!(!chip.interrupt_pending(0));
     }
 
+    /// ICW1-4 of the master 8259 (vectors 0x30-0x37, cascade on IRQ 2, 8086 mode), then
+    /// every IRQ but 4 masked.
+    fn init_master_pic(chip: &IrqChip) {
+        let mut c = chip.lock();
+        for (p, v) in [
+            (0x20, 0x11),
+            (0x21, 0x30),
+            (0x21, 4),
+            (0x21, 1),
+            (0x21, 0xef),
+        ] {
+            c.pic.write(p, v);
+        }
+    }
+
     #[test]
     fn pic_delivers_while_the_lapic_is_disabled() {
         let chip = IrqChip::new();
-        {
-            let mut c = chip.lock();
-            for (p, v) in [
-                (0x20, 0x11),
-                (0x21, 0x30),
-                (0x21, 4),
-                (0x21, 1),
-                (0x21, 0xef),
-            ] {
-                c.pic.write(p, v);
-            }
-        }
+        init_master_pic(&chip);
         chip.pulse_gsi(4);
         assert!(chip.take_external(&mut 0));
         assert!(chip.interrupt_pending(0));
@@ -533,18 +537,7 @@ mod tests {
         // The 8259 reaches only the BSP (both LAPICs accept ExtINT on LINT0).
         lapic_w(&chip, 0, 0x350, 0x700);
         lapic_w(&chip, 1, 0x350, 0x700);
-        {
-            let mut c = chip.lock();
-            for (p, v) in [
-                (0x20, 0x11),
-                (0x21, 0x30),
-                (0x21, 4),
-                (0x21, 1),
-                (0x21, 0xef),
-            ] {
-                c.pic.write(p, v);
-            }
-        }
+        init_master_pic(&chip);
         chip.pulse_gsi(4);
         assert!(!chip.interrupt_pending(1));
         assert_eq!(chip.acknowledge(0), Some(0x34));
