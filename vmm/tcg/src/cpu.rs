@@ -336,7 +336,7 @@ impl Cpu {
             dec.decode_out(&mut ins);
             if ins.is_invalid() && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
                 if block.insns.is_empty() {
-                    return self.fetch_crossing(ram, plat, rip, &buf[..n]);
+                    return self.fetch_crossing(ram, plat, (rip, rip, 64), &buf[..n]);
                 }
                 break;
             }
@@ -366,32 +366,29 @@ impl Cpu {
         // Only the rest of the page first: the next page is touched only if the instruction
         // continues there.
         let first = ((0x1000 - (lin & 0xFFF)) as usize).min(bytes.len());
-        let mut cx = self.ctx(ram, plat);
-        cx.read_bytes_as(lin, &mut bytes[..first], Access::Exec)?;
+        self.ctx(ram, plat)
+            .read_bytes_as(lin, &mut bytes[..first], Access::Exec)?;
         let mut dec = Decoder::with_ip(bits, &bytes[..first], ip, DecoderOptions::NONE);
         let ins = dec.decode();
-        if !(ins.is_invalid() && dec.last_error() == iced_x86::DecoderError::NoMoreBytes) {
-            return Ok(Fetch::Single(ins));
+        if ins.is_invalid() && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
+            return self.fetch_crossing(ram, plat, (lin, ip, bits), &bytes[..first]);
         }
-        let next = (lin + first as u64) & 0xFFFF_FFFF;
-        cx.read_bytes_as(next, &mut bytes[first..], Access::Exec)?;
-        Ok(Fetch::Single(
-            Decoder::with_ip(bits, &bytes, ip, DecoderOptions::NONE).decode(),
-        ))
+        Ok(Fetch::Single(ins))
     }
 
-    /// Decodes one instruction that straddles a page boundary (both pages translated).
+    /// Decodes one instruction at `bits` bitness that straddles a page boundary: `first`, the
+    /// bytes up to the end of the page at linear address `lin` (IP `ip`), then the next page.
     fn fetch_crossing(
         &mut self,
         ram: &GuestRam,
         plat: &mut dyn Platform,
-        rip: u64,
+        (lin, ip, bits): (u64, u64, u32),
         first: &[u8],
     ) -> Result<Fetch, Event> {
         let mut bytes = [0u8; 15];
         let k = first.len().min(15);
         bytes[..k].copy_from_slice(&first[..k]);
-        let next = rip.wrapping_add(k as u64);
+        let next = lin.wrapping_add(k as u64);
         let h2 = self.ctx(ram, plat).xlate(next, Access::Exec)?;
         if h2.host == 0 {
             return Err(Event::Exit(Exit::Shutdown(ShutdownReason::Unsupported(
@@ -402,7 +399,7 @@ impl Cpu {
         unsafe {
             std::ptr::copy_nonoverlapping(h2.host as *const u8, bytes[k..].as_mut_ptr(), 15 - k)
         };
-        let mut dec = Decoder::with_ip(64, &bytes, rip, DecoderOptions::NONE);
+        let mut dec = Decoder::with_ip(bits, &bytes, ip, DecoderOptions::NONE);
         Ok(Fetch::Single(dec.decode()))
     }
 

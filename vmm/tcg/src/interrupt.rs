@@ -1,5 +1,6 @@
-//! Exception and interrupt delivery through the 64-bit IDT (outside long mode: `crate::legacy`) (interrupt/trap gates, TSS RSP0-2
-//! and IST stacks, privilege changes), double-fault escalation and triple fault.
+//! Exception and interrupt delivery through the 64-bit IDT (interrupt/trap gates, TSS RSP0-2
+//! and IST stacks, privilege changes), double-fault escalation and triple fault. Outside long
+//! mode `deliver` hands over to `crate::legacy`.
 
 use crate::ctx::{vec, Ctx, Event, R};
 use crate::descriptor::read_descriptor;
