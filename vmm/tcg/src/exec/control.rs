@@ -40,13 +40,14 @@ pub fn branch(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
             cx.next_rip = target;
         }
         M::Loop | M::Loope | M::Loopne => {
-            let ecx = matches!(
-                ins.code(),
-                Code::Loop_rel8_64_ECX | Code::Loope_rel8_64_ECX | Code::Loopne_rel8_64_ECX
-            );
-            let mask = if ecx { 0xFFFF_FFFF } else { u64::MAX };
+            let mask = count_mask(ins);
             let c = (cx.s.gpr[1] & mask).wrapping_sub(1) & mask;
-            cx.s.gpr[1] = c;
+            // A 32-bit count register zero-extends; CX (outside 64-bit mode) merges.
+            cx.s.gpr[1] = if mask == 0xFFFF {
+                (cx.s.gpr[1] & !mask) | c
+            } else {
+                c
+            };
             let take = c != 0
                 && match m {
                     M::Loope => cx.s.flags.zf(),
@@ -57,9 +58,8 @@ pub fn branch(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
                 cx.next_rip = cx.branch_target(ins);
             }
         }
-        M::Jrcxz | M::Jecxz => {
-            let mask = if m == M::Jecxz { 0xFFFF_FFFF } else { u64::MAX };
-            if cx.s.gpr[1] & mask == 0 {
+        M::Jrcxz | M::Jecxz | M::Jcxz => {
+            if cx.s.gpr[1] & count_mask(ins) == 0 {
                 cx.next_rip = cx.branch_target(ins);
             }
         }
@@ -70,6 +70,34 @@ pub fn branch(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         }
     }
     Ok(())
+}
+
+/// The count register of LOOP/LOOPcc/JrCXZ by address size: RCX, ECX or (outside 64-bit
+/// mode) CX.
+fn count_mask(ins: &Instruction) -> u64 {
+    match ins.code() {
+        Code::Loop_rel8_16_CX
+        | Code::Loop_rel8_32_CX
+        | Code::Loope_rel8_16_CX
+        | Code::Loope_rel8_32_CX
+        | Code::Loopne_rel8_16_CX
+        | Code::Loopne_rel8_32_CX
+        | Code::Jcxz_rel8_16
+        | Code::Jcxz_rel8_32 => 0xFFFF,
+        Code::Loop_rel8_16_ECX
+        | Code::Loop_rel8_32_ECX
+        | Code::Loop_rel8_64_ECX
+        | Code::Loope_rel8_16_ECX
+        | Code::Loope_rel8_32_ECX
+        | Code::Loope_rel8_64_ECX
+        | Code::Loopne_rel8_16_ECX
+        | Code::Loopne_rel8_32_ECX
+        | Code::Loopne_rel8_64_ECX
+        | Code::Jecxz_rel8_16
+        | Code::Jecxz_rel8_32
+        | Code::Jecxz_rel8_64 => 0xFFFF_FFFF,
+        _ => u64::MAX,
+    }
 }
 
 /// Size of a push/pop from the instruction's stack pointer increment.

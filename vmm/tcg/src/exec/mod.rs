@@ -185,7 +185,8 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Loope
         | M::Loopne
         | M::Jrcxz
-        | M::Jecxz => control::branch,
+        | M::Jecxz
+        | M::Jcxz => control::branch,
         M::Push | M::Pop | M::Pushfq | M::Pushf | M::Popfq | M::Popf | M::Enter | M::Leave => {
             control::stack
         }

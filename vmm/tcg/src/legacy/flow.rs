@@ -1,5 +1,6 @@
 //! Control flow and the stack outside 64-bit mode: near and far JMP/CALL/RET, IRET, PUSH/POP
-//! and friends with SP or ESP (SS.B), LOOP/JCXZ with CX or ECX, far-pointer loads.
+//! and friends with SP or ESP (SS.B), far-pointer loads. (LOOP/JCXZ with CX are
+//! `exec::control::branch`'s.)
 
 use super::{ip_mask, linear};
 use crate::ctx::{gp, ud, vec, Ctx, Event, R};
@@ -400,37 +401,6 @@ fn enter(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
         (cx.s.gpr[4], cx.s.gpr[5]) = saved;
     }
     r
-}
-
-pub(super) fn loop_branch(cx: &mut Ctx<'_>, ins: &Instruction) -> R<()> {
-    let m: u64 = match ins.code() {
-        Code::Loop_rel8_16_CX
-        | Code::Loop_rel8_32_CX
-        | Code::Loope_rel8_16_CX
-        | Code::Loope_rel8_32_CX
-        | Code::Loopne_rel8_16_CX
-        | Code::Loopne_rel8_32_CX
-        | Code::Jcxz_rel8_16
-        | Code::Jcxz_rel8_32 => 0xFFFF,
-        _ => 0xFFFF_FFFF,
-    };
-    let take = match ins.mnemonic() {
-        M::Jcxz | M::Jecxz => cx.s.gpr[1] & m == 0,
-        mn => {
-            let c = (cx.s.gpr[1] & m).wrapping_sub(1) & m;
-            cx.s.gpr[1] = (cx.s.gpr[1] & !m) | c;
-            c != 0
-                && match mn {
-                    M::Loope => cx.s.flags.zf(),
-                    M::Loopne => !cx.s.flags.zf(),
-                    _ => true,
-                }
-        }
-    };
-    if take {
-        cx.next_rip = cx.branch_target(ins);
-    }
-    Ok(())
 }
 
 pub(super) fn into(cx: &mut Ctx<'_>, _ins: &Instruction) -> R<()> {

@@ -92,7 +92,6 @@ pub(crate) fn select(ins: &Instruction) -> Handler {
         | M::Popad
         | M::Enter
         | M::Leave => flow::stack,
-        M::Loop | M::Loope | M::Loopne | M::Jcxz | M::Jecxz => flow::loop_branch,
         M::Into => flow::into,
         M::Lds | M::Les | M::Lss | M::Lfs | M::Lgs => flow::load_far_pointer,
         M::Iretq
