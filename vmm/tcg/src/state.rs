@@ -355,6 +355,16 @@ impl ArchState {
         self.efer & efer::LMA != 0 && self.seg[SegReg::Cs as usize].attr & Segment::L != 0
     }
 
+    /// The reset state, keeping what identifies this CPU in the machine (APIC ID, package
+    /// size).
+    fn reset_keeping_identity(&mut self) {
+        *self = ArchState {
+            apic_id: self.apic_id,
+            package_cpus: self.package_cpus,
+            ..ArchState::default()
+        };
+    }
+
     /// Bitness of the code at CS:RIP: 64 in 64-bit mode, else 32 or 16 from CS.D.
     #[inline]
     pub fn code_bits(&self) -> u32 {
@@ -372,10 +382,8 @@ impl ArchState {
     /// segments 64 KiB, the IDT at 0. The APIC ID and APIC base are kept. Call
     /// `Cpu::state_changed` afterwards.
     pub fn set_sipi_state(&mut self, vector: u8) {
-        let (apic_id, apic_base, n) = (self.apic_id, self.msr.apic_base, self.package_cpus);
-        *self = ArchState::default();
-        self.apic_id = apic_id;
-        self.package_cpus = n;
+        let apic_base = self.msr.apic_base;
+        self.reset_keeping_identity();
         self.msr.apic_base = apic_base;
         let real = |selector: u16, typ: u16| Segment {
             selector,
@@ -407,10 +415,7 @@ impl ArchState {
     /// `__BOOT_DS` (0x18) segments matching a GDT the VMM placed at `gdt_base`, interrupts
     /// off, RSI = `boot_params`, RIP = `entry`.
     pub fn set_linux_boot_state(&mut self, entry: u64, boot_params: u64, cr3: u64, gdt_base: u64) {
-        let (apic_id, n) = (self.apic_id, self.package_cpus);
-        *self = ArchState::default();
-        self.apic_id = apic_id;
-        self.package_cpus = n;
+        self.reset_keeping_identity();
         self.cr0 = cr0::PE | cr0::ET | cr0::NE | cr0::PG;
         self.cr3 = cr3;
         self.cr4 = cr4::PAE;
