@@ -230,8 +230,8 @@ impl Vcpu for TcgVcpu {
             if self.take_kick() {
                 return Ok(VcpuExit::Interrupted);
             }
-            if self.index != 0 && self.chip.take_init(self.index as usize) {
-                // INIT: stop until the next STARTUP IPI.
+            if self.chip.take_init(self.index as usize) {
+                // INIT (never for the BSP: the chip ignores it): stop until the next STARTUP.
                 self.booted = false;
             }
             if !self.booted {
