@@ -207,9 +207,11 @@ pub enum VmmAccel {
 /// exits, talk to the device daemons (vhost-user frontend messages, forwarding rings and
 /// doorbells: `sendmsg`/`recvmsg`, `poll`); the control thread and the forwarding supervisor
 /// (reattaching restarted daemons: AF_UNIX `connect`, new memfd rings) take the control list;
-/// helpers poll call eventfds (TCG), watch vhost-user sockets and read console input. No
+/// helpers poll call eventfds (TCG), watch vhost-user sockets and read console input; with
+/// the software CPU, each vCPU's JIT compile thread only computes and maps memory. No
 /// capabilities; its own mount and ipc namespaces.
 pub fn vmm(accel: VmmAccel) -> Policy {
+    let tcg = accel == VmmAccel::Tcg;
     let (vcpu, control) = match accel {
         VmmAccel::Kvm {
             mut vcpu_ioctls,
@@ -243,6 +245,10 @@ pub fn vmm(accel: VmmAccel) -> Policy {
             (ThreadKind::Signal, list(&[])),
         ],
     );
+    if tcg {
+        // The JIT's compile threads: compute, map code.
+        p.threads.insert(ThreadKind::Compiler, list(&[]));
+    }
     p.pid_namespace = false;
     p.net_namespace = false;
     p

@@ -393,7 +393,7 @@ fn every_policy_survives_its_daemons_syscalls_under_kill() {
         ),
         (
             "vmm-tcg",
-            &["control", "vcpu", "helper", "signal"][..],
+            &["control", "vcpu", "helper", "signal", "compiler"][..],
             NO_CAPS,
         ),
     ] {

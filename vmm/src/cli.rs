@@ -33,6 +33,15 @@ pub enum TcgModeArg {
     Jit,
 }
 
+/// `--tcg-jit-compile` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JitCompileArg {
+    /// On the vCPU's compile thread; the vCPU interprets the block meanwhile.
+    Background,
+    /// The vCPU waits for each translation (deterministic: for comparisons and debugging).
+    Sync,
+}
+
 /// Transport of forwarded register accesses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ForwardVia {
@@ -149,6 +158,10 @@ pub struct Cli {
     /// TCG JIT: interpreted runs of a block before it is translated.
     #[arg(long = "tcg-jit-threshold", default_value_t = rqemu_tcg::DEFAULT_JIT_THRESHOLD)]
     pub tcg_jit_threshold: u32,
+    /// TCG JIT: translate on a compile thread while the vCPU goes on interpreting
+    /// (`background`), or make the vCPU wait for each translation (`sync`).
+    #[arg(long = "tcg-jit-compile", value_enum, default_value_t = JitCompileArg::Background)]
+    pub tcg_jit_compile: JitCompileArg,
     /// Print the software CPU's execution counters (instructions, translated blocks, compile
     /// time, share run in translated code) to stderr when the VM ends; also RQEMU_TCG_STATS=1.
     #[arg(long = "tcg-stats")]
@@ -193,6 +206,7 @@ impl Cli {
                 None => d.mode,
             },
             jit_threshold: self.tcg_jit_threshold,
+            jit_background: self.tcg_jit_compile == JitCompileArg::Background,
             stats: self.tcg_stats || d.stats,
         }
     }

@@ -42,6 +42,8 @@ pub enum VmmThread {
     VhostControl,
     /// The console input reader (stdin → the in-VMM COM1).
     StdinReader,
+    /// A TCG vCPU's JIT compile thread: translates hot guest code, maps the host code.
+    JitCompiler,
     /// The management API server (`--api-socket`): accepts, reads and answers requests;
     /// pause/resume (the guest clock: `KVM_GET_CLOCK`/`KVM_SET_CLOCK`), power button
     /// (`KVM_IRQ_LINE`).
@@ -56,6 +58,7 @@ impl VmmThread {
                 ThreadKind::Control
             }
             VmmThread::Vcpu => ThreadKind::Vcpu,
+            VmmThread::JitCompiler => ThreadKind::Compiler,
             VmmThread::Signal => ThreadKind::Signal,
             VmmThread::IrqfdPoller | VmmThread::StdinReader => ThreadKind::Helper,
         }
@@ -90,13 +93,15 @@ pub fn policy(accel: &str, socket_dirs: Vec<PathBuf>) -> Policy {
     policy_with(accel, socket_dirs, false)
 }
 
-/// [`policy`]; `jit`: the vCPU threads generate code (the TCG JIT), so they may map memory
-/// executable (`mmap`/`mprotect` with `PROT_EXEC`).
+/// [`policy`]; `jit`: the vCPU threads and their compile threads generate code (the TCG
+/// JIT), so they may map memory executable (`mmap`/`mprotect` with `PROT_EXEC`).
 pub fn policy_with(accel: &str, socket_dirs: Vec<PathBuf>, jit: bool) -> Policy {
     let mut p = policy_inner(accel, socket_dirs);
     if jit {
-        if let Some(v) = p.threads.get_mut(&ThreadKind::Vcpu) {
-            v.exec = true;
+        for k in [ThreadKind::Vcpu, ThreadKind::Compiler] {
+            if let Some(v) = p.threads.get_mut(&k) {
+                v.exec = true;
+            }
         }
     }
     p
@@ -208,6 +213,8 @@ mod tests {
         );
         let jit = policy_with("tcg", Vec::new(), true);
         assert!(jit.threads[&ThreadKind::Vcpu].exec);
+        assert!(jit.threads[&ThreadKind::Compiler].exec);
+        assert!(!tcg.threads[&ThreadKind::Compiler].exec);
         assert!(!jit.threads[&ThreadKind::Control].exec);
     }
 
@@ -252,6 +259,7 @@ mod tests {
             VmmThread::VhostControl,
             VmmThread::StdinReader,
             VmmThread::Api,
+            VmmThread::JitCompiler,
         ] {
             assert!(p.threads.contains_key(&t.kind()), "{t:?}");
         }

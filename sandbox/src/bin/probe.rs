@@ -315,6 +315,25 @@ fn thread_work(
     readonly: bool,
 ) -> Result<(), String> {
     match kind {
+        ThreadKind::Compiler => {
+            // Memory for code (executable only under a JIT policy), handed back.
+            // SAFETY: a fresh anonymous mapping, unmapped again; nothing else refers to it.
+            unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if p == libc::MAP_FAILED {
+                    return Err(format!("mmap: errno {}", errno()));
+                }
+                check("munmap", i64::from(libc::munmap(p, 4096)))?;
+            }
+            Ok(())
+        }
         ThreadKind::Signal => {
             // A sigwait with nothing pending (zero timeout), then the flush on the way out.
             // SAFETY: an empty, initialised set and a zero timeout.

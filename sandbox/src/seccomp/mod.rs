@@ -53,6 +53,9 @@ pub enum ThreadKind {
     Helper,
     /// A vCPU thread of rqemu-vmm (KVM_RUN, or the software CPU loop).
     Vcpu,
+    /// rqemu-vmm's JIT compile thread: computes and maps the code it made (executable only
+    /// where the policy allows it).
+    Compiler,
 }
 
 impl ThreadKind {
@@ -65,6 +68,7 @@ impl ThreadKind {
             ThreadKind::Ring => "ring",
             ThreadKind::Helper => "helper",
             ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Compiler => "compiler",
         }
     }
 }

@@ -220,6 +220,12 @@ pub trait Vcpu: Send {
     fn index(&self) -> u32;
     /// Loads the boot CPU's entry state (only called for vCPU 0).
     fn set_boot_state(&mut self, state: &BootState) -> Result<()>;
+    /// Starts the vCPU's own helper threads (the TCG JIT's compile thread); called once on
+    /// the main thread, confined, before the vCPU thread is spawned (vCPU threads may not
+    /// create threads).
+    fn start_helpers(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Arms kick handling; called once on the vCPU thread before the first `run`.
     fn bind_to_thread(&mut self) -> Result<()>;
     /// Runs the guest until the next exit the VMM must handle.

@@ -325,7 +325,10 @@ impl Vm {
     pub fn run(mut self) -> Result<GuestExit, VmError> {
         self.accel.start_threads()?;
         let mut handles: Vec<JoinHandle<()>> = Vec::with_capacity(self.vcpus.len());
-        for vcpu in self.vcpus.drain(..) {
+        for mut vcpu in self.vcpus.drain(..) {
+            if let Err(e) = vcpu.start_helpers() {
+                tracing::warn!("vCPU {}: {e}", vcpu.index());
+            }
             let ctx = vcpu_thread::VcpuContext {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),

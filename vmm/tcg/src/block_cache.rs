@@ -57,6 +57,12 @@ pub struct Block {
     pub(crate) native: Option<Native>,
     /// The translator could not translate the block's first instruction: do not retry.
     pub(crate) untranslatable: bool,
+    /// Sent to the JIT's compile thread, code not installed yet.
+    pub(crate) queued: bool,
+    /// Identity of this block among every block the cache held (`BlockCache::decoded` at
+    /// insertion): a translation finished later is installed only in the block it was made
+    /// from.
+    pub(crate) serial: u64,
 }
 
 /// Host code of a block: `entry(ctx)` runs the first `len` instructions or fewer and returns
@@ -151,6 +157,7 @@ impl BlockCache {
                 b.hits = 0;
                 b.native = None;
                 b.untranslatable = false;
+                b.queued = false;
                 b
             }
             None => Block {
@@ -165,6 +172,7 @@ impl BlockCache {
     /// (the caller must then drop write-TLB entries for the page).
     pub fn insert(&mut self, mut block: Block) -> (u32, bool) {
         block.epoch = self.epoch;
+        block.serial = self.decoded;
         let phys = block.phys;
         let idx = match self.free.pop() {
             Some(i) => {
@@ -185,6 +193,13 @@ impl BlockCache {
         (idx, new_page)
     }
 
+    /// The block with index `idx`, if the cache has that many.
+    #[cfg_attr(not(feature = "jit"), allow(dead_code))]
+    #[inline]
+    pub(crate) fn try_get(&self, idx: u32) -> Option<&Block> {
+        self.blocks.get(idx as usize)
+    }
+
     /// The block with index `idx`, mutably (tiering state).
     #[cfg_attr(not(feature = "jit"), allow(dead_code))]
     #[inline]
@@ -200,6 +215,7 @@ impl BlockCache {
             b.native = None;
             b.hits = 0;
             b.untranslatable = false;
+            b.queued = false;
         }
     }
 
@@ -222,6 +238,7 @@ impl BlockCache {
                 self.map.remove(&b.phys);
                 b.phys = u64::MAX;
                 b.native = None;
+                b.queued = false;
                 self.free.push(idx);
             }
         }

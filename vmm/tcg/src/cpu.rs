@@ -113,6 +113,28 @@ impl Cpu {
         Ok(())
     }
 
+    /// Starts the JIT's compile thread, which runs `on_start` first (else it starts with the
+    /// first block to translate, from the vCPU's thread).
+    #[cfg(feature = "jit")]
+    pub fn start_jit(
+        &mut self,
+        on_start: Option<Box<dyn FnOnce() + Send>>,
+    ) -> Result<(), crate::jit::JitError> {
+        match self.jit.as_mut() {
+            Some(j) => j.start(on_start),
+            None => Ok(()),
+        }
+    }
+
+    /// Installs every translation the JIT's compile thread has in flight, waiting for them
+    /// (background compilation; for tests that need a deterministic point).
+    #[cfg(feature = "jit")]
+    pub fn jit_settle(&mut self) {
+        if let Some(j) = self.jit.as_mut() {
+            j.settle(&mut self.cache);
+        }
+    }
+
     /// Interprets everything from now on (drops all host code).
     #[cfg(feature = "jit")]
     pub fn disable_jit(&mut self) {

@@ -51,6 +51,9 @@ pub struct TcgOptions {
     pub mode: TcgMode,
     /// Interpreted runs of a block before it is translated.
     pub jit_threshold: u32,
+    /// Translate on the JIT's compile thread while the vCPU goes on interpreting (off: the
+    /// vCPU waits for each translation).
+    pub jit_background: bool,
     /// Print execution counters to stderr when a vCPU ends.
     pub stats: bool,
 }
@@ -65,6 +68,7 @@ impl Default for TcgOptions {
                 TcgMode::Interp
             },
             jit_threshold: rqemu_tcg::DEFAULT_JIT_THRESHOLD,
+            jit_background: true,
             stats: std::env::var("RQEMU_TCG_STATS").is_ok_and(|v| v == "1"),
         }
     }

@@ -88,6 +88,7 @@ impl TcgVcpu {
             let cfg = rqemu_tcg::JitConfig {
                 threshold: p.opts.jit_threshold,
                 smp: smp_jit,
+                background: p.opts.jit_background,
                 ..Default::default()
             };
             if let Err(e) = cpu.enable_jit(cfg) {
@@ -214,6 +215,19 @@ impl Vcpu for TcgVcpu {
         self.cpu.state_changed();
         self.cpu.note_external_writes();
         self.booted = true;
+        Ok(())
+    }
+
+    fn start_helpers(&mut self) -> Result<()> {
+        #[cfg(feature = "jit")]
+        if let Err(e) = self.cpu.start_jit(Some(Box::new(|| {
+            crate::sandbox::confine_current(crate::sandbox::VmmThread::JitCompiler)
+        }))) {
+            tracing::warn!(
+                "TCG vCPU {}: the JIT compile thread did not start ({e}): interpreting",
+                self.index
+            );
+        }
         Ok(())
     }
 

@@ -2,8 +2,10 @@
 //!
 //! # Tiering
 //! Blocks start in the interpreter. Every interpreted run of a block bumps its counter; at
-//! [`JitConfig::threshold`] runs the block is translated ([`translate`]) and from then on its
-//! host code runs instead. An instruction the translator has no code for is run from the
+//! [`JitConfig::threshold`] runs the block is sent to the JIT's compile thread ([`worker`],
+//! which owns the Cranelift module and translates it with [`translate`]); the interpreter keeps
+//! running it until its code arrives ([`JitConfig::background`]; otherwise the CPU waits for
+//! it) and from then on its host code runs instead. An instruction the translator has no code for is run from the
 //! middle of the block by a call of its interpreter handler ([`helpers::interp`], with an
 //! [`InterpOp`] the JIT keeps), unless it transfers control or changes what translated code
 //! assumes fixed ([`translate::in_block_handler`]); there the block stops and the interpreter
@@ -60,14 +62,18 @@ mod emit;
 mod helpers;
 mod insn;
 mod translate;
+mod worker;
 
 use crate::block_cache::{BlockCache, Native};
 use crate::state::ArchState;
-use cranelift_codegen::settings::{self, Configurable};
-use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_jit::JITModule;
 use cranelift_module::Module;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
 use std::time::Instant;
 use thiserror::Error;
+use worker::Resp;
 
 /// Errors of the JIT.
 #[derive(Debug, Error)]
@@ -78,6 +84,9 @@ pub enum JitError {
     /// Cranelift failed to compile or link a function.
     #[error("cranelift: {0}")]
     Codegen(String),
+    /// The compile thread could not be started or ended.
+    #[error("JIT compile thread: {0}")]
+    Thread(String),
 }
 
 /// What translated code receives (layout used by the generated code: `repr(C)`).
@@ -200,6 +209,10 @@ pub struct JitConfig {
     /// Other CPUs share the guest RAM: LOCKed instructions are left to the interpreter,
     /// which runs them as host atomics (one CPU translates them as plain read-modify-writes).
     pub smp: bool,
+    /// Translate in the background: a block that turns hot is sent to the compile thread
+    /// and interpreted until its code is ready. Off: the CPU waits for the code (a block is
+    /// then translated exactly on its run after the threshold: deterministic, for tests).
+    pub background: bool,
 }
 
 impl Default for JitConfig {
@@ -209,6 +222,7 @@ impl Default for JitConfig {
             cache_bytes: 64 << 20,
             chain_limit: 256,
             smp: false,
+            background: false,
         }
     }
 }
@@ -250,16 +264,17 @@ pub struct JitStats {
     /// Translations with a branch back to their first instruction, which loops inside the
     /// function (`Em::back_edge`) instead of chaining to itself.
     pub loops: u64,
+    /// Translations dropped when they arrived because their block had been dropped (or the
+    /// code cache flushed) while they compiled.
+    pub discarded: u64,
 }
 
 /// The JIT of one CPU.
 pub(crate) struct Jit {
-    module: Option<JITModule>,
     cfg: JitConfig,
     /// Bytes of code in the current module.
     bytes: usize,
     pub stats: JitStats,
-    fctx: cranelift_frontend::FunctionBuilderContext,
     /// Per mnemonic (`iced_x86::Mnemonic as usize`): times translated code stopped before an
     /// instruction of that mnemonic and left the rest of its block to the interpreter.
     stops: Vec<u64>,
@@ -275,14 +290,31 @@ pub(crate) struct Jit {
     /// The exit slot the last run returned at and the RIP it left: filled by the next block
     /// run if that starts at the same RIP ([`Jit::note_next`]).
     pending: (*mut Slot, u64),
-    /// Enters host code (System V) and calls a block function (tail calling convention).
+    /// Enters host code (System V) and calls a block function (tail calling convention): the
+    /// current module's, from the compile thread.
     enter: Option<Enter>,
-    /// The current module's chain stub (address; the exits of every block tail-call it).
-    stub: usize,
     /// The jump cache: a slot per [`jcache_index`], filled for every block the run loop runs
     /// with host code. Lives as long as the JIT (its address is a constant in the code); a
     /// flush makes every entry stale by moving the chain generation on.
     jcache: Box<[Slot]>,
+    /// The compile thread, once started.
+    link: Option<Link>,
+    /// Generation of the compile thread's module (moves on with every flush).
+    module_gen: u64,
+    /// Jobs sent and not answered yet.
+    in_flight: usize,
+    /// The compile thread could not be started or lost its module: interpret.
+    broken: bool,
+}
+
+/// The channels to the compile thread ([`worker`]).
+struct Link {
+    tx: Option<Sender<worker::Req>>,
+    rx: Receiver<Resp>,
+    /// Answers the thread sent; `seen` of them were received.
+    ready: Arc<AtomicU32>,
+    seen: u32,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The trampoline from Rust into block functions: `enter(jc, entry) -> count`.
@@ -302,47 +334,9 @@ impl std::fmt::Debug for Jit {
     }
 }
 
-/// A fresh module with its trampoline and chain stub ([`translate::chain_stub`]).
-fn new_module() -> Result<(JITModule, Enter, usize), JitError> {
-    let mut flags = settings::builder();
-    // Cranelift's optimizer (egraph) costs a quarter of the compile time and gains nothing
-    // measurable on these short blocks: off unless RQEMU_JIT_OPT=speed.
-    let opt = match std::env::var("RQEMU_JIT_OPT").as_deref() {
-        Ok("speed") => "speed",
-        _ => "none",
-    };
-    let regalloc = match std::env::var("RQEMU_JIT_REGALLOC").as_deref() {
-        Ok("single_pass") => "single_pass",
-        _ => "backtracking",
-    };
-    for (k, v) in [
-        ("opt_level", opt),
-        ("regalloc_algorithm", regalloc),
-        ("use_colocated_libcalls", "false"),
-        ("is_pic", "false"),
-        ("enable_verifier", "false"),
-        // Cranelift's x64 tail calls (block chaining) rely on frame pointers.
-        ("preserve_frame_pointers", "true"),
-    ] {
-        flags
-            .set(k, v)
-            .map_err(|e| JitError::Isa(format!("{k}={v}: {e}")))?;
-    }
-    let isa = cranelift_native::builder()
-        .map_err(|e| JitError::Isa(e.to_string()))?
-        .finish(settings::Flags::new(flags))
-        .map_err(|e| JitError::Isa(e.to_string()))?;
-    let mut m = JITModule::new(JITBuilder::with_isa(
-        isa,
-        cranelift_module::default_libcall_names(),
-    ));
-    let enter = translate::trampoline(&mut m)?;
-    let stub = translate::chain_stub(&mut m)?;
-    Ok((m, enter, stub))
-}
-
 impl Jit {
-    /// A JIT for the host ISA.
+    /// A JIT for the host ISA (its compile thread starts with [`Jit::start`] or on the first
+    /// block to translate).
     pub fn new(mut cfg: JitConfig) -> Result<Self, JitError> {
         // Tuning knob for measurements: RQEMU_JIT_CHAIN_LIMIT overrides the chain budget.
         if let Some(n) = std::env::var("RQEMU_JIT_CHAIN_LIMIT")
@@ -351,103 +345,223 @@ impl Jit {
         {
             cfg.chain_limit = n;
         }
-        let (m, enter, stub) = new_module()?;
+        // Fail here, not on the compile thread, when Cranelift does not support the host.
+        worker::isa()?;
         Ok(Jit {
-            module: Some(m),
             slots: Vec::new(),
             ops: Vec::new(),
             pending: (std::ptr::null_mut(), 0),
-            enter: Some(enter),
-            stub,
+            enter: None,
             jcache: (0..JCACHE_SIZE).map(|_| Slot::default()).collect(),
             cfg,
             bytes: 0,
             stats: JitStats::default(),
-            fctx: cranelift_frontend::FunctionBuilderContext::new(),
             stops: vec![0; iced_x86::Mnemonic::values().len()],
+            link: None,
+            module_gen: 0,
+            in_flight: 0,
+            broken: false,
         })
     }
 
-    /// Host code for block `idx` if it has (or now earns) some; counts the run otherwise.
+    /// Starts the compile thread (named `rqemu-jit`), which first runs `on_start` (a sandbox
+    /// narrowing itself, for instance), and waits for its first module. Done on the first
+    /// block to translate when not called before; nothing when already started.
+    pub fn start(&mut self, on_start: Option<Box<dyn FnOnce() + Send>>) -> Result<(), JitError> {
+        if self.link.is_some() || self.broken {
+            return Ok(());
+        }
+        let (req_tx, req_rx) = std::sync::mpsc::channel();
+        let (resp_tx, resp_rx) = std::sync::mpsc::channel();
+        let ready = Arc::new(AtomicU32::new(0));
+        let r = ready.clone();
+        let thread = std::thread::Builder::new()
+            .name("rqemu-jit".into())
+            .spawn(move || {
+                if let Some(f) = on_start {
+                    f();
+                }
+                worker::serve(req_rx, resp_tx, r)
+            })
+            .map_err(|e| {
+                self.broken = true;
+                JitError::Thread(e.to_string())
+            })?;
+        let mut link = Link {
+            tx: Some(req_tx),
+            rx: resp_rx,
+            ready,
+            seen: 0,
+            thread: Some(thread),
+        };
+        let first = link.rx.recv();
+        link.seen += 1;
+        self.link = Some(link);
+        match first {
+            Ok(Resp::Module(Ok((enter, _)))) => {
+                self.enter = Some(enter);
+                Ok(())
+            }
+            Ok(Resp::Module(Err(e))) => {
+                self.broken = true;
+                Err(e)
+            }
+            _ => {
+                self.broken = true;
+                Err(JitError::Thread("the compile thread ended".into()))
+            }
+        }
+    }
+
+    /// Host code for block `idx` if it has some (installing the translations the compile
+    /// thread finished); counts the run otherwise, and sends the block to the compile thread
+    /// when the count reaches the threshold (in synchronous mode waiting for its code).
     pub fn prepare(&mut self, cache: &mut BlockCache, idx: u32) -> Option<Native> {
+        if let Some(l) = &self.link {
+            if l.ready.load(Ordering::Acquire) != l.seen {
+                self.collect(cache, false);
+            }
+        }
         let b = cache.get_mut(idx);
         if let Some(n) = b.native {
             return Some(n);
         }
-        if b.untranslatable {
+        if b.untranslatable || b.queued {
             return None;
         }
         b.hits = b.hits.saturating_add(1);
         if b.hits <= self.cfg.threshold {
             return None;
         }
+        if self.link.is_none() && self.start(None).is_err() {
+            return None;
+        }
+        if self.broken {
+            return None;
+        }
         if self.bytes >= self.cfg.cache_bytes {
             self.flush(cache);
+            if self.broken {
+                return None;
+            }
         }
-        let t0 = Instant::now();
         let tails = fall_through(cache, idx);
-        let module = self.module.as_mut()?;
-        let mut slots: Box<Slots> = Box::default();
-        let (sp, jp) = if self.cfg.chain_limit > 0 {
-            (
-                &mut *slots as *mut Slots as *mut Slot,
-                self.jcache.as_mut_ptr(),
-            )
-        } else {
-            (std::ptr::null_mut(), std::ptr::null_mut())
-        };
-        let segs: Vec<(u32, &[iced_x86::Instruction])> = std::iter::once(idx)
+        let segs: Vec<(u32, Vec<iced_x86::Instruction>)> = std::iter::once(idx)
             .chain(tails.iter().copied())
-            .map(|i| (i, &cache.get(i).insns[..]))
+            .map(|i| (i, cache.get(i).insns.clone()))
             .collect();
-        let total: usize = segs.iter().map(|s| s.1.len()).sum();
-        let mut ops = Vec::with_capacity(total);
-        let res = translate::translate(
-            module,
-            &mut self.fctx,
-            &segs,
-            sp,
-            jp,
-            self.stub,
-            &mut ops,
-            self.cfg.smp,
-            &mut self.stats,
-        );
-        self.stats.compile_ns += t0.elapsed().as_nanos() as u64;
-        match res {
+        let seg_bytes = segs.iter().map(|s| own_bytes(cache.get(s.0))).collect();
+        let b = cache.get_mut(idx);
+        b.queued = true;
+        let job = worker::Job {
+            module_gen: self.module_gen,
+            idx,
+            serial: b.serial,
+            segs,
+            seg_bytes,
+            slots: Box::default(),
+            jcache: self.jcache.as_mut_ptr() as usize,
+            chain: self.cfg.chain_limit > 0,
+            smp: self.cfg.smp,
+        };
+        if !self.send(worker::Req::Compile(Box::new(job))) {
+            return None;
+        }
+        self.in_flight += 1;
+        if !self.cfg.background {
+            self.collect(cache, true);
+        }
+        cache.get(idx).native
+    }
+
+    fn send(&mut self, r: worker::Req) -> bool {
+        let ok = self
+            .link
+            .as_ref()
+            .and_then(|l| l.tx.as_ref())
+            .is_some_and(|tx| tx.send(r).is_ok());
+        if !ok {
+            self.broken = true;
+        }
+        ok
+    }
+
+    /// Installs every translation in flight, waiting for them.
+    pub fn settle(&mut self, cache: &mut BlockCache) {
+        self.collect(cache, true);
+    }
+
+    /// Installs the finished translations; with `wait`, until none is in flight.
+    fn collect(&mut self, cache: &mut BlockCache, wait: bool) {
+        loop {
+            let Some(l) = self.link.as_mut() else {
+                return;
+            };
+            let r = if wait && self.in_flight > 0 {
+                l.rx.recv().ok()
+            } else {
+                l.rx.try_recv().ok()
+            };
+            let Some(r) = r else {
+                if wait && self.in_flight > 0 {
+                    self.broken = true;
+                }
+                return;
+            };
+            l.seen += 1;
+            if let Resp::Done(d) = r {
+                self.in_flight -= 1;
+                self.install(cache, *d);
+            }
+        }
+    }
+
+    /// Installs one finished translation, if its block is still the one it was made from.
+    fn install(&mut self, cache: &mut BlockCache, d: worker::Done) {
+        self.stats.compile_ns += d.stats.compile_ns;
+        self.stats.codegen_ns += d.stats.codegen_ns;
+        self.stats.finalize_ns += d.stats.finalize_ns;
+        let live = d.module_gen == self.module_gen
+            && cache
+                .try_get(d.idx)
+                .is_some_and(|b| b.serial == d.serial && b.queued);
+        if !live {
+            // The block was dropped (or the module flushed) while it compiled: its code is
+            // never entered (freed with the module).
+            self.stats.discarded += 1;
+            return;
+        }
+        let b = cache.get_mut(d.idx);
+        b.queued = false;
+        match d.res {
             Ok(Some(t)) => {
                 if t.segs > 1 {
                     // Re-validation after external writes must cover the tails' bytes too.
-                    let bytes = covered_bytes(cache, idx, &tails[..t.segs - 1]);
-                    cache.get_mut(idx).bytes = bytes;
+                    b.bytes = d.seg_bytes[..t.segs].concat();
                     self.stats.superblocks += 1;
                     self.stats.merged += t.segs as u64 - 1;
                 }
                 self.stats.loops += u64::from(t.loops);
-                let b = cache.get_mut(idx);
                 // The code refers to the slots and ops by address: they live as long as the
                 // module.
-                self.slots.push(slots);
-                self.stats.helper_insns += ops.len() as u64;
-                if !ops.is_empty() {
-                    self.ops.push(ops);
+                self.slots.push(d.slots);
+                self.stats.helper_insns += d.ops.len() as u64;
+                if !d.ops.is_empty() {
+                    self.ops.push(d.ops);
                 }
                 self.stats.translated += 1;
                 self.stats.translated_insns += t.insns as u64;
                 self.stats.code_bytes += t.bytes as u64;
                 self.bytes += t.bytes;
                 b.native = Some(Native { entry: t.entry });
-                b.native
             }
             Ok(None) => {
                 self.stats.untranslatable += 1;
-                cache.get_mut(idx).untranslatable = true;
-                None
+                b.untranslatable = true;
             }
             Err(_) => {
                 // A Cranelift failure is a translator bug: keep interpreting this block.
-                cache.get_mut(idx).untranslatable = true;
-                None
+                b.untranslatable = true;
             }
         }
     }
@@ -473,31 +587,69 @@ impl Jit {
         v
     }
 
-    /// Drops all host code (every block forgets its entry first).
+    /// Drops all host code (every block forgets its entry first; translations in flight are
+    /// dropped) and waits for the compile thread's new module.
     pub fn flush(&mut self, cache: &mut BlockCache) {
         cache.drop_native();
         self.pending = (std::ptr::null_mut(), 0);
         self.enter = None;
-        if let Some(m) = self.module.take() {
-            // SAFETY: no block refers to the module's code any more (`drop_native` above,
-            // which also moved the chain generation on, so no slot is valid), the trampoline
-            // is forgotten, and no host code is running (we are in the run loop, between
-            // blocks).
-            unsafe { m.free_memory() };
+        self.bytes = 0;
+        self.stats.flushes += 1;
+        if self.link.is_none() {
+            return;
+        }
+        // The module's code is freed by the thread before it answers; nothing refers to it
+        // any more (`drop_native` above, which also moved the chain generation on, so no
+        // slot is valid), and no host code is running (we are in the run loop).
+        if !self.send(worker::Req::Flush) {
+            return;
+        }
+        self.module_gen += 1;
+        loop {
+            let Some(l) = self.link.as_mut() else {
+                return;
+            };
+            let Ok(r) = l.rx.recv() else {
+                self.broken = true;
+                return;
+            };
+            l.seen += 1;
+            match r {
+                Resp::Done(_) => self.in_flight -= 1,
+                Resp::Module(Ok((enter, _))) => {
+                    self.enter = Some(enter);
+                    break;
+                }
+                Resp::Module(Err(_)) => {
+                    self.broken = true;
+                    break;
+                }
+            }
         }
         self.slots.clear();
         self.ops.clear();
-        match new_module() {
-            Ok((m, e, stub)) => {
-                self.module = Some(m);
-                self.enter = Some(e);
-                self.stub = stub;
-            }
-            Err(_) => self.module = None,
-        }
-        self.bytes = 0;
-        self.stats.flushes += 1;
     }
+}
+
+impl Drop for Jit {
+    fn drop(&mut self) {
+        if let Some(mut l) = self.link.take() {
+            // The thread ends when its requests do, and frees the module's code.
+            l.tx = None;
+            if let Some(t) = l.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// The guest bytes of block `b`'s instructions.
+fn own_bytes(b: &crate::block_cache::Block) -> Vec<u8> {
+    let own = b
+        .insns
+        .last()
+        .map_or(0, |l| l.next_ip().wrapping_sub(b.vip) as usize);
+    b.bytes[..own.min(b.bytes.len())].to_vec()
 }
 
 impl Jit {
@@ -584,20 +736,6 @@ fn fall_through(cache: &mut BlockCache, idx: u32) -> Vec<u32> {
         cur = t;
     }
     out
-}
-
-/// The guest bytes of block `idx` followed by those of its fall-through `tails` (contiguous).
-fn covered_bytes(cache: &BlockCache, idx: u32, tails: &[u32]) -> Vec<u8> {
-    let mut v = Vec::new();
-    for &i in std::iter::once(&idx).chain(tails) {
-        let b = cache.get(i);
-        let own = b
-            .insns
-            .last()
-            .map_or(0, |l| l.next_ip().wrapping_sub(b.vip) as usize);
-        v.extend_from_slice(&b.bytes[..own.min(b.bytes.len())]);
-    }
-    v
 }
 
 /// Compiled code of one block.

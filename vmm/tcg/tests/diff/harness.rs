@@ -370,6 +370,12 @@ impl Harness {
         self.cpu.enable_jit(cfg).expect("JIT for this host");
     }
 
+    /// Installs the translations the JIT's compile thread has in flight (waiting for them).
+    #[cfg(feature = "jit")]
+    pub fn settle_jit(&mut self) {
+        self.cpu.jit_settle();
+    }
+
     /// The CPU (for JIT statistics).
     #[cfg(feature = "jit")]
     pub fn cpu(&self) -> &Cpu {
@@ -477,13 +483,19 @@ impl Harness {
 
     /// Runs `code` in the TCG.
     pub fn run_tcg(&mut self, code: &[u8], st: &State) -> TcgOutcome {
-        let start = Self::code_addr();
         let mut img = vec![0x90; trampoline().0.len()];
         img.extend_from_slice(code);
         img.push(0xF4);
         self.load_code(&img);
+        self.cpu.invalidate_code(EXEC, EXEC_LEN as u64);
+        self.rerun_tcg(code, st)
+    }
+
+    /// [`Harness::run_tcg`] again on the code it loaded last (`code`), keeping the CPU's
+    /// cached blocks and their translations.
+    pub fn rerun_tcg(&mut self, code: &[u8], st: &State) -> TcgOutcome {
+        let start = Self::code_addr();
         let cpu = &mut self.cpu;
-        cpu.invalidate_code(EXEC, EXEC_LEN as u64);
         let a = &mut cpu.arch;
         a.gpr = st.gpr;
         // Host user code always runs with IF=1 (visible through PUSHF).
