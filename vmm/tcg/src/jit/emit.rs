@@ -19,6 +19,9 @@ use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::{FunctionBuilder, Variable};
 use std::mem::offset_of;
 
+mod vec;
+pub(crate) use vec::Unit;
+
 const GPR: i32 = offset_of!(ArchState, gpr) as i32;
 const RIP: i32 = offset_of!(ArchState, rip) as i32;
 const FLAGS: i32 = offset_of!(ArchState, flags) as i32;
@@ -100,6 +103,10 @@ pub(crate) struct Em<'a> {
     seg_idx: u32,
     /// The Cranelift block after the entry's loads, where a loop jumps back to.
     head: cranelift_codegen::ir::Block,
+    /// The interpreter handler (`InterpOp` address) the current instruction may call on a
+    /// side path (vector instructions, `insn::vector`), and whether its code does.
+    pub side_op: Option<usize>,
+    pub side_op_used: bool,
 }
 
 fn mem() -> MemFlagsData {
@@ -188,6 +195,8 @@ impl<'a> Em<'a> {
             looped: false,
             seg_idx: 0,
             head,
+            side_op: None,
+            side_op_used: false,
         }
     }
 
@@ -452,6 +461,13 @@ impl<'a> Em<'a> {
     /// any). On a fault the function returns before the instruction; when the handler ended
     /// the block or moved RIP elsewhere, after it with the handler's RIP.
     pub fn interp_call(&mut self, op: usize) {
+        self.run_handler(op, false);
+    }
+
+    /// The call of [`Em::interp_call`]; `keep`: the translation state (loaded registers,
+    /// flag record) stays valid, as the caller knows the handler changes neither (the record
+    /// it commits first is then written again, unchanged, at an exit after it).
+    fn run_handler(&mut self, op: usize, keep: bool) {
         self.commit();
         let rip = self.rip_of(self.ip);
         self.b.ins().store(mem(), rip, self.arch, RIP);
@@ -465,8 +481,10 @@ impl<'a> Em<'a> {
             .ins()
             .call_indirect(self.sigs.interp, fp, &[self.jc, opv]);
         let st = self.b.inst_results(call)[0];
-        self.loaded = 0;
-        self.flags = Flags::Mem;
+        if !keep {
+            self.loaded = 0;
+            self.flags = Flags::Mem;
+        }
         let (out, cont) = (self.b.create_block(), self.b.create_block());
         self.b.ins().brif(st, out, &[], cont, &[]);
         self.b.switch_to_block(out);
@@ -570,6 +588,17 @@ impl<'a> Em<'a> {
         size: u8,
         acc: Access,
     ) -> (Value, cranelift_codegen::ir::Block) {
+        self.tlb_lookup_if(va, size, acc, None)
+    }
+
+    /// [`Em::tlb_lookup`], taking the slow path also when `extra` (an I8 boolean) is false.
+    fn tlb_lookup_if(
+        &mut self,
+        va: Value,
+        size: u8,
+        acc: Access,
+        extra: Option<Value>,
+    ) -> (Value, cranelift_codegen::ir::Block) {
         let b = &mut self.b;
         let slot = b.ins().ushr_imm_s(va, 12);
         let slot = b.ins().band_imm_s(slot, (TLB_SIZE - 1) as i64);
@@ -595,6 +624,10 @@ impl<'a> Em<'a> {
         let ram = b.ins().icmp_imm_s(IntCC::NotEqual, host, 0);
         let ok = b.ins().band(t_ok, in_page);
         let ok = b.ins().band(ok, ram);
+        let ok = match extra {
+            Some(x) => b.ins().band(ok, x),
+            None => ok,
+        };
         let addr = b.ins().iadd(host, pofs);
         let (fast, slow) = (b.create_block(), b.create_block());
         b.ins().brif(ok, fast, &[], slow, &[]);

@@ -6,6 +6,13 @@
 //! as it was before the instruction.
 
 mod more;
+mod vector;
+
+/// Whether `ins` may run its interpreter handler on a side path of its translation (the
+/// caller then provides it in `Em::side_op`).
+pub(crate) fn wants_side_op(ins: &Instruction) -> bool {
+    vector::handles(ins.mnemonic())
+}
 
 use super::emit::{mask, Em};
 use crate::flags::FlagOp;
@@ -239,6 +246,12 @@ fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
     ) {
         return Some(Step::Next);
     }
+    if vector::handles(m) {
+        let op = e.side_op?;
+        vector::translate(e, ins, m, op)?;
+        e.side_op_used = true;
+        return Some(Step::Next);
+    }
     if !operands_ok(ins) {
         return None;
     }
@@ -295,6 +308,9 @@ fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
         M::Div => more::div(e, ins)?,
         M::Cmpxchg => more::cmpxchg(e, ins)?,
         M::Bt | M::Bts | M::Btr | M::Btc => more::bt(e, ins, m)?,
+        M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt | M::Popcnt => more::scan(e, ins, m)?,
+        M::Mul => more::mul(e, ins)?,
+        M::Shlx | M::Shrx | M::Sarx => more::shiftx(e, ins, m)?,
         M::Imul if ins.op_count() > 1 => imul(e, ins)?,
         M::Cdqe | M::Cwde | M::Cdq | M::Cqo => {
             let (src, dst, bits) = match m {

@@ -218,22 +218,35 @@ pub(crate) fn translate(
                 e.ip = ins.ip();
                 e.next_ip = ins.next_ip();
                 e.merge = k + 1 < segs.len() && i + 1 == insns.len();
-                match insn::translate(&mut e, ins) {
+                // The handler, for a side path of the translation or a call of it instead.
+                let push_op = |ops: &mut Vec<InterpOp>| {
+                    ops.push(InterpOp {
+                        ins: *ins,
+                        handler: crate::exec::select(ins),
+                    });
+                    ops.last().map_or(0, |o| o as *const InterpOp as usize)
+                };
+                let can_call = in_block_handler(ins) && ops.len() < ops.capacity();
+                e.side_op = (can_call && insn::wants_side_op(ins)).then(|| push_op(ops));
+                e.side_op_used = false;
+                let step = insn::translate(&mut e, ins);
+                if e.side_op.is_some() && !e.side_op_used && step != Step::Unknown {
+                    // Translated without it: nothing refers to it.
+                    ops.pop();
+                }
+                match step {
                     Step::Next => done = i + 1,
                     Step::End => {
                         done = i + 1;
                         ended = true;
                         break 'segs;
                     }
-                    Step::Unknown if in_block_handler(ins) && ops.len() < ops.capacity() => {
-                        ops.push(InterpOp {
-                            ins: *ins,
-                            handler: crate::exec::select(ins),
-                        });
-                        let op = ops
-                            .last()
-                            .map_or(std::ptr::null(), |o| o as *const InterpOp);
-                        e.interp_call(op as usize);
+                    Step::Unknown if can_call => {
+                        let op = match e.side_op {
+                            Some(op) => op,
+                            None => push_op(ops),
+                        };
+                        e.interp_call(op);
                         done = i + 1;
                     }
                     Step::Unknown => {

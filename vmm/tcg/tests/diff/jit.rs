@@ -1,11 +1,12 @@
 //! The JIT against the interpreter (and the host CPU) on random sequences of the instruction
 //! classes the translator handles: MOV/LEA/MOVZX/MOVSX, ALU reg-reg/reg-imm/reg-mem/mem-reg/
 //! mem-imm, INC/DEC/NOT/NEG, PUSH/POP, CALL/Jcc, SETcc/CMOVcc, shifts and rotates, DIV,
-//! CMPXCHG, BT/BTS/BTR/BTC, with occasional accesses to
+//! CMPXCHG, BT/BTS/BTR/BTC, one-operand MUL, BSF/BSR/TZCNT/LZCNT/POPCNT, SHLX/SARX/SHRX
+//! (generated with the handler instructions below), with occasional accesses to
 //! MMIO (slow path) and to an unmapped page (precise #PF in the middle of a block), and
 //! self-modifying code. Against the interpreter the sequences also hold instructions the
 //! translator leaves to their interpreter handlers, called from the middle of translated
-//! blocks ([`insn_handler`]: MUL/IMUL, bit scans and counts, XADD, XCHG, SHLD/SHRD, CPUID,
+//! blocks ([`insn_handler`]: IMUL, 8/16-bit MUL, XADD, XCHG, SHLD/SHRD, CPUID,
 //! SSE2 integer ops and MOVQ between GPRs and XMM, a #PF inside a handler), and 64-bit DIV
 //! of a 128-bit dividend. Every block is
 //! translated on its first run (threshold 0).
@@ -345,7 +346,7 @@ fn insn_handler(r: &mut Rng) -> Vec<u8> {
     let (d, s) = (dest(r), dest(r));
     let sz = [2, 4, 8][r.below(3) as usize];
     let rm = if mem.is_some() { 3 } else { s };
-    match r.below(10) {
+    match r.below(11) {
         // MUL / IMUL r/m (one operand: RDX:RAX).
         0 => {
             prefix(sz, 0, rm, &mut v);
@@ -417,7 +418,18 @@ fn insn_handler(r: &mut Rng) -> Vec<u8> {
             v.extend([0x49, 0x81, 0xC8 | (n & 7), 0, 1, 0, 0]);
             v.extend([0x49, 0xF7, 0xF0 | (n & 7)]);
         }
-        // MUL qword [r15]: #PF in the handler, RIP and state as before it.
+        // SHLX / SARX / SHRX r, r/m, r (VEX, 32 or 64 bits).
+        10 => {
+            let w = u8::from(sz == 8 || r.below(2) == 0);
+            let c = dest(r);
+            let pp = 1 + r.below(3) as u8;
+            v.push(0xC4);
+            v.push(((!d >> 3) & 1) << 7 | 1 << 6 | ((!rm >> 3) & 1) << 5 | 0b00010);
+            v.push(w << 7 | ((!c) & 0xF) << 3 | pp);
+            v.push(0xF7);
+            modrm(&mut v, d, rm, mem);
+        }
+        // MUL qword [r15]: #PF in the translated load, RIP and state as before it.
         _ => v.extend([0x49, 0xF7, 0x27]),
     }
     v
@@ -438,7 +450,7 @@ fn sequence(r: &mut Rng, mmio: bool) -> (Vec<u8>, State) {
     (code, st)
 }
 
-fn fill(h: &mut Harness, seed: u64) {
+pub(super) fn fill(h: &mut Harness, seed: u64) {
     let mut r = Rng(seed | 1);
     for b in h.data().chunks_mut(8) {
         b.copy_from_slice(&r.next().to_le_bytes());
@@ -752,4 +764,74 @@ fn jit_chain_to_a_rewritten_block() {
         stats.chained + stats.loops > 0,
         "no chain or loop inside translated code taken: {stats:?}"
     );
+}
+
+/// Background compilation: the loops of [`jit_chained_loops_match_interpreter`] with the
+/// blocks sent to the compile thread on their first run and interpreted until their code
+/// arrives (whenever that is: the first run's result must not depend on it), then, once
+/// every translation is installed, run again from the same state with the same cached
+/// blocks. Both runs end in the interpreter's state, and the second runs in translated code.
+#[test]
+fn jit_background_compile_matches_interpreter() {
+    let name = "jit_background_compile_matches_interpreter";
+    let mut h = Harness::new();
+    let mut r = Rng(seed::for_test(name));
+    let mut failures = Vec::new();
+    let n = 200;
+    let (mut native_settled, mut total_settled) = (0, 0);
+    for i in 0..n {
+        let (body, st) = sequence(&mut r, true);
+        // mov r15d, 20; top: body; dec r15; jnz top
+        let mut code = vec![0x41, 0xBF, 20, 0, 0, 0];
+        let top = code.len() as i64;
+        code.extend(body);
+        code.extend([0x49, 0xFF, 0xCF, 0x0F, 0x85]);
+        let rel = top - (code.len() as i64 + 4);
+        code.extend((rel as i32).to_le_bytes());
+        fill(&mut h, i);
+        h.set_jit(false);
+        let interp = h.run_tcg(&code, &st);
+        let interp_data = h.data().to_vec();
+        h.set_jit_config(rqemu_tcg::JitConfig {
+            threshold: 0,
+            background: true,
+            ..Default::default()
+        });
+        for settled in [false, true] {
+            if settled {
+                h.settle_jit();
+            }
+            fill(&mut h, i);
+            let (before, native_before) = (
+                h.cpu().icount,
+                h.cpu().jit_stats().expect("jit enabled").native_insns,
+            );
+            let jit = if settled {
+                h.rerun_tcg(&code, &st)
+            } else {
+                h.run_tcg(&code, &st)
+            };
+            let same_data = interp_data[..] == h.data()[..];
+            if settled {
+                native_settled +=
+                    h.cpu().jit_stats().expect("jit enabled").native_insns - native_before;
+                total_settled += h.cpu().icount - before;
+            }
+            if matches!(interp, TcgOutcome::Other(_)) || interp != jit || !same_data {
+                failures.push(format!(
+                    "code {code:02x?} state {:x?} (settled: {settled}):\n  interp {interp:x?}\n  jit    {jit:x?}\n  memory equal: {same_data}",
+                    st.gpr
+                ));
+            }
+        }
+    }
+    eprintln!(
+        "{name}: after settling, {native_settled} of {total_settled} instructions ran in \
+         translated code"
+    );
+    assert!(
+        native_settled * 2 > total_settled,
+        "settled translations did not run"
+    );
+    super::report(name, n as usize, &failures);
 }

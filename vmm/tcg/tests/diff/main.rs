@@ -14,6 +14,8 @@ mod harness;
 mod host_quirks;
 #[cfg(feature = "jit")]
 mod jit;
+#[cfg(feature = "jit")]
+mod jit_vector;
 mod mmx;
 #[path = "../common/seed.rs"]
 mod seed;

@@ -243,3 +243,144 @@ pub(super) fn bt(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
     e.set_flags(FlagOp::Eager, size, val, val, zero, f);
     Some(())
 }
+
+/// BSF/BSR/TZCNT/LZCNT/POPCNT with a register destination, as the interpreter: BSF/BSR of 0
+/// leave the destination (all 64 bits) unchanged and set ZF (CF clear), else write the index
+/// with ZF = CF = 0; TZCNT/LZCNT write the count (the operand width for 0) with CF = source
+/// is 0 and ZF = count is 0; those keep the other arithmetic flags. POPCNT clears every
+/// arithmetic flag but ZF (source is 0).
+pub(super) fn scan(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
+    use crate::flags::{CF, ZF};
+    if ins.op_count() != 2 || ins.op0_kind() != OpKind::Register {
+        return None;
+    }
+    let size = Em::op_size(ins, 0)?;
+    let (i, _, _) = super::reg_info(ins.op0_register())?;
+    if size < 2 {
+        return None;
+    }
+    let bits = 8 * i64::from(size);
+    let src = e.read_op(ins, 1, size)?;
+    let is_zero = e.b.ins().icmp_imm_s(IntCC::Equal, src, 0);
+    let zf_if = |e: &mut Em<'_>, c| {
+        let z = e.b.ins().uextend(I64, c);
+        e.b.ins().imul_imm_s(z, ZF as i64)
+    };
+    let r = ins.op0_register();
+    let zero = e.c(0);
+    let f = match m {
+        M::Popcnt => {
+            let n = e.b.ins().popcnt(src);
+            e.set_reg(r, n);
+            zf_if(e, is_zero)
+        }
+        M::Tzcnt | M::Lzcnt => {
+            let n = if m == M::Tzcnt {
+                // A bit above the operand makes a zero source count its width.
+                let src = if size == 8 {
+                    src
+                } else {
+                    e.b.ins().bor_imm_s(src, 1 << bits)
+                };
+                e.b.ins().ctz(src)
+            } else {
+                let n = e.b.ins().clz(src);
+                e.b.ins().iadd_imm_s(n, bits - 64)
+            };
+            e.set_reg(r, n);
+            let nz = e.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
+            let zf = zf_if(e, nz);
+            let cf = e.b.ins().uextend(I64, is_zero);
+            let f = e.b.ins().bor(zf, cf);
+            let old = e.arith();
+            let keep = e.b.ins().band_imm_s(old, !((CF | ZF) as i64));
+            e.b.ins().bor(keep, f)
+        }
+        _ => {
+            let n = if m == M::Bsf {
+                e.b.ins().ctz(src)
+            } else {
+                let l = e.b.ins().clz(src);
+                let c = e.c(63);
+                e.b.ins().isub(c, l)
+            };
+            let old_full = e.gpr(i);
+            let new_full = if size == 2 {
+                let keep = e.b.ins().band_imm_s(old_full, !0xFFFF);
+                e.b.ins().bor(keep, n)
+            } else {
+                n
+            };
+            let v = e.b.ins().select(is_zero, old_full, new_full);
+            e.set_gpr(i, v);
+            let zf = zf_if(e, is_zero);
+            let old = e.arith();
+            let keep = e.b.ins().band_imm_s(old, !((CF | ZF) as i64));
+            e.b.ins().bor(keep, zf)
+        }
+    };
+    e.set_flags(FlagOp::Eager, size, src, src, zero, f);
+    Some(())
+}
+
+/// One-operand MUL of 32 or 64 bits: EDX:EAX (RDX:RAX) = EAX (RAX) * operand, with the
+/// interpreter's flags: CF = OF = high half non-zero, SF/ZF/PF of the low half, AF clear.
+pub(super) fn mul(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
+    if ins.op_count() != 1 {
+        return None;
+    }
+    let size = Em::op_size(ins, 0)?;
+    if size < 4 {
+        return None;
+    }
+    let src = e.read_op(ins, 0, size)?;
+    let acc = e.gpr(0);
+    let acc = e.and_mask(acc, size);
+    let (lo, hi) = if size == 8 {
+        (e.b.ins().imul(acc, src), e.b.ins().umulhi(acc, src))
+    } else {
+        let p = e.b.ins().imul(acc, src);
+        let hi = e.b.ins().ushr_imm_s(p, 32);
+        (e.and_mask(p, 4), hi)
+    };
+    e.set_gpr(0, lo);
+    e.set_gpr(2, hi);
+    let over = e.b.ins().icmp_imm_s(IntCC::NotEqual, hi, 0);
+    let szp = e.szp(lo, size);
+    let o = e.b.ins().uextend(I64, over);
+    let o =
+        e.b.ins()
+            .imul_imm_s(o, (crate::flags::CF | crate::flags::OF) as i64);
+    let f = e.b.ins().bor(szp, o);
+    let zero = e.c(0);
+    e.set_flags(FlagOp::Eager, size, lo, acc, zero, f);
+    Some(())
+}
+
+/// SHLX/SHRX/SARX (BMI2, 32/64-bit): the count masked to the operand width, no flags.
+pub(super) fn shiftx(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
+    if ins.op_count() != 3 || ins.op0_kind() != OpKind::Register {
+        return None;
+    }
+    let size = Em::op_size(ins, 0)?;
+    if size < 4 {
+        return None;
+    }
+    let bits = 8 * i64::from(size);
+    let a = e.read_op(ins, 1, size)?;
+    let n = e.read_op(ins, 2, size)?;
+    let n = e.b.ins().band_imm_s(n, bits - 1);
+    let r = match m {
+        M::Shlx => e.b.ins().ishl(a, n),
+        M::Shrx => e.b.ins().ushr(a, n),
+        _ => {
+            let sh = 64 - bits;
+            let l = e.b.ins().ishl_imm_s(a, sh);
+            let s = e.b.ins().sshr_imm_s(l, sh);
+            e.b.ins().sshr(s, n)
+        }
+    };
+    let r = e.and_mask(r, size);
+    e.set_reg(ins.op0_register(), r);
+    Some(())
+}
