@@ -133,21 +133,28 @@ pub(crate) fn serve(rx: Receiver<Req>, tx: Sender<Resp>, ready: Arc<AtomicU32>) 
             None
         }
     };
-    while let Ok(req) = rx.recv() {
-        match req {
-            Req::Compile(job) => {
-                let Some((m, stub)) = module.as_mut() else {
-                    continue;
-                };
-                if job.module_gen != gen {
-                    continue;
-                }
-                let done = compile(m, *stub, &mut fctx, *job);
-                if !send(Resp::Done(Box::new(done))) {
-                    break;
-                }
+    // Jobs received and not compiled yet, newest last: compiled newest first, since the
+    // code the guest runs now is what just turned hot (a backlog from a program that ended
+    // would otherwise delay it).
+    let mut stack: Vec<Box<Job>> = Vec::new();
+    'serve: loop {
+        let req = if stack.is_empty() {
+            match rx.recv() {
+                Ok(r) => Some(r),
+                Err(_) => break,
             }
-            Req::Flush => {
+        } else {
+            match rx.try_recv() {
+                Ok(r) => Some(r),
+                Err(std::sync::mpsc::TryRecvError::Empty) => None,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+            }
+        };
+        match req {
+            Some(Req::Compile(job)) => stack.push(job),
+            Some(Req::Flush) => {
+                // Every job sent before is for the module freed now.
+                stack.clear();
                 if let Some((m, _)) = module.take() {
                     // SAFETY: the vCPU sends Flush only from its run loop after every block
                     // forgot its host code and the slots were dropped: no code of this
@@ -160,7 +167,20 @@ pub(crate) fn serve(rx: Receiver<Req>, tx: Sender<Resp>, ready: Arc<AtomicU32>) 
                     (e, s)
                 });
                 if !send(Resp::Module(r)) {
-                    break;
+                    break 'serve;
+                }
+            }
+            None => {
+                let Some(job) = stack.pop() else { continue };
+                let Some((m, stub)) = module.as_mut() else {
+                    continue;
+                };
+                if job.module_gen != gen {
+                    continue;
+                }
+                let done = compile(m, *stub, &mut fctx, *job);
+                if !send(Resp::Done(Box::new(done))) {
+                    break 'serve;
                 }
             }
         }
