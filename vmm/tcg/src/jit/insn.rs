@@ -530,16 +530,22 @@ fn imul(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
         let back = sx(e, lo);
         (lo, e.b.ins().icmp(IntCC::NotEqual, back, p))
     };
+    e.set_reg(ins.op0_register(), lo);
+    mul_flags(e, size, lo, a, overflow);
+    Some(())
+}
+
+/// The flags of a multiply, as the interpreter sets them: CF = OF = `overflow` (I8), SF/ZF/PF
+/// of the low half `lo` (`size` bytes, masked), AF clear.
+fn mul_flags(e: &mut Em<'_>, size: u8, lo: Value, a: Value, overflow: Value) {
     let szp = e.szp(lo, size);
     let o = e.b.ins().uextend(I64, overflow);
     let o =
         e.b.ins()
             .imul_imm_s(o, (crate::flags::CF | crate::flags::OF) as i64);
     let f = e.b.ins().bor(szp, o);
-    e.set_reg(ins.op0_register(), lo);
     let zero = e.c(0);
     e.set_flags(FlagOp::Eager, size, lo, a, zero, f);
-    Some(())
 }
 
 /// SHL/SHR/SAR by CL. A masked count of 0 writes the operand back unchanged (a 32-bit register

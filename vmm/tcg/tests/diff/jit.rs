@@ -450,11 +450,40 @@ fn sequence(r: &mut Rng, mmio: bool) -> (Vec<u8>, State) {
     (code, st)
 }
 
-pub(super) fn fill(h: &mut Harness, seed: u64) {
+fn fill(h: &mut Harness, seed: u64) {
     let mut r = Rng(seed | 1);
     for b in h.data().chunks_mut(8) {
         b.copy_from_slice(&r.next().to_le_bytes());
     }
+}
+
+/// Runs `code` from `st` with the interpreter and with the JIT (threshold 0), guest data
+/// filled from seed `i` before each; a difference in the end state or memory is added to
+/// `failures`. Returns the JIT run's counters and the instructions it ran.
+pub(super) fn jit_vs_interp(
+    h: &mut Harness,
+    i: u64,
+    code: &[u8],
+    st: &State,
+    failures: &mut Vec<String>,
+) -> (rqemu_tcg::JitStats, u64) {
+    fill(h, i);
+    h.set_jit(false);
+    let interp = h.run_tcg(code, st);
+    let interp_data = h.data().to_vec();
+    fill(h, i);
+    h.set_jit(true);
+    let before = h.cpu().icount;
+    let jit = h.run_tcg(code, st);
+    let same_data = interp_data[..] == h.data()[..];
+    if matches!(interp, TcgOutcome::Other(_)) || interp != jit || !same_data {
+        failures.push(format!(
+            "code {code:02x?} state {:x?}:\n  interp {interp:x?}\n  jit    {jit:x?}\n  memory equal: {same_data}",
+            st.gpr
+        ));
+    }
+    let stats = h.cpu().jit_stats().expect("jit enabled");
+    (stats, h.cpu().icount - before)
 }
 
 /// The JIT and the interpreter end in the same state (registers, flags, memory, exception).
@@ -468,25 +497,10 @@ fn jit_matches_interpreter_on_random_sequences() {
     let (mut native, mut total, mut helpers) = (0, 0, 0);
     for i in 0..n {
         let (code, st) = sequence(&mut r, true);
-        fill(&mut h, i);
-        h.set_jit(false);
-        let interp = h.run_tcg(&code, &st);
-        let interp_data = h.data().to_vec();
-        fill(&mut h, i);
-        h.set_jit(true);
-        let before = h.cpu().icount;
-        let jit = h.run_tcg(&code, &st);
-        let same_data = interp_data[..] == h.data()[..];
-        let stats = h.cpu().jit_stats().expect("jit enabled");
+        let (stats, ran) = jit_vs_interp(&mut h, i, &code, &st, &mut failures);
         native += stats.native_insns;
         helpers += stats.helper_insns;
-        total += h.cpu().icount - before;
-        if matches!(interp, TcgOutcome::Other(_)) || interp != jit || !same_data {
-            failures.push(format!(
-                "code {code:02x?} state {:x?}:\n  interp {interp:x?}\n  jit    {jit:x?}\n  memory equal: {same_data}",
-                st.gpr
-            ));
-        }
+        total += ran;
     }
     eprintln!(
         "{name}: {native} of {total} instructions ran in translated code; {helpers} translated \
@@ -621,21 +635,9 @@ fn jit_chained_loops_match_interpreter() {
         code[call_end - 4..call_end].copy_from_slice(&((f_at - call_end) as i32).to_le_bytes());
         code.extend(f);
         code.push(0xC3);
-        fill(&mut h, i);
-        h.set_jit(false);
-        let interp = h.run_tcg(&code, &st);
-        let interp_data = h.data().to_vec();
-        fill(&mut h, i);
-        h.set_jit(true);
-        let jit = h.run_tcg(&code, &st);
-        let same_data = interp_data[..] == h.data()[..];
-        chained += h.cpu().jit_stats().expect("jit enabled").chained;
-        if matches!(interp, TcgOutcome::Other(_)) || interp != jit || !same_data {
-            failures.push(format!(
-                "code {code:02x?} state {:x?}:\n  interp {interp:x?}\n  jit    {jit:x?}\n  memory equal: {same_data}",
-                st.gpr
-            ));
-        }
+        chained += jit_vs_interp(&mut h, i, &code, &st, &mut failures)
+            .0
+            .chained;
     }
     eprintln!("{name}: {chained} chains taken");
     assert!(chained > 0, "no translated block ever chained to another");

@@ -8,7 +8,7 @@
 //! across a page, or `[r15]` (unmapped: #PF from the side path). Every block is translated
 //! on its first run; XMM and YMM upper halves start random and are compared at the end.
 
-use super::harness::{random_state, Harness, Rng, State, TcgOutcome, DATA, UNMAPPED};
+use super::harness::{random_state, Harness, Rng, State, DATA, UNMAPPED};
 use super::seed;
 
 /// Where the memory operand of a generated instruction is.
@@ -243,24 +243,9 @@ fn jit_vector_ops_match_interpreter() {
     let (mut native, mut total) = (0, 0);
     for i in 0..n {
         let (code, st) = sequence(&mut r);
-        super::jit::fill(&mut h, i);
-        h.set_jit(false);
-        let interp = h.run_tcg(&code, &st);
-        let interp_data = h.data().to_vec();
-        super::jit::fill(&mut h, i);
-        h.set_jit(true);
-        let before = h.cpu().icount;
-        let jit = h.run_tcg(&code, &st);
-        let same_data = interp_data[..] == h.data()[..];
-        let stats = h.cpu().jit_stats().expect("jit enabled");
+        let (stats, ran) = super::jit::jit_vs_interp(&mut h, i, &code, &st, &mut failures);
         native += stats.native_insns;
-        total += h.cpu().icount - before;
-        if matches!(interp, TcgOutcome::Other(_)) || interp != jit || !same_data {
-            failures.push(format!(
-                "code {code:02x?} state {:x?}:\n  interp {interp:x?}\n  jit    {jit:x?}\n  memory equal: {same_data}",
-                st.gpr
-            ));
-        }
+        total += ran;
     }
     eprintln!("{name}: {native} of {total} instructions ran in translated code");
     assert!(native * 2 > total, "too little ran in translated code");

@@ -346,14 +346,7 @@ pub(super) fn mul(e: &mut Em<'_>, ins: &Instruction) -> Option<()> {
     e.set_gpr(0, lo);
     e.set_gpr(2, hi);
     let over = e.b.ins().icmp_imm_s(IntCC::NotEqual, hi, 0);
-    let szp = e.szp(lo, size);
-    let o = e.b.ins().uextend(I64, over);
-    let o =
-        e.b.ins()
-            .imul_imm_s(o, (crate::flags::CF | crate::flags::OF) as i64);
-    let f = e.b.ins().bor(szp, o);
-    let zero = e.c(0);
-    e.set_flags(FlagOp::Eager, size, lo, acc, zero, f);
+    super::mul_flags(e, size, lo, acc, over);
     Some(())
 }
 
