@@ -131,7 +131,8 @@ impl TcgVcpu {
                 " native_insns={} interp_insns={} native_share={:.3} native_runs={} \
                  translated={} translated_insns={} helper_insns={} untranslatable={} compile_ms={:.1} \
                  codegen_ms={:.1} finalize_ms={:.1} compile_us_per_block={:.1} code_bytes={} \
-                 flushes={} chained={} slot_fills={} superblocks={} merged={} loops={}",
+                 flushes={} chained={} slot_fills={} superblocks={} merged={} loops={} \
+                 discarded={}",
                 j.native_insns,
                 self.cpu.icount.saturating_sub(j.native_insns),
                 j.native_insns as f64 / self.cpu.icount.max(1) as f64,
@@ -150,7 +151,8 @@ impl TcgVcpu {
                 j.slot_fills,
                 j.superblocks,
                 j.merged,
-                j.loops
+                j.loops,
+                j.discarded
             );
             let stops: Vec<String> = self
                 .cpu
