@@ -240,6 +240,17 @@ impl TimedRun {
         self.status.and_then(|s| s.code())
     }
 
+    /// The exit status; panics with the transcript when the VMM was killed at the time limit.
+    pub fn finished(&self) -> ExitStatus {
+        self.status.unwrap_or_else(|| {
+            panic!(
+                "rqemu-vmm did not finish (killed after {:?})\n{}",
+                self.elapsed,
+                self.transcript()
+            )
+        })
+    }
+
     /// Exit status, console and stderr, for failure messages.
     pub fn transcript(&self) -> String {
         format!(

@@ -457,14 +457,16 @@ fn fill(h: &mut Harness, seed: u64) {
     }
 }
 
-/// Runs `code` from `st` with the interpreter and with the JIT (threshold 0), guest data
-/// filled from seed `i` before each; a difference in the end state or memory is added to
-/// `failures`. Returns the JIT run's counters and the instructions it ran.
+/// Runs `code` from `st` with the interpreter and with the JIT (translating a block after
+/// `threshold` interpreted runs), guest data filled from seed `i` before each; a difference
+/// in the end state or memory is added to `failures`. Returns the JIT run's counters and the
+/// instructions it ran.
 pub(super) fn jit_vs_interp(
     h: &mut Harness,
     i: u64,
     code: &[u8],
     st: &State,
+    threshold: u32,
     failures: &mut Vec<String>,
 ) -> (rqemu_tcg::JitStats, u64) {
     fill(h, i);
@@ -472,18 +474,59 @@ pub(super) fn jit_vs_interp(
     let interp = h.run_tcg(code, st);
     let interp_data = h.data().to_vec();
     fill(h, i);
-    h.set_jit(true);
+    h.set_jit_config(rqemu_tcg::JitConfig {
+        threshold,
+        ..Default::default()
+    });
     let before = h.cpu().icount;
     let jit = h.run_tcg(code, st);
     let same_data = interp_data[..] == h.data()[..];
+    note_difference(code, st, "", (&interp, &jit, same_data), failures);
+    let stats = h.cpu().jit_stats().expect("jit enabled");
+    (stats, h.cpu().icount - before)
+}
+
+/// Adds a failure for `code` from `st` (`what` qualifies the run) when the interpreter ended
+/// in an unexpected way, or the JIT's outcome or memory (`same_data`) differs from it.
+fn note_difference(
+    code: &[u8],
+    st: &State,
+    what: &str,
+    (interp, jit, same_data): (&TcgOutcome, &TcgOutcome, bool),
+    failures: &mut Vec<String>,
+) {
     if matches!(interp, TcgOutcome::Other(_)) || interp != jit || !same_data {
         failures.push(format!(
-            "code {code:02x?} state {:x?}:\n  interp {interp:x?}\n  jit    {jit:x?}\n  memory equal: {same_data}",
+            "code {code:02x?} state {:x?}{what}:\n  interp {interp:x?}\n  jit    {jit:x?}\n  memory equal: {same_data}",
             st.gpr
         ));
     }
-    let stats = h.cpu().jit_stats().expect("jit enabled");
-    (stats, h.cpu().icount - before)
+}
+
+/// `mov r15d, 20; top: body; [call f;] dec r15; jnz top` and, with `f`,
+/// `jmp end; f: f; ret; end:` (`call`: the loop calls `f`).
+fn loop_program(body: Vec<u8>, f: Option<Vec<u8>>, call: bool) -> Vec<u8> {
+    let mut code = vec![0x41, 0xBF, 20, 0, 0, 0];
+    let top = code.len() as i64;
+    code.extend(body);
+    if call {
+        code.extend([0xE8, 0, 0, 0, 0]);
+    }
+    let call_end = code.len();
+    code.extend([0x49, 0xFF, 0xCF, 0x0F, 0x85]);
+    let rel = top - (code.len() as i64 + 4);
+    code.extend((rel as i32).to_le_bytes());
+    let Some(f) = f else {
+        return code;
+    };
+    code.extend([0xEB, f.len() as u8 + 1]);
+    let f_at = code.len();
+    if call {
+        code[call_end - 4..call_end].copy_from_slice(&((f_at - call_end) as i32).to_le_bytes());
+    }
+    code.extend(f);
+    code.push(0xC3);
+    code
 }
 
 /// The JIT and the interpreter end in the same state (registers, flags, memory, exception).
@@ -497,7 +540,7 @@ fn jit_matches_interpreter_on_random_sequences() {
     let (mut native, mut total, mut helpers) = (0, 0, 0);
     for i in 0..n {
         let (code, st) = sequence(&mut r, true);
-        let (stats, ran) = jit_vs_interp(&mut h, i, &code, &st, &mut failures);
+        let (stats, ran) = jit_vs_interp(&mut h, i, &code, &st, 0, &mut failures);
         native += stats.native_insns;
         helpers += stats.helper_insns;
         total += ran;
@@ -620,22 +663,8 @@ fn jit_chained_loops_match_interpreter() {
     let mut chained = 0;
     for i in 0..n {
         let (body, st) = sequence(&mut r, true);
-        // mov r15d, 20; top: body; call f; dec r15; jnz top; jmp end; f: insn; ret; end:
-        let f = insn_simple(&mut r);
-        let mut code = vec![0x41, 0xBF, 20, 0, 0, 0];
-        let top = code.len() as i64;
-        code.extend(body);
-        code.extend([0xE8, 0, 0, 0, 0]);
-        let call_end = code.len();
-        code.extend([0x49, 0xFF, 0xCF, 0x0F, 0x85]);
-        let rel = top - (code.len() as i64 + 4);
-        code.extend((rel as i32).to_le_bytes());
-        code.extend([0xEB, f.len() as u8 + 1]);
-        let f_at = code.len();
-        code[call_end - 4..call_end].copy_from_slice(&((f_at - call_end) as i32).to_le_bytes());
-        code.extend(f);
-        code.push(0xC3);
-        chained += jit_vs_interp(&mut h, i, &code, &st, &mut failures)
+        let code = loop_program(body, Some(insn_simple(&mut r)), true);
+        chained += jit_vs_interp(&mut h, i, &code, &st, 0, &mut failures)
             .0
             .chained;
     }
@@ -662,48 +691,13 @@ fn jit_superblocks_and_loops_match_interpreter() {
     for i in 0..n {
         let (body, st) = sequence(&mut r, true);
         let call = r.below(3) == 0;
-        // mov r15d, 20; top: body; [call f;] dec r15; jnz top; jmp end; f: insn; ret; end:
-        let f = insn_simple(&mut r);
-        let mut code = vec![0x41, 0xBF, 20, 0, 0, 0];
-        let top = code.len() as i64;
-        code.extend(body);
-        if call {
-            code.extend([0xE8, 0, 0, 0, 0]);
-        }
-        let call_end = code.len();
-        code.extend([0x49, 0xFF, 0xCF, 0x0F, 0x85]);
-        let rel = top - (code.len() as i64 + 4);
-        code.extend((rel as i32).to_le_bytes());
-        code.extend([0xEB, f.len() as u8 + 1]);
-        let f_at = code.len();
-        if call {
-            code[call_end - 4..call_end].copy_from_slice(&((f_at - call_end) as i32).to_le_bytes());
-        }
-        code.extend(f);
-        code.push(0xC3);
-        fill(&mut h, i);
-        h.set_jit(false);
-        let interp = h.run_tcg(&code, &st);
-        let interp_data = h.data().to_vec();
-        fill(&mut h, i);
-        h.set_jit_config(rqemu_tcg::JitConfig {
-            threshold: 2,
-            ..Default::default()
-        });
-        let jit = h.run_tcg(&code, &st);
-        let same_data = interp_data[..] == h.data()[..];
-        let s = h.cpu().jit_stats().expect("jit enabled");
+        let code = loop_program(body, Some(insn_simple(&mut r)), call);
+        let (s, _) = jit_vs_interp(&mut h, i, &code, &st, 2, &mut failures);
         (merged, loops, superblocks) = (
             merged + s.merged,
             loops + s.loops,
             superblocks + s.superblocks,
         );
-        if matches!(interp, TcgOutcome::Other(_)) || interp != jit || !same_data {
-            failures.push(format!(
-                "code {code:02x?} state {:x?}:\n  interp {interp:x?}\n  jit    {jit:x?}\n  memory equal: {same_data}",
-                st.gpr
-            ));
-        }
     }
     eprintln!("{name}: {superblocks} superblocks, {merged} passes inside them, {loops} loops");
     assert!(
@@ -783,13 +777,7 @@ fn jit_background_compile_matches_interpreter() {
     let (mut native_settled, mut total_settled) = (0, 0);
     for i in 0..n {
         let (body, st) = sequence(&mut r, true);
-        // mov r15d, 20; top: body; dec r15; jnz top
-        let mut code = vec![0x41, 0xBF, 20, 0, 0, 0];
-        let top = code.len() as i64;
-        code.extend(body);
-        code.extend([0x49, 0xFF, 0xCF, 0x0F, 0x85]);
-        let rel = top - (code.len() as i64 + 4);
-        code.extend((rel as i32).to_le_bytes());
+        let code = loop_program(body, None, false);
         fill(&mut h, i);
         h.set_jit(false);
         let interp = h.run_tcg(&code, &st);
@@ -819,12 +807,8 @@ fn jit_background_compile_matches_interpreter() {
                     h.cpu().jit_stats().expect("jit enabled").native_insns - native_before;
                 total_settled += h.cpu().icount - before;
             }
-            if matches!(interp, TcgOutcome::Other(_)) || interp != jit || !same_data {
-                failures.push(format!(
-                    "code {code:02x?} state {:x?} (settled: {settled}):\n  interp {interp:x?}\n  jit    {jit:x?}\n  memory equal: {same_data}",
-                    st.gpr
-                ));
-            }
+            let what = format!(" (settled: {settled})");
+            note_difference(&code, &st, &what, (&interp, &jit, same_data), &mut failures);
         }
     }
     eprintln!(

@@ -243,7 +243,7 @@ fn jit_vector_ops_match_interpreter() {
     let (mut native, mut total) = (0, 0);
     for i in 0..n {
         let (code, st) = sequence(&mut r);
-        let (stats, ran) = super::jit::jit_vs_interp(&mut h, i, &code, &st, &mut failures);
+        let (stats, ran) = super::jit::jit_vs_interp(&mut h, i, &code, &st, 0, &mut failures);
         native += stats.native_insns;
         total += ran;
     }

@@ -219,9 +219,7 @@ pub(super) fn bt(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
     };
     let sh = e.b.ins().ushr(val, bit);
     let cf = e.b.ins().band_imm_s(sh, 1);
-    let old = e.arith();
-    let keep = e.b.ins().band_imm_s(old, !(crate::flags::CF as i64));
-    let f = e.b.ins().bor(keep, cf);
+    let f = update_arith(e, crate::flags::CF, cf);
     if modify {
         let one = e.c(1);
         let b = e.b.ins().ishl(one, bit);
@@ -242,6 +240,18 @@ pub(super) fn bt(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
     let zero = e.c(0);
     e.set_flags(FlagOp::Eager, size, val, val, zero, f);
     Some(())
+}
+
+/// The current arithmetic flags with the bits of `mask` replaced by `f` (which has no other
+/// bits set), as `LazyFlags::update_arith` does.
+fn update_arith(
+    e: &mut Em<'_>,
+    mask: u64,
+    f: cranelift_codegen::ir::Value,
+) -> cranelift_codegen::ir::Value {
+    let old = e.arith();
+    let keep = e.b.ins().band_imm_s(old, !(mask as i64));
+    e.b.ins().bor(keep, f)
 }
 
 /// BSF/BSR/TZCNT/LZCNT/POPCNT with a register destination, as the interpreter: BSF/BSR of 0
@@ -292,9 +302,7 @@ pub(super) fn scan(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
             let zf = zf_if(e, nz);
             let cf = e.b.ins().uextend(I64, is_zero);
             let f = e.b.ins().bor(zf, cf);
-            let old = e.arith();
-            let keep = e.b.ins().band_imm_s(old, !((CF | ZF) as i64));
-            e.b.ins().bor(keep, f)
+            update_arith(e, CF | ZF, f)
         }
         _ => {
             let n = if m == M::Bsf {
@@ -314,9 +322,7 @@ pub(super) fn scan(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
             let v = e.b.ins().select(is_zero, old_full, new_full);
             e.set_gpr(i, v);
             let zf = zf_if(e, is_zero);
-            let old = e.arith();
-            let keep = e.b.ins().band_imm_s(old, !((CF | ZF) as i64));
-            e.b.ins().bor(keep, zf)
+            update_arith(e, CF | ZF, zf)
         }
     };
     e.set_flags(FlagOp::Eager, size, src, src, zero, f);
