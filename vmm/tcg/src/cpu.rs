@@ -109,7 +109,7 @@ impl Cpu {
     pub fn enable_jit(&mut self, cfg: crate::jit::JitConfig) -> Result<(), crate::jit::JitError> {
         // Blocks must not keep host code (nor chain slots) of a JIT about to be dropped.
         self.disable_jit();
-        self.jit = Some(Box::new(crate::jit::Jit::new(cfg)?));
+        self.jit = Some(Box::new(crate::jit::Jit::new(cfg, &*self.tlb)?));
         Ok(())
     }
 

@@ -7,7 +7,7 @@
 //! variable and straight through to the state, so only the lazy-flag record (and RIP) has to
 //! be committed at exits and before helper calls.
 
-use super::{helpers, JitCtx, Slot, JCACHE_SIZE, SLOTS_PER_BLOCK, STATUS_END, STATUS_FAULT};
+use super::{helpers, JitCtx, Slot, JCACHE_SIZE, SLOTS_PER_BLOCK, STATUS_FAULT};
 use crate::flags::{layout as fl, FlagOp};
 use crate::mmu::tlb::{layout as tl, TLB_SIZE};
 use crate::mmu::walk::Access;
@@ -60,7 +60,8 @@ pub(crate) struct Em<'a> {
     pub b: FunctionBuilder<'a>,
     jc: Value,
     arch: Value,
-    tlb: Value,
+    /// Address of the CPU's soft TLB (boxed, never moved: a constant of the code).
+    tlb: usize,
     delta: Value,
     tag_bits: Value,
     regs: [Variable; 16],
@@ -76,6 +77,9 @@ pub(crate) struct Em<'a> {
     pub next_ip: u64,
     /// A helper of the current instruction may have asked to end the block.
     pub may_end: bool,
+    /// The statuses helpers returned since the last [`Em::end_check`] (0 or `STATUS_END`;
+    /// 0 on paths that called none, so the fast paths pay no load for the check).
+    ended: Variable,
     /// LOCKed instructions are left to the interpreter (other CPUs share the RAM).
     pub smp: bool,
     /// The block's successor slots (`SLOTS_PER_BLOCK`), null when not chaining.
@@ -136,6 +140,7 @@ impl<'a> Em<'a> {
         cc: CallConv,
         slots: *mut Slot,
         jcache: *mut Slot,
+        tlb: usize,
         stub: (usize, SigRef),
     ) -> Self {
         let entry = b.create_block();
@@ -146,10 +151,12 @@ impl<'a> Em<'a> {
             b.ins().load(I64, MemFlagsData::trusted(), jc, off as i32)
         };
         let arch = ld(&mut b, offset_of!(JitCtx, arch));
-        let tlb = ld(&mut b, offset_of!(JitCtx, tlb));
         let delta = ld(&mut b, offset_of!(JitCtx, delta));
         let tag_bits = ld(&mut b, offset_of!(JitCtx, tag_bits));
         let regs = std::array::from_fn(|_| b.declare_var(I64));
+        let ended = b.declare_var(I64);
+        let zero = b.ins().iconst(I64, 0);
+        b.def_var(ended, zero);
         let head = b.create_block();
         b.ins().jump(head, &[]);
         b.switch_to_block(head);
@@ -183,6 +190,7 @@ impl<'a> Em<'a> {
             ip: 0,
             next_ip: 0,
             may_end: false,
+            ended,
             smp: false,
             slots,
             next_slot: 0,
@@ -440,19 +448,15 @@ impl<'a> Em<'a> {
         if !std::mem::take(&mut self.may_end) {
             return;
         }
-        let st = self.b.ins().load(
-            I64,
-            MemFlagsData::trusted(),
-            self.jc,
-            offset_of!(JitCtx, status) as i32,
-        );
-        let end = self.b.ins().icmp_imm_s(IntCC::Equal, st, STATUS_END as i64);
+        let end = self.b.use_var(self.ended);
         let (out, cont) = (self.b.create_block(), self.b.create_block());
         self.b.ins().brif(end, out, &[], cont, &[]);
         self.b.switch_to_block(out);
         let rip = self.rip_of(self.next_ip);
         self.exit(self.idx + 1, rip);
         self.b.switch_to_block(cont);
+        let zero = self.c(0);
+        self.b.def_var(self.ended, zero);
     }
 
     /// Runs the current instruction through its interpreter handler (`op`: the address of its
@@ -576,6 +580,10 @@ impl<'a> Em<'a> {
         let n = self.b.ins().iconst(I32, self.idx as i64);
         self.b.ins().return_(&[n]);
         self.b.switch_to_block(cont);
+        // Not a fault: 0 or STATUS_END, remembered for the end check after the instruction.
+        let prev = self.b.use_var(self.ended);
+        let now = self.b.ins().bor(prev, st);
+        self.b.def_var(self.ended, now);
         self.may_end = true;
         ret
     }
@@ -599,39 +607,33 @@ impl<'a> Em<'a> {
         acc: Access,
         extra: Option<Value>,
     ) -> (Value, cranelift_codegen::ir::Block) {
+        // One compare decides: the entry's tag must equal the page of the access's last byte
+        // with this privilege's tag bits, which fails for a page-crossing access (the entry
+        // is indexed by the first byte's page) and for MMIO (`NO_HOST` in the tag).
         let b = &mut self.b;
-        let slot = b.ins().ushr_imm_s(va, 12);
-        let slot = b.ins().band_imm_s(slot, (TLB_SIZE - 1) as i64);
-        let off = if tl::ENTRY.is_power_of_two() {
-            b.ins()
-                .ishl_imm_s(slot, i64::from(tl::ENTRY.trailing_zeros()))
-        } else {
-            b.ins().imul_imm_s(slot, tl::ENTRY as i64)
+        let shift = 12 - i64::from(tl::ENTRY.trailing_zeros());
+        let idx = b.ins().ushr_imm_s(va, shift);
+        let off = b.ins().band_imm_s(idx, ((TLB_SIZE - 1) * tl::ENTRY) as i64);
+        let base = tl::BASE + acc as usize * tl::KIND;
+        let arr = b.ins().iconst(self.ptr, (self.tlb + base) as i64);
+        let e = b.ins().iadd(arr, off);
+        let tag = b.ins().load(I64, mem(), e, tl::TAG as i32);
+        let last = match size {
+            1 => va,
+            _ => b.ins().iadd_imm_s(va, i64::from(size) - 1),
         };
-        let e = b.ins().iadd(self.tlb, off);
-        let base = (tl::BASE + acc as usize * tl::KIND) as i32;
-        let tag = b.ins().load(I64, mem(), e, base + tl::TAG as i32);
-        let host = b.ins().load(I64, mem(), e, base + tl::HOST as i32);
-        let page = b.ins().band_imm_s(va, !0xFFF);
+        let page = b.ins().band_imm_s(last, !0xFFF);
         let want = b.ins().bor(page, self.tag_bits);
-        let t_ok = b.ins().icmp(IntCC::Equal, tag, want);
-        let pofs = b.ins().band_imm_s(va, 0xFFF);
-        let in_page = b.ins().icmp_imm_s(
-            IntCC::UnsignedLessThanOrEqual,
-            pofs,
-            0x1000 - i64::from(size),
-        );
-        let ram = b.ins().icmp_imm_s(IntCC::NotEqual, host, 0);
-        let ok = b.ins().band(t_ok, in_page);
-        let ok = b.ins().band(ok, ram);
+        let ok = b.ins().icmp(IntCC::Equal, tag, want);
         let ok = match extra {
             Some(x) => b.ins().band(ok, x),
             None => ok,
         };
-        let addr = b.ins().iadd(host, pofs);
         let (fast, slow) = (b.create_block(), b.create_block());
         b.ins().brif(ok, fast, &[], slow, &[]);
         b.switch_to_block(fast);
+        let addend = b.ins().load(I64, mem(), e, tl::ADDEND as i32);
+        let addr = b.ins().iadd(va, addend);
         (addr, slow)
     }
 

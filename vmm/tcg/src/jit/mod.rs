@@ -95,8 +95,6 @@ pub enum JitError {
 pub(crate) struct JitCtx {
     /// The architectural state.
     pub arch: *mut ArchState,
-    /// The soft TLB.
-    pub tlb: *const crate::mmu::tlb::Tlb,
     /// The interpreter context (`*mut Ctx<'_>`) the helpers work with.
     pub cx: *mut u8,
     /// Runtime RIP minus the address the block was decoded at.
@@ -306,6 +304,9 @@ pub(crate) struct Jit {
     in_flight: usize,
     /// The compile thread could not be started or lost its module: interpret.
     broken: bool,
+    /// The CPU's soft TLB, whose address translated code holds as a constant: boxed by the
+    /// `Cpu` that owns this JIT too, never replaced, so it outlives the code.
+    tlb: *const crate::mmu::tlb::Tlb,
 }
 
 /// The channels to the compile thread ([`worker`]).
@@ -337,8 +338,9 @@ impl std::fmt::Debug for Jit {
 
 impl Jit {
     /// A JIT for the host ISA (its compile thread starts with [`Jit::start`] or on the first
-    /// block to translate).
-    pub fn new(mut cfg: JitConfig) -> Result<Self, JitError> {
+    /// block to translate), for the CPU whose soft TLB is `tlb` (its code holds the address:
+    /// the TLB must outlive the JIT and never move).
+    pub fn new(mut cfg: JitConfig, tlb: *const crate::mmu::tlb::Tlb) -> Result<Self, JitError> {
         // Tuning knob for measurements: RQEMU_JIT_CHAIN_LIMIT overrides the chain budget.
         if let Some(n) = std::env::var("RQEMU_JIT_CHAIN_LIMIT")
             .ok()
@@ -362,6 +364,7 @@ impl Jit {
             module_gen: 0,
             in_flight: 0,
             broken: false,
+            tlb,
         })
     }
 
@@ -462,6 +465,7 @@ impl Jit {
             seg_bytes,
             slots: Box::default(),
             jcache: self.jcache.as_mut_ptr() as usize,
+            tlb: self.tlb as usize,
             chain: self.cfg.chain_limit > 0,
             smp: self.cfg.smp,
         };
@@ -811,9 +815,12 @@ pub(crate) fn run(
         };
     };
     let user = cx.user();
+    debug_assert!(
+        std::ptr::eq(&*cx.tlb, jit.tlb),
+        "the code holds the TLB's address"
+    );
     let mut jc = JitCtx {
         arch: &mut *cx.s as *mut ArchState,
-        tlb: &*cx.tlb as *const crate::mmu::tlb::Tlb,
         cx: std::ptr::null_mut(),
         delta: cx.delta,
         tag_bits: crate::mmu::tlb::VALID | if user { crate::mmu::tlb::USER } else { 0 },
@@ -832,7 +839,7 @@ pub(crate) fn run(
     // `translate` for this block, still owned by that module (blocks forget their code before
     // a flush). Chains only reach code of the same module (slots of older modules are freed
     // with them; stale ones fail the generation check). The code accesses the state and TLB
-    // through `jc.arch`/`jc.tlb` and calls the helpers with `jc`, whose `cx` is the context
+    // through `jc.arch` and the TLB address it holds (`Jit::tlb`, this CPU's) and calls the helpers with `jc`, whose `cx` is the context
     // of this call; nothing else touches them while it runs.
     let count = unsafe { enter(&mut jc as *mut JitCtx as *mut u8, n.entry as u64) };
     jit.pending = (jc.exit_slot, cx.s.rip);

@@ -173,7 +173,7 @@ pub(crate) fn trampoline(module: &mut JITModule) -> Result<Enter, JitError> {
 ///
 /// `Ok(None)` when not even the first instruction is translated. `slots`: the function's
 /// successor slots (`SLOTS_PER_BLOCK` of them), `jcache` the JIT's jump cache; null to
-/// translate without chaining. `smp`: LOCKed instructions are not translated (see
+/// translate without chaining. `tlb`: the address of the CPU's soft TLB. `smp`: LOCKed instructions are not translated (see
 /// `JitConfig::smp`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn translate(
@@ -182,6 +182,7 @@ pub(crate) fn translate(
     segs: &[(u32, &[Instruction])],
     slots: *mut Slot,
     jcache: *mut Slot,
+    tlb: usize,
     stub: usize,
     ops: &mut Vec<InterpOp>,
     smp: bool,
@@ -197,7 +198,7 @@ pub(crate) fn translate(
     {
         let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
         let stub_sig = b.import_signature(stub_sig(module));
-        let mut e = Em::new(b, ptr, cc, slots, jcache, (stub, stub_sig));
+        let mut e = Em::new(b, ptr, cc, slots, jcache, tlb, (stub, stub_sig));
         e.smp = smp;
         e.head_ip = segs
             .first()

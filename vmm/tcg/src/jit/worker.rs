@@ -38,6 +38,8 @@ pub(crate) struct Job {
     pub slots: Box<Slots>,
     /// The JIT's jump cache (address), or null to translate without chaining.
     pub jcache: usize,
+    /// The CPU's soft TLB (address; see `Jit::tlb`).
+    pub tlb: usize,
     pub chain: bool,
     pub smp: bool,
 }
@@ -212,7 +214,7 @@ fn compile(
         (std::ptr::null_mut(), std::ptr::null_mut())
     };
     let res = translate::translate(
-        module, fctx, &segs, sp, jp, stub, &mut ops, job.smp, &mut stats,
+        module, fctx, &segs, sp, jp, job.tlb, stub, &mut ops, job.smp, &mut stats,
     );
     stats.compile_ns = t0.elapsed().as_nanos() as u64;
     Done {

@@ -9,10 +9,11 @@ pub const TLB_SIZE: usize = 512;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Entry {
-    /// `page | VALID | (USER if filled for CPL 3)`; 0 = invalid.
+    /// `page | VALID | (USER if filled for CPL 3) | (NO_HOST for MMIO)`; 0 = invalid.
     tag: u64,
-    /// Host address of the page, or 0 for MMIO.
-    host: usize,
+    /// Host address of the page minus its guest-virtual address (wrapping: host address of
+    /// a byte = `va + addend`); 0 for MMIO.
+    addend: u64,
     /// Guest-physical page.
     phys: u64,
     global: bool,
@@ -22,6 +23,10 @@ struct Entry {
 pub(crate) const VALID: u64 = 1;
 /// Tag bit: the entry was filled for a user-mode (CPL 3) access.
 pub(crate) const USER: u64 = 2;
+/// Tag bit: the page is not RAM (MMIO). Translated code compares the whole tag with
+/// `page | VALID | USER?`, so such an entry never matches its inline lookup, which then
+/// needs no separate check for it; the interpreter's lookup ignores the bit.
+pub(crate) const NO_HOST: u64 = 4;
 
 /// Byte layout of the TLB, for the inline lookup of translated code.
 #[cfg_attr(not(feature = "jit"), allow(dead_code))]
@@ -36,8 +41,9 @@ pub(crate) mod layout {
     pub const KIND: usize = ENTRY * TLB_SIZE;
     /// Offset of the tag in an entry.
     pub const TAG: usize = offset_of!(Entry, tag);
-    /// Offset of the host page address in an entry.
-    pub const HOST: usize = offset_of!(Entry, host);
+    /// Offset of the addend (host address minus guest-virtual address) in an entry.
+    pub const ADDEND: usize = offset_of!(Entry, addend);
+    const _: () = assert!(ENTRY.is_power_of_two() && ENTRY <= 4096);
 }
 
 /// A hit: where the page lives.
@@ -88,11 +94,13 @@ impl Tlb {
     #[inline(always)]
     pub fn lookup(&self, va: u64, acc: Access, user: bool) -> Option<Hit> {
         let e = &self.e[acc as usize][slot(va)];
-        if e.tag == tag(va, user) {
-            Some(Hit {
-                host: e.host,
-                phys: e.phys,
-            })
+        if e.tag & !NO_HOST == tag(va, user) {
+            let host = if e.tag & NO_HOST != 0 {
+                0
+            } else {
+                e.addend.wrapping_add(va & !0xFFF) as usize
+            };
+            Some(Hit { host, phys: e.phys })
         } else {
             None
         }
@@ -100,9 +108,13 @@ impl Tlb {
 
     /// Inserts a translation.
     pub fn insert(&mut self, va: u64, acc: Access, user: bool, hit: Hit, global: bool) {
+        let (no_host, addend) = match hit.host {
+            0 => (NO_HOST, 0),
+            h => (0, (h as u64).wrapping_sub(va & !0xFFF)),
+        };
         self.e[acc as usize][slot(va)] = Entry {
-            tag: tag(va, user),
-            host: hit.host,
+            tag: tag(va, user) | no_host,
+            addend,
             phys: hit.phys,
             global,
         };
@@ -117,7 +129,7 @@ impl Tlb {
     /// Whether the code mapping of `va` at privilege `user` is global (`None`: not cached).
     pub fn exec_global(&self, va: u64, user: bool) -> Option<bool> {
         let e = &self.e[Access::Exec as usize][slot(va)];
-        (e.tag == tag(va, user)).then_some(e.global)
+        (e.tag & !NO_HOST == tag(va, user)).then_some(e.global)
     }
 
     fn moved(&mut self, global: bool) {
@@ -208,6 +220,16 @@ mod tests {
         t.insert(0x9000, Access::Write, false, h, false);
         t.flush_phys_writes(0x5000);
         assert_eq!(t.lookup(0x9000, Access::Write, false), None);
+        // MMIO: found by the interpreter's lookup, never by translated code's tag compare.
+        let m = Hit {
+            host: 0,
+            phys: 0xFEE0_0000,
+        };
+        t.insert(0xFFFF_8000_FEE0_0000, Access::Read, false, m, false);
+        assert_eq!(t.lookup(0xFFFF_8000_FEE0_0030, Access::Read, false), Some(m));
+        let e = t.e[Access::Read as usize][slot(0xFFFF_8000_FEE0_0000)];
+        assert_ne!(e.tag, 0xFFFF_8000_FEE0_0000 | VALID, "MMIO tagged");
+        assert_eq!(t.exec_global(0xFFFF_8000_FEE0_0000, false), None);
     }
 
     /// The code-mapping generations the JIT's chain slots depend on: a CR3 write moves the

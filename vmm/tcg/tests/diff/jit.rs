@@ -11,7 +11,9 @@
 //! of a 128-bit dividend. Every block is
 //! translated on its first run (threshold 0).
 
-use super::harness::{check, random_state, Case, Harness, Rng, State, TcgOutcome, DATA, UNMAPPED};
+use super::harness::{
+    check, random_state, Case, Harness, Rng, State, TcgOutcome, DATA, DATA_LEN, UNMAPPED,
+};
 use super::host_quirks::quirks;
 use super::seed;
 use rqemu_tcg::flags::{AF, ARITH};
@@ -203,9 +205,12 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
             v.extend([0x8B, 0x83 | ((d & 7) << 3)]);
             v.extend(0x10_0000u32.to_le_bytes());
         }
-        // A load from the unmapped page through R15: a page fault in the middle of a block.
+        // A load through R15: a page fault in the middle of a block (R15 in the unmapped
+        // page), or an access crossing from the last RAM page into MMIO (R15 at the end of
+        // the data buffer: `sequence`), which only the slow path does right.
         15 if r.below(8) == 0 => {
-            prefix(8, d, 15, &mut v);
+            let sz = [2, 4, 8][r.below(3) as usize];
+            prefix(sz, d, 15, &mut v);
             v.extend([0x8B, 0x07 | ((d & 7) << 3)]);
         }
         // SHL/SHR/SAR/ROL/ROR r/m by 1 or by an immediate (masked counts of 0 and above the size too).
@@ -436,12 +441,35 @@ fn insn_handler(r: &mut Rng) -> Vec<u8> {
 }
 
 fn sequence(r: &mut Rng, mmio: bool) -> (Vec<u8>, State) {
+    sequence_with(r, mmio, true)
+}
+
+/// A loop body ([`loop_program`]): R15 is the loop counter there, so no stores through it.
+fn loop_body(r: &mut Rng) -> (Vec<u8>, State) {
+    sequence_with(r, true, false)
+}
+
+/// A random sequence and its start state; `r15_stores`: may store through R15 when it
+/// points just before the end of the data buffer.
+fn sequence_with(r: &mut Rng, mmio: bool, r15_stores: bool) -> (Vec<u8>, State) {
     let mut st = random_state(r);
     st.gpr[3] = DATA + 0x100 + r.below(0x1000);
-    st.gpr[15] = UNMAPPED + r.below(0x1000);
+    // R15: unmapped, or (with MMIO) 1-7 bytes before the end of the data buffer, where
+    // accesses through it cross into MMIO.
+    let cross = mmio && r.below(3) == 0;
+    st.gpr[15] = if cross {
+        DATA + DATA_LEN as u64 - 1 - r.below(7)
+    } else {
+        UNMAPPED + r.below(0x1000)
+    };
     let mut code = Vec::new();
     for _ in 0..(1 + r.below(40)) {
-        if mmio && r.below(6) == 0 {
+        if cross && r15_stores && r.below(8) == 0 {
+            // MOV [r15], r (16/32/64-bit): a store crossing into MMIO.
+            let (sz, d) = ([2, 4, 8][r.below(3) as usize], dest(r));
+            prefix(sz, d, 15, &mut code);
+            code.extend([0x89, 0x07 | ((d & 7) << 3)]);
+        } else if mmio && r.below(6) == 0 {
             code.extend(insn_handler(r));
         } else {
             code.extend(insn(r, mmio));
@@ -662,7 +690,7 @@ fn jit_chained_loops_match_interpreter() {
     let n = 600;
     let mut chained = 0;
     for i in 0..n {
-        let (body, st) = sequence(&mut r, true);
+        let (body, st) = loop_body(&mut r);
         let code = loop_program(body, Some(insn_simple(&mut r)), true);
         chained += jit_vs_interp(&mut h, i, &code, &st, 0, &mut failures)
             .0
@@ -689,7 +717,7 @@ fn jit_superblocks_and_loops_match_interpreter() {
     let n = 600;
     let (mut merged, mut loops, mut superblocks) = (0, 0, 0);
     for i in 0..n {
-        let (body, st) = sequence(&mut r, true);
+        let (body, st) = loop_body(&mut r);
         let call = r.below(3) == 0;
         let code = loop_program(body, Some(insn_simple(&mut r)), call);
         let (s, _) = jit_vs_interp(&mut h, i, &code, &st, 2, &mut failures);
@@ -776,7 +804,7 @@ fn jit_background_compile_matches_interpreter() {
     let n = 200;
     let (mut native_settled, mut total_settled) = (0, 0);
     for i in 0..n {
-        let (body, st) = sequence(&mut r, true);
+        let (body, st) = loop_body(&mut r);
         let code = loop_program(body, None, false);
         fill(&mut h, i);
         h.set_jit(false);
