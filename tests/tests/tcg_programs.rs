@@ -51,6 +51,9 @@ check sort text "$P/sort -r $IN"
 check sort-n text "$P/sort -n -r -k 2 $IN"
 check bc text "echo 'scale=60; 4*a(1); e(1); l(10); sqrt(2); s(1)+c(1); 2^300; 1/7; 355/113' | $P/bc -l"
 check mawk-libm text "$P/mawk 'BEGIN { for (i = 1; i <= 12; i++) printf \"%.17g %.17g %.17g %.17g %.17g\n\", sin(i), cos(i / 3), exp(i / 2), log(i * 10), atan2(i, 7) }'"
+# a loop long enough for libm's code to be translated (scalar double arithmetic and FMA on
+# the host's units under the guest's MXCSR: jit/insn/fp.rs).
+check mawk-loop text "$P/mawk 'BEGIN { for (i = 1; i < 20000; i++) s += sin(i) * log(i) + exp(-i / 1000) * cos(i) + i / 7; printf \"%.17g\n\", s }'"
 check mawk-sum text "$P/mawk '{ s += sqrt(\$1 + 0.5); n++ } END { printf \"%d %.17g\n\", n, s }' $IN"
 # long double (x87) arithmetic, comparisons and conversions: strtold, printf's %Lg/%La.
 check seq-ld text "$P/seq -f '%.19g' -0.7 0.37 900 | $B tail -n 12"

@@ -23,7 +23,7 @@ mod sse3;
 mod sse41;
 mod sse42;
 mod sse_cmp;
-mod sse_fp;
+pub(crate) mod sse_fp;
 mod sse_native;
 mod ssse3;
 mod string;

@@ -172,7 +172,7 @@ pub fn fp_ops(cx: &mut Ctx<'_>, ins: &Instruction) -> R<bool> {
 /// #XM: SIMD floating-point exception.
 const XM: u8 = 19;
 /// MXCSR exception flags: IE DE ZE OE UE PE.
-pub(super) const FLAGS: u32 = 0x3F;
+pub(crate) const FLAGS: u32 = 0x3F;
 /// The pre-computation exceptions (IE DE ZE): when one is unmasked, the post-computation ones
 /// (OE UE PE) of the same instruction are not reported.
 const PRE: u32 = 0x07;
@@ -183,7 +183,7 @@ const PE: u32 = 0x20;
 
 /// The MXCSR the host runs an instruction with: the guest's control bits, all exceptions
 /// masked, no flags.
-pub(super) fn host_csr(guest: u32) -> u32 {
+pub(crate) fn host_csr(guest: u32) -> u32 {
     (guest & 0xFFFF & !FLAGS) | 0x1F80
 }
 

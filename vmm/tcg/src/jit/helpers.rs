@@ -86,7 +86,15 @@ pub(crate) unsafe extern "C" fn interp(jc: *mut JitCtx, op: *const InterpOp) -> 
     cx.delta = delta;
     let next = op.ins.next_ip().wrapping_add(delta);
     cx.next_rip = next;
-    let status = match (op.handler)(cx, &op.ins) {
+    let csr = super::fpenv::touches_mxcsr(op.ins.mnemonic());
+    if csr {
+        super::fpenv::sync_before(cx.s);
+    }
+    let r = (op.handler)(cx, &op.ins);
+    if csr {
+        super::fpenv::sync_after(cx.s);
+    }
+    let status = match r {
         Ok(()) => {
             cx.s.rip = cx.next_rip;
             if cx.end_block || cx.next_rip != next {

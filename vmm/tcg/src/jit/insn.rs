@@ -5,13 +5,14 @@
 //! register or the flag record, like the interpreter's handlers, so a fault leaves the state
 //! as it was before the instruction.
 
+mod fp;
 mod more;
 mod vector;
 
 /// Whether `ins` may run its interpreter handler on a side path of its translation (the
 /// caller then provides it in `Em::side_op`).
 pub(crate) fn wants_side_op(ins: &Instruction) -> bool {
-    vector::handles(ins.mnemonic())
+    vector::handles(ins.mnemonic()) || fp::handles(ins.mnemonic())
 }
 
 use super::emit::{mask, Em};
@@ -249,6 +250,12 @@ fn insn(e: &mut Em<'_>, ins: &Instruction) -> Option<Step> {
     if vector::handles(m) {
         let op = e.side_op?;
         vector::translate(e, ins, m, op)?;
+        e.side_op_used = true;
+        return Some(Step::Next);
+    }
+    if fp::handles(m) {
+        let op = e.side_op?;
+        fp::translate(e, ins, m, op)?;
         e.side_op_used = true;
         return Some(Step::Next);
     }

@@ -59,6 +59,7 @@
 //! code, every block forgets its host code and the module is freed whole (with the slots).
 
 mod emit;
+mod fpenv;
 mod helpers;
 mod insn;
 mod translate;
@@ -835,13 +836,17 @@ pub(crate) fn run(
         scratch: 0,
     };
     jc.cx = cx as *mut crate::ctx::Ctx<'_> as *mut u8;
+    // Floating point in the code runs under the guest's MXCSR control bits.
+    let host_csr = fpenv::enter(cx.s);
     // SAFETY: `enter` is the live module's trampoline and `n.entry` code compiled by
     // `translate` for this block, still owned by that module (blocks forget their code before
     // a flush). Chains only reach code of the same module (slots of older modules are freed
     // with them; stale ones fail the generation check). The code accesses the state and TLB
-    // through `jc.arch` and the TLB address it holds (`Jit::tlb`, this CPU's) and calls the helpers with `jc`, whose `cx` is the context
-    // of this call; nothing else touches them while it runs.
+    // through `jc.arch` and the TLB address it holds (`Jit::tlb`, this CPU's) and calls the
+    // helpers with `jc`, whose `cx` is the context of this call; nothing else touches them
+    // while it runs.
     let count = unsafe { enter(&mut jc as *mut JitCtx as *mut u8, n.entry as u64) };
+    fpenv::leave(cx.s, host_csr);
     jit.pending = (jc.exit_slot, cx.s.rip);
     jit.stats.chained += jc.chains;
     RunOut {

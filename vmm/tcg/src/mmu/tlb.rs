@@ -226,7 +226,10 @@ mod tests {
             phys: 0xFEE0_0000,
         };
         t.insert(0xFFFF_8000_FEE0_0000, Access::Read, false, m, false);
-        assert_eq!(t.lookup(0xFFFF_8000_FEE0_0030, Access::Read, false), Some(m));
+        assert_eq!(
+            t.lookup(0xFFFF_8000_FEE0_0030, Access::Read, false),
+            Some(m)
+        );
         let e = t.e[Access::Read as usize][slot(0xFFFF_8000_FEE0_0000)];
         assert_ne!(e.tag, 0xFFFF_8000_FEE0_0000 | VALID, "MMIO tagged");
         assert_eq!(t.exec_global(0xFFFF_8000_FEE0_0000, false), None);

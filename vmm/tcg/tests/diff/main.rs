@@ -15,6 +15,7 @@ mod host_quirks;
 #[cfg(feature = "jit")]
 mod jit;
 #[cfg(feature = "jit")]
+mod jit_fp;
 mod jit_vector;
 mod mmx;
 #[path = "../common/seed.rs"]

@@ -5,12 +5,14 @@
 //! XCR0) — runs the whole instruction through its interpreter handler on a side path
 //! ([`Em::interp_side`]), which raises its fault exactly as the interpreter would.
 
-use super::{mem, Em, GPR};
+use super::{mem, Em, FLAGS, GPR};
+use crate::flags::layout as fl;
 use crate::mmu::walk::Access;
 use crate::state::{cr0, cr4, ArchState};
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{I64, I8X16};
+use cranelift_codegen::ir::types::{I32, I64, I8X16};
 use cranelift_codegen::ir::{Block, InstBuilder, Type, Value};
+use cranelift_frontend::Variable;
 use std::mem::offset_of;
 
 const XMM: i32 = offset_of!(ArchState, xmm) as i32;
@@ -18,6 +20,9 @@ const YMMH: i32 = offset_of!(ArchState, ymmh) as i32;
 const CR0: i32 = offset_of!(ArchState, cr0) as i32;
 const CR4: i32 = offset_of!(ArchState, cr4) as i32;
 const XCR0: i32 = offset_of!(ArchState, xcr0) as i32;
+const MXCSR: i32 = offset_of!(ArchState, mxcsr) as i32;
+/// The six exception mask bits of MXCSR.
+const MASKS: i64 = 0x1F80;
 
 /// Which unit an instruction needs enabled.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -102,7 +107,34 @@ impl Em<'_> {
         unit: Unit,
         memop: Option<(Value, u8, Access, u8)>,
     ) -> (Option<VMem>, Block) {
+        self.vstart_with(unit, memop, false)
+    }
+
+    /// [`Em::vstart`] for an instruction that computes in floating point on the host
+    /// (`insn::fp`): also takes the side path unless every MXCSR exception is masked, so that
+    /// the host instruction, run under the guest's MXCSR control bits (`super::super::fpenv`),
+    /// only sets sticky flags and never has to raise #XM.
+    pub fn vstart_fp(
+        &mut self,
+        unit: Unit,
+        memop: Option<(Value, u8, Access, u8)>,
+    ) -> (Option<VMem>, Block) {
+        self.vstart_with(unit, memop, true)
+    }
+
+    fn vstart_with(
+        &mut self,
+        unit: Unit,
+        memop: Option<(Value, u8, Access, u8)>,
+        fp: bool,
+    ) -> (Option<VMem>, Block) {
         let mut ok = self.unit_ok(unit);
+        if fp {
+            let csr = self.sload(I32, MXCSR);
+            let masks = self.b.ins().band_imm_s(csr, MASKS);
+            let masked = self.b.ins().icmp_imm_s(IntCC::Equal, masks, MASKS);
+            ok = self.b.ins().band(ok, masked);
+        }
         let Some((va, size, acc, align)) = memop else {
             let (fast, slow) = (self.b.create_block(), self.b.create_block());
             self.b.ins().brif(ok, fast, &[], slow, &[]);
@@ -129,6 +161,20 @@ impl Em<'_> {
         self.b.ins().jump(join, &[]);
         self.b.switch_to_block(slow);
         self.interp_side(op, gpr_out);
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(join);
+    }
+
+    /// [`Em::vfinish`] for an instruction whose handler sets the arithmetic flags eagerly
+    /// (`LazyFlags::set_arith`): `var` (already defined on the fast path) takes them from the
+    /// state's record on the side path.
+    pub fn vfinish_flags(&mut self, slow: Block, op: usize, var: Variable) {
+        let join = self.b.create_block();
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(slow);
+        self.interp_side(op, None);
+        let f = self.sload(I64, FLAGS + fl::EAGER as i32);
+        self.b.def_var(var, f);
         self.b.ins().jump(join, &[]);
         self.b.switch_to_block(join);
     }

@@ -87,19 +87,19 @@ fn vreg(r: Register) -> Option<(usize, bool)> {
     (n < 16).then_some((n, ymm))
 }
 
-fn gmem() -> MemFlagsData {
+pub(super) fn gmem() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
 }
 
 /// Operand `i`: a vector register (number, YMM), a general register or memory.
 #[derive(Clone, Copy)]
-enum Opd {
+pub(super) enum Opd {
     V(usize, bool),
     G(Register),
     Mem,
 }
 
-fn opd(ins: &Instruction, i: u32) -> Option<Opd> {
+pub(super) fn opd(ins: &Instruction, i: u32) -> Option<Opd> {
     match ins.op_kind(i) {
         OpKind::Register => {
             let r = ins.op_register(i);
@@ -170,7 +170,7 @@ pub(super) fn translate(e: &mut Em<'_>, ins: &Instruction, m: M, op: usize) -> O
 
 /// A memory operand's linear address, computed before the fast/side split (it reads
 /// general registers, which must be loaded on both paths).
-fn addr(e: &mut Em<'_>, ins: &Instruction, ops: &[Opd]) -> Option<Option<Value>> {
+pub(super) fn addr(e: &mut Em<'_>, ins: &Instruction, ops: &[Opd]) -> Option<Option<Value>> {
     if ops.iter().any(|o| matches!(o, Opd::Mem)) {
         Some(Some(e.ea(ins)?))
     } else {
