@@ -728,22 +728,86 @@ impl<'a> Em<'a> {
     }
 
     /// All arithmetic flags as RFLAGS bits (I64): the eager value of a translated
-    /// instruction that set them eagerly, else computed by a helper.
+    /// instruction that set them eagerly, computed inline from a lazy record of a translated
+    /// instruction (`LazyFlags::arith`'s formulas), else by a helper from the state's record.
     pub fn arith(&mut self) -> Value {
-        if let Flags::Lazy {
-            op: FlagOp::Eager,
+        use crate::flags::{AF, CF, OF};
+        let Flags::Lazy {
+            op,
+            size,
+            res,
+            a,
+            b: bv,
             carry,
-            ..
         } = self.flags
-        {
+        else {
+            let arch = self.arch;
+            return self.flag_helper(
+                self.sigs.carry,
+                helpers::arith as *const () as usize,
+                &[arch],
+            );
+        };
+        if op == FlagOp::Eager {
             return carry;
         }
-        let arch = self.arch;
-        self.flag_helper(
-            self.sigs.carry,
-            helpers::arith as *const () as usize,
-            &[arch],
-        )
+        let szp = self.szp(res, size);
+        if op == FlagOp::Logic {
+            return szp;
+        }
+        let top = i64::from(8 * u32::from(size) - 1);
+        let b = &mut self.b;
+        // Bit 0 of `v` (I64) as flag `f`.
+        let flag = |b: &mut FunctionBuilder<'_>, v: Value, f: u64| {
+            let v = b.ins().band_imm_s(v, 1);
+            b.ins().imul_imm_s(v, f as i64)
+        };
+        let bool64 = |b: &mut FunctionBuilder<'_>, c: Value| b.ins().uextend(I64, c);
+        let (cf, of, af) = match op {
+            FlagOp::Add | FlagOp::Adc | FlagOp::Sub | FlagOp::Sbb => {
+                let add = matches!(op, FlagOp::Add | FlagOp::Adc);
+                let (lo, hi) = if add { (res, a) } else { (a, bv) };
+                let mut c = b.ins().icmp(IntCC::UnsignedLessThan, lo, hi);
+                if matches!(op, FlagOp::Adc | FlagOp::Sbb) {
+                    let cin = b.ins().band_imm_s(carry, 1);
+                    let cin = b.ins().icmp_imm_s(IntCC::NotEqual, cin, 0);
+                    let eq = b.ins().icmp(IntCC::Equal, lo, hi);
+                    let both = b.ins().band(cin, eq);
+                    c = b.ins().bor(c, both);
+                }
+                let c = bool64(b, c);
+                let cf = flag(b, c, CF);
+                let o = if add {
+                    let x = b.ins().bxor(a, res);
+                    let y = b.ins().bxor(bv, res);
+                    b.ins().band(x, y)
+                } else {
+                    let x = b.ins().bxor(a, bv);
+                    let y = b.ins().bxor(a, res);
+                    b.ins().band(x, y)
+                };
+                let o = b.ins().ushr_imm_s(o, top);
+                let of = flag(b, o, OF);
+                let ab = b.ins().bxor(a, bv);
+                let abr = b.ins().bxor(ab, res);
+                (cf, of, b.ins().band_imm_s(abr, AF as i64))
+            }
+            // Inc, Dec: CF kept in the record, OF at the signed overflow value.
+            _ => {
+                let cf = b.ins().band_imm_s(carry, CF as i64);
+                let sb = 1i64 << top;
+                let at = if op == FlagOp::Inc { sb } else { sb - 1 };
+                let o = b.ins().icmp_imm_s(IntCC::Equal, res, at);
+                let o = bool64(b, o);
+                let of = flag(b, o, OF);
+                let a1 = b.ins().bxor_imm_s(a, 1);
+                let abr = b.ins().bxor(a1, res);
+                (cf, of, b.ins().band_imm_s(abr, AF as i64))
+            }
+        };
+        let x = b.ins().bor(szp, cf);
+        let y = b.ins().bor(of, af);
+        b.ins().bor(x, y)
     }
 
     /// `f` (eager RFLAGS bits), or when `cond` holds the current arithmetic flags (computed in
