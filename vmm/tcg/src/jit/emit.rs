@@ -75,6 +75,9 @@ pub(crate) struct Em<'a> {
     pub ip: u64,
     /// The decoded address of the next instruction.
     pub next_ip: u64,
+    /// Values known to fit in so many low bytes though their definition does not show it
+    /// (the joins of a load's fast and slow paths), for [`Em::fits`].
+    fit: std::collections::HashMap<Value, u8>,
     /// A helper of the current instruction may have asked to end the block.
     pub may_end: bool,
     /// The statuses helpers returned since the last [`Em::end_check`] (0 or `STATUS_END`;
@@ -189,6 +192,7 @@ impl<'a> Em<'a> {
             idx: 0,
             ip: 0,
             next_ip: 0,
+            fit: std::collections::HashMap::new(),
             may_end: false,
             ended,
             smp: false,
@@ -282,13 +286,70 @@ impl<'a> Em<'a> {
 
     /// `v` masked to `size` bytes (nothing to emit for 8: without Cranelift's optimizer an
     /// AND with all ones would be emitted, with its constant loaded from memory).
+    /// Nothing is emitted either when `v` is known to fit ([`Em::fits`]); 32 bits are cleared
+    /// with a zero-extending move (an AND with 0xFFFF_FFFF would load its constant).
     pub fn and_mask(&mut self, v: Value, size: u8) -> Value {
-        if size >= 8 {
+        if size >= 8 || self.fits(v, size, 3) {
             v
         } else if let Some(k) = self.const_of(v) {
             self.c(k & mask(size))
+        } else if size == 4 {
+            let lo = self.b.ins().ireduce(I32, v);
+            self.b.ins().uextend(I64, lo)
         } else {
             self.b.ins().band_imm_s(v, mask(size))
+        }
+    }
+
+    /// Whether `v` (I64) has no bit set above its low `size` bytes, from how it was computed
+    /// (looking `depth` instructions back): a constant, a zero-extending load or extension,
+    /// a mask, a logic operation or shift right of such values, a value recorded in
+    /// [`Em::fit`].
+    fn fits(&self, v: Value, size: u8, depth: u8) -> bool {
+        use cranelift_codegen::ir::{InstructionData as D, Opcode as O};
+        if size >= 8 {
+            return true;
+        }
+        if let Some(k) = self.const_of(v) {
+            return k & !mask(size) == 0;
+        }
+        if self.fit.get(&v).is_some_and(|&s| s <= size) {
+            return true;
+        }
+        let dfg = &self.b.func.dfg;
+        let Some(inst) = dfg.value_def(v).inst() else {
+            return false;
+        };
+        let d = depth.saturating_sub(1);
+        match dfg.insts[inst] {
+            D::Load { opcode, .. } => match opcode {
+                O::Uload8 => true,
+                O::Uload16 => size >= 2,
+                O::Uload32 => size >= 4,
+                _ => false,
+            },
+            D::Unary {
+                opcode: O::Uextend,
+                arg,
+            } => dfg.value_type(arg).bytes() <= u32::from(size),
+            _ if depth == 0 => false,
+            D::Binary {
+                opcode: O::Band,
+                args: [a, b],
+            } => self.fits(a, size, d) || self.fits(b, size, d),
+            D::Binary {
+                opcode: O::Bor | O::Bxor,
+                args: [a, b],
+            } => self.fits(a, size, d) && self.fits(b, size, d),
+            D::Binary {
+                opcode: O::Ushr,
+                args: [a, _],
+            } => self.fits(a, size, d),
+            D::Ternary {
+                opcode: O::Select,
+                args: [_, a, b],
+            } => self.fits(a, size, d) && self.fits(b, size, d),
+            _ => false,
         }
     }
 
@@ -665,7 +726,10 @@ impl<'a> Em<'a> {
         self.b.def_var(v, r);
         self.b.ins().jump(join, &[]);
         self.b.switch_to_block(join);
-        self.b.use_var(v)
+        let r = self.b.use_var(v);
+        // Both paths zero-extend (the helper returns the `size` bytes read).
+        self.fit.insert(r, size);
+        r
     }
 
     /// Stores the low `size` bytes of `val` at linear `va`.

@@ -151,7 +151,13 @@ fn insn(r: &mut Rng, mmio: bool) -> Vec<u8> {
                 modrm(&mut v, k, rm, mem);
                 if r.below(2) == 0 {
                     // BT r64, imm8 (takes every other flag from INC/DEC's record) and SETO AL.
-                    v.extend([0x48 | (d >> 3), 0x0F, 0xBA, 0xE0 | (d & 7), r.below(64) as u8]);
+                    v.extend([
+                        0x48 | (d >> 3),
+                        0x0F,
+                        0xBA,
+                        0xE0 | (d & 7),
+                        r.below(64) as u8,
+                    ]);
                     v.extend([0x0F, 0x90, 0xC0]);
                 }
             } else {
