@@ -75,6 +75,13 @@ pub(crate) struct Em<'a> {
     pub ip: u64,
     /// The decoded address of the next instruction.
     pub next_ip: u64,
+    /// The current segment's shared return block (param: the count returned) and exit
+    /// block (params: count, RIP), created on first use (see [`Em::ret_to`], [`Em::exit`]):
+    /// one epilogue per segment instead of one per helper call.
+    shared: (
+        Option<cranelift_codegen::ir::Block>,
+        Option<cranelift_codegen::ir::Block>,
+    ),
     /// Values known to fit in so many low bytes though their definition does not show it
     /// (the joins of a load's fast and slow paths), for [`Em::fits`].
     fit: std::collections::HashMap<Value, u8>,
@@ -192,6 +199,7 @@ impl<'a> Em<'a> {
             idx: 0,
             ip: 0,
             next_ip: 0,
+            shared: (None, None),
             fit: std::collections::HashMap::new(),
             may_end: false,
             ended,
@@ -234,6 +242,7 @@ impl<'a> Em<'a> {
     /// counts are relative to the block they are in, as the run loop expects.
     pub fn next_seg(&mut self, count: usize, idx: u32) {
         self.seg += 1;
+        self.shared = (None, None);
         self.prefix += count;
         self.seg_idx = idx;
     }
@@ -425,12 +434,52 @@ impl<'a> Em<'a> {
     /// in a fresh (unreachable-so-far) block.
     pub fn exit(&mut self, count: usize, rip: Value) {
         self.commit();
-        self.leave_seg();
-        self.b.ins().store(mem(), rip, self.arch, RIP);
         let n = self.b.ins().iconst(I32, count as i64);
-        self.b.ins().return_(&[n]);
+        let (blk, new) = match self.shared.1 {
+            Some(b) => (b, false),
+            None => {
+                let b = self.b.create_block();
+                self.b.append_block_param(b, I32);
+                self.b.append_block_param(b, I64);
+                self.shared.1 = Some(b);
+                (b, true)
+            }
+        };
+        self.b.ins().jump(blk, &[n.into(), rip.into()]);
+        if new {
+            // The segment's exit: the state is committed, RIP is the parameter.
+            self.b.switch_to_block(blk);
+            let (n, rip) = (self.b.block_params(blk)[0], self.b.block_params(blk)[1]);
+            self.leave_seg();
+            self.b.ins().store(mem(), rip, self.arch, RIP);
+            self.b.ins().return_(&[n]);
+        }
         let next = self.b.create_block();
         self.b.switch_to_block(next);
+    }
+
+    /// Branches to the segment's shared return of `count` (the state and RIP as they are:
+    /// a fault left for the interpreter) when `cond` holds, else continues in a new block.
+    fn ret_if(&mut self, cond: Value, count: usize) {
+        let n = self.b.ins().iconst(I32, count as i64);
+        let (blk, new) = match self.shared.0 {
+            Some(b) => (b, false),
+            None => {
+                let b = self.b.create_block();
+                self.b.append_block_param(b, I32);
+                self.shared.0 = Some(b);
+                (b, true)
+            }
+        };
+        let cont = self.b.create_block();
+        self.b.ins().brif(cond, blk, &[n.into()], cont, &[]);
+        if new {
+            self.b.switch_to_block(blk);
+            let n = self.b.block_params(blk)[0];
+            self.leave_seg();
+            self.b.ins().return_(&[n]);
+        }
+        self.b.switch_to_block(cont);
     }
 
     /// Ends the function at a block exit to the fixed target `rip` after `count`
@@ -557,13 +606,7 @@ impl<'a> Em<'a> {
             .b
             .ins()
             .icmp_imm_s(IntCC::Equal, st, STATUS_FAULT as i64);
-        let (f, e) = (self.b.create_block(), self.b.create_block());
-        self.b.ins().brif(fault, f, &[], e, &[]);
-        self.b.switch_to_block(f);
-        self.leave_seg();
-        let n = self.b.ins().iconst(I32, self.idx as i64);
-        self.b.ins().return_(&[n]);
-        self.b.switch_to_block(e);
+        self.ret_if(fault, self.idx);
         let rip = self.b.ins().load(I64, mem(), self.arch, RIP);
         self.exit(self.idx + 1, rip);
         self.b.switch_to_block(cont);
@@ -634,13 +677,7 @@ impl<'a> Em<'a> {
             .b
             .ins()
             .icmp_imm_s(IntCC::Equal, st, STATUS_FAULT as i64);
-        let (out, cont) = (self.b.create_block(), self.b.create_block());
-        self.b.ins().brif(fault, out, &[], cont, &[]);
-        self.b.switch_to_block(out);
-        self.leave_seg();
-        let n = self.b.ins().iconst(I32, self.idx as i64);
-        self.b.ins().return_(&[n]);
-        self.b.switch_to_block(cont);
+        self.ret_if(fault, self.idx);
         // Not a fault: 0 or STATUS_END, remembered for the end check after the instruction.
         let prev = self.b.use_var(self.ended);
         let now = self.b.ins().bor(prev, st);
