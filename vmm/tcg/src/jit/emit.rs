@@ -85,6 +85,9 @@ pub(crate) struct Em<'a> {
     /// Values known to fit in so many low bytes though their definition does not show it
     /// (the joins of a load's fast and slow paths), for [`Em::fits`].
     fit: std::collections::HashMap<Value, u8>,
+    /// The flags the current instruction leaves are overwritten before anything observes
+    /// them (`insn::flags_dead_after`).
+    pub flags_dead: bool,
     /// A helper of the current instruction may have asked to end the block.
     pub may_end: bool,
     /// The statuses helpers returned since the last [`Em::end_check`] (0 or `STATUS_END`;
@@ -200,6 +203,7 @@ impl<'a> Em<'a> {
             ip: 0,
             next_ip: 0,
             shared: (None, None),
+            flags_dead: false,
             fit: std::collections::HashMap::new(),
             may_end: false,
             ended,

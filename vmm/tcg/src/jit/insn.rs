@@ -15,6 +15,38 @@ pub(crate) fn wants_side_op(ins: &Instruction) -> bool {
     vector::handles(ins.mnemonic()) || fp::handles(ins.mnemonic())
 }
 
+/// Whether the arithmetic flags left by an instruction are overwritten before anything can
+/// observe them: among the next instructions of its block `rest`, one writes all six without
+/// reading them (ADD/SUB/CMP/AND/OR/XOR/TEST on registers and immediates) before any that
+/// reads flags, accesses memory, may fault, calls a helper or ends the block. Only register
+/// moves, LEA, NOT, BSWAP and rotates (whose own flags are then dead too) may come between.
+/// A rotate, bit test or bit scan, which merges its flags into the current ones, then skips
+/// computing the current ones ([`Em::flags_dead`]).
+pub(crate) fn flags_dead_after(rest: &[Instruction]) -> bool {
+    for ins in rest.iter().take(8) {
+        let regs_only = regs_only(ins);
+        match ins.mnemonic() {
+            M::Add | M::Sub | M::Cmp | M::And | M::Or | M::Xor | M::Test if regs_only => {
+                return true
+            }
+            M::Mov | M::Movzx | M::Movsx | M::Movsxd | M::Not | M::Bswap | M::Rol | M::Ror
+                if regs_only => {}
+            M::Lea => {}
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Whether every operand of `ins` is a general register or an immediate (it cannot fault,
+/// call a helper or end the block).
+pub(crate) fn regs_only(ins: &Instruction) -> bool {
+    (0..ins.op_count()).all(|i| match ins.op_kind(i) {
+        OpKind::Register => reg_info(ins.op_register(i)).is_some(),
+        k => is_imm(k),
+    })
+}
+
 use super::emit::{mask, Em};
 use crate::flags::FlagOp;
 use cranelift_codegen::ir::condcodes::IntCC;

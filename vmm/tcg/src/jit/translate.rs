@@ -219,6 +219,9 @@ pub(crate) fn translate(
                 e.ip = ins.ip();
                 e.next_ip = ins.next_ip();
                 e.merge = k + 1 < segs.len() && i + 1 == insns.len();
+                // (Not for an instruction with a memory operand: a helper that ends the block
+                // after it would commit its flags.)
+                e.flags_dead = insn::regs_only(ins) && insn::flags_dead_after(&insns[i + 1..]);
                 // The handler, for a side path of the translation or a call of it instead.
                 let push_op = |ops: &mut Vec<InterpOp>| {
                     ops.push(InterpOp {

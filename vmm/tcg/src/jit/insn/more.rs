@@ -62,7 +62,12 @@ pub(super) fn rotate(e: &mut Em<'_>, ins: &Instruction, m: M) -> Option<()> {
     };
     let of = e.b.ins().bxor(other, cf);
     let of = e.b.ins().ishl_imm_s(of, 11);
-    let old = e.arith();
+    // Flags overwritten before they are observed: the ones kept need not be computed.
+    let old = if e.flags_dead && zero_count.is_none() {
+        e.c(0)
+    } else {
+        e.arith()
+    };
     let keep =
         e.b.ins()
             .band_imm_s(old, !((crate::flags::CF | crate::flags::OF) as i64));
@@ -249,6 +254,10 @@ fn update_arith(
     mask: u64,
     f: cranelift_codegen::ir::Value,
 ) -> cranelift_codegen::ir::Value {
+    if e.flags_dead {
+        // Overwritten before they are observed: the kept flags need not be computed.
+        return f;
+    }
     let old = e.arith();
     let keep = e.b.ins().band_imm_s(old, !(mask as i64));
     e.b.ins().bor(keep, f)
