@@ -307,7 +307,7 @@ impl<'a> Em<'a> {
             v
         } else if let Some(k) = self.const_of(v) {
             self.c(k & mask(size))
-        } else if size == 4 {
+        } else if size == 4 && self.b.func.dfg.value_type(v) == I64 {
             let lo = self.b.ins().ireduce(I32, v);
             self.b.ins().uextend(I64, lo)
         } else {
