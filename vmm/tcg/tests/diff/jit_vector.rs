@@ -1,7 +1,7 @@
 //! The JIT's translated SSE/AVX instructions (`jit/insn/vector.rs`) against the interpreter:
 //! random sequences of whole-register moves (MOVUPS/MOVAPS/MOVDQU/MOVDQA/..., VEX.128 and
 //! VEX.256), MOVSD/MOVSS and VMOVSD/VMOVSS (merges, loads, stores), MOVD/MOVQ/VMOVD/VMOVQ in
-//! every direction, PXOR/POR/PAND/PANDN/XORPS/..., PCMPEQB/W/D, PMOVMSKB, VZEROUPPER, mixed
+//! every direction, PXOR/POR/PAND/PANDN/XORPS/..., PCMPEQB/W/D, PUNPCKL/H*, PMOVMSKB, VZEROUPPER, mixed
 //! with flag-setting ALU instructions and SETcc (the flag record must survive a vector
 //! instruction's side path). Memory operands are `[rbx+disp8]` at a random alignment (the
 //! aligned forms then take the side path, where the interpreter raises #GP), sometimes
@@ -91,7 +91,7 @@ fn vector_insn(r: &mut Rng) -> Vec<u8> {
     let g = GDEST[r.below(GDEST.len() as u64) as usize];
     let l = r.below(2) == 0;
     let store = r.below(2) == 0;
-    match r.below(12) {
+    match r.below(13) {
         // MOVUPS/MOVAPS/MOVUPD/MOVAPD/MOVDQU/MOVDQA load, store or register move.
         0 => {
             let (pfx, lo) = [
@@ -190,6 +190,15 @@ fn vector_insn(r: &mut Rng) -> Vec<u8> {
         // PCMPEQB/W/D and VPCMPEQB/W/D.
         8 => {
             let op = 0x74 + r.below(3) as u8;
+            if r.below(2) == 0 {
+                sse(&mut v, 0x66, false, op, x, y, m);
+            } else {
+                vex(&mut v, 1, false, l, y, op, x, z, m);
+            }
+        }
+        // PUNPCKL/H BW/WD/DQ/QDQ and their VEX forms (.128/.256).
+        11 => {
+            let op = [0x60, 0x61, 0x62, 0x6C, 0x68, 0x69, 0x6A, 0x6D][r.below(8) as usize];
             if r.below(2) == 0 {
                 sse(&mut v, 0x66, false, op, x, y, m);
             } else {

@@ -1,5 +1,5 @@
 //! SSE/AVX instructions translated to host code: the data moves, bitwise operations, byte/
-//! word/dword equality compares and byte masks that library string and memory functions
+//! word/dword equality compares, unpacks (PUNPCKL/H*) and byte masks that library string and memory functions
 //! (glibc's `memcpy`, `strlen`, `memchr`, ... in their SSE2 and AVX2 variants) and scalar
 //! double-precision code (`movsd`) are made of. None of them reads or writes MXCSR or the
 //! flags. Each runs natively when its unit is enabled and its memory operand is a RAM page
@@ -21,6 +21,7 @@ use iced_x86::{EncodingKind, Instruction, Mnemonic as M, OpKind, Register};
 pub(super) fn handles(m: M) -> bool {
     full_move(m).is_some()
         || bitwise(m).is_some()
+        || unpack(m).is_some()
         || cmpeq(m).is_some()
         || matches!(
             m,
@@ -63,6 +64,29 @@ fn bitwise(m: M) -> Option<Bit> {
         M::Pxor | M::Xorps | M::Xorpd | M::Vpxor | M::Vxorps | M::Vxorpd => Bit::Xor,
         _ => return None,
     })
+}
+
+/// PUNPCKL/PUNPCKH BW/WD/DQ/QDQ and their VEX forms: the byte shuffle (indices 16-31 from
+/// the second source) of `d = unpack(a, b)` within each 128-bit lane.
+fn unpack(m: M) -> Option<[u8; 16]> {
+    let (hi, w) = match m {
+        M::Punpcklbw | M::Vpunpcklbw => (false, 1),
+        M::Punpcklwd | M::Vpunpcklwd => (false, 2),
+        M::Punpckldq | M::Vpunpckldq => (false, 4),
+        M::Punpcklqdq | M::Vpunpcklqdq => (false, 8),
+        M::Punpckhbw | M::Vpunpckhbw => (true, 1),
+        M::Punpckhwd | M::Vpunpckhwd => (true, 2),
+        M::Punpckhdq | M::Vpunpckhdq => (true, 4),
+        M::Punpckhqdq | M::Vpunpckhqdq => (true, 8),
+        _ => return None,
+    };
+    let base = if hi { 8 } else { 0 };
+    // Result byte i: element i / (2w) of the low or high half, from a then b in turn.
+    Some(std::array::from_fn(|i| {
+        let (elem, within) = (i / (2 * w), i % (2 * w));
+        let byte = base + elem * w + within % w;
+        (byte + if within >= w { 16 } else { 0 }) as u8
+    }))
 }
 
 fn cmpeq(m: M) -> Option<Type> {
@@ -148,6 +172,9 @@ pub(super) fn translate(e: &mut Em<'_>, ins: &Instruction, m: M, op: usize) -> O
     }
     if let Some(t) = cmpeq(m) {
         return logic(e, ins, &ops, unit, Logic::Eq(t), op);
+    }
+    if let Some(mask) = unpack(m) {
+        return logic(e, ins, &ops, unit, Logic::Unpack(mask), op);
     }
     match m {
         M::Movsd | M::Movss | M::Vmovsd | M::Vmovss => scalar(
@@ -241,10 +268,12 @@ fn set_upper(e: &mut Em<'_>, n: usize, unit: Unit, hi: Option<Value>) {
 enum Logic {
     Bit(Bit),
     Eq(Type),
+    /// A byte shuffle of the two sources ([`unpack`]).
+    Unpack([u8; 16]),
 }
 
-/// PXOR/PAND/... and PCMPEQB/W/D: legacy `d = d op s` (a memory `s` aligned), VEX
-/// `d = s1 op s2` (unaligned).
+/// PXOR/PAND/..., PCMPEQB/W/D and PUNPCKL/H*: legacy `d = d op s` (a memory `s` aligned), VEX
+/// `d = s1 op s2` (unaligned), per 128-bit lane.
 fn logic(
     e: &mut Em<'_>,
     ins: &Instruction,
@@ -270,7 +299,7 @@ fn logic(
     let (m, slow) = e.vstart(unit, memop);
     let ty = match k {
         Logic::Eq(t) => t,
-        Logic::Bit(_) => I8X16,
+        Logic::Bit(_) | Logic::Unpack(_) => I8X16,
     };
     let mut halves = [None, None];
     for (i, half) in halves.iter_mut().enumerate().take(if ymm { 2 } else { 1 }) {
@@ -287,6 +316,10 @@ fn logic(
             Logic::Bit(Bit::Or) => e.b.ins().bor(x, y),
             Logic::Bit(Bit::Xor) => e.b.ins().bxor(x, y),
             Logic::Eq(_) => e.b.ins().icmp(IntCC::Equal, x, y),
+            Logic::Unpack(mask) => {
+                let imm = e.b.func.dfg.immediates.push(mask.to_vec().into());
+                e.b.ins().shuffle(x, y, imm)
+            }
         });
     }
     let lo = halves[0]?;
