@@ -83,7 +83,7 @@ fn is_gpr(ins: &Instruction, i: u32) -> bool {
     ins.op_kind(i) == OpKind::Register && reg_info(ins.op_register(i)).is_some()
 }
 
-fn is_imm(k: OpKind) -> bool {
+pub(super) fn is_imm(k: OpKind) -> bool {
     matches!(
         k,
         OpKind::Immediate8

@@ -1,7 +1,7 @@
 //! The JIT's translated SSE/AVX instructions (`jit/insn/vector.rs`) against the interpreter:
 //! random sequences of whole-register moves (MOVUPS/MOVAPS/MOVDQU/MOVDQA/..., VEX.128 and
 //! VEX.256), MOVSD/MOVSS and VMOVSD/VMOVSS (merges, loads, stores), MOVD/MOVQ/VMOVD/VMOVQ in
-//! every direction, PXOR/POR/PAND/PANDN/XORPS/..., PCMPEQB/W/D, PUNPCKL/H*, PMOVMSKB, VZEROUPPER, mixed
+//! every direction, PXOR/POR/PAND/PANDN/XORPS/..., PCMPEQB/W/D, PUNPCKL/H*, PSHUFD, PMOVMSKB, VZEROUPPER, mixed
 //! with flag-setting ALU instructions and SETcc (the flag record must survive a vector
 //! instruction's side path). Memory operands are `[rbx+disp8]` at a random alignment (the
 //! aligned forms then take the side path, where the interpreter raises #GP), sometimes
@@ -91,7 +91,7 @@ fn vector_insn(r: &mut Rng) -> Vec<u8> {
     let g = GDEST[r.below(GDEST.len() as u64) as usize];
     let l = r.below(2) == 0;
     let store = r.below(2) == 0;
-    match r.below(13) {
+    match r.below(14) {
         // MOVUPS/MOVAPS/MOVUPD/MOVAPD/MOVDQU/MOVDQA load, store or register move.
         0 => {
             let (pfx, lo) = [
@@ -195,6 +195,15 @@ fn vector_insn(r: &mut Rng) -> Vec<u8> {
             } else {
                 vex(&mut v, 1, false, l, y, op, x, z, m);
             }
+        }
+        // PSHUFD/VPSHUFD (.128/.256) with a random order.
+        12 => {
+            if r.below(2) == 0 {
+                sse(&mut v, 0x66, false, 0x70, x, y, m);
+            } else {
+                vex(&mut v, 1, false, l, 0, 0x70, x, y, m);
+            }
+            v.push(r.below(256) as u8);
         }
         // PUNPCKL/H BW/WD/DQ/QDQ and their VEX forms (.128/.256).
         11 => {

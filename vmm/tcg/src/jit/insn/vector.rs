@@ -36,6 +36,8 @@ pub(super) fn handles(m: M) -> bool {
                 | M::Vzeroupper
                 | M::Pmovmskb
                 | M::Vpmovmskb
+                | M::Pshufd
+                | M::Vpshufd
         )
 }
 
@@ -153,6 +155,9 @@ pub(super) fn translate(e: &mut Em<'_>, ins: &Instruction, m: M, op: usize) -> O
         return None;
     }
     let unit = if vex { Unit::Avx } else { Unit::Sse };
+    if matches!(m, M::Pshufd | M::Vpshufd) {
+        return pshufd(e, ins, unit, op);
+    }
     let ops: Vec<Opd> = (0..ins.op_count())
         .map(|i| opd(ins, i))
         .collect::<Option<_>>()?;
@@ -488,5 +493,44 @@ fn movmsk(e: &mut Em<'_>, ops: &[Opd], unit: Unit, op: usize) -> Option<()> {
     }
     e.set_gpr(i, v);
     e.vfinish(slow, op, Some(i));
+    Some(())
+}
+
+/// PSHUFD/VPSHUFD (.128/.256): dword `i` of each lane of the destination is dword
+/// `imm >> 2i & 3` of the same lane of the source (a register, or memory: aligned for the
+/// legacy form).
+fn pshufd(e: &mut Em<'_>, ins: &Instruction, unit: Unit, op: usize) -> Option<()> {
+    if ins.op_count() != 3 || !super::is_imm(ins.op2_kind()) {
+        return None;
+    }
+    let ops = [opd(ins, 0)?, opd(ins, 1)?];
+    let [Opd::V(dn, ymm), s] = ops else {
+        return None;
+    };
+    if matches!(s, Opd::G(_)) || (unit == Unit::Sse && ymm) {
+        return None;
+    }
+    let imm = u32::from(ins.immediate8());
+    let mask: [u8; 16] = std::array::from_fn(|i| {
+        let sel = (imm >> (2 * (i / 4))) & 3;
+        (4 * sel as usize + i % 4) as u8
+    });
+    let width: u8 = if ymm { 32 } else { 16 };
+    let align = if unit == Unit::Sse { 16 } else { 0 };
+    let va = addr(e, ins, &ops)?;
+    let (m, slow) = e.vstart(unit, va.map(|v| (v, width, Access::Read, align)));
+    let imm = e.b.func.dfg.immediates.push(mask.to_vec().into());
+    let mut halves = [None, None];
+    for (i, half) in halves.iter_mut().enumerate().take(if ymm { 2 } else { 1 }) {
+        let x = match (s, &m) {
+            (Opd::V(sn, _), _) => e.xget(sn, i == 1),
+            (_, Some(mm)) => e.b.ins().load(I8X16, gmem(), mm.host, 16 * i as i32),
+            _ => return None,
+        };
+        *half = Some(e.b.ins().shuffle(x, x, imm));
+    }
+    e.xset(dn, false, halves[0]?);
+    set_upper(e, dn, unit, halves[1]);
+    e.vfinish(slow, op, None);
     Some(())
 }
