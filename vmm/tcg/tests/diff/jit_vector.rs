@@ -1,7 +1,7 @@
 //! The JIT's translated SSE/AVX instructions (`jit/insn/vector.rs`) against the interpreter:
 //! random sequences of whole-register moves (MOVUPS/MOVAPS/MOVDQU/MOVDQA/..., VEX.128 and
 //! VEX.256), MOVSD/MOVSS and VMOVSD/VMOVSS (merges, loads, stores), MOVD/MOVQ/VMOVD/VMOVQ in
-//! every direction, PXOR/POR/PAND/PANDN/XORPS/..., PCMPEQB/W/D, PUNPCKL/H*, PSHUFD, PMOVMSKB, VZEROUPPER, mixed
+//! every direction, PXOR/POR/PAND/PANDN/XORPS/..., PCMPEQB/W/D, PUNPCKL/H*, PSHUFD, VPBROADCASTB/W/D/Q, PMOVMSKB, VZEROUPPER, mixed
 //! with flag-setting ALU instructions and SETcc (the flag record must survive a vector
 //! instruction's side path). Memory operands are `[rbx+disp8]` at a random alignment (the
 //! aligned forms then take the side path, where the interpreter raises #GP), sometimes
@@ -91,7 +91,7 @@ fn vector_insn(r: &mut Rng) -> Vec<u8> {
     let g = GDEST[r.below(GDEST.len() as u64) as usize];
     let l = r.below(2) == 0;
     let store = r.below(2) == 0;
-    match r.below(14) {
+    match r.below(15) {
         // MOVUPS/MOVAPS/MOVUPD/MOVAPD/MOVDQU/MOVDQA load, store or register move.
         0 => {
             let (pfx, lo) = [
@@ -195,6 +195,14 @@ fn vector_insn(r: &mut Rng) -> Vec<u8> {
             } else {
                 vex(&mut v, 1, false, l, y, op, x, z, m);
             }
+        }
+        // VPBROADCASTB/W/D/Q (.128/.256) from a register or memory (VEX map 0F38: the 0F
+        // form's bytes with the map field changed).
+        13 => {
+            let op = [0x78, 0x79, 0x58, 0x59][r.below(4) as usize];
+            let at = v.len();
+            vex(&mut v, 1, false, l, 0, op, x, y, m);
+            v[at + 1] = (v[at + 1] & !0x1F) | 2;
         }
         // PSHUFD/VPSHUFD (.128/.256) with a random order.
         12 => {

@@ -13,7 +13,7 @@ use super::{reg_info, Em};
 use crate::jit::emit::Unit;
 use crate::mmu::walk::Access;
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{I16X8, I32, I32X4, I64, I8X16};
+use cranelift_codegen::ir::types::{I16X8, I32, I32X4, I64, I64X2, I8X16};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Type, Value};
 use iced_x86::{EncodingKind, Instruction, Mnemonic as M, OpKind, Register};
 
@@ -39,6 +39,7 @@ pub(super) fn handles(m: M) -> bool {
                 | M::Pshufd
                 | M::Vpshufd
         )
+        || bcast(m).is_some()
 }
 
 /// Whole-register moves: whether the memory form must be aligned.
@@ -89,6 +90,17 @@ fn unpack(m: M) -> Option<[u8; 16]> {
         let byte = base + elem * w + within % w;
         (byte + if within >= w { 16 } else { 0 }) as u8
     }))
+}
+
+/// VPBROADCASTB/W/D/Q: the vector type of the element broadcast.
+fn bcast(m: M) -> Option<Type> {
+    Some(match m {
+        M::Vpbroadcastb => I8X16,
+        M::Vpbroadcastw => I16X8,
+        M::Vpbroadcastd => I32X4,
+        M::Vpbroadcastq => I64X2,
+        _ => return None,
+    })
 }
 
 fn cmpeq(m: M) -> Option<Type> {
@@ -180,6 +192,9 @@ pub(super) fn translate(e: &mut Em<'_>, ins: &Instruction, m: M, op: usize) -> O
     }
     if let Some(mask) = unpack(m) {
         return logic(e, ins, &ops, unit, Logic::Unpack(mask), op);
+    }
+    if let Some(t) = bcast(m) {
+        return broadcast(e, ins, &ops, t, op);
     }
     match m {
         M::Movsd | M::Movss | M::Vmovsd | M::Vmovss => scalar(
@@ -531,6 +546,31 @@ fn pshufd(e: &mut Em<'_>, ins: &Instruction, unit: Unit, op: usize) -> Option<()
     }
     e.xset(dn, false, halves[0]?);
     set_upper(e, dn, unit, halves[1]);
+    e.vfinish(slow, op, None);
+    Some(())
+}
+
+/// VPBROADCASTB/W/D/Q (.128/.256, VEX only): every element of the destination is the low
+/// element of the source register or the element in memory; bits 255:128 cleared by .128.
+fn broadcast(e: &mut Em<'_>, ins: &Instruction, ops: &[Opd], vt: Type, op: usize) -> Option<()> {
+    if ins.encoding() != EncodingKind::VEX {
+        return None;
+    }
+    let [Opd::V(dn, ymm), s] = ops else {
+        return None;
+    };
+    let et = vt.lane_type();
+    let va = addr(e, ins, ops)?;
+    let size = et.bytes() as u8;
+    let (m, slow) = e.vstart(Unit::Avx, va.map(|v| (v, size, Access::Read, 0)));
+    let x = match (s, &m) {
+        (Opd::V(sn, false), _) => e.sload(et, Em::xmm_off(*sn, false, 0)),
+        (Opd::Mem, Some(mm)) => e.b.ins().load(et, gmem(), mm.host, 0),
+        _ => return None,
+    };
+    let v = e.b.ins().splat(vt, x);
+    e.xset(*dn, false, v);
+    set_upper(e, *dn, Unit::Avx, ymm.then_some(v));
     e.vfinish(slow, op, None);
     Some(())
 }
