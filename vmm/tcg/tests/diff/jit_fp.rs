@@ -10,69 +10,8 @@
 //! MXCSR's sticky flags included, must be the interpreter's. Every block is translated on its
 //! first run.
 
-use super::harness::{random_state, Harness, Rng, State, DATA, UNMAPPED};
-use super::seed;
-
-/// Where the memory operand of a generated instruction is.
-#[derive(Clone, Copy)]
-enum Mem {
-    /// `[rbx + disp8]`.
-    Data(u8),
-    /// `[r15]`: unmapped.
-    Fault,
-}
-
-fn modrm(v: &mut Vec<u8>, reg: u8, rm: u8, m: Option<Mem>) {
-    match m {
-        Some(Mem::Data(d)) => {
-            v.push(0x40 | ((reg & 7) << 3) | 3);
-            v.push(d);
-        }
-        Some(Mem::Fault) => v.push(((reg & 7) << 3) | 7),
-        None => v.push(0xC0 | ((reg & 7) << 3) | (rm & 7)),
-    }
-}
-
-fn rm_num(rm: u8, m: Option<Mem>) -> u8 {
-    match m {
-        Some(Mem::Data(_)) => 3,
-        Some(Mem::Fault) => 15,
-        None => rm,
-    }
-}
-
-/// Legacy SSE: prefix `pfx`, REX (W, R, B), 0F `op`, ModRM.
-fn sse(v: &mut Vec<u8>, pfx: u8, w: bool, op: u8, reg: u8, rm: u8, m: Option<Mem>) {
-    v.push(pfx);
-    let b = rm_num(rm, m);
-    let rex = 0x40 | u8::from(w) << 3 | ((reg >> 3) & 1) << 2 | ((b >> 3) & 1);
-    if rex != 0x40 {
-        v.push(rex);
-    }
-    v.extend([0x0F, op]);
-    modrm(v, reg, rm, m);
-}
-
-/// VEX (3-byte form, L=0): opcode map `map` (1: 0F, 2: 0F38), `pp`, W, `vvvv`, `op`, ModRM.
-#[allow(clippy::too_many_arguments)]
-fn vex(
-    v: &mut Vec<u8>,
-    map: u8,
-    pp: u8,
-    w: bool,
-    vvvv: u8,
-    op: u8,
-    reg: u8,
-    rm: u8,
-    m: Option<Mem>,
-) {
-    let b = rm_num(rm, m);
-    v.push(0xC4);
-    v.push(((!reg >> 3) & 1) << 7 | 1 << 6 | ((!b >> 3) & 1) << 5 | map);
-    v.push(u8::from(w) << 7 | ((!vvvv) & 0xF) << 3 | pp);
-    v.push(op);
-    modrm(v, reg, rm, m);
-}
+use super::harness::{random_state, Rng, State, DATA, UNMAPPED};
+use super::jit_vector::{modrm, random_vs_interp, sse, vex_map, Mem};
 
 /// General registers an instruction may read or write here: never RSP, RBX or R15.
 const GREG: [u8; 13] = [0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
@@ -112,12 +51,12 @@ fn fp_insn(r: &mut Rng) -> Vec<u8> {
         // VADDSD/VSUBSD/VMULSD/VDIVSD.
         1 => {
             let op = [0x58, 0x5C, 0x59, 0x5E][r.below(4) as usize];
-            vex(&mut v, 1, 3, false, y, op, x, z, m);
+            vex_map(&mut v, 1, 3, false, false, y, op, x, z, m);
         }
         // VF(N)MADD/VF(N)MSUB 132/213/231 SD (66 0F38 W1).
         2 | 3 => {
             let op = [0x99, 0x9B, 0x9D, 0x9F][r.below(4) as usize] + 0x10 * r.below(3) as u8;
-            vex(&mut v, 2, 1, true, y, op, x, z, m);
+            vex_map(&mut v, 2, 1, true, false, y, op, x, z, m);
         }
         // (V)UCOMISD/(V)COMISD, then SETcc al (the flags are read in the block).
         4 => {
@@ -125,7 +64,7 @@ fn fp_insn(r: &mut Rng) -> Vec<u8> {
             if r.below(2) == 0 {
                 sse(&mut v, 0x66, false, op, x, y, m);
             } else {
-                vex(&mut v, 1, 1, false, 0, op, x, y, m);
+                vex_map(&mut v, 1, 1, false, false, 0, op, x, y, m);
             }
             v.extend([0x0F, 0x90 + r.below(16) as u8, 0xC0]);
         }
@@ -136,7 +75,7 @@ fn fp_insn(r: &mut Rng) -> Vec<u8> {
             if r.below(2) == 0 {
                 sse(&mut v, 0xF2, w, 0x2A, x, g, m);
             } else {
-                vex(&mut v, 1, 3, w, y, 0x2A, x, g, m);
+                vex_map(&mut v, 1, 3, w, false, y, 0x2A, x, g, m);
             }
         }
         // STMXCSR or LDMXCSR [rbx+0x40] (often reading what a STMXCSR stored there): run by
@@ -216,19 +155,5 @@ fn sequence(r: &mut Rng) -> (Vec<u8>, State) {
 /// MXCSR, memory, exception).
 #[test]
 fn jit_fp_ops_match_interpreter() {
-    let name = "jit_fp_ops_match_interpreter";
-    let mut h = Harness::new();
-    let mut r = Rng(seed::for_test(name));
-    let mut failures = Vec::new();
-    let n = 3000;
-    let (mut native, mut total) = (0, 0);
-    for i in 0..n {
-        let (code, st) = sequence(&mut r);
-        let (stats, ran) = super::jit::jit_vs_interp(&mut h, i, &code, &st, 0, &mut failures);
-        native += stats.native_insns;
-        total += ran;
-    }
-    eprintln!("{name}: {native} of {total} instructions ran in translated code");
-    assert!(native * 2 > total, "too little ran in translated code");
-    super::report(name, n as usize, &failures);
+    random_vs_interp("jit_fp_ops_match_interpreter", 3000, sequence);
 }

@@ -1,9 +1,9 @@
 //! The JIT's translated SSE/AVX instructions (`jit/insn/vector.rs`) against the interpreter:
 //! random sequences of whole-register moves (MOVUPS/MOVAPS/MOVDQU/MOVDQA/..., VEX.128 and
 //! VEX.256), MOVSD/MOVSS and VMOVSD/VMOVSS (merges, loads, stores), MOVD/MOVQ/VMOVD/VMOVQ in
-//! every direction, PXOR/POR/PAND/PANDN/XORPS/..., PCMPEQB/W/D, PUNPCKL/H*, PSHUFD, VPBROADCASTB/W/D/Q, PMOVMSKB, VZEROUPPER, mixed
-//! with flag-setting ALU instructions and SETcc (the flag record must survive a vector
-//! instruction's side path). Memory operands are `[rbx+disp8]` at a random alignment (the
+//! every direction, PXOR/POR/PAND/PANDN/XORPS/..., PCMPEQB/W/D, PUNPCKL/H*, PSHUFD,
+//! VPBROADCASTB/W/D/Q, PMOVMSKB, VZEROUPPER, mixed with flag-setting ALU instructions and
+//! SETcc (the flag record must survive a vector instruction's side path). Memory operands are `[rbx+disp8]` at a random alignment (the
 //! aligned forms then take the side path, where the interpreter raises #GP), sometimes
 //! across a page, or `[r15]` (unmapped: #PF from the side path). Every block is translated
 //! on its first run; XMM and YMM upper halves start random and are compared at the end.
@@ -13,7 +13,7 @@ use super::seed;
 
 /// Where the memory operand of a generated instruction is.
 #[derive(Clone, Copy)]
-enum Mem {
+pub(super) enum Mem {
     /// `[rbx + disp8]`.
     Data(u8),
     /// `[r15]`: unmapped.
@@ -21,7 +21,7 @@ enum Mem {
 }
 
 /// ModRM (+ disp8) for register `reg` and either register `rm` or memory `m`.
-fn modrm(v: &mut Vec<u8>, reg: u8, rm: u8, m: Option<Mem>) {
+pub(super) fn modrm(v: &mut Vec<u8>, reg: u8, rm: u8, m: Option<Mem>) {
     match m {
         Some(Mem::Data(d)) => {
             v.push(0x40 | ((reg & 7) << 3) | 3);
@@ -42,7 +42,7 @@ fn rm_num(rm: u8, m: Option<Mem>) -> u8 {
 }
 
 /// A legacy SSE instruction: `pfx` (0x66/0xF2/0xF3 or 0), REX (W, R, B), 0F `op`, ModRM.
-fn sse(v: &mut Vec<u8>, pfx: u8, w: bool, op: u8, reg: u8, rm: u8, m: Option<Mem>) {
+pub(super) fn sse(v: &mut Vec<u8>, pfx: u8, w: bool, op: u8, reg: u8, rm: u8, m: Option<Mem>) {
     if pfx != 0 {
         v.push(pfx);
     }
@@ -69,9 +69,26 @@ fn vex(
     rm: u8,
     m: Option<Mem>,
 ) {
+    vex_map(v, 1, pp, w, l, vvvv, op, reg, rm, m);
+}
+
+/// [`vex`] in opcode map `map` (1: 0F, 2: 0F38, 3: 0F3A).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn vex_map(
+    v: &mut Vec<u8>,
+    map: u8,
+    pp: u8,
+    w: bool,
+    l: bool,
+    vvvv: u8,
+    op: u8,
+    reg: u8,
+    rm: u8,
+    m: Option<Mem>,
+) {
     let b = rm_num(rm, m);
     v.push(0xC4);
-    v.push(((!reg >> 3) & 1) << 7 | 1 << 6 | ((!b >> 3) & 1) << 5 | 1);
+    v.push(((!reg >> 3) & 1) << 7 | 1 << 6 | ((!b >> 3) & 1) << 5 | map);
     v.push(u8::from(w) << 7 | ((!vvvv) & 0xF) << 3 | u8::from(l) << 2 | pp);
     v.push(op);
     modrm(v, reg, rm, m);
@@ -196,13 +213,10 @@ fn vector_insn(r: &mut Rng) -> Vec<u8> {
                 vex(&mut v, 1, false, l, y, op, x, z, m);
             }
         }
-        // VPBROADCASTB/W/D/Q (.128/.256) from a register or memory (VEX map 0F38: the 0F
-        // form's bytes with the map field changed).
+        // VPBROADCASTB/W/D/Q (.128/.256) from a register or memory (VEX map 0F38).
         13 => {
             let op = [0x78, 0x79, 0x58, 0x59][r.below(4) as usize];
-            let at = v.len();
-            vex(&mut v, 1, false, l, 0, op, x, y, m);
-            v[at + 1] = (v[at + 1] & !0x1F) | 2;
+            vex_map(&mut v, 2, 1, false, l, 0, op, x, y, m);
         }
         // PSHUFD/VPSHUFD (.128/.256) with a random order.
         12 => {
@@ -261,11 +275,20 @@ fn sequence(r: &mut Rng) -> (Vec<u8>, State) {
 /// memory, exception).
 #[test]
 fn jit_vector_ops_match_interpreter() {
-    let name = "jit_vector_ops_match_interpreter";
+    random_vs_interp("jit_vector_ops_match_interpreter", 3000, sequence);
+}
+
+/// Runs `n` random sequences from `sequence` with the interpreter and with the JIT
+/// (every block translated on its first run) and fails on any difference; more than half of
+/// the instructions must have run in translated code.
+pub(super) fn random_vs_interp(
+    name: &str,
+    n: u64,
+    mut sequence: impl FnMut(&mut Rng) -> (Vec<u8>, State),
+) {
     let mut h = Harness::new();
     let mut r = Rng(seed::for_test(name));
     let mut failures = Vec::new();
-    let n = 3000;
     let (mut native, mut total) = (0, 0);
     for i in 0..n {
         let (code, st) = sequence(&mut r);
