@@ -440,16 +440,7 @@ impl<'a> Em<'a> {
     pub fn exit(&mut self, count: usize, rip: Value) {
         self.commit();
         let n = self.b.ins().iconst(I32, count as i64);
-        let (blk, new) = match self.shared.1 {
-            Some(b) => (b, false),
-            None => {
-                let b = self.b.create_block();
-                self.b.append_block_param(b, I32);
-                self.b.append_block_param(b, I64);
-                self.shared.1 = Some(b);
-                (b, true)
-            }
-        };
+        let (blk, new) = self.shared_block(true);
         self.b.ins().jump(blk, &[n.into(), rip.into()]);
         if new {
             // The segment's exit: the state is committed, RIP is the parameter.
@@ -463,19 +454,30 @@ impl<'a> Em<'a> {
         self.b.switch_to_block(next);
     }
 
+    /// The segment's shared exit block (`exit`: params count and RIP) or return block (param
+    /// count), and whether it was created now (its body is then the caller's to emit, once
+    /// the current block is terminated).
+    fn shared_block(&mut self, exit: bool) -> (cranelift_codegen::ir::Block, bool) {
+        let slot = if exit { self.shared.1 } else { self.shared.0 };
+        if let Some(b) = slot {
+            return (b, false);
+        }
+        let b = self.b.create_block();
+        self.b.append_block_param(b, I32);
+        if exit {
+            self.b.append_block_param(b, I64);
+            self.shared.1 = Some(b);
+        } else {
+            self.shared.0 = Some(b);
+        }
+        (b, true)
+    }
+
     /// Branches to the segment's shared return of `count` (the state and RIP as they are:
     /// a fault left for the interpreter) when `cond` holds, else continues in a new block.
     fn ret_if(&mut self, cond: Value, count: usize) {
         let n = self.b.ins().iconst(I32, count as i64);
-        let (blk, new) = match self.shared.0 {
-            Some(b) => (b, false),
-            None => {
-                let b = self.b.create_block();
-                self.b.append_block_param(b, I32);
-                self.shared.0 = Some(b);
-                (b, true)
-            }
-        };
+        let (blk, new) = self.shared_block(false);
         let cont = self.b.create_block();
         self.b.ins().brif(cond, blk, &[n.into()], cont, &[]);
         if new {

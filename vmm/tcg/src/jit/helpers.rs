@@ -86,12 +86,11 @@ pub(crate) unsafe extern "C" fn interp(jc: *mut JitCtx, op: *const InterpOp) -> 
     cx.delta = delta;
     let next = op.ins.next_ip().wrapping_add(delta);
     cx.next_rip = next;
-    let csr = super::fpenv::touches_mxcsr(op.ins.mnemonic());
-    if csr {
+    if op.mxcsr {
         super::fpenv::sync_before(cx.s);
     }
     let r = (op.handler)(cx, &op.ins);
-    if csr {
+    if op.mxcsr {
         super::fpenv::sync_after(cx.s);
     }
     let status = match r {

@@ -189,6 +189,9 @@ pub(crate) fn jcache_index(rip: u64) -> usize {
 pub(crate) struct InterpOp {
     pub ins: iced_x86::Instruction,
     pub handler: crate::ctx::Handler,
+    /// The handler reads or writes MXCSR as a whole ([`fpenv::touches_mxcsr`]): decided at
+    /// translation, not on every call.
+    pub mxcsr: bool,
 }
 
 /// A helper met a fault: the instruction did not happen.

@@ -173,8 +173,8 @@ pub(crate) fn trampoline(module: &mut JITModule) -> Result<Enter, JitError> {
 ///
 /// `Ok(None)` when not even the first instruction is translated. `slots`: the function's
 /// successor slots (`SLOTS_PER_BLOCK` of them), `jcache` the JIT's jump cache; null to
-/// translate without chaining. `tlb`: the address of the CPU's soft TLB. `smp`: LOCKed instructions are not translated (see
-/// `JitConfig::smp`).
+/// translate without chaining. `tlb`: the address of the CPU's soft TLB. `smp`: LOCKed
+/// instructions are not translated (see `JitConfig::smp`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn translate(
     module: &mut JITModule,
@@ -227,6 +227,7 @@ pub(crate) fn translate(
                     ops.push(InterpOp {
                         ins: *ins,
                         handler: crate::exec::select(ins),
+                        mxcsr: super::fpenv::touches_mxcsr(ins.mnemonic()),
                     });
                     ops.last().map_or(0, |o| o as *const InterpOp as usize)
                 };

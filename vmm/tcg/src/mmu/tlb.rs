@@ -84,6 +84,14 @@ fn tag(va: u64, user: bool) -> u64 {
     (va & !0xFFF) | VALID | if user { USER } else { 0 }
 }
 
+impl Entry {
+    /// Whether the entry maps `va`'s page for privilege `user` (RAM or MMIO).
+    #[inline]
+    fn holds(&self, va: u64, user: bool) -> bool {
+        self.tag & !NO_HOST == tag(va, user)
+    }
+}
+
 #[inline]
 fn slot(va: u64) -> usize {
     ((va >> 12) as usize) & (TLB_SIZE - 1)
@@ -94,7 +102,7 @@ impl Tlb {
     #[inline(always)]
     pub fn lookup(&self, va: u64, acc: Access, user: bool) -> Option<Hit> {
         let e = &self.e[acc as usize][slot(va)];
-        if e.tag & !NO_HOST == tag(va, user) {
+        if e.holds(va, user) {
             let host = if e.tag & NO_HOST != 0 {
                 0
             } else {
@@ -129,7 +137,7 @@ impl Tlb {
     /// Whether the code mapping of `va` at privilege `user` is global (`None`: not cached).
     pub fn exec_global(&self, va: u64, user: bool) -> Option<bool> {
         let e = &self.e[Access::Exec as usize][slot(va)];
-        (e.tag & !NO_HOST == tag(va, user)).then_some(e.global)
+        e.holds(va, user).then_some(e.global)
     }
 
     fn moved(&mut self, global: bool) {
